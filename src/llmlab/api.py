@@ -1,0 +1,148 @@
+"""The Python API: ``llmlab.load(...)`` -> an ``LLM`` with ``.generate()``, ``.chat()``, ``.embed()``.
+
+    >>> from llmlab import load
+    >>> llm = load()                       # the embedded SmolLM2-135M-Instruct
+    >>> llm.chat("What is the capital of France?", max_new_tokens=20)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from llmlab.common import LlmlabError, human_bytes, human_count, pick_device, pick_dtype
+from llmlab.formats import load as loader
+from llmlab.infer.generate import greedy_generate
+from llmlab.tokenizer.chat import CHATML, ChatTemplate
+from llmlab.tokenizer.stream import StreamDecoder
+
+
+class LLM:
+    def __init__(self, loaded: loader.Loaded):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        tok = self.tokenizer
+        specials = {}
+        if tok is not None:
+            for key, tid in (("bos_token", getattr(tok, "bos_id", None)), ("eos_token", getattr(tok, "eos_id", None))):
+                if tid is not None:
+                    specials[key] = tok.id_to_token.get(tid, "")
+        self.chat_template = ChatTemplate(loaded.chat_template or CHATML, specials) if self.config.is_causal else None
+
+    # ---- text generation -------------------------------------------------------------------
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise LlmlabError(f"{self.loaded.source} has no tokenizer: load a GGUF file or a folder with "
+                              "tokenizer.json")
+        return self.tokenizer
+
+    def stop_ids(self) -> set[int]:
+        tok = self._need_tokenizer()
+        ids = {i for i in (self.config.eos_token_id, getattr(tok, "eos_id", None)) if i is not None}
+        # Chat models end a turn with their end-of-turn token (ChatML's <|im_end|>).
+        for name in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+            tid = tok.special_tokens.get(name)
+            if tid is not None:
+                ids.add(tid)
+        return ids
+
+    def render_chat(self, messages: list[dict] | str, system: str | None = None) -> str:
+        if self.chat_template is None:
+            raise LlmlabError(f"{self.config.arch} models do not chat: use embed()")
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *messages]
+        return self.chat_template.render(messages, add_generation_prompt=True)
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, *, raw: bool = True,
+                 on_text: Callable[[str], None] | None = None) -> str:
+        """Greedy continuation of ``prompt`` (the prompt as is when ``raw``, else as a chat turn)."""
+        if not self.config.is_causal:
+            raise LlmlabError("an encoder model does not generate text: use embed()")
+        if not isinstance(prompt, str) or not prompt:
+            raise LlmlabError("the prompt is empty: give some text")
+        if max_new_tokens < 1:
+            raise LlmlabError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        tok = self._need_tokenizer()
+        text = prompt if raw else self.render_chat(prompt)
+        ids = tok.encode(text)
+        if len(ids) >= self.config.max_seq_len:
+            raise LlmlabError(f"the prompt has {len(ids)} tokens but the context holds {self.config.max_seq_len}: "
+                              "shorten it")
+        stream = StreamDecoder(tok)
+        stops = self.stop_ids()
+
+        def emit(tid: int) -> None:
+            if on_text is not None and tid not in stops:
+                piece = stream.push(tid)
+                if piece:
+                    on_text(piece)
+
+        out = greedy_generate(self.model, ids, max_new_tokens, stop_ids=stops, on_token=emit)
+        if on_text is not None:
+            rest = stream.flush()
+            if rest:
+                on_text(rest)
+        return tok.decode([t for t in out if t not in stops], skip_special=True)
+
+    def chat(self, messages: list[dict] | str, max_new_tokens: int = 256, *, system: str | None = None,
+             on_text: Callable[[str], None] | None = None) -> str:
+        return self.generate(self.render_chat(messages, system), max_new_tokens, raw=True, on_text=on_text)
+
+    # ---- embeddings --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed(self, texts: list[str] | str, batch_size: int = 32, normalize: bool = True) -> torch.Tensor:
+        """Sentence embeddings (N, dim) from a BERT model (mean pooling, L2-normalised)."""
+        if self.config.arch != "bert":
+            raise LlmlabError("embed() needs an encoder model, e.g. load('all-minilm-l6-v2')")
+        tok = self._need_tokenizer()
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        max_len = min(self.config.max_seq_len, 256)  # sentence-transformers' max_seq_length for MiniLM
+        device = next(self.model.parameters()).device
+        outs = []
+        for i in range(0, len(texts), batch_size):
+            batch = [tok.encode(t, add_special=True) for t in texts[i:i + batch_size]]
+            batch = [b[:max_len - 1] + [b[-1]] if len(b) > max_len else b for b in batch]
+            T = max(len(b) for b in batch)
+            ids = torch.full((len(batch), T), tok.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), T), dtype=torch.long)
+            for j, b in enumerate(batch):
+                ids[j, :len(b)] = torch.tensor(b)
+                mask[j, :len(b)] = 1
+            outs.append(self.model.embed(ids.to(device), mask.to(device), normalize=normalize).float().cpu())
+        return torch.cat(outs)
+
+    # ---- description -----------------------------------------------------------------------------
+    def info(self) -> dict:
+        cfg, tok = self.config, self.tokenizer
+        n_params = sum(p.numel() for p in self.model.parameters())
+        p = next(self.model.parameters())
+        return {
+            "source": self.loaded.source, "format": self.loaded.file_format, "architecture": cfg.arch,
+            "parameters": n_params, "parameters_human": human_count(n_params), "layers": cfg.n_layers,
+            "dim": cfg.dim, "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+            "ffn_dim": cfg.ffn_dim, "vocab_size": cfg.vocab_size, "context_length": cfg.max_seq_len,
+            "rope_theta": cfg.rope_theta if cfg.arch == "llama" else None, "tied_embeddings": cfg.tie_embeddings,
+            "file_tensor_types": self.loaded.tensor_types, "dtype": str(p.dtype).removeprefix("torch."),
+            "device": str(p.device), "memory": human_bytes(sum(t.numel() * t.element_size()
+                                                             for t in self.model.state_dict().values()
+                                                             if t.device.type != "meta")),
+            "tokenizer": type(tok).__name__ if tok is not None else None,
+            "tokenizer_pre": getattr(tok, "pre_steps", None) and len(tok.pre_steps),
+            "chat_template": (self.loaded.chat_template or "")[:60] + ("..." if self.loaded.chat_template else
+                                                                        "(none: ChatML fallback)"),
+            "load_seconds": round(self.loaded.load_seconds, 3),
+        }
+
+
+def load(source: str | Path | None = None, *, dtype: str = "float32", device: str = "cpu",
+         attn_impl: str = "sdpa", fast_tokenizer: bool = True) -> LLM:
+    """A path (GGUF file or HF folder), a preset name, an embedded model name, or None for SmolLM2."""
+    dev = pick_device(device)
+    return LLM(loader.load(source, dtype=pick_dtype(dtype, dev), device=dev, attn_impl=attn_impl,
+                           fast_tokenizer=fast_tokenizer))

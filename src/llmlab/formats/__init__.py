@@ -1,0 +1,1 @@
+"""Files <-> models and tokenizers: GGUF, Hugging Face folders (safetensors + config.json)."""

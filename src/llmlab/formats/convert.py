@@ -1,0 +1,61 @@
+"""``llmlab convert IN OUT``: GGUF <-> Hugging Face folder (and folder -> folder, GGUF -> GGUF).
+
+Quantized GGUF weights are dequantized to the chosen dtype; output is written atomically (a
+temporary folder renamed into place) so a failed conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from llmlab.common import LlmlabError
+from llmlab.formats import hf
+from llmlab.formats.gguf_model import write_model_gguf
+from llmlab.formats.load import load
+from llmlab.tokenizer.bpe import ByteBPE
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def convert(source: str, output: Path, *, dtype: str = "float32", qtype: str = "F16", force: bool = False) -> None:
+    if output.exists() and not force:
+        raise LlmlabError(f"{output} already exists: pass --force to overwrite it")
+    loaded = load(source)
+    sd = {k: v for k, v in loaded.model.state_dict().items()}
+    cfg, tok = loaded.config, loaded.tokenizer
+    if output.suffix == ".gguf":
+        write_model_gguf(output, cfg, sd, tok, loaded.chat_template, qtype=qtype,
+                         name=Path(loaded.source).stem)
+        return
+    sd = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
+    tok_json, tok_cfg = None, None
+    if isinstance(tok, ByteBPE):
+        tok_json = tok.to_hf_json()
+        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
+                   "add_bos_token": tok.add_bos, "clean_up_tokenization_spaces": False}
+        for key, tid in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("pad_token", tok.pad_id)):
+            if tid is not None:
+                tok_cfg[key] = tok.id_to_token[tid]
+        if loaded.chat_template:
+            tok_cfg["chat_template"] = loaded.chat_template
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        hf.write_folder(tmp, cfg, sd, tokenizer_json=tok_json, tokenizer_config=tok_cfg)
+        src = Path(loaded.source)
+        if tok_json is None and src.is_dir():  # e.g. WordPiece: copy the original tokenizer files
+            for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+                if (src / name).exists():
+                    shutil.copy2(src / name, tmp / name)
+        (tmp / "llmlab.json").write_text(json.dumps({"converted_from": loaded.source}) + "\n")
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

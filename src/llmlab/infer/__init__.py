@@ -1,0 +1,1 @@
+"""Decoding: sampling, generation loops, beam search, speculative decoding."""

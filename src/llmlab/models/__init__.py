@@ -1,0 +1,6 @@
+"""Architectures: a pre-norm decoder (Llama, GPT-2 families) and a post-norm BERT encoder."""
+
+from llmlab.models.config import ModelConfig
+from llmlab.models.registry import PRESETS, build_model, get_preset
+
+__all__ = ["ModelConfig", "PRESETS", "build_model", "get_preset"]

@@ -1,0 +1,80 @@
+"""BERT encoder (Devlin et al. 2018, "BERT: Pre-training of Deep Bidirectional Transformers",
+arXiv:1810.04805), post-LayerNorm: x = norm(x + attn(x)); x = norm(x + mlp(x)).
+
+Sentence embeddings as in Sentence-BERT (Reimers & Gurevych 2019, arXiv:1908.10084): mean of the
+token states over the attention mask, then L2-normalised (all-MiniLM-L6-v2's pooling).
+
+Parameter names: ``embed_tokens``, ``embed_positions``, ``embed_token_types``, ``embed_norm``,
+``layers.N.self_attn.{q,k,v,o}_proj``, ``layers.N.attn_norm``, ``layers.N.mlp.{up,down}_proj``,
+``layers.N.mlp_norm``, ``pooler``. forward: input_ids (B, T) -> hidden states (B, T, dim).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmlab.models.config import ModelConfig
+from llmlab.nn.attention import Attention
+from llmlab.nn.mlp import GeluMLP
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn_impl: str):
+        super().__init__()
+        self.self_attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, bias=True,
+                                   causal=False, impl=attn_impl)
+        self.attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = GeluMLP(cfg.dim, cfg.ffn_dim, bias=True, approximate="none")
+        self.mlp_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def forward(self, x, key_mask):
+        x = self.attn_norm(x + self.self_attn(x, key_mask=key_mask))
+        return self.mlp_norm(x + self.mlp(x))
+
+
+class BertModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn_impl: str = "sdpa"):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.dim)
+        self.embed_token_types = nn.Embedding(cfg.type_vocab_size, cfg.dim)
+        self.embed_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.layers = nn.ModuleList(EncoderBlock(cfg, attn_impl) for _ in range(cfg.n_layers))
+        self.pooler = nn.Linear(cfg.dim, cfg.dim)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def set_attn_impl(self, impl: str) -> None:
+        for block in self.layers:
+            block.self_attn.impl = impl
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        pos = torch.arange(T, device=input_ids.device)[None]  # (1, T)
+        types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        x = self.embed_tokens(input_ids) + self.embed_positions(pos) + self.embed_token_types(types)
+        x = self.embed_norm(x)  # (B, T, dim)
+        for block in self.layers:
+            x = block(x, attention_mask)
+        return x
+
+    def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT's [CLS] pooler: tanh(W h_0 + b). (B, T, dim) -> (B, dim)."""
+        return torch.tanh(self.pooler(hidden[:, 0]))
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True):
+        """Mean-pooled sentence embeddings (B, dim), L2-normalised by default."""
+        hidden = self(input_ids, attention_mask)  # (B, T, dim)
+        m = attention_mask[..., None].to(hidden.dtype)  # (B, T, 1)
+        emb = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return F.normalize(emb, p=2, dim=-1) if normalize else emb

@@ -1,0 +1,106 @@
+"""A pre-norm decoder-only Transformer language model, composed from ``llmlab.nn`` parts.
+
+Llama (Touvron et al. 2023, arXiv:2302.13971): RMSNorm + RoPE + SwiGLU + GQA, no biases.
+GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"): LayerNorm +
+learned positions + GELU(tanh) MLP + biases. The family is chosen by ``ModelConfig.arch``; the
+parts are injected, not subclassed (DESIGN.md rule 5).
+
+Parameter names follow Hugging Face Llama without the ``model.`` prefix: ``embed_tokens``,
+``layers.N.self_attn.{q,k,v,o}_proj``, ``layers.N.mlp.{gate,up,down}_proj``, ``norm``, ``lm_head``.
+
+forward: input_ids (B, T) -> logits (B, T, vocab) (or hidden states (B, T, dim)).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmlab.models.config import ModelConfig
+from llmlab.nn.attention import Attention
+from llmlab.nn.kv_cache import StaticKVCache
+from llmlab.nn.mlp import make_mlp
+from llmlab.nn.norm import make_norm
+from llmlab.nn.rope import RotaryEmbedding
+
+
+class DecoderBlock(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, norm: str, mlp: str, attn_impl: str):
+        super().__init__()
+        self.input_layernorm = make_norm(norm, cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, bias=cfg.attn_bias,
+                                   causal=True, impl=attn_impl)
+        self.post_attention_layernorm = make_norm(norm, cfg.dim, cfg.norm_eps)
+        self.mlp = make_mlp(mlp, cfg.dim, cfg.ffn_dim, cfg.mlp_bias)
+
+    def forward(self, x, *, rope, key_mask, cache, layer, start):
+        x = x + self.self_attn(self.input_layernorm(x), rope=rope, key_mask=key_mask, cache=cache,
+                               layer=layer, start=start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn_impl: str = "sdpa"):
+        super().__init__()
+        cfg.validate()
+        if cfg.arch not in ("llama", "gpt2"):
+            raise ValueError(f"DecoderLM builds llama or gpt2, not {cfg.arch}")
+        self.config = cfg
+        llama = cfg.arch == "llama"
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # Llama encodes position by rotating q/k; GPT-2 adds a learned vector per position.
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) if llama else None
+        self.embed_positions = None if llama else nn.Embedding(cfg.max_seq_len, cfg.dim)
+        norm, mlp = ("rms", "swiglu") if llama else ("layer", "gelu_tanh")
+        self.layers = nn.ModuleList(DecoderBlock(cfg, norm, mlp, attn_impl) for _ in range(cfg.n_layers))
+        self.norm = make_norm(norm, cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def set_attn_impl(self, impl: str) -> None:
+        for block in self.layers:
+            block.self_attn.impl = impl
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> StaticKVCache:
+        p = self.embed_tokens.weight
+        cfg = self.config
+        return StaticKVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim,
+                             dtype=p.dtype, device=p.device)
+
+    def forward(self, input_ids: torch.Tensor, *, cache: StaticKVCache | None = None, start: int | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """input_ids (B, T); with ``cache`` the tokens sit at positions [start, start+T) (default: the
+        cache's current length) and the cache advances. ``attention_mask`` (B, S) marks real keys."""
+        B, T = input_ids.shape
+        if start is None:
+            start = cache.length if cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)  # (B, T)
+        x = self.embed_tokens(input_ids)  # (B, T, dim)
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary(position_ids, x.dtype)
+        else:
+            x = x + self.embed_positions(position_ids)
+        for i, block in enumerate(self.layers):
+            x = block(x, rope=rope, key_mask=attention_mask, cache=cache, layer=i, start=start)
+        if cache is not None:
+            cache.length = start + T
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)  # (B, T, V)

@@ -1,0 +1,49 @@
+"""Named presets -> ModelConfig, and ModelConfig -> an initialised model."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from llmlab.common import LlmlabError
+from llmlab.models.bert import BertModel
+from llmlab.models.config import ModelConfig
+from llmlab.models.decoder import DecoderLM
+
+PRESETS: dict[str, ModelConfig] = {
+    # HuggingFaceTB/SmolLM2-135M(-Instruct): the default chat model.
+    "smollm2-135m": ModelConfig(arch="llama", vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                                ffn_dim=1536, max_seq_len=8192, norm_eps=1e-5, rope_theta=100000.0,
+                                tie_embeddings=True, bos_token_id=1, eos_token_id=2),
+    "smollm2-360m": ModelConfig(arch="llama", vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5,
+                                ffn_dim=2560, max_seq_len=8192, norm_eps=1e-5, rope_theta=100000.0),
+    "llama-tiny": ModelConfig(arch="llama", vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                              ffn_dim=172, max_seq_len=256),
+    # OpenAI GPT-2 small (124M).
+    "gpt2": ModelConfig(arch="gpt2", vocab_size=50257, dim=768, n_layers=12, n_heads=12, ffn_dim=3072,
+                        max_seq_len=1024, norm_eps=1e-5, attn_bias=True, mlp_bias=True, tie_embeddings=True,
+                        bos_token_id=50256, eos_token_id=50256),
+    "gpt2-tiny": ModelConfig(arch="gpt2", vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_dim=256,
+                             max_seq_len=256, attn_bias=True, mlp_bias=True),
+    # sentence-transformers/all-MiniLM-L6-v2: the default embedding model.
+    "minilm-l6": ModelConfig(arch="bert", vocab_size=30522, dim=384, n_layers=6, n_heads=12, ffn_dim=1536,
+                             max_seq_len=512, norm_eps=1e-12, attn_bias=True, mlp_bias=True, type_vocab_size=2,
+                             pad_token_id=0, tie_embeddings=False),
+    "bert-tiny": ModelConfig(arch="bert", vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_dim=256,
+                             max_seq_len=128, norm_eps=1e-12, attn_bias=True, mlp_bias=True, tie_embeddings=False),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise LlmlabError(f"unknown preset {name!r}: choose one of {', '.join(sorted(PRESETS))}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def build_model(cfg: ModelConfig, attn_impl: str = "sdpa") -> nn.Module:
+    """A randomly initialised model for ``cfg`` (load weights afterwards)."""
+    cfg.validate()
+    if cfg.arch == "bert":
+        return BertModel(cfg, attn_impl)
+    return DecoderLM(cfg, attn_impl)

@@ -1,0 +1,1 @@
+"""Torch-only building blocks, one technique per file."""

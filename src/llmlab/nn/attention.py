@@ -1,0 +1,91 @@
+"""Multi-head attention with grouped-query heads (Vaswani et al. 2017, arXiv:1706.03762;
+GQA: Ainslie et al. 2023, arXiv:2305.13245), with two paths that must agree (tested):
+
+- ``reference``: softmax(Q K^T / sqrt(D) + mask) V written out, easy to read and to step through;
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels).
+
+Shapes: x (B, T, dim) -> (B, T, dim); q (B, H, T, D); k, v (B, H_kv, S, D), S = cached + T.
+Masks are boolean, True = may attend, broadcastable to (B, 1, T, S).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmlab.nn.kv_cache import StaticKVCache
+from llmlab.nn.rope import apply_rope
+
+
+def build_mask(T: int, S: int, start: int, causal: bool, key_mask: torch.Tensor | None,
+               device: torch.device) -> torch.Tensor | None:
+    """Boolean mask (B|1, 1, T, S) or None when every query sees every key.
+
+    Query i sits at absolute position start+i; with ``causal`` it sees keys 0..start+i.
+    ``key_mask`` (B, S) marks real (True) vs padding (False) keys.
+    """
+    mask = None
+    if causal and not (T == 1 and S == start + 1):
+        q_pos = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
+        k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+        mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+    if key_mask is not None:
+        km = key_mask[:, None, None, :S].bool()  # (B, 1, 1, S)
+        mask = km if mask is None else mask & km
+    return mask
+
+
+def reference_attention(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The textbook formula. q (B, H, T, D), k/v (B, H, S, D) -> (B, H, T, D)."""
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    # A query row with every key masked (padding) gives NaN; make it attend to nothing instead.
+    probs = torch.nan_to_num(probs, nan=0.0)
+    return probs @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool = False,
+                 out_bias: bool | None = None, causal: bool = True, impl: str = "sdpa"):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.causal = causal
+        self.impl = impl
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias if out_bias is None else out_bias)
+
+    def forward(self, x: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                key_mask: torch.Tensor | None = None, cache: StaticKVCache | None = None,
+                layer: int = 0, start: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)  # (B, Hkv, S, D)
+        S = k.shape[2]
+        if self.n_kv_heads != self.n_heads:
+            # GQA: each group of H/Hkv query heads shares one key/value head.
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(rep, dim=1)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if self.impl == "reference":
+            mask = build_mask(T, S, start, self.causal, key_mask, x.device)
+            out = reference_attention(q, k, v, mask, scale)
+        elif self.causal and key_mask is None and start == 0 and S == T:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            mask = build_mask(T, S, start, self.causal, key_mask, x.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(out)

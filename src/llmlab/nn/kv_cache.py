@@ -1,0 +1,33 @@
+"""A static (pre-allocated) key/value cache for incremental decoding.
+
+Prefill writes the prompt's keys/values once; each decode step appends one position and attends to
+everything so far, so a step costs O(T) instead of recomputing O(T^2).
+
+Storage: k, v (n_layers, B, H_kv, max_len, D).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StaticKVCache:
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0  # positions filled so far (advanced by the model after the last layer)
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, H_kv, T, D) at positions [start, start+T); return the cache up to there."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, H_kv, end, D)
+
+    def reset(self) -> None:
+        self.length = 0

@@ -1,0 +1,160 @@
+"""WordPiece, BERT's tokenizer (Schuster & Nakajima 2012; Wu et al. 2016, arXiv:1609.08144).
+
+Normalise (clean control chars, lower-case, strip accents, put spaces around CJK characters) ->
+split on whitespace and punctuation -> greedy longest-match-first into vocabulary pieces, where
+pieces after the first start with ``##``; a word with no match (or longer than 100 chars) is [UNK].
+Special tokens written in the text ("[SEP]") stay atomic. ``encode(..., add_special=True)`` wraps
+the sequence as [CLS] ... [SEP].
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+import regex
+
+
+def _is_cjk(cp: int) -> bool:
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
+            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF
+            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+
+
+def _is_punct(ch: str) -> bool:
+    cp = ord(ch)
+    # BERT counts all non-letter/number ASCII as punctuation ("$", "^", "`" included).
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(ch).startswith("P")
+
+
+def _is_control(ch: str) -> bool:
+    if ch in "\t\n\r":
+        return False
+    return unicodedata.category(ch) in ("Cc", "Cf", "Cn", "Co", "Cs")  # HF also drops unassigned/private
+
+
+def _is_whitespace(ch: str) -> bool:
+    return ch in " \t\n\r" or unicodedata.category(ch) == "Zs"
+
+
+class WordPiece:
+    def __init__(self, vocab: dict[str, int], *, unk_token: str = "[UNK]", prefix: str = "##",
+                 max_chars: int = 100, lowercase: bool = True, strip_accents: bool | None = None,
+                 clean_text: bool = True, cjk: bool = True, special_tokens: dict[str, int] | None = None,
+                 cls_token: str = "[CLS]", sep_token: str = "[SEP]", pad_token: str = "[PAD]"):
+        self.vocab = vocab
+        self.id_to_token = {i: t for t, i in vocab.items()}
+        self.unk_token, self.prefix, self.max_chars = unk_token, prefix, max_chars
+        self.lowercase = lowercase
+        self.strip_accents = lowercase if strip_accents is None else strip_accents
+        self.clean_text, self.cjk = clean_text, cjk
+        self.special_tokens = dict(special_tokens or {})
+        self.special_ids = set(self.special_tokens.values())
+        specials = sorted(self.special_tokens, key=len, reverse=True)
+        self._special_re = regex.compile("|".join(regex.escape(s) for s in specials)) if specials else None
+        self.cls_id, self.sep_id = vocab.get(cls_token), vocab.get(sep_token)
+        self.pad_id = vocab.get(pad_token, 0)
+        self.bos_id, self.eos_id = self.cls_id, self.sep_id
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.id_to_token) + 1
+
+    def normalize(self, text: str) -> str:
+        out = []
+        for ch in text:
+            cp = ord(ch)
+            if self.clean_text:
+                if cp == 0 or cp == 0xFFFD or _is_control(ch):
+                    continue
+                if _is_whitespace(ch):
+                    ch = " "
+            if self.cjk and _is_cjk(cp):
+                out.append(f" {ch} ")
+            else:
+                out.append(ch)
+        text = "".join(out)
+        if self.strip_accents:
+            text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+        if self.lowercase:
+            text = text.lower()
+        return text
+
+    def pre_split(self, text: str) -> list[str]:
+        words = []
+        for chunk in text.split():
+            word = []
+            for ch in chunk:
+                if _is_punct(ch):
+                    if word:
+                        words.append("".join(word))
+                        word = []
+                    words.append(ch)
+                else:
+                    word.append(ch)
+            if word:
+                words.append("".join(word))
+        return words
+
+    def _wordpiece(self, word: str) -> list[int]:
+        if len(word) > self.max_chars:
+            return [self.vocab[self.unk_token]]
+        ids, start = [], 0
+        while start < len(word):
+            end, found = len(word), None
+            while start < end:
+                piece = word[start:end] if start == 0 else self.prefix + word[start:end]
+                if piece in self.vocab:
+                    found = self.vocab[piece]
+                    break
+                end -= 1
+            if found is None:
+                return [self.vocab[self.unk_token]]
+            ids.append(found)
+            start = end
+        return ids
+
+    def encode(self, text: str, add_special: bool = False, allow_special: bool = True) -> list[int]:
+        chunks = [(text, False)]
+        if allow_special and self._special_re is not None:
+            chunks, pos = [], 0
+            for m in self._special_re.finditer(text):
+                chunks += [(text[pos:m.start()], False), (m.group(), True)]
+                pos = m.end()
+            chunks.append((text[pos:], False))
+        ids: list[int] = []
+        for chunk, is_special in chunks:
+            if is_special:
+                ids.append(self.special_tokens[chunk])
+            else:
+                for word in self.pre_split(self.normalize(chunk)):
+                    ids.extend(self._wordpiece(word))
+        return [self.cls_id, *ids, self.sep_id] if add_special else ids
+
+    encode_reference = encode
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        words: list[str] = []
+        for i in ids:
+            i = int(i)
+            if skip_special and i in self.special_ids:
+                continue
+            tok = self.id_to_token[i]
+            if tok.startswith(self.prefix) and words:
+                words[-1] += tok[len(self.prefix):]
+            else:
+                words.append(tok)
+        text = " ".join(words)
+        # HF's WordPiece decoder "cleanup": no space before punctuation and in contractions.
+        for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                     (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+            text = text.replace(a, b)
+        return text
+
+    def token_bytes(self, token_id: int) -> bytes:
+        tok = self.id_to_token[int(token_id)]
+        return (tok[len(self.prefix):] if tok.startswith(self.prefix) else " " + tok).encode("utf-8")
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.vocab.get(token)
