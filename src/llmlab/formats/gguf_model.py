@@ -69,7 +69,10 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     for field in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
         if not isinstance(getattr(cfg, field), int):
             raise LlmlabError(f"{g.path}: GGUF metadata gives a non-integer {field}: {getattr(cfg, field)!r}")
-    return cfg.validate()
+    try:
+        return cfg.validate()
+    except LlmlabError as e:
+        raise LlmlabError(f"{g.path}: {e}") from None
 
 
 def _rope_permute(w: torch.Tensor, n_heads: int, inverse: bool) -> torch.Tensor:

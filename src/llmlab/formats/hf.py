@@ -189,7 +189,11 @@ def read_config(folder: Path) -> ModelConfig:
         raise LlmlabError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(hf, dict):
         raise LlmlabError(f"{path}: not a JSON object")
-    return config_from_hf(hf, str(path)).validate()
+    cfg = config_from_hf(hf, str(path))
+    try:
+        return cfg.validate()
+    except LlmlabError as e:
+        raise LlmlabError(f"{path}: {e}") from None
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

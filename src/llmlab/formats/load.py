@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from llmlab.common import LlmlabError
-from llmlab.formats import hf
+from llmlab.formats import hf, safetensors
 from llmlab.formats.gguf import GGUFFile
 from llmlab.formats.gguf_model import config_from_gguf, state_from_gguf, tokenizer_from_gguf
 from llmlab.models.config import ModelConfig
@@ -99,7 +99,10 @@ def load(source: str | Path | None = None, *, dtype: torch.dtype = torch.float32
             raise LlmlabError(f"{name}: no such file, folder or preset (presets: {', '.join(sorted(PRESETS))}; "
                               f"embedded: {DEFAULT_CHAT}, {DEFAULT_EMBED})")
     if path.is_file():
-        if path.suffix in (".safetensors", ".json"):
+        if path.suffix == ".safetensors":
+            safetensors.read_header(path)  # a broken file is named as such, not as its folder
+            path = path.parent
+        elif path.suffix == ".json":
             path = path.parent
         else:
             return _finish(_load_gguf(path, attn_impl, fast_tokenizer), dtype, device, t0)

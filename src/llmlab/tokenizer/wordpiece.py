@@ -38,6 +38,10 @@ def _is_whitespace(ch: str) -> bool:
     return ch in " \t\n\r" or unicodedata.category(ch) == "Zs"
 
 
+_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+            (" do not", " don't"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
 class WordPiece:
     def __init__(self, vocab: dict[str, int], *, unk_token: str = "[UNK]", prefix: str = "##",
                  max_chars: int = 100, lowercase: bool = True, strip_accents: bool | None = None,
@@ -135,22 +139,22 @@ class WordPiece:
     encode_reference = encode
 
     def decode(self, ids, skip_special: bool = False) -> str:
-        words: list[str] = []
+        """As HF's WordPiece decoder: "##" pieces glue on, other tokens get a leading space, and the
+        "cleanup" rules apply to each token on its own (so " ." -> "." but "it ' s" stays)."""
+        out: list[str] = []
         for i in ids:
             i = int(i)
             if skip_special and i in self.special_ids:
                 continue
             tok = self.id_to_token[i]
-            if tok.startswith(self.prefix) and words:
-                words[-1] += tok[len(self.prefix):]
+            if tok.startswith(self.prefix):
+                piece = tok[len(self.prefix):]
             else:
-                words.append(tok)
-        text = " ".join(words)
-        # HF's WordPiece decoder "cleanup": no space before punctuation and in contractions.
-        for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                     (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-            text = text.replace(a, b)
-        return text
+                piece = tok if not out else " " + tok
+            for a, b in _CLEANUP:
+                piece = piece.replace(a, b)
+            out.append(piece)
+        return "".join(out)
 
     def token_bytes(self, token_id: int) -> bytes:
         tok = self.id_to_token[int(token_id)]

@@ -1,0 +1,57 @@
+"""Shared fixtures: the two embedded real models, loaded once per session, and peer-import helpers.
+
+Parity tests skip with a message when a peer is missing; CI installs the test extra so they run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def need(module: str):
+    """Import a peer library or skip the test, saying which one is missing."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"peer {module!r} is not installed (pip install -e '.[test]')")
+    return importlib.import_module(module)
+
+
+@pytest.fixture(scope="session")
+def smollm_path():
+    from llmlab.common import LlmlabError
+    from llmlab.formats.load import DEFAULT_CHAT, embedded_path
+
+    try:
+        return embedded_path(DEFAULT_CHAT)
+    except LlmlabError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    from llmlab.common import LlmlabError
+    from llmlab.formats.load import DEFAULT_EMBED, embedded_path
+
+    try:
+        return embedded_path(DEFAULT_EMBED)
+    except LlmlabError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_path):
+    from llmlab.api import load
+
+    return load(smollm_path)
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_path):
+    from llmlab.api import load
+
+    return load(minilm_path)
