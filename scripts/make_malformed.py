@@ -70,8 +70,8 @@ def gguf_cases() -> dict[str, bytes]:
         "missing_hparams.gguf": header(0, 1) + kv("general.architecture", 8, s("llama")),
         "duplicate_tensor.gguf": pad(header(2, len(kvs)) + b"".join(kvs) + emb + emb) + b"\0" * 256,
         "no_tensors.gguf": good_head,
-        "negative_heads.gguf": header(0, len(kvs)) + b"".join(kvs[:4]) + kv("llama.attention.head_count", 5, b"\xff" * 4)
-        + b"".join(kvs[5:]),
+        "negative_heads.gguf": header(0, len(kvs)) + b"".join(kvs[:4])
+        + kv("llama.attention.head_count", 5, b"\xff" * 4) + b"".join(kvs[5:]),
     }
     return cases
 

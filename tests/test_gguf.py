@@ -52,8 +52,8 @@ def test_reader_matches_gguf_package(smollm_path):
         assert info.offset == t.data_offset  # the gguf package reports absolute offsets
     assert ours.metadata["general.architecture"] == "llama"
     assert ours.metadata["llama.block_count"] == 30
-    assert ours.metadata["tokenizer.ggml.tokens"][:5] == [
-        bytes(ref.fields["tokenizer.ggml.tokens"].parts[i]).decode() for i in ref.fields["tokenizer.ggml.tokens"].data[:5]]
+    field = ref.fields["tokenizer.ggml.tokens"]
+    assert ours.metadata["tokenizer.ggml.tokens"][:5] == [bytes(field.parts[i]).decode() for i in field.data[:5]]
 
 
 def test_real_tensors_dequantize_like_gguf(smollm_path):

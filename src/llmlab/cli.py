@@ -16,8 +16,8 @@ MODEL_HELP = ("a .gguf file, a Hugging Face folder, a preset (random weights), o
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # usage errors: one line, exit 2 (argparse's own convention)
-        self.print_usage(sys.stderr)
-        raise SystemExit(f"llmlab: error: {message}") from None
+        print(f"llmlab: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _add_load_flags(p: argparse.ArgumentParser) -> None:

@@ -58,7 +58,7 @@ class BertModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape
-        if T > self.config.max_seq_len:
+        if self.config.max_seq_len < T:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
         pos = torch.arange(T, device=input_ids.device)[None]  # (1, T)
         types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids

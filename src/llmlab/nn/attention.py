@@ -28,7 +28,7 @@ def build_mask(T: int, S: int, start: int, causal: bool, key_mask: torch.Tensor 
     ``key_mask`` (B, S) marks real (True) vs padding (False) keys.
     """
     mask = None
-    if causal and not (T == 1 and S == start + 1):
+    if causal and not (T == 1 and start + 1 == S):
         q_pos = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
         k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
         mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
