@@ -48,7 +48,11 @@ def test_smollm2_reference_path_matches_tokenizers(smollm, smollm_reference):
 def test_smollm2_fast_path_matches_tokenizers(smollm, smollm_reference):
     need("tokenizers")
     assert smollm.tokenizer._fast is not None
-    assert smollm.tokenizer.encode(TEXT) == smollm_reference.encode(TEXT, add_special_tokens=False).ids
+    assert smollm.tokenizer._fast.encode(TEXT, add_special_tokens=False).ids == \
+        smollm_reference.encode(TEXT, add_special_tokens=False).ids
+    batch = lines(TEXT)
+    expected = [e.ids for e in smollm_reference.encode_batch(batch, add_special_tokens=False)]
+    assert smollm.tokenizer.encode_batch(batch) == expected
 
 
 def test_smollm2_per_line_and_digits(smollm, smollm_reference):

@@ -29,6 +29,7 @@ _SCALARS = {0: ("B", 1), 1: ("b", 1), 2: ("H", 2), 3: ("h", 2), 4: ("I", 4), 5: 
             7: ("?", 1), 10: ("Q", 8), 11: ("q", 8), 12: ("d", 8)}
 T_UINT32, T_INT32, T_FLOAT32, T_BOOL, T_STRING, T_ARRAY, T_UINT64 = 4, 5, 6, 7, 8, 9, 10
 MAX_DIMS = 8
+_U64 = struct.Struct("<Q")
 
 
 @dataclass
@@ -75,6 +76,26 @@ class _Cursor:
         except UnicodeDecodeError:
             return raw.decode("utf-8", errors="replace")
 
+    def string_array(self, count: int, key: str) -> list[str]:
+        """The hot loop of loading a vocabulary (~50-250k strings): locals only, checks kept."""
+        buf, pos, size = self.buf, self.pos, self.size
+        unpack = _U64.unpack_from
+        out = []
+        append = out.append
+        for _ in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.fail(f"array {key!r} is truncated")
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if n > size - pos:
+                self.pos = pos
+                self.fail(f"a string in {key!r} declares {n} bytes, more than remain")
+            append(buf[pos:pos + n].decode("utf-8", errors="replace"))
+            pos += n
+        self.pos = pos
+        return out
+
     def value(self, vtype: int, key: str, depth: int = 0):
         if vtype in _SCALARS:
             code, size = _SCALARS[vtype]
@@ -97,6 +118,8 @@ class _Cursor:
                 vals = list(struct.unpack_from(f"<{count}{code}", self.buf, self.pos))
                 self.pos += count * size
                 return vals
+            if itype == T_STRING:
+                return self.string_array(count, key)
             return [self.value(itype, key, depth + 1) for _ in range(count)]
         self.fail(f"metadata {key!r} has unknown value type {vtype}")
 

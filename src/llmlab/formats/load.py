@@ -20,8 +20,7 @@ from llmlab.formats import hf, safetensors
 from llmlab.formats.gguf import GGUFFile
 from llmlab.formats.gguf_model import config_from_gguf, state_from_gguf, tokenizer_from_gguf
 from llmlab.models.config import ModelConfig
-from llmlab.models.registry import PRESETS, build_model, get_preset
-from llmlab.nn.rope import RotaryEmbedding
+from llmlab.models.registry import PRESETS, build_model, get_preset, skip_init
 from llmlab.tokenizer.hf_json import chat_template_from_config, load_tokenizer_json
 
 DEFAULT_CHAT = "smollm2-135m-instruct"
@@ -62,8 +61,11 @@ def embedded_path(name: str) -> Path:
 
 def model_from_state(cfg: ModelConfig, sd: dict[str, torch.Tensor], attn_impl: str = "sdpa",
                      where: str = "model") -> nn.Module:
-    """Build the model for ``cfg`` around ``sd`` without a wasted random initialisation."""
-    with torch.device("meta"):
+    """Build the model for ``cfg`` around ``sd`` without a wasted random initialisation.
+
+    ``assign=True`` makes the loaded tensors the parameters (no copy), so memory-mapped or freshly
+    dequantized weights are not duplicated."""
+    with skip_init():
         model = build_model(cfg, attn_impl)
     expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
@@ -78,8 +80,6 @@ def model_from_state(cfg: ModelConfig, sd: dict[str, torch.Tensor], attn_impl: s
         raise LlmlabError(f"{where}: weight shapes do not match the config: {first}") from None
     if cfg.tie_embeddings and hasattr(model, "lm_head"):
         model.lm_head.weight = model.embed_tokens.weight
-    if getattr(model, "rotary", None) is not None:  # non-persistent buffer: rebuild off the meta device
-        model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     return model.eval()
 
 

@@ -5,8 +5,10 @@ table, so every string is representable and no <unk> exists) -> pre-tokenized pi
 piece, repeatedly merge the adjacent pair with the lowest merge rank -> ids.
 
 Special tokens (``<|im_start|>`` ...) are matched first and kept atomic. ``encode_reference`` is the
-readable pure-Python path; ``encode`` uses Hugging Face ``tokenizers`` when it is installed, built
-from the same vocab/merges/pre-tokenizer (identical ids: tested on 200 KB of mixed text).
+readable pure-Python path, and with its per-piece cache it is also the fastest for one text (measured:
+3.1 MB/s vs 1.9 MB/s for ``tokenizers`` on 210 KB, benchmarks/tokenizer_speed.py). ``encode_batch``
+uses Hugging Face ``tokenizers`` when installed, built from the same vocab/merges/pre-tokenizer, which
+spreads a batch over threads (identical ids: tested on 200 KB of mixed text).
 """
 
 from __future__ import annotations
@@ -143,18 +145,20 @@ class ByteBPE:
         return tok
 
     def encode(self, text: str, allow_special: bool = True, add_bos: bool | None = None) -> list[int]:
-        if self._fast is not None and allow_special:
-            ids = self._fast.encode(text, add_special_tokens=False).ids
-        else:
-            ids = self.encode_reference(text, allow_special)
+        ids = self.encode_reference(text, allow_special)
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts at once: through ``tokenizers`` (multi-threaded) when installed."""
         if self._fast is not None:
-            return [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=False)]
-        return [self.encode(t) for t in texts]
+            ids = [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=False)]
+        else:
+            ids = [self.encode_reference(t) for t in texts]
+        if self.add_bos and self.bos_id is not None:
+            ids = [[self.bos_id, *x] for x in ids]
+        return ids
 
     # ---- decoding ----------------------------------------------------------------------------
     def token_bytes(self, token_id: int) -> bytes:
