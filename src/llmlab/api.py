@@ -118,6 +118,16 @@ class LLM:
         return torch.cat(outs)
 
     # ---- description -----------------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Bytes held by parameters and buffers, each storage counted once (tied weights share one)."""
+        seen, total = set(), 0
+        for t in [*self.model.parameters(), *self.model.buffers()]:
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        return total
+
     def info(self) -> dict:
         cfg, tok = self.config, self.tokenizer
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -129,9 +139,7 @@ class LLM:
             "ffn_dim": cfg.ffn_dim, "vocab_size": cfg.vocab_size, "context_length": cfg.max_seq_len,
             "rope_theta": cfg.rope_theta if cfg.arch == "llama" else None, "tied_embeddings": cfg.tie_embeddings,
             "file_tensor_types": self.loaded.tensor_types, "dtype": str(p.dtype).removeprefix("torch."),
-            "device": str(p.device), "memory": human_bytes(sum(t.numel() * t.element_size()
-                                                             for t in self.model.state_dict().values()
-                                                             if t.device.type != "meta")),
+            "device": str(p.device), "memory": human_bytes(self.memory_bytes()),
             "tokenizer": type(tok).__name__ if tok is not None else None,
             "tokenizer_pre": getattr(tok, "pre_steps", None) and len(tok.pre_steps),
             "chat_template": (self.loaded.chat_template or "")[:60] + ("..." if self.loaded.chat_template else

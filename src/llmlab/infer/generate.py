@@ -1,37 +1,124 @@
-"""Greedy generation on a static KV cache: prefill the prompt once, then one token per step.
+"""The generation loop: prefill each prompt once, then one token per step on a static KV cache.
 
-Per step the model sees only the newest token (B, 1) and attends to the cached keys/values, so the
-step costs O(T) rather than re-running the whole O(T^2) prefix.
+Per step the model sees only the newest token (B, 1) and attends to the cached keys/values, so a step
+costs O(T) rather than re-running the O(T^2) prefix. Prompts of different lengths are left-padded; a
+key mask hides the padding and per-row positions start at 0, so every row gives the text it gives alone.
+Stops on EOS / end-of-turn ids, on stop strings (also when one spans several tokens), or on the budget.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from llmlab.infer.sample import SamplingParams, make_generator, select
+
+
+@dataclass
+class Completion:
+    ids: list[int]  # generated ids, stop token / stop string tokens included
+    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    text: str | None = None  # decoded text, cut before a stop string (when a tokenizer was given)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> ids (B, T) left-padded, mask (B, T) bool (True = real token)."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), T), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p, device=device)
+        mask[i, T - len(p):] = True
+    return ids, mask
+
+
+def _find_stop(text: str, stops: list[str]) -> int:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else -1
+
 
 @torch.inference_mode()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams | None = None, *,
+             stop_ids: set[int] | None = None, stop_strings: list[str] | None = None, tokenizer=None,
+             on_token: Callable[[int, int], None] | None = None) -> list[Completion]:
+    """Generate for a batch of prompts (lists of ids). ``on_token(row, id)`` streams each new token."""
+    params = (params or SamplingParams()).validate()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("a prompt is empty")
+    B, T = len(prompts), max(len(p) for p in prompts)
+    max_len = model.config.max_seq_len
+    budget = min(max_new_tokens, max_len - T)
+    if budget < 1:
+        raise ValueError(f"the prompt has {T} tokens and fills the {max_len}-token context")
+    stop_ids = set(stop_ids or ())
+    stop_strings = [s for s in (stop_strings or []) if s]
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer")
+    device = next(model.parameters()).device
+    V = model.config.vocab_size
+    ids, mask = left_pad(prompts, 0, device)
+    ragged = not bool(mask.all())
+    full_mask = torch.cat([mask, torch.ones(B, budget, dtype=torch.bool, device=device)], dim=1)  # (B, T+budget)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): each row counts from 0
+    cache = model.new_cache(B, T + budget)
+    logits = model(ids, cache=cache, attention_mask=full_mask[:, :T] if ragged else None,
+                   position_ids=positions)[:, -1]  # (B, V)
+    next_pos = positions[:, -1:] + 1  # (B, 1)
+
+    need_seen = params.repetition_penalty != 1.0
+    seen = torch.zeros(B, V, dtype=torch.bool, device=device) if need_seen else None
+    if seen is not None:
+        for i, p in enumerate(prompts):
+            seen[i, torch.tensor(p, device=device)] = True
+    counts = torch.zeros(B, V, device=device) if (params.frequency_penalty or params.presence_penalty) else None
+    # One generator per row when seeded: a row samples the same tokens in a batch as alone.
+    gens = [make_generator(params.seed, device) for _ in range(B)] if params.seed is not None else None
+
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    reasons = ["length"] * B
+    texts: list[str | None] = [None] * B
+    for step in range(budget):
+        if gens is None:
+            nxt = select(logits, params, None, seen, counts)  # (B,)
+        else:
+            nxt = torch.cat([select(logits[i:i + 1], params, gens[i], None if seen is None else seen[i:i + 1],
+                                    None if counts is None else counts[i:i + 1]) for i in range(B)])
+        for i, tok in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            out[i].append(tok)
+            if on_token is not None:
+                on_token(i, tok)
+            if tok in stop_ids:
+                done[i], reasons[i] = True, "stop"
+            elif stop_strings:
+                text = tokenizer.decode(out[i])
+                cut = _find_stop(text, stop_strings)
+                if cut >= 0:
+                    done[i], reasons[i], texts[i] = True, "stop", text[:cut]
+        if all(done) or step == budget - 1:
+            break
+        if seen is not None:
+            seen[torch.arange(B, device=device), nxt] = True
+        if counts is not None:
+            counts[torch.arange(B, device=device), nxt] += 1
+        logits = model(nxt[:, None], cache=cache, attention_mask=full_mask[:, :T + step + 1] if ragged else None,
+                       position_ids=next_pos)[:, -1]
+        next_pos = next_pos + 1
+    results = []
+    for i in range(B):
+        text = texts[i]
+        if text is None and tokenizer is not None:
+            text = tokenizer.decode([t for t in out[i] if t not in stop_ids], skip_special=True)
+        results.append(Completion(out[i], reasons[i], text))
+    return results
+
+
 def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, *, stop_ids: set[int] | None = None,
                     on_token: Callable[[int], None] | None = None) -> list[int]:
-    """Return the generated ids (without the prompt); stops after a stop id (included) or the budget."""
-    if not prompt_ids:
-        raise ValueError("the prompt is empty")
-    max_len = model.config.max_seq_len
-    budget = min(max_new_tokens, max_len - len(prompt_ids))
-    if budget < 1:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens and fills the {max_len}-token context")
-    device = next(model.parameters()).device
-    cache = model.new_cache(1, len(prompt_ids) + budget)
-    ids = torch.tensor([prompt_ids], device=device)  # (1, T)
-    logits = model(ids, cache=cache)[:, -1]  # (1, V)
-    out: list[int] = []
-    for step in range(budget):
-        nxt = int(logits.argmax(-1))
-        out.append(nxt)
-        if on_token is not None:
-            on_token(nxt)
-        if (stop_ids and nxt in stop_ids) or step == budget - 1:
-            break
-        logits = model(torch.tensor([[nxt]], device=device), cache=cache)[:, -1]
-    return out
+    """One prompt, greedy: the generated ids (a stop id, if hit, included)."""
+    cb = (lambda _row, tok: on_token(tok)) if on_token is not None else None
+    return generate(model, [prompt_ids], max_new_tokens, stop_ids=stop_ids, on_token=cb)[0].ids

@@ -35,6 +35,10 @@ def build_mask(T: int, S: int, start: int, causal: bool, key_mask: torch.Tensor 
     if key_mask is not None:
         km = key_mask[:, None, None, :S].bool()  # (B, 1, 1, S)
         mask = km if mask is None else mask & km
+        # A padding query would see no key at all (softmax of all -inf = NaN, which then leaks into later
+        # layers' padded keys); let every query see itself. Real queries already do.
+        q_pos = torch.arange(start, start + T, device=device)[:, None]
+        mask = mask | (torch.arange(S, device=device)[None, :] == q_pos)[None, None]
     return mask
 
 

@@ -1,0 +1,108 @@
+"""Next-token selection on batched logits: greedy, temperature, top-k, top-p (nucleus), min-p,
+repetition / frequency / presence penalties, logit bias, per-request seeds.
+
+- top-k: Fan et al. 2018, "Hierarchical Neural Story Generation", arXiv:1805.04833.
+- top-p: Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration", arXiv:1904.09751.
+- min-p: Nguyen et al. 2024, "Turning Up the Heat: Min-p Sampling", arXiv:2407.01082.
+- repetition penalty: Keskar et al. 2019, "CTRL", arXiv:1909.05858 (divide positive logits, multiply
+  negative ones, for every token already seen in prompt or output).
+- frequency / presence penalties: OpenAI API semantics, over the generated tokens only.
+
+Order (as transformers): penalties and bias -> temperature -> top-k -> top-p -> min-p -> sample.
+Shapes: logits (B, V) -> token ids (B,).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from llmlab.common import LlmlabError
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; higher = more random"})
+    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens; 0 = off"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus: keep the smallest set with this mass, in (0, 1]"})
+    min_p: float = field(default=0.0, metadata={"help": "drop tokens below min_p x the top probability, in [0, 1]"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "CTRL penalty on seen tokens, > 0; 1 = off"})
+    frequency_penalty: float = field(default=0.0, metadata={"help": "minus this x count of each generated token"})
+    presence_penalty: float = field(default=0.0, metadata={"help": "minus this once per generated token"})
+    logit_bias: dict[int, float] = field(default_factory=dict, metadata={"cli": False})
+    seed: int | None = field(default=None, metadata={"help": "seed for reproducible sampling"})
+
+    def validate(self) -> SamplingParams:
+        if not self.temperature >= 0:
+            raise LlmlabError(f"temperature must be >= 0, got {self.temperature}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise LlmlabError(f"top_k must be an integer >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise LlmlabError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise LlmlabError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise LlmlabError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise LlmlabError(f"{name} must be in [-2, 2] (OpenAI's range), got {getattr(self, name)}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_penalties(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None,
+                    counts: torch.Tensor | None) -> torch.Tensor:
+    """logits (B, V); ``seen`` (B, V) bool: tokens in prompt or output; ``counts`` (B, V): output counts."""
+    if p.repetition_penalty != 1.0 and seen is not None:
+        penalized = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if counts is not None and (p.frequency_penalty or p.presence_penalty):
+        logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=logits.device)
+        bias = torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+        logits = logits.clone()
+        logits[:, ids] += bias
+    return logits
+
+
+def warp(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p, min-p as -inf masks. (B, V) -> (B, V)."""
+    logits = logits / p.temperature
+    if p.top_k > 0 and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum <= (1 - p.top_p)
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if p.min_p > 0.0:
+        probs = logits.softmax(-1)
+        threshold = p.min_p * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def select(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,
+           seen: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Pick the next token for each row. logits (B, V) float -> (B,) int64."""
+    logits = apply_penalties(logits.float(), p, seen, counts)
+    if p.greedy:
+        return logits.argmax(-1)
+    probs = warp(logits, p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
