@@ -24,10 +24,9 @@ $(TEST_STAMP): $(STAMP)
 setup: $(STAMP)
 setup-test: $(TEST_STAMP)
 
-# Main job: greet the embedded SmolLM2-135M-Instruct.
+# Main job: chat with the embedded SmolLM2-135M-Instruct (reads prompts from stdin when piped).
 run: $(STAMP)
-	$(BIN)/llmlab info
-	$(BIN)/llmlab generate "Write a haiku about small language models."
+	$(BIN)/llmlab chat
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

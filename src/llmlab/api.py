@@ -14,7 +14,10 @@ import torch
 
 from llmlab.common import LlmlabError, human_bytes, human_count, pick_device, pick_dtype
 from llmlab.formats import load as loader
-from llmlab.infer.generate import greedy_generate
+from llmlab.infer.beam import beam_search
+from llmlab.infer.generate import generate
+from llmlab.infer.sample import SamplingParams
+from llmlab.infer.speculative import ModelDrafter, NgramDrafter, layer_skip_draft, speculative_generate
 from llmlab.tokenizer.chat import CHATML, ChatTemplate
 from llmlab.tokenizer.stream import StreamDecoder
 
@@ -32,6 +35,7 @@ class LLM:
                 if tid is not None:
                     specials[key] = tok.id_to_token.get(tid, "")
         self.chat_template = ChatTemplate(loaded.chat_template or CHATML, specials) if self.config.is_causal else None
+        self.last_spec_stats = None
 
     # ---- text generation -------------------------------------------------------------------
     def _need_tokenizer(self):
@@ -59,23 +63,55 @@ class LLM:
             messages = [{"role": "system", "content": system}, *messages]
         return self.chat_template.render(messages, add_generation_prompt=True)
 
+    def encode_prompt(self, text: str, max_new_tokens: int, truncate: bool = False) -> list[int]:
+        ids = self._need_tokenizer().encode(text)
+        room = self.config.max_seq_len - 1
+        if len(ids) > room:
+            if not truncate:
+                raise LlmlabError(f"the prompt has {len(ids)} tokens but the context holds {self.config.max_seq_len}: "
+                                  "shorten it (or pass truncate=True / --truncate to keep its end)")
+            ids = ids[-room:]
+        return ids
+
     def generate(self, prompt: str, max_new_tokens: int = 128, *, raw: bool = True,
+                 sampling: SamplingParams | None = None, stop: list[str] | None = None, beams: int = 1,
+                 length_penalty: float = 1.0, no_repeat_ngram_size: int = 0, speculative: str | None = None,
+                 draft_tokens: int = 4, ignore_eos: bool = False, truncate: bool = False,
                  on_text: Callable[[str], None] | None = None) -> str:
-        """Greedy continuation of ``prompt`` (the prompt as is when ``raw``, else as a chat turn)."""
+        """Continue ``prompt`` (as is when ``raw``, else as a user chat turn). Greedy unless ``sampling`` says
+        otherwise; ``beams`` > 1 runs beam search; ``speculative`` is "ngram" or a draft model source."""
+        return self.generate_batch([prompt], max_new_tokens, raw=raw, sampling=sampling, stop=stop, beams=beams,
+                                   length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                                   speculative=speculative, draft_tokens=draft_tokens, ignore_eos=ignore_eos,
+                                   truncate=truncate, on_text=on_text)[0]
+
+    def generate_batch(self, prompts: list[str], max_new_tokens: int = 128, *, raw: bool = True,
+                       sampling: SamplingParams | None = None, stop: list[str] | None = None, beams: int = 1,
+                       length_penalty: float = 1.0, no_repeat_ngram_size: int = 0, speculative: str | None = None,
+                       draft_tokens: int = 4, ignore_eos: bool = False, truncate: bool = False,
+                       on_text: Callable[[str], None] | None = None) -> list[str]:
         if not self.config.is_causal:
             raise LlmlabError("an encoder model does not generate text: use embed()")
-        if not isinstance(prompt, str) or not prompt:
-            raise LlmlabError("the prompt is empty: give some text")
+        sampling = (sampling or SamplingParams()).validate()
         if max_new_tokens < 1:
             raise LlmlabError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if beams < 1:
+            raise LlmlabError(f"beams must be >= 1, got {beams}")
+        if no_repeat_ngram_size < 0:
+            raise LlmlabError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
+        if draft_tokens < 1:
+            raise LlmlabError(f"draft_tokens must be >= 1, got {draft_tokens}")
+        if beams > 1 and not sampling.greedy:
+            raise LlmlabError("beam search is deterministic: drop the sampling flags or use beams=1")
+        if not prompts or any(not isinstance(p, str) or not p for p in prompts):
+            raise LlmlabError("the prompt is empty: give some text")
+        if (beams > 1 or speculative) and len(prompts) > 1:
+            raise LlmlabError("beam search and speculative decoding take one prompt at a time")
         tok = self._need_tokenizer()
-        text = prompt if raw else self.render_chat(prompt)
-        ids = tok.encode(text)
-        if len(ids) >= self.config.max_seq_len:
-            raise LlmlabError(f"the prompt has {len(ids)} tokens but the context holds {self.config.max_seq_len}: "
-                              "shorten it")
+        texts = prompts if raw else [self.render_chat(p) for p in prompts]
+        ids = [self.encode_prompt(t, max_new_tokens, truncate) for t in texts]
+        stops = set() if ignore_eos else self.stop_ids()
         stream = StreamDecoder(tok)
-        stops = self.stop_ids()
 
         def emit(tid: int) -> None:
             if on_text is not None and tid not in stops:
@@ -83,16 +119,57 @@ class LLM:
                 if piece:
                     on_text(piece)
 
-        out = greedy_generate(self.model, ids, max_new_tokens, stop_ids=stops, on_token=emit)
+        try:
+            if beams > 1:
+                best = beam_search(self.model, ids[0], max_new_tokens, beams, length_penalty=length_penalty,
+                                   eos_ids=stops, no_repeat_ngram_size=no_repeat_ngram_size)[0]
+                outs = [best.ids]
+                for t in best.ids:
+                    emit(t)
+            elif speculative:
+                drafter = self._drafter(speculative, len(ids[0]) + max_new_tokens + draft_tokens + 1)
+                out, self.last_spec_stats = speculative_generate(
+                    self.model, ids[0], max_new_tokens, drafter, gamma=draft_tokens, params=sampling,
+                    stop_ids=stops, on_token=emit)
+                outs = [out]
+            else:
+                cb = (lambda row, t: emit(t)) if on_text is not None and len(ids) == 1 else None
+                done = generate(self.model, ids, max_new_tokens, sampling, stop_ids=stops, stop_strings=stop,
+                                tokenizer=tok, on_token=cb)
+                if on_text is not None:
+                    rest = stream.flush()
+                    if rest:
+                        on_text(rest)
+                return [c.text for c in done]
+        except ValueError as e:
+            raise LlmlabError(str(e)) from None
         if on_text is not None:
             rest = stream.flush()
             if rest:
                 on_text(rest)
-        return tok.decode([t for t in out if t not in stops], skip_special=True)
+        results = []
+        for out in outs:
+            text = tok.decode([t for t in out if t not in stops], skip_special=True)
+            cut = min((text.find(s) for s in (stop or []) if s and s in text), default=-1)
+            results.append(text[:cut] if cut >= 0 else text)
+        return results
+
+    def _drafter(self, speculative: str, max_len: int):
+        if speculative == "ngram":
+            return NgramDrafter()
+        if speculative == "layer-skip":
+            return ModelDrafter(layer_skip_draft(self.model), max_len)
+        draft = load(speculative, device=str(next(self.model.parameters()).device))
+        if draft.config.vocab_size != self.config.vocab_size or not draft.config.is_causal:
+            raise LlmlabError(f"draft model {speculative} has a vocabulary of {draft.config.vocab_size} tokens, the "
+                              f"target {self.config.vocab_size}: a draft must share the target's tokenizer")
+        if draft.tokenizer is not None and draft.tokenizer.vocab != self._need_tokenizer().vocab:
+            raise LlmlabError(f"draft model {speculative} uses a different tokenizer than the target")
+        return ModelDrafter(draft.model, max_len)
 
     def chat(self, messages: list[dict] | str, max_new_tokens: int = 256, *, system: str | None = None,
-             on_text: Callable[[str], None] | None = None) -> str:
-        return self.generate(self.render_chat(messages, system), max_new_tokens, raw=True, on_text=on_text)
+             on_text: Callable[[str], None] | None = None, **kwargs) -> str:
+        return self.generate(self.render_chat(messages, system), max_new_tokens, raw=True, on_text=on_text, **kwargs)
 
     # ---- embeddings --------------------------------------------------------------------------
     @torch.inference_mode()

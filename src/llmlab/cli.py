@@ -26,6 +26,33 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
 
 
+def _add_decode_flags(p: argparse.ArgumentParser, default_max: int) -> None:
+    from llmlab.config import add_flags
+    from llmlab.infer.sample import SamplingParams
+
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--max-new-tokens", type=int, default=default_max,
+                   help=f"most tokens to generate (default: {default_max})")
+    add_flags(p, SamplingParams)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears; repeat for several (default: none)")
+    p.add_argument("--beams", type=int, default=1, help="beam search width; 1 = off (default: 1)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam score = logprob / length**this (default: 1.0)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                   help="beam search never repeats an n-gram of this size; 0 = off (default: 0)")
+    p.add_argument("--speculative", default=None, metavar="DRAFT",
+                   help="speculative decoding with 'ngram' (prompt lookup), 'layer-skip', or a draft model path "
+                        "sharing the tokenizer (default: off)")
+    p.add_argument("--draft-tokens", type=int, default=4, help="draft tokens per speculative step (default: 4)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at end-of-sequence tokens, e.g. for benchmarks (default: off)")
+    p.add_argument("--truncate", action="store_true",
+                   help="keep the end of a prompt longer than the context instead of failing (default: off)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="print tokens as they are generated (default: on)")
+
+
 def cmd_info(args) -> int:
     from llmlab.api import load
 
@@ -39,6 +66,25 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _sampling(args):
+    from llmlab.config import from_args
+    from llmlab.infer.sample import SamplingParams
+
+    return from_args(SamplingParams, args).validate()
+
+
+def _decode_kwargs(args) -> dict:
+    return dict(sampling=_sampling(args), stop=args.stop or None, beams=args.beams,
+                length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                speculative=args.speculative, draft_tokens=args.draft_tokens, ignore_eos=args.ignore_eos,
+                truncate=args.truncate)
+
+
+def _write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
 def cmd_generate(args) -> int:
     from llmlab.api import load
 
@@ -47,16 +93,57 @@ def cmd_generate(args) -> int:
         prompt = sys.stdin.read()
     if args.max_new_tokens < 1:
         raise LlmlabError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    kwargs = _decode_kwargs(args)
     llm = load(args.model, dtype=args.dtype, device=args.device)
-
-    def write(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    text = llm.generate(prompt, args.max_new_tokens, raw=args.raw, on_text=write if args.stream else None)
-    if not args.stream:
+    stream = args.stream and args.beams == 1
+    text = llm.generate(prompt, args.max_new_tokens, raw=args.raw, on_text=_write if stream else None, **kwargs)
+    if not stream:
         sys.stdout.write(text)
     sys.stdout.write("\n")
+    if args.speculative and llm.last_spec_stats is not None:
+        st = llm.last_spec_stats
+        print(f"speculative: {st.accepted}/{st.drafted} draft tokens accepted ({st.acceptance_rate:.0%}), "
+              f"{st.target_calls} target forward passes", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from llmlab.api import load
+    from llmlab.infer.chat_session import ChatSession
+
+    kwargs = _decode_kwargs(args)
+    llm = load(args.model, dtype=args.dtype, device=args.device)
+    session = ChatSession(llm, system=args.system, max_new_tokens=args.max_new_tokens, **kwargs)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("llmlab chat: type a message; /reset clears the history, /system TEXT sets the system prompt, "
+              "/exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and line == "":
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            session.reset()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/system"):
+            session.set_system(line[len("/system"):].strip() or None)
+            print("(system prompt set; history cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/"):
+            print(f"unknown command {line.split()[0]}: use /reset, /system TEXT or /exit", file=sys.stderr)
+            continue
+        session.send(line, on_text=_write)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     return 0
 
 
@@ -79,16 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_flags(s)
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("generate", help="greedy-decode a continuation of a prompt; prints only the new text")
+    s = sub.add_parser("generate", help="continue a prompt (greedy by default); prints only the new text")
     s.add_argument("prompt", nargs="?", default=None, help="the prompt; '-' or nothing reads standard input")
-    s.add_argument("--model", default=None, help=MODEL_HELP)
-    s.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
     s.add_argument("--raw", action="store_true",
                    help="use the prompt as is instead of wrapping it in the chat template (default: off)")
-    s.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
-                   help="print tokens as they are generated (default: on)")
+    _add_decode_flags(s, default_max=128)
     _add_load_flags(s)
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="interactive multi-turn chat with the model's template (reads stdin if piped)")
+    s.add_argument("--system", default=None, help="system prompt (default: the template's own, if any)")
+    _add_decode_flags(s, default_max=512)
+    _add_load_flags(s)
+    s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("convert", help="convert between GGUF and Hugging Face folders")
     s.add_argument("source", help="input: .gguf file, Hugging Face folder or embedded model name")
