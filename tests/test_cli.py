@@ -94,3 +94,66 @@ def test_convert_refuses_to_overwrite_and_roundtrips(tmp_path, minilm_path):
     proc = run("info", str(out), "--json")
     assert json.loads(proc.stdout)["architecture"] == "bert"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+@pytest.mark.slow
+def test_chat_reads_piped_turns_and_commands(smollm_path):
+    proc = run("chat", "--max-new-tokens", "20",
+               stdin="What is the capital of France?\n/reset\n/bogus\nWhat is the capital of Italy?\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    out = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert "Paris" in out[0] and len(out) >= 2  # one reply per turn
+    assert "history cleared" in proc.stderr and "unknown command /bogus" in proc.stderr
+
+
+def test_chat_session_history_and_trimming(tmp_path):
+    from llmlab.api import LLM
+    from llmlab.formats import hf
+    from llmlab.formats.load import load
+    from llmlab.infer.chat_session import ChatSession
+    from llmlab.models import build_model, get_preset
+    from llmlab.tokenizer.bpe import ByteBPE, bytes_to_unicode
+    from llmlab.tokenizer.pretokenize import GGUF_PRE
+
+    cfg = get_preset("llama-tiny")
+    cfg.vocab_size, cfg.max_seq_len = 256, 160
+    tok = ByteBPE({c: i for i, c in enumerate(bytes_to_unicode().values())}, [], GGUF_PRE["gpt2"])
+    hf.write_folder(tmp_path / "m", cfg, build_model(cfg).state_dict(), tokenizer_json=tok.to_hf_json())
+    session = ChatSession(LLM(load(tmp_path / "m")), system="S", max_new_tokens=8, ignore_eos=True)
+    for i in range(6):
+        session.send(f"message number {i}")
+    # the history was trimmed from the oldest turns to fit 160 tokens; the latest turn is always kept
+    assert session.history[-2]["content"] == "message number 5"
+    assert len(session.history) < 12 and session.messages()[0] == {"role": "system", "content": "S"}
+    session.reset()
+    assert session.messages() == [{"role": "system", "content": "S"}]
+
+
+@pytest.mark.slow
+def test_generate_decoding_modes(smollm_path):
+    base = ["generate", "Once upon a time", "--raw", "--max-new-tokens", "12", "--no-stream"]
+    beams = run(*base, "--beams", "3")
+    seeded = [run(*base, "--temperature", "0.8", "--top-p", "0.9", "--seed", "5").stdout for _ in range(2)]
+    spec = run(*base, "--speculative", "ngram", "--draft-tokens", "3")
+    greedy = run(*base)
+    assert beams.returncode == 0 and beams.stdout.strip()
+    assert seeded[0] == seeded[1] and seeded[0].strip()
+    assert spec.stdout == greedy.stdout and "draft tokens accepted" in spec.stderr
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top-k", "-3"], "top_k"),
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--min-p", "2"], "min_p"),
+    (["--repetition-penalty", "0"], "repetition_penalty"),
+    (["--frequency-penalty", "9"], "frequency_penalty"),
+    (["--beams", "0"], "beams must be >= 1"),
+    (["--beams", "2", "--temperature", "0.7"], "beam search is deterministic"),
+    (["--draft-tokens", "0", "--speculative", "ngram"], "draft_tokens"),
+    (["--speculative", "gpt2-tiny"], "share the target's tokenizer"),
+])
+def test_invalid_decoding_flags_exit_2(flags, needle, smollm_path):
+    proc = run("generate", "hello", "--max-new-tokens", "2", *flags)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
