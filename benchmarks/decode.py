@@ -99,9 +99,7 @@ def main() -> int:
 
         def lc_gen():
             lc.reset()
-            n = 0
-            for _ in lc.generate(p128, temp=0.0, top_k=1, reset=True):
-                n += 1
+            for n, _ in enumerate(lc.generate(p128, temp=0.0, top_k=1, reset=True), 1):
                 if n >= N:
                     break
 

@@ -118,11 +118,15 @@ def folder_cases(out: Path) -> None:
     # Broken tokenizer.json files next to a valid tiny llama (zero weights).
     for name, text in (("tok_unigram", json.dumps({"model": {"type": "Unigram", "vocab": [["a", 0.0]]}})),
                        ("tok_not_json", "[1, 2"),
-                       ("tok_no_model", json.dumps({"version": "1.0"}))):
+                       ("tok_no_model", json.dumps({"version": "1.0"})),
+                       ("tok_config_not_json", None)):
         d = out / name
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(json.dumps({**llama_cfg, "tie_word_embeddings": True}))
         (d / "model.safetensors").write_bytes(zero_llama_weights())
+        if text is None:  # a valid tokenizer.json beside a broken tokenizer_config.json
+            text = json.dumps({"model": {"type": "WordPiece", "vocab": {"[UNK]": 0, "a": 1}}})
+            (d / "tokenizer_config.json").write_text("{'single': 'quotes'}")
         (d / "tokenizer.json").write_text(text)
 
 

@@ -21,26 +21,24 @@ def need(module: str):
     return importlib.import_module(module)
 
 
-@pytest.fixture(scope="session")
-def smollm_path():
+def _embedded(name: str):
     from llmlab.common import LlmlabError
-    from llmlab.formats.load import DEFAULT_CHAT, embedded_path
+    from llmlab.formats.load import embedded_path
 
     try:
-        return embedded_path(DEFAULT_CHAT)
+        return embedded_path(name)
     except LlmlabError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm_path():
+    return _embedded("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")
 def minilm_path():
-    from llmlab.common import LlmlabError
-    from llmlab.formats.load import DEFAULT_EMBED, embedded_path
-
-    try:
-        return embedded_path(DEFAULT_EMBED)
-    except LlmlabError as e:
-        pytest.skip(str(e))
+    return _embedded("all-minilm-l6-v2")
 
 
 @pytest.fixture(scope="session")

@@ -88,6 +88,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def read_json(path: Path, missing: str | None = None):
+    """Parse a JSON file; a missing file (when ``missing`` says why it is needed) or bad JSON is a one-line
+    LlmlabError naming the file. With ``missing=None`` an absent file gives None."""
+    import json
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if missing is None:
+            return None
+        raise LlmlabError(f"{Path(path).parent}: no {Path(path).name} ({missing})") from None
+    except OSError as e:
+        raise LlmlabError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LlmlabError(f"{path}: not valid JSON ({e})") from None
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from llmlab.common import LlmlabError, atomic_path
+from llmlab.common import LlmlabError, atomic_path, read_json
 from llmlab.formats import safetensors
 from llmlab.models.config import ModelConfig
 
@@ -181,12 +181,7 @@ def state_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torc
 
 def read_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LlmlabError(f"{folder}: no config.json (expected a Hugging Face model folder)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LlmlabError(f"{path}: not valid JSON ({e})") from None
+    hf = read_json(path, "expected a Hugging Face model folder")
     if not isinstance(hf, dict):
         raise LlmlabError(f"{path}: not a JSON object")
     cfg = config_from_hf(hf, str(path))
@@ -204,8 +199,8 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         return safetensors.load(single)
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            weight_map = read_json(index, "needed")["weight_map"]
+        except (KeyError, TypeError):
             raise LlmlabError(f"{index}: malformed shard index (needs a 'weight_map' object)") from None
         out: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):

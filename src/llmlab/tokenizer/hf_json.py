@@ -6,10 +6,9 @@ Anything else is a clear error naming the unsupported part.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from llmlab.common import LlmlabError
+from llmlab.common import LlmlabError, read_json
 from llmlab.tokenizer.bpe import ByteBPE
 from llmlab.tokenizer.pretokenize import DIGITS, GPT2_PATTERN
 from llmlab.tokenizer.wordpiece import WordPiece
@@ -45,14 +44,10 @@ def load_tokenizer_json(folder: str | Path, fast: bool = True):
     """Read ``folder/tokenizer.json`` (and ``tokenizer_config.json`` for bos/eos) -> ByteBPE | WordPiece."""
     folder = Path(folder)
     path = folder / "tokenizer.json"
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LlmlabError(f"{folder}: no tokenizer.json (llmlab reads the fast-tokenizer file)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LlmlabError(f"{path}: not valid JSON ({e})") from None
-    cfg_path = folder / "tokenizer_config.json"
-    tcfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    spec = read_json(path, "llmlab reads the fast-tokenizer file")
+    tcfg = read_json(folder / "tokenizer_config.json") or {}
+    if not isinstance(tcfg, dict):
+        raise LlmlabError(f"{folder / 'tokenizer_config.json'}: not a JSON object")
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
         raise LlmlabError(f"{path}: no 'model' section: not a Hugging Face tokenizer.json")
     model = spec["model"]
@@ -102,9 +97,9 @@ def chat_template_from_config(folder: str | Path) -> str | None:
     jinja = folder / "chat_template.jinja"
     if jinja.exists():
         return jinja.read_text(encoding="utf-8")
-    cfg = folder / "tokenizer_config.json"
-    if cfg.exists():
-        tpl = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
+    cfg = read_json(folder / "tokenizer_config.json")
+    if isinstance(cfg, dict):
+        tpl = cfg.get("chat_template")
         if isinstance(tpl, list):  # named templates: take "default"
             tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
         return tpl
