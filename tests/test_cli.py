@@ -157,3 +157,12 @@ def test_invalid_decoding_flags_exit_2(flags, needle, smollm_path):
     proc = run("generate", "hello", "--max-new-tokens", "2", *flags)
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_explore_cli(tmp_path, smollm_path):
+    proc = run("explore", "The capital of France is", "--raw", "--steps", "4", "--out", str(tmp_path / "ex"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ex" / "index.html").exists() and "Paris" in proc.stdout
+    bad = run("explore", "hi", "--steps", "0", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "--steps" in bad.stderr and not (tmp_path / "bad").exists()

@@ -179,3 +179,26 @@ def test_speculative_rejects_bad_settings():
         speculative_generate(model, [1, 2], 4, NgramDrafter(), params=SamplingParams(repetition_penalty=1.2))
     with pytest.raises(ValueError, match="gamma"):
         speculative_generate(model, [1, 2], 4, NgramDrafter(), gamma=0)
+
+
+@pytest.mark.slow
+def test_explore_report(smollm, tmp_path):
+    from llmlab.infer.explore import explore, write_report
+
+    tok = smollm.tokenizer
+    ids = tok.encode("The capital of France is")
+    ex = explore(smollm.model, tok, ids, "The capital of France is", steps=6, top=5, num_beams=3,
+                 stop_ids=smollm.stop_ids())
+    greedy = generate(smollm.model, [ids], 6, stop_ids=smollm.stop_ids())[0].ids
+    assert "".join(s["chosen"] for s in ex.steps) == tok.decode(greedy)
+    for step in ex.steps:
+        probs = [p for _, p in step["candidates"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    best = beam_search(smollm.model, ids, 6, 3, eos_ids=smollm.stop_ids())[0]
+    assert ex.beams[0][0] == tok.decode(best.ids, skip_special=True)
+    assert all(len(step["live"]) <= 3 for step in ex.beam_trace)
+    paths = write_report(ex, tmp_path / "out")
+    page = paths["html"].read_text()
+    assert "data:image/png;base64," in page and "http://" not in page and "https://" not in page
+    for key in ("steps", "beams"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -147,6 +147,29 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_explore(args) -> int:
+    from llmlab.api import load
+    from llmlab.infer.explore import explore, write_report
+
+    if args.steps < 1 or args.top < 1 or args.beams < 1:
+        raise LlmlabError("--steps, --top and --beams must be >= 1")
+    if not args.prompt:
+        raise LlmlabError("the prompt is empty: give some text")
+    llm = load(args.model, dtype=args.dtype, device=args.device)
+    if not llm.config.is_causal:
+        raise LlmlabError("explore needs a text-generating model")
+    text = args.prompt if args.raw else llm.render_chat(args.prompt)
+    ids = llm.encode_prompt(text, args.steps)
+    ex = explore(llm.model, llm.tokenizer, ids, args.prompt, steps=args.steps, top=args.top, num_beams=args.beams,
+                 stop_ids=llm.stop_ids())
+    paths = write_report(ex, Path(args.out))
+    for step in ex.steps:
+        cands = "  ".join(f"{tok!r}:{p:.2f}" for tok, p in step["candidates"][:4])
+        print(cands)
+    print(f"wrote {paths['html']}, {paths['steps']}, {paths['beams']}", file=sys.stderr)
+    return 0
+
+
 def cmd_convert(args) -> int:
     from llmlab.formats.convert import convert
 
@@ -179,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode_flags(s, default_max=512)
     _add_load_flags(s)
     s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("explore", help="picture decoding: top candidates per step and the beam tree (PNG + HTML)")
+    s.add_argument("prompt", help="the prompt")
+    s.add_argument("--model", default=None, help=MODEL_HELP)
+    s.add_argument("--steps", type=int, default=12, help="decoding steps to show (default: 12)")
+    s.add_argument("--top", type=int, default=8, help="candidates shown per step (default: 8)")
+    s.add_argument("--beams", type=int, default=3, help="beam width of the beam-search tree (default: 3)")
+    s.add_argument("--raw", action="store_true", help="the prompt as is, no chat template (default: off)")
+    s.add_argument("--out", default="explore", help="output folder (default: explore)")
+    _add_load_flags(s)
+    s.set_defaults(func=cmd_explore)
 
     s = sub.add_parser("convert", help="convert between GGUF and Hugging Face folders")
     s.add_argument("source", help="input: .gguf file, Hugging Face folder or embedded model name")

@@ -41,8 +41,9 @@ def _ban_repeated_ngrams(log_probs: torch.Tensor, seqs: list[list[int]], n: int)
 @torch.inference_mode()
 def beam_search(model, prompt: list[int], max_new_tokens: int, num_beams: int = 4, *,
                 length_penalty: float = 1.0, early_stopping: bool | str = False, eos_ids: set[int] | None = None,
-                num_return: int = 1, no_repeat_ngram_size: int = 0) -> list[Beam]:
-    """The ``num_return`` best finished hypotheses, best first."""
+                num_return: int = 1, no_repeat_ngram_size: int = 0, trace: list | None = None) -> list[Beam]:
+    """The ``num_return`` best finished hypotheses, best first. With ``trace``, one dict per step is
+    appended: the surviving live beams as (parent beam, token, score) and the candidates that finished."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     if not 1 <= num_return <= num_beams:
@@ -94,6 +95,12 @@ def beam_search(model, prompt: list[int], max_new_tokens: int, num_beams: int = 
         live_scores = cand_scores + hits.float() * NEG
         order = torch.topk(live_scores, K).indices
         running, running_scores, beam_src = cand[order], live_scores[order], src[order]
+        if trace is not None:
+            finished_now = [(int(src[i]), int(tok[i]), float(cand_scores[i])) for i in range(keep)
+                            if bool(hits[i]) and bool(top_k_mask[i]) and float(cand_scores[i]) > NEG / 2]
+            trace.append({"live": [(int(beam_src[j]), int(running[j, t]), float(running_scores[j]))
+                                   for j in range(K) if float(running_scores[j]) > NEG / 2],
+                          "finished": finished_now})
 
         # Finished hypotheses: merge newly finished top-K candidates into the K best so far.
         fin = cand_scores / ((t + 1) ** length_penalty)
