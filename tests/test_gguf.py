@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from llmlab.formats.ggml_quants import GGML_TYPES, TYPE_IDS, dequantize, quantize_q8_0
 from llmlab.formats.gguf import GGUFFile, write_gguf
 from llmlab.formats.load import load
+from llmlab.nn.ggml_quants import GGML_TYPES, TYPE_IDS, dequantize, quantize_q8_0
 from tests.conftest import need
 
 

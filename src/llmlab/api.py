@@ -36,6 +36,7 @@ class LLM:
                     specials[key] = tok.id_to_token.get(tid, "")
         self.chat_template = ChatTemplate(loaded.chat_template or CHATML, specials) if self.config.is_causal else None
         self.last_spec_stats = None
+        self.fast = any(type(m).__name__ == "PackedLinear" for m in self.model.modules())
 
     # ---- text generation -------------------------------------------------------------------
     def _need_tokenizer(self):
@@ -159,7 +160,7 @@ class LLM:
             return NgramDrafter()
         if speculative == "layer-skip":
             return ModelDrafter(layer_skip_draft(self.model), max_len)
-        draft = load(speculative, device=str(next(self.model.parameters()).device))
+        draft = load(speculative, device=str(next(self.model.parameters()).device), fast=self.fast)
         if draft.config.vocab_size != self.config.vocab_size or not draft.config.is_causal:
             raise LlmlabError(f"draft model {speculative} has a vocabulary of {draft.config.vocab_size} tokens, the "
                               f"target {self.config.vocab_size}: a draft must share the target's tokenizer")
@@ -226,8 +227,11 @@ class LLM:
 
 
 def load(source: str | Path | None = None, *, dtype: str = "float32", device: str = "cpu",
-         attn_impl: str = "sdpa", fast_tokenizer: bool = True) -> LLM:
-    """A path (GGUF file or HF folder), a preset name, an embedded model name, or None for SmolLM2."""
+         attn_impl: str = "sdpa", fast_tokenizer: bool = True, fast: bool = False) -> LLM:
+    """A path (GGUF file or HF folder), a preset name, an embedded model name, or None for SmolLM2.
+
+    ``fast=True`` runs the linear layers on packed GGML blocks (the GGUF's own, or Q8_0 for other
+    models): about 2x faster CPU decoding; logits within ~1e-4 of the reference path for GGUF weights."""
     dev = pick_device(device)
     return LLM(loader.load(source, dtype=pick_dtype(dtype, dev), device=dev, attn_impl=attn_impl,
-                           fast_tokenizer=fast_tokenizer))
+                           fast_tokenizer=fast_tokenizer, packed=fast))

@@ -20,10 +20,14 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _add_load_flags(p: argparse.ArgumentParser) -> None:
+def _add_load_flags(p: argparse.ArgumentParser, fast_default: bool = False) -> None:
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights/activations dtype (default: float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=fast_default,
+                   help="CPU decode on packed GGML weights (the GGUF's Q8_0/Q4_0/Q4_1 blocks; Q8_0 for other "
+                        "models); --no-fast runs the float32 reference path "
+                        f"(default: {'on' if fast_default else 'off'})")
 
 
 def _add_decode_flags(p: argparse.ArgumentParser, default_max: int) -> None:
@@ -51,6 +55,13 @@ def _add_decode_flags(p: argparse.ArgumentParser, default_max: int) -> None:
                    help="keep the end of a prompt longer than the context instead of failing (default: off)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print tokens as they are generated (default: on)")
+
+
+def _device(args) -> str:
+    # --fast is a CPU path: with the default --fast, an explicit GPU device turns it off.
+    if args.fast and args.device != "cpu":
+        args.fast = False
+    return args.device
 
 
 def cmd_info(args) -> int:
@@ -94,7 +105,7 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise LlmlabError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     kwargs = _decode_kwargs(args)
-    llm = load(args.model, dtype=args.dtype, device=args.device)
+    llm = load(args.model, dtype=args.dtype, device=_device(args), fast=args.fast)
     stream = args.stream and args.beams == 1
     text = llm.generate(prompt, args.max_new_tokens, raw=args.raw, on_text=_write if stream else None, **kwargs)
     if not stream:
@@ -112,7 +123,7 @@ def cmd_chat(args) -> int:
     from llmlab.infer.chat_session import ChatSession
 
     kwargs = _decode_kwargs(args)
-    llm = load(args.model, dtype=args.dtype, device=args.device)
+    llm = load(args.model, dtype=args.dtype, device=_device(args), fast=args.fast)
     session = ChatSession(llm, system=args.system, max_new_tokens=args.max_new_tokens, **kwargs)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -194,13 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--raw", action="store_true",
                    help="use the prompt as is instead of wrapping it in the chat template (default: off)")
     _add_decode_flags(s, default_max=128)
-    _add_load_flags(s)
+    _add_load_flags(s, fast_default=True)
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("chat", help="interactive multi-turn chat with the model's template (reads stdin if piped)")
     s.add_argument("--system", default=None, help="system prompt (default: the template's own, if any)")
     _add_decode_flags(s, default_max=512)
-    _add_load_flags(s)
+    _add_load_flags(s, fast_default=True)
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("explore", help="picture decoding: top candidates per step and the beam tree (PNG + HTML)")

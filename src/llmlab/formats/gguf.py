@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from llmlab.common import LlmlabError, atomic_path
-from llmlab.formats.ggml_quants import GGML_TYPES, KNOWN_UNSUPPORTED, dequantize, type_name
+from llmlab.nn.ggml_quants import GGML_TYPES, KNOWN_UNSUPPORTED, dequantize, type_name
 
 MAGIC = b"GGUF"
 # value type id -> (struct code, size); 8 = string, 9 = array

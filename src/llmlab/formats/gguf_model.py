@@ -12,9 +12,9 @@ import re
 import torch
 
 from llmlab.common import LlmlabError
-from llmlab.formats.ggml_quants import TYPE_IDS, quantize_q8_0
 from llmlab.formats.gguf import T_ARRAY, T_FLOAT32, T_INT32, T_STRING, T_UINT32, GGUFFile, write_gguf
 from llmlab.models.config import ModelConfig
+from llmlab.nn.ggml_quants import TYPE_IDS, quantize_q8_0
 from llmlab.tokenizer.bpe import ByteBPE
 from llmlab.tokenizer.pretokenize import GGUF_PRE
 
@@ -222,3 +222,31 @@ def write_model_gguf(path, cfg: ModelConfig, sd: dict[str, torch.Tensor], tokeni
         data, tid = _tensor_bytes(t, qtype)
         tensors[gguf_name(ours)] = (data, tuple(t.shape), tid)
     write_gguf(path, md, tensors, types)
+
+
+def pack_from_gguf_(model, g: GGUFFile, cfg: ModelConfig, impl: str = "fast"):
+    """Swap every linear layer whose GGUF tensor is Q8_0 / Q4_0 / Q4_1 for a PackedLinear over the file's
+    own blocks (Q/K rows un-permuted, a tied lm_head packed from token_embd). Other layers are unchanged."""
+    from llmlab.nn.packed_linear import BLOCK_BYTES, PackedLinear
+
+    targets = {name: info for name, info in g.tensors.items() if info.ggml_type in BLOCK_BYTES}
+    for gname, info in targets.items():
+        if gname == "token_embd.weight":  # the embedding lookup stays float; a tied head reuses its blocks
+            if not cfg.tie_embeddings:
+                continue
+            ours = "lm_head.weight"
+        else:
+            ours = our_name(gname)
+            if ours is None or ours == "embed_tokens.weight" or not ours.endswith(".weight"):
+                continue
+        out_features, in_features = info.shape
+        raw = g.raw(info).reshape(out_features, -1)  # (out, row bytes): rows are whole blocks
+        if cfg.arch == "llama" and ".q_proj." in ours:
+            raw = _rope_permute(raw, cfg.n_heads, inverse=True)
+        elif cfg.arch == "llama" and ".k_proj." in ours:
+            raw = _rope_permute(raw, cfg.n_kv_heads, inverse=True)
+        parent_name, _, attr = ours.removesuffix(".weight").rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, attr)
+        setattr(parent, attr, PackedLinear(raw.clone(), info.ggml_type, in_features, out_features, old.bias, impl))
+    return model

@@ -18,9 +18,10 @@ from torch import nn
 from llmlab.common import LlmlabError
 from llmlab.formats import hf, safetensors
 from llmlab.formats.gguf import GGUFFile
-from llmlab.formats.gguf_model import config_from_gguf, state_from_gguf, tokenizer_from_gguf
+from llmlab.formats.gguf_model import config_from_gguf, pack_from_gguf_, state_from_gguf, tokenizer_from_gguf
 from llmlab.models.config import ModelConfig
 from llmlab.models.registry import PRESETS, build_model, get_preset, skip_init
+from llmlab.nn.packed_linear import pack_linears_q8_0_
 from llmlab.tokenizer.hf_json import chat_template_from_config, load_tokenizer_json
 
 DEFAULT_CHAT = "smollm2-135m-instruct"
@@ -84,15 +85,17 @@ def model_from_state(cfg: ModelConfig, sd: dict[str, torch.Tensor], attn_impl: s
 
 
 def load(source: str | Path | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         attn_impl: str = "sdpa", fast_tokenizer: bool = True) -> Loaded:
+         attn_impl: str = "sdpa", fast_tokenizer: bool = True, packed: bool = False) -> Loaded:
+    """``packed``: linear layers multiply by GGML blocks directly (the GGUF's own Q8_0/Q4_0/Q4_1 blocks;
+    other models are quantized to Q8_0), the fast CPU decode path. See ``llmlab.nn.packed_linear``."""
     t0 = time.perf_counter()
     name = str(source) if source is not None else DEFAULT_CHAT
     if name in (DEFAULT_CHAT, DEFAULT_EMBED):
         path = embedded_path(name)
     elif name in PRESETS:
         cfg = get_preset(name)
-        model = build_model(cfg, attn_impl).to(device=device, dtype=dtype).eval()
-        return Loaded(model, cfg, None, None, name, "preset", load_seconds=time.perf_counter() - t0)
+        model = build_model(cfg, attn_impl).eval()
+        return _finish(Loaded(model, cfg, None, None, name, "preset"), dtype, device, t0, packed)
     else:
         path = Path(name).expanduser()
         if not path.exists():
@@ -105,21 +108,27 @@ def load(source: str | Path | None = None, *, dtype: torch.dtype = torch.float32
         elif path.suffix == ".json":
             path = path.parent
         else:
-            return _finish(_load_gguf(path, attn_impl, fast_tokenizer), dtype, device, t0)
-    return _finish(_load_folder(path, attn_impl, fast_tokenizer), dtype, device, t0)
+            return _finish(_load_gguf(path, attn_impl, fast_tokenizer, packed), dtype, device, t0, packed)
+    return _finish(_load_folder(path, attn_impl, fast_tokenizer), dtype, device, t0, packed)
 
 
-def _finish(loaded: Loaded, dtype, device, t0) -> Loaded:
+def _finish(loaded: Loaded, dtype, device, t0, packed: bool = False) -> Loaded:
+    if packed and loaded.file_format != "gguf":
+        pack_linears_q8_0_(loaded.model)
+    if packed and torch.device(device).type != "cpu":
+        raise LlmlabError("packed weights are a CPU decode path: drop --fast or use --device cpu")
     loaded.model = loaded.model.to(device=device, dtype=dtype)
     loaded.load_seconds = time.perf_counter() - t0
     return loaded
 
 
-def _load_gguf(path: Path, attn_impl: str, fast_tokenizer: bool) -> Loaded:
+def _load_gguf(path: Path, attn_impl: str, fast_tokenizer: bool, packed: bool = False) -> Loaded:
     g = GGUFFile(path)
     cfg = config_from_gguf(g)
     sd = state_from_gguf(g, cfg)
     model = model_from_state(cfg, sd, attn_impl, str(path))
+    if packed:
+        pack_from_gguf_(model, g, cfg)
     tok = tokenizer_from_gguf(g, fast=fast_tokenizer) if "tokenizer.ggml.model" in g.metadata else None
     template = g.metadata.get("tokenizer.chat_template")
     types = Counter(info.type_name for info in g.tensors.values())
