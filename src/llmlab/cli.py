@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -189,6 +190,80 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_tokenizer_train(args) -> int:
+    from llmlab.data.corpus import default_sources, expand_inputs
+    from llmlab.tokenizer import bpe_train
+
+    paths = expand_inputs(args.inputs) if args.inputs else default_sources()
+    specials = args.special or ["<|endoftext|>", "<|mask|>", "<|pad|>"]
+    if args.vocab_size < 256 + len(specials):
+        raise LlmlabError(f"--vocab-size {args.vocab_size} is too small: byte-level BPE needs at least 256 + "
+                          f"{len(specials)} special tokens = {256 + len(specials)}")
+    if args.min_frequency < 1:
+        raise LlmlabError("--min-frequency must be >= 1")
+    tok, stats = bpe_train.train_files(paths, args.vocab_size, special_tokens=specials,
+                                       min_frequency=args.min_frequency,
+                                       max_bytes=int(args.max_mb * 1e6) if args.max_mb else None)
+    out = Path(args.out)
+    bpe_train.save(tok, out)
+    if args.hf_json:
+        from llmlab.common import atomic_path
+
+        with atomic_path(args.hf_json) as tmp:
+            tmp.write_text(tok.to_hf_json(), encoding="utf-8")
+    print(f"trained {stats['vocab_size']} tokens ({stats['merges']} merges) on {stats['bytes'] / 1e6:.1f} MB from "
+          f"{stats['files']} files ({stats['skipped']} skipped) in {stats['seconds']} s -> {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from llmlab.config import from_args
+    from llmlab.data.shards import PrepareConfig, prepare
+
+    cfg = from_args(PrepareConfig, args)
+    cfg.inputs = list(args.inputs)
+    meta = prepare(cfg)
+    c = meta["corpus"]
+    print(f"{meta['tokens']['train']:,} train tokens ({meta['documents']['train']} documents), "
+          f"{meta['tokens']['val']:,} validation tokens ({meta['documents']['val']} documents); "
+          f"{meta['duplicates_removed']} duplicates removed, {c['skipped_files']} files skipped "
+          f"(binary/non-UTF-8/unreadable), {c['bad_lines']} bad JSONL lines; {meta['bytes_per_token']} bytes/token; "
+          f"{meta['seconds']} s -> {cfg.out}", file=sys.stderr)
+    for example in c["skipped_examples"]:
+        print(f"  skipped: {example}", file=sys.stderr)
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from llmlab.config import from_args
+    from llmlab.train.loop import TrainConfig
+    from llmlab.train.pretrain import ModelFlags, PretrainConfig, run_pretrain
+
+    result = run_pretrain(from_args(PretrainConfig, args), from_args(ModelFlags, args), from_args(TrainConfig, args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        print(f"llmlab: {result.stopped} at step {result.step}{val}; run folder {result.run_dir}", file=sys.stderr)
+    return 130 if result.stopped == "interrupted" else 0
+
+
+def cmd_scaling(args) -> int:
+    from llmlab.config import from_args
+    from llmlab.train.scaling import ScalingConfig, run_scaling
+
+    cfg = from_args(ScalingConfig, args)
+    if cfg.steps < 1 or cfg.evals < 1:
+        raise LlmlabError("--steps and --evals must be >= 1")
+    summary = run_scaling(cfg)
+    fn, fc = summary["fit_loss_vs_params"], summary["fit_loss_vs_compute"]
+    for r in summary["runs"]:
+        print(f"{r['name']:>10}  N={r['params']:>9,}  val loss {r['final_val_loss']:.4f}  ({r['seconds']:.0f} s)")
+    print(f"L(N) = {fn['E']:.3f} + {fn['A']:.4g} * N^-{fn['alpha']:.4f}")
+    if fc:
+        print(f"L(C) = {fc['E']:.3f} + {fc['A']:.4g} * C^-{fc['alpha']:.4f}")
+    print(f"wrote {cfg.out}/scaling.png and scaling.json", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="llmlab", description="The LLM storyline as one readable, fast, tested PyTorch codebase.")
     p.add_argument("--version", action="version", version=f"llmlab {__version__}")
@@ -234,6 +309,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="type of 2-D weights in a GGUF output (default: F16)")
     s.add_argument("--force", action="store_true", help="overwrite an existing output (default: off)")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = s.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer (same merges as Hugging Face tokenizers)")
+    t.add_argument("inputs", nargs="*", help="text files, folders or globs (default: the Python standard library)")
+    t.add_argument("--out", default="tokenizer.json", help="output file, llmlab format (default: tokenizer.json)")
+    t.add_argument("--hf-json", default=None, help="also write a Hugging Face tokenizer.json here (default: none)")
+    t.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size incl. specials (default: 4096)")
+    t.add_argument("--min-frequency", type=int, default=2, help="stop when the best pair is rarer (default: 2)")
+    t.add_argument("--special", action="append", default=[], metavar="TOKEN",
+                   help="a special token; repeat for several (default: <|endoftext|> <|mask|> <|pad|>)")
+    t.add_argument("--max-mb", type=float, default=0.0, help="train on at most this many MB; 0 = all (default: 0)")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    s = sub.add_parser("data", help="data preparation")
+    dsub = s.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    d = dsub.add_parser("prepare", help="text/JSONL/Parquet -> memory-mapped token shards with a validation split")
+    d.add_argument("inputs", nargs="*", help="files, folders, globs, .jsonl, .parquet (default: the Python stdlib)")
+    from llmlab.config import add_flags
+    from llmlab.data.shards import PrepareConfig
+
+    add_flags(d, PrepareConfig)
+    d.set_defaults(func=cmd_data_prepare)
+
+    from llmlab.train.loop import TrainConfig
+    from llmlab.train.pretrain import ModelFlags, PretrainConfig
+
+    s = sub.add_parser("pretrain", help="pretrain a model from scratch (clm: llama/gpt2, mlm: bert); torchrun-ready",
+                       description="Pretrain from scratch. Under 'torchrun --nproc-per-node N -m llmlab pretrain' "
+                                   "it runs data-parallel (DDP, or FSDP with --parallel fsdp).")
+    add_flags(s, PretrainConfig)
+    add_flags(s, ModelFlags)
+    add_flags(s, TrainConfig)
+    s.set_defaults(func=cmd_pretrain)
+
+    from llmlab.train.scaling import ScalingConfig
+
+    s = sub.add_parser("scaling", help="mini scaling-law sweep: several model sizes, loss fitted vs parameters "
+                                       "and compute, plotted")
+    add_flags(s, ScalingConfig)
+    s.set_defaults(func=cmd_scaling)
     return p
 
 

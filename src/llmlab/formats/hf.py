@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from llmlab.models.config import ModelConfig
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     mtype = hf.get("model_type")
     try:
-        if mtype in ("llama", "mistral"):
+        if mtype in ("llama", "mistral", "mixtral"):
             return ModelConfig(
                 arch="llama", vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                 n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
@@ -33,7 +34,9 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
                 rope_scaling=hf.get("rope_scaling"), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 attn_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
                 bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")),
-                pad_token_id=hf.get("pad_token_id"))
+                pad_token_id=hf.get("pad_token_id"), n_experts=int(hf.get("num_local_experts", 0)),
+                experts_per_token=int(hf.get("num_experts_per_tok", 2)),
+                moe_aux_weight=float(hf.get("router_aux_loss_coef", 0.01)))
         if mtype == "gpt2":
             dim = hf["n_embd"]
             return ModelConfig(
@@ -59,6 +62,10 @@ def _first(x):
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
+    if cfg.arch == "llama" and cfg.n_experts:  # Mixtral: Llama with a sparse mixture-of-experts feed-forward
+        return {**config_to_hf(replace(cfg, n_experts=0)), "architectures": ["MixtralForCausalLM"],
+                "model_type": "mixtral", "num_local_experts": cfg.n_experts,
+                "num_experts_per_tok": cfg.experts_per_token, "router_aux_loss_coef": cfg.moe_aux_weight}
     if cfg.arch == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
                 "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,

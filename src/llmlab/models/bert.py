@@ -78,3 +78,21 @@ class BertModel(nn.Module):
         m = attention_mask[..., None].to(hidden.dtype)  # (B, T, 1)
         emb = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
         return F.normalize(emb, p=2, dim=-1) if normalize else emb
+
+
+class BertMLMHead(nn.Module):
+    """BERT's masked-LM head: decoder(LayerNorm(gelu(dense(h)))) + bias, the decoder tied to the token
+    embeddings (HF ``cls.predictions``). (B, T, dim) -> (B, T, vocab)."""
+
+    def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.dense = nn.Linear(cfg.dim, cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.embed_tokens = [embed_tokens]  # a list: tied, so not registered (and not saved) twice
+        nn.init.normal_(self.dense.weight, std=0.02)
+        nn.init.zeros_(self.dense.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = self.norm(F.gelu(self.dense(hidden)))
+        return F.linear(h, self.embed_tokens[0].weight, self.bias)

@@ -33,6 +33,10 @@ class ModelConfig:
     attn_bias: bool = False
     mlp_bias: bool = False
     type_vocab_size: int = 2  # bert only
+    n_experts: int = 0  # llama only: >0 replaces each SwiGLU by a mixture of experts (nn/moe.py)
+    experts_per_token: int = 2  # MoE top-k
+    moe_capacity_factor: float = 0.0  # MoE expert capacity (0 = unlimited, no token drops)
+    moe_aux_weight: float = 0.01  # weight of the load-balancing loss in training
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -58,6 +62,9 @@ class ModelConfig:
                               f"n_kv_heads={self.n_kv_heads}")
         if self.head_dim is None or self.head_dim <= 0 or (self.arch == "llama" and self.head_dim % 2):
             raise LlmlabError(f"model config: head_dim={self.head_dim} must be positive (and even for RoPE)")
+        if self.n_experts and (self.arch != "llama" or not 1 <= self.experts_per_token <= self.n_experts):
+            raise LlmlabError(f"model config: a mixture of experts needs arch=llama and 1 <= experts_per_token "
+                              f"<= n_experts, got {self.arch}, {self.experts_per_token}, {self.n_experts}")
         if self.arch != "llama" and self.dim != self.n_heads * self.head_dim:
             raise LlmlabError(f"model config: dim={self.dim} must equal n_heads*head_dim for {self.arch}")
         return self
@@ -73,7 +80,8 @@ class ModelConfig:
         kv = self.n_kv_heads * self.head_dim
         attn = d * q + 2 * d * kv + q * d
         if self.arch == "llama":
-            per_layer = attn + 3 * d * f + 2 * d + (q + 2 * kv + d if self.attn_bias else 0)
+            ffn = (self.n_experts * 3 * d * f + d * self.n_experts) if self.n_experts else 3 * d * f
+            per_layer = attn + ffn + 2 * d + (q + 2 * kv + d if self.attn_bias else 0)
             return V * d + L * per_layer + d + (0 if self.tie_embeddings else V * d)
         biases = q + 2 * kv + d + f + d
         per_layer = attn + 2 * d * f + biases + 4 * d

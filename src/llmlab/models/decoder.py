@@ -1,6 +1,7 @@
 """A pre-norm decoder-only Transformer language model, composed from ``llmlab.nn`` parts.
 
 Llama (Touvron et al. 2023, arXiv:2302.13971): RMSNorm + RoPE + SwiGLU + GQA, no biases.
+With ``n_experts > 0`` the Llama feed-forward is a sparse mixture of experts (``nn/moe.py``, Mixtral style).
 GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"): LayerNorm +
 learned positions + GELU(tanh) MLP + biases. The family is chosen by ``ModelConfig.arch``; the
 parts are injected, not subclassed (DESIGN.md rule 5).
@@ -20,6 +21,7 @@ from llmlab.models.config import ModelConfig
 from llmlab.nn.attention import Attention
 from llmlab.nn.kv_cache import StaticKVCache
 from llmlab.nn.mlp import make_mlp
+from llmlab.nn.moe import MoEFeedForward
 from llmlab.nn.norm import make_norm
 from llmlab.nn.rope import RotaryEmbedding
 
@@ -29,16 +31,22 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig, norm: str, mlp: str, attn_impl: str):
         super().__init__()
+        self.config_moe = bool(cfg.n_experts)
         self.input_layernorm = make_norm(norm, cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, bias=cfg.attn_bias,
                                    causal=True, impl=attn_impl)
         self.post_attention_layernorm = make_norm(norm, cfg.dim, cfg.norm_eps)
-        self.mlp = make_mlp(mlp, cfg.dim, cfg.ffn_dim, cfg.mlp_bias)
+        if cfg.n_experts:  # Mixtral's name for the sparse feed-forward
+            self.block_sparse_moe = MoEFeedForward(cfg.dim, cfg.ffn_dim, cfg.n_experts, cfg.experts_per_token,
+                                                   cfg.moe_capacity_factor)
+        else:
+            self.mlp = make_mlp(mlp, cfg.dim, cfg.ffn_dim, cfg.mlp_bias)
 
     def forward(self, x, *, rope, key_mask, cache, layer, start):
         x = x + self.self_attn(self.input_layernorm(x), rope=rope, key_mask=key_mask, cache=cache,
                                layer=layer, start=start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        ffn = self.block_sparse_moe if self.config_moe else self.mlp
+        return x + ffn(self.post_attention_layernorm(x))
 
 
 class DecoderLM(nn.Module):

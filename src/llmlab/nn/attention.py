@@ -2,7 +2,9 @@
 GQA: Ainslie et al. 2023, arXiv:2305.13245), with two paths that must agree (tested):
 
 - ``reference``: softmax(Q K^T / sqrt(D) + mask) V written out, easy to read and to step through;
-- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels).
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels);
+- ``flash``: ``llmlab.nn.flash``, the FlashAttention algorithm written in PyTorch (for reading and
+  for tests; padded batches fall back to ``sdpa``).
 
 Shapes: x (B, T, dim) -> (B, T, dim); q (B, H, T, D); k, v (B, H_kv, S, D), S = cached + T.
 Masks are boolean, True = may attend, broadcastable to (B, 1, T, S).
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmlab.nn.flash import flash_attention
 from llmlab.nn.kv_cache import StaticKVCache
 from llmlab.nn.rope import apply_rope
 
@@ -110,6 +113,8 @@ class Attention(nn.Module):
         if self.impl == "reference":
             mask = build_mask(T, S, start, self.causal, key_mask, x.device)
             out = reference_attention(q, k, v, mask, scale)
+        elif self.impl == "flash" and key_mask is None:
+            out = flash_attention(q, k, v, causal=self.causal, scale=scale)  # queries end-aligned with keys
         elif self.causal and key_mask is None and start == 0 and S == T:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         else:

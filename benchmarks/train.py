@@ -1,0 +1,148 @@
+"""Training throughput: llmlab's GPT-2 vs transformers' GPT2LMHeadModel, same configuration, same run.
+
+Config (issue 4): 6 layers, 6 heads, dim 384, context 256, vocab 50304, batch 8, bf16 autocast, AdamW,
+gradient clipping at 1.0. One optimizer step = forward, cross-entropy, backward, clip, AdamW. Median
+of --runs timed windows of --steps steps after --warmup steps. Also prints model FLOPs utilisation:
+model FLOPs per token = 6 N + 12 L T d (Kaplan et al. 2020 / PaLM appendix B), against the measured
+peak of a large matmul in the same dtype on this machine.
+
+    python benchmarks/train.py                 # CPU, bf16 autocast
+    python benchmarks/train.py --device cuda --preset gpt2-124m --batch 16 --seq 1024 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from llmlab.models.config import ModelConfig
+from llmlab.models.decoder import DecoderLM
+from llmlab.train.optim import build_adamw
+
+SHAPES = {
+    "issue": dict(dim=384, n_layers=6, n_heads=6, seq=256, vocab=50304),
+    "gpt2-124m": dict(dim=768, n_layers=12, n_heads=12, seq=1024, vocab=50304),
+}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync(device)
+        times.append((time.perf_counter() - t) / 4)
+    return 2 * n**3 / min(times)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_fn(model, opt, x, y, dtype, device, hf: bool):
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        logits = model(x).logits if hf else model(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def measure(name, model, opt, args, device, dtype, hf=False):
+    V = args.vocab
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, V, (args.batch, args.seq), generator=g).to(device)
+    y = torch.randint(0, V, (args.batch, args.seq), generator=g).to(device)
+    for _ in range(args.warmup):
+        step_fn(model, opt, x, y, dtype, device, hf)
+    sync(device)
+    rates = []
+    for _ in range(args.runs):
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step_fn(model, opt, x, y, dtype, device, hf)
+        sync(device)
+        rates.append(args.steps * args.batch * args.seq / (time.perf_counter() - t))
+    rate = statistics.median(rates)
+    print(f"{name:<28} {rate:>10.0f} tok/s   (runs: {', '.join(f'{r:.0f}' for r in rates)})", flush=True)
+    return rate
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="issue", choices=sorted(SHAPES), help="model shape (default: issue)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default: 8)")
+    p.add_argument("--seq", type=int, default=0, help="context length; 0 = the preset's (default: 0)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="autocast dtype (default: bfloat16)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--steps", type=int, default=5, help="steps per timed run (default: 5)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs; the median is reported (default: 3)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    p.add_argument("--compile", action="store_true", help="also measure llmlab with torch.compile (default: off)")
+    p.add_argument("--skip-peer", action="store_true", help="do not run transformers (default: off)")
+    args = p.parse_args()
+    shape = SHAPES[args.preset]
+    args.seq = args.seq or shape["seq"]
+    args.vocab = shape["vocab"]
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = ModelConfig(arch="gpt2", vocab_size=args.vocab, dim=shape["dim"], n_layers=shape["n_layers"],
+                      n_heads=shape["n_heads"], ffn_dim=4 * shape["dim"], max_seq_len=args.seq, attn_bias=True,
+                      mlp_bias=True, tie_embeddings=True)
+    n_params = cfg.num_params() - args.seq * cfg.dim  # position embeddings do no matmul work
+    flops_per_token = 6 * n_params + 12 * cfg.n_layers * args.seq * cfg.dim
+    peak = peak_flops(device, dtype if device.type == "cuda" else torch.float32)
+    print(f"GPT-2 {args.preset}: {cfg.num_params() / 1e6:.1f}M parameters, batch {args.batch} x {args.seq}, "
+          f"{args.dtype} autocast, {device}, {torch.get_num_threads()} threads; measured matmul peak "
+          f"{peak / 1e9:.0f} GFLOP/s", flush=True)
+    results = {}
+    if not args.skip_peer:
+        try:
+            import transformers
+        except ImportError:
+            print("transformers: skipped (not installed: pip install -e '.[test]')")
+        else:
+            hf_cfg = transformers.GPT2Config(vocab_size=args.vocab, n_positions=args.seq, n_embd=cfg.dim,
+                                             n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=0.0,
+                                             embd_pdrop=0.0, attn_pdrop=0.0)
+            hf_model = transformers.GPT2LMHeadModel(hf_cfg).to(device).train()
+            hf_opt = torch.optim.AdamW(hf_model.parameters(), lr=1e-4, weight_decay=0.1,
+                                       fused=True if device.type == "cuda" else None)
+            results["transformers"] = measure("transformers GPT2LMHeadModel", hf_model, hf_opt, args, device, dtype,
+                                              hf=True)
+            del hf_model, hf_opt
+    model = DecoderLM(cfg).to(device).train()
+    opt = build_adamw(model, 1e-4, 0.1)
+    results["llmlab"] = measure("llmlab DecoderLM", model, opt, args, device, dtype)
+    if args.compile:
+        cmodel = torch.compile(model)
+        results["llmlab compiled"] = measure("llmlab DecoderLM compiled", cmodel, opt, args, device, dtype)
+    print("model FLOPs utilisation (6N + 12LTd per token, vs the measured matmul peak):")
+    for name, rate in results.items():
+        print(f"  {name}: {100 * rate * flops_per_token / peak:.1f}%")
+    if "transformers" in results:
+        print("ratios:")
+        for name, rate in results.items():
+            if name != "transformers":
+                print(f"  {name} / transformers: {rate / results['transformers']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: corpora, token shards, masking for pretraining."""

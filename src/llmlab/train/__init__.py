@@ -1,0 +1,1 @@
+"""Training: the one loop, checkpoints, distributed, objectives, scaling sweep."""

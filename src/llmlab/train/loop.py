@@ -1,0 +1,361 @@
+"""THE training loop. Pretraining, MLM, and later SFT, LoRA, DPO and distillation are all a ``Task``
+(a model, a loss, and which parameters train) handed to ``train`` (DESIGN.md rule 7).
+
+One optimizer step:
+
+    for each of ``accum`` micro-batches (rows of this rank's share of the global batch):
+        with autocast(dtype): loss = task.loss(model, step, rows) / accum;  backward
+    unscale (fp16), clip the global gradient norm, check loss and norm are finite, AdamW step
+
+- Gradient accumulation: global batch = micro_batch x accum x world_size rows; DDP syncs only on the
+  last micro-batch.
+- Mixed precision: bf16 or fp16 autocast (fp16 with dynamic loss scaling, Micikevicius et al. 2018,
+  arXiv:1710.03740); weights and optimizer state stay float32.
+- Activation checkpointing (Chen et al. 2016, arXiv:1604.06174): each block's activations are
+  recomputed in backward instead of stored.
+- NaN/inf: detected before the optimizer step; stop with a message naming the step (the last good
+  checkpoint is kept), or skip the step with ``on_nan="skip"``.
+- Exact resume: model, AdamW state, GradScaler, RNG and the step (the data position: batches are a
+  function of (seed, step)) are checkpointed; SIGTERM / Ctrl-C finish the current step, save, and exit.
+  Resumed runs reproduce the uninterrupted loss curve bit for bit on CPU (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from llmlab.common import LlmlabError, human_count, log
+from llmlab.config import to_dict
+from llmlab.formats import checkpoint as ckpt
+from llmlab.models.config import ModelConfig
+from llmlab.train import distributed as dist_
+from llmlab.train.optim import SCHEDULES, build_adamw, lr_at
+from llmlab.train.report import Metrics, plot_curves
+
+
+@dataclass
+class TrainConfig:
+    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"help": "global batch: sequences per optimizer step"})
+    micro_batch: int = field(default=0, metadata={"help": "sequences per forward pass per process; 0 = batch_size "
+                                                          "/ processes (no accumulation)"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per training sequence"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of --lr"})
+    warmup: int = field(default=50, metadata={"help": "linear warmup steps"})
+    schedule: str = field(default="cosine", metadata={"help": "decay after warmup", "choices": SCHEDULES})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm; 0 = off"})
+    dtype: str = field(default="float32", metadata={"help": "autocast dtype",
+                                                    "choices": ("float32", "bfloat16", "float16")})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute block activations in "
+                                                                            "backward to save memory"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    eval_every: int = field(default=100, metadata={"help": "evaluate every N steps; 0 = only at the end"})
+    eval_batches: int = field(default=8, metadata={"help": "validation batches per evaluation"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end); 0 = end only"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
+    on_nan: str = field(default="stop", metadata={"help": "on a non-finite loss or gradient: stop or skip the step",
+                                                  "choices": ("stop", "skip")})
+    seed: int = field(default=1337, metadata={"help": "seed for initialisation and batches"})
+    max_minutes: float = field(default=0.0, metadata={"help": "stop (with a checkpoint) after this many minutes; "
+                                                              "0 = no limit"})
+    log_every: int = field(default=10, metadata={"help": "progress-bar refresh / metrics line every N steps"})
+    parallel: str = field(default="ddp", metadata={"help": "under torchrun: ddp or fsdp (full sharding)",
+                                                   "choices": dist_.PARALLEL})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, mps or auto"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def validate(self) -> TrainConfig:
+        for name in ("steps", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise LlmlabError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("micro_batch", "warmup", "eval_every", "save_every", "grad_clip", "weight_decay", "max_minutes"):
+            if getattr(self, name) < 0:
+                raise LlmlabError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise LlmlabError(f"--lr must be a positive number, got {self.lr}")
+        if self.keep_checkpoints < 1 or self.eval_batches < 1 or self.log_every < 1:
+            raise LlmlabError("--keep-checkpoints, --eval-batches and --log-every must be >= 1")
+        return self
+
+
+class Task(Protocol):
+    """What the loop trains. ``model`` holds every parameter; ``loss`` builds its own batch."""
+
+    model: nn.Module
+    model_config: ModelConfig
+    name: str
+
+    def loss(self, model: nn.Module, step: int, first_row: int, rows: int, total_rows: int,
+             split: str = "train") -> tuple[torch.Tensor, int]:
+        """Mean loss over the batch rows [first_row, first_row+rows) of step ``step``, and its token count."""
+
+    def split_state(self, sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        """Full state -> (the core model's state in our names, extra tensor files)."""
+
+    def join_state(self, core: dict[str, torch.Tensor], extras: dict[str, dict]) -> dict[str, torch.Tensor]:
+        """The inverse of ``split_state``."""
+
+    def extra_files(self) -> list[str]:
+        """Names of the extra tensor files ``split_state`` writes."""
+
+    def aux_stats(self) -> dict:
+        """Extra numbers for the metrics line of the last step (e.g. MoE load balance)."""
+
+    def tokenizer_files(self) -> tuple[str, dict] | None:
+        """(tokenizer.json text, tokenizer_config dict) saved with each checkpoint, or None."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    run_dir: Path
+    train_loss: float | None
+    val_loss: float | None
+    tokens: int
+    seconds: float
+    stopped: str  # "done", "interrupted", "time limit"
+    checkpoint: Path | None
+    resumed_from: int | None = None
+
+
+def enable_activation_checkpointing_(model: nn.Module) -> int:
+    """Wrap the forward of every Transformer block with non-reentrant checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = dist_.transformer_blocks(model)
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return len(blocks)
+
+
+class _StopFlag:
+    """SIGINT / SIGTERM set a flag; the loop finishes its step, checkpoints and exits."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self._saved = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not in the main thread
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.reason = "interrupted"
+
+    def __exit__(self, *exc):
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float16)
+
+
+def _check_compatible(folder: Path, task: Task, cfg: TrainConfig) -> None:
+    saved_cfg = ckpt.hf.read_config(folder)
+    ours = task.model_config
+    fields = ("arch", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "n_experts")
+    diff = [f"{f}: checkpoint {getattr(saved_cfg, f)} vs now {getattr(ours, f)}" for f in fields
+            if getattr(saved_cfg, f) != getattr(ours, f)]
+    if diff:
+        raise LlmlabError(f"cannot resume from {folder}: the model config differs ({'; '.join(diff)}); use the "
+                          "same model flags or a new --out folder")
+
+
+def train(task: Task, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = True) -> TrainResult:
+    from tqdm import tqdm
+
+    from llmlab.common import pick_device
+
+    cfg.validate()
+    run_dir = Path(run_dir)
+    world = dist_.setup(pick_device(cfg.device))
+    device = world.device
+    per_rank_rows = cfg.batch_size // world.world_size
+    if cfg.batch_size % world.world_size:
+        raise LlmlabError(f"--batch-size {cfg.batch_size} is not divisible by {world.world_size} processes")
+    micro = cfg.micro_batch or per_rank_rows
+    if per_rank_rows % micro:
+        raise LlmlabError(f"--micro-batch {micro} must divide the per-process batch {per_rank_rows} "
+                          f"(--batch-size {cfg.batch_size} / {world.world_size} processes)")
+    accum = per_rank_rows // micro
+    if cfg.dtype == "float16" and device.type == "cpu" and not hasattr(torch.amp, "GradScaler"):
+        raise LlmlabError("float16 training needs torch.amp.GradScaler: use --dtype bfloat16")
+
+    model = task.model.to(device)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing_(model)
+    wrapped = dist_.wrap(model, world, cfg.parallel)
+    optimizer = build_adamw(wrapped, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+    forward_model = torch.compile(wrapped) if cfg.compile else wrapped
+
+    ckpt_root = run_dir / "checkpoints"
+    metrics = Metrics(run_dir / "metrics.jsonl", enabled=world.is_main)
+    start_step, resumed_from, tokens_seen, elapsed_before = 0, None, 0, 0.0
+    found = None
+    if resume:
+        found, skipped = ckpt.latest(ckpt_root)
+        for msg in skipped:
+            if world.is_main:
+                print(f"llmlab: {msg}", flush=True)
+    if found is not None:
+        _check_compatible(found, task, cfg)
+        _, core = ckpt.load_model_state(found)
+        extras = {name: ckpt.safetensors.load(found / name) for name in task.extra_files()}
+        state = ckpt.load_training_state(found)
+        dist_.load_full_state(wrapped, optimizer, task.join_state(core, extras), state["optimizer"])
+        scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+        torch.set_rng_state(state["rng"])
+        start_step = resumed_from = int(state["step"])
+        tokens_seen = int(state["tokens"])
+        elapsed_before = float(state.get("elapsed", 0.0))
+        metrics.truncate_after(start_step)
+        if world.is_main:
+            print(f"llmlab: resuming from {found} (step {start_step})", flush=True)
+    else:
+        metrics.reset()
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "train_config.json").write_text(__import__("json").dumps(to_dict(cfg), indent=2) + "\n")
+
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in task.model.parameters())
+    last_loss = last_val = None
+    last_ckpt = found
+    stopped = "done"
+    t_start = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=task.name, unit="step",
+               disable=not (cfg.progress and world.is_main), dynamic_ncols=True)
+    window_tokens, window_t0 = 0, time.perf_counter()
+    skipped_steps = 0
+
+    def evaluate(step: int) -> float:
+        wrapped.eval()
+        losses = []
+        with torch.no_grad(), _autocast(device, cfg.dtype):
+            for i in range(cfg.eval_batches):
+                loss, _ = task.loss(forward_model, i, world.rank * micro, micro, micro * world.world_size, "val")
+                losses.append(float(loss))
+        wrapped.train()
+        val = dist_.all_mean(sum(losses) / len(losses), world)
+        metrics.log({"kind": "eval", "step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+        return val
+
+    def save(step: int) -> Path | None:
+        msd, osd = dist_.full_state(wrapped, optimizer)
+        path = None
+        if world.is_main:
+            core, extras = task.split_state(msd)
+            path = ckpt.save(ckpt_root, step, task.model_config, core, extra_tensors=extras,
+                             training_state={"optimizer": osd, "scaler": scaler.state_dict() if scaler.is_enabled()
+                                             else None, "rng": torch.get_rng_state(), "step": step,
+                                             "tokens": tokens_seen,
+                                             "elapsed": elapsed_before + time.perf_counter() - t_start},
+                             trainer_state={"tokens": tokens_seen, "train_loss": last_loss, "val_loss": last_val},
+                             tokenizer=tokenizer_files,
+                             keep=cfg.keep_checkpoints)
+        dist_.barrier(world)
+        return path
+
+    tokenizer_files = task.tokenizer_files() if world.is_main else None
+    wrapped.train()
+    step = start_step
+    with _StopFlag() as stop:
+        try:
+            while step < cfg.steps:
+                lr = lr_at(step, lr=cfg.lr, warmup=cfg.warmup, total=cfg.steps, schedule=cfg.schedule,
+                           min_lr_ratio=cfg.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step_loss, step_tokens = 0.0, 0
+                for m in range(accum):
+                    first_row = (m * world.world_size + world.rank) * micro
+                    sync = m == accum - 1 or not hasattr(wrapped, "no_sync")
+                    with (contextlib.nullcontext() if sync else wrapped.no_sync()), _autocast(device, cfg.dtype):
+                        loss, n_tok = task.loss(forward_model, step, first_row, micro, cfg.batch_size)
+                        loss = loss / accum
+                    scaler.scale(loss).backward()
+                    step_loss += float(loss.detach())
+                    step_tokens += n_tok
+                scaler.unscale_(optimizer)
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+                step_loss = dist_.all_mean(step_loss, world)
+                finite = math.isfinite(step_loss) and (math.isfinite(gnorm) or scaler.is_enabled())
+                if not finite:
+                    optimizer.zero_grad(set_to_none=True)
+                    if cfg.on_nan == "stop":
+                        where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+                        raise LlmlabError(f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient'} at "
+                                          f"step {step + 1} (loss {step_loss}, grad norm {gnorm}){where}: lower "
+                                          "--lr, use --dtype bfloat16, or --on-nan skip")
+                    skipped_steps += 1
+                    if world.is_main:
+                        log.warning("step %d: non-finite loss or gradient, step skipped", step + 1)
+                else:
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens = step_tokens * world.world_size
+                tokens_seen += tokens
+                window_tokens += tokens
+                last_loss = step_loss
+                record = {"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": gnorm,
+                          "tokens": tokens_seen, **task.aux_stats()}
+                if not finite:
+                    record["skipped"] = True
+                metrics.log(record)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    now = time.perf_counter()
+                    tps = window_tokens / max(1e-9, now - window_t0)
+                    window_tokens, window_t0 = 0, now
+                    bar.set_postfix_str(f"loss {step_loss:.3f} lr {lr:.2e} {human_count(tps)} tok/s"
+                                        + (f" val {last_val:.3f}" if last_val is not None else ""), refresh=False)
+                bar.update(1)
+                elapsed = time.perf_counter() - t_start
+                over_time = cfg.max_minutes > 0 and elapsed_before + elapsed >= cfg.max_minutes * 60
+                stop_now = stop.reason is not None
+                if world.distributed:
+                    stop_now = dist_.all_mean(float(stop_now or over_time), world) > 0
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                    last_val = evaluate(step)
+                if stop_now or over_time:
+                    stopped = "interrupted" if stop.reason else "time limit"
+                    break
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    last_ckpt = save(step) or last_ckpt
+        finally:
+            bar.close()
+    if stopped == "done" or stopped == "time limit":
+        last_val = evaluate(step)
+    last_ckpt = save(step) or last_ckpt
+    if world.is_main:
+        plot_curves(metrics.read(), run_dir / "loss.png", title=f"{task.name}: {human_count(n_params)} parameters")
+    result = TrainResult(step=step, run_dir=run_dir, train_loss=last_loss, val_loss=last_val, tokens=tokens_seen,
+                         seconds=elapsed_before + time.perf_counter() - t_start, stopped=stopped,
+                         checkpoint=last_ckpt, resumed_from=resumed_from)
+    if skipped_steps and world.is_main:
+        print(f"llmlab: {skipped_steps} step(s) skipped for non-finite values", flush=True)
+    return result

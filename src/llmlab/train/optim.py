@@ -1,0 +1,48 @@
+"""AdamW with weight-decay groups (Loshchilov & Hutter 2019, arXiv:1711.05101) and the learning-rate
+schedule: linear warmup, then cosine (Loshchilov & Hutter 2017, arXiv:1608.03983), linear or
+constant decay to ``min_lr_ratio * lr``.
+
+Decay applies to matrices (weights of linear layers and embeddings, ndim >= 2); biases and norm
+gains (ndim < 2) are not decayed, as in GPT-2/nanoGPT and most LLM recipes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:  # tied weights count once
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
+                eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; the fused kernel when every parameter is on CUDA."""
+    groups = param_groups(model, weight_decay)
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if on_cuda else None)
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int, schedule: str = "cosine",
+          min_lr_ratio: float = 0.1) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) of ``total``."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = lr * min_lr_ratio
+    if schedule == "linear":
+        return floor + (lr - floor) * (1.0 - progress)
+    return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

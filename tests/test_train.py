@@ -1,0 +1,291 @@
+"""The training loop: exact resume after SIGTERM and SIGKILL, corrupt checkpoints, NaN handling, a full
+disk, config mismatch, DDP/FSDP under a real torchrun, objectives (causal, MoE, MLM), mixed precision."""
+
+import json
+import math
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmlab.common import LlmlabError
+from llmlab.data.corpus import stdlib_root
+from llmlab.data.shards import PrepareConfig, prepare
+from llmlab.formats import checkpoint as ckpt
+from llmlab.train.loop import TrainConfig, train
+from llmlab.train.mlm import mask_tokens
+from llmlab.train.pretrain import ModelFlags, PretrainConfig, build_task, run_pretrain
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    root = stdlib_root()
+    files = [str(p) for p in sorted((root / "json").glob("*.py")) + sorted((root / "email").glob("*.py"))[:8]]
+    prepare(PrepareConfig(inputs=files, out=str(out), vocab_size=320, val_fraction=0.1), show_progress=False)
+    return out
+
+
+def flags(shards, out, steps=12, **extra) -> list[str]:
+    base = {"data": shards, "out": out, "arch": "llama", "dim": 32, "n-layers": 2, "n-heads": 4, "steps": steps,
+            "batch-size": 4, "seq-len": 32, "eval-every": 0, "save-every": 4, "warmup": 2, "sample-tokens": 0,
+            "device": "cpu", "lr": 3e-3}
+    base.update(extra)
+    args = []
+    for k, v in base.items():
+        args += [f"--{k}", str(v)]
+    return [*args, "--no-progress"]
+
+
+def run_cli(args, env=None, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "llmlab", "pretrain", *args], capture_output=True, text=True,
+                          env=env, **kw)
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+
+
+def wait_for_steps(proc, run: Path, n: int, also=lambda: True, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        m = run / "metrics.jsonl"
+        if m.exists() and m.read_text().count('"train"') >= n and also():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()}")
+        time.sleep(0.01)
+    raise AssertionError("timeout")
+
+
+def start(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "llmlab", "pretrain", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def reference_run(shards, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ref")
+    r = run_cli(flags(shards, run, steps=60, **{"save-every": 8, "dim": 64}))
+    assert r.returncode == 0, r.stderr
+    return run
+
+
+def test_sigterm_then_resume_is_bit_identical(shards, reference_run, tmp_path):
+    run = tmp_path / "run"
+    proc = start(flags(shards, run, steps=60, **{"save-every": 8, "dim": 64}))
+    wait_for_steps(proc, run, 10)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    stopped_at = len(losses(run))
+    assert stopped_at < 60
+    assert ckpt.list_checkpoints(run / "checkpoints")[0].name == f"step-{stopped_at:08d}"  # saved on the way out
+    r = run_cli(flags(shards, run, steps=60, **{"save-every": 8, "dim": 64}))
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout
+    assert losses(run) == losses(reference_run)  # bit for bit
+    final = ckpt.list_checkpoints(run / "checkpoints")[0]
+    ref_final = ckpt.list_checkpoints(reference_run / "checkpoints")[0]
+    assert (final / "model.safetensors").read_bytes() == (ref_final / "model.safetensors").read_bytes()
+
+
+def test_hard_kill_then_resume_is_bit_identical(shards, reference_run, tmp_path):
+    run = tmp_path / "run"
+    proc = start(flags(shards, run, steps=60, **{"save-every": 8, "dim": 64}))
+    wait_for_steps(proc, run, 11, also=lambda: bool(ckpt.list_checkpoints(run / "checkpoints")))
+    proc.kill()  # SIGKILL: no chance to save
+    proc.communicate()
+    assert len(losses(run)) > int(ckpt.list_checkpoints(run / "checkpoints")[0].name[5:])  # steps after the ckpt
+    r = run_cli(flags(shards, run, steps=60, **{"save-every": 8, "dim": 64}))
+    assert r.returncode == 0, r.stderr
+    assert losses(run) == losses(reference_run)
+
+
+def test_corrupt_newest_checkpoint_is_skipped(shards, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(flags(shards, run, steps=8)).returncode == 0
+    newest, older = ckpt.list_checkpoints(run / "checkpoints")[:2]
+    data = bytearray((newest / "model.safetensors").read_bytes())
+    data[-3] ^= 0x40  # one flipped bit
+    (newest / "model.safetensors").write_bytes(bytes(data))
+    assert "SHA-256" in ckpt.verify(newest)
+    assert ckpt.latest(run / "checkpoints")[0] == older
+    r = run_cli(flags(shards, run, steps=10))
+    assert r.returncode == 0, r.stderr
+    assert f"skipping checkpoint {newest}" in r.stdout and f"resuming from {older}" in r.stdout
+    truncated = ckpt.list_checkpoints(run / "checkpoints")[0]
+    (truncated / "training_state.pt").write_bytes((truncated / "training_state.pt").read_bytes()[:100])
+    assert "truncated" in ckpt.verify(truncated)
+
+
+def test_resume_with_a_different_model_is_refused(shards, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(flags(shards, run, steps=4)).returncode == 0
+    r = run_cli(flags(shards, run, steps=8, dim=64))
+    assert r.returncode == 2 and "model config differs" in r.stderr and "Traceback" not in r.stderr
+
+
+def _limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
+
+
+def test_disk_full_while_checkpointing_leaves_nothing_corrupt(shards, tmp_path):
+    run = tmp_path / "run"
+    r = run_cli(flags(shards, run, steps=4, dim=64), preexec_fn=_limit_file_size)
+    assert r.returncode == 2, r.stderr
+    assert "could not write checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert ckpt.list_checkpoints(run / "checkpoints") == []
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_bad_train_flags(shards, tmp_path):
+    for extra, msg in [({"batch-size": 0}, "batch-size must be >= 1"), ({"lr": -1}, "lr must be"),
+                       ({"seq-len": 10**6}, "fewer than one window"), ({"micro-batch": 3}, "must divide")]:
+        r = run_cli(flags(shards, tmp_path / "r", steps=2, **extra))
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
+    r = run_cli(flags(tmp_path / "nothing-here", tmp_path / "r", steps=2))
+    assert r.returncode == 2 and "no prepared shards" in r.stderr
+
+
+class _NaNAt:
+    """A causal-LM task whose loss becomes NaN at one step: the loop must notice before the update."""
+
+    def __init__(self, task, bad_step):
+        self.task, self.bad_step = task, bad_step
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def loss(self, model, step, *args, **kw):
+        loss, n = self.task.loss(model, step, *args, **kw)
+        return (loss * float("nan") if step == self.bad_step else loss), n
+
+
+def _small(shards, **kw):
+    pcfg = PretrainConfig(data=str(shards), sample_tokens=0)
+    model_kw = {k: v for k, v in kw.items() if k in ModelFlags.__annotations__}
+    mflags = ModelFlags(dim=32, n_layers=2, n_heads=4, **model_kw)
+    base = dict(steps=6, batch_size=4, seq_len=32, eval_every=0, save_every=2, warmup=1, device="cpu", progress=False)
+    tcfg = TrainConfig(**{**base, **{k: v for k, v in kw.items() if k in TrainConfig.__annotations__}})
+    return pcfg, mflags, tcfg
+
+
+def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+    pcfg, mflags, tcfg = _small(shards)
+    task = _NaNAt(build_task(pcfg, mflags, tcfg), bad_step=2)
+    with pytest.raises(LlmlabError, match=r"non-finite loss at step 3.*step-00000002"):
+        train(task, tcfg, tmp_path / "stop")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "stop" / "checkpoints")] == ["step-00000002"]
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    pcfg, mflags, tcfg = _small(shards, on_nan="skip")
+    task = _NaNAt(build_task(pcfg, mflags, tcfg), bad_step=2)
+    result = train(task, tcfg, tmp_path / "skip")
+    assert result.step == 6 and result.stopped == "done"
+    records = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("skipped")] == [3]
+    assert all(torch.isfinite(p).all() for p in task.model.parameters()) and before
+
+
+def test_activation_checkpointing_and_accumulation_give_the_same_losses(shards, tmp_path):
+    results = {}
+    for name, extra in [("plain", {}), ("ckpt", {"activation_checkpointing": True}), ("accum", {"micro_batch": 1})]:
+        pcfg, mflags, tcfg = _small(shards, **extra)
+        train(build_task(pcfg, mflags, tcfg), tcfg, tmp_path / name)
+        results[name] = [loss for _, loss in losses(tmp_path / name)]
+    assert results["plain"] == results["ckpt"]
+    assert max(abs(a - b) for a, b in zip(results["plain"], results["accum"])) < 1e-5
+
+
+def test_bf16_moe_and_gpt2(shards, tmp_path):
+    pcfg, mflags, tcfg = _small(shards, dtype="bfloat16", n_experts=4, experts_per_token=2)
+    result = train(build_task(pcfg, mflags, tcfg), tcfg, tmp_path / "moe")
+    assert math.isfinite(result.train_loss) and math.isfinite(result.val_loss)
+    rec = json.loads((tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"moe_aux", "moe_dropped", "moe_max_load"} <= set(rec)
+    pcfg, mflags, tcfg = _small(shards, arch="gpt2", steps=20, lr=3e-3)
+    result = train(build_task(pcfg, mflags, tcfg), tcfg, tmp_path / "gpt2")
+    curve = losses(tmp_path / "gpt2")
+    assert curve[-1][1] < curve[0][1] - 0.5
+    assert (tmp_path / "gpt2" / "loss.png").stat().st_size > 10_000
+
+
+def test_checkpoint_is_a_model_folder_llmlab_loads(shards, tmp_path):
+    from llmlab import load
+
+    pcfg, mflags, tcfg = _small(shards)
+    pcfg.out = str(tmp_path / "run")
+    pcfg.sample_tokens = 20
+    result = run_pretrain(pcfg, mflags, tcfg)
+    llm = load(str(result.checkpoint))
+    x = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(llm.model(x), build_and_load(result.checkpoint)(x))
+    assert (tmp_path / "run" / "sample.txt").read_text().startswith("def ")
+    text = llm.generate("def ", 8, raw=True)
+    assert isinstance(text, str)
+
+
+def build_and_load(folder):
+    from llmlab.formats.load import model_from_state
+
+    cfg, sd = ckpt.load_model_state(folder)
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return model_from_state(cfg, sd)
+
+
+def test_mlm_masking_statistics():
+    ids = torch.randint(10, 500, (64, 512))
+    ids[:, ::50] = 3  # separators
+    inputs, labels = mask_tokens(ids, mask_id=1, vocab_size=500, generator=torch.Generator().manual_seed(0),
+                                 protect=(3,))
+    chosen = labels != -100
+    assert abs(chosen.float().mean().item() - 0.15 * 0.98) < 0.005
+    assert not chosen[ids == 3].any()
+    masked = (inputs == 1) & chosen
+    kept = (inputs == ids) & chosen
+    frac_mask = masked.sum().item() / chosen.sum().item()
+    frac_keep = kept.sum().item() / chosen.sum().item()
+    assert abs(frac_mask - 0.8) < 0.02 and abs(frac_keep - 0.1) < 0.02
+    assert torch.equal(inputs[~chosen], ids[~chosen])
+
+
+def test_mlm_pretraining_runs_and_saves_the_head(shards, tmp_path):
+    pcfg, mflags, tcfg = _small(shards, arch="bert", steps=20, lr=2e-3)
+    pcfg.objective = "mlm"
+    result = train(build_task(pcfg, mflags, tcfg), tcfg, tmp_path / "mlm")
+    curve = losses(tmp_path / "mlm")
+    assert curve[-1][1] < curve[0][1]
+    assert (result.checkpoint / "mlm_head.safetensors").exists()
+    pcfg.objective = "clm"
+    with pytest.raises(LlmlabError, match="does not fit"):
+        build_task(pcfg, mflags, tcfg)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_processes_follow_the_single_process_curve(shards, tmp_path, parallel):
+    one = tmp_path / "one"
+    r = run_cli(flags(shards, one, steps=6, **{"save-every": 3}))
+    assert r.returncode == 0, r.stderr
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "llmlab", "pretrain", *flags(shards, two, steps=6, **{"save-every": 3, "parallel": parallel})]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(one), losses(two)
+    assert [s for s, _ in a] == [s for s, _ in b]
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4
+    # the checkpoint written by rank 0 holds the full model
+    cfg, sd = ckpt.load_model_state(ckpt.list_checkpoints(two / "checkpoints")[0])
+    assert sd["embed_tokens.weight"].shape == (cfg.vocab_size, 32)
