@@ -40,6 +40,7 @@ test: $(TEST_STAMP)
 bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/load_time.py
 	$(BIN)/python benchmarks/tokenizer_speed.py
+	$(BIN)/python benchmarks/bpe_train.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from llmlab.models.config import ModelConfig
 from llmlab.models.decoder import DecoderLM
+from llmlab.nn.autocast import autocast
 from llmlab.train.optim import build_adamw
 
 SHAPES = {
@@ -51,7 +52,10 @@ def sync(device):
 
 
 def step_fn(model, opt, x, y, dtype, device, hf: bool):
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+    # transformers: torch.autocast as its Trainer uses it; llmlab: its training loop's autocast (emulated on
+    # CPUs without bf16 units, see llmlab.nn.autocast).
+    ctx = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32) if hf else autocast(device, dtype)
+    with ctx:
         logits = model(x).logits if hf else model(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
     loss.backward()
@@ -61,21 +65,22 @@ def step_fn(model, opt, x, y, dtype, device, hf: bool):
     return loss
 
 
-def measure(name, model, opt, args, device, dtype, hf=False):
+def measure(name, model, opt, args, device, dtype, hf=False, runs=None, steps=None, warmup=None):
     V = args.vocab
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, V, (args.batch, args.seq), generator=g).to(device)
     y = torch.randint(0, V, (args.batch, args.seq), generator=g).to(device)
-    for _ in range(args.warmup):
+    runs, steps, warmup = runs or args.runs, steps or args.steps, args.warmup if warmup is None else warmup
+    for _ in range(warmup):
         step_fn(model, opt, x, y, dtype, device, hf)
     sync(device)
     rates = []
-    for _ in range(args.runs):
+    for _ in range(runs):
         t = time.perf_counter()
-        for _ in range(args.steps):
+        for _ in range(steps):
             step_fn(model, opt, x, y, dtype, device, hf)
         sync(device)
-        rates.append(args.steps * args.batch * args.seq / (time.perf_counter() - t))
+        rates.append(steps * args.batch * args.seq / (time.perf_counter() - t))
     rate = statistics.median(rates)
     print(f"{name:<28} {rate:>10.0f} tok/s   (runs: {', '.join(f'{r:.0f}' for r in rates)})", flush=True)
     return rate
@@ -92,6 +97,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="steps per timed run (default: 5)")
     p.add_argument("--runs", type=int, default=3, help="timed runs; the median is reported (default: 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    p.add_argument("--peer-runs", type=int, default=0,
+                   help="timed runs for the peer; 0 = --runs (bf16 autocast on CPUs without bf16 units is ~30x "
+                        "slower, so fewer runs keep the benchmark short) (default: 0)")
     p.add_argument("--compile", action="store_true", help="also measure llmlab with torch.compile (default: off)")
     p.add_argument("--skip-peer", action="store_true", help="do not run transformers (default: off)")
     args = p.parse_args()
@@ -125,8 +133,10 @@ def main() -> None:
             hf_model = transformers.GPT2LMHeadModel(hf_cfg).to(device).train()
             hf_opt = torch.optim.AdamW(hf_model.parameters(), lr=1e-4, weight_decay=0.1,
                                        fused=True if device.type == "cuda" else None)
+            few = args.peer_runs > 0
             results["transformers"] = measure("transformers GPT2LMHeadModel", hf_model, hf_opt, args, device, dtype,
-                                              hf=True)
+                                              hf=True, runs=args.peer_runs or None, steps=1 if few else None,
+                                              warmup=1 if few else None)
             del hf_model, hf_opt
     model = DecoderLM(cfg).to(device).train()
     opt = build_adamw(model, 1e-4, 0.1)

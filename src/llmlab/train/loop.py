@@ -10,7 +10,8 @@ One optimizer step:
 - Gradient accumulation: global batch = micro_batch x accum x world_size rows; DDP syncs only on the
   last micro-batch.
 - Mixed precision: bf16 or fp16 autocast (fp16 with dynamic loss scaling, Micikevicius et al. 2018,
-  arXiv:1710.03740); weights and optimizer state stay float32.
+  arXiv:1710.03740); weights and optimizer state stay float32. On CPUs without bf16/fp16 matmul units
+  the same rounding is emulated on fp32 units (``nn/autocast.py``), 8x+ faster than oneDNN's fallback.
 - Activation checkpointing (Chen et al. 2016, arXiv:1604.06174): each block's activations are
   recomputed in backward instead of stored.
 - NaN/inf: detected before the optimizer step; stop with a message naming the step (the last good
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import signal
 import time
@@ -38,6 +40,7 @@ from llmlab.common import LlmlabError, human_count, log
 from llmlab.config import to_dict
 from llmlab.formats import checkpoint as ckpt
 from llmlab.models.config import ModelConfig
+from llmlab.nn.autocast import autocast, cpu_has_native
 from llmlab.train import distributed as dist_
 from llmlab.train.optim import SCHEDULES, build_adamw, lr_at
 from llmlab.train.report import Metrics, plot_curves
@@ -45,14 +48,14 @@ from llmlab.train.report import Metrics, plot_curves
 
 @dataclass
 class TrainConfig:
-    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    steps: int = field(default=400, metadata={"help": "optimizer steps (the default is ~10 minutes on 2 CPU cores)"})
     batch_size: int = field(default=16, metadata={"help": "global batch: sequences per optimizer step"})
     micro_batch: int = field(default=0, metadata={"help": "sequences per forward pass per process; 0 = batch_size "
                                                           "/ processes (no accumulation)"})
     seq_len: int = field(default=256, metadata={"help": "tokens per training sequence"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of --lr"})
-    warmup: int = field(default=50, metadata={"help": "linear warmup steps"})
+    warmup: int = field(default=40, metadata={"help": "linear warmup steps"})
     schedule: str = field(default="cosine", metadata={"help": "decay after warmup", "choices": SCHEDULES})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
@@ -63,7 +66,7 @@ class TrainConfig:
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute block activations in "
                                                                             "backward to save memory"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    eval_every: int = field(default=100, metadata={"help": "evaluate every N steps; 0 = only at the end"})
+    eval_every: int = field(default=50, metadata={"help": "evaluate every N steps; 0 = only at the end"})
     eval_batches: int = field(default=8, metadata={"help": "validation batches per evaluation"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end); 0 = end only"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
@@ -165,12 +168,6 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float16)
-
-
 def _check_compatible(folder: Path, task: Task, cfg: TrainConfig) -> None:
     saved_cfg = ckpt.hf.read_config(folder)
     ours = task.model_config
@@ -203,6 +200,10 @@ def train(task: Task, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = T
         raise LlmlabError("float16 training needs torch.amp.GradScaler: use --dtype bfloat16")
 
     model = task.model.to(device)
+    if cfg.dtype != "float32" and device.type == "cpu" and world.is_main \
+            and not cpu_has_native(getattr(torch, cfg.dtype)):
+        print(f"llmlab: this CPU has no {cfg.dtype} matmul units; {cfg.dtype} autocast is emulated on float32 "
+              "units (operands and results rounded to the same precision, see llmlab.nn.autocast)", flush=True)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing_(model)
     wrapped = dist_.wrap(model, world, cfg.parallel)
@@ -225,7 +226,8 @@ def train(task: Task, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = T
         extras = {name: ckpt.safetensors.load(found / name) for name in task.extra_files()}
         state = ckpt.load_training_state(found)
         dist_.load_full_state(wrapped, optimizer, task.join_state(core, extras), state["optimizer"])
-        scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         start_step = resumed_from = int(state["step"])
         tokens_seen = int(state["tokens"])
@@ -237,7 +239,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = T
         metrics.reset()
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "train_config.json").write_text(__import__("json").dumps(to_dict(cfg), indent=2) + "\n")
+        (run_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
     params = [p for p in wrapped.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in task.model.parameters())
@@ -253,7 +255,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = T
     def evaluate(step: int) -> float:
         wrapped.eval()
         losses = []
-        with torch.no_grad(), _autocast(device, cfg.dtype):
+        with torch.no_grad(), autocast(device, cfg.dtype):
             for i in range(cfg.eval_batches):
                 loss, _ = task.loss(forward_model, i, world.rank * micro, micro, micro * world.world_size, "val")
                 losses.append(float(loss))
@@ -292,7 +294,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = T
                 for m in range(accum):
                     first_row = (m * world.world_size + world.rank) * micro
                     sync = m == accum - 1 or not hasattr(wrapped, "no_sync")
-                    with (contextlib.nullcontext() if sync else wrapped.no_sync()), _autocast(device, cfg.dtype):
+                    with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(device, cfg.dtype):
                         loss, n_tok = task.loss(forward_model, step, first_row, micro, cfg.batch_size)
                         loss = loss / accum
                     scaler.scale(loss).backward()

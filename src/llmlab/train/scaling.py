@@ -3,8 +3,8 @@ validation loss fitted against parameters and against compute.
 
 - Kaplan et al. 2020 (arXiv:2001.08361): L(N) = E + A / N^alpha with N the non-embedding parameters.
 - Hoffmann et al. 2022 (arXiv:2203.15556, "Chinchilla"): compute C = 6 N D FLOPs for D training
-  tokens; the compute-efficient frontier is the lowest loss any model reached at each compute, and
-  L(C) = E + B / C^beta is fitted to it.
+  tokens; the compute-efficient frontier is the lowest loss any model reached at each compute (past
+  the first quarter of its training), and L(C) = E + B / C^beta is fitted to it.
 
 The fit of ``y = E + A x^-a`` is by a grid over the irreducible loss E (below the smallest observed
 loss) with a least-squares line through log(y - E) against log(x) for each E; the best E wins.
@@ -114,7 +114,8 @@ def run_scaling(cfg: ScalingConfig) -> dict:
                      "seconds": round(result.seconds, 1),
                      "curve": [(6 * n * s * tokens_per_step, loss) for s, loss in evals]})
     fit_n = fit_power_law([r["params"] for r in runs], [r["final_val_loss"] for r in runs])
-    front = frontier([pt for r in runs for pt in r["curve"]])
+    # Early evaluations (warmup, the first quarter of training) are a transient, not the power law.
+    front = frontier([pt for r in runs for pt in r["curve"][len(r["curve"]) // 4:]])
     fit_c = fit_power_law([c for c, _ in front], [loss for _, loss in front]) if len(front) >= 2 else None
     summary = {"runs": runs, "fit_loss_vs_params": fit_n, "fit_loss_vs_compute": fit_c, "frontier": front,
                "tokens": cfg.steps * cfg.batch_size * cfg.seq_len}
@@ -126,6 +127,7 @@ def run_scaling(cfg: ScalingConfig) -> dict:
 
 def plot_scaling(summary: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -154,6 +156,7 @@ def plot_scaling(summary: dict, path: Path) -> None:
     ax_n.plot(grid, [fit_n["E"] + fit_n["A"] * n ** -fit_n["alpha"] for n in grid], "k--", lw=1.2,
               label=f"fit: {fit_n['E']:.2f} + {fit_n['A']:.3g}·N^-{fit_n['alpha']:.3f}")
     ax_n.set_xscale("log")
+    ax_n.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax_n.set_xlabel("non-embedding parameters N")
     ax_n.set_title("loss vs model size")
     ax_n.grid(alpha=0.3, which="both")

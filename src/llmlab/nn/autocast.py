@@ -1,0 +1,74 @@
+"""Mixed-precision autocast, with an emulated path for CPUs that have no bf16/fp16 matmul units.
+
+``torch.autocast`` runs matrix products in bf16/fp16 (Micikevicius et al. 2018, arXiv:1710.03740;
+bf16: Kalamkar et al. 2019, arXiv:1905.12322). On CPUs without AVX512-BF16/AMX (e.g. AVX2-only
+machines) oneDNN then falls back to slow code: measured on the project's 2-core AVX2 machines, a
+2048x384 @ 384x1536 bf16 product took 133 ms against 17 ms in fp32, and the 50304-wide LM-head
+input gradient 69 s against 0.43 s.
+
+A bf16 x bf16 product is exact in fp32, and bf16 kernels accumulate in fp32, so the same numbers come
+from fp32 units: round both operands to bf16, multiply in fp32, round the result to bf16. That is what
+``EmulatedAutocast`` does (a ``TorchFunctionMode`` around the ops ``torch.autocast`` lowers: linear,
+matmul, mm, bmm, addmm, baddbmm, scaled-dot-product attention); the rounding is differentiable, so
+gradients flowing through these ops are rounded the same way. Storage stays fp32 and elementwise ops
+run in fp32 on bf16-valued inputs (real autocast runs some of them in bf16), so results agree with
+``torch.autocast`` to bf16 precision (tested), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+
+@functools.cache
+def cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU has bf16 / fp16 matmul support in oneDNN (AVX512-BF16, AMX, AVX512-FP16)."""
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return True  # unknown build: trust torch.autocast
+    return True
+
+
+def _round(x, dtype: torch.dtype):
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+        return x.to(dtype).to(torch.float32)
+    return x
+
+
+class EmulatedAutocast(TorchFunctionMode):
+    LOWERED = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
+               torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.addmm, torch.baddbmm,
+               F.scaled_dot_product_attention}
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in self.LOWERED:
+            return func(*args, **kwargs)
+        args = tuple(_round(a, self.dtype) for a in args)
+        kwargs = {k: _round(v, self.dtype) for k, v in kwargs.items()}
+        return _round(func(*args, **kwargs), self.dtype)
+
+
+def autocast(device: torch.device, dtype: str | torch.dtype, emulate: bool | None = None):
+    """A context for mixed precision: ``torch.autocast`` where the hardware has the dtype's matmul
+    units, the emulated path on CPUs without them (``emulate=None`` decides), nothing for float32."""
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    if emulate is None:
+        emulate = device.type == "cpu" and not cpu_has_native(dtype)
+    return EmulatedAutocast(dtype) if emulate else torch.autocast(device.type, dtype=dtype)
