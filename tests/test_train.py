@@ -151,7 +151,8 @@ def test_disk_full_while_checkpointing_leaves_nothing_corrupt(shards, tmp_path):
 
 def test_bad_train_flags(shards, tmp_path):
     for extra, msg in [({"batch-size": 0}, "batch-size must be >= 1"), ({"lr": -1}, "lr must be"),
-                       ({"seq-len": 10**6}, "fewer than one window"), ({"micro-batch": 3}, "must divide")]:
+                       ({"seq-len": 10**6}, "fewer than one window"), ({"micro-batch": 3}, "must divide"),
+                       ({"batch-size": 100_000}, "larger than the")]:
         r = run_cli(flags(shards, tmp_path / "r", steps=2, **extra))
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
     r = run_cli(flags(tmp_path / "nothing-here", tmp_path / "r", steps=2))
@@ -271,6 +272,8 @@ def test_mlm_pretraining_runs_and_saves_the_head(shards, tmp_path):
     pcfg.objective = "clm"
     with pytest.raises(LlmlabError, match="does not fit"):
         build_task(pcfg, mflags, tcfg)
+    pcfg.objective = "mlm"  # --arch auto picks bert for mlm
+    assert build_task(pcfg, ModelFlags(dim=32, n_layers=1, n_heads=4), tcfg).model_config.arch == "bert"
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +36,8 @@ DEFAULT_DATA = "data/stdlib"
 
 @dataclass
 class ModelFlags:
-    arch: str = field(default="llama", metadata={"help": "model family", "choices": ("llama", "gpt2", "bert")})
+    arch: str = field(default="auto", metadata={"help": "model family; auto = llama for clm, bert for mlm",
+                                                "choices": ("auto", "llama", "gpt2", "bert")})
     dim: int = field(default=256, metadata={"help": "model width"})
     n_layers: int = field(default=6, metadata={"help": "Transformer blocks"})
     n_heads: int = field(default=8, metadata={"help": "attention heads"})
@@ -178,12 +179,18 @@ def open_shards(path: str) -> TokenShards:
 
 
 def build_task(pcfg: PretrainConfig, mflags: ModelFlags, tcfg: TrainConfig):
-    shards = open_shards(pcfg.data)
-    shards.check_fits(tcfg.seq_len, "train")
-    shards.check_fits(tcfg.seq_len, "val")
+    if mflags.arch == "auto":
+        mflags = replace(mflags, arch="bert" if pcfg.objective == "mlm" else "llama")
     if (pcfg.objective == "mlm") != (mflags.arch == "bert"):
         raise LlmlabError(f"--objective {pcfg.objective} does not fit --arch {mflags.arch}: mlm trains bert, "
                           "clm trains llama or gpt2")
+    shards = open_shards(pcfg.data)
+    shards.check_fits(tcfg.seq_len, "train")
+    shards.check_fits(tcfg.seq_len, "val")
+    per_step, available = tcfg.batch_size * tcfg.seq_len, shards.tokens("train")
+    if per_step > available:
+        raise LlmlabError(f"a batch of --batch-size {tcfg.batch_size} x --seq-len {tcfg.seq_len} = {per_step:,} tokens "
+                          f"is larger than the {available:,} training tokens: use a smaller batch or more data")
     meta = shards.meta
     cfg = mflags.to_config(shards.vocab_size, tcfg.seq_len, meta.get("separator_id"), meta.get("pad_id"))
     seed_everything(tcfg.seed)
