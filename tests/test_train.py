@@ -188,14 +188,13 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shards, tm
     with pytest.raises(LlmlabError, match=r"non-finite loss at step 3.*step-00000002"):
         train(task, tcfg, tmp_path / "stop")
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "stop" / "checkpoints")] == ["step-00000002"]
-    before = {k: v.clone() for k, v in task.model.state_dict().items()}
     pcfg, mflags, tcfg = _small(shards, on_nan="skip")
     task = _NaNAt(build_task(pcfg, mflags, tcfg), bad_step=2)
     result = train(task, tcfg, tmp_path / "skip")
     assert result.step == 6 and result.stopped == "done"
     records = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("skipped")] == [3]
-    assert all(torch.isfinite(p).all() for p in task.model.parameters()) and before
+    assert all(torch.isfinite(p).all() for p in task.model.parameters())
 
 
 def test_activation_checkpointing_and_accumulation_give_the_same_losses(shards, tmp_path):

@@ -196,9 +196,7 @@ def cmd_tokenizer_train(args) -> int:
 
     paths = expand_inputs(args.inputs) if args.inputs else default_sources()
     specials = args.special or ["<|endoftext|>", "<|mask|>", "<|pad|>"]
-    if args.vocab_size < 256 + len(specials):
-        raise LlmlabError(f"--vocab-size {args.vocab_size} is too small: byte-level BPE needs at least 256 + "
-                          f"{len(specials)} special tokens = {256 + len(specials)}")
+    bpe_train.check_vocab_size(args.vocab_size, len(specials))
     if args.min_frequency < 1:
         raise LlmlabError("--min-frequency must be >= 1")
     tok, stats = bpe_train.train_files(paths, args.vocab_size, special_tokens=specials,

@@ -56,9 +56,7 @@ class PrepareConfig:
     def validate(self) -> PrepareConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise LlmlabError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.vocab_size < 256 + len(DEFAULT_SPECIALS):
-            raise LlmlabError(f"--vocab-size {self.vocab_size} is too small: byte-level BPE needs at least "
-                              f"256 + {len(DEFAULT_SPECIALS)} special tokens = {256 + len(DEFAULT_SPECIALS)}")
+        bpe_train.check_vocab_size(self.vocab_size, len(DEFAULT_SPECIALS))
         if self.tokenizer_sample_mb <= 0:
             raise LlmlabError("--tokenizer-sample-mb must be > 0")
         return self

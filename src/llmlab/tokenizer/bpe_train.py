@@ -32,6 +32,13 @@ from llmlab.tokenizer.pretokenize import GPT2_PATTERN, make_pretokenizer
 FORMAT = "llmlab-bpe"
 
 
+def check_vocab_size(vocab_size: int, n_specials: int) -> None:
+    """A byte-level vocabulary holds the 256 bytes and the special tokens at least."""
+    if vocab_size < 256 + n_specials:
+        raise LlmlabError(f"vocab size {vocab_size} is too small: byte-level BPE needs at least 256 + "
+                          f"{n_specials} special tokens = {256 + n_specials}")
+
+
 def count_pieces(texts: Iterable[str], pre_steps: list[str]) -> Counter:
     """Distinct pre-tokenized pieces of ``texts`` with their counts."""
     pretokenize = make_pretokenizer(pre_steps)
@@ -47,10 +54,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, special_tokens: list[str
     """Learn merges until the vocabulary (specials + 256 bytes + merges) has ``vocab_size`` entries."""
     pre_steps = [GPT2_PATTERN] if pre_steps is None else list(pre_steps)
     specials = list(dict.fromkeys(special_tokens))
+    check_vocab_size(vocab_size, len(specials))
     base = len(specials) + 256
-    if vocab_size < base:
-        raise LlmlabError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 256 + "
-                          f"{len(specials)} special tokens = {base}")
     byte_enc = bytes_to_unicode()
     # Symbols: specials, then the 256 bytes in the order ``tokenizers`` uses (sorted by their character).
     symbols: list[str] = specials + sorted(byte_enc.values())

@@ -39,11 +39,12 @@ from torch import nn
 from llmlab.common import LlmlabError, human_count, log
 from llmlab.config import to_dict
 from llmlab.formats import checkpoint as ckpt
+from llmlab.formats import hf
 from llmlab.models.config import ModelConfig
 from llmlab.nn.autocast import autocast, cpu_has_native
 from llmlab.train import distributed as dist_
 from llmlab.train.optim import SCHEDULES, build_adamw, lr_at
-from llmlab.train.report import Metrics, plot_curves
+from llmlab.train.report import Metrics, plot_curves, write_file
 
 
 @dataclass
@@ -169,7 +170,7 @@ class _StopFlag:
 
 
 def _check_compatible(folder: Path, task: Task, cfg: TrainConfig) -> None:
-    saved_cfg = ckpt.hf.read_config(folder)
+    saved_cfg = hf.read_config(folder)
     ours = task.model_config
     fields = ("arch", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "n_experts")
     diff = [f"{f}: checkpoint {getattr(saved_cfg, f)} vs now {getattr(ours, f)}" for f in fields
@@ -239,7 +240,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = T
         metrics.reset()
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        write_file(run_dir / "train_config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
 
     params = [p for p in wrapped.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in task.model.parameters())

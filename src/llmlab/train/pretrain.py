@@ -29,7 +29,7 @@ from llmlab.nn.moe import MoEFeedForward, moe_aux_loss, moe_dropped
 from llmlab.train import distributed as dist_
 from llmlab.train.loop import TrainConfig, TrainResult, train
 from llmlab.train.mlm import IGNORE, MaskedLM, mask_tokens, mlm_loss
-from llmlab.train.report import write_summary
+from llmlab.train.report import write_file, write_summary
 
 DEFAULT_DATA = "data/stdlib"
 
@@ -225,8 +225,8 @@ def run_pretrain(pcfg: PretrainConfig, mflags: ModelFlags, tcfg: TrainConfig) ->
     world_rank = int(os.environ.get("RANK", "0"))
     if world_rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({"pretrain": to_dict(pcfg), "model": to_dict(task.model_config),
-                                                     "train": to_dict(tcfg)}, indent=2) + "\n")
+        write_file(out / "config.json", json.dumps({"pretrain": to_dict(pcfg), "model": to_dict(task.model_config),
+                                                    "train": to_dict(tcfg)}, indent=2) + "\n")
         print(f"llmlab: {task.model_config.arch} {human_count(n_params)} parameters, "
               f"{task.shards.tokens('train'):,} training tokens, {tcfg.steps} steps x {tcfg.batch_size} x "
               f"{tcfg.seq_len} tokens -> {out}", flush=True)
@@ -242,7 +242,7 @@ def run_pretrain(pcfg: PretrainConfig, mflags: ModelFlags, tcfg: TrainConfig) ->
                      f"- final validation loss: {result.val_loss:.4f}" if result.val_loss is not None else "",
                      f"- checkpoint: {result.checkpoint}", "", "![loss](loss.png)"]
             if text is not None:
-                (out / "sample.txt").write_text(text + "\n")
+                write_file(out / "sample.txt", text + "\n")
                 lines += ["", "## Sample", "", "```python", text, "```"]
             write_summary(out / "summary.md", lines)
             if text is not None:

@@ -83,6 +83,11 @@ def plot_curves(records: list[dict], path: Path, title: str = "training") -> Pat
     return path
 
 
-def write_summary(path: Path, lines: list[str]) -> None:
+def write_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file, fsync, rename)."""
     with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_summary(path: Path, lines: list[str]) -> None:
+    write_file(path, "\n".join(lines) + "\n")
