@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.llmlab-installed
 TEST_STAMP := $(VENV)/.llmlab-test-installed
 
-.PHONY: run test setup setup-test lint bench clean
+.PHONY: run test setup setup-test lint bench mutation clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/load_time.py
 	$(BIN)/python benchmarks/tokenizer_speed.py
 	$(BIN)/python benchmarks/bpe_train.py
+
+# Mutation testing of the pure-Python core (minutes; not part of `make test`). MODULES="sample optim" for a subset.
+mutation: $(TEST_STAMP)
+	$(BIN)/pip install -q 'mutmut>=3.8,<4'
+	$(BIN)/python scripts/mutation.py $(MODULES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

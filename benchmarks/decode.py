@@ -56,12 +56,12 @@ def main() -> int:
     rows["llmlab b8"] = 8 * N / median_time(lambda: generate(model, [p128] * 8, N), args.runs)
     with torch.inference_mode():
         rows["llmlab prefill512"] = 512 / median_time(lambda: model(torch.tensor([p512])), args.runs)
-    fast = load(fast=True).model  # linear layers on the GGUF's packed Q4_1/Q8_0 blocks
-    rows["llmlab fast b1"] = N / median_time(lambda: generate(fast, [p128], N), args.runs)
-    rows["llmlab fast b8"] = 8 * N / median_time(lambda: generate(fast, [p128] * 8, N), args.runs)
+    packed = load(packed=True).model  # linear layers on the GGUF's packed Q4_1/Q8_0 blocks
+    rows["llmlab packed b1"] = N / median_time(lambda: generate(packed, [p128], N), args.runs)
+    rows["llmlab packed b8"] = 8 * N / median_time(lambda: generate(packed, [p128] * 8, N), args.runs)
     with torch.inference_mode():
-        rows["llmlab fast prefill512"] = 512 / median_time(lambda: fast(torch.tensor([p512])), args.runs)
-    same = generate(fast, [p128], 32)[0].ids == generate(model, [p128], 32)[0].ids
+        rows["llmlab packed prefill512"] = 512 / median_time(lambda: packed(torch.tensor([p512])), args.runs)
+    same = generate(packed, [p128], 32)[0].ids == generate(model, [p128], 32)[0].ids
 
     # Speculative decoding on a prompt whose answer repeats the prompt (editing a given text).
     text = inspect.getsource(inspect.getmodule(generate))[:1500]
@@ -70,8 +70,9 @@ def main() -> int:
     spec_out, stats = speculative_generate(model, spec_prompt, N, NgramDrafter(), gamma=8)
     t_plain = median_time(lambda: generate(model, [spec_prompt], N), args.runs)
     t_spec = median_time(lambda: speculative_generate(model, spec_prompt, N, NgramDrafter(), gamma=8), args.runs)
-    t_fast_plain = median_time(lambda: generate(fast, [spec_prompt], N), args.runs)
-    t_fast_spec = median_time(lambda: speculative_generate(fast, spec_prompt, N, NgramDrafter(), gamma=8), args.runs)
+    t_packed_plain = median_time(lambda: generate(packed, [spec_prompt], N), args.runs)
+    t_packed_spec = median_time(lambda: speculative_generate(packed, spec_prompt, N, NgramDrafter(), gamma=8),
+                                args.runs)
 
     try:
         import transformers
@@ -123,18 +124,18 @@ def main() -> int:
     for k, v in rows.items():
         print(f"{k:<28}{v:>10.1f}")
     print(f"speculative n-gram: plain {t_plain:.2f}s, speculative {t_spec:.2f}s, acceptance "
-          f"{stats.acceptance_rate:.0%}, identical output: {spec_out == plain_out}; on the fast path: plain "
-          f"{t_fast_plain:.2f}s, speculative {t_fast_spec:.2f}s")
-    print(f"fast path greedy (32 tokens) identical to the reference path: {same}")
+          f"{stats.acceptance_rate:.0%}, identical output: {spec_out == plain_out}; on the packed path: plain "
+          f"{t_packed_plain:.2f}s, speculative {t_packed_spec:.2f}s")
+    print(f"packed path greedy (32 tokens) identical to the reference path: {same}")
     print("ratios:")
-    for ours, peer in (("llmlab b1", "transformers b1"), ("llmlab fast b1", "transformers b1"),
-                       ("llmlab fast b1", "llama.cpp b1"), ("llmlab b8", "transformers b8"),
-                       ("llmlab fast b8", "transformers b8"), ("llmlab prefill512", "transformers prefill512"),
+    for ours, peer in (("llmlab b1", "transformers b1"), ("llmlab packed b1", "transformers b1"),
+                       ("llmlab packed b1", "llama.cpp b1"), ("llmlab b8", "transformers b8"),
+                       ("llmlab packed b8", "transformers b8"), ("llmlab prefill512", "transformers prefill512"),
                        ("llmlab prefill512", "llama.cpp prefill512"),
-                       ("llmlab fast prefill512", "llama.cpp prefill512")):
+                       ("llmlab packed prefill512", "llama.cpp prefill512")):
         if peer in rows:
             print(f"  {ours} / {peer}: {rows[ours] / rows[peer]:.2f}x")
-    print(f"  speculative / plain greedy: {t_plain / t_spec:.2f}x (fast path: {t_fast_plain / t_fast_spec:.2f}x)")
+    print(f"  speculative / plain greedy: {t_plain / t_spec:.2f}x (packed path: {t_packed_plain / t_packed_spec:.2f}x)")
     return 0
 
 

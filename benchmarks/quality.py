@@ -1,7 +1,7 @@
 """Quality of each decode path against the plain fp32 reference: perplexity on a fixed text and the
 largest logit difference, SmolLM2-135M-Instruct (the embedded GGUF).
 
-The text is teacher-forced through the KV cache in chunks of --chunk tokens, so the fast path's
+The text is teacher-forced through the KV cache in chunks of --chunk tokens, so the packed path's
 packed-block kernel (used for up to 64 rows per call) is what is measured, as in decoding.
 
     python benchmarks/quality.py [--tokens 512] [--chunk 32]
@@ -46,7 +46,7 @@ def main() -> None:
     ids = ref.tokenizer.encode(fixed_text())[:args.tokens]
     targets = torch.tensor(ids[1:])
     base = logits_of(ref, ids, args.chunk)
-    paths = {"fp32 reference": ref, "fast (packed GGUF blocks)": load(fast=True),
+    paths = {"fp32 reference": ref, "packed (GGUF blocks)": load(packed=True),
              "bfloat16": load(dtype="bfloat16"), "float16": load(dtype="float16")}
     print(f"SmolLM2-135M-Instruct, {len(ids)} tokens of a fixed text, chunks of {args.chunk}")
     print(f"{'path':<28}{'perplexity':>12}{'max |Δ logit|':>16}{'mean |Δ logit|':>16}")

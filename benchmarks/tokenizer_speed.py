@@ -1,6 +1,6 @@
 """Tokenizer encode throughput (MB/s) on ~210 KB of mixed text: llmlab's pure-Python reference path,
-llmlab's fast path, and Hugging Face ``tokenizers`` (the peer) — for SmolLM2's byte-level BPE and
-MiniLM's WordPiece. Cold caches each run; medians of several runs; ratios printed last.
+llmlab's ``encode_batch`` through the ``tokenizers`` library, and ``tokenizers`` itself (the peer) —
+for SmolLM2's byte-level BPE and MiniLM's WordPiece. Cold caches each run; medians of several runs; ratios printed last.
 
     python benchmarks/tokenizer_speed.py [--runs 5]
 """
@@ -38,7 +38,8 @@ def main() -> int:
     args = ap.parse_args()
     text = build()
     g = GGUFFile(embedded_path(DEFAULT_CHAT))
-    bpe_ref = mbps(lambda t, x: t.encode_reference(x), text, args.runs, lambda: tokenizer_from_gguf(g, fast=False))
+    bpe_ref = mbps(lambda t, x: t.encode_reference(x), text, args.runs,
+                   lambda: tokenizer_from_gguf(g, use_tokenizers_lib=False))
     rows = [("SmolLM2 BPE", "llmlab reference (pure Python)", bpe_ref)]
     minilm = embedded_path(DEFAULT_EMBED)
     wp_ref = mbps(lambda t, x: t.encode(x), text, args.runs, lambda: load_tokenizer_json(minilm))
@@ -48,12 +49,12 @@ def main() -> int:
     except ImportError:
         tokenizers = None
     if tokenizers is not None:
-        peer = tokenizer_from_gguf(g, fast=True)._fast  # the same spec, straight through the peer
+        peer = tokenizer_from_gguf(g).tokenizers_lib  # the same spec, straight through the peer
         bpe_peer = mbps(lambda t, x: t.encode(x, add_special_tokens=False), text, args.runs, lambda: peer)
         rows.append(("SmolLM2 BPE", "tokenizers (peer), one text", bpe_peer))
         ls = lines(text)
-        bpe_fast = mbps(lambda t, x: t.encode_batch(ls), text, args.runs, lambda: tokenizer_from_gguf(g, fast=True))
-        rows.append(("SmolLM2 BPE", "llmlab encode_batch (fast path)", bpe_fast))
+        bpe_lib = mbps(lambda t, x: t.encode_batch(ls), text, args.runs, lambda: tokenizer_from_gguf(g))
+        rows.append(("SmolLM2 BPE", "llmlab encode_batch (tokenizers lib)", bpe_lib))
         bpe_peer_batch = mbps(lambda t, x: t.encode_batch(ls, add_special_tokens=False), text, args.runs,
                               lambda: peer)
         rows.append(("SmolLM2 BPE", "tokenizers (peer), batch of lines", bpe_peer_batch))
@@ -71,7 +72,7 @@ def main() -> int:
         print(f"{model:<17} {path:<36} {rate:8.2f} MB/s")
     if tokenizers is not None:
         print(f"ratios vs tokenizers: BPE one text {bpe_ref / bpe_peer:.2f}x; "
-              f"BPE batch {bpe_fast / bpe_peer_batch:.2f}x; WordPiece one text {wp_ref / wp_peer:.2f}x")
+              f"BPE batch {bpe_lib / bpe_peer_batch:.2f}x; WordPiece one text {wp_ref / wp_peer:.2f}x")
     return 0
 
 

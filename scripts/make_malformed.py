@@ -76,6 +76,87 @@ def gguf_cases() -> dict[str, bytes]:
     return cases
 
 
+def byte_tokens() -> list[str]:
+    """GPT-2's byte -> printable character table (the 256 base tokens of a byte-level BPE vocabulary)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    out, n = [], 0
+    for b in range(256):
+        out.append(chr(b) if b in keep else chr(256 + n))
+        n += b not in keep
+    return out
+
+
+def arr(item_type: int, items: list) -> bytes:
+    if item_type == 8:
+        return struct.pack("<IQ", 8, len(items)) + b"".join(s(x) for x in items)
+    return struct.pack(f"<IQ{len(items)}i", item_type, len(items), *items)
+
+
+def llama_with_tokenizer(**change) -> bytes:
+    """A complete, loadable 1-layer llama GGUF (zero F32 weights, byte-level BPE vocabulary, ChatML-like
+    template); ``change`` replaces a metadata entry by its key (payload = type + value bytes, None drops it)."""
+    tokens = [*byte_tokens(), "Ġt", "he", "<|im_start|>", "<|im_end|>"]
+    u32 = lambda v: struct.pack("<II", 4, v)  # noqa: E731
+    meta = {"general.architecture": struct.pack("<I", 8) + s("llama"), "llama.block_count": u32(1),
+            "llama.embedding_length": u32(8), "llama.feed_forward_length": u32(16),
+            "llama.attention.head_count": u32(2), "llama.context_length": u32(32),
+            "llama.rope.freq_base": struct.pack("<If", 6, 10000.0),
+            "tokenizer.ggml.model": struct.pack("<I", 8) + s("gpt2"),
+            "tokenizer.ggml.pre": struct.pack("<I", 8) + s("gpt2"),
+            "tokenizer.ggml.tokens": struct.pack("<I", 9) + arr(8, tokens),
+            "tokenizer.ggml.token_type": struct.pack("<I", 9) + arr(5, [1] * (len(tokens) - 2) + [3, 3]),
+            "tokenizer.ggml.merges": struct.pack("<I", 9) + arr(8, ["Ġ t", "h e"]),
+            "tokenizer.ggml.eos_token_id": u32(len(tokens) - 1),
+            "tokenizer.chat_template": struct.pack("<I", 8) + s("{% for m in messages %}{{ m['content'] }}"
+                                                                "{% endfor %}")}
+    for key, payload in change.items():
+        key = key.replace("__", ".")
+        if payload is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = payload
+    shapes = {"token_embd.weight": [8, len(tokens)], "output_norm.weight": [8], "blk.0.attn_norm.weight": [8],
+              "blk.0.ffn_norm.weight": [8], "blk.0.attn_q.weight": [8, 8], "blk.0.attn_k.weight": [8, 8],
+              "blk.0.attn_v.weight": [8, 8], "blk.0.attn_output.weight": [8, 8], "blk.0.ffn_gate.weight": [8, 16],
+              "blk.0.ffn_up.weight": [8, 16], "blk.0.ffn_down.weight": [16, 8]}
+    infos, offset = [], 0
+    for name, dims in shapes.items():
+        infos.append(tensor_info(name, dims, 0, offset))
+        n = 4 * dims[0] * (dims[1] if len(dims) > 1 else 1)
+        offset += n + (-n % 32)
+    head = header(len(shapes), len(meta)) + b"".join(s(k) + v for k, v in meta.items()) + b"".join(infos)
+    return pad(head) + b"\0" * offset
+
+
+def fuzz_found_gguf_cases() -> dict[str, bytes]:
+    """Failure classes found by scripts/fuzz.py (each once escaped as a non-LlmlabError or a traceback)."""
+    str_ = lambda v: struct.pack("<I", 8) + s(v)  # noqa: E731
+    u32 = lambda v: struct.pack("<II", 4, v)  # noqa: E731
+    merges = lambda *m: struct.pack("<I", 9) + arr(8, list(m))  # noqa: E731
+    return {
+        "fz_merge_token_missing.gguf": llama_with_tokenizer(tokenizer__ggml__merges=merges("Ġ t", "h qz")),
+        "fz_merge_result_missing.gguf": llama_with_tokenizer(tokenizer__ggml__merges=merges("Ġ t", "t h")),
+        "fz_merge_no_space.gguf": llama_with_tokenizer(tokenizer__ggml__merges=merges("Ġt")),
+        "fz_bos_id_out_of_range.gguf": llama_with_tokenizer(tokenizer__ggml__bos_token_id=u32(10**6)),
+        "fz_bos_id_is_array.gguf": llama_with_tokenizer(tokenizer__ggml__bos_token_id=struct.pack("<I", 9)
+                                                        + arr(5, [1, 2])),
+        "fz_pre_is_array.gguf": llama_with_tokenizer(tokenizer__ggml__pre=merges("gpt2")),
+        "fz_tokens_not_strings.gguf": llama_with_tokenizer(tokenizer__ggml__tokens=struct.pack("<I", 9)
+                                                           + arr(5, [1, 2, 3])),
+        "fz_token_type_not_array.gguf": llama_with_tokenizer(tokenizer__ggml__token_type=u32(3)),
+        "fz_pre_unknown.gguf": llama_with_tokenizer(tokenizer__ggml__pre=str_("mamba")),
+        "fz_heads_zero.gguf": llama_with_tokenizer(llama__attention__head_count=u32(0)),
+        "fz_heads_string.gguf": llama_with_tokenizer(llama__attention__head_count=str_("two")),
+        "fz_kv_heads_string.gguf": llama_with_tokenizer(llama__attention__head_count_kv=str_("1")),
+        "fz_rope_base_string.gguf": llama_with_tokenizer(llama__rope__freq_base=str_("llama")),
+        "fz_norm_eps_nan.gguf": llama_with_tokenizer(llama__attention__layer_norm_rms_epsilon=struct.pack(
+            "<If", 6, float("nan"))),
+        "fz_embedding_length_huge.gguf": llama_with_tokenizer(llama__embedding_length=u32(2**20),
+                                                              llama__attention__key_length=u32(4)),
+        "fz_template_syntax.gguf": llama_with_tokenizer(tokenizer__chat_template=str_("{% for m in messages %}")),
+    }
+
+
 def safetensors_cases() -> dict[str, bytes]:
     hdr = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}).encode()
     good = struct.pack("<Q", len(hdr)) + hdr + b"\0" * 16
@@ -89,6 +170,9 @@ def safetensors_cases() -> dict[str, bytes]:
         "st_overlap.safetensors": _st({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                                        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12),
         "st_tiny.safetensors": b"\x01\x02",
+        "fz_st_dtype_is_list.safetensors": _st({"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, 4),
+        "fz_st_nested_json.safetensors": struct.pack("<Q", 200000) + b"[" * 100000 + b"]" * 100000,
+        "fz_st_shape_not_list.safetensors": _st({"w": {"dtype": "F32", "shape": 1, "data_offsets": [0, 4]}}, 4),
     }
 
 
@@ -116,18 +200,43 @@ def folder_cases(out: Path) -> None:
         if weights is not None:
             (d / "model.safetensors").write_bytes(weights)
     # Broken tokenizer.json files next to a valid tiny llama (zero weights).
-    for name, text in (("tok_unigram", json.dumps({"model": {"type": "Unigram", "vocab": [["a", 0.0]]}})),
-                       ("tok_not_json", "[1, 2"),
-                       ("tok_no_model", json.dumps({"version": "1.0"})),
-                       ("tok_config_not_json", None)):
+    bpe = {"type": "BPE", "vocab": {t: i for i, t in enumerate(byte_tokens())}, "merges": ["Ġ t"]}
+    bpe["vocab"]["Ġt"] = 256
+    level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    wp = {"type": "WordPiece", "vocab": {"[UNK]": 0, "a": 1}}
+    found = {  # failure classes found by scripts/fuzz.py
+        "fz_tok_merge_token_missing": {"model": {**bpe, "merges": ["Ġ qz"]}, "pre_tokenizer": level},
+        "fz_tok_merge_not_pair": {"model": {**bpe, "merges": [["Ġ", "t", "x"]]}, "pre_tokenizer": level},
+        "fz_tok_merges_not_list": {"model": {**bpe, "merges": 5}, "pre_tokenizer": level},
+        "fz_tok_vocab_not_object": {"model": {**wp, "vocab": 3}},
+        "fz_tok_vocab_id_string": {"model": {**bpe, "vocab": {**bpe["vocab"], "Ġt": "x"}}, "pre_tokenizer": level},
+        "fz_tok_wordpiece_no_unk": {"model": {**wp, "vocab": {"a": 0}}},
+        "fz_tok_added_token_bad_id": {"model": wp, "added_tokens": [{"id": "x", "content": "[CLS]"}]},
+        "fz_tok_added_tokens_not_list": {"model": wp, "added_tokens": 7},
+        "fz_tok_normalizer_not_object": {"model": bpe, "normalizer": 7, "pre_tokenizer": level},
+        "fz_tok_pre_tokenizer_not_object": {"model": bpe, "pre_tokenizer": [level]},
+        "fz_tok_split_bad_regex": {"model": bpe, "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "(?<"},
+                                                                   "behavior": "Isolated"}},
+    }
+    cases = [("tok_unigram", json.dumps({"model": {"type": "Unigram", "vocab": [["a", 0.0]]}})),
+             ("tok_not_json", "[1, 2"),
+             ("tok_no_model", json.dumps({"version": "1.0"})),
+             ("tok_config_not_json", None),
+             *((name, json.dumps(spec)) for name, spec in found.items()),
+             ("fz_tok_not_utf8", b'{"model": "\xff"}'),
+             ("fz_tok_config_bos_list", ("config", '{"bos_token": [1]}')),
+             ("fz_tok_config_template_number", ("config", '{"chat_template": 5}'))]
+    for name, text in cases:
         d = out / name
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(json.dumps({**llama_cfg, "tie_word_embeddings": True}))
         (d / "model.safetensors").write_bytes(zero_llama_weights())
-        if text is None:  # a valid tokenizer.json beside a broken tokenizer_config.json
-            text = json.dumps({"model": {"type": "WordPiece", "vocab": {"[UNK]": 0, "a": 1}}})
-            (d / "tokenizer_config.json").write_text("{'single': 'quotes'}")
-        (d / "tokenizer.json").write_text(text)
+        if text is None or isinstance(text, tuple):  # a valid tokenizer.json beside a broken tokenizer_config.json
+            config = "{'single': 'quotes'}" if text is None else text[1]
+            text = json.dumps({"model": {"type": "BPE", "vocab": bpe["vocab"], "merges": ["Ġ t"]},
+                               "pre_tokenizer": level})
+            (d / "tokenizer_config.json").write_text(config)
+        (d / "tokenizer.json").write_bytes(text if isinstance(text, bytes) else text.encode())
 
 
 def zero_llama_weights() -> bytes:
@@ -148,7 +257,7 @@ def zero_llama_weights() -> bytes:
 def main(out_dir: str) -> int:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, data in {**gguf_cases(), **safetensors_cases()}.items():
+    for name, data in {**gguf_cases(), **fuzz_found_gguf_cases(), **safetensors_cases()}.items():
         (out / name).write_bytes(data)
     folder_cases(out)
     return 0

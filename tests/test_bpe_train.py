@@ -62,8 +62,8 @@ def test_hf_export_loads_in_tokenizers_and_encodes_identically(corpus, tmp_path)
     for text in [*corpus[:5], "x = 1 <|endoftext|> y = 2", "  \n\t  spaces 🚀"]:
         assert hf.encode(text, add_special_tokens=False).ids == tok.encode_reference(text)
         assert hf.decode(tok.encode_reference(text), skip_special_tokens=False) == text
-    bpe_train.save(tok, tmp_path / "tok.json")
-    back = bpe_train.load(tmp_path / "tok.json")
+    bpe_train.write_tokenizer(tok, tmp_path / "tok.json")
+    back = bpe_train.read_tokenizer(tmp_path / "tok.json")
     assert back.merges == tok.merges and back.vocab == tok.vocab and back.special_tokens == tok.special_tokens
     assert back.encode(corpus[0]) == tok.encode(corpus[0])
 
@@ -78,10 +78,10 @@ def test_min_frequency_stops_early_and_small_vocab_is_an_error():
 def test_load_rejects_foreign_and_malformed_files(tmp_path):
     (tmp_path / "a.json").write_text('{"format": "something-else"}')
     with pytest.raises(LlmlabError, match="not an llmlab BPE"):
-        bpe_train.load(tmp_path / "a.json")
+        bpe_train.read_tokenizer(tmp_path / "a.json")
     (tmp_path / "b.json").write_text('{"format": "llmlab-bpe", "merges": 3}')
     with pytest.raises(LlmlabError, match="malformed"):
-        bpe_train.load(tmp_path / "b.json")
+        bpe_train.read_tokenizer(tmp_path / "b.json")
 
 
 def test_cli_tokenizer_train(tmp_path):

@@ -60,24 +60,56 @@ def test_smollm2_default_system_prompt(smollm):
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
 
 
+# Hostile templates, each with an effect that can be observed: MARK is replaced by a path in tmp_path.
+# "file": the payload runs a shell command that creates MARK (CVE-2024-34359 style: reach Python internals
+# through attribute chains); "leak": an underscore attribute reaches the output; "mutate": the caller's
+# messages list is changed.
 HOSTILE = [
-    # CVE-2024-34359 style payloads: reach Python internals through attribute chains.
-    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
-    "{{ self.__init__.__globals__['__builtins__']['__import__']('os').system('touch /tmp/llmlab_pwned') }}",
-    "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
-    "{{ messages.__class__.__base__.__subclasses__() }}",
-    "{% set x = namespace(_secret=1) %}{{ x }}",
-    "{{ messages.append({'role': 'x'}) }}",  # immutable sandbox: no mutation of inputs
+    ("object-subclasses",
+     "{% for c in ''.__class__.__mro__[1].__subclasses__() %}{% if c.__name__ == '_wrap_close' %}"
+     "{{ c.__init__.__globals__['system']('touch MARK') }}{% endif %}{% endfor %}", "file"),
+    ("self-builtins-import",
+     "{{ self.__init__.__globals__['__builtins__']['__import__']('os').system('touch MARK') }}", "file"),
+    ("cycler-os-popen", "{{ cycler.__init__.__globals__.os.popen('touch MARK').read() }}", "file"),
+    ("messages-base-subclasses",
+     "{% for c in messages.__class__.__base__.__subclasses__() %}{% if c.__name__ == '_wrap_close' %}"
+     "{{ c.__init__.__globals__['popen']('touch MARK').read() }}{% endif %}{% endfor %}", "file"),
+    ("namespace-underscore", "{% set x = namespace(_secret='MARK') %}{{ x }}", "leak"),
+    ("messages-append", "{{ messages.append({'role': 'x', 'content': 'MARK'}) }}", "mutate"),
 ]
 
 
-@pytest.mark.parametrize("source", HOSTILE)
-def test_hostile_templates_cannot_reach_python_internals(source, tmp_path):
-    with pytest.raises(LlmlabError):
-        out = ChatTemplate(source).render(CONVERSATIONS[0])
-        # Jinja renders an undefined attribute as empty; anything else must still reveal nothing.
-        assert "class" not in out and "module" not in out
-        raise LlmlabError("rendered harmlessly")
+def _render_and_observe(render, source: str, effect: str, tmp_path) -> tuple[bool, Exception | None]:
+    """Render one hostile template with ``render(source, messages)``: (did its effect happen, the error)."""
+    mark = tmp_path / "pwned"
+    messages = [dict(m) for m in CONVERSATIONS[0]]
+    out, error = "", None
+    try:
+        out = render(source.replace("MARK", str(mark)), messages)
+    except Exception as e:  # noqa: BLE001 - the caller asserts which
+        error = e
+    happened = {"file": mark.exists(), "leak": str(mark) in out, "mutate": messages != CONVERSATIONS[0]}[effect]
+    return happened, error
+
+
+@pytest.mark.parametrize("name,source,effect", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_templates_cannot_reach_python_internals(name, source, effect, tmp_path):
+    happened, error = _render_and_observe(lambda src, msgs: ChatTemplate(src).render(msgs), source, effect, tmp_path)
+    assert isinstance(error, LlmlabError) and "refused by the sandbox" in str(error), error
+    assert not happened
+
+
+@pytest.mark.parametrize("name,source,effect", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_negative_control_hostile_templates_act_without_our_sandbox(name, source, effect, tmp_path):
+    """The same payloads are live: rendered as llama-cpp-python did (a plain Environment), or for the last
+    two with Jinja's own sandbox (mutable, and Jinja's ``namespace``), their effect happens."""
+    import jinja2
+    from jinja2.sandbox import SandboxedEnvironment
+
+    env = jinja2.Environment() if effect == "file" else SandboxedEnvironment()
+    happened, error = _render_and_observe(lambda src, msgs: env.from_string(src).render(messages=msgs), source,
+                                          effect, tmp_path)
+    assert happened and error is None, error
 
 
 def test_slow_template_is_stopped_quickly():
@@ -106,7 +138,7 @@ def test_hostile_template_inside_a_gguf_is_refused(tmp_path):
 
     from llmlab.api import LLM
     from llmlab.formats.gguf_model import write_model_gguf
-    from llmlab.formats.load import load
+    from llmlab.formats.load import load_model
     from llmlab.models import build_model, get_preset
     from llmlab.tokenizer.bpe import ByteBPE, bytes_to_unicode
     from llmlab.tokenizer.pretokenize import GGUF_PRE
@@ -117,7 +149,10 @@ def test_hostile_template_inside_a_gguf_is_refused(tmp_path):
     cfg.vocab_size = 256
     torch.manual_seed(0)
     path = tmp_path / "evil.gguf"
-    write_model_gguf(path, cfg, build_model(cfg).state_dict(), tok, chat_template=HOSTILE[1])
-    llm = LLM(load(path))
-    with pytest.raises(LlmlabError, match="sandbox|template"):
+    mark = tmp_path / "pwned"
+    write_model_gguf(path, cfg, build_model(cfg).state_dict(), tok,
+                     chat_template=HOSTILE[1][1].replace("MARK", str(mark)))
+    llm = LLM(load_model(path))
+    with pytest.raises(LlmlabError, match="refused by the sandbox"):
         llm.render_chat("hello")
+    assert not mark.exists()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmlab.formats import hf
-from llmlab.formats.load import load
+from llmlab.formats.load import load_model
 from llmlab.models import build_model, get_preset
 from llmlab.models.config import ModelConfig
 from tests.conftest import need
@@ -41,7 +41,7 @@ def test_hf_parity_and_round_trip(kind, tmp_path):
     ref = _hf_model(kind, transformers).eval()
     _randomize_(ref)
     ref.save_pretrained(tmp_path / "hf")
-    ours = load(tmp_path / "hf").model
+    ours = load_model(tmp_path / "hf").model
     ids = torch.randint(0, 300, (2, 17))
     mask = torch.ones(2, 17, dtype=torch.long)
     mask[1, 12:] = 0

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llmlab.nn.attention import Attention
+from llmlab.nn.attention import DECODE_MAX_T, Attention
 from llmlab.nn.kv_cache import StaticKVCache
 from llmlab.nn.norm import RMSNorm
 from llmlab.nn.rope import RotaryEmbedding, apply_rope
@@ -23,10 +23,10 @@ def test_reference_and_sdpa_attention_agree(causal, n_kv):
     key_mask[1, 7:] = False
     for km in (None, key_mask):
         attn.impl = "sdpa"
-        fast = attn(x, key_mask=km)
+        sdpa = attn(x, key_mask=km)
         attn.impl = "reference"
         ref = attn(x, key_mask=km)
-        assert (fast - ref).abs().max() < 1e-5
+        assert (sdpa - ref).abs().max() < 1e-5
 
 
 def test_attention_with_cache_both_paths():
@@ -40,6 +40,27 @@ def test_attention_with_cache_both_paths():
         a = attn(x[:, :5], cache=cache, start=0)
         b = attn(x[:, 5:], cache=cache, start=5)  # a multi-token chunk after a prefix
         assert (torch.cat([a, b], 1) - full).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+@pytest.mark.parametrize("new", [1, 3, 4, 5])
+def test_decode_path_agrees_with_reference(n_kv, new):
+    """With a cache and <= DECODE_MAX_T new tokens, "sdpa" runs grouped_attention (no k/v copies per head);
+    with one more it runs SDPA. Either way: the reference's numbers, padding included."""
+    torch.manual_seed(0)
+    attn = Attention(32, 4, n_kv, 8, causal=True)
+    x = torch.randn(2, 6 + new, 32)
+    key_mask = torch.ones(2, 6 + new, dtype=torch.bool)
+    key_mask[1, :2] = False  # row 1 is left-padded
+    outs = {}
+    for impl in ("sdpa", "reference"):
+        attn.impl = impl
+        cache = StaticKVCache(1, 2, n_kv, 16, 8)
+        attn(x[:, :6], cache=cache, start=0, key_mask=key_mask[:, :6])
+        assert attn.path(new, 6 + new, 6, key_mask, cache) == (
+            "reference" if impl == "reference" else "decode" if new <= DECODE_MAX_T else "sdpa-mask")
+        outs[impl] = attn(x[:, 6:], cache=cache, start=6, key_mask=key_mask)
+    assert (outs["sdpa"] - outs["reference"]).abs().max() < 1e-5
 
 
 def test_reference_attention_is_textbook():

@@ -34,7 +34,8 @@ def test_smollm2_logits_match_transformers(smollm, hf_smollm):
             ours = smollm.model(ids)
             ref = hf_smollm(ids).logits
         err = (ours - ref).abs().max().item()
-        assert err <= 1e-3, f"max |Δlogit| = {err} for {prompt!r}"
+        # the same float32 operations in the same order: bit-identical (measured; the goal was <= 1e-3)
+        assert torch.equal(ours, ref), f"max |Δlogit| = {err} for {prompt!r}"
 
 
 @pytest.mark.slow

@@ -45,22 +45,47 @@ def test_smollm2_reference_path_matches_tokenizers(smollm, smollm_reference):
     assert smollm.tokenizer.encode_reference(TEXT) == expected
 
 
-def test_smollm2_fast_path_matches_tokenizers(smollm, smollm_reference):
+def test_smollm2_tokenizers_lib_path_matches_tokenizers(smollm, smollm_reference):
     need("tokenizers")
-    assert smollm.tokenizer._fast is not None
-    assert smollm.tokenizer._fast.encode(TEXT, add_special_tokens=False).ids == \
+    assert smollm.tokenizer.tokenizers_lib is not None
+    assert smollm.tokenizer.tokenizers_lib.encode(TEXT, add_special_tokens=False).ids == \
         smollm_reference.encode(TEXT, add_special_tokens=False).ids
     batch = lines(TEXT)
     expected = [e.ids for e in smollm_reference.encode_batch(batch, add_special_tokens=False)]
     assert smollm.tokenizer.encode_batch(batch) == expected
 
 
+# SmolLM2's vocab has no token with a digit in it besides the ten digits, so the digit split shows only where
+# whitespace runs meet a number (a space run is one token, a space glued to a digit is not).
+DIGIT_LINES = ["12345", " 2024-11-22", "x=1000000", "a  2", "steps:\n    1. mix\n    2. bake", "\t\t3",
+               "<|im_start|>user\nhi<|im_end|>"]
+
+
+def _line_mismatches(tok, reference) -> list[str]:
+    """Lines of the corpus (and lines with numbers) that ``tok`` encodes differently from the reference."""
+    return [line for line in lines(TEXT)[:400] + DIGIT_LINES
+            if tok.encode_reference(line) != reference.encode(line, add_special_tokens=False).ids]
+
+
 def test_smollm2_per_line_and_digits(smollm, smollm_reference):
     tok = smollm.tokenizer
-    for line in lines(TEXT)[:400] + ["12345", " 2024-11-22", "x=1000000", "<|im_start|>user\nhi<|im_end|>"]:
-        assert tok.encode_reference(line) == smollm_reference.encode(line, add_special_tokens=False).ids, line
+    assert _line_mismatches(tok, smollm_reference) == []
     # digits are split one by one
     assert len(tok.encode("1234567")) == 7
+
+
+def test_negative_control_without_the_digit_split_parity_fails(smollm, smollm_reference):
+    """The same vocab and merges with the GPT-2 regex alone (SmolLM2's digit split removed) fails the check
+    above: the last space of a run before a number is then glued to the number."""
+    from llmlab.tokenizer.bpe import ByteBPE
+    from llmlab.tokenizer.pretokenize import DIGITS
+
+    tok = smollm.tokenizer
+    assert DIGITS in tok.pre_steps
+    broken = ByteBPE(tok.vocab, tok.merges, [s for s in tok.pre_steps if s != DIGITS], tok.special_tokens,
+                     use_tokenizers_lib=False)
+    wrong = _line_mismatches(broken, smollm_reference)
+    assert wrong == ["a  2", "steps:\n    1. mix\n    2. bake", "\t\t3"]
 
 
 def test_smollm2_round_trip(smollm):
@@ -129,5 +154,5 @@ def test_hf_json_export_round_trip(smollm, tmp_path):
     assert ref.encode(sample, add_special_tokens=False).ids == tok.encode(sample)
     from llmlab.tokenizer.hf_json import load_tokenizer_json
 
-    again = load_tokenizer_json(tmp_path, fast=False)
+    again = load_tokenizer_json(tmp_path, use_tokenizers_lib=False)
     assert again.encode_reference(sample) == tok.encode(sample)

@@ -54,6 +54,21 @@ def losses(run: Path) -> list[tuple[int, float]]:
             if r["kind"] == "train"]
 
 
+def setups(run: Path) -> list[dict]:
+    """The loop's record of what each (re)start set up: process group size, wrapper, micro-batches, ..."""
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "setup"]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_model_state(ckpt.list_checkpoints(run / "checkpoints")[0])[1]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def wait_for_steps(proc, run: Path, n: int, also=lambda: True, timeout=120):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -97,6 +112,7 @@ def test_sigterm_then_resume_is_bit_identical(shards, reference_run, tmp_path):
     final = ckpt.list_checkpoints(run / "checkpoints")[0]
     ref_final = ckpt.list_checkpoints(reference_run / "checkpoints")[0]
     assert (final / "model.safetensors").read_bytes() == (ref_final / "model.safetensors").read_bytes()
+    assert_same_weights(final_weights(run), final_weights(reference_run))
 
 
 def test_hard_kill_then_resume_is_bit_identical(shards, reference_run, tmp_path):
@@ -105,10 +121,51 @@ def test_hard_kill_then_resume_is_bit_identical(shards, reference_run, tmp_path)
     wait_for_steps(proc, run, 11, also=lambda: bool(ckpt.list_checkpoints(run / "checkpoints")))
     proc.kill()  # SIGKILL: no chance to save
     proc.communicate()
-    assert len(losses(run)) > int(ckpt.list_checkpoints(run / "checkpoints")[0].name[5:])  # steps after the ckpt
+    saved_at = int(ckpt.list_checkpoints(run / "checkpoints")[0].name[5:])
+    assert len(losses(run)) > saved_at  # steps after the checkpoint, lost with the process
     r = run_cli(flags(shards, run, steps=60, **{"save-every": 8, "dim": 64}))
     assert r.returncode == 0, r.stderr
-    assert losses(run) == losses(reference_run)
+    assert f"(step {saved_at})" in r.stdout
+    assert losses(run) == losses(reference_run)  # bit for bit
+    assert_same_weights(final_weights(run), final_weights(reference_run))
+
+
+class _Noisy:
+    """A causal-LM task that draws from torch's global RNG every step, as dropout does, and can SIGTERM itself
+    during one step, as a user would: resuming it reproduces the uninterrupted run only if the RNG state is
+    checkpointed and restored."""
+
+    def __init__(self, task, stop_at=None):
+        self.task, self.stop_at = task, stop_at
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def loss(self, model, step, *args, **kw):
+        loss, n = self.task.loss(model, step, *args, **kw)
+        if step == self.stop_at:
+            signal.raise_signal(signal.SIGTERM)  # the loop finishes this step, saves and returns
+        return loss * (0.5 + torch.rand(())), n
+
+
+def _noisy_run(shards, run: Path, stop_at=None):
+    pcfg, mflags, tcfg = _small(shards, save_every=0)
+    return train(_Noisy(build_task(pcfg, mflags, tcfg), stop_at), tcfg, run)
+
+
+def test_resume_restores_the_rng_state(shards, tmp_path, monkeypatch):
+    assert _noisy_run(shards, tmp_path / "whole").stopped == "done"
+    for name in ("resumed", "rng-not-restored"):
+        cut = _noisy_run(shards, tmp_path / name, stop_at=2)
+        assert cut.stopped == "interrupted" and cut.step == 3
+    assert _noisy_run(shards, tmp_path / "resumed").resumed_from == 3
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")
+    assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "whole"))
+    # negative control: the same resume without restoring the RNG state follows another curve
+    monkeypatch.setattr(torch, "set_rng_state", lambda state: None)
+    assert _noisy_run(shards, tmp_path / "rng-not-restored").resumed_from == 3
+    broken = losses(tmp_path / "rng-not-restored")
+    assert broken[:3] == losses(tmp_path / "whole")[:3] and broken[3:] != losses(tmp_path / "whole")[3:]
 
 
 def test_corrupt_newest_checkpoint_is_skipped(shards, tmp_path):
@@ -197,13 +254,51 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shards, tm
     assert all(torch.isfinite(p).all() for p in task.model.parameters())
 
 
+class _Recording:
+    """A task that records the rows of every training forward pass (step, first_row, rows)."""
+
+    def __init__(self, task):
+        self.task, self.calls = task, []
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def loss(self, model, step, first_row, rows, total_rows, split="train"):
+        if split == "train":
+            self.calls.append((step, first_row, rows))
+        return self.task.loss(model, step, first_row, rows, total_rows, split)
+
+
+def _counted(forward, runs: list):
+    # a wrapper, not a forward hook: checkpointing's recomputation calls forward without running module hooks
+    def counted(*args, **kwargs):
+        if torch.is_grad_enabled():
+            runs.append(1)
+        return forward(*args, **kwargs)
+
+    return counted
+
+
 def test_activation_checkpointing_and_accumulation_give_the_same_losses(shards, tmp_path):
-    results = {}
+    results, calls, mlp_runs, setup = {}, {}, {}, {}
     for name, extra in [("plain", {}), ("ckpt", {"activation_checkpointing": True}), ("accum", {"micro_batch": 1})]:
         pcfg, mflags, tcfg = _small(shards, **extra)
-        train(build_task(pcfg, mflags, tcfg), tcfg, tmp_path / name)
+        task = _Recording(build_task(pcfg, mflags, tcfg))
+        runs = []
+        for block in task.model.layers:  # counts forward passes with autograd on, recomputations included
+            block.mlp.forward = _counted(block.mlp.forward, runs)
+        train(task, tcfg, tmp_path / name)
         results[name] = [loss for _, loss in losses(tmp_path / name)]
+        calls[name], mlp_runs[name], (setup[name],) = task.calls, len(runs), setups(tmp_path / name)
+    steps, layers = 6, 2
+    # checkpointing: both blocks wrapped, and each block's forward runs again in backward
+    assert [setup[n]["checkpointed_blocks"] for n in ("plain", "ckpt", "accum")] == [0, layers, 0]
+    assert mlp_runs["plain"] == steps * layers and mlp_runs["ckpt"] == 2 * steps * layers
     assert results["plain"] == results["ckpt"]
+    # accumulation: 4 forward passes of one row each per step, the same curve as one pass of 4 rows
+    assert calls["plain"] == [(s, 0, 4) for s in range(steps)]
+    assert calls["accum"] == [(s, r, 1) for s in range(steps) for r in range(4)]
+    assert (setup["accum"]["micro_batch"], setup["accum"]["accum"]) == (1, 4)
     assert max(abs(a - b) for a, b in zip(results["plain"], results["accum"])) < 1e-5
 
 
@@ -211,7 +306,8 @@ def test_bf16_moe_and_gpt2(shards, tmp_path):
     pcfg, mflags, tcfg = _small(shards, dtype="bfloat16", n_experts=4, experts_per_token=2)
     result = train(build_task(pcfg, mflags, tcfg), tcfg, tmp_path / "moe")
     assert math.isfinite(result.train_loss) and math.isfinite(result.val_loss)
-    rec = json.loads((tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()[0])
+    rec = next(r for r in map(json.loads, (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "train")
     assert {"moe_aux", "moe_dropped", "moe_max_load"} <= set(rec)
     pcfg, mflags, tcfg = _small(shards, arch="gpt2", steps=20, lr=3e-3)
     result = train(build_task(pcfg, mflags, tcfg), tcfg, tmp_path / "gpt2")
@@ -220,29 +316,27 @@ def test_bf16_moe_and_gpt2(shards, tmp_path):
     assert (tmp_path / "gpt2" / "loss.png").stat().st_size > 10_000
 
 
-def test_checkpoint_is_a_model_folder_llmlab_loads(shards, tmp_path):
+def test_checkpoint_is_a_model_folder_llmlab_loads(shards, tmp_path, monkeypatch):
     from llmlab import load
+    from llmlab.train import pretrain
 
+    built = []  # the task run_pretrain trains, to compare the saved folder with the model in memory
+    build = pretrain.build_task
+    monkeypatch.setattr(pretrain, "build_task", lambda *a, **kw: built.append(build(*a, **kw)) or built[-1])
     pcfg, mflags, tcfg = _small(shards)
     pcfg.out = str(tmp_path / "run")
     pcfg.sample_tokens = 20
     result = run_pretrain(pcfg, mflags, tcfg)
+    assert result.step == tcfg.steps and result.checkpoint.name == f"step-{tcfg.steps:08d}"
+    trained = built[0].model.eval()
     llm = load(str(result.checkpoint))
+    assert_same_weights(llm.model.state_dict(), trained.state_dict())
     x = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
-        assert torch.equal(llm.model(x), build_and_load(result.checkpoint)(x))
+        assert torch.equal(llm.model(x), trained(x))
     assert (tmp_path / "run" / "sample.txt").read_text().startswith("def ")
     text = llm.generate("def ", 8, raw=True)
     assert isinstance(text, str)
-
-
-def build_and_load(folder):
-    from llmlab.formats.load import model_from_state
-
-    cfg, sd = ckpt.load_model_state(folder)
-    if cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    return model_from_state(cfg, sd)
 
 
 def test_mlm_masking_statistics():
@@ -282,9 +376,22 @@ def test_torchrun_two_processes_follow_the_single_process_curve(shards, tmp_path
     assert r.returncode == 0, r.stderr
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "llmlab", "pretrain", *flags(shards, two, steps=6, **{"save-every": 3, "parallel": parallel})]
+           "-m", "llmlab", "pretrain",
+           *flags(shards, two, steps=6, **{"save-every": 3, "parallel": parallel, "sample-tokens": 8})]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    # as the README runs it, with the closing sample (drawn from the saved checkpoint, not the sharded model)
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert (two / "sample.txt").read_text().startswith("def ")
+    # two ranks joined one process group, and the model was wrapped (unwrapped, the first losses agree too)
+    assert setups(one) == [{"kind": "setup", "step": 0, "world_size": 1, "wrapper": "none", "fsdp_modules": 0,
+                            "micro_batch": 4, "accum": 1, "checkpointed_blocks": 0}]
+    (seen,) = setups(two)
+    assert (seen["world_size"], seen["micro_batch"], seen["accum"]) == (2, 2, 1)
+    if parallel == "ddp":
+        assert (seen["wrapper"], seen["fsdp_modules"]) == ("DistributedDataParallel", 0)
+    else:  # every block and the root sharded
+        assert (seen["wrapper"], seen["fsdp_modules"]) == ("FSDPModule", 2 + 1)
     a, b = losses(one), losses(two)
     assert [s for s, _ in a] == [s for s, _ in b]
     assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4

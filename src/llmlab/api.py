@@ -8,18 +8,53 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from llmlab.common import LlmlabError, human_bytes, human_count, pick_device, pick_dtype
 from llmlab.formats import load as loader
 from llmlab.infer.beam import beam_search
-from llmlab.infer.generate import generate
-from llmlab.infer.sample import SamplingParams
+from llmlab.infer.generate import cut_at_stop, generate
+from llmlab.infer.repetition import RepetitionGuard
+from llmlab.infer.sample import SamplingParams, chat_sampling
 from llmlab.infer.speculative import ModelDrafter, NgramDrafter, layer_skip_draft, speculative_generate
 from llmlab.tokenizer.chat import CHATML, ChatTemplate
 from llmlab.tokenizer.stream import StreamDecoder
+
+
+@dataclass
+class DecodeOptions:
+    """How ``LLM.generate`` / ``generate_batch`` / ``chat`` decode, beyond the prompt and the token budget.
+    Each field is also a keyword argument of those methods (``llm.generate(p, beams=4)``)."""
+
+    sampling: SamplingParams | None = None  # None = greedy
+    stop: list[str] | None = None  # end at the first of these strings (the string itself is not returned)
+    beams: int = 1  # > 1: beam search of this width
+    length_penalty: float = 1.0  # beam score = log-probability / length ** length_penalty
+    no_repeat_ngram_size: int = 0  # beam search never repeats an n-gram of this size; 0 = off
+    speculative: str | None = None  # "ngram" (prompt lookup), "layer-skip", or a draft model source
+    draft_tokens: int = 4  # draft tokens per speculative step
+    ignore_eos: bool = False  # do not stop at end-of-sequence / end-of-turn tokens
+    truncate: bool = False  # keep the end of a prompt longer than the context instead of failing
+    repetition_guard: RepetitionGuard | None = None  # end a row whose tail repeats one block (plain decoding)
+
+    @classmethod
+    def merge(cls, options: DecodeOptions | None, overrides: dict[str, Any]) -> DecodeOptions:
+        """``options`` (or the defaults) with the keyword arguments ``overrides`` applied over it."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"unexpected decode option(s) {', '.join(unknown)}; the options are "
+                            f"{', '.join(f.name for f in fields(cls))}")
+        return replace(options or cls(), **overrides)
+
+    def validate(self) -> DecodeOptions:
+        for name, low in (("beams", 1), ("no_repeat_ngram_size", 0), ("draft_tokens", 1)):
+            if getattr(self, name) < low:
+                raise LlmlabError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        return self
 
 
 class LLM:
@@ -34,9 +69,11 @@ class LLM:
             for key, tid in (("bos_token", getattr(tok, "bos_id", None)), ("eos_token", getattr(tok, "eos_id", None))):
                 if tid is not None:
                     specials[key] = tok.id_to_token.get(tid, "")
-        self.chat_template = ChatTemplate(loaded.chat_template or CHATML, specials) if self.config.is_causal else None
+        self.chat_template = (ChatTemplate(loaded.chat_template or CHATML, specials, where=loaded.source)
+                              if self.config.is_causal else None)
         self.last_spec_stats = None
-        self.fast = any(type(m).__name__ == "PackedLinear" for m in self.model.modules())
+        self.last_finish_reasons: list[str] = []  # per prompt of the last call: stop | length | repetition
+        self.packed = any(type(m).__name__ == "PackedLinear" for m in self.model.modules())
 
     # ---- text generation -------------------------------------------------------------------
     def _need_tokenizer(self):
@@ -75,43 +112,35 @@ class LLM:
         return ids
 
     def generate(self, prompt: str, max_new_tokens: int = 128, *, raw: bool = True,
-                 sampling: SamplingParams | None = None, stop: list[str] | None = None, beams: int = 1,
-                 length_penalty: float = 1.0, no_repeat_ngram_size: int = 0, speculative: str | None = None,
-                 draft_tokens: int = 4, ignore_eos: bool = False, truncate: bool = False,
-                 on_text: Callable[[str], None] | None = None) -> str:
-        """Continue ``prompt`` (as is when ``raw``, else as a user chat turn). Greedy unless ``sampling`` says
-        otherwise; ``beams`` > 1 runs beam search; ``speculative`` is "ngram" or a draft model source."""
-        return self.generate_batch([prompt], max_new_tokens, raw=raw, sampling=sampling, stop=stop, beams=beams,
-                                   length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                                   speculative=speculative, draft_tokens=draft_tokens, ignore_eos=ignore_eos,
-                                   truncate=truncate, on_text=on_text)[0]
+                 on_text: Callable[[str], None] | None = None, options: DecodeOptions | None = None,
+                 **decode: Any) -> str:
+        """Continue ``prompt`` (as is when ``raw``, else as a user chat turn). ``decode`` takes the fields of
+        ``DecodeOptions`` as keywords (``sampling=``, ``stop=``, ``beams=``, ``speculative=``, ...), applied over
+        ``options``: greedy unless ``sampling`` says otherwise; ``beams`` > 1 runs beam search."""
+        return self.generate_batch([prompt], max_new_tokens, raw=raw, on_text=on_text, options=options, **decode)[0]
 
     def generate_batch(self, prompts: list[str], max_new_tokens: int = 128, *, raw: bool = True,
-                       sampling: SamplingParams | None = None, stop: list[str] | None = None, beams: int = 1,
-                       length_penalty: float = 1.0, no_repeat_ngram_size: int = 0, speculative: str | None = None,
-                       draft_tokens: int = 4, ignore_eos: bool = False, truncate: bool = False,
-                       on_text: Callable[[str], None] | None = None) -> list[str]:
+                       on_text: Callable[[str], None] | None = None, options: DecodeOptions | None = None,
+                       **decode: Any) -> list[str]:
+        """``generate`` for several prompts at once (a ragged batch; beam search and speculative decoding
+        take one prompt)."""
         if not self.config.is_causal:
             raise LlmlabError("an encoder model does not generate text: use embed()")
-        sampling = (sampling or SamplingParams()).validate()
+        opts = DecodeOptions.merge(options, decode).validate()
+        self.last_finish_reasons = []
+        sampling = (opts.sampling or SamplingParams()).validate()
         if max_new_tokens < 1:
             raise LlmlabError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if beams < 1:
-            raise LlmlabError(f"beams must be >= 1, got {beams}")
-        if no_repeat_ngram_size < 0:
-            raise LlmlabError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
-        if draft_tokens < 1:
-            raise LlmlabError(f"draft_tokens must be >= 1, got {draft_tokens}")
-        if beams > 1 and not sampling.greedy:
+        if opts.beams > 1 and not sampling.greedy:
             raise LlmlabError("beam search is deterministic: drop the sampling flags or use beams=1")
         if not prompts or any(not isinstance(p, str) or not p for p in prompts):
             raise LlmlabError("the prompt is empty: give some text")
-        if (beams > 1 or speculative) and len(prompts) > 1:
+        if (opts.beams > 1 or opts.speculative) and len(prompts) > 1:
             raise LlmlabError("beam search and speculative decoding take one prompt at a time")
         tok = self._need_tokenizer()
         texts = prompts if raw else [self.render_chat(p) for p in prompts]
-        ids = [self.encode_prompt(t, max_new_tokens, truncate) for t in texts]
-        stops = set() if ignore_eos else self.stop_ids()
+        ids = [self.encode_prompt(t, max_new_tokens, opts.truncate) for t in texts]
+        stops = set() if opts.ignore_eos else self.stop_ids()
         stream = StreamDecoder(tok)
 
         def emit(tid: int) -> None:
@@ -120,47 +149,43 @@ class LLM:
                 if piece:
                     on_text(piece)
 
+        def flush() -> None:  # the bytes of a character still incomplete when decoding ended
+            rest = stream.flush() if on_text is not None else ""
+            if rest:
+                on_text(rest)
+
         try:
-            if beams > 1:
-                best = beam_search(self.model, ids[0], max_new_tokens, beams, length_penalty=length_penalty,
-                                   eos_ids=stops, no_repeat_ngram_size=no_repeat_ngram_size)[0]
+            if opts.beams > 1:
+                best = beam_search(self.model, ids[0], max_new_tokens, opts.beams, length_penalty=opts.length_penalty,
+                                   eos_ids=stops, no_repeat_ngram_size=opts.no_repeat_ngram_size)[0]
                 outs = [best.ids]
                 for t in best.ids:
                     emit(t)
-            elif speculative:
-                drafter = self._drafter(speculative, len(ids[0]) + max_new_tokens + draft_tokens + 1)
+            elif opts.speculative:
+                drafter = self._drafter(opts.speculative, len(ids[0]) + max_new_tokens + opts.draft_tokens + 1)
                 out, self.last_spec_stats = speculative_generate(
-                    self.model, ids[0], max_new_tokens, drafter, gamma=draft_tokens, params=sampling,
+                    self.model, ids[0], max_new_tokens, drafter, gamma=opts.draft_tokens, params=sampling,
                     stop_ids=stops, on_token=emit)
                 outs = [out]
             else:
                 cb = (lambda row, t: emit(t)) if on_text is not None and len(ids) == 1 else None
-                done = generate(self.model, ids, max_new_tokens, sampling, stop_ids=stops, stop_strings=stop,
-                                tokenizer=tok, on_token=cb)
-                if on_text is not None:
-                    rest = stream.flush()
-                    if rest:
-                        on_text(rest)
+                done = generate(self.model, ids, max_new_tokens, sampling, stop_ids=stops, stop_strings=opts.stop,
+                                tokenizer=tok, on_token=cb, repetition_guard=opts.repetition_guard)
+                flush()
+                self.last_finish_reasons = [c.finish_reason for c in done]
                 return [c.text for c in done]
         except ValueError as e:
             raise LlmlabError(str(e)) from None
-        if on_text is not None:
-            rest = stream.flush()
-            if rest:
-                on_text(rest)
-        results = []
-        for out in outs:
-            text = tok.decode([t for t in out if t not in stops], skip_special=True)
-            cut = min((text.find(s) for s in (stop or []) if s and s in text), default=-1)
-            results.append(text[:cut] if cut >= 0 else text)
-        return results
+        flush()
+        return [cut_at_stop(tok.decode([t for t in out if t not in stops], skip_special=True), opts.stop)
+                for out in outs]
 
     def _drafter(self, speculative: str, max_len: int):
         if speculative == "ngram":
             return NgramDrafter()
         if speculative == "layer-skip":
             return ModelDrafter(layer_skip_draft(self.model), max_len)
-        draft = load(speculative, device=str(next(self.model.parameters()).device), fast=self.fast)
+        draft = load(speculative, device=str(next(self.model.parameters()).device), packed=self.packed)
         if draft.config.vocab_size != self.config.vocab_size or not draft.config.is_causal:
             raise LlmlabError(f"draft model {speculative} has a vocabulary of {draft.config.vocab_size} tokens, the "
                               f"target {self.config.vocab_size}: a draft must share the target's tokenizer")
@@ -170,7 +195,16 @@ class LLM:
 
     def chat(self, messages: list[dict] | str, max_new_tokens: int = 256, *, system: str | None = None,
              on_text: Callable[[str], None] | None = None, **kwargs) -> str:
+        """One chat turn. Greedy unless ``sampling=`` says otherwise (``chat_sampling()`` gives what the
+        ``llmlab chat`` REPL uses); a reply that loops is ended by the default ``RepetitionGuard``
+        (``repetition_guard=None`` turns it off; ``last_finish_reasons`` says "repetition" when it fired)."""
+        kwargs.setdefault("repetition_guard", RepetitionGuard())
         return self.generate(self.render_chat(messages, system), max_new_tokens, raw=True, on_text=on_text, **kwargs)
+
+    def chat_sampling(self, greedy: bool = False, **overrides) -> SamplingParams:
+        """The sampling a chat uses: the model file's recommended settings (GGUF ``general.sampling.*`` or
+        ``generation_config.json``) over ``CHAT_DEFAULTS``, then ``overrides``; see ``infer.sample``."""
+        return chat_sampling(self.loaded.sampling_defaults, greedy=greedy, **overrides)
 
     # ---- embeddings --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -227,11 +261,12 @@ class LLM:
 
 
 def load(source: str | Path | None = None, *, dtype: str = "float32", device: str = "cpu",
-         attn_impl: str = "sdpa", fast_tokenizer: bool = True, fast: bool = False) -> LLM:
+         attn_impl: str = "sdpa", use_tokenizers_lib: bool = True, packed: bool = False) -> LLM:
     """A path (GGUF file or HF folder), a preset name, an embedded model name, or None for SmolLM2.
 
-    ``fast=True`` runs the linear layers on packed GGML blocks (the GGUF's own, or Q8_0 for other
-    models): about 2x faster CPU decoding; logits within ~1e-4 of the reference path for GGUF weights."""
+    ``packed=True`` runs the linear layers on packed GGML blocks (the GGUF's own, or Q8_0 for other
+    models): about 2x faster CPU decoding; logits within ~1e-4 of the reference path for GGUF weights.
+    ``use_tokenizers_lib`` lets ``encode_batch`` go through Hugging Face ``tokenizers`` when installed."""
     dev = pick_device(device)
-    return LLM(loader.load(source, dtype=pick_dtype(dtype, dev), device=dev, attn_impl=attn_impl,
-                           fast_tokenizer=fast_tokenizer, packed=fast))
+    return LLM(loader.load_model(source, dtype=pick_dtype(dtype, dev), device=dev, attn_impl=attn_impl,
+                                 use_tokenizers_lib=use_tokenizers_lib, packed=packed))

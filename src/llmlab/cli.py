@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from llmlab import __version__
-from llmlab.common import LlmlabError
 
 MODEL_HELP = ("a .gguf file, a Hugging Face folder, a preset (random weights), or an embedded model "
               "(smollm2-135m-instruct, all-minilm-l6-v2) (default: smollm2-135m-instruct)")
@@ -21,24 +20,38 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _add_load_flags(p: argparse.ArgumentParser, fast_default: bool = False) -> None:
+def _add_load_flags(p: argparse.ArgumentParser, packed_default: bool = False) -> None:
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights/activations dtype (default: float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
-    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=fast_default,
+    p.add_argument("--packed", action=argparse.BooleanOptionalAction, default=packed_default,
                    help="CPU decode on packed GGML weights (the GGUF's Q8_0/Q4_0/Q4_1 blocks; Q8_0 for other "
-                        "models); --no-fast runs the float32 reference path "
-                        f"(default: {'on' if fast_default else 'off'})")
+                        "models); --no-packed runs the float32 reference path "
+                        f"(default: {'on' if packed_default else 'off'})")
+    # Deprecated spellings of --packed / --no-packed (llmlab 0.1 called it --fast); hidden from --help.
+    p.add_argument("--fast", dest="packed", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-fast", dest="packed", action="store_false", help=argparse.SUPPRESS)
 
 
-def _add_decode_flags(p: argparse.ArgumentParser, default_max: int) -> None:
-    from llmlab.config import add_flags
-    from llmlab.infer.sample import SamplingParams
+def _add_decode_flags(p: argparse.ArgumentParser, default_max: int, chat: bool = False) -> None:
+    from llmlab.dataclass_io import add_flags
+    from llmlab.infer.sample import CHAT_DEFAULTS, SamplingParams
 
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--max-new-tokens", type=int, default=default_max,
                    help=f"most tokens to generate (default: {default_max})")
-    add_flags(p, SamplingParams)
+    if chat:
+        # A chat samples by default: the model file's recommended settings, else CHAT_DEFAULTS.
+        recommended = {name: f"the model file's recommendation, else {CHAT_DEFAULTS.get(name, 'off')}"
+                       for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")}
+        add_flags(p, SamplingParams, unset=recommended)
+        p.add_argument("--greedy", action="store_true",
+                       help="deterministic greedy decoding instead of sampling; the sampling flags still apply "
+                            "(default: off)")
+        p.add_argument("--repetition-guard", action=argparse.BooleanOptionalAction, default=True,
+                       help="end a reply that keeps repeating one phrase, and say so (default: on)")
+    else:
+        add_flags(p, SamplingParams)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears; repeat for several (default: none)")
     p.add_argument("--beams", type=int, default=1, help="beam search width; 1 = off (default: 1)")
@@ -59,16 +72,18 @@ def _add_decode_flags(p: argparse.ArgumentParser, default_max: int) -> None:
 
 
 def _device(args) -> str:
-    # --fast is a CPU path: with the default --fast, an explicit GPU device turns it off.
-    if args.fast and args.device != "cpu":
-        args.fast = False
+    # --packed is a CPU path: with the default --packed, an explicit GPU device turns it off.
+    if args.packed and args.device != "cpu":
+        args.packed = False
     return args.device
 
 
 def cmd_info(args) -> int:
     from llmlab.api import load
+    from llmlab.nn.packed_linear import kernel_status
 
-    info = load(args.model, dtype=args.dtype, device=args.device).info()
+    info = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed).info()
+    info["packed_kernel"] = kernel_status()  # which C kernel runs packed linears here, or why none does
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -79,14 +94,14 @@ def cmd_info(args) -> int:
 
 
 def _sampling(args):
-    from llmlab.config import from_args
+    from llmlab.dataclass_io import from_args
     from llmlab.infer.sample import SamplingParams
 
     return from_args(SamplingParams, args).validate()
 
 
-def _decode_kwargs(args) -> dict:
-    return dict(sampling=_sampling(args), stop=args.stop or None, beams=args.beams,
+def _decode_kwargs(args, sampling=None) -> dict:
+    return dict(sampling=sampling or _sampling(args), stop=args.stop or None, beams=args.beams,
                 length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                 speculative=args.speculative, draft_tokens=args.draft_tokens, ignore_eos=args.ignore_eos,
                 truncate=args.truncate)
@@ -99,6 +114,7 @@ def _write(piece: str) -> None:
 
 def cmd_generate(args) -> int:
     from llmlab.api import load
+    from llmlab.common import LlmlabError
 
     prompt = args.prompt
     if prompt is None or prompt == "-":
@@ -106,7 +122,7 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise LlmlabError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     kwargs = _decode_kwargs(args)
-    llm = load(args.model, dtype=args.dtype, device=_device(args), fast=args.fast)
+    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed)
     stream = args.stream and args.beams == 1
     text = llm.generate(prompt, args.max_new_tokens, raw=args.raw, on_text=_write if stream else None, **kwargs)
     if not stream:
@@ -120,12 +136,19 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    from dataclasses import fields
+
     from llmlab.api import load
     from llmlab.infer.chat_session import ChatSession
+    from llmlab.infer.repetition import RepetitionGuard
+    from llmlab.infer.sample import SamplingParams
 
-    kwargs = _decode_kwargs(args)
-    llm = load(args.model, dtype=args.dtype, device=_device(args), fast=args.fast)
-    session = ChatSession(llm, system=args.system, max_new_tokens=args.max_new_tokens, **kwargs)
+    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed)
+    chosen = {f.name: getattr(args, f.name) for f in fields(SamplingParams) if hasattr(args, f.name)}
+    kwargs = _decode_kwargs(args, llm.chat_sampling(greedy=args.greedy, **chosen))
+    guard = RepetitionGuard() if args.repetition_guard else None
+    session = ChatSession(llm, system=args.system, max_new_tokens=args.max_new_tokens, repetition_guard=guard,
+                          **kwargs)
     interactive = sys.stdin.isatty()
     if interactive:
         print("llmlab chat: type a message; /reset clears the history, /system TEXT sets the system prompt, "
@@ -156,18 +179,22 @@ def cmd_chat(args) -> int:
         session.send(line, on_text=_write)
         sys.stdout.write("\n")
         sys.stdout.flush()
+        if session.looped:
+            print("(reply stopped: it kept repeating one phrase; the repeats are left out of the history. "
+                  "Rephrase, or raise --temperature / --repetition-penalty)", file=sys.stderr)
     return 0
 
 
 def cmd_explore(args) -> int:
     from llmlab.api import load
+    from llmlab.common import LlmlabError
     from llmlab.infer.explore import explore, write_report
 
     if args.steps < 1 or args.top < 1 or args.beams < 1:
         raise LlmlabError("--steps, --top and --beams must be >= 1")
     if not args.prompt:
         raise LlmlabError("the prompt is empty: give some text")
-    llm = load(args.model, dtype=args.dtype, device=args.device)
+    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed)
     if not llm.config.is_causal:
         raise LlmlabError("explore needs a text-generating model")
     text = args.prompt if args.raw else llm.render_chat(args.prompt)
@@ -191,6 +218,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_tokenizer_train(args) -> int:
+    from llmlab.common import LlmlabError, write_text_atomic
     from llmlab.data.corpus import default_sources, expand_inputs
     from llmlab.tokenizer import bpe_train
 
@@ -203,20 +231,17 @@ def cmd_tokenizer_train(args) -> int:
                                        min_frequency=args.min_frequency,
                                        max_bytes=int(args.max_mb * 1e6) if args.max_mb else None)
     out = Path(args.out)
-    bpe_train.save(tok, out)
+    bpe_train.write_tokenizer(tok, out)
     if args.hf_json:
-        from llmlab.common import atomic_path
-
-        with atomic_path(args.hf_json) as tmp:
-            tmp.write_text(tok.to_hf_json(), encoding="utf-8")
+        write_text_atomic(args.hf_json, tok.to_hf_json())
     print(f"trained {stats['vocab_size']} tokens ({stats['merges']} merges) on {stats['bytes'] / 1e6:.1f} MB from "
           f"{stats['files']} files ({stats['skipped']} skipped) in {stats['seconds']} s -> {out}", file=sys.stderr)
     return 0
 
 
 def cmd_data_prepare(args) -> int:
-    from llmlab.config import from_args
     from llmlab.data.shards import PrepareConfig, prepare
+    from llmlab.dataclass_io import from_args
 
     cfg = from_args(PrepareConfig, args)
     cfg.inputs = list(args.inputs)
@@ -233,7 +258,7 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from llmlab.config import from_args
+    from llmlab.dataclass_io import from_args
     from llmlab.train.loop import TrainConfig
     from llmlab.train.pretrain import ModelFlags, PretrainConfig, run_pretrain
 
@@ -245,7 +270,8 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_scaling(args) -> int:
-    from llmlab.config import from_args
+    from llmlab.common import LlmlabError
+    from llmlab.dataclass_io import from_args
     from llmlab.train.scaling import ScalingConfig, run_scaling
 
     cfg = from_args(ScalingConfig, args)
@@ -262,7 +288,14 @@ def cmd_scaling(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
+    """The command line. ``commands``: the subcommands whose flags are added (None = all of them). ``main``
+    passes only the one it runs: flags built from config dataclasses import those modules (torch, the
+    training stack), which ``llmlab --help`` and the other commands do not need (tested)."""
+
+    def wanted(name: str) -> bool:
+        return commands is None or name in commands
+
     p = _Parser(prog="llmlab", description="The LLM storyline as one readable, fast, tested PyTorch codebase.")
     p.add_argument("--version", action="version", version=f"llmlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -277,14 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("prompt", nargs="?", default=None, help="the prompt; '-' or nothing reads standard input")
     s.add_argument("--raw", action="store_true",
                    help="use the prompt as is instead of wrapping it in the chat template (default: off)")
-    _add_decode_flags(s, default_max=128)
-    _add_load_flags(s, fast_default=True)
+    if wanted("generate"):
+        _add_decode_flags(s, default_max=128)
+    _add_load_flags(s, packed_default=True)
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("chat", help="interactive multi-turn chat with the model's template (reads stdin if piped)")
     s.add_argument("--system", default=None, help="system prompt (default: the template's own, if any)")
-    _add_decode_flags(s, default_max=512)
-    _add_load_flags(s, fast_default=True)
+    if wanted("chat"):
+        _add_decode_flags(s, default_max=512, chat=True)
+    _add_load_flags(s, packed_default=True)
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("explore", help="picture decoding: top candidates per step and the beam tree (PNG + HTML)")
@@ -325,35 +360,43 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = s.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     d = dsub.add_parser("prepare", help="text/JSONL/Parquet -> memory-mapped token shards with a validation split")
     d.add_argument("inputs", nargs="*", help="files, folders, globs, .jsonl, .parquet (default: the Python stdlib)")
-    from llmlab.config import add_flags
-    from llmlab.data.shards import PrepareConfig
+    if wanted("data"):
+        from llmlab.data.shards import PrepareConfig
+        from llmlab.dataclass_io import add_flags
 
-    add_flags(d, PrepareConfig)
+        add_flags(d, PrepareConfig)
     d.set_defaults(func=cmd_data_prepare)
-
-    from llmlab.train.loop import TrainConfig
-    from llmlab.train.pretrain import ModelFlags, PretrainConfig
 
     s = sub.add_parser("pretrain", help="pretrain a model from scratch (clm: llama/gpt2, mlm: bert); torchrun-ready",
                        description="Pretrain from scratch. Under 'torchrun --nproc-per-node N -m llmlab pretrain' "
                                    "it runs data-parallel (DDP, or FSDP with --parallel fsdp).")
-    add_flags(s, PretrainConfig)
-    add_flags(s, ModelFlags)
-    add_flags(s, TrainConfig)
-    s.set_defaults(func=cmd_pretrain)
+    if wanted("pretrain"):
+        from llmlab.dataclass_io import add_flags
+        from llmlab.train.loop import TrainConfig
+        from llmlab.train.pretrain import ModelFlags, PretrainConfig
 
-    from llmlab.train.scaling import ScalingConfig
+        add_flags(s, PretrainConfig)
+        add_flags(s, ModelFlags)
+        add_flags(s, TrainConfig)
+    s.set_defaults(func=cmd_pretrain)
 
     s = sub.add_parser("scaling", help="mini scaling-law sweep: several model sizes, loss fitted vs parameters "
                                        "and compute, plotted")
-    add_flags(s, ScalingConfig)
+    if wanted("scaling"):
+        from llmlab.dataclass_io import add_flags
+        from llmlab.train.scaling import ScalingConfig
+
+        add_flags(s, ScalingConfig)
     s.set_defaults(func=cmd_scaling)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the top level has no valued options
+    args = build_parser({command} if command else set()).parse_args(argv)
+    from llmlab.common import LlmlabError  # imports torch: only once a command runs
+
     try:
         return args.func(args)
     except LlmlabError as e:

@@ -1,6 +1,6 @@
 """Small shared helpers: the user-facing error type, device/dtype choice, seeding, atomic writes.
 
-Everything here depends on the standard library and torch only (bottom layer of DESIGN.md).
+Everything here depends on the standard library and torch only (the bottom layer in docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import contextlib
 import logging
 import os
 import random
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,17 +67,39 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
 
 
+def _create_new(make, path: Path) -> Path:
+    """``make(candidate)`` on fresh hidden names beside ``path`` until one does not exist yet."""
+    for _ in range(100):
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            make(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def temp_file_beside(path: Path) -> Path:
+    """A new empty file beside ``path``, created like any other output: mode 0o666 minus the umask.
+    (``tempfile.mkstemp`` makes 0o600 files, and renaming one into place would keep that mode.)"""
+    return _create_new(lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)), path)
+
+
+def temp_dir_beside(path: Path) -> Path:
+    """A new empty folder beside ``path``, mode 0o777 minus the umask (``tempfile.mkdtemp`` makes 0o700)."""
+    return _create_new(lambda p: p.mkdir(0o777), path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it into place.
 
     On error the temporary file is removed and ``path`` is untouched: nothing half-written.
+    The file gets the mode any new file gets (0o666 minus the umask).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = temp_file_beside(path)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -86,6 +108,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through ``atomic_path``: the old file or the new one, never half."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def read_json(path: Path, missing: str | None = None):
@@ -101,10 +129,14 @@ def read_json(path: Path, missing: str | None = None):
         raise LlmlabError(f"{Path(path).parent}: no {Path(path).name} ({missing})") from None
     except OSError as e:
         raise LlmlabError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise LlmlabError(f"{path}: not UTF-8 text (byte {e.start}): not a JSON file, or a corrupt one") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise LlmlabError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise LlmlabError(f"{path}: JSON nested too deeply to read (corrupt or hostile file)") from None
 
 
 def human_bytes(n: float) -> str:

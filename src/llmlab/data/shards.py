@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmlab.common import LlmlabError, atomic_path, read_json
+from llmlab.common import LlmlabError, atomic_path, read_json, write_text_atomic
 from llmlab.data.corpus import CorpusStats, default_sources, expand_inputs, iter_documents
 from llmlab.tokenizer import bpe_train
 from llmlab.tokenizer.bpe import ByteBPE
@@ -81,7 +81,7 @@ def load_tokenizer(spec: str) -> ByteBPE:
     else:
         data = read_json(path, "expected a tokenizer file")
         if isinstance(data, dict) and data.get("format") == bpe_train.FORMAT:
-            tok = bpe_train.load(path)
+            tok = bpe_train.read_tokenizer(path)
         elif path.name == "tokenizer.json":
             tok = load_tokenizer_json(path.parent)
         else:
@@ -148,9 +148,9 @@ def prepare(cfg: PrepareConfig, show_progress: bool = True) -> dict:
                 break
         trained = bpe_train.train_bpe(sample, cfg.vocab_size, special_tokens=DEFAULT_SPECIALS)
         tok = ByteBPE(trained.vocab, trained.merges, trained.pre_steps, trained.special_tokens,
-                      eos_id=trained.special_tokens[EOT])  # rebuilt with the fast encode path
+                      eos_id=trained.special_tokens[EOT])  # rebuilt: encode_batch may use the tokenizers library
         tok_source = f"trained here (byte-level BPE, vocab {cfg.vocab_size}, {len(sample)} documents)"
-    bpe_train.save(tok, out / "tokenizer.json")
+    bpe_train.write_tokenizer(tok, out / "tokenizer.json")
     sep = separator_id(tok)
     dtype = _token_dtype(tok.vocab_size)
 
@@ -185,8 +185,7 @@ def prepare(cfg: PrepareConfig, show_progress: bool = True) -> dict:
         "tokenizer": tok_source, "bytes_per_token": round(stats.bytes / max(1, sum(counts.values())), 3),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    with atomic_path(out / "meta.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
 
 

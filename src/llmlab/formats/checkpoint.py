@@ -118,7 +118,9 @@ def verify(folder: Path) -> str | None:
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        if not all(isinstance(info, dict) for info in files.values()):
+            raise TypeError("a manifest entry is not an object")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "no readable manifest.json (incomplete write)"
     for name, info in files.items():
         path = folder / name

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from llmlab.common import LlmlabError
+from llmlab.common import LlmlabError, temp_dir_beside
 from llmlab.formats import hf
 from llmlab.formats.gguf_model import write_model_gguf
-from llmlab.formats.load import load
+from llmlab.formats.load import load_model
 from llmlab.tokenizer.bpe import ByteBPE
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -25,7 +24,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 def convert(source: str, output: Path, *, dtype: str = "float32", qtype: str = "F16", force: bool = False) -> None:
     if output.exists() and not force:
         raise LlmlabError(f"{output} already exists: pass --force to overwrite it")
-    loaded = load(source)
+    loaded = load_model(source)
     sd = {k: v for k, v in loaded.model.state_dict().items()}
     cfg, tok = loaded.config, loaded.tokenizer
     if output.suffix == ".gguf":
@@ -44,7 +43,7 @@ def convert(source: str, output: Path, *, dtype: str = "float32", qtype: str = "
         if loaded.chat_template:
             tok_cfg["chat_template"] = loaded.chat_template
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    tmp = temp_dir_beside(output)
     try:
         hf.write_folder(tmp, cfg, sd, tokenizer_json=tok_json, tokenizer_config=tok_cfg)
         src = Path(loaded.source)

@@ -254,6 +254,11 @@ def write_gguf(path: str | os.PathLike, metadata: dict[str, object], tensors: di
     ``types``: optional explicit value type for a key (or (T_ARRAY, item type) for arrays).
     """
     types = types or {}
+    # Readers find the data with general.alignment (32 when absent): another alignment must be recorded.
+    if metadata.get("general.alignment", alignment) != alignment:
+        raise ValueError(f"general.alignment={metadata['general.alignment']!r} but alignment={alignment}")
+    if alignment != 32:
+        metadata = {**metadata, "general.alignment": alignment}
     parts = [MAGIC, struct.pack("<IQQ", 3, len(tensors), len(metadata))]
     for key, value in metadata.items():
         spec = types.get(key)

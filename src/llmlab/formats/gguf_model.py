@@ -7,16 +7,19 @@ and permuted back on write.
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 
 from llmlab.common import LlmlabError
 from llmlab.formats.gguf import T_ARRAY, T_FLOAT32, T_INT32, T_STRING, T_UINT32, GGUFFile, write_gguf
+from llmlab.formats.hf import fuse_qkv, split_qkv
 from llmlab.models.config import ModelConfig
 from llmlab.nn.ggml_quants import TYPE_IDS, quantize_q8_0
 from llmlab.tokenizer.bpe import ByteBPE
 from llmlab.tokenizer.pretokenize import GGUF_PRE
+from llmlab.tokenizer.validate import check_bpe, check_id
 
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
 
@@ -50,6 +53,12 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         vocab = g.tensors["token_embd.weight"].shape[0]
     n_heads = _meta(g, f"{arch}.attention.head_count")
     dim = _meta(g, f"{arch}.embedding_length")
+    for key in (f"{arch}.attention.head_count", f"{arch}.embedding_length", "llama.attention.key_length",
+                "llama.attention.head_count_kv", f"{arch}.block_count", f"{arch}.feed_forward_length",
+                f"{arch}.context_length"):
+        value = g.metadata.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise LlmlabError(f"{g.path}: GGUF metadata {key} = {value!r} is not a positive integer (corrupt file)")
     common = dict(vocab_size=vocab, dim=dim, n_layers=_meta(g, f"{arch}.block_count"), n_heads=n_heads,
                   ffn_dim=_meta(g, f"{arch}.feed_forward_length"), max_seq_len=_meta(g, f"{arch}.context_length"),
                   tie_embeddings="output.weight" not in g.tensors,
@@ -60,19 +69,32 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     if arch == "llama":
         cfg = ModelConfig(arch="llama", n_kv_heads=_meta(g, "llama.attention.head_count_kv", n_heads),
                           head_dim=g.metadata.get("llama.attention.key_length", dim // n_heads),
-                          norm_eps=float(_meta(g, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-                          rope_theta=float(_meta(g, "llama.rope.freq_base", 10000.0)),
+                          norm_eps=_float(g, "llama.attention.layer_norm_rms_epsilon", 1e-5),
+                          rope_theta=_float(g, "llama.rope.freq_base", 10000.0),
                           attn_bias="blk.0.attn_q.bias" in g.tensors, **common)
     else:
-        cfg = ModelConfig(arch="gpt2", norm_eps=float(_meta(g, "gpt2.attention.layer_norm_epsilon", 1e-5)),
+        cfg = ModelConfig(arch="gpt2", norm_eps=_float(g, "gpt2.attention.layer_norm_epsilon", 1e-5),
                           attn_bias=True, mlp_bias=True, **common)
     for field in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
         if not isinstance(getattr(cfg, field), int):
             raise LlmlabError(f"{g.path}: GGUF metadata gives a non-integer {field}: {getattr(cfg, field)!r}")
     try:
-        return cfg.validate()
+        cfg.validate()
     except LlmlabError as e:
         raise LlmlabError(f"{g.path}: {e}") from None
+    # Before the model is allocated: the sizes in the metadata must fit the weights the file holds.
+    held = sum(info.numel for info in g.tensors.values())
+    if cfg.num_params() > held:
+        raise LlmlabError(f"{g.path}: GGUF metadata describes a model of {cfg.num_params()} parameters but the file "
+                          f"holds {held} weights (corrupt metadata)")
+    return cfg
+
+
+def _float(g: GGUFFile, key: str, default: float) -> float:
+    value = g.metadata.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise LlmlabError(f"{g.path}: GGUF metadata {key} = {value!r} is not a positive number (corrupt file)")
+    return float(value)
 
 
 def _rope_permute(w: torch.Tensor, n_heads: int, inverse: bool) -> torch.Tensor:
@@ -81,6 +103,16 @@ def _rope_permute(w: torch.Tensor, n_heads: int, inverse: bool) -> torch.Tensor:
     if inverse:  # GGUF -> HF
         return w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
     return w.reshape(n_heads, 2, shape[0] // n_heads // 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def _rope_rows(t: torch.Tensor, ours: str, cfg: ModelConfig, *, to_hf: bool) -> torch.Tensor:
+    """``t`` (our tensor ``ours``) with llama's Q/K rows moved between the GGUF and HF RoPE layouts
+    (``to_hf``: GGUF -> HF, on load); every other tensor as it is."""
+    if cfg.arch == "llama" and ".q_proj." in ours:
+        return _rope_permute(t, cfg.n_heads, inverse=to_hf)
+    if cfg.arch == "llama" and ".k_proj." in ours:
+        return _rope_permute(t, cfg.n_kv_heads, inverse=to_hf)
+    return t
 
 
 def our_name(gguf_name: str) -> str | None:
@@ -106,45 +138,52 @@ def state_from_gguf(g: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     for name in g.tensors:
         if cfg.arch == "gpt2" and ".attn_qkv." in name:
             i, kind = re.match(r"blk\.(\d+)\.attn_qkv\.(weight|bias)$", name).groups()
-            for proj, part in zip("qkv", g.load(name).chunk(3, dim=0)):
-                sd[f"layers.{i}.self_attn.{proj}_proj.{kind}"] = part.contiguous()
+            sd.update(split_qkv(g.load(name), i, kind))
             continue
         ours = our_name(name)
         if ours is None:
             continue  # e.g. rope_freqs: recomputed from the config
-        t = g.load(name)
-        if cfg.arch == "llama" and ".q_proj." in ours:
-            t = _rope_permute(t, cfg.n_heads, inverse=True)
-        elif cfg.arch == "llama" and ".k_proj." in ours:
-            t = _rope_permute(t, cfg.n_kv_heads, inverse=True)
-        sd[ours] = t
+        sd[ours] = _rope_rows(g.load(name), ours, cfg, to_hf=True)
     return sd
 
 
-def tokenizer_from_gguf(g: GGUFFile, fast: bool = True) -> ByteBPE:
+def tokenizer_from_gguf(g: GGUFFile, use_tokenizers_lib: bool = True) -> ByteBPE:
     md = g.metadata
     model = md.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise LlmlabError(f"{g.path}: unsupported GGUF tokenizer model {model!r} (llmlab reads byte-level BPE, "
                           "'gpt2'); use the model's Hugging Face folder with its tokenizer.json instead")
     pre = md.get("tokenizer.ggml.pre", "default")
-    if pre not in GGUF_PRE:
+    if not isinstance(pre, str) or pre not in GGUF_PRE:
         raise LlmlabError(f"{g.path}: unsupported pre-tokenizer {pre!r} (known: {', '.join(sorted(GGUF_PRE))})")
     tokens, merges = md.get("tokenizer.ggml.tokens"), md.get("tokenizer.ggml.merges")
     if not isinstance(tokens, list) or not isinstance(merges, list):
         raise LlmlabError(f"{g.path}: GGUF tokenizer lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    if not all(isinstance(t, str) for t in tokens) or not all(isinstance(m, str) for m in merges):
+        raise LlmlabError(f"{g.path}: tokenizer.ggml.tokens and tokenizer.ggml.merges must be arrays of strings")
+    emb = g.tensors.get("token_embd.weight")
+    if emb is not None and len(tokens) > emb.shape[0]:
+        raise LlmlabError(f"{g.path}: tokenizer.ggml.tokens has {len(tokens)} tokens but token_embd.weight only "
+                          f"{emb.shape[0]} rows (corrupt file)")
     types = md.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+    if not isinstance(types, list):
+        raise LlmlabError(f"{g.path}: tokenizer.ggml.token_type is not an array")
     vocab = {t: i for i, t in enumerate(tokens)}
-    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED)}
+    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types))
+                if t and ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED)}
     pairs = []
     for m in merges:
         a, sep, b = m.partition(" ")
         if not sep:
             raise LlmlabError(f"{g.path}: malformed merge {m!r} in tokenizer.ggml.merges")
         pairs.append((a, b))
-    return ByteBPE(vocab, pairs, GGUF_PRE[pre], specials, bos_id=md.get("tokenizer.ggml.bos_token_id"),
-                   eos_id=md.get("tokenizer.ggml.eos_token_id"), pad_id=md.get("tokenizer.ggml.padding_token_id"),
-                   add_bos=bool(md.get("tokenizer.ggml.add_bos_token", False)), fast=fast)
+    check_bpe(vocab, pairs, specials, str(g.path), vocab_key="tokenizer.ggml.tokens",
+              merges_key="tokenizer.ggml.merges")
+    ids = {key: check_id(md.get(f"tokenizer.ggml.{key}_token_id"), len(tokens), f"tokenizer.ggml.{key}_token_id",
+                         str(g.path)) for key in ("bos", "eos", "padding")}
+    return ByteBPE(vocab, pairs, GGUF_PRE[pre], specials, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["padding"],
+                   add_bos=bool(md.get("tokenizer.ggml.add_bos_token", False)),
+                   use_tokenizers_lib=use_tokenizers_lib)
 
 
 # ---- writing ---------------------------------------------------------------------------------------
@@ -211,20 +250,16 @@ def write_model_gguf(path, cfg: ModelConfig, sd: dict[str, torch.Tensor], tokeni
             continue
         if a == "gpt2" and re.match(r"layers\.\d+\.self_attn\.q_proj\.", ours):
             i, kind = re.match(r"layers\.(\d+)\.self_attn\.q_proj\.(\w+)", ours).groups()
-            t = torch.cat([sd[f"layers.{i}.self_attn.{p}_proj.{kind}"] for p in "qkv"], dim=0)
+            t = fuse_qkv(sd, i, kind)
             data, tid = _tensor_bytes(t, qtype)
             tensors[f"blk.{i}.attn_qkv.{kind}"] = (data, tuple(t.shape), tid)
             continue
-        if a == "llama" and ".q_proj." in ours:
-            t = _rope_permute(t, cfg.n_heads, inverse=False)
-        elif a == "llama" and ".k_proj." in ours:
-            t = _rope_permute(t, cfg.n_kv_heads, inverse=False)
-        data, tid = _tensor_bytes(t, qtype)
+        data, tid = _tensor_bytes(_rope_rows(t, ours, cfg, to_hf=False), qtype)
         tensors[gguf_name(ours)] = (data, tuple(t.shape), tid)
     write_gguf(path, md, tensors, types)
 
 
-def pack_from_gguf_(model, g: GGUFFile, cfg: ModelConfig, impl: str = "fast"):
+def pack_from_gguf_(model, g: GGUFFile, cfg: ModelConfig, impl: str = "kernel"):
     """Swap every linear layer whose GGUF tensor is Q8_0 / Q4_0 / Q4_1 for a PackedLinear over the file's
     own blocks (Q/K rows un-permuted, a tied lm_head packed from token_embd). Other layers are unchanged."""
     from llmlab.nn.packed_linear import BLOCK_BYTES, PackedLinear
@@ -240,11 +275,8 @@ def pack_from_gguf_(model, g: GGUFFile, cfg: ModelConfig, impl: str = "fast"):
             if ours is None or ours == "embed_tokens.weight" or not ours.endswith(".weight"):
                 continue
         out_features, in_features = info.shape
-        raw = g.raw(info).reshape(out_features, -1)  # (out, row bytes): rows are whole blocks
-        if cfg.arch == "llama" and ".q_proj." in ours:
-            raw = _rope_permute(raw, cfg.n_heads, inverse=True)
-        elif cfg.arch == "llama" and ".k_proj." in ours:
-            raw = _rope_permute(raw, cfg.n_kv_heads, inverse=True)
+        # (out, row bytes): rows are whole blocks, so the RoPE row permutation moves packed rows as they are
+        raw = _rope_rows(g.raw(info).reshape(out_features, -1), ours, cfg, to_hf=True)
         parent_name, _, attr = ours.removesuffix(".weight").rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, attr)

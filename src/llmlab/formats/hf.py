@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from llmlab.common import LlmlabError, atomic_path, read_json
+from llmlab.common import LlmlabError, read_json, write_text_atomic
 from llmlab.formats import safetensors
 from llmlab.models.config import ModelConfig
 
@@ -139,9 +139,7 @@ def state_from_hf(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor]) -> dict[str,
             m = re.match(r"h\.(\d+)\.attn\.c_attn\.(weight|bias)$", k)
             if m:
                 i, kind = m.groups()
-                parts = (v.t() if kind == "weight" else v).chunk(3, dim=0)
-                for name, p in zip(("q_proj", "k_proj", "v_proj"), parts):
-                    out[f"layers.{i}.self_attn.{name}.{kind}"] = p.contiguous()
+                out.update(split_qkv(v.t() if kind == "weight" else v, i, kind))
                 continue
             new = _rename(k, _GPT2_NAMES)
             if new is None:
@@ -155,6 +153,18 @@ def state_from_hf(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
+def split_qkv(fused: torch.Tensor, layer: str | int, kind: str) -> dict[str, torch.Tensor]:
+    """GPT-2's fused attention projection, rows (3 * dim, ...) = q, k, v -> our three tensors of ``layer``
+    (``kind``: weight or bias). Hugging Face and GGUF both store GPT-2's q/k/v fused this way."""
+    return {f"layers.{layer}.self_attn.{p}_proj.{kind}": part.contiguous()
+            for p, part in zip("qkv", fused.chunk(3, dim=0))}
+
+
+def fuse_qkv(sd: dict[str, torch.Tensor], layer: str | int, kind: str) -> torch.Tensor:
+    """The inverse of ``split_qkv``: the q, k, v tensors of ``layer`` stacked row-wise (3 * dim, ...)."""
+    return torch.cat([sd[f"layers.{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"], dim=0)
+
+
 def state_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sd = {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     if cfg.arch == "llama":
@@ -166,7 +176,7 @@ def state_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torc
         if cfg.arch == "gpt2" and m:
             i, proj, kind = m.groups()
             if proj == "q":  # GPT-2 stores q, k, v fused as one Conv1D
-                fused = torch.cat([sd[f"layers.{i}.self_attn.{p}_proj.{kind}"] for p in "qkv"], dim=0)
+                fused = fuse_qkv(sd, i, kind)
                 out[f"transformer.h.{i}.attn.c_attn.{kind}"] = fused.t().contiguous() if kind == "weight" else fused
             continue
         if k == "lm_head.weight":
@@ -253,16 +263,12 @@ def write_folder(folder: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor], *,
             safetensors.save(shard, folder / fname, metadata={"format": "pt"})
             weight_map.update({k: fname for k in shard})
         total = sum(t.numel() * t.element_size() for t in hf_sd.values())
-        _write_text(folder / "model.safetensors.index.json",
+        write_text_atomic(folder / "model.safetensors.index.json",
                     json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     if tokenizer_json is not None:
-        _write_text(folder / "tokenizer.json", tokenizer_json)
+        write_text_atomic(folder / "tokenizer.json", tokenizer_json)
     if tokenizer_config is not None:
-        _write_text(folder / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
+        write_text_atomic(folder / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
     # config.json last: a folder with a config.json is a complete folder.
-    _write_text(folder / "config.json", json.dumps(config, indent=2))
+    write_text_atomic(folder / "config.json", json.dumps(config, indent=2))
 
-
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")

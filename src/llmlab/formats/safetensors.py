@@ -45,7 +45,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int, int]:
         raise LlmlabError(f"{path}: cannot read: {e.strerror}") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise LlmlabError(f"{path}: safetensors header is not valid JSON (corrupt file)") from None
     if not isinstance(header, dict):
         raise LlmlabError(f"{path}: safetensors header is not a JSON object")
@@ -54,7 +54,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int, int]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(info, dict) or info.get("dtype") not in DTYPES:
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
             dtype = info.get("dtype") if isinstance(info, dict) else info
             raise LlmlabError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
         shape, offs = info.get("shape"), info.get("data_offsets")

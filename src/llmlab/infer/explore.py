@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from llmlab.common import atomic_path
+from llmlab.common import atomic_path, write_text_atomic
 from llmlab.infer.beam import beam_search
 
 
@@ -128,9 +128,8 @@ def write_report(ex: Exploration, out: Path) -> dict[str, Path]:
              "html": out / "index.html"}
     plot_steps(ex, paths["steps"])
     plot_beams(ex, paths["beams"])
-    with atomic_path(paths["json"]) as tmp:
-        tmp.write_text(json.dumps({"prompt": ex.prompt, "steps": ex.steps, "beam_trace": ex.beam_trace,
-                                   "beams": ex.beams}, ensure_ascii=False, indent=1), encoding="utf-8")
+    write_text_atomic(paths["json"], json.dumps({"prompt": ex.prompt, "steps": ex.steps, "beam_trace": ex.beam_trace,
+                                                 "beams": ex.beams}, ensure_ascii=False, indent=1))
     rows = []
     for i, step in enumerate(ex.steps, 1):
         cells = "".join(
@@ -151,6 +150,5 @@ candidates (probability)</th></tr>{"".join(rows)}</table>
 <p><img alt="top candidates per step" src="{_data_uri(paths["steps"])}"></p>
 <h2>Beam search</h2><ol>{beams}</ol><p><img alt="beam search tree" src="{_data_uri(paths["beams"])}"></p>
 </body></html>"""
-    with atomic_path(paths["html"]) as tmp:
-        tmp.write_text(page, encoding="utf-8")
+    write_text_atomic(paths["html"], page)
     return paths

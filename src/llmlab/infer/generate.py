@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
+from llmlab.infer.repetition import RepetitionGuard
 from llmlab.infer.sample import SamplingParams, make_generator, select
 
 
 @dataclass
 class Completion:
     ids: list[int]  # generated ids, stop token / stop string tokens included
-    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    finish_reason: str  # "stop" (EOS or stop string) | "length" | "repetition" (the guard stopped a loop)
     text: str | None = None  # decoded text, cut before a stop string (when a tokenizer was given)
 
 
@@ -34,16 +35,26 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids, mask
 
 
-def _find_stop(text: str, stops: list[str]) -> int:
-    hits = [text.find(s) for s in stops if s and s in text]
+def find_stop(text: str, stops: list[str] | None) -> int:
+    """Where the earliest of the (non-empty) ``stops`` starts in ``text``; -1 when none occurs."""
+    hits = [text.find(s) for s in stops or () if s and s in text]
     return min(hits) if hits else -1
+
+
+def cut_at_stop(text: str, stops: list[str] | None) -> str:
+    """``text`` up to (not including) the earliest stop string."""
+    cut = find_stop(text, stops)
+    return text[:cut] if cut >= 0 else text
 
 
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams | None = None, *,
              stop_ids: set[int] | None = None, stop_strings: list[str] | None = None, tokenizer=None,
-             on_token: Callable[[int, int], None] | None = None) -> list[Completion]:
-    """Generate for a batch of prompts (lists of ids). ``on_token(row, id)`` streams each new token."""
+             on_token: Callable[[int, int], None] | None = None,
+             repetition_guard: RepetitionGuard | None = None) -> list[Completion]:
+    """Generate for a batch of prompts (lists of ids). ``on_token(row, id)`` streams each new token.
+    With a ``repetition_guard``, a row whose newest tokens repeat one block (see ``infer/repetition.py``)
+    stops with finish reason "repetition"."""
     params = (params or SamplingParams()).validate()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("a prompt is empty")
@@ -94,9 +105,11 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, params: Sampl
                 on_token(i, tok)
             if tok in stop_ids:
                 done[i], reasons[i] = True, "stop"
+            elif repetition_guard is not None and repetition_guard.find(out[i]) is not None:
+                done[i], reasons[i] = True, "repetition"
             elif stop_strings:
                 text = tokenizer.decode(out[i])
-                cut = _find_stop(text, stop_strings)
+                cut = find_stop(text, stop_strings)
                 if cut >= 0:
                     done[i], reasons[i], texts[i] = True, "stop", text[:cut]
         if all(done) or step == budget - 1:

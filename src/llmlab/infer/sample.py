@@ -106,3 +106,20 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+# What a chat uses when neither the user nor the model file says otherwise: greedy decoding of a small
+# model loops ("a leaf's fate is determined" x 80), so a chat samples, as chat UIs do by default
+# (llama.cpp's server: temperature 0.8, top-p 0.95; Ollama: 0.8 / 0.9 and repeat penalty 1.1), with a
+# mild CTRL repetition penalty.
+CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
+
+
+def chat_sampling(recommended: dict[str, float] | None = None, greedy: bool = False,
+                  **overrides) -> SamplingParams:
+    """Sampling for a chat turn: ``CHAT_DEFAULTS``, then the model file's ``recommended`` settings, then
+    the caller's ``overrides`` (None values ignored). ``greedy=True`` starts from plain greedy decoding
+    instead (overrides still apply, e.g. a repetition penalty)."""
+    values = {} if greedy else {**CHAT_DEFAULTS, **(recommended or {})}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return SamplingParams(**values).validate()

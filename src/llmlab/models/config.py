@@ -1,4 +1,4 @@
-"""One typed config for every architecture, in Llama vocabulary (DESIGN.md rule 8).
+"""One typed config for every architecture, in Llama vocabulary (docs/architecture.md, "Names").
 
 ``arch`` picks the family; the family fixes which fields matter:
 - llama: RMSNorm, RoPE, SwiGLU, no biases, GQA (n_kv_heads), optional tied head;

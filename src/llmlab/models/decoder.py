@@ -4,7 +4,7 @@ Llama (Touvron et al. 2023, arXiv:2302.13971): RMSNorm + RoPE + SwiGLU + GQA, no
 With ``n_experts > 0`` the Llama feed-forward is a sparse mixture of experts (``nn/moe.py``, Mixtral style).
 GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"): LayerNorm +
 learned positions + GELU(tanh) MLP + biases. The family is chosen by ``ModelConfig.arch``; the
-parts are injected, not subclassed (DESIGN.md rule 5).
+parts are injected, not subclassed (docs/architecture.md, "Compose, don't inherit").
 
 Parameter names follow Hugging Face Llama without the ``model.`` prefix: ``embed_tokens``,
 ``layers.N.self_attn.{q,k,v,o}_proj``, ``layers.N.mlp.{gate,up,down}_proj``, ``norm``, ``lm_head``.

@@ -1,8 +1,11 @@
 """Multi-head attention with grouped-query heads (Vaswani et al. 2017, arXiv:1706.03762;
-GQA: Ainslie et al. 2023, arXiv:2305.13245), with two paths that must agree (tested):
+GQA: Ainslie et al. 2023, arXiv:2305.13245). ``Attention(impl=...)`` picks one of three paths, which
+must agree (tested):
 
 - ``reference``: softmax(Q K^T / sqrt(D) + mask) V written out, easy to read and to step through;
-- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels);
+- ``sdpa`` (the default): ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
+  kernels), except for decode steps: with a KV cache and at most ``DECODE_MAX_T`` new queries it runs
+  ``grouped_attention`` instead (see ``Attention.path``);
 - ``flash``: ``llmlab.nn.flash``, the FlashAttention algorithm written in PyTorch (for reading and
   for tests; padded batches fall back to ``sdpa``).
 
@@ -76,10 +79,16 @@ def grouped_attention(q, k, v, mask: torch.Tensor | None, scale: float) -> torch
     return (probs @ v).reshape(B, H, T, D)
 
 
+IMPLS = ("sdpa", "reference", "flash")
+DECODE_MAX_T = 4  # up to this many new queries on a KV cache, "sdpa" takes the decode path
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool = False,
                  out_bias: bool | None = None, causal: bool = True, impl: str = "sdpa"):
         super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.causal = causal
         self.impl = impl
@@ -101,24 +110,48 @@ class Attention(nn.Module):
             k, v = cache.update(layer, start, k, v)  # (B, Hkv, S, D)
         S = k.shape[2]
         scale = 1.0 / math.sqrt(self.head_dim)
-        if self.impl == "sdpa" and T <= 4 and cache is not None:
-            mask = build_mask(T, S, start, self.causal, key_mask, x.device)
-            out = grouped_attention(q, k, v, mask, scale)
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-        if self.n_kv_heads != self.n_heads:
-            # GQA: each group of H/Hkv query heads shares one key/value head.
-            rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)  # (B, H, S, D)
-            v = v.repeat_interleave(rep, dim=1)
-        if self.impl == "reference":
-            mask = build_mask(T, S, start, self.causal, key_mask, x.device)
-            out = reference_attention(q, k, v, mask, scale)
-        elif self.impl == "flash" and key_mask is None:
-            out = flash_attention(q, k, v, causal=self.causal, scale=scale)  # queries end-aligned with keys
-        elif self.causal and key_mask is None and start == 0 and S == T:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        path = self.path(T, S, start, key_mask, cache)
+        if path == "decode":
+            # GQA without copying k/v per query head; see grouped_attention.
+            out = grouped_attention(q, k, v, build_mask(T, S, start, self.causal, key_mask, x.device), scale)
         else:
-            mask = build_mask(T, S, start, self.causal, key_mask, x.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            if self.n_kv_heads != self.n_heads:
+                # GQA: each group of H/Hkv query heads shares one key/value head.
+                rep = self.n_heads // self.n_kv_heads
+                k = k.repeat_interleave(rep, dim=1)  # (B, H, S, D)
+                v = v.repeat_interleave(rep, dim=1)
+            if path == "reference":
+                out = reference_attention(q, k, v, build_mask(T, S, start, self.causal, key_mask, x.device), scale)
+            elif path == "flash":
+                out = flash_attention(q, k, v, causal=self.causal, scale=scale)  # queries end-aligned with keys
+            elif path == "sdpa-causal":
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            else:  # "sdpa-mask"
+                mask = build_mask(T, S, start, self.causal, key_mask, x.device)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(out)
+
+    def path(self, T: int, S: int, start: int, key_mask: torch.Tensor | None,
+             cache: StaticKVCache | None) -> str:
+        """Which computation a call runs (T new queries, S keys including the cache):
+
+        - "reference": ``impl="reference"``, always;
+        - "decode": ``impl="sdpa"`` with a KV cache and T <= DECODE_MAX_T (a generation step, or a
+          speculative verification of a few draft tokens). At this size a call's fixed cost dominates:
+          SDPA's CPU kernel costs ~2 ms a call (measured) and GQA's ``repeat_interleave`` copies the whole
+          cache, so ``grouped_attention`` (two small matmuls on the cache as it is) is faster; same result
+          as "reference" (tested);
+        - "flash": ``impl="flash"`` without padding;
+        - "sdpa-causal": causal, no padding, no cached prefix: SDPA's own causal mask, no mask tensor;
+        - "sdpa-mask": otherwise (padding, a chunk after a cached prefix, an encoder): SDPA with a built mask.
+        """
+        if self.impl == "reference":
+            return "reference"
+        if self.impl == "sdpa" and cache is not None and T <= DECODE_MAX_T:
+            return "decode"
+        if self.impl == "flash" and key_mask is None:
+            return "flash"
+        if self.causal and key_mask is None and start == 0 and S == T:
+            return "sdpa-causal"
+        return "sdpa-mask"

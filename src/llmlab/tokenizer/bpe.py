@@ -39,7 +39,7 @@ class ByteBPE:
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pre_steps: list[str],
                  special_tokens: dict[str, int] | None = None, *, ignore_merges: bool = False,
                  bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
-                 add_bos: bool = False, fast: bool = True):
+                 add_bos: bool = False, use_tokenizers_lib: bool = True):
         self.vocab = vocab
         self.id_to_token = {i: t for t, i in vocab.items()}
         self.merges = merges
@@ -56,7 +56,7 @@ class ByteBPE:
         specials = sorted(self.special_tokens, key=len, reverse=True)
         self._special_re = regex.compile("|".join(regex.escape(s) for s in specials)) if specials else None
         self._cache: dict[str, list[int]] = {}
-        self._fast = self._build_fast() if fast else None
+        self.tokenizers_lib = self._build_tokenizers_lib() if use_tokenizers_lib else None
 
     @property
     def vocab_size(self) -> int:
@@ -96,8 +96,9 @@ class ByteBPE:
             for sym in self._bpe(word):
                 if sym in self.vocab:
                     ids.append(self.vocab[sym])
-                else:  # a merge result missing from the vocab: fall back to its bytes
-                    ids.extend(self.vocab[c] for c in sym)
+                else:  # a merge result missing from the vocab: fall back to its bytes; a byte the vocabulary
+                    # lacks (SmolLM2 has no token for 0x04) is dropped, as ``tokenizers`` does without unk_token
+                    ids.extend(self.vocab[c] for c in sym if c in self.vocab)
             if len(self._cache) < 200_000:
                 self._cache[piece] = ids
         return ids
@@ -125,8 +126,10 @@ class ByteBPE:
                 ids.extend(self._encode_piece(piece))
         return ids
 
-    # ---- fast path --------------------------------------------------------------------------
-    def _build_fast(self):
+    # ---- tokenizers-library path (same ids as the reference path, many texts in parallel) -------
+    def _build_tokenizers_lib(self):
+        """The same vocab/merges/pre-tokenizer as a Hugging Face ``tokenizers.Tokenizer``, or None
+        when that library is not installed."""
         try:
             from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
         except ImportError:
@@ -152,8 +155,8 @@ class ByteBPE:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Many texts at once: through ``tokenizers`` (multi-threaded) when installed."""
-        if self._fast is not None:
-            ids = [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=False)]
+        if self.tokenizers_lib is not None:
+            ids = [e.ids for e in self.tokenizers_lib.encode_batch(texts, add_special_tokens=False)]
         else:
             ids = [self.encode_reference(t) for t in texts]
         if self.add_bos and self.bos_id is not None:

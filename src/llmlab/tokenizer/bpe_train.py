@@ -11,7 +11,7 @@ variant, Radford et al. 2019) — the same greedy algorithm as Hugging Face ``to
    a popped entry whose count is stale is pushed back with the current count.
 
 Stop at ``vocab_size`` or when the best pair occurs fewer than ``min_frequency`` times.
-The result is a ``ByteBPE`` (``tokenizer/bpe.py``); ``save``/``load`` use our JSON format and
+The result is a ``ByteBPE`` (``tokenizer/bpe.py``); ``write_tokenizer``/``read_tokenizer`` use our JSON format and
 ``ByteBPE.to_hf_json`` writes a ``tokenizer.json`` that ``tokenizers`` loads and encodes identically (tested).
 """
 
@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from llmlab.common import LlmlabError, atomic_path, read_json
+from llmlab.common import LlmlabError, read_json, write_text_atomic
 from llmlab.tokenizer.bpe import ByteBPE, bytes_to_unicode
 from llmlab.tokenizer.pretokenize import GPT2_PATTERN, make_pretokenizer
 
@@ -121,22 +121,21 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, special_tokens: list[str
         if progress is not None:
             progress(len(merges), target)
     vocab = {s: i for i, s in enumerate(symbols)}
-    return ByteBPE(vocab, merges, pre_steps, {s: vocab[s] for s in specials}, fast=False)
+    return ByteBPE(vocab, merges, pre_steps, {s: vocab[s] for s in specials}, use_tokenizers_lib=False)
 
 
 # ---- files ------------------------------------------------------------------------------------------
 
 
-def save(tok: ByteBPE, path: str | os.PathLike) -> None:
+def write_tokenizer(tok: ByteBPE, path: str | os.PathLike) -> None:
     """Our format: one JSON file with the pre-tokenizer steps, special tokens and merges (the vocab
     follows from them: specials, 256 bytes, then one symbol per merge)."""
     data = {"format": FORMAT, "version": 1, "pre_steps": tok.pre_steps, "special_tokens": tok.special_tokens,
             "vocab": tok.vocab, "merges": [list(m) for m in tok.merges], "bos_id": tok.bos_id, "eos_id": tok.eos_id}
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False))
 
 
-def load(path: str | os.PathLike, fast: bool = True) -> ByteBPE:
+def read_tokenizer(path: str | os.PathLike, use_tokenizers_lib: bool = True) -> ByteBPE:
     data = read_json(Path(path), "expected a tokenizer saved by 'llmlab tokenizer train'")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise LlmlabError(f"{path}: not an llmlab BPE tokenizer file (format {FORMAT!r})")
@@ -150,7 +149,7 @@ def load(path: str | os.PathLike, fast: bool = True) -> ByteBPE:
     if any(len(m) != 2 for m in merges):
         raise LlmlabError(f"{path}: malformed tokenizer file (each merge is a pair)")
     return ByteBPE(vocab, merges, pre_steps, specials, bos_id=data.get("bos_id"), eos_id=data.get("eos_id"),
-                   fast=fast)
+                   use_tokenizers_lib=use_tokenizers_lib)
 
 
 def train_files(paths: list[Path], vocab_size: int, *, special_tokens: list[str], min_frequency: int = 2,

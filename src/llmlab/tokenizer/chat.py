@@ -77,7 +77,12 @@ class _Namespace(jinja2.utils.Namespace):
 
 
 class ChatTemplate:
-    def __init__(self, source: str, special_tokens: dict[str, str] | None = None, timeout_s: float = 2.0):
+    def __init__(self, source: str, special_tokens: dict[str, str] | None = None, timeout_s: float = 2.0,
+                 where: str = ""):
+        """``where``: the file the template came from, named in every error (``model.gguf: chat template ...``)."""
+        if not isinstance(source, str):
+            raise LlmlabError(f"{where or 'chat template'}: the chat template is a {type(source).__name__}, "
+                              "not a string")
         env = _BoundedEnv(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
@@ -86,10 +91,14 @@ class ChatTemplate:
         self.source = source
         self.special_tokens = dict(special_tokens or {})  # bos_token, eos_token, ... as transformers passes
         self.timeout_s = timeout_s
+        self.where = f"{where}: " if where else ""
         try:
             self.template = env.from_string(source)
         except jinja2.TemplateSyntaxError as e:
-            raise LlmlabError(f"chat template does not parse (line {e.lineno}): {e.message}") from None
+            message = " ".join(str(e.message).split())  # one line: Jinja's messages can hold newlines
+            raise LlmlabError(f"{self.where}chat template does not parse (line {e.lineno}): {message}") from None
+        except (RecursionError, MemoryError, ValueError, OverflowError) as e:  # e.g. absurdly nested expressions
+            raise LlmlabError(f"{self.where}chat template cannot be compiled: {type(e).__name__}") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
         """Messages -> prompt text. Raises LlmlabError for a failing, hostile or slow template."""
@@ -113,16 +122,25 @@ class ChatTemplate:
         try:
             out = self.template.render(**variables)
         except TemplateTimeout:
-            raise LlmlabError(f"chat template took longer than {self.timeout_s:g}s to render: refusing it") from None
+            raise LlmlabError(f"{self.where}chat template took longer than {self.timeout_s:g}s to render: "
+                              "refusing it") from None
         except jinja2.exceptions.SecurityError as e:
-            raise LlmlabError(f"chat template refused by the sandbox: {e}") from None
+            raise LlmlabError(f"{self.where}chat template refused by the sandbox: {_line(e)}") from None
         except jinja2.exceptions.TemplateError as e:
-            raise LlmlabError(f"chat template error: {e}") from None
+            raise LlmlabError(f"{self.where}chat template error: {_line(e)}") from None
+        except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError, RecursionError,
+                MemoryError) as e:
+            # Python errors raised inside the template's own expressions ('a' + 1, x[99], 1 / 0, deep macros).
+            raise LlmlabError(f"{self.where}chat template failed: {type(e).__name__}: {_line(e)}") from None
         finally:
             sys.settrace(previous)
         if len(out) > MAX_OUTPUT_CHARS:
-            raise LlmlabError("chat template produced an over-long prompt: refusing it")
+            raise LlmlabError(f"{self.where}chat template produced an over-long prompt: refusing it")
         return out
+
+
+def _line(err: Exception) -> str:
+    return " ".join(str(err).split())[:300]
 
 
 # ChatML, the fallback for models that ship no template (the format SmolLM2 uses).

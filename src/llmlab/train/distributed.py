@@ -81,6 +81,22 @@ def wrap(model: nn.Module, world: World, parallel: str) -> nn.Module:
     return model
 
 
+def describe(wrapped: nn.Module) -> dict:
+    """What ``setup`` and ``wrap`` actually did, for the run's metrics: the size of the joined process group,
+    the wrapper class, and how many modules FSDP shards (blocks + root)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not (dist.is_available() and dist.is_initialized()):  # one process: nothing was joined or wrapped
+        return {"world_size": 1, "wrapper": "none", "fsdp_modules": 0}
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = sum(isinstance(m, FSDPModule) for m in wrapped.modules())
+    wrapper = ("DistributedDataParallel" if isinstance(wrapped, DistributedDataParallel)
+               else "FSDPModule" if isinstance(wrapped, FSDPModule) else "none")
+    joined = dist.get_world_size()
+    return {"world_size": joined, "wrapper": wrapper, "fsdp_modules": sharded}
+
+
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a model: every ``layers`` ModuleList, at any depth."""
     return [block for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList)

@@ -1,5 +1,5 @@
 """THE training loop. Pretraining, MLM, and later SFT, LoRA, DPO and distillation are all a ``Task``
-(a model, a loss, and which parameters train) handed to ``train`` (DESIGN.md rule 7).
+(a model, a loss, and which parameters train) handed to ``train`` (docs/architecture.md, "One training loop").
 
 One optimizer step:
 
@@ -36,15 +36,15 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from llmlab.common import LlmlabError, human_count, log
-from llmlab.config import to_dict
+from llmlab.common import LlmlabError, human_count, log, write_text_atomic
+from llmlab.dataclass_io import to_dict
 from llmlab.formats import checkpoint as ckpt
 from llmlab.formats import hf
 from llmlab.models.config import ModelConfig
 from llmlab.nn.autocast import autocast, cpu_has_native
 from llmlab.train import distributed as dist_
 from llmlab.train.optim import SCHEDULES, build_adamw, lr_at
-from llmlab.train.report import Metrics, plot_curves, write_file
+from llmlab.train.report import Metrics, plot_curves
 
 
 @dataclass
@@ -180,13 +180,51 @@ def _check_compatible(folder: Path, task: Task, cfg: TrainConfig) -> None:
                           "same model flags or a new --out folder")
 
 
-def train(task: Task, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = True) -> TrainResult:
-    from tqdm import tqdm
+@dataclass
+class _Run:
+    """One call of ``train``: what it set up, and the counters that the step / evaluate / save functions
+    below read and update. Nothing here outlives the call."""
 
+    task: Task
+    cfg: TrainConfig
+    run_dir: Path
+    world: dist_.World
+    micro: int  # rows per forward pass on this process
+    accum: int  # micro-batches per optimizer step
+    wrapped: nn.Module  # the model under DDP / FSDP (or the model itself on one process)
+    forward_model: nn.Module  # ``wrapped``, compiled with --compile
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    metrics: Metrics
+    checkpointed_blocks: int = 0
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_before: float = 0.0  # seconds spent by earlier runs this one resumed
+    t_start: float = 0.0
+    resumed_from: int | None = None
+    last_loss: float | None = None
+    last_val: float | None = None
+    last_ckpt: Path | None = None
+    skipped_steps: int = 0
+    tokenizer_files: tuple[str, dict] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def say(self, message: str) -> None:
+        if self.world.is_main:
+            print(f"llmlab: {message}", flush=True)
+
+
+def _setup(task: Task, cfg: TrainConfig, run_dir: Path) -> _Run:
+    """Join the process group, split the global batch into micro-batches, wrap the model, build AdamW."""
     from llmlab.common import pick_device
 
-    cfg.validate()
-    run_dir = Path(run_dir)
     world = dist_.setup(pick_device(cfg.device))
     device = world.device
     per_rank_rows = cfg.batch_size // world.world_size
@@ -196,7 +234,6 @@ def train(task: Task, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = T
     if per_rank_rows % micro:
         raise LlmlabError(f"--micro-batch {micro} must divide the per-process batch {per_rank_rows} "
                           f"(--batch-size {cfg.batch_size} / {world.world_size} processes)")
-    accum = per_rank_rows // micro
     if cfg.dtype == "float16" and device.type == "cpu" and not hasattr(torch.amp, "GradScaler"):
         raise LlmlabError("float16 training needs torch.amp.GradScaler: use --dtype bfloat16")
 
@@ -205,160 +242,197 @@ def train(task: Task, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = T
             and not cpu_has_native(getattr(torch, cfg.dtype)):
         print(f"llmlab: this CPU has no {cfg.dtype} matmul units; {cfg.dtype} autocast is emulated on float32 "
               "units (operands and results rounded to the same precision, see llmlab.nn.autocast)", flush=True)
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing_(model)
+    checkpointed = enable_activation_checkpointing_(model) if cfg.activation_checkpointing else 0
     wrapped = dist_.wrap(model, world, cfg.parallel)
     optimizer = build_adamw(wrapped, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
-    forward_model = torch.compile(wrapped) if cfg.compile else wrapped
+    return _Run(task=task, cfg=cfg, run_dir=run_dir, world=world, micro=micro, accum=per_rank_rows // micro,
+                wrapped=wrapped, forward_model=torch.compile(wrapped) if cfg.compile else wrapped,
+                optimizer=optimizer, scaler=scaler, metrics=Metrics(run_dir / "metrics.jsonl", enabled=world.is_main),
+                checkpointed_blocks=checkpointed)
 
-    ckpt_root = run_dir / "checkpoints"
-    metrics = Metrics(run_dir / "metrics.jsonl", enabled=world.is_main)
-    start_step, resumed_from, tokens_seen, elapsed_before = 0, None, 0, 0.0
+
+def _resume(run: _Run, resume: bool) -> None:
+    """Restore model, optimizer, scaler, RNG, step and counters from the newest checkpoint that verifies,
+    and cut metrics.jsonl back to that step; without one, start a fresh metrics file."""
     found = None
     if resume:
-        found, skipped = ckpt.latest(ckpt_root)
+        found, skipped = ckpt.latest(run.ckpt_root)
         for msg in skipped:
-            if world.is_main:
-                print(f"llmlab: {msg}", flush=True)
-    if found is not None:
-        _check_compatible(found, task, cfg)
-        _, core = ckpt.load_model_state(found)
-        extras = {name: ckpt.safetensors.load(found / name) for name in task.extra_files()}
-        state = ckpt.load_training_state(found)
-        dist_.load_full_state(wrapped, optimizer, task.join_state(core, extras), state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        start_step = resumed_from = int(state["step"])
-        tokens_seen = int(state["tokens"])
-        elapsed_before = float(state.get("elapsed", 0.0))
-        metrics.truncate_after(start_step)
+            run.say(msg)
+    run.last_ckpt = found
+    if found is None:
+        run.metrics.reset()
+        return
+    _check_compatible(found, run.task, run.cfg)
+    _, core = ckpt.load_model_state(found)
+    extras = {name: ckpt.safetensors.load(found / name) for name in run.task.extra_files()}
+    state = ckpt.load_training_state(found)
+    dist_.load_full_state(run.wrapped, run.optimizer, run.task.join_state(core, extras), state["optimizer"])
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    run.step = run.resumed_from = int(state["step"])
+    run.tokens_seen = int(state["tokens"])
+    run.elapsed_before = float(state.get("elapsed", 0.0))
+    run.metrics.truncate_after(run.step)
+    run.say(f"resuming from {found} (step {run.step})")
+
+
+def _train_step(run: _Run, params: list[nn.Parameter]) -> dict:
+    """One optimizer step (see the module docstring); returns its metrics record. A non-finite loss or
+    gradient stops the run (``on_nan="stop"``) or skips the update (``"skip"``)."""
+    cfg, world, optimizer, scaler = run.cfg, run.world, run.optimizer, run.scaler
+    step = run.step
+    lr = lr_at(step, lr=cfg.lr, warmup=cfg.warmup, total=cfg.steps, schedule=cfg.schedule,
+               min_lr_ratio=cfg.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    step_loss, step_tokens = 0.0, 0
+    for m in range(run.accum):
+        first_row = (m * world.world_size + world.rank) * run.micro
+        # DDP all-reduces gradients on the last micro-batch only.
+        sync = m == run.accum - 1 or not hasattr(run.wrapped, "no_sync")
+        with (contextlib.nullcontext() if sync else run.wrapped.no_sync()), autocast(run.device, cfg.dtype):
+            loss, n_tok = run.task.loss(run.forward_model, step, first_row, run.micro, cfg.batch_size)
+            loss = loss / run.accum
+        scaler.scale(loss).backward()
+        step_loss += float(loss.detach())
+        step_tokens += n_tok
+    scaler.unscale_(optimizer)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+    step_loss = dist_.all_mean(step_loss, world)
+    # With fp16 loss scaling an inf gradient is expected now and then: the scaler skips that step itself.
+    finite = math.isfinite(step_loss) and (math.isfinite(gnorm) or scaler.is_enabled())
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
+        if cfg.on_nan == "stop":
+            where = f"; the last good checkpoint is {run.last_ckpt}" if run.last_ckpt else ""
+            raise LlmlabError(f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient'} at "
+                              f"step {step + 1} (loss {step_loss}, grad norm {gnorm}){where}: lower "
+                              "--lr, use --dtype bfloat16, or --on-nan skip")
+        run.skipped_steps += 1
         if world.is_main:
-            print(f"llmlab: resuming from {found} (step {start_step})", flush=True)
+            log.warning("step %d: non-finite loss or gradient, step skipped", step + 1)
     else:
-        metrics.reset()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    run.step = step + 1
+    tokens = step_tokens * world.world_size
+    run.tokens_seen += tokens
+    run.last_loss = step_loss
+    record = {"kind": "train", "step": run.step, "loss": step_loss, "lr": lr, "grad_norm": gnorm,
+              "tokens": run.tokens_seen, **run.task.aux_stats()}
+    if not finite:
+        record["skipped"] = True
+    run.metrics.log(record)
+    return record
+
+
+def _evaluate(run: _Run) -> float:
+    """Mean validation loss over ``eval_batches`` batches (averaged over processes), logged."""
+    cfg, world, micro = run.cfg, run.world, run.micro
+    run.wrapped.eval()
+    losses = []
+    with torch.no_grad(), autocast(run.device, cfg.dtype):
+        for i in range(cfg.eval_batches):
+            loss, _ = run.task.loss(run.forward_model, i, world.rank * micro, micro, micro * world.world_size, "val")
+            losses.append(float(loss))
+    run.wrapped.train()
+    val = dist_.all_mean(sum(losses) / len(losses), world)
+    run.metrics.log({"kind": "eval", "step": run.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+    run.last_val = val
+    return val
+
+
+def _save(run: _Run) -> Path | None:
+    """Checkpoint the current step (model, optimizer, scaler, RNG, counters); every process takes part
+    in gathering the state, rank 0 writes it. Returns the folder (None on other ranks)."""
+    msd, osd = dist_.full_state(run.wrapped, run.optimizer)
+    path = None
+    if run.world.is_main:
+        core, extras = run.task.split_state(msd)
+        scaler = run.scaler
+        path = ckpt.save(run.ckpt_root, run.step, run.task.model_config, core, extra_tensors=extras,
+                         training_state={"optimizer": osd, "scaler": scaler.state_dict() if scaler.is_enabled()
+                                         else None, "rng": torch.get_rng_state(), "step": run.step,
+                                         "tokens": run.tokens_seen,
+                                         "elapsed": run.elapsed_before + time.perf_counter() - run.t_start},
+                         trainer_state={"tokens": run.tokens_seen, "train_loss": run.last_loss,
+                                        "val_loss": run.last_val},
+                         tokenizer=run.tokenizer_files,
+                         keep=run.cfg.keep_checkpoints)
+    dist_.barrier(run.world)
+    run.last_ckpt = path or run.last_ckpt
+    return path
+
+
+def train(task: Task, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = True) -> TrainResult:
+    """Train ``task`` for ``cfg.steps`` optimizer steps (from the newest checkpoint under ``run_dir`` when
+    ``resume``), evaluating and checkpointing on schedule; Ctrl-C / SIGTERM / --max-minutes stop after a step
+    with a checkpoint."""
+    from tqdm import tqdm
+
+    cfg.validate()
+    run_dir = Path(run_dir)
+    run = _setup(task, cfg, run_dir)
+    world = run.world
+    _resume(run, resume)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_file(run_dir / "train_config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+        write_text_atomic(run_dir / "train_config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+    # what this (re)start actually set up, so a run folder shows it (and tests can check it)
+    run.metrics.log({"kind": "setup", "step": run.step, **dist_.describe(run.wrapped), "micro_batch": run.micro,
+                     "accum": run.accum, "checkpointed_blocks": run.checkpointed_blocks})
 
-    params = [p for p in wrapped.parameters() if p.requires_grad]
+    params = [p for p in run.wrapped.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in task.model.parameters())
-    last_loss = last_val = None
-    last_ckpt = found
     stopped = "done"
-    t_start = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start_step, desc=task.name, unit="step",
+    run.t_start = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=run.step, desc=task.name, unit="step",
                disable=not (cfg.progress and world.is_main), dynamic_ncols=True)
-    window_tokens, window_t0 = 0, time.perf_counter()
-    skipped_steps = 0
-
-    def evaluate(step: int) -> float:
-        wrapped.eval()
-        losses = []
-        with torch.no_grad(), autocast(device, cfg.dtype):
-            for i in range(cfg.eval_batches):
-                loss, _ = task.loss(forward_model, i, world.rank * micro, micro, micro * world.world_size, "val")
-                losses.append(float(loss))
-        wrapped.train()
-        val = dist_.all_mean(sum(losses) / len(losses), world)
-        metrics.log({"kind": "eval", "step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
-        return val
-
-    def save(step: int) -> Path | None:
-        msd, osd = dist_.full_state(wrapped, optimizer)
-        path = None
-        if world.is_main:
-            core, extras = task.split_state(msd)
-            path = ckpt.save(ckpt_root, step, task.model_config, core, extra_tensors=extras,
-                             training_state={"optimizer": osd, "scaler": scaler.state_dict() if scaler.is_enabled()
-                                             else None, "rng": torch.get_rng_state(), "step": step,
-                                             "tokens": tokens_seen,
-                                             "elapsed": elapsed_before + time.perf_counter() - t_start},
-                             trainer_state={"tokens": tokens_seen, "train_loss": last_loss, "val_loss": last_val},
-                             tokenizer=tokenizer_files,
-                             keep=cfg.keep_checkpoints)
-        dist_.barrier(world)
-        return path
-
-    tokenizer_files = task.tokenizer_files() if world.is_main else None
-    wrapped.train()
-    step = start_step
+    window_tokens, window_t0 = 0, time.perf_counter()  # tokens/s over the last log_every steps
+    run.tokenizer_files = task.tokenizer_files() if world.is_main else None
+    run.wrapped.train()
     with _StopFlag() as stop:
         try:
-            while step < cfg.steps:
-                lr = lr_at(step, lr=cfg.lr, warmup=cfg.warmup, total=cfg.steps, schedule=cfg.schedule,
-                           min_lr_ratio=cfg.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                step_loss, step_tokens = 0.0, 0
-                for m in range(accum):
-                    first_row = (m * world.world_size + world.rank) * micro
-                    sync = m == accum - 1 or not hasattr(wrapped, "no_sync")
-                    with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(device, cfg.dtype):
-                        loss, n_tok = task.loss(forward_model, step, first_row, micro, cfg.batch_size)
-                        loss = loss / accum
-                    scaler.scale(loss).backward()
-                    step_loss += float(loss.detach())
-                    step_tokens += n_tok
-                scaler.unscale_(optimizer)
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-                step_loss = dist_.all_mean(step_loss, world)
-                finite = math.isfinite(step_loss) and (math.isfinite(gnorm) or scaler.is_enabled())
-                if not finite:
-                    optimizer.zero_grad(set_to_none=True)
-                    if cfg.on_nan == "stop":
-                        where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
-                        raise LlmlabError(f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient'} at "
-                                          f"step {step + 1} (loss {step_loss}, grad norm {gnorm}){where}: lower "
-                                          "--lr, use --dtype bfloat16, or --on-nan skip")
-                    skipped_steps += 1
-                    if world.is_main:
-                        log.warning("step %d: non-finite loss or gradient, step skipped", step + 1)
-                else:
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens = step_tokens * world.world_size
-                tokens_seen += tokens
-                window_tokens += tokens
-                last_loss = step_loss
-                record = {"kind": "train", "step": step, "loss": step_loss, "lr": lr, "grad_norm": gnorm,
-                          "tokens": tokens_seen, **task.aux_stats()}
-                if not finite:
-                    record["skipped"] = True
-                metrics.log(record)
+            while run.step < cfg.steps:
+                tokens_before = run.tokens_seen
+                record = _train_step(run, params)
+                step = run.step
+                window_tokens += run.tokens_seen - tokens_before
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     now = time.perf_counter()
                     tps = window_tokens / max(1e-9, now - window_t0)
                     window_tokens, window_t0 = 0, now
-                    bar.set_postfix_str(f"loss {step_loss:.3f} lr {lr:.2e} {human_count(tps)} tok/s"
-                                        + (f" val {last_val:.3f}" if last_val is not None else ""), refresh=False)
+                    bar.set_postfix_str(f"loss {record['loss']:.3f} lr {record['lr']:.2e} {human_count(tps)} tok/s"
+                                        + (f" val {run.last_val:.3f}" if run.last_val is not None else ""),
+                                        refresh=False)
                 bar.update(1)
-                elapsed = time.perf_counter() - t_start
-                over_time = cfg.max_minutes > 0 and elapsed_before + elapsed >= cfg.max_minutes * 60
+                elapsed = time.perf_counter() - run.t_start
+                over_time = cfg.max_minutes > 0 and run.elapsed_before + elapsed >= cfg.max_minutes * 60
                 stop_now = stop.reason is not None
-                if world.distributed:
+                if world.distributed:  # every process stops at the same step
                     stop_now = dist_.all_mean(float(stop_now or over_time), world) > 0
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                    last_val = evaluate(step)
+                    _evaluate(run)
                 if stop_now or over_time:
                     stopped = "interrupted" if stop.reason else "time limit"
                     break
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    last_ckpt = save(step) or last_ckpt
+                    _save(run)
         finally:
             bar.close()
     if stopped == "done" or stopped == "time limit":
-        last_val = evaluate(step)
-    last_ckpt = save(step) or last_ckpt
+        _evaluate(run)
+    _save(run)
     if world.is_main:
-        plot_curves(metrics.read(), run_dir / "loss.png", title=f"{task.name}: {human_count(n_params)} parameters")
-    result = TrainResult(step=step, run_dir=run_dir, train_loss=last_loss, val_loss=last_val, tokens=tokens_seen,
-                         seconds=elapsed_before + time.perf_counter() - t_start, stopped=stopped,
-                         checkpoint=last_ckpt, resumed_from=resumed_from)
-    if skipped_steps and world.is_main:
-        print(f"llmlab: {skipped_steps} step(s) skipped for non-finite values", flush=True)
+        plot_curves(run.metrics.read(), run_dir / "loss.png", title=f"{task.name}: {human_count(n_params)} parameters")
+    result = TrainResult(step=run.step, run_dir=run_dir, train_loss=run.last_loss, val_loss=run.last_val,
+                         tokens=run.tokens_seen, seconds=run.elapsed_before + time.perf_counter() - run.t_start,
+                         stopped=stopped, checkpoint=run.last_ckpt, resumed_from=run.resumed_from)
+    if run.skipped_steps and world.is_main:
+        print(f"llmlab: {run.skipped_steps} step(s) skipped for non-finite values", flush=True)
     return result

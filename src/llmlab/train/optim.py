@@ -37,6 +37,8 @@ def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[f
 def lr_at(step: int, *, lr: float, warmup: int, total: int, schedule: str = "cosine",
           min_lr_ratio: float = 0.1) -> float:
     """Learning rate for optimizer step ``step`` (0-based) of ``total``."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}: choose from {', '.join(SCHEDULES)}")
     if warmup > 0 and step < warmup:
         return lr * (step + 1) / warmup
     if schedule == "constant" or total <= warmup:

@@ -20,16 +20,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmlab.common import LlmlabError, human_count, seed_everything
-from llmlab.config import to_dict
+from llmlab.common import LlmlabError, human_count, seed_everything, write_text_atomic
 from llmlab.data.shards import PrepareConfig, TokenShards, prepare
+from llmlab.dataclass_io import to_dict
+from llmlab.formats import checkpoint as ckpt
+from llmlab.formats.load import model_from_state
 from llmlab.models.config import ModelConfig
 from llmlab.models.registry import build_model
 from llmlab.nn.moe import MoEFeedForward, moe_aux_loss, moe_dropped
 from llmlab.train import distributed as dist_
 from llmlab.train.loop import TrainConfig, TrainResult, train
 from llmlab.train.mlm import IGNORE, MaskedLM, mask_tokens, mlm_loss
-from llmlab.train.report import write_file, write_summary
+from llmlab.train.report import write_summary
 
 DEFAULT_DATA = "data/stdlib"
 
@@ -199,17 +201,23 @@ def build_task(pcfg: PretrainConfig, mflags: ModelFlags, tcfg: TrainConfig):
     return CausalLMTask(build_model(cfg), cfg, shards, tcfg.seq_len, tcfg.seed)
 
 
-def sample_text(task: CausalLMTask, prompt: str, n_tokens: int, seed: int = 0) -> str | None:
-    """A sampled continuation (temperature 0.8, top-k 40) from the trained model."""
+def sample_text(task: CausalLMTask, checkpoint: Path | None, prompt: str, n_tokens: int,
+                seed: int = 0) -> str | None:
+    """A sampled continuation (temperature 0.8, top-k 40) from the saved checkpoint.
+
+    The sample is drawn from a fresh single-process model loaded from ``checkpoint``, not from
+    ``task.model``: under FSDP the trained model is sharded across ranks, and rank 0 alone cannot run
+    it (the other ranks have left the collective). It also shows the checkpoint loads and runs."""
     from llmlab.data.shards import load_tokenizer
     from llmlab.infer.generate import generate
     from llmlab.infer.sample import SamplingParams
 
-    if n_tokens <= 0 or isinstance(task, MaskedLMTask):
+    if n_tokens <= 0 or isinstance(task, MaskedLMTask) or checkpoint is None:
         return None
     tok = load_tokenizer(str(task.shards.folder / "tokenizer.json"))
     ids = tok.encode(prompt) or [int(task.shards.meta["separator_id"])]
-    model = task.model.eval()
+    cfg, state = ckpt.load_model_state(checkpoint)
+    model = model_from_state(cfg, state, where=str(checkpoint)).eval()
     n = min(n_tokens, task.model_config.max_seq_len - len(ids))
     if n < 1:
         return None
@@ -225,15 +233,15 @@ def run_pretrain(pcfg: PretrainConfig, mflags: ModelFlags, tcfg: TrainConfig) ->
     world_rank = int(os.environ.get("RANK", "0"))
     if world_rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        write_file(out / "config.json", json.dumps({"pretrain": to_dict(pcfg), "model": to_dict(task.model_config),
-                                                    "train": to_dict(tcfg)}, indent=2) + "\n")
+        resolved = {"pretrain": to_dict(pcfg), "model": to_dict(task.model_config), "train": to_dict(tcfg)}
+        write_text_atomic(out / "config.json", json.dumps(resolved, indent=2) + "\n")
         print(f"llmlab: {task.model_config.arch} {human_count(n_params)} parameters, "
               f"{task.shards.tokens('train'):,} training tokens, {tcfg.steps} steps x {tcfg.batch_size} x "
               f"{tcfg.seq_len} tokens -> {out}", flush=True)
     try:
         result = train(task, tcfg, out, resume=pcfg.resume)
         if world_rank == 0:
-            text = sample_text(task, pcfg.sample_prompt, pcfg.sample_tokens, seed=tcfg.seed) \
+            text = sample_text(task, result.checkpoint, pcfg.sample_prompt, pcfg.sample_tokens, seed=tcfg.seed) \
                 if result.stopped != "interrupted" else None
             lines = [f"# {task.name}: {task.model_config.arch}, {human_count(n_params)} parameters", "",
                      f"- steps: {result.step} ({result.stopped}), tokens: {result.tokens:,}, "
@@ -242,7 +250,7 @@ def run_pretrain(pcfg: PretrainConfig, mflags: ModelFlags, tcfg: TrainConfig) ->
                      f"- final validation loss: {result.val_loss:.4f}" if result.val_loss is not None else "",
                      f"- checkpoint: {result.checkpoint}", "", "![loss](loss.png)"]
             if text is not None:
-                write_file(out / "sample.txt", text + "\n")
+                write_text_atomic(out / "sample.txt", text + "\n")
                 lines += ["", "## Sample", "", "```python", text, "```"]
             write_summary(out / "summary.md", lines)
             if text is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmlab.common import atomic_path
+from llmlab.common import atomic_path, write_text_atomic
 
 
 class Metrics:
@@ -22,8 +22,7 @@ class Metrics:
             return
         keep = [line for line in self.path.read_text().splitlines()
                 if line.strip() and _step_of(line) is not None and _step_of(line) <= step]
-        with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in keep))
+        write_text_atomic(self.path, "".join(line + "\n" for line in keep))
 
     def reset(self) -> None:
         if self.enabled:
@@ -83,11 +82,5 @@ def plot_curves(records: list[dict], path: Path, title: str = "training") -> Pat
     return path
 
 
-def write_file(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file, fsync, rename)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 def write_summary(path: Path, lines: list[str]) -> None:
-    write_file(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")

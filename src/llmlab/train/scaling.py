@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmlab.common import LlmlabError, atomic_path, human_count
+from llmlab.common import LlmlabError, atomic_path, human_count, write_text_atomic
 from llmlab.train.loop import TrainConfig, train
 from llmlab.train.pretrain import DEFAULT_DATA, ModelFlags, PretrainConfig, build_task
 from llmlab.train.report import Metrics
@@ -119,8 +119,7 @@ def run_scaling(cfg: ScalingConfig) -> dict:
     fit_c = fit_power_law([c for c, _ in front], [loss for _, loss in front]) if len(front) >= 2 else None
     summary = {"runs": runs, "fit_loss_vs_params": fit_n, "fit_loss_vs_compute": fit_c, "frontier": front,
                "tokens": cfg.steps * cfg.batch_size * cfg.seq_len}
-    with atomic_path(out / "scaling.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "scaling.json", json.dumps(summary, indent=2) + "\n")
     plot_scaling(summary, out / "scaling.png")
     return summary
 

@@ -1,4 +1,7 @@
-"""Typed configs: dataclass <-> JSON dict, and dataclass -> argparse flags (one small helper).
+"""Dataclasses in and out: dataclass <-> JSON dict, and dataclass -> argparse flags -> dataclass.
+
+The configs themselves (``ModelConfig`` in ``models/config.py``, ``TrainConfig``, ``SamplingParams``, ...)
+live next to the code they configure; this module only moves any of them to and from JSON and the CLI.
 
 Every flag's help text comes from the dataclass field's ``metadata["help"]`` and shows its default.
 """
@@ -12,7 +15,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from llmlab.common import LlmlabError
+from llmlab.common import LlmlabError, write_text_atomic
 
 T = TypeVar("T")
 
@@ -31,10 +34,7 @@ def from_dict(cls: type[T], data: dict[str, Any], *, strict: bool = True) -> T:
 
 
 def save_json(cfg: Any, path) -> None:
-    from llmlab.common import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    write_text_atomic(path, json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
 def _base_type(tp: Any) -> Any:
@@ -47,8 +47,10 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """Add one ``--flag-name`` per dataclass field, with its default shown in --help."""
+def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
+              unset: dict[str, str] | None = None) -> None:
+    """Add one ``--flag-name`` per dataclass field, with its default shown in --help. Fields named in
+    ``unset`` default to None instead (the caller resolves them), their help saying what that means."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or f.metadata.get("cli") is False:
@@ -57,6 +59,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ..
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "") + f" (default: {default})"
+        if unset and f.name in unset:
+            default, help_text = None, f.metadata.get("help", "") + f" (default: {unset[f.name]})"
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
