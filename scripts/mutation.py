@@ -61,6 +61,8 @@ _EMPTY_CHUNK = "the extra chunk is empty text, which pre-tokenizes to no pieces"
 _ADDED = ("the tokenizer has no normalizer, and add_special_tokens marks the tokens special whatever the "
           "AddedToken says")
 _CACHE = "the per-piece cache only saves time: a miss recomputes the same ids"
+_FITS = ("the 24-byte minimum is checked before the header is read, so this field always fits and its name "
+         "never reaches an error message")
 EQUIVALENT: dict[str, dict[str, str]] = {
     "sample": {
         "penalized = torch.where(logits <= 0, logits * p.repetition_penalty, logits / p.repetition_penalty)":
@@ -142,6 +144,22 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "ids = self._cache.get(None)": _CACHE,
         "ids = [e.ids for e in self.tokenizers_lib.encode_batch(texts, )]": _NO_POST,
         "ids = [e.ids for e in self.tokenizers_lib.encode_batch(texts, add_special_tokens=True)]": _NO_POST,
+    },
+    "gguf": {
+        'self.version = cur.scalar("I", 4, None)': _FITS,
+        'self.version = cur.scalar("I", 4, "XXversionXX")': _FITS,
+        'self.version = cur.scalar("I", 4, "VERSION")': _FITS,
+        'n_tensors = cur.scalar("Q", 8, None)': _FITS,
+        'n_tensors = cur.scalar("Q", 8, "XXtensor countXX")': _FITS,
+        'n_tensors = cur.scalar("Q", 8, "TENSOR COUNT")': _FITS,
+        'n_kv = cur.scalar("Q", 8, None)': _FITS,
+        'n_kv = cur.scalar("Q", 8, "XXmetadata countXX")': _FITS,
+        'n_kv = cur.scalar("Q", 8, "METADATA COUNT")': _FITS,
+        "with open(self.path, ) as f:": "the file is only fstat'ed and mmap'ed through its descriptor, never read "
+                                       "as text",
+        'return raw.decode("UTF-8")': _UTF8,
+        'append(buf[pos:pos + n].decode("UTF-8", errors="replace"))': _UTF8,
+        'return raw.decode("UTF-8", errors="replace")': _UTF8,
     },
     "wordpiece": {
         "if 34 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:": _P_ANYWAY,

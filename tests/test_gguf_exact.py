@@ -250,3 +250,25 @@ def test_integer_metadata_picks_uint32_while_it_fits():
     write_gguf(path, values, {})
     f = GGUFFile(path)
     assert f.metadata == values and [f.metadata_types[k] for k in values] == [4, 4, 11, 11]
+
+
+U32, U64 = 2**32 - 1, 2**64 - 1
+
+
+@pytest.mark.parametrize("blob,needle", [
+    (_file(version=U32), f"unsupported GGUF version {U32}"),
+    (_file(n_tensors=U64), "more than the file can hold"),
+    (_file(n_kv=U64), "more than the file can hold"),
+    (_file([_kv("k", U32, b"")] + [b"\0" * 20]), f"metadata 'k' has unknown value type {U32}"),
+    (_file([_kv("k", 9, struct.pack("<IQ", U32, 1))] + [b"\0" * 20]), f"array 'k' has unknown item type {U32}"),
+    (_file([_kv("k", 9, struct.pack("<IQ", 4, U64))] + [b"\0" * 20]), f"array 'k' declares {U64} items"),
+    (_file([_kv("k", 8, struct.pack("<Q", U64) + b"xy")]), f"string value of 'k' needs {U64} bytes"),
+    (_file(tensors=[_s("t") + struct.pack("<I", U32) + b"\0" * 80]), f"tensor 't' has {U32} dimensions"),
+    (_file(tensors=[_tensor("t", [U64])], data=F32x4), f"tensor 't' declares an absurd shape [{U64}]"),
+    (_file(tensors=[_tensor("t", [4], ttype=U32)], data=F32x4), f"tensor 't' has unknown ggml type {U32}"),
+    (_file(tensors=[_tensor("t", [4], offset=U64 - 31)], data=F32x4), "lies past the end of the file"),
+])
+def test_header_integers_are_unsigned(blob, needle):
+    """GGUF's counts, types, lengths, shapes and offsets are unsigned: all-ones bytes are a huge value,
+    refused and named as such, never read as -1 (which would make a count of -1 items look harmless)."""
+    _refused(blob, needle)
