@@ -43,7 +43,7 @@ from llmlab.formats import hf
 from llmlab.models.config import ModelConfig
 from llmlab.nn.autocast import autocast, cpu_has_native
 from llmlab.train import distributed as dist_
-from llmlab.train.optim import SCHEDULES, build_adamw, lr_at
+from llmlab.train.optim import OPTIMIZERS, SCHEDULES, build_adamw, lr_at
 from llmlab.train.report import Metrics, plot_curves
 
 
@@ -79,6 +79,9 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "progress-bar refresh / metrics line every N steps"})
     parallel: str = field(default="ddp", metadata={"help": "under torchrun: ddp or fsdp (full sharding)",
                                                    "choices": dist_.PARALLEL})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw (fp32 moments, 8 bytes of state per parameter) or adamw8bit (blockwise 8-bit moments, "
+                "about 2 bytes; train/adamw8bit.py)", "choices": OPTIMIZERS})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, mps or auto"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -93,6 +96,8 @@ class TrainConfig:
             raise LlmlabError(f"--lr must be a positive number, got {self.lr}")
         if self.keep_checkpoints < 1 or self.eval_batches < 1 or self.log_every < 1:
             raise LlmlabError("--keep-checkpoints, --eval-batches and --log-every must be >= 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise LlmlabError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         return self
 
 
@@ -244,7 +249,10 @@ def _setup(task: Task, cfg: TrainConfig, run_dir: Path) -> _Run:
               "units (operands and results rounded to the same precision, see llmlab.nn.autocast)", flush=True)
     checkpointed = enable_activation_checkpointing_(model) if cfg.activation_checkpointing else 0
     wrapped = dist_.wrap(model, world, cfg.parallel)
-    optimizer = build_adamw(wrapped, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    if cfg.optimizer == "adamw8bit" and world.distributed and cfg.parallel == "fsdp":
+        raise LlmlabError("--optimizer adamw8bit does not take FSDP-sharded parameters yet: use --parallel ddp")
+    optimizer = build_adamw(wrapped, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                            eight_bit=cfg.optimizer == "adamw8bit")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     return _Run(task=task, cfg=cfg, run_dir=run_dir, world=world, micro=micro, accum=per_rank_rows // micro,
                 wrapped=wrapped, forward_model=torch.compile(wrapped) if cfg.compile else wrapped,

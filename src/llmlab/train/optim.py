@@ -13,7 +13,10 @@ import math
 import torch
 from torch import nn
 
+from llmlab.train.adamw8bit import AdamW8bit
+
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -27,9 +30,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
-                eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; the fused kernel when every parameter is on CUDA."""
+                eps: float = 1e-8, eight_bit: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; the fused kernel when every parameter is on CUDA. ``eight_bit``:
+    the same update with blockwise 8-bit moments (``train/adamw8bit.py``)."""
     groups = param_groups(model, weight_decay)
+    if eight_bit:
+        return AdamW8bit(groups, lr=lr, betas=betas, eps=eps)
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if on_cuda else None)
 
