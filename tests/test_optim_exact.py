@@ -111,3 +111,14 @@ def test_constant_and_degenerate_schedules():
 def test_an_unknown_schedule_is_refused():
     with pytest.raises(ValueError, match="unknown learning-rate schedule 'cosin': choose from cosine, linear"):
         lr_at(5, lr=1.0, warmup=0, total=10, schedule="cosin")
+
+
+def test_eight_bit_build_keeps_the_groups_and_hyper_parameters():
+    from llmlab.train.adamw8bit import AdamW8bit
+
+    model = torch.nn.Sequential(torch.nn.Linear(80, 64), torch.nn.LayerNorm(64))
+    opt = build_adamw(model, 2e-3, 0.05, (0.8, 0.9), eps=1e-6, eight_bit=True)
+    assert isinstance(opt, AdamW8bit)
+    got = [(len(g["params"]), g["lr"], g["betas"], g["eps"], g["weight_decay"]) for g in opt.param_groups]
+    assert got == [(1, 2e-3, (0.8, 0.9), 1e-6, 0.05), (3, 2e-3, (0.8, 0.9), 1e-6, 0.0)]
+    assert not isinstance(build_adamw(model, 2e-3, 0.05), AdamW8bit)
