@@ -14,7 +14,7 @@ from torch import nn
 import llmlab.train.adamw8bit as adamw8bit
 from llmlab.common import LlmlabError
 from llmlab.nn.nf4 import dequantize_blockwise, dynamic_code_8bit, quantize_blockwise
-from llmlab.train.adamw8bit import AdamW8bit, state_bytes, unsigned_dynamic_code_8bit
+from llmlab.train.adamw8bit import AdamW8bit, state_bytes
 
 HP = dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
@@ -49,7 +49,7 @@ def _reference_quantize(x: list[float], code: list[float]) -> tuple[list[int], f
 # ---- (1) the quantization, by hand and against the published algorithm ----
 
 def test_hand_worked_block():
-    signed, unsigned = dynamic_code_8bit(), unsigned_dynamic_code_8bit()
+    signed, unsigned = dynamic_code_8bit(), dynamic_code_8bit(signed=False)
     # exponent 10^0, the top decade: the signed map has 64 levels (midpoints of 0.1 + k * 0.9/64), the unsigned
     # one 128 (0.1 + k * 0.9/128). 0.5 is nearest to 0.1 + 28.5 * 0.0140625 = 0.50078125 (signed; index 128 + 1
     # + 2 + 4 + 8 + 16 + 32 + 28 = 219, after the 127 negatives and zero) and 0.1 + 56.5 * 0.00703125 =
@@ -87,7 +87,7 @@ def test_first_step_is_the_published_algorithm():
     assert torch.equal(p8, p32)
     state = opt.state[p8]
     for key, exact, code in [("exp_avg", 0.1 * g, dynamic_code_8bit()),
-                             ("exp_avg_sq", 0.001 * g * g, unsigned_dynamic_code_8bit())]:
+                             ("exp_avg_sq", 0.001 * g * g, dynamic_code_8bit(signed=False))]:
         for b in (0, 7, 19):  # a few blocks, by the element-by-element reference
             block = exact.view(-1)[b * 256:(b + 1) * 256].tolist()
             idx, absmax = _reference_quantize(block, code.tolist())
@@ -101,7 +101,7 @@ def test_unsigned_map_halves_the_second_moment_error():
     torch.manual_seed(0)
     v = (torch.randn(64 * 256) * torch.exp(2 * torch.randn(64 * 256))) ** 2
     errs = {}
-    for name, code in [("unsigned", unsigned_dynamic_code_8bit()), ("signed", dynamic_code_8bit())]:
+    for name, code in [("unsigned", dynamic_code_8bit(signed=False)), ("signed", dynamic_code_8bit())]:
         back = dequantize_blockwise(*quantize_blockwise(v, code, 256), code, 256)
         errs[name] = ((back.sqrt() - v.sqrt()).abs() / v.sqrt().clamp(min=1e-30)).median().item()
     assert errs["unsigned"] < 0.6 * errs["signed"], errs
@@ -115,10 +115,10 @@ def test_matches_bitsandbytes_cpu():
         pytest.skip(f"bitsandbytes' 8-bit optimizer does not run on this CPU ({why}); the hand-worked and "
                     "reference-algorithm tests cover the published algorithm")
     assert torch.equal(bf.create_dynamic_map(signed=True), dynamic_code_8bit())
-    assert torch.equal(bf.create_dynamic_map(signed=False), unsigned_dynamic_code_8bit())
+    assert torch.equal(bf.create_dynamic_map(signed=False), dynamic_code_8bit(signed=False))
     torch.manual_seed(0)
     x = torch.randn(75 * 256) * (1 + 10 * (torch.rand(75 * 256) > 0.95))
-    for code, t in [(dynamic_code_8bit(), x), (unsigned_dynamic_code_8bit(), x * x)]:
+    for code, t in [(dynamic_code_8bit(), x), (dynamic_code_8bit(signed=False), x * x)]:
         ours, absmax = quantize_blockwise(t, code, 256)
         theirs, qstate = bf.quantize_blockwise(t, code=code, blocksize=256)
         assert torch.equal(absmax, qstate.absmax)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmlab.common import LlmlabError, atomic_path, read_json
+from llmlab.common import LlmlabError, read_json, write_text_atomic
 from llmlab.formats import hf
 from llmlab.formats import safetensors as st
 from llmlab.models.config import ModelConfig
@@ -103,9 +103,8 @@ def save_adapter(folder: str | Path, model: nn.Module, lora: LoRAConfig, model_c
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     st.save(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-    with atomic_path(folder / CONFIG_NAME) as tmp:
-        conf = adapter_config(lora, targets, base_model, fan_in_fan_out=cfg.arch == "gpt2")
-        tmp.write_text(json.dumps(conf, indent=2) + "\n", encoding="utf-8")
+    conf = adapter_config(lora, targets, base_model, fan_in_fan_out=cfg.arch == "gpt2")
+    write_text_atomic(folder / CONFIG_NAME, json.dumps(conf, indent=2) + "\n")
     return folder
 
 

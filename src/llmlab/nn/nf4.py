@@ -50,18 +50,21 @@ NF4_CODE = torch.tensor([
 ], dtype=torch.float32)
 
 
-def dynamic_code_8bit() -> torch.Tensor:
-    """The signed dynamic 8-bit code (256 sorted values in [-1, 1]) used for the second quantization.
+def dynamic_code_8bit(signed: bool = True) -> torch.Tensor:
+    """The dynamic 8-bit code (256 sorted values in [-1, 1], or [0, 1] unsigned) of Dettmers et al. 2022,
+    used for the second quantization here and for the 8-bit optimizer states (``train/adamw8bit.py``).
 
     One sign bit, then a run of zero bits whose length is the decimal exponent (10^-6 .. 10^0), then the
-    remaining bits as a linear fraction in (0.1, 1]: fine steps near zero, coarse ones near one.
+    remaining bits as a linear fraction in (0.1, 1]: fine steps near zero, coarse ones near one. The
+    unsigned code spends the sign bit on one more fraction bit: 2^(e+1) levels at exponent e, not 2^e.
     """
     values: list[float] = []
-    for e in range(7):  # decimal exponent -6 .. 0; 2^e fraction levels at exponent e
-        edges = torch.linspace(0.1, 1, 2 ** e + 1, dtype=torch.float32)
+    for e in range(7):  # decimal exponent -6 .. 0
+        levels = 2 ** e if signed else 2 ** (e + 1)
+        edges = torch.linspace(0.1, 1, levels + 1, dtype=torch.float32)
         mids = ((edges[:-1] + edges[1:]) / 2.0 * 10 ** (e - 6)).tolist()
-        values += mids + [-m for m in mids]
-    values += [0.0, 1.0]  # 2 * 127 + 2 = 256
+        values += mids + ([-m for m in mids] if signed else [])
+    values += [0.0, 1.0]  # signed 2 * 127 + 2, unsigned 254 + 2 = 256
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 

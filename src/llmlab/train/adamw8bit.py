@@ -17,7 +17,7 @@ The codes are the 256-value "dynamic tree" maps (Dettmers 2015, arXiv:1511.04561
 decimal exponent (10^-6 .. 10^0) and the remaining bits a linear fraction, so small values keep their relative
 precision. The first moment is signed and uses the signed map (``llmlab.nn.nf4.dynamic_code_8bit``, the one
 NF4's double quantization uses); the second moment is never negative, so it uses the unsigned map, which
-spends the sign bit on one more fraction bit (``unsigned_dynamic_code_8bit``). Blockwise absmax keeps one
+spends the sign bit on one more fraction bit (``dynamic_code_8bit(signed=False)``). Blockwise absmax keeps one
 outlier from flattening a whole tensor's precision, which is what makes 8-bit Adam stable (paper, section 2).
 
 As in bitsandbytes (``min_8bit_size``), parameters with fewer than 4096 values keep fp32 moments: they are
@@ -46,20 +46,6 @@ from llmlab.nn.nf4 import dequantize_blockwise, dynamic_code_8bit, quantize_bloc
 BLOCK_SIZE = 256  # values per fp32 absmax: bitsandbytes' blockwise optimizers (the paper used 2048)
 MIN_8BIT_SIZE = 4096  # smaller parameters keep fp32 moments (bitsandbytes' min_8bit_size)
 CHUNK_SIZE = 1 << 20  # values per piece of a step: bounds the fp32 temporaries to a few MiB
-
-
-def unsigned_dynamic_code_8bit() -> torch.Tensor:
-    """The unsigned dynamic 8-bit code (256 sorted values in [0, 1]) for the second moment.
-
-    Like the signed map without the sign bit: at decimal exponent 10^(e-6), e = 0..6, there are 2^(e+1)
-    (not 2^e) linear fraction levels in (0.1, 1], each the midpoint of its interval; plus 0 and 1.
-    """
-    values: list[float] = []
-    for e in range(7):
-        edges = torch.linspace(0.1, 1, 2 ** (e + 1) + 1, dtype=torch.float32)
-        values += ((edges[:-1] + edges[1:]) / 2.0 * 10 ** (e - 6)).tolist()
-    values += [0.0, 1.0]  # 254 + 2 = 256
-    return torch.tensor(sorted(values), dtype=torch.float32)
 
 
 def adamw_update_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, step: int, lr: float,
@@ -106,7 +92,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self.block_size, self.min_8bit_size, self.chunk_size = block_size, min_8bit_size, chunk_size
         # the maps are constants of the method, not state: rebuilt here, never saved
         self.code1 = dynamic_code_8bit()  # signed, for exp_avg
-        self.code2 = unsigned_dynamic_code_8bit()  # unsigned, for exp_avg_sq
+        self.code2 = dynamic_code_8bit(signed=False)  # unsigned, for exp_avg_sq
 
     def is_8bit(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s moments are stored in 8 bits (else fp32)."""
