@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import resource
 import struct
 import sys
 import tracemalloc
@@ -56,8 +55,6 @@ def test_seeds_are_valid(cases, work):
 
 
 def _run(target: str, cases, work, data_strategy) -> None:
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
     @settings(max_examples=EXAMPLES[target], **SETTINGS)
     @given(st.data())
     def one(data):
@@ -68,8 +65,8 @@ def _run(target: str, cases, work, data_strategy) -> None:
         fuzz.check(target, path, time_limit=10.0)  # raises Finding on a broken contract
 
     one()
-    # nothing allocated anything like a declared absurd size (2^40+ elements, 2^63 items)
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 512 * 1024
+    # Allocation bounds are checked per input with tracemalloc (test_header_parsers_allocate_little);
+    # a peak-RSS check here would depend on what earlier tests had already allocated.
 
 
 EXAMPLES = {"gguf": 200, "safetensors": 200, "tokenizer": 250, "template": 250}
