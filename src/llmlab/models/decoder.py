@@ -92,7 +92,8 @@ class DecoderLM(nn.Module):
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 return_hidden: bool = False) -> torch.Tensor:
         """input_ids (B, T); with ``cache`` the tokens sit at positions [start, start+T) (default: the
-        cache's current length) and the cache advances. ``attention_mask`` (B, S) marks real keys."""
+        cache's current length) and the cache advances. ``attention_mask`` (B, S) marks real keys, or is a
+        (B, T, S) per-query mask (packed rows, with ``position_ids`` restarting per example)."""
         B, T = input_ids.shape
         if start is None:
             start = cache.length if cache is not None else 0

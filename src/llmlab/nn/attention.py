@@ -10,7 +10,9 @@ must agree (tested):
   for tests; padded batches fall back to ``sdpa``).
 
 Shapes: x (B, T, dim) -> (B, T, dim); q (B, H, T, D); k, v (B, H_kv, S, D), S = cached + T.
-Masks are boolean, True = may attend, broadcastable to (B, 1, T, S).
+Masks are boolean, True = may attend, broadcastable to (B, 1, T, S). ``key_mask`` is either (B, S), real
+(True) vs padding keys, or (B, T, S), a full per-query mask (packed SFT rows: block-diagonal, so no token
+attends across the examples sharing a row).
 """
 
 from __future__ import annotations
@@ -31,13 +33,17 @@ def build_mask(T: int, S: int, start: int, causal: bool, key_mask: torch.Tensor 
     """Boolean mask (B|1, 1, T, S) or None when every query sees every key.
 
     Query i sits at absolute position start+i; with ``causal`` it sees keys 0..start+i.
-    ``key_mask`` (B, S) marks real (True) vs padding (False) keys.
+    ``key_mask`` (B, S) marks real (True) vs padding (False) keys; a (B, T, S) ``key_mask`` is a full
+    per-query mask (ANDed with the causal one).
     """
     mask = None
     if causal and not (T == 1 and start + 1 == S):
         q_pos = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
         k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
         mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+    if key_mask is not None and key_mask.dim() == 3:
+        km = key_mask[:, None, :, :S].bool()  # (B, 1, T, S)
+        return km if mask is None else mask & km
     if key_mask is not None:
         km = key_mask[:, None, None, :S].bool()  # (B, 1, 1, S)
         mask = km if mask is None else mask & km
