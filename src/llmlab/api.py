@@ -17,11 +17,10 @@ import torch
 from llmlab.common import LlmlabError, human_bytes, human_count, pick_device, pick_dtype
 from llmlab.formats import load as loader
 from llmlab.infer.beam import beam_search
-from llmlab.infer.generate import cut_at_stop, generate
+from llmlab.infer.generate import chat_stop_ids, cut_at_stop, generate
 from llmlab.infer.repetition import RepetitionGuard
 from llmlab.infer.sample import SamplingParams, chat_sampling
 from llmlab.infer.speculative import ModelDrafter, NgramDrafter, layer_skip_draft, speculative_generate
-from llmlab.tokenizer.chat import CHATML, ChatTemplate
 from llmlab.tokenizer.stream import StreamDecoder
 
 
@@ -63,14 +62,7 @@ class LLM:
         self.model = loaded.model
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
-        tok = self.tokenizer
-        specials = {}
-        if tok is not None:
-            for key, tid in (("bos_token", getattr(tok, "bos_id", None)), ("eos_token", getattr(tok, "eos_id", None))):
-                if tid is not None:
-                    specials[key] = tok.id_to_token.get(tid, "")
-        self.chat_template = (ChatTemplate(loaded.chat_template or CHATML, specials, where=loaded.source)
-                              if self.config.is_causal else None)
+        self.chat_template = loader.chat_template_of(loaded)
         self.last_spec_stats = None
         self.last_finish_reasons: list[str] = []  # per prompt of the last call: stop | length | repetition
         self.packed = any(type(m).__name__ == "PackedLinear" for m in self.model.modules())
@@ -83,14 +75,7 @@ class LLM:
         return self.tokenizer
 
     def stop_ids(self) -> set[int]:
-        tok = self._need_tokenizer()
-        ids = {i for i in (self.config.eos_token_id, getattr(tok, "eos_id", None)) if i is not None}
-        # Chat models end a turn with their end-of-turn token (ChatML's <|im_end|>).
-        for name in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
-            tid = tok.special_tokens.get(name)
-            if tid is not None:
-                ids.add(tid)
-        return ids
+        return chat_stop_ids(self.config, self._need_tokenizer())
 
     def render_chat(self, messages: list[dict] | str, system: str | None = None) -> str:
         if self.chat_template is None:

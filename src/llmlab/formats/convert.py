@@ -15,7 +15,7 @@ import torch
 from llmlab.common import LlmlabError, temp_dir_beside
 from llmlab.formats import hf
 from llmlab.formats.gguf_model import write_model_gguf
-from llmlab.formats.load import load_model
+from llmlab.formats.load import Loaded, load_model
 from llmlab.tokenizer.bpe import ByteBPE
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -24,12 +24,18 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 def convert(source: str, output: Path, *, dtype: str = "float32", qtype: str = "F16", force: bool = False) -> None:
     if output.exists() and not force:
         raise LlmlabError(f"{output} already exists: pass --force to overwrite it")
-    loaded = load_model(source)
+    write_loaded(load_model(source), output, dtype=dtype, qtype=qtype)
+
+
+def write_loaded(loaded: Loaded, output: Path, *, dtype: str = "float32", qtype: str = "F16",
+                 name: str | None = None) -> None:
+    """Write a loaded model (plain linear layers) as a GGUF file (``output`` ends in .gguf) or an HF folder,
+    atomically, replacing what is there. ``name``: the GGUF's general.name (default: the source's stem)."""
     sd = {k: v for k, v in loaded.model.state_dict().items()}
     cfg, tok = loaded.config, loaded.tokenizer
     if output.suffix == ".gguf":
         write_model_gguf(output, cfg, sd, tok, loaded.chat_template, qtype=qtype,
-                         name=Path(loaded.source).stem)
+                         name=name or Path(loaded.source).stem)
         return
     sd = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
     tok_json, tok_cfg = None, None

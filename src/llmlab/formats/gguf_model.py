@@ -16,7 +16,7 @@ from llmlab.common import LlmlabError
 from llmlab.formats.gguf import T_ARRAY, T_FLOAT32, T_INT32, T_STRING, T_UINT32, GGUFFile, write_gguf
 from llmlab.formats.hf import fuse_qkv, split_qkv
 from llmlab.models.config import ModelConfig
-from llmlab.nn.ggml_quants import TYPE_IDS, quantize_q8_0
+from llmlab.nn.ggml_quants import TYPE_IDS, quantize_q4_1, quantize_q8_0
 from llmlab.tokenizer.bpe import ByteBPE
 from llmlab.tokenizer.pretokenize import GGUF_PRE
 from llmlab.tokenizer.validate import check_bpe, check_id
@@ -191,7 +191,9 @@ def _tensor_bytes(t: torch.Tensor, qtype: str) -> tuple[bytes, int]:
     t = t.detach().to("cpu")
     if qtype == "Q8_0" and t.ndim == 2 and t.shape[1] % 32 == 0:
         return quantize_q8_0(t).numpy().tobytes(), TYPE_IDS["Q8_0"]
-    if qtype in ("F16", "Q8_0") and t.ndim == 2:
+    if qtype == "Q4_1" and t.ndim == 2 and t.shape[1] % 32 == 0:
+        return quantize_q4_1(t).numpy().tobytes(), TYPE_IDS["Q4_1"]
+    if qtype in ("F16", "Q8_0", "Q4_1") and t.ndim == 2:
         return t.to(torch.float16).contiguous().view(torch.uint8).numpy().tobytes(), TYPE_IDS["F16"]
     if qtype == "BF16" and t.ndim == 2:
         return t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy().tobytes(), TYPE_IDS["BF16"]
@@ -207,7 +209,8 @@ def _pre_name(tok: ByteBPE) -> str:
 
 def write_model_gguf(path, cfg: ModelConfig, sd: dict[str, torch.Tensor], tokenizer: ByteBPE,
                      chat_template: str | None = None, qtype: str = "F16", name: str = "llmlab model") -> None:
-    """Write a llama/gpt2 model as GGUF v3 (2-D weights in ``qtype``: F32, F16, BF16 or Q8_0)."""
+    """Write a llama/gpt2 model as GGUF v3 (2-D weights in ``qtype``: F32, F16, BF16, Q8_0 or Q4_1; a
+    quantized type falls back to F16 for rows whose length is not a multiple of 32)."""
     if cfg.arch not in ("llama", "gpt2"):
         raise LlmlabError(f"GGUF export supports llama and gpt2 models, not {cfg.arch}")
     if not isinstance(tokenizer, ByteBPE):
@@ -282,3 +285,59 @@ def pack_from_gguf_(model, g: GGUFFile, cfg: ModelConfig, impl: str = "kernel"):
         old = getattr(parent, attr)
         setattr(parent, attr, PackedLinear(raw.clone(), info.ggml_type, in_features, out_features, old.bias, impl))
     return model
+
+
+def nf4_model_from_gguf(g: GGUFFile, cfg: ModelConfig, attn_impl: str = "sdpa", double_quant: bool = True,
+                        where: str = "model"):
+    """The model with every linear layer except ``lm_head`` as a frozen ``NF4Linear`` (the QLoRA base,
+    Dettmers et al. 2023, arXiv:2305.14314), each quantized as its tensor is read from the file.
+
+    Only one float32 linear weight exists at a time (plus the float embedding and norms), so loading does
+    not first build the whole float32 model (540 MB for SmolLM2-135M) and then quantize it. The weights
+    equal ``quantize_linears_nf4_`` applied to the float32 load (tested)."""
+    from torch import nn
+
+    from llmlab.models.registry import build_model, skip_init
+    from llmlab.nn.nf4 import NF4Linear, quantize_nf4
+
+    with skip_init():  # the float weights are never written, so their pages are never made resident
+        model = build_model(cfg, attn_impl)
+    targets = {f"{n}.weight": n for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.rpartition(".")[2] != "lm_head"}
+    sd: dict[str, torch.Tensor] = {}
+    quantized = {}
+
+    def take(ours: str, t: torch.Tensor) -> None:
+        if ours in targets:
+            if tuple(t.shape) != tuple(model.get_submodule(targets[ours]).weight.shape):
+                raise LlmlabError(f"{where}: {ours} has shape {tuple(t.shape)}, the config needs "
+                                  f"{tuple(model.get_submodule(targets[ours]).weight.shape)}")
+            quantized[targets[ours]] = quantize_nf4(t, double_quant=double_quant)  # t is dropped here
+        else:
+            sd[ours] = t
+
+    for name in g.tensors:
+        if cfg.arch == "gpt2" and ".attn_qkv." in name:
+            i, kind = re.match(r"blk\.(\d+)\.attn_qkv\.(weight|bias)$", name).groups()
+            for ours, t in split_qkv(g.load(name), i, kind).items():
+                take(ours, t)
+            continue
+        ours = our_name(name)
+        if ours is not None:
+            take(ours, _rope_rows(g.load(name), ours, cfg, to_hf=True))
+    missing = sorted(set(targets.values()) - set(quantized))
+    for path, q in quantized.items():
+        parent_name, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf,
+                NF4Linear(q, sd.pop(f"{path}.bias", None)))
+    expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in quantized
+                and not (cfg.tie_embeddings and k == "lm_head.weight")}
+    missing += sorted(expected - set(sd))
+    unexpected = sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise LlmlabError(f"{where}: weights do not match the {cfg.arch} config (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    model.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_embeddings and hasattr(model, "lm_head"):
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()

@@ -12,10 +12,30 @@ Hugging Face model (peft's rules: suffix names, ``all-linear``, a full-match reg
 of Hugging Face module paths, which peft matches one by one. Reading trusts the tensor file: every module
 with LoRA tensors in it is wrapped. Options llmlab does not implement (DoRA, bias training,
 ``modules_to_save``, per-layer ranks or alphas) are refused with a message rather than silently dropped.
+
+**Base fingerprint.** An adapter only means something on the base it was trained on, and a different model
+of the same shapes loads it without complaint. ``base_fingerprint`` is a short string naming the base:
+
+    v1:<arch>-v<vocab>-d<dim>-l<layers>-h<heads>-kv<kv heads>-f<ffn>:tok-<8 hex>:emb-<max>,<min>.<max>,<min>...
+
+the config's shape fields, a hash of the tokenizer vocabulary (``tok-none`` without a tokenizer), and the
+argmax and argmin columns of 8 embedding rows spread over the vocabulary. The embedding is stored float or Q8_0 in
+every form llmlab loads (a GGUF's Q4_1 blocks are linear layers; NF4 and packed bases leave the embedding
+alone), so it is the one weight that looks the same in every storage precision. The check is
+tolerant rather than exact: quantization may swap two near-equal entries, so a stored column matches when
+the live row's value there is within ``EMB_TOLERANCE`` x the row's absmax of the row's maximum (minimum) (Q4_0, the
+coarsest 4-bit GGML type, moves each weight by at most 1/16 of its block's absmax). A different model
+passes one column with probability about 1e-2 (a random entry of a 576-wide Gaussian row within 20% of
+its maximum), all 16 with about 1e-32. What it cannot tell apart is a model from its own fine-tune
+(SmolLM2-135M and -Instruct share the embedding to within quantization noise, and the tokenizer): there
+the base's name in adapter_config.json remains the guard. The fingerprint goes in the safetensors ``__metadata__``
+(``llmlab.base_fingerprint``), which peft ignores; unknown adapter_config.json keys would make peft warn.
+Adapters without one (made by peft) load with the shape checks only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -39,6 +59,109 @@ from llmlab.nn.lora import (
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+FINGERPRINT_KEY = "llmlab.base_fingerprint"  # in the adapter safetensors' __metadata__
+EMB_ROWS = 8
+EMB_TOLERANCE = 0.2
+
+
+# ---- base fingerprint (module docstring) -----------------------------------------------------------------
+
+
+def _embedding(model: nn.Module) -> torch.Tensor | None:
+    """The token embedding matrix (vocab, dim), wherever a wrapper put the base model."""
+    for name, m in model.named_modules():
+        if name.rpartition(".")[2] == "embed_tokens" and isinstance(getattr(m, "weight", None), torch.Tensor):
+            return m.weight
+    return None
+
+
+def _emb_rows(vocab: int) -> list[int]:
+    return sorted({(i + 1) * vocab // (EMB_ROWS + 1) for i in range(EMB_ROWS)})
+
+
+def _shape_part(cfg: ModelConfig) -> str:
+    return (f"{cfg.arch}-v{cfg.vocab_size}-d{cfg.dim}-l{cfg.n_layers}-h{cfg.n_heads}-kv{cfg.n_kv_heads}"
+            f"-f{cfg.ffn_dim}")
+
+
+def _tok_part(tokenizer, vocab: int) -> str:
+    itos = getattr(tokenizer, "id_to_token", None)
+    if not isinstance(itos, dict) or not itos:
+        return "tok-none"
+    h = hashlib.sha256()
+    for i in sorted(k for k in itos if k < vocab):
+        h.update(f"{i}\t{itos[i]}\n".encode("utf-8", "surrogatepass"))
+    return "tok-" + h.hexdigest()[:8]
+
+
+def base_fingerprint(model: nn.Module, model_config: ModelConfig | None = None, tokenizer=None) -> str:
+    """The fingerprint of a base model (the same for its GGUF, HF-folder, NF4 and packed forms)."""
+    cfg = model_config or model.config
+    parts = ["v1", _shape_part(cfg), _tok_part(tokenizer, cfg.vocab_size)]
+    emb = _embedding(model)
+    if emb is not None:
+        with torch.no_grad():
+            rows = emb.detach()[_emb_rows(emb.shape[0])].float()  # (8, dim)
+            hi, lo = rows.argmax(dim=1).tolist(), rows.argmin(dim=1).tolist()
+            parts.append("emb-" + ".".join(f"{a},{b}" for a, b in zip(hi, lo)))
+    return ":".join(parts)
+
+
+def fingerprint_mismatch(stored: str, model: nn.Module, model_config: ModelConfig | None = None,
+                         tokenizer=None) -> str | None:
+    """None when ``model`` (with ``tokenizer``) may be the base that ``stored`` names, else what differs.
+    Parts either side lacks (no tokenizer, an unknown fingerprint version) are not compared."""
+    cfg = model_config or model.config
+    parts = stored.split(":")
+    if not parts or parts[0] != "v1":
+        return None
+    fields = {p.partition("-")[0]: p for p in parts[1:]}
+    if parts[1:2] and parts[1] != _shape_part(cfg):
+        return "model shapes differ"
+    tok = fields.get("tok")
+    live_tok = _tok_part(tokenizer, cfg.vocab_size)
+    if tok and "tok-none" not in (tok, live_tok) and tok != live_tok:
+        return "tokenizer vocabularies differ"
+    emb, live = fields.get("emb"), _embedding(model)
+    if emb and live is not None:
+        try:
+            cols = torch.tensor([[int(c) for c in pair.split(",")] for pair in emb.removeprefix("emb-").split(".")])
+        except (ValueError, RuntimeError):
+            return None
+        ids = _emb_rows(live.shape[0])
+        if cols.shape != (len(ids), 2) or int(cols.max()) >= live.shape[1] or int(cols.min()) < 0:
+            return "embedding weights differ"
+        with torch.no_grad():
+            rows = live.detach()[ids].float()  # (8, dim)
+            at = rows.gather(1, cols)  # (8, 2): the live values at the stored argmax / argmin columns
+            slack = EMB_TOLERANCE * rows.abs().amax(dim=1)  # (8,)
+            ok = (at[:, 0] >= rows.amax(dim=1) - slack) & (at[:, 1] <= rows.amin(dim=1) + slack)
+        if not bool(ok.all()):
+            return "embedding weights differ"
+    return None
+
+
+def read_fingerprint(weights_path: str | Path) -> str | None:
+    """The base fingerprint stored in an adapter's safetensors file, or None (e.g. made by peft)."""
+    header, _, _ = st.read_header(weights_path)
+    meta = header.get("__metadata__")
+    value = meta.get(FINGERPRINT_KEY) if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def check_base_fingerprint(folder: str | Path, model: nn.Module, model_config: ModelConfig | None = None,
+                           tokenizer=None, base_name: str = "the base model") -> None:
+    """LlmlabError (one line, naming both fingerprints) when the adapter in ``folder`` was made for
+    another base; nothing when it matches or carries no fingerprint."""
+    weights = Path(folder) / WEIGHTS_NAME
+    stored = read_fingerprint(weights) if weights.exists() else None  # a missing file: the loader says so
+    if stored is None:
+        return
+    why = fingerprint_mismatch(stored, model, model_config, tokenizer)
+    if why is not None:
+        live = base_fingerprint(model, model_config, tokenizer)
+        raise LlmlabError(f"{folder}: this adapter was made for another base model ({why}): adapter base "
+                          f"{stored}, {base_name} is {live}; load it onto the base it was trained on")
 
 
 def hf_module_path(cfg: ModelConfig, path: str) -> str | None:
@@ -76,8 +199,12 @@ def adapter_config(lora: LoRAConfig, target_modules: list[str] | str, base_model
 
 
 def save_adapter(folder: str | Path, model: nn.Module, lora: LoRAConfig, model_config: ModelConfig | None = None,
-                 base_model: str | None = None) -> Path:
-    """Write the model's LoRA layers as a PEFT adapter folder (each file atomically); returns the folder."""
+                 base_model: str | None = None, base_fingerprint: str | None = None) -> Path:
+    """Write the model's LoRA layers as a PEFT adapter folder (each file atomically); returns the folder.
+
+    ``base_model``: adapter_config.json's ``base_model_name_or_path`` (what ``llmlab.load`` of the folder
+    loads the adapter onto). ``base_fingerprint``: ``base_fingerprint(model, cfg, tokenizer)`` of the base,
+    checked when the adapter is loaded (module docstring)."""
     cfg = model_config or model.config
     mods = lora_modules(model)
     if not mods:
@@ -102,7 +229,10 @@ def save_adapter(folder: str | Path, model: nn.Module, lora: LoRAConfig, model_c
         tensors[f"{PREFIX}{chosen[path]}.lora_{leaf}"] = t.contiguous()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    st.save(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    meta = {"format": "pt"}
+    if base_fingerprint:
+        meta[FINGERPRINT_KEY] = base_fingerprint
+    st.save(tensors, folder / WEIGHTS_NAME, metadata=meta)
     conf = adapter_config(lora, targets, base_model, fan_in_fan_out=cfg.arch == "gpt2")
     write_text_atomic(folder / CONFIG_NAME, json.dumps(conf, indent=2) + "\n")
     return folder

@@ -24,6 +24,19 @@ class Completion:
     text: str | None = None  # decoded text, cut before a stop string (when a tokenizer was given)
 
 
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")  # ChatML, Llama 3, Phi-3, Gemma
+
+
+def chat_stop_ids(config, tokenizer) -> set[int]:
+    """Ids that end a reply: EOS (config and tokenizer) and the chat formats' end-of-turn tokens."""
+    ids = {i for i in (config.eos_token_id, getattr(tokenizer, "eos_id", None)) if i is not None}
+    for name in END_OF_TURN:
+        tid = tokenizer.special_tokens.get(name)
+        if tid is not None:
+            ids.add(tid)
+    return ids
+
+
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ids (B, T) left-padded, mask (B, T) bool (True = real token)."""
     T = max(len(p) for p in prompts)

@@ -88,20 +88,21 @@ class DecoderLM(nn.Module):
         return StaticKVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim,
                              dtype=p.dtype, device=p.device)
 
-    def forward(self, input_ids: torch.Tensor, *, cache: StaticKVCache | None = None, start: int | None = None,
+    def forward(self, input_ids: torch.Tensor | None, *, cache: StaticKVCache | None = None, start: int | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T); with ``cache`` the tokens sit at positions [start, start+T) (default: the
         cache's current length) and the cache advances. ``attention_mask`` (B, S) marks real keys, or is a
-        (B, T, S) per-query mask (packed rows, with ``position_ids`` restarting per example)."""
-        B, T = input_ids.shape
+        (B, T, S) per-query mask (packed rows, with ``position_ids`` restarting per example).
+        ``inputs_embeds`` (B, T, dim) replaces the token embeddings (``input_ids`` None): prompt tuning."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, dim)
+        B, T = x.shape[:2]
         if start is None:
             start = cache.length if cache is not None else 0
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
         if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)  # (B, T)
-        x = self.embed_tokens(input_ids)  # (B, T, dim)
+            position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)  # (B, T)
         rope = None
         if self.rotary is not None:
             rope = self.rotary(position_ids, x.dtype)

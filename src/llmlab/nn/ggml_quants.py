@@ -90,3 +90,17 @@ def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
     q = q.clamp(-128, 127).to(torch.int8)
     d16 = d.to(torch.float16)
     return torch.cat((d16.view(torch.uint8).reshape(-1, 2), q.view(torch.uint8)), dim=1).reshape(-1)
+
+
+def quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
+    """float (.., K) with K % 32 == 0 -> Q4_1 bytes, as llama.cpp's reference quantizer: per block of 32,
+    d = (max - min) / 15, m = min, q = min(15, trunc((x - min) / d + 0.5)); weights 0..15 in the low
+    nibbles, 16..31 in the high ones."""
+    blocks = x.float().reshape(-1, 32)  # (n_blocks, 32)
+    lo = blocks.amin(dim=1, keepdim=True)
+    d = (blocks.amax(dim=1, keepdim=True) - lo) / 15
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    q = torch.trunc((blocks - lo) * inv + 0.5).clamp(0, 15).to(torch.uint8)  # (n_blocks, 32)
+    nibbles = q[:, :16] | (q[:, 16:] << 4)  # (n_blocks, 16)
+    d16, m16 = (v.to(torch.float16).view(torch.uint8).reshape(-1, 2) for v in (d, lo))
+    return torch.cat((d16, m16, nibbles), dim=1).reshape(-1)

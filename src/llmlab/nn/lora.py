@@ -12,12 +12,14 @@ freshly wrapped model computes exactly what it did before. Only ``A`` and ``B`` 
 ``LoRALinear`` holds the original layer as ``base_layer`` (the same object: nothing is copied) and adds
 ``lora_A`` / ``lora_B``; parameter names follow peft (``<path>.lora_A.weight``), which makes the PEFT
 adapter files (``llmlab.formats.peft``) a renaming. The base may be an ``nn.Linear`` or a quantized frozen
-layer with ``in_features`` / ``out_features`` (``llmlab.nn.nf4.NF4Linear``: QLoRA).
+layer with ``in_features`` / ``out_features`` (``llmlab.nn.nf4.NF4Linear``, or the GGUF's own packed blocks
+``llmlab.nn.packed_linear.PackedLinear``: QLoRA, see ``llmlab.nn.qlora``).
 
 ``merge()`` adds the update into an ``nn.Linear`` base weight in place and ``unmerge()`` subtracts it
-again (equal up to float rounding). Both are idempotent: merging a merged layer (or unmerging an unmerged
-one) does nothing. While merged, ``forward`` is the base layer alone, so no gradient reaches A and B:
-merge for inference or export, unmerge before training on.
+again (equal up to float rounding); a quantized base is first turned into an ``nn.Linear`` holding its
+dequantized weight (``llmlab.nn.qlora.dequantize_linears_``). Both are idempotent: merging a merged layer
+(or unmerging an unmerged one) does nothing. While merged, ``forward`` is the base layer alone, so no
+gradient reaches A and B: merge for inference or export, unmerge before training on.
 
 Target modules (``LoRAConfig.target_modules``, the rules of peft's ``target_modules``):
 
@@ -43,8 +45,9 @@ from torch import nn
 
 from llmlab.common import LlmlabError
 from llmlab.nn.nf4 import NF4Linear
+from llmlab.nn.packed_linear import PackedLinear
 
-LINEAR_TYPES = (nn.Linear, NF4Linear)  # what LoRA can wrap ("all-linear" means these)
+LINEAR_TYPES = (nn.Linear, NF4Linear, PackedLinear)  # what LoRA can wrap ("all-linear" means these)
 OUTPUT_HEAD = "lm_head"  # left out by "all-linear", as in peft
 
 
@@ -98,11 +101,19 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         if self.merged or not self.enabled:
-            return y
-        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
-        return (y + self.lora_B(h) * self.scaling).to(y.dtype)
+            return self.base_layer(x)
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        y = self.base_layer(x2)  # (N, out), a fresh tensor that no backward needs
+        b = self.lora_B.weight  # (out, r)
+        h = self.lora_A(self.lora_dropout(x2.to(b.dtype)))  # (N, r)
+        if y.dtype == b.dtype and y.is_contiguous():
+            # y += scaling * h B^T inside the GEMM (beta = 1): no (N, out) temporaries for the product, the
+            # scaled product and the sum, and the backward hands the gradient to y unchanged.
+            y.addmm_(h, b.t(), alpha=self.scaling)
+        else:  # a base computing in another dtype (e.g. bf16 NF4 under fp32 adapters)
+            y = (y + F.linear(h, b) * self.scaling).to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)  # (..., out)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, (out, in), in the LoRA weights' dtype."""
@@ -111,7 +122,7 @@ class LoRALinear(nn.Module):
     def _check_mergeable(self) -> nn.Linear:
         if not isinstance(self.base_layer, nn.Linear):
             raise LlmlabError(f"cannot merge LoRA into a {type(self.base_layer).__name__} in place: "
-                              "dequantize the base to an nn.Linear first")
+                              "dequantize the base to an nn.Linear first (llmlab.nn.qlora.dequantize_linears_)")
         return self.base_layer
 
     @torch.no_grad()

@@ -24,6 +24,10 @@ Shapes: ``quantize_nf4(w)`` takes any float tensor of N values and gives an ``NF
 ``codes`` (ceil(N/2),) uint8, ``absmax_codes`` (ceil(N/64),) uint8, ``absmax_scales`` (ceil(N/64/256),)
 fp32 and ``absmax_mean`` () fp32 (or ``absmax`` (ceil(N/64),) fp32 without double quantization).
 ``NF4Linear``: x (..., in) -> (..., out), weight (out, in) dequantized on the fly in the compute dtype.
+
+Backward (``NF4Matmul``): only the input gets a gradient, grad_x = grad_y @ W, and W is dequantized again
+in backward rather than saved by forward -- as bitsandbytes' ``MatMul4Bit`` does -- so a QLoRA step does
+not keep a compute-dtype copy of every frozen weight alive between forward and backward.
 """
 
 from __future__ import annotations
@@ -219,13 +223,34 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.nf4_weight(), dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize()  # (out, in)
+        xc = x.to(self.compute_dtype)  # (..., in)
+        if torch.is_grad_enabled() and xc.requires_grad:
+            return NF4Matmul.apply(xc, self).to(x.dtype)  # (..., out)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return F.linear(x.to(self.compute_dtype), w, bias).to(x.dtype)
+        return F.linear(xc, self.dequantize(), bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
                 f"double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+
+
+class NF4Matmul(torch.autograd.Function):
+    """x (..., in) in the compute dtype -> x W^T + b (..., out) for an NF4Linear's frozen W (out, in).
+
+    Saves nothing for backward: grad_x = grad_y @ W with W dequantized again (the weight and bias are
+    buffers, so they get no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
+        ctx.layer = layer  # the module, not a tensor
+        bias = None if layer.bias is None else layer.bias.to(layer.compute_dtype)
+        return F.linear(x, layer.dequantize(), bias)  # the dequantized W is freed on return
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        w = ctx.layer.dequantize()  # (out, in), freed when backward returns
+        return grad_y.to(w.dtype) @ w, None  # (..., out) @ (out, in) -> (..., in)
 
 
 def quantize_linears_nf4_(model: nn.Module, compute_dtype: torch.dtype = torch.float32,

@@ -12,6 +12,13 @@ dequantized and multiplied with ``F.linear``: that is also the reference path (`
 Where no compiler or AVX2 is available, the reference path is used; ``kernel_status()`` (shown by
 ``llmlab info``) says which ran, and a failed compile is warned about once with the compiler's message.
 
+Gradients (QLoRA on the GGUF's own blocks, Dettmers et al. 2023, arXiv:2305.14314): the packed weight is
+a frozen buffer, but dL/dx flows through it. ``PackedMatmul`` (an autograd Function) keeps the forward's
+kernel / dequantize dispatch and in backward dequantizes the blocks again, grad_x = grad_y @ W, so no
+float32 copy of W stays alive between forward and backward (``F.linear`` would save it for backward).
+Both directions dequantize at most ``DEQUANT_CHUNK`` weights (whole rows) at a time, so a wide layer
+(a tied 49152 x 576 head) never holds its whole float32 weight and the dequantizer's temporaries.
+
 Shapes: x (..., in) -> (..., out); packed weights (out, in / 32 * block bytes) uint8.
 """
 
@@ -38,6 +45,7 @@ from llmlab.nn.ggml_quants import dequantize, quantize_q8_0
 _SRC = Path(__file__).with_name("csrc") / "ggml_gemv.c"
 BLOCK_BYTES = {8: 34, 2: 18, 3: 20}  # ggml type id -> bytes per 32 weights (Q8_0, Q4_0, Q4_1)
 GEMV_MAX_ROWS = 64  # the kernel's limit; beyond it (prefill) dequantize + F.linear
+DEQUANT_CHUNK = 1 << 21  # weights dequantized at once by the F.linear path (8 MB of float32 temporaries)
 IMPLS = ("kernel", "reference")  # the C GEMV on packed blocks | dequantize + F.linear
 
 
@@ -135,6 +143,30 @@ def kernel_status() -> str:
     return kernel_build().status
 
 
+class PackedMatmul(torch.autograd.Function):
+    """x2 (M, K) float32 -> x2 @ W^T (M, N) for a PackedLinear's frozen packed W (out N, in K).
+
+    Only the input gets a gradient: grad_x = grad_y @ W (M, K), with W dequantized again in backward
+    instead of saved, so a training step holds at most one layer's float32 W at a time."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
+        ctx.layer = layer  # the module, not a tensor: nothing is saved for backward
+        return layer.matmul(x2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        layer = ctx.layer
+        grad_y = grad_y.float()  # (M, N)
+        grad_x = None
+        for lo, hi in layer.row_chunks():
+            w = layer.dequantized(lo, hi).to(grad_y.device)  # (hi - lo, K), freed each chunk
+            part = grad_y[:, lo:hi] @ w  # (M, K)
+            grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x, None
+
+
 class PackedLinear(nn.Module):
     def __init__(self, packed: torch.Tensor, ggml_type: int, in_features: int, out_features: int,
                  bias: torch.Tensor | None = None, impl: str = "kernel"):
@@ -149,22 +181,43 @@ class PackedLinear(nn.Module):
         self.ggml_type, self.in_features, self.out_features = ggml_type, in_features, out_features
         self.impl = impl
 
-    def dequantized(self) -> torch.Tensor:
-        return dequantize(self.packed.reshape(-1), self.ggml_type, self.in_features * self.out_features).reshape(
-            self.out_features, self.in_features)
+    def dequantized(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Rows [lo, hi) of the weight (default all), (hi - lo, in) float32."""
+        hi = self.out_features if hi is None else hi
+        return dequantize(self.packed[lo:hi].reshape(-1), self.ggml_type, self.in_features * (hi - lo)).reshape(
+            hi - lo, self.in_features)
+
+    def row_chunks(self) -> list[tuple[int, int]]:
+        """[lo, hi) row ranges of at most DEQUANT_CHUNK weights each (one range for most layers)."""
+        step = max(1, DEQUANT_CHUNK // self.in_features)
+        return [(lo, min(lo + step, self.out_features)) for lo in range(0, self.out_features, step)]
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) float32 contiguous -> (M, N) without bias: the C GEMV for <= GEMV_MAX_ROWS rows on CPU,
+        else (or with ``impl="reference"``) dequantize + ``F.linear``. No autograd here."""
+        fn = kernel() if self.impl == "kernel" and x2.device.type == "cpu" else None
+        if fn is None or x2.shape[0] > GEMV_MAX_ROWS:
+            chunks = self.row_chunks()
+            if len(chunks) == 1:
+                return F.linear(x2, self.dequantized().to(x2.device))
+            y = torch.empty(x2.shape[0], self.out_features, device=x2.device)  # (M, N)
+            for lo, hi in chunks:
+                y[:, lo:hi] = F.linear(x2, self.dequantized(lo, hi).to(x2.device))
+            return y
+        y = torch.empty(x2.shape[0], self.out_features)
+        rc = fn(self.ggml_type, x2.data_ptr(), self.packed.data_ptr(), y.data_ptr(), x2.shape[0],
+                self.out_features, self.in_features, torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"ggml_gemv failed with code {rc}")
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, self.in_features).float().contiguous()  # (M, K)
-        fn = kernel() if self.impl == "kernel" and x2.device.type == "cpu" else None
-        if fn is None or x2.shape[0] > GEMV_MAX_ROWS:
-            y = F.linear(x2, self.dequantized().to(x2.device))
+        if torch.is_grad_enabled() and x2.requires_grad:
+            y = PackedMatmul.apply(x2, self)  # (M, N), gradient to x through the frozen blocks
         else:
-            y = torch.empty(x2.shape[0], self.out_features)
-            rc = fn(self.ggml_type, x2.data_ptr(), self.packed.data_ptr(), y.data_ptr(), x2.shape[0],
-                    self.out_features, self.in_features, torch.get_num_threads())
-            if rc != 0:
-                raise RuntimeError(f"ggml_gemv failed with code {rc}")
+            y = self.matmul(x2)  # (M, N)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(dtype)
