@@ -136,12 +136,12 @@ def child(name: str, steps: int, batch: int, seq: int, rank: int, ckpt: bool, th
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated frozen bases (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=2, help="training steps per config (default: %(default)s)")
+    ap.add_argument("--batch", type=int, default=4, help="rows per step (default: %(default)s)")
+    ap.add_argument("--seq", type=int, default=256, help="tokens per row (default: %(default)s)")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank, all linear layers (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     ap.add_argument("--ckpt", action="store_true", help="also run every config with activation checkpointing")
     ap.add_argument("--ckpt-only", action="store_true", help="only with activation checkpointing")
     ap.add_argument("--chunked-loss", action="store_true", help="head + loss per 256 positions, recomputed")

@@ -21,6 +21,26 @@ def need(module: str):
     return importlib.import_module(module)
 
 
+def llama_twins(transformers):
+    """A tiny random transformers Llama (GQA: 8 query heads, 2 key/value heads, untied head) and the llmlab
+    model with the same weights, for parity tests of adapters (LoRA, prefix and prompt tuning)."""
+    from llmlab.formats import hf
+    from llmlab.models import build_model
+
+    torch.manual_seed(0)
+    hcfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
+                                    rope_theta=50000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    ref = transformers.LlamaForCausalLM(hcfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # HF's norms start at 1: random values make parity meaningful
+    cfg = hf.config_from_hf(ref.config.to_dict()).validate()
+    ours = build_model(cfg).eval()
+    ours.load_state_dict(hf.state_from_hf(cfg, ref.state_dict()))
+    return ref, ours
+
+
 def _embedded(name: str):
     from llmlab.common import LlmlabError
     from llmlab.formats.load import embedded_path

@@ -31,7 +31,7 @@ from llmlab.nn.lora import (
     unmerge_lora_,
 )
 from llmlab.nn.nf4 import NF4Linear, quantize_linears_nf4_
-from tests.conftest import need
+from tests.conftest import llama_twins, need
 
 TOL = 1e-5
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -192,22 +192,6 @@ def test_lora_on_nf4_base_trains_the_adapter_only():
 # ---- parity with peft ----------------------------------------------------------------------------------
 
 
-def _twins(transformers):
-    """A tiny random transformers Llama and the llmlab model with the same weights."""
-    torch.manual_seed(0)
-    hcfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
-                                    rope_theta=50000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
-    ref = transformers.LlamaForCausalLM(hcfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # HF's norms start at 1: random values make parity meaningful
-    cfg = hf.config_from_hf(ref.config.to_dict()).validate()
-    ours = build_model(cfg).eval()
-    ours.load_state_dict(hf.state_from_hf(cfg, ref.state_dict()))
-    return ref, ours
-
-
 def _peft_lora(peft, ref, lora: LoRAConfig):
     pcfg = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                            target_modules=lora.target_modules, use_rslora=lora.use_rslora)
@@ -254,7 +238,7 @@ def _max_diffs(peft_model, ours, ids):
 @pytest.mark.parametrize("targets,rslora", [(["q_proj", "v_proj"], False), ("all-linear", True)])
 def test_forward_and_gradients_match_peft(targets, rslora):
     transformers, peft = need("transformers"), need("peft")
-    ref, ours = _twins(transformers)
+    ref, ours = llama_twins(transformers)
     lora = LoRAConfig(r=4, alpha=8, target_modules=targets, use_rslora=rslora)
     peft_model = _peft_lora(peft, ref, lora)
     apply_lora_(ours, lora)
@@ -273,7 +257,7 @@ def test_forward_and_gradients_match_peft(targets, rslora):
 
 def test_adapter_written_by_llmlab_loads_in_peft(tmp_path):
     transformers, peft = need("transformers"), need("peft")
-    ref, ours = _twins(transformers)
+    ref, ours = llama_twins(transformers)
     lora = LoRAConfig(r=4, alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
     apply_lora_(ours, lora)
     _randomize_lora_(ours)
@@ -292,7 +276,7 @@ def test_adapter_written_by_llmlab_loads_in_peft(tmp_path):
 
 def test_adapter_written_by_peft_loads_in_llmlab(tmp_path):
     transformers, peft = need("transformers"), need("peft")
-    ref, ours = _twins(transformers)
+    ref, ours = llama_twins(transformers)
     lora = LoRAConfig(r=8, alpha=4, target_modules="all-linear", use_rslora=True)
     peft_model = _peft_lora(peft, ref, lora)
     peft_model.save_pretrained(tmp_path / "from_peft")

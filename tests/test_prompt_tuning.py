@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from llmlab.common import LlmlabError
-from llmlab.formats import hf, peft_prompt
+from llmlab.formats import peft_prompt
 from llmlab.infer.beam import beam_search
 from llmlab.infer.generate import generate
 from llmlab.models import build_model
@@ -28,7 +28,7 @@ from llmlab.nn.prompt_tuning import (
     mark_only_prompt_trainable_,
     prompt_state_dict,
 )
-from tests.conftest import need
+from tests.conftest import llama_twins, need
 
 TOL = 1e-5
 P = 5
@@ -49,22 +49,6 @@ def _lively():
         for p in base.parameters():
             p.normal_(0, 0.3) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)
     return base
-
-
-def _twins(transformers):
-    """A tiny random transformers Llama (GQA: 8 query heads, 2 key/value heads) and the llmlab twin."""
-    torch.manual_seed(0)
-    hcfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
-                                    rope_theta=50000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
-    ref = transformers.LlamaForCausalLM(hcfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    cfg = hf.config_from_hf(ref.config.to_dict()).validate()
-    ours = build_model(cfg).eval()
-    ours.load_state_dict(hf.state_from_hf(cfg, ref.state_dict()))
-    return ref, ours
 
 
 def _peft_method(peft, ref, method: str, projection: bool = False):
@@ -99,7 +83,7 @@ def _ragged():
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
 def test_logits_and_gradients_match_peft(method):
     transformers, peft = need("transformers"), need("peft")
-    ref, base = _twins(transformers)
+    ref, base = llama_twins(transformers)
     pm = _peft_method(peft, ref, method)
     ours = _ours(base, method)
     mark_only_prompt_trainable_(ours)
@@ -130,7 +114,7 @@ def test_logits_and_gradients_match_peft(method):
 @pytest.mark.parametrize("method,projection", [("prompt", False), ("prefix", False), ("prefix", True)])
 def test_adapter_written_by_llmlab_loads_in_peft(tmp_path, method, projection):
     transformers, peft = need("transformers"), need("peft")
-    ref, base = _twins(transformers)
+    ref, base = llama_twins(transformers)
     ours = _ours(base, method, projection)
     folder = peft_prompt.save_prompt_adapter(tmp_path / "a", ours, base_model="tiny-llama")
     conf = json.loads((folder / "adapter_config.json").read_text())
@@ -146,7 +130,7 @@ def test_adapter_written_by_llmlab_loads_in_peft(tmp_path, method, projection):
 @pytest.mark.parametrize("method,projection", [("prompt", False), ("prefix", False), ("prefix", True)])
 def test_adapter_written_by_peft_loads_in_llmlab(tmp_path, method, projection):
     transformers, peft = need("transformers"), need("peft")
-    ref, base = _twins(transformers)
+    ref, base = llama_twins(transformers)
     pm = _peft_method(peft, ref, method, projection)
     if projection:  # peft's zero-init-free MLP is random already; the saved prefix is its output
         assert any("transform" in k for k, _ in pm.named_parameters())

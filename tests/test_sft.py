@@ -183,7 +183,7 @@ def test_cli_no_assistant_turn_and_empty_data(tiny_folder, tmp_path):
     g = tmp_path / "bad.jsonl"
     g.write_text("{not json\n")
     r = _cli(str(g), "--model", str(tiny_folder), "--out", str(tmp_path / "r2"), "--steps", "1")
-    assert r.returncode == 2 and "no usable training examples" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "holds no JSON object records" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_sft_command_on_smollm2_small_budget(smollm_path, tmp_path):

@@ -419,7 +419,7 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     s = sub.add_parser("sft", help="fine-tune a chat model (full, LoRA, QLoRA, adapters, prefix, prompt) on "
                                    "conversations or a built-in task; scores held-out exact match",
                        description="Supervised fine-tuning. With no flags: LoRA on SmolLM2-135M-Instruct on the "
-                                   "built-in addition task (about 10 minutes on 2 CPU cores), held-out exact match "
+                                   "built-in addition task (about 7 minutes on 2 CPU cores), held-out exact match "
                                    "before and after in RUN/summary.md. Data: JSON/JSONL/Parquet files (Alpaca, "
                                    "OpenAI messages, ShareGPT, prompt/completion) or --task NAME.")
     if wanted("sft"):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmlab.common import LlmlabError
+from llmlab.nn.lora import copy_adapter_tensors_
 from llmlab.nn.norm import RMSNorm
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
@@ -144,19 +145,7 @@ def bottleneck_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_bottleneck_state_dict_(model: nn.Module, sd: dict[str, torch.Tensor], where: str = "adapter") -> None:
     """Copy adapter tensors into the model's bottleneck adapters: the same keys, every shape equal."""
-    ours = bottleneck_state_dict(model)
-    missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise LlmlabError(f"{where}: bottleneck tensors do not match the model's adapters ({detail}); "
-                          "was the adapter made for another model?")
-    for k, v in sd.items():
-        if tuple(v.shape) != tuple(ours[k].shape):
-            raise LlmlabError(f"{where}: {k} has shape {tuple(v.shape)}, the model needs {tuple(ours[k].shape)} "
-                              "(an adapter for another base model or bottleneck dim)")
-    with torch.no_grad():
-        for k, v in sd.items():
-            ours[k].copy_(v)
+    copy_adapter_tensors_(bottleneck_state_dict(model), sd, where, "bottleneck", "bottleneck dim")
 
 
 def mark_only_bottleneck_trainable_(model: nn.Module, train_norms: bool = True) -> int:

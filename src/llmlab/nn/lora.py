@@ -210,21 +210,28 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_lora_state_dict_(model: nn.Module, sd: dict[str, torch.Tensor], where: str = "adapter") -> None:
-    """Copy adapter weights into the model's LoRA layers; every layer must get both matrices, shapes equal."""
-    ours = lora_state_dict(model)
+def copy_adapter_tensors_(ours: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], where: str, kind: str,
+                          size_word: str) -> None:
+    """Copy ``sd`` into the model's adapter tensors ``ours`` (same keys, every shape equal), checking all of
+    it before copying anything, so a failed load changes nothing. ``kind`` / ``size_word`` name the adapter
+    and its size setting in the error ("LoRA", "rank")."""
     missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise LlmlabError(f"{where}: LoRA tensors do not match the model's LoRA layers ({detail}); "
+        raise LlmlabError(f"{where}: {kind} tensors do not match the model's {kind} layers ({detail}); "
                           "was the adapter made for another model?")
     for k, v in sd.items():
         if tuple(v.shape) != tuple(ours[k].shape):
             raise LlmlabError(f"{where}: {k} has shape {tuple(v.shape)}, the model needs {tuple(ours[k].shape)} "
-                              "(an adapter for another base model or rank)")
+                              f"(an adapter for another base model or {size_word})")
     with torch.no_grad():
         for k, v in sd.items():
             ours[k].copy_(v)
+
+
+def load_lora_state_dict_(model: nn.Module, sd: dict[str, torch.Tensor], where: str = "adapter") -> None:
+    """Copy adapter weights into the model's LoRA layers; every layer must get both matrices, shapes equal."""
+    copy_adapter_tensors_(lora_state_dict(model), sd, where, "LoRA", "rank")
 
 
 def mark_only_lora_trainable_(model: nn.Module) -> int:
