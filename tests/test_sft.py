@@ -201,3 +201,30 @@ def test_sft_command_on_smollm2_small_budget(smollm_path, tmp_path):
                         "What is 12 + 30? Reply with the number only."], capture_output=True, text=True, timeout=300)
     assert g.returncode == 0, g.stderr[-2000:]
     assert g.stdout.strip()
+
+
+@pytest.mark.parametrize("args", [
+    ["--method", "qlora"], ["--method", "qlora", "--qlora-base", "packed"], ["--method", "full"],
+    ["--method", "adapter"], ["--method", "prefix"], ["--method", "prompt"],
+    ["--task", "reversal", "--lora-r", "8", "--lora-targets", "q_proj,v_proj", "--rslora", "--optimizer", "adamw8bit"],
+])
+def test_readme_sft_commands_run_as_written(tiny_folder, tmp_path, args):
+    """The README's `llmlab sft ...` lines, on the tiny model with a small budget."""
+    r = _cli(*args, "--model", str(tiny_folder), "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2",
+             "--seq-len", "128", "--task-examples", "16", "--eval-examples", "2", "--eval-tokens", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["steps"] == 2 and s["saved"]
+
+
+def test_readme_sft_command_on_a_file(tiny_folder, tmp_path):
+    """`llmlab sft data.jsonl --format alpaca --no-packing --on-overlong error --on-bad-line error` as written."""
+    f = tmp_path / "data.jsonl"
+    f.write_text("".join(json.dumps({"instruction": f"Say {w}.", "output": w}) + "\n" for w in
+                         ["yes", "no", "maybe", "ok", "fine", "sure", "never", "always"]))
+    r = _cli(str(f), "--format", "alpaca", "--no-packing", "--on-overlong", "error", "--on-bad-line", "error",
+             "--model", str(tiny_folder), "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2",
+             "--seq-len", "128", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["task"] is None and s["accuracy_after"] is None and (tmp_path / "run" / "adapter").exists()
