@@ -220,16 +220,13 @@ def lora_config(cfg: SFTConfig):
 def save_result(model: nn.Module, cfg: SFTConfig, loaded: Loaded, run_dir: Path, fingerprint: str | None) -> Path:
     """The fine-tuned result in the run folder: ``adapter/`` (PEFT folder, with the base's fingerprint,
     ``formats/peft.py``) or ``model/`` (full FT)."""
-    if cfg.method == "full":
-        from llmlab.formats import hf
+    if cfg.method == "full":  # the same atomic HF-folder writer as llmlab convert / merge
+        import dataclasses
 
-        sd = {k: v for k, v in model.state_dict().items()
-              if not (loaded.config.tie_embeddings and k == "lm_head.weight")}
+        from llmlab.formats.convert import write_loaded
+
         folder = run_dir / "model"
-        tok = loaded.tokenizer
-        tok_json = tok.to_hf_json() if tok is not None and hasattr(tok, "to_hf_json") else None
-        tok_cfg = {"chat_template": loaded.chat_template} if loaded.chat_template else None
-        hf.write_folder(folder, loaded.config, sd, tokenizer_json=tok_json, tokenizer_config=tok_cfg)
+        write_loaded(dataclasses.replace(loaded, model=model), folder)
         return folder
     folder = run_dir / "adapter"
     if cfg.method in ("lora", "qlora"):
