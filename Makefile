@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[test]'
+	# Headless Chromium for the chat page's browser test (tests/test_serve_browser.py skips without it).
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver) \
+		|| echo "chromium not installed: browser tests will skip"
 	touch $(TEST_STAMP)
 
 setup: $(STAMP)

@@ -97,9 +97,10 @@ class DecoderLM(nn.Module):
         ``inputs_embeds`` (B, T, dim) replaces the token embeddings (``input_ids`` None): prompt tuning."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, dim)
         B, T = x.shape[:2]
+        paged = getattr(cache, "owns_attention", False)  # a PagedBatch: positions come per token
         if start is None:
-            start = cache.length if cache is not None else 0
-        if start + T > self.config.max_seq_len:
+            start = cache.length if cache is not None and not paged else 0
+        if not paged and start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)  # (B, T)
@@ -110,7 +111,7 @@ class DecoderLM(nn.Module):
             x = x + self.embed_positions(position_ids)
         for i, block in enumerate(self.layers):
             x = block(x, rope=rope, key_mask=attention_mask, cache=cache, layer=i, start=start)
-        if cache is not None:
+        if cache is not None and not paged:
             cache.length = start + T
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)  # (B, T, V)

@@ -112,10 +112,15 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if rope is not None:
             q, k = apply_rope(q, k, *rope)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if getattr(cache, "owns_attention", False):
+            # A paged step (nn/paged_attention.PagedBatch): many sequences' new tokens side by side in T,
+            # each attending to its own block table; the cache stores k, v and runs the attention.
+            out = cache.attend(layer, q, k, v, scale)  # (1, H, N, D)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # (B, Hkv, S, D)
         S = k.shape[2]
-        scale = 1.0 / math.sqrt(self.head_dim)
         path = self.path(T, S, start, key_mask, cache)
         if path == "decode":
             # GQA without copying k/v per query head; see grouped_attention.

@@ -76,8 +76,16 @@ class KernelBuild:
     failed: bool = False  # compiler and CPU were there, yet no kernel: a bug to report, not a missing tool
 
 
-def build_kernel(src: Path = _SRC, cache_dir: Path | None = None) -> KernelBuild:
-    """Compile ``src`` with the system C compiler (or reuse the cached library) and load it with ctypes.
+# ggml_gemv(kind, x, w, y, M, N, K, nthreads)
+_GEMV_ARGTYPES = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+
+
+def build_kernel(src: Path = _SRC, cache_dir: Path | None = None, symbol: str = "ggml_gemv",
+                 argtypes: list | None = None) -> KernelBuild:
+    """Compile ``src`` with the system C compiler (or reuse the cached library) and load ``symbol`` (an
+    ``int``-returning function taking ``argtypes``, default ggml_gemv's) from it with ctypes. Other
+    kernels (``nn/paged_decode.py``) reuse this with their own source, symbol and argtypes.
 
     Never raises: a missing compiler or CPU feature, a failed compile or a failed load give a KernelBuild
     without a function whose ``status`` says why, keeping the compiler's own message."""
@@ -108,13 +116,12 @@ def build_kernel(src: Path = _SRC, cache_dir: Path | None = None) -> KernelBuild
                                      f"{_first_error(output)}", compiler_output=output, failed=True)
         os.replace(tmp, lib)
     try:
-        fn = ctypes.CDLL(str(lib)).ggml_gemv
+        fn = getattr(ctypes.CDLL(str(lib)), symbol)
     except (OSError, AttributeError) as e:
         return KernelBuild(None, f"reference path: cannot load {lib}: {e}", compiler_output=output,
                            failed=True)
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    fn.argtypes = _GEMV_ARGTYPES if argtypes is None else argtypes
     return KernelBuild(fn, f"C kernel {VARIANT} ({lib})", VARIANT, output)
 
 
