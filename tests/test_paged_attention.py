@@ -29,7 +29,7 @@ def _contiguous_logits(model, ids):
         return model(torch.tensor([ids]))[0]  # (T, V)
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("impl", ["reference", "kernel"])
 def test_chunked_prefill_and_decode_match_contiguous(impl):
     """Three sequences, scattered (non-contiguous, shuffled) blocks, prompts fed in chunks of different
     sizes mixed with other sequences' decode steps: every position's logits equal the plain forward."""

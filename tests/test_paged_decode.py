@@ -1,5 +1,5 @@
 """The paged decode C kernel equals ``paged_decode_reference``, ignores table padding, falls back where it
-must, and is what ``PagedBatch(impl="fast")`` runs by default."""
+must, and is what ``PagedBatch(impl="kernel")`` runs by default."""
 
 from __future__ import annotations
 
@@ -125,9 +125,9 @@ def test_negative_control_a_wrong_kernel_fails_the_parity_check(tmp_path, kernel
     torch.testing.assert_close(got[0], want[0])  # one key: softmax = 1 whatever the scale
 
 
-def test_fast_paged_step_runs_the_kernel_and_matches_contiguous(monkeypatch, kernel):
+def test_kernel_paged_step_runs_the_kernel_and_matches_contiguous(monkeypatch, kernel):
     """Three sequences prefilled on scattered blocks, then decoded together for a few steps with
-    ``PagedBatch(impl="fast")`` and no explicit kernel: the C kernel runs every decode row, and every
+    ``PagedBatch(impl="kernel")`` and no explicit kernel: the C kernel runs every decode row, and every
     position's logits equal the plain forward's."""
     calls = []
     monkeypatch.setattr(paged_decode, "_kernel_callable",
@@ -162,7 +162,7 @@ def test_fast_paged_step_runs_the_kernel_and_matches_contiguous(monkeypatch, ker
         torch.testing.assert_close(torch.stack(got[i]), _contiguous_logits(model, s), atol=1e-4, rtol=1e-4)
 
 
-def test_without_a_kernel_the_fast_path_is_the_batched_gather(monkeypatch):
+def test_without_a_kernel_the_kernel_path_is_the_batched_gather(monkeypatch):
     monkeypatch.setattr(paged_decode, "_kernel_callable", lambda: None)
     model = _model()
     batch = PagedBatch(_pool(model), [1], [3], [[0]])

@@ -36,7 +36,7 @@ def _engine(model, **kw):
     return Engine(model, EngineConfig(**cfg))
 
 
-@pytest.mark.parametrize("attention", ["fast", "reference"])
+@pytest.mark.parametrize("attention", ["kernel", "reference"])
 def test_greedy_batch_equals_one_at_a_time(model, attention):
     prompts = _prompts(12)
     want = [generate(model, [p], 20)[0].ids for p in prompts]

@@ -312,6 +312,150 @@ def cmd_scaling(args) -> int:
     return 0
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+               "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'1GiB', '512MiB', '1.5G', '1000000' -> bytes (an argparse type: a bad value is a usage error)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = m and m.group(2).lower()
+    if not m or unit not in _SIZE_UNITS or float(m.group(1)) * _SIZE_UNITS[unit] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use e.g. 1GiB, 512MiB or a byte count")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def _served_name(source: str | None, default: str) -> str:
+    """The name /v1/models shows: the embedded model's name, or a file's stem / a folder's name."""
+    if source is None:
+        return default
+    path = Path(source)
+    return path.stem if path.suffix == ".gguf" else (path.name or source)
+
+
+def _check_serve_flags(args) -> None:
+    from llmlab.common import LlmlabError
+
+    if not 0 <= args.port <= 65535:
+        raise LlmlabError(f"--port must be in [0, 65535], got {args.port}")
+    if not args.drain_timeout >= 0:
+        raise LlmlabError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
+    for flag in ("block_size", "max_num_seqs", "max_batched_tokens", "max_waiting", "max_n"):
+        if getattr(args, flag) < 1:
+            raise LlmlabError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+
+
+def _embedding_backend(args, device: str):
+    """The --embedding-model, loaded, as serve.http's EmbeddingModel; None without the flag."""
+    from llmlab.api import load
+    from llmlab.common import LlmlabError
+    from llmlab.formats.load import DEFAULT_EMBED
+    from llmlab.serve.http import EmbeddingModel
+
+    if args.embedding_model is None:
+        return None
+    enc = load(args.embedding_model, device=device)
+    if enc.config.arch != "bert" or enc.tokenizer is None:
+        raise LlmlabError(f"--embedding-model {args.embedding_model}: not an encoder with a tokenizer "
+                          f"(e.g. {DEFAULT_EMBED})")
+
+    def count_tokens(texts: list[str]) -> int:
+        return sum(len(enc.tokenizer.encode(t, add_special=True)) for t in texts)
+
+    return EmbeddingModel(_served_name(args.embedding_model, DEFAULT_EMBED), enc.embed, count_tokens)
+
+
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible server (serve/http.py) on the continuous-batching engine (serve/engine.py)."""
+    import uvicorn
+
+    from llmlab.api import load
+    from llmlab.common import LlmlabError
+    from llmlab.formats.load import DEFAULT_CHAT
+    from llmlab.serve.async_engine import AsyncEngine
+    from llmlab.serve.engine import Engine, EngineConfig
+    from llmlab.serve.http import create_app
+
+    _check_serve_flags(args)
+    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed)
+    if not llm.config.is_causal or llm.tokenizer is None:
+        raise LlmlabError(f"{args.model}: serve needs a text-generating model with a tokenizer (an encoder goes "
+                          "in --embedding-model)")
+    embedding = _embedding_backend(args, args.device)
+    config = EngineConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache, max_num_seqs=args.max_num_seqs,
+                          max_batched_tokens=args.max_batched_tokens, max_waiting=args.max_waiting, max_n=args.max_n,
+                          prefix_caching=args.prefix_caching).validate()
+    engine = AsyncEngine(Engine(llm.model, config))
+    name = _served_name(args.model, DEFAULT_CHAT)
+    app = create_app(engine, tokenizer=llm.tokenizer, model_name=name, render_chat=llm.render_chat,
+                     stop_ids=llm.stop_ids(),
+                     recommended_sampling=llm.loaded.sampling_defaults, embedding=embedding, api_key=args.api_key,
+                     aliases=tuple({args.model, "default"} - {None, name}))
+    # timeout_graceful_shutdown: after the drain, connections still open (idle keep-alives) get 5 s.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    server = _draining_server_class()(config, engine, args.drain_timeout, name)
+    engine.start()
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    if not server.started:
+        raise LlmlabError(f"could not listen on {args.host}:{args.port} (in use, or not an address of this machine)")
+    return 0
+
+
+def _draining_server_class():
+    """uvicorn.Server that drains the engine on SIGTERM / SIGINT (new requests 503, running ones finish or are
+    aborted after the timeout), then exits cleanly; a second signal exits at once. Built lazily: uvicorn is
+    imported only by the serve command."""
+    import asyncio
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def __init__(self, config, engine, drain_timeout: float, model_name: str):
+            super().__init__(config)
+            self.engine, self.drain_timeout, self.model_name = engine, drain_timeout, model_name
+            self.loop = None
+            self.draining = False
+
+        async def startup(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+            if self.started:
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+                print(f"llmlab serve: http://{host}:{port} (model {self.model_name})", flush=True)
+
+        def handle_exit(self, sig, frame):
+            if self.draining or self.loop is None:  # second signal, or not serving yet: stop now
+                self.should_exit = self.force_exit = True
+                return
+            self.draining = True
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+        async def _drain(self):
+            try:
+                await self.engine.drain(self.drain_timeout)
+            finally:
+                self.should_exit = True
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # uvicorn's re-raises the signal after shutdown; a drained server exits 0
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return DrainingServer
+
+
 def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     """The command line. ``commands``: the subcommands whose flags are added (None = all of them). ``main``
     passes only the one it runs: flags built from config dataclasses import those modules (torch, the
@@ -442,6 +586,33 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
 
         add_flags(s, ScalingConfig)
     s.set_defaults(func=cmd_scaling)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, embeddings) with continuous "
+                                     "batching, a paged KV cache, /metrics and a web chat page at /")
+    s.add_argument("--model", default=None, help=MODEL_HELP)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes "
+                                                   "(default: none, open)")
+    s.add_argument("--embedding-model", default=None, metavar="PATH_OR_NAME",
+                   help="also serve /v1/embeddings with this encoder; all-minilm-l6-v2 is the embedded one "
+                        "(default: none)")
+    s.add_argument("--kv-cache", type=parse_size, default=parse_size("1GiB"), metavar="SIZE",
+                   help="memory for KV cache blocks, e.g. 1GiB or 512MiB (default: 1GiB)")
+    s.add_argument("--block-size", type=int, default=16, help="positions per KV cache block (default: 16)")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once (default: 64)")
+    s.add_argument("--max-batched-tokens", type=int, default=512,
+                   help="tokens per engine step: prompt chunks plus decodes (default: 512)")
+    s.add_argument("--max-waiting", type=int, default=256,
+                   help="queued requests before new ones get 429 (default: 256)")
+    s.add_argument("--max-n", type=int, default=8, help="largest n (samples per request) accepted (default: 8)")
+    s.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of shared prompt prefixes (default: on)")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds to let running requests finish before aborting them "
+                        "(default: 30)")
+    _add_load_flags(s)
+    s.set_defaults(func=cmd_serve)
     return p
 
 

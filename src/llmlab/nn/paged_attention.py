@@ -15,7 +15,7 @@ Two attention paths, tested equal to attention on a contiguous cache:
 
 - ``reference``: gather each sequence's blocks into a contiguous (1, H_kv, S, D) tensor, then the
   textbook attention with a causal mask whose queries sit at the end of the S keys;
-- ``fast``: the same for prompt chunks (SDPA on the gathered keys); decode rows (one new token) of every
+- ``kernel``: the same for prompt chunks (SDPA on the gathered keys); decode rows (one new token) of every
   sequence in one call: a C kernel that walks the block tables in place (``nn/paged_decode.py``), or,
   without a compiler, one batched gather for all of them.
 """
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from llmlab.nn.attention import build_mask, grouped_attention
 
-IMPLS = ("fast", "reference")
+IMPLS = ("kernel", "reference")
 
 
 class PagedKVPool:
@@ -100,14 +100,14 @@ class PagedBatch:
     q_lens: list[int]  # new tokens per sequence in this step
     ctx_lens: list[int]  # positions cached after this step (earlier + new), per sequence
     block_tables: list[list[int]]
-    impl: str = "fast"
+    impl: str = "kernel"
     decode_kernel: object | None = None  # callable like paged_decode_reference, or None
     owns_attention: bool = field(default=True, init=False)
 
     def __post_init__(self):
         if self.impl not in IMPLS:
             raise ValueError(f"paged attention impl must be one of {IMPLS}, got {self.impl!r}")
-        if self.impl == "fast" and self.decode_kernel is None:
+        if self.impl == "kernel" and self.decode_kernel is None:
             from llmlab.nn.paged_decode import paged_decode_kernel  # imported here: it imports this module
 
             self.decode_kernel = paged_decode_kernel()  # the C kernel, or None (the batched gather) without one
@@ -123,8 +123,8 @@ class PagedBatch:
         self._starts = [0]
         for ql in self.q_lens:
             self._starts.append(self._starts[-1] + ql)
-        # Decode rows (one new token) go through one batched call on the fast path.
-        self._decode = [i for i, ql in enumerate(self.q_lens) if ql == 1] if self.impl == "fast" else []
+        # Decode rows (one new token) go through one batched call on the kernel path.
+        self._decode = [i for i, ql in enumerate(self.q_lens) if ql == 1] if self.impl == "kernel" else []
         if self._decode:
             mb = max(len(self.block_tables[i]) for i in self._decode)
             tables = torch.zeros(len(self._decode), mb, dtype=torch.int32)

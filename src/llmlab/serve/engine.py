@@ -57,7 +57,7 @@ class EngineConfig:
     max_n: int = field(default=8, metadata={"help": "largest n (samples per request) accepted"})
     prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks of shared prompt prefixes"})
     speculative_tokens: int = field(default=0, metadata={"help": "n-gram draft tokens checked per step; 0 = off"})
-    attention: str = field(default="fast", metadata={"help": "paged attention path: fast | reference"})
+    attention: str = field(default="kernel", metadata={"help": "paged attention path: kernel | reference"})
 
     def validate(self) -> EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_batched_tokens", "max_waiting", "max_n"):
@@ -182,7 +182,8 @@ class Engine:
         self._stats.finished[reason] = self._stats.finished.get(reason, 0) + 1
 
     def has_unfinished(self) -> bool:
-        return any(not r.finished for r in self.requests.values())
+        """Requests whose final output has not been collected yet (an aborted one still owes one)."""
+        return bool(self.requests)
 
     def stats(self) -> EngineStats:
         s = self._stats
