@@ -340,6 +340,8 @@ def _check_serve_flags(args) -> None:
 
     if not 0 <= args.port <= 65535:
         raise LlmlabError(f"--port must be in [0, 65535], got {args.port}")
+    if not 0 <= args.speculative_tokens <= 16:
+        raise LlmlabError(f"--speculative-tokens must be in [0, 16], got {args.speculative_tokens}")
     if not args.drain_timeout >= 0:
         raise LlmlabError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
     for flag in ("block_size", "max_num_seqs", "max_batched_tokens", "max_waiting", "max_n"):
@@ -386,7 +388,7 @@ def cmd_serve(args) -> int:
     embedding = _embedding_backend(args, args.device)
     config = EngineConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache, max_num_seqs=args.max_num_seqs,
                           max_batched_tokens=args.max_batched_tokens, max_waiting=args.max_waiting, max_n=args.max_n,
-                          prefix_caching=args.prefix_caching).validate()
+                          prefix_caching=args.prefix_caching, speculative_tokens=args.speculative_tokens).validate()
     engine = AsyncEngine(Engine(llm.model, config))
     name = _served_name(args.model, DEFAULT_CHAT)
     app = create_app(engine, tokenizer=llm.tokenizer, model_name=name, render_chat=llm.render_chat,
@@ -608,6 +610,8 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--max-n", type=int, default=8, help="largest n (samples per request) accepted (default: 8)")
     s.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of shared prompt prefixes (default: on)")
+    s.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                   help="n-gram (prompt lookup) draft tokens checked per sequence per step; 0 = off (default: 0)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, seconds to let running requests finish before aborting them "
                         "(default: 30)")

@@ -328,12 +328,13 @@ class Engine:
         seen = counts = None
         V = rows.shape[-1]
         if p.repetition_penalty != 1.0:
-            seen = torch.zeros(len(seqs), V, dtype=torch.bool)
+            seen = torch.zeros(len(seqs), V, dtype=torch.bool, device=rows.device)
             for i, s in enumerate(seqs):
-                seen[i, torch.tensor(s.tokens)] = True
+                seen[i, torch.tensor(s.tokens, device=rows.device)] = True
         if p.frequency_penalty or p.presence_penalty:
-            counts = torch.stack([torch.bincount(torch.tensor(s.tokens[s.prompt_len:], dtype=torch.long),
-                                                 minlength=V)[:V].float() for s in seqs])
+            counts = torch.stack([torch.bincount(torch.tensor(s.tokens[s.prompt_len:], dtype=torch.long,
+                                                              device=rows.device), minlength=V)[:V].float()
+                                  for s in seqs])
         lg = apply_penalties(rows, p, seen, counts)
         if p.greedy:
             return lg.argmax(-1)
@@ -371,7 +372,7 @@ class Engine:
                     break
                 continue
             probs = warp(lg[i:i + 1], p).softmax(-1)[0]
-            u = torch.rand((), generator=seq.generator)
+            u = torch.rand((), generator=seq.generator, device=probs.device)
             if float(u) < float(probs[d]):
                 out.append(d)
                 continue
@@ -416,7 +417,7 @@ class Engine:
         state: BeamState = req.beam
         if len(live) == 1 and state.width > 1:  # first step: every beam starts from the prompt
             live = live * state.width
-        log_probs = torch.stack([s.last_logprobs for s in live])  # (K, V)
+        log_probs = torch.stack([s.last_logprobs for s in live]).cpu()  # (K, V); the bookkeeping is on the CPU
         src, toks, stop = state.advance(log_probs)
         if stop:
             for s in req.seqs:
