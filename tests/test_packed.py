@@ -170,3 +170,23 @@ def test_smollm2_packed_decode_agrees_with_reference(variant, smollm, smollm_pat
             a = smollm.model(ids[:, t:t + 1], cache=c_ref)
             b = packed.model(ids[:, t:t + 1], cache=c_packed)
             assert (a - b).abs().max() < 1e-3
+
+
+def test_keep_dense_uses_the_float_weight_for_many_rows(monkeypatch):
+    """keep_dense_: products of >= min_rows rows go through the float32 copy, fewer through the blocks; both
+    give the dequantized product."""
+    from llmlab.nn.packed_linear import keep_dense_
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=False)
+    layer = PackedLinear(quantize_q8_0(lin.weight.detach()), 8, 64, 48)
+    model = keep_dense_(torch.nn.Sequential(layer), min_rows=4)
+    calls = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(packed_linear.F, "linear", lambda x, w, *a: calls.append(w is layer.dense) or real(x, w, *a))
+    w = layer.dequantized()
+    for rows in (1, 3, 4, 9):
+        x = torch.randn(rows, 64)
+        calls.clear()
+        torch.testing.assert_close(model(x), x @ w.T, atol=1e-4, rtol=1e-4)
+        assert (calls == [True]) == (rows >= 4) or packed_linear.kernel() is None

@@ -196,6 +196,11 @@ def cmd_explore(args) -> int:
     if not args.prompt:
         raise LlmlabError("the prompt is empty: give some text")
     llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed)
+    if args.packed:
+        from llmlab.nn.packed_linear import keep_dense_
+
+        # Packed GEMV for steps of few sequences (memory-bound), float32 GEMM for steps of many.
+        keep_dense_(llm.model, min_rows=16)
     if not llm.config.is_causal:
         raise LlmlabError("explore needs a text-generating model")
     text = args.prompt if args.raw else llm.render_chat(args.prompt)
@@ -382,6 +387,11 @@ def cmd_serve(args) -> int:
 
     _check_serve_flags(args)
     llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed)
+    if args.packed:
+        from llmlab.nn.packed_linear import keep_dense_
+
+        # Packed GEMV for steps of few sequences (memory-bound), float32 GEMM for steps of many.
+        keep_dense_(llm.model, min_rows=16)
     if not llm.config.is_causal or llm.tokenizer is None:
         raise LlmlabError(f"{args.model}: serve needs a text-generating model with a tokenizer (an encoder goes "
                           "in --embedding-model)")
@@ -615,7 +625,7 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, seconds to let running requests finish before aborting them "
                         "(default: 30)")
-    _add_load_flags(s)
+    _add_load_flags(s, packed_default=True)
     s.set_defaults(func=cmd_serve)
     return p
 

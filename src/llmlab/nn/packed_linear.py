@@ -187,6 +187,8 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
         self.ggml_type, self.in_features, self.out_features = ggml_type, in_features, out_features
         self.impl = impl
+        self.dense: torch.Tensor | None = None  # float32 weight kept by keep_dense_ for many-row products
+        self.dense_min_rows = 0
 
     def dequantized(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """Rows [lo, hi) of the weight (default all), (hi - lo, in) float32."""
@@ -202,6 +204,8 @@ class PackedLinear(nn.Module):
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 (M, K) float32 contiguous -> (M, N) without bias: the C GEMV for <= GEMV_MAX_ROWS rows on CPU,
         else (or with ``impl="reference"``) dequantize + ``F.linear``. No autograd here."""
+        if self.dense is not None and x2.shape[0] >= self.dense_min_rows:
+            return F.linear(x2, self.dense)
         fn = kernel() if self.impl == "kernel" and x2.device.type == "cpu" else None
         if fn is None or x2.shape[0] > GEMV_MAX_ROWS:
             chunks = self.row_chunks()
@@ -232,6 +236,18 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         names = {8: "Q8_0", 2: "Q4_0", 3: "Q4_1"}
         return f"in_features={self.in_features}, out_features={self.out_features}, {names[self.ggml_type]}"
+
+
+def keep_dense_(model: nn.Module, min_rows: int = 8) -> nn.Module:
+    """Keep a float32 copy of every packed weight and multiply by it when a product has ``min_rows`` rows or
+    more. The packed GEMV wins while few rows share each weight read (decoding one or a few sequences is
+    memory-bound); a float32 GEMM wins once many rows do (a serving step over many sequences, prefill),
+    and dequantizing per call would cost more than the product. Memory: 4 bytes per weight on top of the
+    blocks. The two paths agree up to summation order and the blocks' rounding (``tests/test_packed.py``)."""
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            m.dense, m.dense_min_rows = m.dequantized(), min_rows
+    return model
 
 
 def pack_linears_q8_0_(model: nn.Module, impl: str = "kernel") -> nn.Module:
