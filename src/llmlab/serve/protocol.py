@@ -304,13 +304,18 @@ class CompletionChoice(BaseModel):
     finish_reason: Literal["stop", "length", "abort"] | None = None
 
 
-class CompletionResponse(BaseModel):
+class _Envelope(BaseModel):
+    """The fields every completion object and streamed chunk carries."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class CompletionResponse(_Envelope):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
     system_fingerprint: str | None = None
 
 
@@ -340,13 +345,9 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length", "abort"] | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Envelope):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChoice]
-    usage: Usage | None = None
     system_fingerprint: str | None = None
 
 
@@ -362,26 +363,15 @@ class ChatChunkChoice(BaseModel):
     finish_reason: Literal["stop", "length", "abort"] | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_Envelope):
     """One Server-Sent Event of a streamed chat completion."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
 
 
-class CompletionChunk(BaseModel):
-    """One Server-Sent Event of a streamed completion (same shape as the response, object text_completion)."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
+class CompletionChunk(CompletionResponse):
+    """One Server-Sent Event of a streamed completion: the response object itself (OpenAI's text_completion)."""
 
 
 class Embedding(BaseModel):
