@@ -425,7 +425,10 @@ async def _cancel_on_disconnect(request: Request, work):
 
 
 _ERRORS = {status: {"model": p.ErrorResponse} for status in (400, 401, 404, 413, 415, 429, 500, 503)}
-_STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+# With stream: true each server-sent event is {"data": <a chunk object as JSON text, or [DONE]>} (how OpenAPI
+# tools, schemathesis among them, read a text/event-stream body: one object per event).
+_STREAMED = {200: {"content": {"text/event-stream": {"schema": {
+    "type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}, "required": ["data"]}}}}}
 
 
 def create_app(engine, *, tokenizer, model_name: str, render_chat: Callable[[list[dict]], str],
