@@ -190,3 +190,17 @@ def test_block_manager_refcounts_cow_and_lru():
     for _ in range(4):  # handing every block out again evicts the cached one
         bm._take()
     assert bm.match_prefix([1, 2, 3], []) == 0
+
+
+@pytest.mark.parametrize("sp", [SamplingParams(temperature=1e-300),
+                                SamplingParams(temperature=1.0, repetition_penalty=5e-324),
+                                SamplingParams(temperature=5e-324, top_p=0.5, seed=3)])
+def test_extreme_valid_sampling_parameters_reach_their_limit(model, sp):
+    """A temperature or repetition penalty near 0 overflows to inf/NaN; the row becomes its limit (the argmax
+    of the penalized logits) instead of failing the step for every request in it (schemathesis found this)."""
+    p = _prompts(1, 6, 7, seed=11)[0]
+    eng = _engine(model)
+    got = eng.generate([p], RequestParams(max_tokens=6, sampling=sp))[0]
+    assert got.finish_reasons == ["length"] and len(got.ids[0]) == 6
+    if sp.repetition_penalty == 1.0:  # temperature -> 0 is greedy
+        assert got.ids[0] == generate(model, [p], 6)[0].ids

@@ -90,14 +90,25 @@ def warp(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The sampling distribution (B, V) of (penalized) logits. Extreme but valid parameters (a temperature or
+    a repetition penalty of 1e-300) overflow to inf and NaN; such a row becomes its limit, a one-hot at the
+    largest logit, rather than an error from ``torch.multinomial``."""
+    probs = warp(logits, p).softmax(-1)
+    bad = ~torch.isfinite(probs).all(-1)  # (B,)
+    if bool(bad.any()):
+        top = torch.nan_to_num(logits[bad], nan=float("-inf")).argmax(-1)
+        probs[bad] = torch.nn.functional.one_hot(top, probs.shape[-1]).to(probs.dtype)
+    return probs
+
+
 def select(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,
            seen: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
     """Pick the next token for each row. logits (B, V) float -> (B,) int64."""
     logits = apply_penalties(logits.float(), p, seen, counts)
     if p.greedy:
         return logits.argmax(-1)
-    probs = warp(logits, p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(sampling_probs(logits, p), 1, generator=generator).squeeze(-1)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

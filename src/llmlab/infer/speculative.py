@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmlab.infer.sample import SamplingParams, warp
+from llmlab.infer.sample import SamplingParams, sampling_probs
 
 
 @dataclass
@@ -44,7 +44,7 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     logits = logits.float()
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return warp(logits, params).softmax(-1)
+    return sampling_probs(logits, params)
 
 
 class NgramDrafter:

@@ -27,7 +27,7 @@ import torch
 
 from llmlab.common import LlmlabError
 from llmlab.infer.beam import Beam, BeamState
-from llmlab.infer.sample import SamplingParams, apply_penalties, make_generator, warp
+from llmlab.infer.sample import SamplingParams, apply_penalties, make_generator, sampling_probs
 from llmlab.infer.speculative import NgramDrafter
 from llmlab.nn.paged_attention import PagedBatch, PagedKVPool
 from llmlab.serve.block_manager import BlockManager
@@ -338,8 +338,7 @@ class Engine:
         lg = apply_penalties(rows, p, seen, counts)
         if p.greedy:
             return lg.argmax(-1)
-        probs = warp(lg, p).softmax(-1)
-        return torch.multinomial(probs, 1, generator=seqs[0].generator).squeeze(-1)
+        return torch.multinomial(sampling_probs(lg, p), 1, generator=seqs[0].generator).squeeze(-1)
 
     def _fork(self, parent: Sequence, row: torch.Tensor) -> None:
         """The prompt is computed: make the other n - 1 sequences, sharing its blocks, and sample each."""
@@ -371,7 +370,7 @@ class Engine:
                 if tok != d:
                     break
                 continue
-            probs = warp(lg[i:i + 1], p).softmax(-1)[0]
+            probs = sampling_probs(lg[i:i + 1], p)[0]
             u = torch.rand((), generator=seq.generator, device=probs.device)
             if float(u) < float(probs[d]):
                 out.append(d)
