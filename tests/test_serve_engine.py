@@ -204,3 +204,10 @@ def test_extreme_valid_sampling_parameters_reach_their_limit(model, sp):
     assert got.finish_reasons == ["length"] and len(got.ids[0]) == 6
     if sp.repetition_penalty == 1.0:  # temperature -> 0 is greedy
         assert got.ids[0] == generate(model, [p], 6)[0].ids
+
+
+def test_beam_search_refuses_to_run_beside_other_requests(model):
+    eng = _engine(model)
+    eng.add_request("other", [1, 2, 3], RequestParams(max_tokens=4))
+    with pytest.raises(EngineError, match="1 requests are in flight"):
+        eng.beam_search([1, 2, 3], 2, 4)

@@ -79,7 +79,6 @@ class Finished:
     finish_reasons: list[str]
     logprobs: list[list[TokenLogprob]] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
-    scores: list[float] | None = None  # beam search
 
 
 def _params_key(p: SamplingParams) -> tuple:
@@ -144,7 +143,7 @@ class Engine:
         return M
 
     def add_request(self, request_id: str, prompt: list[int], params: RequestParams,
-                    beam_width: int = 0) -> None:
+                    beam: BeamState | None = None) -> None:
         if request_id in self.requests:
             raise EngineError(f"request id {request_id!r} is already running", param="request_id")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
@@ -153,8 +152,7 @@ class Engine:
         params.sampling.validate()
         req = Request(request_id, list(prompt), params, next(self._arrivals))
         req.max_tokens = max_tokens
-        if beam_width:
-            req.beam = BeamState(beam_width, max_tokens, eos_ids=set(params.stop_ids))
+        req.beam = beam
         seq = self._new_seq(req, 0, list(prompt))
         if params.prompt_logprobs:
             req.prompt_logprobs = [None]
@@ -506,20 +504,22 @@ class Engine:
     def beam_search(self, prompt: list[int], num_beams: int, max_tokens: int, *, num_return: int = 1,
                     length_penalty: float = 1.0, early_stopping: bool | str = False,
                     eos_ids: set[int] | None = None) -> list[Beam]:
-        """Beam search (``infer/beam.py``'s semantics) on the engine: the beams are sequences sharing
-        KV blocks; other requests may run in the same steps. -> the ``num_return`` best hypotheses."""
+        """Beam search (``infer/beam.py``'s semantics) on the engine: the beams are sequences sharing KV
+        blocks, forked copy-on-write instead of copying a cache. It steps the engine until the search ends, so
+        it refuses to run beside other requests (their outputs would go nowhere). -> the ``num_return`` best."""
         if not 1 <= num_return <= num_beams:
             raise EngineError(f"num_return must be in [1, num_beams={num_beams}], got {num_return}", param="n")
-        rid = f"beam-{next(self._seq_ids)}"
-        params = RequestParams(max_tokens=max_tokens, n=num_return, stop_ids=frozenset(eos_ids or ()))
+        if self.requests:
+            raise EngineError(f"{len(self.requests)} requests are in flight: beam_search steps the engine to the end "
+                              "of the search, so finish or abort them first")
         budget = min(max_tokens, self.max_model_len - len(prompt))
         if budget < 1:
             raise EngineError("the prompt fills the context", param="prompt")
-        self.add_request(rid, prompt, RequestParams(max_tokens=budget, stop_ids=params.stop_ids),
-                         beam_width=num_beams)
+        rid = f"beam-{next(self._seq_ids)}"
+        beam = BeamState(num_beams, budget, length_penalty=length_penalty, early_stopping=early_stopping,
+                         eos_ids=eos_ids)
+        self.add_request(rid, prompt, RequestParams(max_tokens=budget, stop_ids=frozenset(eos_ids or ())), beam=beam)
         req = self.requests[rid]
-        req.beam = BeamState(num_beams, budget, length_penalty=length_penalty, early_stopping=early_stopping,
-                             eos_ids=eos_ids)
         while rid in self.requests:
             self.step()
         return req.finished_outputs[:num_return]
