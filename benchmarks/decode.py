@@ -1,18 +1,23 @@
-"""Decode benchmark on SmolLM2-135M-Instruct: greedy, a 128-token prompt, 128 new tokens (EOS ignored),
-2 threads, median of N runs. llmlab and the peers measured in the same run; ratios printed last.
+"""Decode benchmark on SmolLM2-135M-Instruct (the embedded Q4_1 GGUF): greedy, a 128-token prompt, 128 new
+tokens (EOS ignored), median of N runs. llmlab and the peers run in the same process, same threads; the ratios
+are printed last, with the CPU flags that matter.
 
-- batch-1 decode tok/s: llmlab vs transformers (eager, fp32) vs llama-cpp-python (same GGUF, if installed)
-- batch-8 total tok/s: llmlab vs transformers
-- prefill tok/s on a 512-token prompt: llmlab vs transformers vs llama-cpp-python
-- speculative (n-gram prompt lookup) vs plain greedy on a repetition-heavy prompt: speedup, same output
+- batch-1 tok/s (prompt included, as llama.cpp's generate) and decode-only tok/s (the marginal rate between
+  1 and 129 new tokens): the packed path (native C step, int8 kernels), its eager blocks, the float-activation
+  kernel, the fp32 reference, transformers (fp32 eager), llama-cpp-python (same GGUF, if installed);
+- batch-8 total tok/s and 32 concurrent sequences total tok/s;
+- 512-token prefill tok/s (logits of the last position, as llama.cpp's eval);
+- n-gram speculative decoding vs plain greedy on the packed path, on an input-grounded prompt (same output);
+- where the time of one packed decode step goes: the C blocks, the head, the rest (Python, sampling).
 
-    python benchmarks/decode.py [--runs 5] [--threads 2]
+    python benchmarks/decode.py [--runs 3] [--threads 0] [--new-tokens 128]
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import statistics
 import time
 
@@ -21,6 +26,10 @@ import torch
 from llmlab.api import load
 from llmlab.infer.generate import generate
 from llmlab.infer.speculative import NgramDrafter, speculative_generate
+from llmlab.nn.cpu_kernels import best_variant, cpu_flags, physical_cores
+from llmlab.nn.packed_linear import set_impl_
+
+FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16")
 
 
 def median_time(fn, runs: int) -> float:
@@ -34,45 +43,107 @@ def median_time(fn, runs: int) -> float:
 
 
 def prompt_ids(tok, n: int) -> list[int]:
-    import json
+    return tok.encode(inspect.getsource(json))[:n]
 
-    text = inspect.getsource(json)
-    return tok.encode(text)[:n]
+
+@torch.inference_mode()
+def prefill_last(model, ids: list[int]) -> torch.Tensor:
+    """The prompt through the model, logits of the last position only (llama.cpp's eval computes no more)."""
+    cache = model.new_cache(1, len(ids) + 1)
+    hidden = model(torch.tensor([ids]), cache=cache, return_hidden=True)  # (1, T, dim), after the final norm
+    return model.lm_head(hidden[:, -1])
+
+
+def rates(rows: dict, name: str, fn_gen, N: int, runs: int) -> None:
+    """rows[name + ' b1'] (prompt included) and rows[name + ' decode'] (marginal, new tokens only)."""
+    t_full = median_time(lambda: fn_gen(N), runs)
+    t_one = median_time(lambda: fn_gen(1), runs)
+    rows[f"{name} b1"] = N / t_full
+    rows[f"{name} decode"] = (N - 1) / max(t_full - t_one, 1e-9)
+
+
+def step_breakdown(model, ids: list[int], runs: int = 50) -> dict[str, float]:
+    """ms per decode step: the whole generate step, the C blocks, the head; the rest is Python and sampling."""
+    native = model.native_step
+    cache = model.new_cache(1, len(ids) + 2)
+    with torch.inference_mode():
+        model(torch.tensor([ids]), cache=cache)
+        tok = torch.tensor([[ids[-1]]])
+        pos = torch.tensor([[len(ids)]])
+        x = model.embed_tokens(tok)
+        rope = model.rotary(pos, x.dtype)
+
+        def blocks():
+            return native.blocks(x, rope, cache, len(ids), None)
+
+        h = blocks()
+
+        def head():
+            return native.logits(model, h)
+
+        def step():
+            cache.length = len(ids)
+            logits = model(tok, cache=cache, position_ids=pos)[:, -1]
+            return logits.argmax(-1).tolist()
+
+        out = {}
+        for name, fn in (("step", step), ("blocks", blocks), ("head", head)):
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(runs):
+                fn()
+            out[name] = (time.perf_counter() - t0) / runs * 1e3
+    out["rest"] = out["step"] - out["blocks"] - out["head"]
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=5, help="timed runs per measurement (default: 5)")
-    ap.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads (default: 2)")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per measurement (default: 3)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch / C kernel / llama.cpp threads; 0 = physical cores (default: 0)")
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens to generate (default: 128)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    llm = load()
-    tok, model, N = llm.tokenizer, llm.model, args.new_tokens
+    threads = args.threads or physical_cores()
+    torch.set_num_threads(threads)
+    flags = sorted(f for f in FLAGS if f in cpu_flags())
+    print(f"threads {threads}; CPU flags: {', '.join(flags) or 'none of ' + ', '.join(FLAGS)}; "
+          f"int8 kernel variant: {best_variant()}")
+    ref = load()
+    tok, N, R = ref.tokenizer, args.new_tokens, args.runs
     p128, p512 = prompt_ids(tok, 128), prompt_ids(tok, 512)
     rows: dict[str, float] = {}
 
-    rows["llmlab b1"] = N / median_time(lambda: generate(model, [p128], N), args.runs)
-    rows["llmlab b8"] = 8 * N / median_time(lambda: generate(model, [p128] * 8, N), args.runs)
-    with torch.inference_mode():
-        rows["llmlab prefill512"] = 512 / median_time(lambda: model(torch.tensor([p512])), args.runs)
-    packed = load(packed=True).model  # linear layers on the GGUF's packed Q4_1/Q8_0 blocks
-    rows["llmlab packed b1"] = N / median_time(lambda: generate(packed, [p128], N), args.runs)
-    rows["llmlab packed b8"] = 8 * N / median_time(lambda: generate(packed, [p128] * 8, N), args.runs)
-    with torch.inference_mode():
-        rows["llmlab packed prefill512"] = 512 / median_time(lambda: packed(torch.tensor([p512])), args.runs)
-    same = generate(packed, [p128], 32)[0].ids == generate(model, [p128], 32)[0].ids
+    packed = load(packed=True)
+    model = packed.model
+    print(packed.loaded.native_step)
+    rates(rows, "llmlab packed", lambda n: generate(model, [p128], n), N, R)
+    rows["llmlab packed b8"] = 8 * N / median_time(lambda: generate(model, [p128] * 8, N), R)
+    p32 = [prompt_ids(tok, 128)[i:i + 96] for i in range(32)]  # 32 different prompts of 96 tokens
+    rows["llmlab packed b32"] = 32 * N / median_time(lambda: generate(model, p32, N), max(1, R // 2))
+    rows["llmlab packed prefill512"] = 512 / median_time(lambda: prefill_last(model, p512), R)
+    breakdown = step_breakdown(model, p128)
+    same_as_eager = generate(model, [p128], 32)[0].ids
+    native, model.native_step = model.native_step, None
+    rates(rows, "llmlab packed eager-blocks", lambda n: generate(model, [p128], n), N, R)
+    rows["llmlab packed eager-blocks prefill512"] = 512 / median_time(lambda: prefill_last(model, p512), R)
+    same_as_eager = same_as_eager == generate(model, [p128], 32)[0].ids
+    set_impl_(model, "float")
+    rates(rows, "llmlab packed float-kernel", lambda n: generate(model, [p128], n), N, R)
+    set_impl_(model, "int8")
+    model.native_step = native
 
-    # Speculative decoding on a prompt whose answer repeats the prompt (editing a given text).
+    rates(rows, "llmlab fp32", lambda n: generate(ref.model, [p128], n), N, R)
+    rows["llmlab fp32 b8"] = 8 * N / median_time(lambda: generate(ref.model, [p128] * 8, N), R)
+    rows["llmlab fp32 prefill512"] = 512 / median_time(lambda: prefill_last(ref.model, p512), R)
+
+    # Speculative decoding on an input-grounded prompt: repeat a given code text (prompt lookup pays there).
     text = inspect.getsource(inspect.getmodule(generate))[:1500]
-    spec_prompt = tok.encode(llm.render_chat("Repeat the following code exactly, with no comment:\n\n" + text))
+    spec_prompt = tok.encode(ref.render_chat("Repeat the following code exactly, with no comment:\n\n" + text))
     plain_out = generate(model, [spec_prompt], N)[0].ids
     spec_out, stats = speculative_generate(model, spec_prompt, N, NgramDrafter(), gamma=8)
-    t_plain = median_time(lambda: generate(model, [spec_prompt], N), args.runs)
-    t_spec = median_time(lambda: speculative_generate(model, spec_prompt, N, NgramDrafter(), gamma=8), args.runs)
-    t_packed_plain = median_time(lambda: generate(packed, [spec_prompt], N), args.runs)
-    t_packed_spec = median_time(lambda: speculative_generate(packed, spec_prompt, N, NgramDrafter(), gamma=8),
-                                args.runs)
+    t_plain = median_time(lambda: generate(model, [spec_prompt], N), R)
+    t_spec = median_time(lambda: speculative_generate(model, spec_prompt, N, NgramDrafter(), gamma=8), R)
 
     try:
         import transformers
@@ -82,60 +153,65 @@ def main() -> int:
     if transformers is not None:
         from pathlib import Path
 
-        src = Path(llm.loaded.source)
+        src = Path(ref.loaded.source)
         transformers.logging.set_verbosity_error()
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
                                                                dtype=torch.float32).eval()
-        cfg = transformers.GenerationConfig(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=2)
 
-        def hf_gen(batch):
+        def hf_gen(batch, n):
             ids = torch.tensor([p128] * batch)
+            cfg = transformers.GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2)
             with torch.inference_mode():
                 hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
 
-        rows["transformers b1"] = N / median_time(lambda: hf_gen(1), args.runs)
-        rows["transformers b8"] = 8 * N / median_time(lambda: hf_gen(8), args.runs)
+        rates(rows, "transformers", lambda n: hf_gen(1, n), N, R)
+        rows["transformers b8"] = 8 * N / median_time(lambda: hf_gen(8, N), R)
         with torch.inference_mode():
-            rows["transformers prefill512"] = 512 / median_time(lambda: hf(torch.tensor([p512])), args.runs)
+            rows["transformers prefill512"] = 512 / median_time(
+                lambda: hf(torch.tensor([p512]), logits_to_keep=1), R)
     try:
         import llama_cpp
     except ImportError:
         llama_cpp = None
-        print("llama-cpp-python: skipped (not installed; it compiles llama.cpp: pip install llama-cpp-python)")
+        print("llama-cpp-python: skipped (not installed; it compiles llama.cpp: "
+              "CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python)")
     if llama_cpp is not None:
-        lc = llama_cpp.Llama(model_path=llm.loaded.source, n_ctx=1024, n_threads=args.threads, verbose=False,
-                             n_batch=512)
+        lc = llama_cpp.Llama(model_path=ref.loaded.source, n_ctx=1024, n_threads=threads,
+                             n_threads_batch=threads, verbose=False, n_batch=512)
 
-        def lc_gen():
+        def lc_gen(n):
             lc.reset()
-            for n, _ in enumerate(lc.generate(p128, temp=0.0, top_k=1, reset=True), 1):
-                if n >= N:
+            for i, _ in enumerate(lc.generate(p128, temp=0.0, top_k=1, reset=True), 1):
+                if i >= n:
                     break
 
-        rows["llama.cpp b1"] = N / median_time(lc_gen, args.runs)
+        rates(rows, "llama.cpp", lc_gen, N, R)
 
         def lc_prefill():
             lc.reset()
             lc.eval(p512)
 
-        rows["llama.cpp prefill512"] = 512 / median_time(lc_prefill, args.runs)
+        rows["llama.cpp prefill512"] = 512 / median_time(lc_prefill, R)
 
-    print(f"\n{'measurement':<28}{'tok/s':>10}")
+    print(f"\n{'measurement':<42}{'tok/s':>10}")
     for k, v in rows.items():
-        print(f"{k:<28}{v:>10.1f}")
-    print(f"speculative n-gram: plain {t_plain:.2f}s, speculative {t_spec:.2f}s, acceptance "
-          f"{stats.acceptance_rate:.0%}, identical output: {spec_out == plain_out}; on the packed path: plain "
-          f"{t_packed_plain:.2f}s, speculative {t_packed_spec:.2f}s")
-    print(f"packed path greedy (32 tokens) identical to the reference path: {same}")
+        print(f"{k:<42}{v:>10.1f}")
+    print(f"packed decode step, ms: {breakdown['step']:.2f} = C blocks {breakdown['blocks']:.2f} + head "
+          f"{breakdown['head']:.2f} + rest (Python, sampling) {breakdown['rest']:.2f}")
+    print(f"native step greedy (32 tokens) identical to the eager int8 blocks: {same_as_eager}")
+    print(f"speculative n-gram on the packed path: plain {t_plain:.2f}s, speculative {t_spec:.2f}s, acceptance "
+          f"{stats.acceptance_rate:.0%}, identical output: {spec_out == plain_out}")
     print("ratios:")
-    for ours, peer in (("llmlab b1", "transformers b1"), ("llmlab packed b1", "transformers b1"),
-                       ("llmlab packed b1", "llama.cpp b1"), ("llmlab b8", "transformers b8"),
-                       ("llmlab packed b8", "transformers b8"), ("llmlab prefill512", "transformers prefill512"),
-                       ("llmlab prefill512", "llama.cpp prefill512"),
-                       ("llmlab packed prefill512", "llama.cpp prefill512")):
-        if peer in rows:
+    for ours, peer in (("llmlab packed b1", "llama.cpp b1"), ("llmlab packed decode", "llama.cpp decode"),
+                       ("llmlab packed prefill512", "llama.cpp prefill512"),
+                       ("llmlab packed b1", "transformers b1"), ("llmlab packed decode", "transformers decode"),
+                       ("llmlab packed b8", "transformers b8"), ("llmlab packed b32", "llama.cpp decode"),
+                       ("llmlab packed prefill512", "transformers prefill512"),
+                       ("llmlab fp32 prefill512", "llama.cpp prefill512"),
+                       ("llmlab packed decode", "llmlab packed eager-blocks decode")):
+        if peer in rows and ours in rows:
             print(f"  {ours} / {peer}: {rows[ours] / rows[peer]:.2f}x")
-    print(f"  speculative / plain greedy: {t_plain / t_spec:.2f}x (packed path: {t_packed_plain / t_packed_spec:.2f}x)")
+    print(f"  speculative / plain greedy (packed path): {t_plain / t_spec:.2f}x")
     return 0
 
 

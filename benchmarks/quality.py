@@ -1,8 +1,11 @@
-"""Quality of each decode path against the plain fp32 reference: perplexity on a fixed text and the
-largest logit difference, SmolLM2-135M-Instruct (the embedded GGUF).
+"""Quality of each decode path against the plain fp32 reference, SmolLM2-135M-Instruct (the embedded GGUF):
+perplexity on a fixed text, max / mean |Δ logit|, and teacher-forced top-1 agreement (the share of
+positions whose argmax equals the reference's). Goal for every packed kernel: perplexity within 0.5% of
+the reference, top-1 agreement >= 99%.
 
-The text is teacher-forced through the KV cache in chunks of --chunk tokens, so the packed path's
-packed-block kernel (used for up to 64 rows per call) is what is measured, as in decoding.
+The text is teacher-forced through the KV cache in chunks of --chunk tokens, so the kernels used while
+decoding are what is measured: the native C step (up to 64 rows a call), the eager blocks on the int8
+kernel, the float-activation kernel (up to 64 rows), each CPU variant of the int8 kernel this machine runs.
 
     python benchmarks/quality.py [--tokens 512] [--chunk 32]
 """
@@ -13,11 +16,17 @@ import argparse
 import inspect
 import json
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
 from llmlab import load
+from llmlab.nn.cpu_kernels import best_variant, cpu_flags, runnable_variants
+from llmlab.nn.packed_linear import kernel_build, set_impl_
+
+SHOWN_FLAGS = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+                         "asimd", "asimddp"})
 
 
 def fixed_text() -> str:
@@ -46,15 +55,33 @@ def main() -> None:
     ids = ref.tokenizer.encode(fixed_text())[:args.tokens]
     targets = torch.tensor(ids[1:])
     base = logits_of(ref, ids, args.chunk)
-    paths = {"fp32 reference": ref, "packed (GGUF blocks)": load(packed=True),
-             "bfloat16": load(dtype="bfloat16"), "float16": load(dtype="float16")}
-    print(f"SmolLM2-135M-Instruct, {len(ids)} tokens of a fixed text, chunks of {args.chunk}")
-    print(f"{'path':<28}{'perplexity':>12}{'max |Δ logit|':>16}{'mean |Δ logit|':>16}")
-    for name, llm in paths.items():
-        logits = base if llm is ref else logits_of(llm, ids, args.chunk)
+    ref_ppl = math.exp(F.cross_entropy(base[:-1], targets).item())
+    print(f"SmolLM2-135M-Instruct, {len(ids)} tokens of a fixed text, chunks of {args.chunk}; "
+          f"CPU flags: {', '.join(sorted(cpu_flags() & SHOWN_FLAGS)) or 'none of ' + str(sorted(SHOWN_FLAGS))}")
+    print(f"{'path':<44}{'perplexity':>11}{'Δ ppl':>9}{'max |Δ logit|':>15}{'mean |Δ logit|':>16}{'top-1 agree':>13}")
+
+    def row(name: str, logits: torch.Tensor) -> None:
         ppl = math.exp(F.cross_entropy(logits[:-1], targets).item())
         diff = (logits - base).abs()
-        print(f"{name:<28}{ppl:>12.4f}{diff.max().item():>16.4f}{diff.mean().item():>16.5f}")
+        agree = (logits.argmax(-1) == base.argmax(-1)).float().mean().item()
+        print(f"{name:<44}{ppl:>11.4f}{(ppl / ref_ppl - 1):>+9.3%}{diff.max().item():>15.4f}"
+              f"{diff.mean().item():>16.5f}{agree:>13.2%}")
+
+    row("fp32 reference (GGUF blocks dequantized)", base)
+    packed = load(packed=True)
+    row(f"packed int8, native C step ({best_variant()})", logits_of(packed, ids, args.chunk))
+    packed.model.native_step = None
+    row(f"packed int8, eager blocks ({best_variant()})", logits_of(packed, ids, args.chunk))
+    for variant in runnable_variants()[1:]:  # the other builds this CPU runs, e.g. avx2 and portable
+        os.environ["LLMLAB_CPU_VARIANT"] = variant
+        kernel_build.cache_clear()
+        row(f"packed int8, eager blocks ({variant})", logits_of(packed, ids, args.chunk))
+    os.environ.pop("LLMLAB_CPU_VARIANT", None)
+    kernel_build.cache_clear()
+    set_impl_(packed.model, "float")
+    row("packed float-activation kernel", logits_of(packed, ids, args.chunk))
+    for dtype in ("bfloat16", "float16"):
+        row(f"--dtype {dtype}", logits_of(load(dtype=dtype), ids, args.chunk))
 
 
 if __name__ == "__main__":

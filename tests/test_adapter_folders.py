@@ -24,6 +24,7 @@ from llmlab.models import build_model
 from llmlab.models.config import ModelConfig
 from llmlab.nn.lora import LoRAConfig, apply_lora_, load_lora_state_dict_, lora_modules, lora_state_dict
 from llmlab.nn.nf4 import dequantize_nf4, quantize_linears_nf4_, quantize_nf4
+from llmlab.nn.packed_linear import set_impl_
 from llmlab.nn.qlora import prepare_qlora_
 from tests.conftest import need
 
@@ -79,6 +80,8 @@ def _by_hand(base, sd, qlora_base=None):
     model = load_model(base, packed=qlora_base == "packed").model
     if qlora_base == "nf4":
         quantize_linears_nf4_(model)  # every linear but lm_head, as QLoRA does
+    if qlora_base == "packed":
+        set_impl_(model, "float")  # QLoRA trains on float activations (prepare_qlora_), not the int8 decode kernel
     apply_lora_(model, LoRAConfig(r=4, alpha=8, target_modules=TARGETS))
     load_lora_state_dict_(model, sd)
     return model.eval()

@@ -1,4 +1,5 @@
-"""The packed CPU decode path: GEMV on packed GGML blocks agrees with the dequantized float32 reference."""
+"""The packed CPU decode path's float-activation GEMV (impl "float", csrc/ggml_gemv.c) agrees with the dequantized
+float32 reference; the integer kernels (impl "int8", the default) are tested in test_qgemm.py."""
 
 from __future__ import annotations
 
@@ -7,19 +8,19 @@ import pytest
 import torch
 
 from llmlab.nn import packed_linear
+from llmlab.nn.cpu_kernels import CSRC, build_kernel, cpu_has_avx2, find_compiler
 from llmlab.nn.ggml_quants import dequantize, quantize_q8_0
 from llmlab.nn.packed_linear import (
     GEMV_MAX_ROWS,
+    LINEAR_ARGTYPES,
     PackedLinear,
-    build_kernel,
-    cpu_has_avx2,
-    find_compiler,
     kernel_build,
     pack_linears_q8_0_,
+    set_impl_,
 )
 from tests.conftest import need
 
-BUILD = kernel_build()
+BUILD = kernel_build("float")
 # The kernel variant that runs is part of every kernel test's id, e.g. test_kernel_matches_reference[avx2-fma-f16c-...]
 VARIANT = pytest.mark.parametrize("variant", [BUILD.variant or "none"])
 
@@ -48,7 +49,7 @@ def _packed(name: str, out_features: int, in_features: int, seed: int = 0):
 def _kernel_error(name: str, rows: int) -> tuple[float, float]:
     """(max |kernel - dequantized float32 product|, the allowed bound) for one layer and batch of rows."""
     raw, tid = _packed(name, 96, 160)
-    kern = PackedLinear(raw, tid, 160, 96, bias=torch.randn(96))
+    kern = PackedLinear(raw, tid, 160, 96, bias=torch.randn(96), impl="float")
     ref = PackedLinear(raw, tid, 160, 96, bias=kern.bias.detach().clone(), impl="reference")
     x = torch.randn(rows, 160) if rows != 9 else torch.randn(3, 3, 160)  # (M, K), or (B, T, K) flattened
     expected = torch.nn.functional.linear(x, ref.dequantized(), ref.bias)
@@ -67,11 +68,11 @@ def test_kernel_matches_reference(variant, name, rows):
 
 
 def _compile_variant(tmp_path, old: str, new: str):
-    src = packed_linear._SRC.read_text()
+    src = (CSRC / "ggml_gemv.c").read_text()
     assert src.count(old) == 1
     path = tmp_path / "ggml_gemv_broken.c"
     path.write_text(src.replace(old, new))
-    return build_kernel(path, cache_dir=tmp_path / "cache")
+    return build_kernel(path, "ggml_gemv", LINEAR_ARGTYPES, "avx2", tmp_path / "cache")
 
 
 @VARIANT
@@ -80,7 +81,7 @@ def test_negative_control_a_wrong_kernel_fails_the_parity_check(variant, tmp_pat
     broken = _compile_variant(tmp_path, "    s = _mm_hadd_ps(s, s);\n    s = _mm_hadd_ps(s, s);\n",
                               "    s = _mm_hadd_ps(s, s);\n")
     assert broken.fn is not None, broken.status
-    monkeypatch.setattr(packed_linear, "kernel", lambda: broken.fn)
+    monkeypatch.setattr(packed_linear, "kernel", lambda impl: broken.fn)
     for name in ("Q8_0", "Q4_0", "Q4_1"):
         for rows in (1, 3):
             err, bound = _kernel_error(name, rows)
@@ -100,10 +101,10 @@ def test_negative_control_a_failed_compile_keeps_the_compilers_message(tmp_path,
     # users see it once, in one line: kernel_build() warns through the llmlab logger
     monkeypatch = pytest.MonkeyPatch()
     try:
-        monkeypatch.setattr(packed_linear, "build_kernel", lambda: broken)
+        monkeypatch.setattr(packed_linear, "build_kernel", lambda *a: broken)
         packed_linear.kernel_build.cache_clear()
         with caplog.at_level("WARNING", logger="llmlab"):
-            assert packed_linear.kernel() is None
+            assert packed_linear.kernel("float") is None
         assert [r.getMessage().count("\n") for r in caplog.records] == [0]
         assert "flaot" in caplog.records[0].getMessage()
     finally:
@@ -126,10 +127,10 @@ def test_q8_0_packing_of_any_model(variant, monkeypatch):
     model = build_model(get_preset("llama-tiny")).eval()
     ids = torch.randint(0, 512, (1, 9))
     calls = []
-    monkeypatch.setattr(packed_linear, "kernel", lambda: calls.append(1) or BUILD.fn)
+    monkeypatch.setattr(packed_linear, "kernel", lambda impl: calls.append(impl) or BUILD.fn)
     with torch.inference_mode():
         ref = model(ids)
-        pack_linears_q8_0_(model)
+        pack_linears_q8_0_(model, impl="float")
         assert isinstance(model.lm_head, PackedLinear) and isinstance(model.layers[0].mlp.up_proj, PackedLinear)
         cache = model.new_cache(1, 16)
         model(ids[:, :8], cache=cache)
@@ -154,6 +155,7 @@ def test_smollm2_packed_decode_agrees_with_reference(variant, smollm, smollm_pat
 
     packed = load(smollm_path, packed=True)
     assert packed.packed and type(packed.model.lm_head).__name__ == "PackedLinear"
+    set_impl_(packed.model, "float")  # the float-activation GEMV: the reference's numbers up to summation order
     tok = smollm.tokenizer
     prompts = ["The capital of France is", "def fibonacci(n):\n    if n < 2:",
                "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n"]
@@ -179,7 +181,7 @@ def test_keep_dense_uses_the_float_weight_for_many_rows(monkeypatch):
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48, bias=False)
-    layer = PackedLinear(quantize_q8_0(lin.weight.detach()), 8, 64, 48)
+    layer = PackedLinear(quantize_q8_0(lin.weight.detach()), 8, 64, 48, impl="float")
     model = keep_dense_(torch.nn.Sequential(layer), min_rows=4)
     calls = []
     real = torch.nn.functional.linear
@@ -189,4 +191,4 @@ def test_keep_dense_uses_the_float_weight_for_many_rows(monkeypatch):
         x = torch.randn(rows, 64)
         calls.clear()
         torch.testing.assert_close(model(x), x @ w.T, atol=1e-4, rtol=1e-4)
-        assert (calls == [True]) == (rows >= 4) or packed_linear.kernel() is None
+        assert (calls == [True]) == (rows >= 4) or packed_linear.kernel("float") is None

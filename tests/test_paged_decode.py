@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmlab.nn import paged_decode
-from llmlab.nn.packed_linear import cpu_has_avx2, find_compiler
+from llmlab.nn.cpu_kernels import cpu_has_avx2, find_compiler
 from llmlab.nn.paged_attention import PagedBatch, paged_decode_reference
 from tests.test_paged_attention import _contiguous_logits, _model, _pool
 

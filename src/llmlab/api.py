@@ -21,6 +21,7 @@ from llmlab.infer.generate import chat_stop_ids, cut_at_stop, generate
 from llmlab.infer.repetition import RepetitionGuard
 from llmlab.infer.sample import SamplingParams, chat_sampling
 from llmlab.infer.speculative import ModelDrafter, NgramDrafter, layer_skip_draft, speculative_generate
+from llmlab.nn.packed_linear import IMPLS, set_impl_
 from llmlab.tokenizer.stream import StreamDecoder
 
 
@@ -246,12 +247,22 @@ class LLM:
 
 
 def load(source: str | Path | None = None, *, dtype: str = "float32", device: str = "cpu",
-         attn_impl: str = "sdpa", use_tokenizers_lib: bool = True, packed: bool = False) -> LLM:
+         attn_impl: str = "sdpa", use_tokenizers_lib: bool = True, packed: bool = False,
+         packed_kernel: str = "int8") -> LLM:
     """A path (GGUF file or HF folder), a preset name, an embedded model name, or None for SmolLM2.
 
     ``packed=True`` runs the linear layers on packed GGML blocks (the GGUF's own, or Q8_0 for other
-    models): about 2x faster CPU decoding; logits within ~1e-4 of the reference path for GGUF weights.
+    models) through ``packed_kernel``: ``"int8"`` (the default: integer dot products on Q8-quantized
+    activations, and the whole decode step in C, ``llmlab.models.native_step``; perplexity within 0.2% of the
+    reference), ``"float"`` (float activations: logits within ~1e-4 of the reference path) or
+    ``"reference"`` (dequantize + ``F.linear``). See ``llmlab.nn.packed_linear``.
     ``use_tokenizers_lib`` lets ``encode_batch`` go through Hugging Face ``tokenizers`` when installed."""
+    if packed_kernel not in IMPLS:
+        raise LlmlabError(f"packed_kernel must be one of {', '.join(IMPLS)}, not {packed_kernel!r}")
     dev = pick_device(device)
-    return LLM(loader.load_model(source, dtype=pick_dtype(dtype, dev), device=dev, attn_impl=attn_impl,
-                                 use_tokenizers_lib=use_tokenizers_lib, packed=packed))
+    loaded = loader.load_model(source, dtype=pick_dtype(dtype, dev), device=dev, attn_impl=attn_impl,
+                               use_tokenizers_lib=use_tokenizers_lib, packed=packed)
+    if packed and packed_kernel != "int8":
+        set_impl_(loaded.model, packed_kernel)  # the native step steps aside: it runs int8 layers only
+        loaded.native_step = f"eager step: packed kernel {packed_kernel}"
+    return LLM(loaded)

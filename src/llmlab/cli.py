@@ -21,6 +21,16 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"--threads takes a count >= 0 (0 = one per physical core), not {text!r}")
+    return n
+
+
 def _add_load_flags(p: argparse.ArgumentParser, packed_default: bool = False) -> None:
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights/activations dtype (default: float32)")
@@ -29,6 +39,12 @@ def _add_load_flags(p: argparse.ArgumentParser, packed_default: bool = False) ->
                    help="CPU decode on packed GGML weights (the GGUF's Q8_0/Q4_0/Q4_1 blocks; Q8_0 for other "
                         "models); --no-packed runs the float32 reference path "
                         f"(default: {'on' if packed_default else 'off'})")
+    p.add_argument("--packed-kernel", default="int8", choices=["int8", "float", "reference"],
+                   help="with --packed: int8 = integer dot products on 8-bit activations and the decode step in C "
+                        "(fastest), float = float activations (the reference's numbers to ~1e-4), reference = "
+                        "dequantize + matmul (default: int8)")
+    p.add_argument("--threads", type=_threads, default=0, metavar="N",
+                   help="CPU threads for PyTorch and the C kernels; 0 = one per physical core (default: 0)")
     # Deprecated spellings of --packed / --no-packed (llmlab 0.1 called it --fast); hidden from --help.
     p.add_argument("--fast", dest="packed", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-fast", dest="packed", action="store_false", help=argparse.SUPPRESS)
@@ -83,7 +99,8 @@ def cmd_info(args) -> int:
     from llmlab.api import load
     from llmlab.nn.packed_linear import kernel_status
 
-    info = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed).info()
+    info = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
+                packed_kernel=args.packed_kernel).info()
     info["packed_kernel"] = kernel_status()  # which C kernel runs packed linears here, or why none does
     if args.json:
         print(json.dumps(info, indent=2))
@@ -123,7 +140,7 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise LlmlabError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     kwargs = _decode_kwargs(args)
-    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed)
+    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed, packed_kernel=args.packed_kernel)
     stream = args.stream and args.beams == 1
     text = llm.generate(prompt, args.max_new_tokens, raw=args.raw, on_text=_write if stream else None, **kwargs)
     if not stream:
@@ -144,7 +161,7 @@ def cmd_chat(args) -> int:
     from llmlab.infer.repetition import RepetitionGuard
     from llmlab.infer.sample import SamplingParams
 
-    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed)
+    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed, packed_kernel=args.packed_kernel)
     chosen = {f.name: getattr(args, f.name) for f in fields(SamplingParams) if hasattr(args, f.name)}
     kwargs = _decode_kwargs(args, llm.chat_sampling(greedy=args.greedy, **chosen))
     guard = RepetitionGuard() if args.repetition_guard else None
@@ -195,7 +212,7 @@ def cmd_explore(args) -> int:
         raise LlmlabError("--steps, --top and --beams must be >= 1")
     if not args.prompt:
         raise LlmlabError("the prompt is empty: give some text")
-    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed)
+    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed, packed_kernel=args.packed_kernel)
     if args.packed:
         from llmlab.nn.packed_linear import keep_dense_
 
@@ -386,7 +403,7 @@ def cmd_serve(args) -> int:
     from llmlab.serve.http import create_app
 
     _check_serve_flags(args)
-    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed)
+    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed, packed_kernel=args.packed_kernel)
     if args.packed:
         from llmlab.nn.packed_linear import keep_dense_
 
@@ -640,6 +657,13 @@ def main(argv: list[str] | None = None) -> int:
         # stream, +26% at 32. libgomp reads this once, when torch loads; a user's own setting wins.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from llmlab.common import LlmlabError  # imports torch: only once a command runs
+
+    if getattr(args, "threads", None) is not None:
+        import torch
+
+        from llmlab.nn.cpu_kernels import physical_cores
+
+        torch.set_num_threads(args.threads or physical_cores())
 
     try:
         return args.func(args)

@@ -262,9 +262,9 @@ def write_model_gguf(path, cfg: ModelConfig, sd: dict[str, torch.Tensor], tokeni
     write_gguf(path, md, tensors, types)
 
 
-def pack_from_gguf_(model, g: GGUFFile, cfg: ModelConfig, impl: str = "kernel"):
-    """Swap every linear layer whose GGUF tensor is Q8_0 / Q4_0 / Q4_1 for a PackedLinear over the file's
-    own blocks (Q/K rows un-permuted, a tied lm_head packed from token_embd). Other layers are unchanged."""
+def pack_from_gguf_(model, g: GGUFFile, cfg: ModelConfig, impl: str = "int8"):
+    """Swap every linear layer whose GGUF tensor is Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 for a PackedLinear over the
+    file's own blocks (Q/K rows un-permuted, a tied lm_head packed from token_embd). Other layers are unchanged."""
     from llmlab.nn.packed_linear import BLOCK_BYTES, PackedLinear
 
     targets = {name: info for name, info in g.tensors.items() if info.ggml_type in BLOCK_BYTES}

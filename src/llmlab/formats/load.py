@@ -29,6 +29,7 @@ from llmlab.formats.gguf_model import (
     tokenizer_from_gguf,
 )
 from llmlab.models.config import ModelConfig
+from llmlab.models.native_step import enable_native_step_
 from llmlab.models.registry import PRESETS, build_model, get_preset, skip_init
 from llmlab.nn.packed_linear import pack_linears_q8_0_
 from llmlab.tokenizer.chat import CHATML, ChatTemplate
@@ -51,6 +52,7 @@ class Loaded:
     # The model file's recommended sampling, as SamplingParams field names (GGUF ``general.sampling.*``,
     # or a folder's ``generation_config.json``); empty when the file recommends nothing.
     sampling_defaults: dict[str, float] = field(default_factory=dict)
+    native_step: str = ""  # which decode step runs (models/native_step.py): "native step: ..." or why not
 
 
 # GGUF metadata key / generation_config.json key -> SamplingParams field, with the value's valid range.
@@ -171,6 +173,8 @@ def _finish(loaded: Loaded, dtype, device, t0, packed: bool = False) -> Loaded:
     if packed and torch.device(device).type != "cpu":
         raise LlmlabError("packed weights are a CPU decode path: use --no-packed or --device cpu")
     loaded.model = loaded.model.to(device=device, dtype=dtype)
+    if hasattr(loaded.model, "native_step"):
+        loaded.native_step = enable_native_step_(loaded.model)  # the blocks in C where they are packed int8
     loaded.load_seconds = time.perf_counter() - t0
     return loaded
 

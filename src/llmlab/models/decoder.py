@@ -68,6 +68,7 @@ class DecoderLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.apply(self._init_weights)
+        self.native_step = None  # models/native_step.py: the blocks in C on packed weights, where enabled
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -109,9 +110,17 @@ class DecoderLM(nn.Module):
             rope = self.rotary(position_ids, x.dtype)
         else:
             x = x + self.embed_positions(position_ids)
-        for i, block in enumerate(self.layers):
-            x = block(x, rope=rope, key_mask=attention_mask, cache=cache, layer=i, start=start)
-        if cache is not None and not paged:
+        native = self.native_step
+        if native is not None and not paged and native.accepts(self, x, cache, attention_mask):
+            x = native.blocks(x, rope, cache, start, attention_mask)  # every block in C (models/native_step.py)
             cache.length = start + T
+            logits = None if return_hidden else native.logits(self, x)  # final norm + head in C
+            if logits is not None:
+                return logits
+        else:
+            for i, block in enumerate(self.layers):
+                x = block(x, rope=rope, key_mask=attention_mask, cache=cache, layer=i, start=start)
+            if cache is not None and not paged:
+                cache.length = start + T
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)  # (B, T, V)

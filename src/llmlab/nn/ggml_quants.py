@@ -104,3 +104,14 @@ def quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
     nibbles = q[:, :16] | (q[:, 16:] << 4)  # (n_blocks, 16)
     d16, m16 = (v.to(torch.float16).view(torch.uint8).reshape(-1, 2) for v in (d, lo))
     return torch.cat((d16, m16, nibbles), dim=1).reshape(-1)
+
+
+def q8_activations(x: torch.Tensor) -> torch.Tensor:
+    """float (.., K) with K % 32 == 0 -> the values the integer kernels (``csrc/qgemm.c``) multiply: each block of
+    32 quantized to int8 with d = absmax / 127 and rounding half away from zero, then times d again."""
+    blocks = x.float().reshape(-1, 32)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127.0
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    v = blocks * inv
+    q = torch.trunc(v + torch.where(v >= 0, 0.5, -0.5))
+    return (q * d).reshape(x.shape)

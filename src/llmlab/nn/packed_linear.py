@@ -1,16 +1,21 @@
-"""Linear layers that multiply by GGML-packed weights (Q8_0, Q4_0, Q4_1) without unpacking them in memory.
+"""Linear layers that multiply by GGML-packed weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) without unpacking them.
 
 Batch-1 decoding is memory-bound: every weight is read once per token. SmolLM2-135M in float32 is
-540 MB a token; its GGUF's packed Q4_1 blocks are 84 MB. ``csrc/ggml_gemv.c`` (AVX2 + FMA + F16C,
-OpenMP over rows) expands each 32-weight block in registers and multiplies it with float32 activations,
-so the result equals the dequantized float32 product up to summation order (tested). It is compiled
-with the system C compiler on first use (~0.5 s) into ~/.cache/llmlab and called through ctypes.
+540 MB a token; its GGUF's packed Q4_1 blocks are 84 MB. Three ways to multiply (``impl``), which agree
+(tested):
 
-For many rows at once (prefill, M > ``GEMV_MAX_ROWS``) arithmetic dominates, so the block is
-dequantized and multiplied with ``F.linear``: that is also the reference path (``impl="reference"``;
-``impl="kernel"``, the default, uses the C GEMV where it can).
-Where no compiler or AVX2 is available, the reference path is used; ``kernel_status()`` (shown by
-``llmlab info``) says which ran, and a failed compile is warned about once with the compiler's message.
+- ``"int8"`` (the default): ``csrc/qgemm.c`` quantizes the activations once per call to Q8 blocks (32 int8
+  values and a scale, as llama.cpp) and multiplies them with the weight blocks in integer arithmetic
+  (vpmaddubsw on AVX2, vpdpbusd on AVX-VNNI / AVX512-VNNI, plain C elsewhere; the build is chosen from
+  the CPU's features, ``nn/cpu_kernels.py``). Up to ``INT8_MAX_ROWS`` rows a call: each weight block is
+  unpacked once per tile of 4 rows (batched decoding, speculative verification, chunked prefill); a long
+  prefill goes to dequantize + ``F.linear``, faster there on AVX2. The activations' rounding moves logits
+  slightly (``benchmarks/quality.py``: perplexity within 0.2% of the reference);
+- ``"float"``: ``csrc/ggml_gemv.c`` (AVX2 + FMA + F16C) expands each block to floats in registers and
+  multiplies float activations: the dequantized product up to summation order, for up to
+  ``GEMV_MAX_ROWS`` rows;
+- ``"reference"``: dequantize + ``F.linear``, the readable definition (and the path wherever no kernel
+  builds: ``kernel_status()``, shown by ``llmlab info``, says which runs and why).
 
 Gradients (QLoRA on the GGUF's own blocks, Dettmers et al. 2023, arXiv:2305.14314): the packed weight is
 a frozen buffer, but dL/dx flows through it. ``PackedMatmul`` (an autograd Function) keeps the forward's
@@ -25,129 +30,50 @@ Shapes: x (..., in) -> (..., out); packed weights (out, in / 32 * block bytes) u
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmlab.common import log
-from llmlab.nn.ggml_quants import dequantize, quantize_q8_0
+from llmlab.nn.cpu_kernels import CSRC, KernelBuild, best_variant, build_kernel
+from llmlab.nn.ggml_quants import GGML_TYPES, dequantize, quantize_q8_0
 
-_SRC = Path(__file__).with_name("csrc") / "ggml_gemv.c"
-BLOCK_BYTES = {8: 34, 2: 18, 3: 20}  # ggml type id -> bytes per 32 weights (Q8_0, Q4_0, Q4_1)
-GEMV_MAX_ROWS = 64  # the kernel's limit; beyond it (prefill) dequantize + F.linear
+BLOCK_BYTES = {8: 34, 2: 18, 3: 20, 6: 22, 7: 24}  # ggml type id -> bytes per 32 weights
+FLOAT_TYPES = (8, 2, 3)  # the types the float-activation GEMV reads (Q8_0, Q4_0, Q4_1)
+GEMV_MAX_ROWS = 64  # the float GEMV's limit; beyond it that impl dequantizes + F.linear
+# Beyond this many rows the int8 kernel hands over to dequantize + F.linear: on AVX2 the float32 GEMM is ~2x
+# faster at 512 rows (benchmarks/decode.py prefill), the int8 tiles faster up to ~128.
+INT8_MAX_ROWS = 128
 DEQUANT_CHUNK = 1 << 21  # weights dequantized at once by the F.linear path (8 MB of float32 temporaries)
-IMPLS = ("kernel", "reference")  # the C GEMV on packed blocks | dequantize + F.linear
+IMPLS = ("int8", "float", "reference")
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+# qlinear(kind, x, w, y, M, N, K, nthreads) and ggml_gemv(...): the same signature
+LINEAR_ARGTYPES = [ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
 
 
-VARIANT = "avx2-fma-f16c"  # the one build of the C kernel; the name tests and ``llmlab info`` report
-
-
-def cpu_has_avx2() -> bool:
-    """True where the CPU reports AVX2, FMA and F16C (Linux /proc/cpuinfo)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return all(f" {f}" in flags for f in ("avx2", "fma", "f16c"))
-
-
-def find_compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-
-
-@dataclass(frozen=True)
-class KernelBuild:
-    """The outcome of building the C kernel: the function, or ``None`` and the reason in ``status``."""
-
-    fn: Callable[..., int] | None
-    status: str  # one line: which variant runs, or why none does (with the compiler's message)
-    variant: str | None = None
-    compiler_output: str = ""
-    failed: bool = False  # compiler and CPU were there, yet no kernel: a bug to report, not a missing tool
-
-
-# ggml_gemv(kind, x, w, y, M, N, K, nthreads)
-_GEMV_ARGTYPES = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-
-
-def build_kernel(src: Path = _SRC, cache_dir: Path | None = None, symbol: str = "ggml_gemv",
-                 argtypes: list | None = None) -> KernelBuild:
-    """Compile ``src`` with the system C compiler (or reuse the cached library) and load ``symbol`` (an
-    ``int``-returning function taking ``argtypes``, default ggml_gemv's) from it with ctypes. Other
-    kernels (``nn/paged_decode.py``) reuse this with their own source, symbol and argtypes.
-
-    Never raises: a missing compiler or CPU feature, a failed compile or a failed load give a KernelBuild
-    without a function whose ``status`` says why, keeping the compiler's own message."""
-    cc = find_compiler()
-    if cc is None:
-        return KernelBuild(None, "reference path: no C compiler found (set CC or install gcc)")
-    if not cpu_has_avx2():
-        return KernelBuild(None, "reference path: this CPU lacks AVX2/FMA/F16C")
-    code = src.read_bytes()
-    tag = hashlib.sha256(code).hexdigest()[:16]
-    if cache_dir is None:
-        cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmlab" / "kernels"
-    lib = cache_dir / f"{src.stem}-{tag}.so"
-    output = ""
-    if not lib.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
-        os.close(fd)
-        cmd = [cc, "-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-o", tmp, str(src)]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True)
-        except OSError as e:
-            done = subprocess.CompletedProcess(cmd, 1, "", str(e))
-        output = (done.stderr or done.stdout).strip()
-        if done.returncode != 0:
-            Path(tmp).unlink(missing_ok=True)
-            return KernelBuild(None, f"reference path: {Path(cc).name} failed to compile {src.name}: "
-                                     f"{_first_error(output)}", compiler_output=output, failed=True)
-        os.replace(tmp, lib)
-    try:
-        fn = getattr(ctypes.CDLL(str(lib)), symbol)
-    except (OSError, AttributeError) as e:
-        return KernelBuild(None, f"reference path: cannot load {lib}: {e}", compiler_output=output,
-                           failed=True)
-    fn.restype = ctypes.c_int
-    fn.argtypes = _GEMV_ARGTYPES if argtypes is None else argtypes
-    return KernelBuild(fn, f"C kernel {VARIANT} ({lib})", VARIANT, output)
-
-
-def _first_error(output: str) -> str:
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
-    return (errors or lines or ["no message"])[0][:300]
-
-
-@lru_cache(maxsize=1)
-def kernel_build() -> KernelBuild:
-    """The kernel of this process, built once. A failed compile is warned about once, in one line."""
-    build = build_kernel()
+@cache
+def kernel_build(impl: str = "int8") -> KernelBuild:
+    """The kernel of ``impl`` in this process, built once. A failed compile is warned about once, in one line."""
+    if impl == "int8":
+        build = build_kernel(CSRC / "qgemm.c", "qlinear", LINEAR_ARGTYPES, best_variant())
+    else:
+        build = build_kernel(CSRC / "ggml_gemv.c", "ggml_gemv", LINEAR_ARGTYPES, "avx2")
     if build.failed:
-        log.warning("llmlab: the packed-weight C kernel is unavailable, %s", build.status)
+        log.warning("llmlab: the packed-weight %s kernel is unavailable, %s", impl, build.status)
     return build
 
 
-def kernel():
-    """The compiled kernel (ctypes function), or None when it cannot be built or run here."""
-    return kernel_build().fn
+def kernel(impl: str = "int8"):
+    """The compiled kernel of ``impl`` (ctypes function), or None when it cannot be built or run here."""
+    return kernel_build(impl).fn if impl in ("int8", "float") else None
 
 
 def kernel_status() -> str:
     """One line: which kernel variant runs packed linears on this machine, or why none does."""
-    return kernel_build().status
+    return f"int8: {kernel_build('int8').status}; float: {kernel_build('float').status}"
 
 
 class PackedMatmul(torch.autograd.Function):
@@ -176,7 +102,7 @@ class PackedMatmul(torch.autograd.Function):
 
 class PackedLinear(nn.Module):
     def __init__(self, packed: torch.Tensor, ggml_type: int, in_features: int, out_features: int,
-                 bias: torch.Tensor | None = None, impl: str = "kernel"):
+                 bias: torch.Tensor | None = None, impl: str = "int8"):
         super().__init__()
         if ggml_type not in BLOCK_BYTES or in_features % 32:
             raise ValueError(f"cannot pack type {ggml_type} with in_features={in_features}")
@@ -202,12 +128,16 @@ class PackedLinear(nn.Module):
         return [(lo, min(lo + step, self.out_features)) for lo in range(0, self.out_features, step)]
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 (M, K) float32 contiguous -> (M, N) without bias: the C GEMV for <= GEMV_MAX_ROWS rows on CPU,
-        else (or with ``impl="reference"``) dequantize + ``F.linear``. No autograd here."""
+        """x2 (M, K) float32 contiguous -> (M, N) without bias: the C kernel of ``impl`` on CPU where it runs
+        (the float GEMV for <= GEMV_MAX_ROWS rows), else dequantize + ``F.linear``. No autograd here."""
         if self.dense is not None and x2.shape[0] >= self.dense_min_rows:
             return F.linear(x2, self.dense)
-        fn = kernel() if self.impl == "kernel" and x2.device.type == "cpu" else None
-        if fn is None or x2.shape[0] > GEMV_MAX_ROWS:
+        fn = kernel(self.impl) if self.impl != "reference" and x2.device.type == "cpu" else None
+        if self.impl == "float" and (x2.shape[0] > GEMV_MAX_ROWS or self.ggml_type not in FLOAT_TYPES):
+            fn = None
+        if self.impl == "int8" and x2.shape[0] > INT8_MAX_ROWS:
+            fn = None
+        if fn is None:
             chunks = self.row_chunks()
             if len(chunks) == 1:
                 return F.linear(x2, self.dequantized().to(x2.device))
@@ -219,7 +149,7 @@ class PackedLinear(nn.Module):
         rc = fn(self.ggml_type, x2.data_ptr(), self.packed.data_ptr(), y.data_ptr(), x2.shape[0],
                 self.out_features, self.in_features, torch.get_num_threads())
         if rc != 0:
-            raise RuntimeError(f"ggml_gemv failed with code {rc}")
+            raise RuntimeError(f"packed {self.impl} kernel failed with code {rc}")
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,8 +164,18 @@ class PackedLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(dtype)
 
     def extra_repr(self) -> str:
-        names = {8: "Q8_0", 2: "Q4_0", 3: "Q4_1"}
-        return f"in_features={self.in_features}, out_features={self.out_features}, {names[self.ggml_type]}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{GGML_TYPES[self.ggml_type][0]}, impl={self.impl}")
+
+
+def set_impl_(model: nn.Module, impl: str) -> nn.Module:
+    """Switch every PackedLinear of ``model`` to ``impl`` (one of IMPLS)."""
+    if impl not in IMPLS:
+        raise ValueError(f"PackedLinear impl must be one of {IMPLS}, got {impl!r}")
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            m.impl = impl
+    return model
 
 
 def keep_dense_(model: nn.Module, min_rows: int = 8) -> nn.Module:
@@ -250,7 +190,7 @@ def keep_dense_(model: nn.Module, min_rows: int = 8) -> nn.Module:
     return model
 
 
-def pack_linears_q8_0_(model: nn.Module, impl: str = "kernel") -> nn.Module:
+def pack_linears_q8_0_(model: nn.Module, impl: str = "int8") -> nn.Module:
     """Quantize every ``nn.Linear`` whose input size is a multiple of 32 to Q8_0 (weight-only, one f16
     scale per 32 weights, round-half-away like llama.cpp) and swap in a PackedLinear. For models that
     do not come from a packed GGUF file; a tied ``lm_head`` gets its own packed copy."""

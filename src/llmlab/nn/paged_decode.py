@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from llmlab.common import log
-from llmlab.nn.packed_linear import KernelBuild, build_kernel
+from llmlab.nn.cpu_kernels import KernelBuild, build_kernel
 from llmlab.nn.paged_attention import paged_decode_reference
 
 _SRC = Path(__file__).with_name("csrc") / "paged_decode.c"
@@ -40,7 +40,7 @@ ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctype
 
 def build(src: Path = _SRC, cache_dir: Path | None = None) -> KernelBuild:
     """Compile (or reuse) ``src`` and load its ``paged_decode``; never raises (see ``build_kernel``)."""
-    return build_kernel(src, cache_dir, symbol="paged_decode", argtypes=ARGTYPES)
+    return build_kernel(src, "paged_decode", ARGTYPES, "avx2", cache_dir)
 
 
 @lru_cache(maxsize=1)

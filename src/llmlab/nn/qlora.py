@@ -8,7 +8,7 @@ to LoRA adapters (Hu et al. 2021, arXiv:2106.09685) kept in the compute dtype. T
 - ``"packed"``: GGML blocks (``llmlab.nn.packed_linear.PackedLinear``). A model loaded with
   ``packed=True`` from a GGUF keeps the file's own Q4_1 / Q4_0 / Q8_0 blocks as the base (no requantization,
   so the adapter trains against exactly the weights llama.cpp runs); any other linear layer is quantized to
-  Q8_0. Packed layers always multiply in float32.
+  Q8_0. Packed layers always multiply in float32 (``impl="float"``, not the int8 decode kernel).
 
 Both layers give dL/dx and no weight gradient, re-dequantizing in backward instead of saving a float copy.
 The output head ``lm_head`` (often tied to the embedding) is left as it is, as in the paper.
@@ -75,7 +75,7 @@ def dequantize_linears_(model: nn.Module, dtype: torch.dtype = torch.float32) ->
 
 def _pack_q8_0(linear: nn.Linear) -> PackedLinear:
     packed = quantize_q8_0(linear.weight.detach().float().cpu())  # (out * in / 32 * 34,) uint8
-    return PackedLinear(packed, Q8_0, linear.in_features, linear.out_features, linear.bias)
+    return PackedLinear(packed, Q8_0, linear.in_features, linear.out_features, linear.bias, impl="float")
 
 
 def prepare_qlora_(model: nn.Module, base: str = "nf4", compute_dtype: torch.dtype = torch.float32,
@@ -113,6 +113,8 @@ def prepare_qlora_(model: nn.Module, base: str = "nf4", compute_dtype: torch.dty
             raise LlmlabError(f"the packed QLoRA base multiplies in float32, not {compute_dtype}: use "
                               "compute_dtype=torch.float32, or base='nf4' for bf16 compute")
         kept = [n for n in packed_now if not _is_head(n)]
+        for name in packed_now:  # training multiplies float activations, as backward does (not the int8 kernel)
+            model.get_submodule(name).impl = "float"
         quantized = []
         for name in linears:
             m = model.get_submodule(name)
