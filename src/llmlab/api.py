@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from llmlab.common import LlmlabError, human_bytes, human_count, pick_device, pick_dtype
+from llmlab.common import LlmlabError, human_bytes, human_count, log, pick_device, pick_dtype
 from llmlab.formats import load as loader
 from llmlab.infer.beam import beam_search
 from llmlab.infer.generate import chat_stop_ids, cut_at_stop, generate
@@ -260,7 +260,15 @@ def load(source: str | Path | None = None, *, dtype: str = "float32", device: st
     if packed_kernel not in IMPLS:
         raise LlmlabError(f"packed_kernel must be one of {', '.join(IMPLS)}, not {packed_kernel!r}")
     dev = pick_device(device)
-    loaded = loader.load_model(source, dtype=pick_dtype(dtype, dev), device=dev, attn_impl=attn_impl,
+    torch_dtype = pick_dtype(dtype, dev)
+    if packed and torch_dtype != torch.float32:
+        # The packed layers multiply int8 (or float32) activations whatever the model's dtype; half-precision
+        # norms and attention around them only add conversions (measured slower than float32 on CPUs without
+        # bf16 units), so the packed path stays float32 and says so.
+        log.warning("llmlab: --dtype %s with --packed: the packed path computes in int8/float32; "
+                    "use --no-packed for %s weights", dtype, dtype)
+        torch_dtype = torch.float32
+    loaded = loader.load_model(source, dtype=torch_dtype, device=dev, attn_impl=attn_impl,
                                use_tokenizers_lib=use_tokenizers_lib, packed=packed)
     if packed and packed_kernel != "int8":
         set_impl_(loaded.model, packed_kernel)  # the native step steps aside: it runs int8 layers only

@@ -15,6 +15,7 @@ import torch
 
 from llmlab.infer.repetition import RepetitionGuard
 from llmlab.infer.sample import SamplingParams, make_generator, select
+from llmlab.models.decoder import DecoderLM
 
 
 @dataclass
@@ -60,6 +61,16 @@ def cut_at_stop(text: str, stops: list[str] | None) -> str:
     return text[:cut] if cut >= 0 else text
 
 
+def prefill_logits(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The prompt through the model, logits (B, V) of the last position only: a ``DecoderLM`` runs its output
+    head on one row per sequence instead of every prompt position (the head is a fifth of SmolLM2's weights).
+    Other models (prompt-tuned wrappers) return every position's logits and the last is taken."""
+    if isinstance(model, DecoderLM):
+        hidden = model(ids, return_hidden=True, **kwargs)[:, -1]  # (B, dim), after the final norm
+        return model.lm_head(hidden)
+    return model(ids, **kwargs)[:, -1]
+
+
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams | None = None, *,
              stop_ids: set[int] | None = None, stop_strings: list[str] | None = None, tokenizer=None,
@@ -87,8 +98,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, params: Sampl
     full_mask = torch.cat([mask, torch.ones(B, budget, dtype=torch.bool, device=device)], dim=1)  # (B, T+budget)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): each row counts from 0
     cache = model.new_cache(B, T + budget)
-    logits = model(ids, cache=cache, attention_mask=full_mask[:, :T] if ragged else None,
-                   position_ids=positions)[:, -1]  # (B, V)
+    logits = prefill_logits(model, ids, cache=cache, attention_mask=full_mask[:, :T] if ragged else None,
+                            position_ids=positions)  # (B, V)
     next_pos = positions[:, -1:] + 1  # (B, 1)
 
     need_seen = params.repetition_penalty != 1.0

@@ -67,45 +67,75 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7])) + tail;
 }
 
+#define QROWS 4 /* query positions per work item: with the heads of one KV group they share each K/V load */
+
+/* Causal GQA attention of the new rows over the cache. A work item is one (sequence, KV head, QROWS positions):
+ * its rep * QROWS query vectors walk the keys together, so each key and value row is loaded once for all of
+ * them. Each query's arithmetic (scores in key order, max, exp, sum, weighted values in key order) does not
+ * depend on which others share its work item: the same bits alone, in a batch, or in another chunking. */
 static void attention(const LlamaBlock *w, const float *qkv, float *out, int64_t B, int64_t T, const float *kc,
                       const float *vc, int64_t max_len, int64_t start, const uint8_t *key_mask,
                       int64_t mask_stride, int nthreads) {
     const int64_t H = w->n_heads, Hkv = w->n_kv_heads, D = w->head_dim, rep = H / Hkv;
-    const int64_t width = (H + 2 * Hkv) * D;
+    const int64_t width = (H + 2 * Hkv) * D, S = start + T, nqb = (T + QROWS - 1) / QROWS;
     const float scale = 1.0f / sqrtf((float)D);
 #pragma omp parallel num_threads(nthreads)
     {
-        float *p = (float *)malloc(sizeof(float) * (start + T));
-#pragma omp for schedule(static) collapse(2)
-        for (int64_t row = 0; row < B * T; row++)
-            for (int64_t h = 0; h < H; h++) {
-                const int64_t b = row / T, pos = start + row % T, hk = h / rep;
-                const float *q = qkv + row * width + h * D;
-                const float *K = kc + (b * Hkv + hk) * max_len * D, *V = vc + (b * Hkv + hk) * max_len * D;
-                const uint8_t *km = key_mask ? key_mask + b * mask_stride : NULL;
-                float mx = -INFINITY;
-                for (int64_t s = 0; s <= pos; s++) {
-                    if (km && !km[s] && s != pos) { /* padding; a query always sees itself */
-                        p[s] = -INFINITY;
-                        continue;
+        const int64_t most = QROWS * rep;
+        float *p = (float *)malloc(sizeof(float) * most * S); /* scores, then weights, per query */
+        const float **qv = (const float **)malloc(sizeof(float *) * most);
+        float **ov = (float **)malloc(sizeof(float *) * most);
+        int64_t *pos = (int64_t *)malloc(sizeof(int64_t) * most);
+        float *mx = (float *)malloc(sizeof(float) * most), *sum = (float *)malloc(sizeof(float) * most);
+#pragma omp for schedule(dynamic) collapse(3)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t hk = 0; hk < Hkv; hk++)
+                for (int64_t qb = 0; qb < nqb; qb++) {
+                    const int64_t t0 = qb * QROWS, nt = T - t0 < QROWS ? T - t0 : QROWS, nq = nt * rep;
+                    const float *K = kc + (b * Hkv + hk) * max_len * D, *V = vc + (b * Hkv + hk) * max_len * D;
+                    const uint8_t *km = key_mask ? key_mask + b * mask_stride : NULL;
+                    for (int64_t j = 0; j < nq; j++) {
+                        const int64_t t = t0 + j / rep, h = hk * rep + j % rep;
+                        qv[j] = qkv + (b * T + t) * width + h * D;
+                        ov[j] = out + (b * T + t) * H * D + h * D;
+                        pos[j] = start + t;
+                        mx[j] = -INFINITY;
+                        sum[j] = 0.0f;
                     }
-                    p[s] = dot(q, K + s * D, D) * scale;
-                    mx = fmaxf(mx, p[s]);
+                    const int64_t last = start + t0 + nt - 1;
+                    for (int64_t s = 0; s <= last; s++) {
+                        const float *ks = K + s * D;
+                        const int pad = km && !km[s];
+                        for (int64_t j = 0; j < nq; j++) {
+                            float *pj = p + j * S;
+                            if (s > pos[j]) continue;
+                            if (pad && s != pos[j]) { /* padding; a query always sees itself */
+                                pj[s] = -INFINITY;
+                                continue;
+                            }
+                            pj[s] = dot(qv[j], ks, D) * scale;
+                            mx[j] = fmaxf(mx[j], pj[s]);
+                        }
+                    }
+                    for (int64_t j = 0; j < nq; j++) {
+                        float *pj = p + j * S;
+                        for (int64_t s = 0; s <= pos[j]; s++) {
+                            pj[s] = pj[s] == -INFINITY ? 0.0f : expf(pj[s] - mx[j]);
+                            sum[j] += pj[s];
+                        }
+                        for (int64_t i = 0; i < D; i++) ov[j][i] = 0.0f;
+                    }
+                    for (int64_t s = 0; s <= last; s++) {
+                        const float *vs = V + s * D;
+                        for (int64_t j = 0; j < nq; j++) {
+                            if (s > pos[j]) continue;
+                            const float ps = p[j * S + s] / sum[j];
+                            if (ps != 0.0f)
+                                for (int64_t i = 0; i < D; i++) ov[j][i] += ps * vs[i];
+                        }
+                    }
                 }
-                float sum = 0.0f;
-                for (int64_t s = 0; s <= pos; s++) {
-                    p[s] = p[s] == -INFINITY ? 0.0f : expf(p[s] - mx);
-                    sum += p[s];
-                }
-                float *o = out + row * H * D + h * D;
-                for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
-                for (int64_t s = 0; s <= pos; s++) {
-                    const float ps = p[s] / sum;
-                    if (ps != 0.0f)
-                        for (int64_t i = 0; i < D; i++) o[i] += ps * V[s * D + i];
-                }
-            }
-        free(p);
+        free(p), free(qv), free(ov), free(pos), free(mx), free(sum);
     }
 }
 

@@ -233,43 +233,30 @@ INLINE void tile(const int kind, const int R, const uint8_t *wrow, int64_t nb, i
 
 /* Two weight rows times one row of x (decoding): the x block, its scale and sum are loaded once for both, and
  * the two rows' chains interleave. Each row's arithmetic is tile(kind, 1, ...)'s, so the same bits. */
+/* Block b of both rows: a_r += (dw_r dx) <w_r, x>, o_r += c_r sx, as tile() does for one row. */
+INLINE void pair_block(const int kind, const uint8_t *w0, const uint8_t *w1, int64_t b, int64_t bbytes,
+                       const int8_t *q, const float *d, const float *s, __m256 *a0, __m256 *a1, float *o0, float *o1) {
+    float dw0, c0, dw1, c1;
+    const __m256i v0 = load_block(kind, w0 + b * bbytes, &dw0, &c0);
+    const __m256i v1 = load_block(kind, w1 + b * bbytes, &dw1, &c1);
+    const __m256 p0 = block_dot(kind, v0, _mm256_sign_epi8(v0, v0), q + b * QK);
+    const __m256 p1 = block_dot(kind, v1, _mm256_sign_epi8(v1, v1), q + b * QK);
+    *a0 = _mm256_add_ps(*a0, _mm256_mul_ps(_mm256_set1_ps(dw0 * d[b]), p0));
+    *a1 = _mm256_add_ps(*a1, _mm256_mul_ps(_mm256_set1_ps(dw1 * d[b]), p1));
+    *o0 += c0 * s[b];
+    *o1 += c1 * s[b];
+}
+
 INLINE void pair1(const int kind, const uint8_t *w0, const uint8_t *w1, int64_t nb, int64_t bbytes, const int8_t *q,
                   const float *d, const float *s, float *y, int accumulate) {
     __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps(), a10 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps();
     float o00 = 0.0f, o01 = 0.0f, o10 = 0.0f, o11 = 0.0f; /* row r, even / odd blocks */
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
-        for (int odd = 0; odd < 2; odd++) {
-            const int64_t bb = b + odd;
-            float dw0, c0, dw1, c1;
-            const __m256i x = _mm256_loadu_si256((const __m256i *)(q + bb * QK));
-            const __m256i v0 = load_block(kind, w0 + bb * bbytes, &dw0, &c0);
-            const __m256i v1 = load_block(kind, w1 + bb * bbytes, &dw1, &c1);
-            const __m256 p0 = kind == Q8_0 ? dot_us8(_mm256_sign_epi8(v0, v0), _mm256_sign_epi8(x, v0)) : dot_us8(v0, x);
-            const __m256 p1 = kind == Q8_0 ? dot_us8(_mm256_sign_epi8(v1, v1), _mm256_sign_epi8(x, v1)) : dot_us8(v1, x);
-            const float dx = d[bb], sx = s[bb];
-            if (odd) {
-                a01 = _mm256_add_ps(a01, _mm256_mul_ps(_mm256_set1_ps(dw0 * dx), p0));
-                a11 = _mm256_add_ps(a11, _mm256_mul_ps(_mm256_set1_ps(dw1 * dx), p1));
-                o01 += c0 * sx, o11 += c1 * sx;
-            } else {
-                a00 = _mm256_add_ps(a00, _mm256_mul_ps(_mm256_set1_ps(dw0 * dx), p0));
-                a10 = _mm256_add_ps(a10, _mm256_mul_ps(_mm256_set1_ps(dw1 * dx), p1));
-                o00 += c0 * sx, o10 += c1 * sx;
-            }
-        }
+        pair_block(kind, w0, w1, b, bbytes, q, d, s, &a00, &a10, &o00, &o10);
+        pair_block(kind, w0, w1, b + 1, bbytes, q, d, s, &a01, &a11, &o01, &o11);
     }
-    if (b < nb) { /* an even last block */
-        float dw0, c0, dw1, c1;
-        const __m256i x = _mm256_loadu_si256((const __m256i *)(q + b * QK));
-        const __m256i v0 = load_block(kind, w0 + b * bbytes, &dw0, &c0);
-        const __m256i v1 = load_block(kind, w1 + b * bbytes, &dw1, &c1);
-        const __m256 p0 = kind == Q8_0 ? dot_us8(_mm256_sign_epi8(v0, v0), _mm256_sign_epi8(x, v0)) : dot_us8(v0, x);
-        const __m256 p1 = kind == Q8_0 ? dot_us8(_mm256_sign_epi8(v1, v1), _mm256_sign_epi8(x, v1)) : dot_us8(v1, x);
-        a00 = _mm256_add_ps(a00, _mm256_mul_ps(_mm256_set1_ps(dw0 * d[b]), p0));
-        a10 = _mm256_add_ps(a10, _mm256_mul_ps(_mm256_set1_ps(dw1 * d[b]), p1));
-        o00 += c0 * s[b], o10 += c1 * s[b];
-    }
+    if (b < nb) pair_block(kind, w0, w1, b, bbytes, q, d, s, &a00, &a10, &o00, &o10); /* an even last block */
     const float v0 = hsum(_mm256_add_ps(a00, a01)) + o00 + o01, v1 = hsum(_mm256_add_ps(a10, a11)) + o10 + o11;
     y[0] = accumulate ? y[0] + v0 : v0;
     y[1] = accumulate ? y[1] + v1 : v1;
