@@ -42,3 +42,31 @@ def test_model_loss_and_gradients_match_torch_autocast():
     assert abs(our_loss - ref_loss) < 0.01 and our_loss != fp32_loss
     cos = F.cosine_similarity(our_grad.flatten(), ref_grad.flatten(), dim=0)
     assert cos > 0.999
+
+
+def test_upcast_matmuls_gives_the_bf16_model_its_numbers():
+    """Inference with bf16 weights on fp32 units: the products of bf16 values are exact in fp32, the result is
+    rounded back to bf16, so the logits equal the native bf16 model's to bf16 precision."""
+    from llmlab.models import build_model, get_preset
+    from llmlab.nn.autocast import UpcastMatmuls, upcast_matmuls
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("llama-tiny")).eval().to(torch.bfloat16)
+    ids = torch.randint(0, 512, (2, 40))
+    with torch.inference_mode():
+        native = model(ids).float()
+        with UpcastMatmuls(torch.bfloat16):
+            up = model(ids)
+    assert up.dtype == torch.bfloat16
+    assert (up.float() - native).abs().max() <= 0.02 * native.abs().max()
+    mode = upcast_matmuls(torch.device("cpu"), torch.float32)
+    assert not isinstance(mode, UpcastMatmuls)  # float32 needs nothing
+
+
+def test_packed_with_bfloat16_stays_float32_and_says_so(caplog):
+    from llmlab.api import load
+
+    with caplog.at_level("WARNING", logger="llmlab"):
+        llm = load("llama-tiny", packed=True, dtype="bfloat16")
+    assert llm.model.embed_tokens.weight.dtype == torch.float32
+    assert any("computes in int8/float32" in r.getMessage() for r in caplog.records)

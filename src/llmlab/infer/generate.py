@@ -16,6 +16,7 @@ import torch
 from llmlab.infer.repetition import RepetitionGuard
 from llmlab.infer.sample import SamplingParams, make_generator, select
 from llmlab.models.decoder import DecoderLM
+from llmlab.nn.autocast import upcast_matmuls
 
 
 @dataclass
@@ -64,11 +65,14 @@ def cut_at_stop(text: str, stops: list[str] | None) -> str:
 def prefill_logits(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """The prompt through the model, logits (B, V) of the last position only: a ``DecoderLM`` runs its output
     head on one row per sequence instead of every prompt position (the head is a fifth of SmolLM2's weights).
-    Other models (prompt-tuned wrappers) return every position's logits and the last is taken."""
-    if isinstance(model, DecoderLM):
-        hidden = model(ids, return_hidden=True, **kwargs)[:, -1]  # (B, dim), after the final norm
-        return model.lm_head(hidden)
-    return model(ids, **kwargs)[:, -1]
+    Other models (prompt-tuned wrappers) return every position's logits and the last is taken. bf16/fp16 weights on
+    a CPU without their matmul units multiply on fp32 units here (``nn/autocast.UpcastMatmuls``)."""
+    weight = next(model.parameters())
+    with upcast_matmuls(weight.device, weight.dtype):  # a bf16 prompt on a CPU without bf16 units: fp32 units
+        if isinstance(model, DecoderLM):
+            hidden = model(ids, return_hidden=True, **kwargs)[:, -1]  # (B, dim), after the final norm
+            return model.lm_head(hidden)
+        return model(ids, **kwargs)[:, -1]
 
 
 @torch.inference_mode()

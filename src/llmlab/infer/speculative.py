@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmlab.infer.generate import prefill_logits
 from llmlab.infer.sample import SamplingParams, sampling_probs
 
 
@@ -115,7 +116,7 @@ def speculative_generate(model, prompt: list[int], max_new_tokens: int, drafter,
     cache = model.new_cache(1, len(prompt) + budget + gamma + 1)
     stats = SpecStats()
     seq = list(prompt)
-    logits = model(torch.tensor([prompt], device=device), cache=cache)[0, -1:]  # (1, V) for the next token
+    logits = prefill_logits(model, torch.tensor([prompt], device=device), cache=cache)  # (1, V) for the next token
     stats.target_calls += 1
     out: list[int] = []
 

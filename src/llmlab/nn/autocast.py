@@ -72,3 +72,33 @@ def autocast(device: torch.device, dtype: str | torch.dtype, emulate: bool | Non
     if emulate is None:
         emulate = device.type == "cpu" and not cpu_has_native(dtype)
     return EmulatedAutocast(dtype) if emulate else torch.autocast(device.type, dtype=dtype)
+
+
+class UpcastMatmuls(TorchFunctionMode):
+    """Inference with bf16/fp16 weights on a CPU without their matmul units: the matrix products run on fp32
+    units (operands converted up, exact for bf16/fp16 values; the result rounded back), everything else stays
+    as it is. For compute-bound calls (a prefill): measured on the 2-core AVX2 machine, a 128-token SmolLM2
+    prefill in bf16 took 1.72 s against 0.46 s in fp32. Decode steps are memory-bound and faster in native
+    bf16 (20.7 vs 14.0 tok/s), so ``generate`` uses this around the prompt only."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in EmulatedAutocast.LOWERED:
+            return func(*args, **kwargs)
+
+        def up(x):
+            return x.float() if isinstance(x, torch.Tensor) and x.dtype == self.dtype else x
+
+        out = func(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+        return out.to(self.dtype) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+
+def upcast_matmuls(device: torch.device, dtype: torch.dtype):
+    """UpcastMatmuls where ``dtype`` is bf16/fp16 on a CPU without its matmul units, else nothing."""
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_native(dtype):
+        return UpcastMatmuls(dtype)
+    return contextlib.nullcontext()
