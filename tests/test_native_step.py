@@ -176,3 +176,19 @@ def test_smollm2_native_step(smollm, smollm_path):
     ppl = [math.exp(torch.nn.functional.cross_entropy(lg[:-1], text[0, 1:]).item()) for lg in (got, ref)]
     assert abs(ppl[0] / ppl[1] - 1) < 0.01, ppl
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+
+
+@torch.inference_mode()
+def test_a_float_head_stays_in_pytorch():
+    """Blocks packed, the head a plain float layer: the blocks run in C, the head in PyTorch."""
+    torch.manual_seed(5)
+    model = build_model(TINY).eval()
+    head = model.lm_head
+    pack_linears_q8_0_(model)
+    model.lm_head = head  # (the tied float head back)
+    assert enable_native_step_(model).startswith("native step")
+    ids = torch.randint(0, 256, (1, 7))
+    got = model(ids, cache=model.new_cache(1, 8))
+    model.native_step = None
+    want = model(ids, cache=model.new_cache(1, 8))
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max()

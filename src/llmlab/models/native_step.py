@@ -89,7 +89,7 @@ class NativeStep:
     def __init__(self, model: nn.Module, build: KernelBuild):
         cfg = model.config
         self.fn, self.head_fn = build.fn, build.lib.norm_qlinear
-        self.parts: list[tuple] = []
+        self.linears: list[PackedLinear] = []  # every block's seven, checked for impl "int8" on each call
         self.structs: list[LlamaBlockC] = []
         for block in model.layers:
             parts = _parts(block)
@@ -107,10 +107,9 @@ class NativeStep:
             s.attn_norm, s.ffn_norm = n1.weight.data_ptr(), n2.weight.data_ptr()
             s.dim, s.n_heads, s.n_kv_heads, s.head_dim = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
             s.ffn_dim, s.eps = cfg.ffn_dim, n1.eps
-            self.parts.append(parts + tuple(m.packed for m in parts[:7]) + (n1.weight, n2.weight))
+            self.linears.extend(parts[:7])
             self.structs.append(s)
-        self.head = (model.norm, model.lm_head, model.lm_head.packed, model.norm.weight)
-        self.linears = [m for parts in self.parts for m in parts[:7]]
+        self.head = (model.norm, model.lm_head, getattr(model.lm_head, "packed", None), model.norm.weight)
         self.watch = self._watch(model)
 
     @staticmethod
