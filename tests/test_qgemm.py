@@ -162,3 +162,12 @@ def test_forced_fallbacks_generate_the_same_text(env, tmp_path, smollm_path):
     else:
         assert got == run({}, ["--packed"])
 
+
+
+def test_an_unknown_variant_cap_is_named_and_ignored(monkeypatch, caplog):
+    monkeypatch.setenv("LLMLAB_CPU_VARIANT", "avx9")
+    cpu_kernels._warn_once.cache_clear()
+    with caplog.at_level("WARNING", logger="llmlab"):
+        assert runnable_variants() == VARIANTS
+    assert [r.getMessage() for r in caplog.records] == [
+        "llmlab: LLMLAB_CPU_VARIANT='avx9' is not a variant (avx512vnni, avxvnni, avx2, portable); ignored"]

@@ -253,7 +253,7 @@ def load(source: str | Path | None = None, *, dtype: str = "float32", device: st
 
     ``packed=True`` runs the linear layers on packed GGML blocks (the GGUF's own, or Q8_0 for other
     models) through ``packed_kernel``: ``"int8"`` (the default: integer dot products on Q8-quantized
-    activations, and the whole decode step in C, ``llmlab.models.native_step``; perplexity within 0.2% of the
+    activations, and the whole decode step in C, ``llmlab.models.native_step``; perplexity within 0.5% of the
     reference), ``"float"`` (float activations: logits within ~1e-4 of the reference path) or
     ``"reference"`` (dequantize + ``F.linear``). See ``llmlab.nn.packed_linear``.
     ``use_tokenizers_lib`` lets ``encode_batch`` go through Hugging Face ``tokenizers`` when installed."""

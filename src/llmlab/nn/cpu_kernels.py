@@ -29,8 +29,10 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
+
+from llmlab.common import log
 
 CSRC = Path(__file__).with_name("csrc")
 
@@ -76,9 +78,16 @@ def physical_cores() -> int:
     return len(cores) or os.cpu_count() or 1
 
 
+@cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
 def runnable_variants() -> list[str]:
     """Variants this CPU runs, best first, capped by ``LLMLAB_CPU_VARIANT`` when set."""
     cap = os.environ.get("LLMLAB_CPU_VARIANT", "").strip()
+    if cap and cap not in VARIANTS:
+        _warn_once(f"llmlab: LLMLAB_CPU_VARIANT={cap!r} is not a variant ({', '.join(ORDER)}); ignored")
     order = ORDER[ORDER.index(cap):] if cap in VARIANTS else ORDER
     flags = cpu_flags()
     is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")

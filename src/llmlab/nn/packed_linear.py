@@ -10,7 +10,8 @@ Batch-1 decoding is memory-bound: every weight is read once per token. SmolLM2-1
   the CPU's features, ``nn/cpu_kernels.py``). Up to ``INT8_MAX_ROWS`` rows a call: each weight block is
   unpacked once per tile of 4 rows (batched decoding, speculative verification, chunked prefill); a long
   prefill goes to dequantize + ``F.linear``, faster there on AVX2. The activations' rounding moves logits
-  slightly (``benchmarks/quality.py``: perplexity within 0.2% of the reference);
+  slightly (``benchmarks/quality.py``: perplexity within 0.5% of the reference, the top token the same at 97%
+  of positions);
 - ``"float"``: ``csrc/ggml_gemv.c`` (AVX2 + FMA + F16C) expands each block to floats in registers and
   multiplies float activations: the dequantized product up to summation order, for up to
   ``GEMV_MAX_ROWS`` rows;
@@ -44,7 +45,7 @@ BLOCK_BYTES = {8: 34, 2: 18, 3: 20, 6: 22, 7: 24}  # ggml type id -> bytes per 3
 FLOAT_TYPES = (8, 2, 3)  # the types the float-activation GEMV reads (Q8_0, Q4_0, Q4_1)
 GEMV_MAX_ROWS = 64  # the float GEMV's limit; beyond it that impl dequantizes + F.linear
 # Beyond this many rows the int8 kernel hands over to dequantize + F.linear: on AVX2 the float32 GEMM is ~2x
-# faster at 512 rows (benchmarks/decode.py prefill), the int8 tiles faster up to ~128.
+# faster at 512 rows, the int8 tiles as fast or faster up to ~128 (benchmarks/kernels.py).
 INT8_MAX_ROWS = 128
 DEQUANT_CHUNK = 1 << 21  # weights dequantized at once by the F.linear path (8 MB of float32 temporaries)
 IMPLS = ("int8", "float", "reference")
