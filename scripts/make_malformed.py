@@ -63,7 +63,7 @@ def gguf_cases() -> dict[str, bytes]:
         "tensor_offset_huge.gguf": pad(good_head + tensor_info("token_embd.weight", [8, 4], 0, 2**62)),
         "absurd_shape.gguf": pad(good_head + tensor_info("token_embd.weight", [2**40, 2**40], 0, 0)),
         "unknown_ggml_type.gguf": pad(good_head + tensor_info("token_embd.weight", [8, 4], 250, 0)) + b"\0" * 128,
-        "unsupported_q6_k.gguf": pad(good_head + tensor_info("token_embd.weight", [256, 4], 14, 0)) + b"\0" * 1024,
+        "unsupported_q3_k.gguf": pad(good_head + tensor_info("token_embd.weight", [256, 4], 11, 0)) + b"\0" * 1024,
         "block_size_mismatch.gguf": pad(good_head + tensor_info("token_embd.weight", [7, 4], 8, 0)) + b"\0" * 256,
         "bad_alignment.gguf": header(0, 1) + kv("general.alignment", 4, struct.pack("<I", 3)),
         "unknown_architecture.gguf": header(0, 1) + kv("general.architecture", 8, s("mamba9")),

@@ -73,3 +73,26 @@ def minilm(minilm_path):
     from llmlab.api import load
 
     return load(minilm_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(smollm_path, tmp_path_factory):
+    """A Hugging Face folder: a tiny random Llama (dim 64, 2 blocks, FFN 128: whole GGML blocks) with SmolLM2's
+    tokenizer and chat template, for commands that need text (calibration, chat) without the real weights."""
+    from dataclasses import replace
+
+    from llmlab.formats.convert import write_loaded
+    from llmlab.formats.gguf import GGUFFile
+    from llmlab.formats.gguf_model import tokenizer_from_gguf
+    from llmlab.formats.load import Loaded
+    from llmlab.models.registry import build_model, get_preset
+
+    g = GGUFFile(smollm_path)
+    tok = tokenizer_from_gguf(g)
+    cfg = replace(get_preset("llama-tiny"), vocab_size=len(tok.id_to_token), ffn_dim=128, max_seq_len=1024,
+                  bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    out = tmp_path_factory.mktemp("tiny_chat") / "model"
+    write_loaded(Loaded(model, cfg, tok, g.metadata.get("tokenizer.chat_template"), str(out), "preset"), out)
+    return out

@@ -75,7 +75,7 @@ def test_malformed_files_allocate_nothing_absurd(corpus):
     ("absurd_tensor_count.gguf", "more than the file can hold"),
     ("absurd_string_length.gguf", "truncated"),
     ("tensor_past_eof.gguf", "past the end of the file"),
-    ("unsupported_q6_k.gguf", "Q6_K"),
+    ("unsupported_q3_k.gguf", "Q3_K"),
     ("unknown_architecture.gguf", "unsupported GGUF architecture 'mamba9'"),
     ("st_header_len_too_big.safetensors", "header length"),
     ("st_header_len_wrong.safetensors", "not valid JSON"),

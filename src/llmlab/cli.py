@@ -248,6 +248,25 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from llmlab.compress.quantize import make_spec, quantize
+
+    options = {}
+    if args.method == "gptq":
+        options = {"damp": args.damp, "act_order": args.act_order}
+    elif args.method == "zeroquant":
+        options = {"lkd_steps": args.lkd_steps}
+    fields = {"act": args.act} if args.act else {}
+    spec = make_spec(args.method, args.bits, args.group_size, args.symmetric, alpha=args.alpha,
+                     threshold=args.threshold, options=options, **fields)
+    report = quantize(args.model, Path(args.out), spec, calib=args.calib, calib_samples=args.calib_samples,
+                      calib_len=args.calib_len, seed=args.seed, float_dtype=args.float_dtype, force=args.force,
+                      progress=not args.no_progress)
+    print(f"{spec.method}: {len(spec.modules)} layers, {spec.bits} bits, in {report['seconds']} s; "
+          f"wrote {args.out} (summary.md)", file=sys.stderr)
+    return 0
+
+
 def cmd_tokenizer_train(args) -> int:
     from llmlab.common import LlmlabError, write_text_atomic
     from llmlab.data.corpus import default_sources, expand_inputs
@@ -535,8 +554,11 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("output", help="output: a path ending in .gguf writes GGUF, anything else a HF folder")
     s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="tensor dtype of a Hugging Face output folder (default: float32)")
-    s.add_argument("--qtype", default="F16", choices=["F32", "F16", "BF16", "Q8_0"],
-                   help="type of 2-D weights in a GGUF output (default: F16)")
+    s.add_argument("--qtype", default="F16",
+                   choices=["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"],
+                   help="type of 2-D weights in a GGUF output, quantized as llama.cpp's llama-quantize would "
+                        "(Q4_K, Q5_K: its Q4_K_M, Q5_K_M mixtures; the head Q6_K; rows that do not fit a type's "
+                        "blocks fall back) (default: F16)")
     s.add_argument("--force", action="store_true", help="overwrite an existing output (default: off)")
     s.set_defaults(func=cmd_convert)
 
@@ -547,10 +569,53 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
                                                "HF folder (default: RUN/merged, or ADAPTER-merged beside it)")
     s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="tensor dtype of a Hugging Face output folder (default: float32)")
-    s.add_argument("--qtype", default="F16", choices=["F32", "F16", "BF16", "Q8_0", "Q4_1"],
-                   help="type of 2-D weights in a GGUF output (default: F16)")
+    s.add_argument("--qtype", default="F16",
+                   choices=["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"],
+                   help="type of 2-D weights in a GGUF output, as for llmlab convert (default: F16)")
     s.add_argument("--force", action="store_true", help="overwrite an existing output (default: off)")
     s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("quantize", help="post-training quantization (absmax, zero-point, RTN, GPTQ, NF4, LLM.int8(), "
+                                        "SmoothQuant, ZeroQuant) into a quantized model folder")
+    s.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    s.add_argument("--method", default="gptq",
+                   choices=["absmax", "zeropoint", "rtn", "gptq", "nf4", "llm-int8", "smoothquant", "zeroquant"],
+                   help="absmax / zeropoint: symmetric / asymmetric round-to-nearest; rtn: round-to-nearest on "
+                        "GPTQ's grid; gptq: error-compensating (calibrated); nf4: QLoRA's 4-bit NormalFloat; "
+                        "llm-int8: int8 with float outlier columns; smoothquant: W8A8 with activation outliers "
+                        "migrated into the weights (calibrated); zeroquant: group-wise weights + per-token "
+                        "activations (default: gptq)")
+    s.add_argument("--bits", type=int, default=None,
+                   help="weight bits (default per method: 4 for rtn, gptq, nf4; 8 otherwise)")
+    s.add_argument("--group-size", type=int, default=None,
+                   help="input columns sharing a scale; 0 = per output channel, -1 = per tensor (default per "
+                        "method: 32 for rtn and gptq, 64 for nf4 and zeroquant, per channel otherwise)")
+    s.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
+                   help="symmetric grid around 0 (no zero-points) (default per method: on for absmax, nf4, "
+                        "llm-int8, smoothquant, zeroquant; off for zeropoint, rtn, gptq)")
+    s.add_argument("--act", choices=["none", "token"], default=None,
+                   help="activations: token = int8 per token at run time (W8A8; with absmax: naive W8A8) "
+                        "(default: none; token for smoothquant and zeroquant)")
+    s.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (default: 0.5)")
+    s.add_argument("--threshold", type=float, default=6.0, help="LLM.int8() outlier threshold (default: 6.0)")
+    s.add_argument("--damp", type=float, default=0.01,
+                   help="GPTQ dampening, a fraction of the mean Hessian diagonal (default: 0.01)")
+    s.add_argument("--act-order", action="store_true",
+                   help="GPTQ: quantize columns in order of decreasing Hessian diagonal (default: off)")
+    s.add_argument("--lkd-steps", type=int, default=0,
+                   help="ZeroQuant layer-by-layer distillation steps per block; 0 = off (default: 0)")
+    s.add_argument("--calib", default="builtin",
+                   help="calibration text: 'builtin' (Python standard-library docstrings) or a text/JSONL file "
+                        "(default: builtin)")
+    s.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: 32)")
+    s.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default: 512)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default: 0)")
+    s.add_argument("--float-dtype", default="float16", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the tensors left in float (embeddings; norms stay float32) (default: float16)")
+    s.add_argument("--out", required=True, help="output folder (a Hugging Face folder with the scheme in config.json)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing output (default: off)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
+    s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)

@@ -16,6 +16,7 @@ from llmlab.common import LlmlabError, temp_dir_beside
 from llmlab.formats import hf
 from llmlab.formats.gguf_model import write_model_gguf
 from llmlab.formats.load import Loaded, load_model
+from llmlab.formats.quantized import write_quantized
 from llmlab.tokenizer.bpe import ByteBPE
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -28,16 +29,20 @@ def convert(source: str, output: Path, *, dtype: str = "float32", qtype: str = "
 
 
 def write_loaded(loaded: Loaded, output: Path, *, dtype: str = "float32", qtype: str = "F16",
-                 name: str | None = None) -> None:
+                 name: str | None = None, quant_spec: dict | None = None,
+                 extra_files: dict[str, str] | None = None) -> None:
     """Write a loaded model (plain linear layers) as a GGUF file (``output`` ends in .gguf) or an HF folder,
-    atomically, replacing what is there. ``name``: the GGUF's general.name (default: the source's stem)."""
+    atomically, replacing what is there. ``name``: the GGUF's general.name (default: the source's stem).
+    ``quant_spec``: the model's quantized layers and scheme (``formats/quantized.py``; float tensors in
+    ``dtype``); ``extra_files``: more text files for the folder (a report)."""
     sd = {k: v for k, v in loaded.model.state_dict().items()}
     cfg, tok = loaded.config, loaded.tokenizer
     if output.suffix == ".gguf":
         write_model_gguf(output, cfg, sd, tok, loaded.chat_template, qtype=qtype,
                          name=name or Path(loaded.source).stem)
         return
-    sd = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
+    if quant_spec is None:
+        sd = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
     tok_json, tok_cfg = None, None
     if isinstance(tok, ByteBPE):
         tok_json = tok.to_hf_json()
@@ -51,7 +56,13 @@ def write_loaded(loaded: Loaded, output: Path, *, dtype: str = "float32", qtype:
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(output)
     try:
-        hf.write_folder(tmp, cfg, sd, tokenizer_json=tok_json, tokenizer_config=tok_cfg)
+        if quant_spec is None:
+            hf.write_folder(tmp, cfg, sd, tokenizer_json=tok_json, tokenizer_config=tok_cfg)
+        else:
+            write_quantized(tmp, loaded.model, cfg, quant_spec, float_dtype=_DTYPES[dtype], tokenizer_json=tok_json,
+                            tokenizer_config=tok_cfg)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
         src = Path(loaded.source)
         if tok_json is None and src.is_dir():  # e.g. WordPiece: copy the original tokenizer files
             for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):

@@ -11,12 +11,13 @@ import math
 import re
 
 import torch
+from torch import nn
 
 from llmlab.common import LlmlabError
 from llmlab.formats.gguf import T_ARRAY, T_FLOAT32, T_INT32, T_STRING, T_UINT32, GGUFFile, write_gguf
 from llmlab.formats.hf import fuse_qkv, split_qkv
 from llmlab.models.config import ModelConfig
-from llmlab.nn.ggml_quants import TYPE_IDS, quantize_q4_1, quantize_q8_0
+from llmlab.nn.ggml_quants import GGML_TYPES, QUANT_TYPES, TYPE_IDS, quantize
 from llmlab.tokenizer.bpe import ByteBPE
 from llmlab.tokenizer.pretokenize import GGUF_PRE
 from llmlab.tokenizer.validate import check_bpe, check_id
@@ -187,17 +188,52 @@ def tokenizer_from_gguf(g: GGUFFile, use_tokenizers_lib: bool = True) -> ByteBPE
 
 
 # ---- writing ---------------------------------------------------------------------------------------
-def _tensor_bytes(t: torch.Tensor, qtype: str) -> tuple[bytes, int]:
+WRITE_TYPES = ("F32", "F16", "BF16", *QUANT_TYPES)  # the qtypes write_model_gguf takes
+# general.file_type as llama.cpp's quantize records it (llama_ftype); Q4_K and Q5_K are its Q4_K_M / Q5_K_M
+_FTYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 15, "Q5_K": 17,
+          "Q6_K": 18, "BF16": 32}
+_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama-quant.cpp tensor_type_fallback
+
+
+def _block(gtype: str) -> int:
+    return GGML_TYPES[TYPE_IDS[gtype]][1]
+
+
+def _use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama.cpp's choice of layers that get more bits in the _M mixtures: the first and last eighth, and every
+    third layer between."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def tensor_type(name: str, shape: tuple, qtype: str, n_layers: int, tied: bool) -> str:
+    """The type GGUF tensor ``name`` (PyTorch shape: rows, row length) is written in for ``qtype``: see
+    ``write_model_gguf``."""
+    if len(shape) < 2:
+        return "F32"
+    if qtype not in QUANT_TYPES:
+        return qtype
+    ncols, gtype = shape[-1], qtype
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        # the head is the most sensitive weight: Q6_K unless the file is Q8_0 (or the rows do not fit qtype)
+        gtype = "Q8_0" if ncols % _block(qtype) else ("Q6_K" if qtype != "Q8_0" else qtype)
+    elif qtype in ("Q4_K", "Q5_K"):  # the Q4_K_M / Q5_K_M mixtures
+        m = re.match(r"blk\.(\d+)\.(attn_v|attn_qkv|ffn_down)\.weight$", name)
+        if m and _use_more_bits(int(m.group(1)), n_layers):
+            gtype = "Q6_K"
+    if ncols % _block(gtype):
+        gtype = _FALLBACK.get(gtype, "F16")
+    return gtype if ncols % _block(gtype) == 0 else "F16"
+
+
+def _tensor_bytes(t: torch.Tensor, gtype: str) -> tuple[bytes, int]:
+    """A tensor's bytes stored as GGML type ``gtype`` (from ``tensor_type``) and the type's id."""
     t = t.detach().to("cpu")
-    if qtype == "Q8_0" and t.ndim == 2 and t.shape[1] % 32 == 0:
-        return quantize_q8_0(t).numpy().tobytes(), TYPE_IDS["Q8_0"]
-    if qtype == "Q4_1" and t.ndim == 2 and t.shape[1] % 32 == 0:
-        return quantize_q4_1(t).numpy().tobytes(), TYPE_IDS["Q4_1"]
-    if qtype in ("F16", "Q8_0", "Q4_1") and t.ndim == 2:
-        return t.to(torch.float16).contiguous().view(torch.uint8).numpy().tobytes(), TYPE_IDS["F16"]
-    if qtype == "BF16" and t.ndim == 2:
-        return t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy().tobytes(), TYPE_IDS["BF16"]
-    return t.float().contiguous().numpy().tobytes(), TYPE_IDS["F32"]  # norms, biases: always F32
+    if gtype == "F32":
+        return t.float().contiguous().numpy().tobytes(), TYPE_IDS["F32"]
+    if gtype in ("F16", "BF16"):
+        dtype = torch.float16 if gtype == "F16" else torch.bfloat16
+        return t.to(dtype).contiguous().view(torch.uint8).numpy().tobytes(), TYPE_IDS[gtype]
+    return quantize(t, gtype).numpy().tobytes(), TYPE_IDS[gtype]
 
 
 def _pre_name(tok: ByteBPE) -> str:
@@ -209,8 +245,22 @@ def _pre_name(tok: ByteBPE) -> str:
 
 def write_model_gguf(path, cfg: ModelConfig, sd: dict[str, torch.Tensor], tokenizer: ByteBPE,
                      chat_template: str | None = None, qtype: str = "F16", name: str = "llmlab model") -> None:
-    """Write a llama/gpt2 model as GGUF v3 (2-D weights in ``qtype``: F32, F16, BF16, Q8_0 or Q4_1; a
-    quantized type falls back to F16 for rows whose length is not a multiple of 32)."""
+    """Write a llama/gpt2 model as GGUF v3, 2-D weights in ``qtype`` (``WRITE_TYPES``): F32, F16, BF16, or
+    quantized bit-exact as llama.cpp's ``llama-quantize`` would without an importance matrix (src/llama-quant.cpp,
+    ``llama_tensor_get_type``) to Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K, with its per-tensor rules:
+
+    - output.weight, and token_embd.weight when the head is tied to it (llama.cpp quantizes a tied embedding as
+      the head): Q6_K, except Q8_0 for a Q8_0 file or when the row length is not a multiple of qtype's block;
+    - Q4_K and Q5_K are llama.cpp's default mixtures for those names, Q4_K_M and Q5_K_M: attn_v (gpt2:
+      attn_qkv) and ffn_down get Q6_K in the first and last eighth of the layers and every third between;
+    - a row length that is not a multiple of the type's block (256 for K-quants, 32 else) falls back:
+      Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 (SmolLM2's 576-wide rows), then F16 for rows not a multiple of 32;
+    - norms and biases (1-D) stay F32. position_embd (gpt2) is quantized like the other weights (llama.cpp
+      would keep the converter's F16).
+
+    ``general.file_type`` records llama.cpp's file type (Q4_K: 15 = Q4_K_M, Q5_K: 17 = Q5_K_M)."""
+    if qtype not in WRITE_TYPES:
+        raise LlmlabError(f"GGUF export: unknown qtype {qtype!r}; use one of {', '.join(WRITE_TYPES)}")
     if cfg.arch not in ("llama", "gpt2"):
         raise LlmlabError(f"GGUF export supports llama and gpt2 models, not {cfg.arch}")
     if not isinstance(tokenizer, ByteBPE):
@@ -221,8 +271,12 @@ def write_model_gguf(path, cfg: ModelConfig, sd: dict[str, torch.Tensor], tokeni
         f"{a}.context_length": cfg.max_seq_len, f"{a}.embedding_length": cfg.dim,
         f"{a}.feed_forward_length": cfg.ffn_dim, f"{a}.block_count": cfg.n_layers,
         f"{a}.attention.head_count": cfg.n_heads, f"{a}.vocab_size": cfg.vocab_size,
+        "general.file_type": _FTYPE[qtype],
     }
-    types: dict = {}
+    types: dict = {"general.file_type": T_UINT32}
+    if qtype in QUANT_TYPES:
+        md["general.quantization_version"] = 2  # GGML_QNT_VERSION: the block layouts of ggml-common.h
+        types["general.quantization_version"] = T_UINT32
     if a == "llama":
         md.update({"llama.attention.head_count_kv": cfg.n_kv_heads, "llama.rope.freq_base": float(cfg.rope_theta),
                    "llama.attention.layer_norm_rms_epsilon": float(cfg.norm_eps),
@@ -253,12 +307,11 @@ def write_model_gguf(path, cfg: ModelConfig, sd: dict[str, torch.Tensor], tokeni
             continue
         if a == "gpt2" and re.match(r"layers\.\d+\.self_attn\.q_proj\.", ours):
             i, kind = re.match(r"layers\.(\d+)\.self_attn\.q_proj\.(\w+)", ours).groups()
-            t = fuse_qkv(sd, i, kind)
-            data, tid = _tensor_bytes(t, qtype)
-            tensors[f"blk.{i}.attn_qkv.{kind}"] = (data, tuple(t.shape), tid)
-            continue
-        data, tid = _tensor_bytes(_rope_rows(t, ours, cfg, to_hf=False), qtype)
-        tensors[gguf_name(ours)] = (data, tuple(t.shape), tid)
+            t, theirs = fuse_qkv(sd, i, kind), f"blk.{i}.attn_qkv.{kind}"
+        else:
+            t, theirs = _rope_rows(t, ours, cfg, to_hf=False), gguf_name(ours)
+        data, tid = _tensor_bytes(t, tensor_type(theirs, tuple(t.shape), qtype, cfg.n_layers, cfg.tie_embeddings))
+        tensors[theirs] = (data, tuple(t.shape), tid)
     write_gguf(path, md, tensors, types)
 
 
@@ -283,6 +336,8 @@ def pack_from_gguf_(model, g: GGUFFile, cfg: ModelConfig, impl: str = "int8"):
         parent_name, _, attr = ours.removesuffix(".weight").rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, attr)
+        if not isinstance(old, nn.Linear):  # gpt2's quantized position_embd is an embedding table, not a layer
+            continue
         setattr(parent, attr, PackedLinear(raw.clone(), info.ggml_type, in_features, out_features, old.bias, impl))
     return model
 
@@ -295,7 +350,6 @@ def nf4_model_from_gguf(g: GGUFFile, cfg: ModelConfig, attn_impl: str = "sdpa", 
     Only one float32 linear weight exists at a time (plus the float embedding and norms), so loading does
     not first build the whole float32 model (540 MB for SmolLM2-135M) and then quantize it. The weights
     equal ``quantize_linears_nf4_`` applied to the float32 load (tested)."""
-    from torch import nn
 
     from llmlab.models.registry import build_model, skip_init
     from llmlab.nn.nf4 import NF4Linear, quantize_nf4

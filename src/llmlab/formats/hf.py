@@ -238,13 +238,18 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def write_folder(folder: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor], *, tokenizer_json: str | None = None,
-                 tokenizer_config: dict | None = None, max_shard_bytes: int = 2 * 1024**3) -> None:
-    """config.json + model.safetensors (sharded with an index past ``max_shard_bytes``) + tokenizer files."""
+                 tokenizer_config: dict | None = None, max_shard_bytes: int = 2 * 1024**3,
+                 extra_tensors: dict[str, torch.Tensor] | None = None, extra_config: dict | None = None) -> None:
+    """config.json + model.safetensors (sharded with an index past ``max_shard_bytes``) + tokenizer files.
+    ``extra_tensors`` are written under their own names (a quantized layer's codes and scales,
+    ``formats/quantized.py``), ``extra_config`` merged into config.json."""
     folder.mkdir(parents=True, exist_ok=True)
     hf_sd = state_to_hf(cfg, sd)
     dtype = next(iter(hf_sd.values())).dtype if hf_sd else torch.float32
+    hf_sd.update(extra_tensors or {})
     config = config_to_hf(cfg)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config.update(extra_config or {})
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(hf_sd):

@@ -28,6 +28,7 @@ from llmlab.formats.gguf_model import (
     state_from_gguf,
     tokenizer_from_gguf,
 )
+from llmlab.formats.quantized import load_quantized, pack_quantized_, quant_config
 from llmlab.models.config import ModelConfig
 from llmlab.models.native_step import enable_native_step_
 from llmlab.models.registry import PRESETS, build_model, get_preset, skip_init
@@ -169,6 +170,7 @@ def load_model(source: str | Path | None = None, *, dtype: torch.dtype = torch.f
 
 def _finish(loaded: Loaded, dtype, device, t0, packed: bool = False) -> Loaded:
     if packed and loaded.file_format != "gguf":
+        pack_quantized_(loaded.model)  # a quantized folder's layers on their own codes where GGML has the type
         pack_linears_q8_0_(loaded.model)
     if packed and torch.device(device).type != "cpu":
         raise LlmlabError("packed weights are a CPU decode path: use --no-packed or --device cpu")
@@ -198,13 +200,19 @@ def _load_gguf(path: Path, attn_impl: str, use_tokenizers_lib: bool, packed: boo
 
 def _load_folder(folder: Path, attn_impl: str, use_tokenizers_lib: bool) -> Loaded:
     cfg = hf.read_config(folder)
-    hf_sd = hf.read_weights(folder)
-    types = Counter(str(t.dtype).removeprefix("torch.") for t in hf_sd.values())
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in hf.state_from_hf(cfg, hf_sd).items()}
-    model = model_from_state(cfg, sd, attn_impl, str(folder))
+    qc = quant_config(folder)
+    if qc is not None:  # an llmlab-quantized folder: codes and scales (formats/quantized.py)
+        model = load_quantized(folder, cfg, qc, attn_impl)
+        group = {0: "per channel", -1: "per tensor"}.get(qc.get("group_size"), f"group {qc.get('group_size')}")
+        types = {f"{qc.get('method')} {qc.get('bits')}-bit {group}": len(qc.get("modules", []))}
+    else:
+        hf_sd = hf.read_weights(folder)
+        types = Counter(str(t.dtype).removeprefix("torch.") for t in hf_sd.values())
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in hf.state_from_hf(cfg, hf_sd).items()}
+        model = model_from_state(cfg, sd, attn_impl, str(folder))
     tok = load_tokenizer_json(folder, use_tokenizers_lib) if (folder / "tokenizer.json").exists() else None
     gen = read_json(folder / "generation_config.json")
-    return Loaded(model, cfg, tok, chat_template_from_config(folder), str(folder), "hf", dict(types.most_common()),
+    return Loaded(model, cfg, tok, chat_template_from_config(folder), str(folder), "hf", dict(types),
                   sampling_defaults=sampling_defaults(gen) if isinstance(gen, dict) else {})
 
 

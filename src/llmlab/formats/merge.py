@@ -25,11 +25,12 @@ from torch import nn
 
 from llmlab.common import LlmlabError
 from llmlab.formats.convert import write_loaded
+from llmlab.formats.gguf_model import WRITE_TYPES
 from llmlab.formats.load import Loaded, load_model, resolve_fine_tuned
 from llmlab.nn.lora import remove_lora_
 from llmlab.nn.qlora import dequantize_linears_
 
-GGUF_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_1")
+GGUF_QTYPES = WRITE_TYPES
 DTYPES = ("float32", "float16", "bfloat16")
 
 

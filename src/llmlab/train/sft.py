@@ -1,5 +1,5 @@
 """Supervised fine-tuning (SFT) of a chat model on conversations or a built-in verifiable task, with one of
-six methods, each a ``Task`` handed to the one training loop (docs/architecture.md, "One training loop").
+eight methods, each a ``Task`` handed to the one training loop (docs/architecture.md, "One training loop").
 
 Instruction tuning on demonstrations: Ouyang et al. 2022 (InstructGPT, arXiv:2203.02155), Wei et al. 2022
 (FLAN, arXiv:2109.01652), Taori et al. 2023 (Alpaca). A method is a model transform (which modules are
@@ -20,15 +20,38 @@ prefix      ``nn/prompt_tuning.py``: learned keys/values prepended in every laye
             (Li & Liang 2021, arXiv:2101.00190)
 prompt      ``nn/prompt_tuning.py``: learned input embeddings prepended             the virtual tokens
             (Lester et al. 2021, arXiv:2104.08691)
+qat         ``nn/fake_quant.py``: each linear layer of the blocks computes with    those weights (+ norms)
+            its weight rounded onto a b-bit grid, straight-through gradients
+            (Jacob et al. 2018, arXiv:1712.05877; LLM-QAT, Liu et al. 2023,
+            arXiv:2305.17888)
+peqa        the blocks' linear layers quantized once (round-to-nearest), integer   the scales
+            codes frozen (``QuantLinear.train_scales_``; PEQA, Kim et al. 2023,
+            arXiv:2305.14152)
 ==========  =====================================================================  ============================
+
+Quantized methods (qat, peqa): the grid is ``--quant-bits`` (4), ``--quant-group-size`` (0: one scale per
+output channel, both papers' choice) and ``--quant-symmetric`` (default off: min/max with zero points, PEQA's
+grid and round-to-nearest's, so RTN, PEQA and QAT start from the very same quantized model; LLM-QAT's
+symmetric MinMax is ``--quant-symmetric``). Targets are ``compress.spec.target_linears`` (every linear layer
+inside the blocks; the embedding and head stay float, as every method of ``llmlab quantize`` leaves them).
+QAT trains the float weights behind the fake-quantized ones and the norms (vectors, kept float in the result);
+the embedding (and tied head) stays frozen: it is not quantized, so training it would be full fine-tuning,
+not QAT. ``--qat-act-bits 8`` also fake-quantizes each token's activations (LLM-QAT's W4A8). ``--qat-data
+self`` is LLM-QAT's data-free variant on this run's prompts: the training replies are the float model's own
+(``self_generated_data``), so QAT learns to imitate the unquantized model rather than the references.
+Both methods round the frozen float matrices (the embedding) to float16 before training, as the quantized
+folder stores them, so what trains, what is scored and what ``llmlab.load(RUN)`` gives are the same model.
+The summary also scores the quantized model before training (``accuracy_quantized``: the RTN baseline).
 
 ``llmlab sft`` with no flags fine-tunes SmolLM2-135M-Instruct with LoRA on the built-in ``addition`` task,
 scoring held-out exact match before and after (``data/tasks.py``) into ``summary.md`` and ``accuracy.png``.
 
 The run folder (``--out``, default ``runs/sft``): ``sft_config.json`` (this run's settings, base model
-source included), ``adapter/`` (a PEFT adapter folder: every method but full) or ``model/`` (a Hugging Face
-folder: full), ``checkpoints/`` (exact resume: only the trainable tensors and their optimizer state are
-saved for the adapter methods), ``metrics.jsonl``, ``loss.png``, ``summary.md``, ``accuracy.png``.
+source included), ``adapter/`` (a PEFT adapter folder: lora, qlora, adapter, prefix, prompt) or ``model/`` (a
+Hugging Face folder: full; a quantized folder, ``formats/quantized.py``: qat, peqa), ``checkpoints/`` (exact
+resume: only the trainable tensors and their optimizer state are saved for every method but full; the frozen
+rest is rebuilt from the base), ``metrics.jsonl``, ``loss.png``, ``summary.md``, ``accuracy.png``
+(``qat_self_data.jsonl``: the generated replies of ``--qat-data self``, reused on resume).
 ``llmlab.load(RUN)`` / ``llmlab chat --model RUN`` use the result; ``llmlab merge RUN`` folds LoRA in.
 """
 
@@ -44,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmlab.common import LlmlabError, human_count, seed_everything, write_text_atomic
-from llmlab.data.sft import IGNORE, SFTBatch, SFTData, SFTDataConfig, build_sft_data
+from llmlab.data.sft import IGNORE, SFTBatch, SFTData, SFTDataConfig, TokenizedExample, build_sft_data
 from llmlab.data.tasks import get_task
 from llmlab.dataclass_io import to_dict
 from llmlab.formats.load import Loaded, chat_template_of, load_model
@@ -54,11 +77,17 @@ from llmlab.infer.sample import SamplingParams
 from llmlab.train.loop import TrainConfig, TrainResult, train
 from llmlab.train.report import write_summary
 
-METHODS = ("full", "lora", "qlora", "adapter", "prefix", "prompt")
+METHODS = ("full", "lora", "qlora", "adapter", "prefix", "prompt", "qat", "peqa")
+QUANTIZED = ("qat", "peqa")  # methods whose result is a quantized model folder
 # Peak learning rates that work for each method on small chat models (the usual values of the papers'
-# recipes and of peft's examples: few trainable parameters take a larger step).
-DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "qlora": 1e-3, "adapter": 1e-3, "prefix": 1e-2, "prompt": 3e-2}
-ADAPTER_WEIGHTS = "adapter.safetensors"  # the trainable tensors inside a checkpoint (adapter methods)
+# recipes and of peft's examples: few trainable parameters take a larger step). QAT's and PEQA's come from
+# 10-step probes on SmolLM2-135M-Instruct's addition task, 4-bit per channel (train loss from 4.15 on the RTN
+# model): PEQA 1e-3 reached 1.67 (1e-4: 2.03); QAT 3e-4 reached 1.68 after a spike in warmup (2.6 -> 4.3),
+# 5e-5 (full fine-tuning's) 1.84, so QAT takes 1e-4 between them.
+DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "qlora": 1e-3, "adapter": 1e-3, "prefix": 1e-2, "prompt": 3e-2,
+              "qat": 1e-4, "peqa": 1e-3}
+ADAPTER_WEIGHTS = "adapter.safetensors"  # the trainable tensors inside a checkpoint (every method but full)
+SELF_GREEDY_TOKENS = 3  # LLM-QAT's generation: the first 3-5 tokens greedy, the rest sampled
 
 
 @dataclass
@@ -87,11 +116,38 @@ class SFTConfig:
     virtual_tokens: int = field(default=20, metadata={"help": "prefix / prompt: learned virtual tokens"})
     init_text: str = field(default="Answer with the final answer only, exactly as asked.", metadata={
         "help": "prefix / prompt: the words the virtual tokens start from (cut or repeated to --virtual-tokens)"})
+    quant_bits: int = field(default=4, metadata={"help": "qat / peqa: weight bits (2..8)"})
+    quant_group_size: int = field(default=0, metadata={
+        "help": "qat / peqa: input columns per scale; 0 = one scale per output channel, -1 = per tensor; a group "
+                "must divide every layer's width (SmolLM2: 32, 64 or 192)"})
+    quant_symmetric: bool = field(default=False, metadata={
+        "help": "qat / peqa: symmetric grid without zero points (LLM-QAT's) instead of min/max with zero points "
+                "(PEQA's, and round-to-nearest's)"})
+    qat_act_bits: int = field(default=0, metadata={
+        "help": "qat: also fake-quantize each token's activations to this many bits (8: LLM-QAT's W4A8); "
+                "0 = weights only"})
+    qat_data: str = field(default="task", metadata={
+        "help": "qat: train on the data's replies (task), or on the model's own replies to its prompts (self: "
+                "LLM-QAT's data-free distillation)", "choices": ("task", "self")})
+    qat_self_examples: int = field(default=128, metadata={
+        "help": "qat --qat-data self: prompts answered by the model (the first of the training examples)"})
+    qat_self_tokens: int = field(default=48, metadata={"help": "qat --qat-data self: new tokens per reply, at most"})
     resume: bool = field(default=True, metadata={"help": "resume from the newest complete checkpoint in --out"})
 
     def validate(self) -> SFTConfig:
         if self.method not in METHODS:
             raise LlmlabError(f"--method {self.method!r}: use one of {', '.join(METHODS)}")
+        if not 2 <= self.quant_bits <= 8:
+            raise LlmlabError(f"--quant-bits must be 2..8, got {self.quant_bits}")
+        if self.quant_group_size < -1:
+            raise LlmlabError(f"--quant-group-size {self.quant_group_size}: use a positive group, 0 (per channel) "
+                              "or -1 (per tensor)")
+        if self.qat_act_bits and not 2 <= self.qat_act_bits <= 8:
+            raise LlmlabError(f"--qat-act-bits must be 0 (off) or 2..8, got {self.qat_act_bits}")
+        if self.qat_data not in ("task", "self"):
+            raise LlmlabError(f"--qat-data {self.qat_data!r}: use task or self")
+        if self.qat_self_examples < 1 or self.qat_self_tokens < 1:
+            raise LlmlabError("--qat-self-examples and --qat-self-tokens must be >= 1")
         if self.lora_r <= 0:
             raise LlmlabError(f"--lora-r must be a positive integer, got {self.lora_r}")
         if self.adapter_dim <= 0 or self.virtual_tokens <= 0:
@@ -178,6 +234,9 @@ def apply_method(model: nn.Module, cfg: SFTConfig, tokenizer=None) -> nn.Module:
     if cfg.method == "full":
         model.requires_grad_(True)
         return model
+    if cfg.method in QUANTIZED:
+        quantize_for_training_(model, cfg)
+        return model
     if cfg.method in ("lora", "qlora"):
         from llmlab.nn.lora import apply_lora_, mark_only_lora_trainable_
 
@@ -206,6 +265,66 @@ def apply_method(model: nn.Module, cfg: SFTConfig, tokenizer=None) -> nn.Module:
     return wrapped
 
 
+def check_quant_groups(model: nn.Module, cfg: SFTConfig) -> None:
+    """--quant-group-size must divide the width of every layer it quantizes."""
+    from llmlab.compress.spec import target_linears
+
+    g = cfg.quant_group_size
+    for name, layer in target_linears(model):
+        if g > 0 and layer.in_features % g:
+            raise LlmlabError(f"--quant-group-size {g} does not divide {name}'s {layer.in_features} input features: "
+                              "use a divisor of every layer's width, 0 (per channel) or -1 (per tensor)")
+
+
+def quantize_for_training_(model: nn.Module, cfg: SFTConfig) -> None:
+    """qat: every target linear becomes a ``FakeQuantLinear`` (its float weight and bias train, and so do the
+    norms: every other vector parameter); peqa: every target linear is quantized by round-to-nearest
+    (``quantize_rtn_layer``) and only its scales train. Either way the frozen float matrices (embedding,
+    untied head) are rounded to float16 first, as the quantized folder stores them (module docstring)."""
+    from llmlab.compress.quantize import quantize_rtn_layer
+    from llmlab.compress.spec import replace_module_, target_linears
+    from llmlab.nn.fake_quant import FakeQuantLinear
+
+    check_quant_groups(model, cfg)
+    model.requires_grad_(False)
+    grid = {"bits": cfg.quant_bits, "group_size": cfg.quant_group_size, "symmetric": cfg.quant_symmetric}
+    for name, layer in target_linears(model):
+        if cfg.method == "qat":
+            new = FakeQuantLinear.from_linear(layer, **grid, act_bits=cfg.qat_act_bits)  # trainable
+        else:
+            new = quantize_rtn_layer(layer.weight.detach(), cfg.quant_bits, cfg.quant_group_size, cfg.quant_symmetric,
+                                     layer.bias).train_scales_()  # only the scales are parameters that train
+        replace_module_(model, name, new)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1 and cfg.method == "qat":
+                p.requires_grad_(True)  # norms (and biases)
+            elif not p.requires_grad and p.ndim >= 2 and p.is_floating_point():
+                p.copy_(p.half().float())  # the embedding, as the folder will hold it
+
+
+def finish_quantized_(model: nn.Module, cfg: SFTConfig) -> dict:
+    """After qat / peqa training: each ``FakeQuantLinear`` becomes the ``QuantLinear`` with the codes and scales
+    its forward pass used, PEQA's scales become float16 buffers again (packable); returns the folder's
+    ``quantization_config``. ``model`` is then exactly the model the quantized folder holds."""
+    from llmlab.compress.spec import QuantSpec, replace_module_
+    from llmlab.nn.fake_quant import FakeQuantLinear
+    from llmlab.nn.quant_linear import QuantLinear
+
+    names = []
+    for name, m in list(model.named_modules()):
+        if isinstance(m, FakeQuantLinear):
+            replace_module_(model, name, m.to_quant_linear())
+        elif isinstance(m, QuantLinear):
+            m.freeze_scales_(torch.float16)
+        else:
+            continue
+        names.append(name)
+    act = {"act": "token", "act_bits": cfg.qat_act_bits} if cfg.method == "qat" and cfg.qat_act_bits else {}
+    return QuantSpec(cfg.method, cfg.quant_bits, cfg.quant_group_size, cfg.quant_symmetric, modules=names,
+                     **act).to_json()
+
+
 def lora_config(cfg: SFTConfig):
     from llmlab.nn.lora import LoRAConfig
 
@@ -219,14 +338,19 @@ def lora_config(cfg: SFTConfig):
 
 def save_result(model: nn.Module, cfg: SFTConfig, loaded: Loaded, run_dir: Path, fingerprint: str | None) -> Path:
     """The fine-tuned result in the run folder: ``adapter/`` (PEFT folder, with the base's fingerprint,
-    ``formats/peft.py``) or ``model/`` (full FT)."""
-    if cfg.method == "full":  # the same atomic HF-folder writer as llmlab convert / merge
+    ``formats/peft.py``) or ``model/`` (full FT: a float folder; qat, peqa: a quantized folder, ``model``
+    turned into its ``QuantLinear`` form first by ``finish_quantized_``)."""
+    if cfg.method == "full" or cfg.method in QUANTIZED:  # the same atomic HF-folder writer as llmlab convert / merge
         import dataclasses
 
         from llmlab.formats.convert import write_loaded
 
         folder = run_dir / "model"
-        write_loaded(dataclasses.replace(loaded, model=model), folder)
+        if cfg.method == "full":
+            write_loaded(dataclasses.replace(loaded, model=model), folder)
+        else:  # float tensors in float16, as llmlab quantize writes them
+            write_loaded(dataclasses.replace(loaded, model=model), folder, quant_spec=finish_quantized_(model, cfg),
+                         dtype="float16")
         return folder
     folder = run_dir / "adapter"
     if cfg.method in ("lora", "qlora"):
@@ -313,8 +437,70 @@ def exact_match(model: nn.Module, loaded: Loaded, task_name: str, n: int, seed: 
     return (sum(r["correct"] for r in rows) / len(rows) if rows else 0.0), rows
 
 
-def plot_accuracy(path: Path, task: str, method: str, before: float, after: float) -> None:
-    """Before / after bar chart (PNG)."""
+# ---- qat --qat-data self: the model's own replies ------------------------------------------------------
+
+
+@torch.no_grad()
+def self_replies(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, stops: set[int],
+                 batch_size: int = 16) -> list[list[int]]:
+    """LLM-QAT's generation (Liu et al. 2023, section 2.1): the first ``SELF_GREEDY_TOKENS`` new tokens greedy,
+    the rest sampled from the full distribution (temperature 1), so the replies are likely at the start and
+    still diverse. Uses (and advances) the global torch RNG; ids include the stop token when one came."""
+    was_training = model.training
+    model.eval()
+    replies = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        head = generate(model, chunk, min(SELF_GREEDY_TOKENS, max_new_tokens), SamplingParams(), stop_ids=stops)
+        out = [c.ids for c in head]
+        going = [j for j, c in enumerate(head) if c.finish_reason == "length"]
+        if going and max_new_tokens > SELF_GREEDY_TOKENS:
+            tail = generate(model, [chunk[j] + out[j] for j in going], max_new_tokens - SELF_GREEDY_TOKENS,
+                            SamplingParams(temperature=1.0), stop_ids=stops)
+            for j, c in zip(going, tail):
+                out[j] = out[j] + c.ids
+        replies += out
+    model.train(was_training)
+    return replies
+
+
+def self_generated_data(model: nn.Module, loaded: Loaded, data: SFTData, cfg: SFTConfig, seed: int, path: Path,
+                        reuse: bool) -> SFTData:
+    """LLM-QAT's data-free QAT on this run's prompts: the first ``cfg.qat_self_examples`` training examples keep
+    their prompt (up to the first assistant token) and get the float model's own reply (``self_replies``) as
+    the target. The paper distills the teacher's logits on such text; here the sampled tokens are the labels
+    (sequence-level distillation, Kim & Rush 2016, arXiv:1606.07947), so every method keeps one loss. The
+    validation examples keep their references. The replies go to ``path`` (JSONL: the settings, then one
+    line per prompt) and are read back from there when ``reuse`` and the settings match (a resumed run trains
+    on the same data, even on another machine)."""
+    settings = {"model": cfg.model, "examples": cfg.qat_self_examples, "tokens": cfg.qat_self_tokens, "seed": seed,
+                "greedy_tokens": SELF_GREEDY_TOKENS}
+    lines = path.read_text().splitlines() if reuse and path.exists() else []
+    if lines and json.loads(lines[0]) == {"settings": settings}:
+        rows = [json.loads(line) for line in lines[1:]]
+    else:
+        chosen = data.examples["train"][:cfg.qat_self_examples]
+        prompts = [ex.ids[:ex.mask.index(True)] for ex in chosen]  # the masks mark the assistant tokens
+        with torch.random.fork_rng(devices=[]):  # the sampling draws leave the run's RNG stream alone
+            torch.manual_seed(seed)
+            replies = self_replies(model, prompts, cfg.qat_self_tokens, chat_stop_ids(loaded.config, loaded.tokenizer))
+        rows = [{"where": ex.where, "prompt": p, "reply": r} for ex, p, r in zip(chosen, prompts, replies)]
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in [{"settings": settings}, *rows]))
+    train = []
+    for r in rows:
+        ids = (r["prompt"] + r["reply"])[:data.seq_len]
+        mask = ([False] * len(r["prompt"]) + [True] * len(r["reply"]))[:data.seq_len]
+        if any(mask[1:]):
+            train.append(TokenizedExample(ids, mask, f"{r['where']} (self)"))
+    if not train:
+        raise LlmlabError(f"--qat-data self: no reply left to train on ({len(rows)} prompts): raise --seq-len "
+                          "or --qat-self-tokens")
+    return SFTData(train, data.examples["val"], data.seq_len, data.packing, data.pad_id, data.stats)
+
+
+def plot_accuracy(path: Path, task: str, method: str, before: float, after: float,
+                  quantized: float | None = None) -> None:
+    """Before / after bar chart (PNG); qat / peqa: the quantized model before training between them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -322,9 +508,14 @@ def plot_accuracy(path: Path, task: str, method: str, before: float, after: floa
 
     from llmlab.common import atomic_path
 
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    bars = ax.bar(["before", f"after ({method})"], [100 * before, 100 * after], color=["tab:gray", "tab:blue"])
-    for bar, v in zip(bars, (before, after)):
+    labels, values, colors = ["before", f"after ({method})"], [before, after], ["tab:gray", "tab:blue"]
+    if quantized is not None:
+        labels.insert(1, "quantized\n(RTN)")
+        values.insert(1, quantized)
+        colors.insert(1, "tab:orange")
+    fig, ax = plt.subplots(figsize=(4.5 + 1.2 * (quantized is not None), 3.5))
+    bars = ax.bar(labels, [100 * v for v in values], color=colors)
+    for bar, v in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, 100 * v + 1, f"{100 * v:.0f}%", ha="center")
     ax.set_ylim(0, 105)
     ax.set_ylabel("held-out exact match (%)")
@@ -357,10 +548,18 @@ def run_sft(cfg: SFTConfig, data_cfg: SFTDataConfig, tcfg: SFTTrainConfig) -> di
     loaded = load_model(cfg.model, packed=cfg.method == "qlora" and cfg.qlora_base == "packed")
     if not loaded.config.is_causal or loaded.tokenizer is None:
         raise LlmlabError(f"{cfg.model}: SFT needs a causal language model with a tokenizer")
+    if cfg.method in QUANTIZED:
+        check_quant_groups(loaded.model, cfg)  # before any slow step
     template = chat_template_of(loaded)
     data = build_sft_data(data_cfg, loaded.tokenizer, template)
     print(f"llmlab: {data.stats.summary()}; {len(data.rows['train'])} train rows of {tcfg.seq_len} tokens "
           f"({100 * data.fill():.0f}% filled)", flush=True)
+    if cfg.method == "qat" and cfg.qat_data == "self":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data = self_generated_data(loaded.model, loaded, data, cfg, tcfg.seed, run_dir / "qat_self_data.jsonl",
+                                   reuse=cfg.resume)
+        print(f"llmlab: --qat-data self: training on the model's own replies to {len(data.examples['train'])} "
+              f"prompts ({len(data.rows['train'])} rows, {run_dir / 'qat_self_data.jsonl'})", flush=True)
     scored = data_cfg.task if (data_cfg.task and cfg.eval_examples) else None
     before = None
     if scored:
@@ -371,7 +570,12 @@ def run_sft(cfg: SFTConfig, data_cfg: SFTDataConfig, tcfg: SFTTrainConfig) -> di
     fingerprint = base_fingerprint(loaded.model, loaded.config, loaded.tokenizer)
     model = apply_method(loaded.model, cfg, loaded.tokenizer)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = n_base if cfg.method == "full" else n_base + n_train
+    n_total = n_base if cfg.method in ("full", "qat") else n_base + n_train  # qat trains the base's own weights
+    quantized = None  # qat / peqa: the quantized model before training (QAT starts on the RTN grid too)
+    if scored and cfg.method in QUANTIZED:
+        quantized, _ = exact_match(model, loaded, scored, cfg.eval_examples, tcfg.seed, cfg.eval_tokens)
+        print(f"llmlab: held-out exact match quantized, before training (round-to-nearest): {100 * quantized:.1f}%",
+              flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "sft_config.json", json.dumps(
         {**to_dict(cfg), "data": to_dict(data_cfg), "train": to_dict(tcfg)}, indent=2) + "\n")
@@ -390,8 +594,8 @@ def run_sft(cfg: SFTConfig, data_cfg: SFTDataConfig, tcfg: SFTTrainConfig) -> di
 
     summary = {"method": cfg.method, "model": cfg.model, "task": scored, "steps": result.step,
                "stopped": result.stopped, "trainable_params": n_train, "total_params": n_total,
-               "accuracy_before": before, "accuracy_after": after, "train_loss": result.train_loss,
-               "val_loss": result.val_loss, "train_seconds": result.seconds,
+               "accuracy_before": before, "accuracy_quantized": quantized, "accuracy_after": after,
+               "train_loss": result.train_loss, "val_loss": result.val_loss, "train_seconds": result.seconds,
                "total_seconds": time.perf_counter() - t0, "tokens": result.tokens,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "saved": str(saved) if saved else None}
@@ -399,7 +603,7 @@ def run_sft(cfg: SFTConfig, data_cfg: SFTDataConfig, tcfg: SFTTrainConfig) -> di
     if rows:
         write_text_atomic(run_dir / "answers.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     if before is not None and after is not None:
-        plot_accuracy(run_dir / "accuracy.png", scored, cfg.method, before, after)
+        plot_accuracy(run_dir / "accuracy.png", scored, cfg.method, before, after, quantized)
     _write_summary_md(run_dir, summary, tcfg)
     return summary
 
@@ -420,10 +624,12 @@ def _write_summary_md(run_dir: Path, s: dict, tcfg: SFTTrainConfig) -> None:
              f"- saved: {s['saved']}", ""]
     if s["task"]:
         gain = (s["accuracy_after"] - s["accuracy_before"]) if s["accuracy_after"] is not None else None
+        q = s["accuracy_quantized"] is not None  # qat / peqa: the RTN-quantized model before training
         lines += [f"## Held-out exact match ({s['task']})", "",
-                  "| before | after | gain |", "|---|---|---|",
-                  f"| {pct(s['accuracy_before'])} | {pct(s['accuracy_after'])} | "
-                  f"{'n/a' if gain is None else f'{100 * gain:+.1f} points'} |", "",
+                  "| before |" + (" quantized, untrained (RTN) |" if q else "") + " after | gain |",
+                  "|---|---|---|" + ("---|" if q else ""),
+                  f"| {pct(s['accuracy_before'])} |" + (f" {pct(s['accuracy_quantized'])} |" if q else "")
+                  + f" {pct(s['accuracy_after'])} | {'n/a' if gain is None else f'{100 * gain:+.1f} points'} |", "",
                   "![accuracy](accuracy.png)", ""]
     lines += ["![loss](loss.png)"]
     write_summary(run_dir / "summary.md", lines)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (``perplexity``); the harness, tasks and plots grow here."""
