@@ -21,16 +21,6 @@ BNB_DEQUANT_RATIO = 6.200124e-05 * 127 * 127  # bitsandbytes' CPU constant over 
 OPS_TOL = 3e-5  # float32 ops: the 1.8e-5 of BNB_DEQUANT_RATIO, plus float32 summation
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: on a busy 2-core machine the second OpenMP thread's barrier made a (128, 64) x (64, 128)
-    product 200x slower (40 ms against 0.2 ms), which is most of this file's time."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def fp16_linear(seed: int) -> nn.Linear:
     """A float32 linear layer whose weights and bias are float16-representable (bitsandbytes casts to fp16)."""
     torch.manual_seed(seed)

@@ -23,16 +23,6 @@ from llmlab.nn.quant_linear import QuantLinear
 WINDOWS = torch.randint(0, 512, (8, 16), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: on a busy 2-core machine the second OpenMP thread's barrier made a (128, 64) x (64, 128)
-    product 200x slower (40 ms against 0.2 ms), which is most of this file's time."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(preset: str, outliers: bool = False, **cfg):
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(get_preset(preset), **cfg)).eval()

@@ -104,11 +104,17 @@ def input_absmax(model: nn.Module, windows: torch.Tensor, names: list[str], batc
             stats[name] = x if name not in stats else torch.maximum(stats[name], x)
         return record
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    run_with_hooks(model, windows, {n: hook(n) for n in names}, batch)
+    return stats
+
+
+@torch.no_grad()
+def run_with_hooks(model: nn.Module, windows: torch.Tensor, hooks: dict, batch: int = 8) -> None:
+    """Run the windows through ``model`` in micro-batches with forward hooks {module name: hook} attached."""
+    handles = [model.get_submodule(n).register_forward_hook(h) for n, h in hooks.items()]
     try:
         for s in range(0, windows.shape[0], batch):
             model(windows[s:s + batch])
     finally:
         for h in handles:
             h.remove()
-    return stats

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from llmlab.common import LlmlabError
+from llmlab.compress.calibrate import run_with_hooks
 from llmlab.compress.spec import QuantSpec, check_bits, replace_module_, target_linears
 from llmlab.nn.quant_linear import QuantLinear
 
@@ -69,13 +70,7 @@ def outlier_stats(model: nn.Module, names: list[str], windows: torch.Tensor,
             seen[name].append((module.last_outliers, float(tokens)))
         return record
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        for s in range(0, windows.shape[0], batch):
-            model(windows[s:s + batch])
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, windows, {n: hook(n) for n in names}, batch)
     out = {}
     for name in names:
         cols = torch.tensor([c for c, _ in seen[name]], dtype=torch.float32)  # (products,)
