@@ -110,11 +110,14 @@ def test_every_method_trains_only_its_parameters(tiny_folder, tmp_path, method):
     assert s["accuracy_before"] is not None and s["accuracy_after"] is not None
     for name in ("summary.md", "summary.json", "loss.png", "accuracy.png", "sft_config.json", "metrics.jsonl"):
         assert (run / name).exists(), name
-    saved = run / ("model" if method == "full" else "adapter")
-    assert (saved / ("model.safetensors" if method == "full" else "adapter_model.safetensors")).exists()
+    whole = method in ("full", "qat", "peqa")  # these save a model folder (qat / peqa: a quantized one)
+    saved = run / ("model" if whole else "adapter")
+    assert (saved / ("model.safetensors" if whole else "adapter_model.safetensors")).exists()
     total = s["total_params"]
     if method == "full":
         assert s["trainable_params"] == total
+    elif method == "qat":  # every linear weight in the blocks trains through the fake quantizer
+        assert total / 4 < s["trainable_params"] < total
     else:
         assert 0 < s["trainable_params"] < total / 4
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
