@@ -198,13 +198,13 @@ class _StopForward(Exception):
 
 def _stages(inputs: BlockInputs, names: list[str]) -> list[list[str]]:
     """The block's linear layers ``names`` grouped by shared input (the same tensor object, as q/k/v and gate/up
-    receive), in forward order, from one pass over the first micro-batch. A layer that did not run there (an MoE
+    receive), in forward order, from one pass over the first window. A layer that did not run there (an MoE
     expert no token was routed to) is a stage of its own at the end."""
     block, calls = inputs.block(), []
     hooks = [block.get_submodule(nm).register_forward_pre_hook(lambda _m, a, nm=nm: calls.append((nm, a[0])))
              for nm in names]
     try:
-        inputs.run(x=inputs.states[0])
+        inputs.run(x=inputs.states[0][:1])  # (1, T, dim)
     finally:
         for h in hooks:
             h.remove()
