@@ -29,19 +29,23 @@ peqa        the blocks' linear layers quantized once (round-to-nearest), integer
             arXiv:2305.14152)
 ==========  =====================================================================  ============================
 
-Quantized methods (qat, peqa): the grid is ``--quant-bits`` (4), ``--quant-group-size`` (0: one scale per
-output channel, both papers' choice) and ``--quant-symmetric`` (default off: min/max with zero points, PEQA's
-grid and round-to-nearest's, so RTN, PEQA and QAT start from the very same quantized model; LLM-QAT's
-symmetric MinMax is ``--quant-symmetric``). Targets are ``compress.spec.target_linears`` (every linear layer
-inside the blocks; the embedding and head stay float, as every method of ``llmlab quantize`` leaves them).
-QAT trains the float weights behind the fake-quantized ones and the norms (vectors, kept float in the result);
-the embedding (and tied head) stays frozen: it is not quantized, so training it would be full fine-tuning,
-not QAT. ``--qat-act-bits 8`` also fake-quantizes each token's activations (LLM-QAT's W4A8). ``--qat-data
-self`` is LLM-QAT's data-free variant on this run's prompts: the training replies are the float model's own
-(``self_generated_data``), so QAT learns to imitate the unquantized model rather than the references.
-Both methods round the frozen float matrices (the embedding) to float16 before training, as the quantized
-folder stores them, so what trains, what is scored and what ``llmlab.load(RUN)`` gives are the same model.
-The summary also scores the quantized model before training (``accuracy_quantized``: the RTN baseline).
+Quantized methods: QAT as in ``nn/fake_quant.py`` (Jacob et al., "Quantization and Training of Neural Networks
+for Efficient Integer-Arithmetic-Only Inference"; Liu et al., "LLM-QAT: Data-Free Quantization Aware Training
+for Large Language Models"); PEQA (Kim et al., "Memory-Efficient Fine-Tuning of Compressed Large Language Models
+via sub-4-bit Integer Quantization", 2023): W = s * (q - z) with q and z frozen, s trained. The grid is
+``--quant-bits`` (4), ``--quant-group-size`` (0: one scale per output channel, both papers' choice) and
+``--quant-symmetric`` (default off: min/max with zero points, PEQA's grid and round-to-nearest's, so RTN, PEQA
+and QAT start from the very same quantized model; LLM-QAT's symmetric MinMax is ``--quant-symmetric``). Targets
+are ``compress.spec.target_linears`` (every linear layer inside the blocks; the embedding and head stay float,
+as every method of ``llmlab quantize`` leaves them). QAT trains the float weights behind the fake-quantized ones
+and the norms (vectors, kept float in the result); the embedding (and tied head) stays frozen: it is not
+quantized, so training it would be full fine-tuning, not QAT. ``--qat-act-bits 8`` also fake-quantizes each
+token's activations (LLM-QAT's W4A8). ``--qat-data self`` is LLM-QAT's data-free variant on this run's prompts:
+the training replies are the float model's own (``self_generated_data``), so QAT learns to imitate the
+unquantized model rather than the references. Both methods round the frozen float matrices (the embedding) to
+float16 before training, as the quantized folder stores them, so what trains, what is scored and what
+``llmlab.load(RUN)`` gives are the same model. The summary also scores the quantized model before training
+(``accuracy_quantized``: the RTN baseline).
 
 ``llmlab sft`` with no flags fine-tunes SmolLM2-135M-Instruct with LoRA on the built-in ``addition`` task,
 scoring held-out exact match before and after (``data/tasks.py``) into ``summary.md`` and ``accuracy.png``.
@@ -97,7 +101,8 @@ class SFTConfig:
     method: str = field(default="lora", metadata={
         "help": "full: every weight; lora: low-rank updates; qlora: LoRA on a 4-bit frozen base; adapter: "
                 "Houlsby bottleneck adapters; prefix: per-layer learned keys/values; prompt: learned input "
-                "embeddings",
+                "embeddings; qat: quantization-aware training, saved as a --quant-bits model; peqa: the model "
+                "quantized, only its scales train",
                                                   "choices": METHODS})
     out: str = field(default="runs/sft", metadata={"help": "run folder (resumes when it has checkpoints)"})
     eval_examples: int = field(default=50, metadata={
