@@ -197,6 +197,8 @@ def test_saved_folder_loads_with_the_same_logits(runs, tiny_folder, method):
     assert qc["method"] == s["method"] and qc["modules"] == spec["modules"] and len(spec["modules"]) == 14
     layers = [m for m in llm.model.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 14 and all(m.bits == 4 for m in layers)
+    assert f"({s['method']} fine-tune, 4-bit, " in llm.loaded.source
+    assert llm.info()["parameters"] == load(str(tiny_folder)).info()["parameters"]  # codes count as weights
     ids = torch.randint(0, 258, (2, 12))
     with torch.no_grad():
         assert torch.equal(llm.model.eval()(ids), model.eval()(ids))
@@ -220,6 +222,17 @@ def test_peqa_trains_only_the_scales(runs, tiny_folder):
     for k, v in base.state_dict().items():
         if k in sd:
             assert torch.equal(sd[k], v.half().float() if v.ndim >= 2 else v), k
+
+
+def test_peqa_scales_are_not_weight_decayed():
+    """AdamW's decay would shrink a trainable scale, and with it every weight of its group, toward zero."""
+    from llmlab.train.optim import param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), quantize_rtn_layer(torch.randn(8, 64), 4, 32, False))
+    model[1].train_scales_()
+    decay, no_decay = param_groups(model, 0.1)
+    assert [id(p) for p in decay["params"]] == [id(model[0].weight)] and decay["weight_decay"] == 0.1
+    assert any(p is model[1].scales for p in no_decay["params"]) and model[1].scales.ndim == 2
 
 
 def test_resume_is_bit_identical(runs, tiny_folder, tmp_path):

@@ -182,6 +182,59 @@ def test_truncated_folder_is_named(tmp_path):
         load_model(str(tmp_path / "q"))
 
 
+# ---- quantized folder -> GGUF: the layers' own blocks -------------------------------------------------------
+@pytest.mark.parametrize("method,kw,gtype", [("rtn", {"bits": 4, "symmetric": True}, "Q4_0"),
+                                             ("absmax", {"bits": 8}, "Q8_0"),
+                                             ("rtn", {"bits": 4}, "Q4_1"),
+                                             ("nf4", {}, None)])
+def test_quantized_folder_converts_to_gguf_with_its_own_blocks(tmp_path, tiny_chat, method, kw, gtype):
+    """``llmlab convert`` of a quantized folder writes each packable layer's own blocks (no second
+    quantization: the GGUF model computes what the folder does, exactly for symmetric codes and within the
+    asymmetric min's float16 rounding); a layer with no GGML type (NF4) is dequantized and written as --qtype."""
+    from llmlab.formats.gguf import GGUFFile
+
+    ld = load_model(str(tiny_chat))
+    spec = make_spec(method, **kw)
+    quantize_model_(ld.model, spec)
+    write_loaded(ld, tmp_path / "q", quant_spec=spec.to_json(), dtype="float32")
+    r = run_cli("convert", str(tmp_path / "q"), str(tmp_path / "q.gguf"), "--qtype", "F32")
+    assert r.returncode == 0, r.stderr
+    g = GGUFFile(tmp_path / "q.gguf")
+    kinds = {name: info.type_name for name, info in g.tensors.items() if name.startswith("blk.0.")}
+    linears = {n: t for n, t in kinds.items() if "norm" not in n}
+    assert len(linears) == 7 and set(linears.values()) == {gtype or "F32"}
+    assert g.metadata["general.file_type"] == {"Q4_0": 2, "Q8_0": 7, "Q4_1": 3, None: 0}[gtype]
+    x = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        want = load_model(str(tmp_path / "q")).model(x)
+        got = load_model(str(tmp_path / "q.gguf")).model(x)
+    if gtype == "Q4_1":  # the block min -s * z rounded to float16
+        assert 0 < (got - want).abs().max() < 1e-3 * want.abs().max()
+    else:  # symmetric codes as they are; NF4 dequantized to F32
+        assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+def test_quantized_smollm2_gguf_generates_like_llmlab_and_llama_cpp(tmp_path, smollm_path):
+    """The real SmolLM2 quantized to 4-bit groups of 32 (Q4_1 blocks), converted to GGUF: llmlab's packed load
+    of the folder and of the GGUF, and llama.cpp on the GGUF, give the same greedy text."""
+    from llmlab.api import load
+
+    r = run_cli("quantize", "--method", "rtn", "--out", str(tmp_path / "q"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("convert", str(tmp_path / "q"), str(tmp_path / "q.gguf"))
+    assert r.returncode == 0, r.stderr
+    prompt = "The capital of France is"
+    ours = load(str(tmp_path / "q"), packed=True).generate(prompt, max_new_tokens=16)
+    assert load(str(tmp_path / "q.gguf"), packed=True).generate(prompt, max_new_tokens=16) == ours
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip("llama-cpp-python is not installed: the llama.cpp half of this test did not run")
+    ref = llama_cpp.Llama(model_path=str(tmp_path / "q.gguf"), n_ctx=64, n_threads=1, verbose=False)
+    assert ref.create_completion(prompt, max_tokens=16, temperature=0.0)["choices"][0]["text"] == ours
+
+
 # ---- bad input -----------------------------------------------------------------------------------------------
 def test_spec_errors():
     with pytest.raises(LlmlabError, match="does not support --bits 4"):

@@ -21,7 +21,9 @@ from llmlab.infer.generate import chat_stop_ids, cut_at_stop, generate
 from llmlab.infer.repetition import RepetitionGuard
 from llmlab.infer.sample import SamplingParams, chat_sampling
 from llmlab.infer.speculative import ModelDrafter, NgramDrafter, layer_skip_draft, speculative_generate
-from llmlab.nn.packed_linear import IMPLS, set_impl_
+from llmlab.nn.nf4 import NF4Linear
+from llmlab.nn.packed_linear import IMPLS, PackedLinear, set_impl_
+from llmlab.nn.quant_linear import QuantLinear
 from llmlab.tokenizer.stream import StreamDecoder
 
 
@@ -228,7 +230,7 @@ class LLM:
 
     def info(self) -> dict:
         cfg, tok = self.config, self.tokenizer
-        n_params = sum(p.numel() for p in self.model.parameters())
+        n_params = parameter_count(self.model)
         p = next(self.model.parameters())
         return {
             "source": self.loaded.source, "format": self.loaded.file_format, "architecture": cfg.arch,
@@ -244,6 +246,23 @@ class LLM:
                                                                         "(none: ChatML fallback)"),
             "load_seconds": round(self.loaded.load_seconds, 3),
         }
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """The model's parameters as its float original has them: a quantized layer (codes and scales in buffers:
+    ``QuantLinear``, ``NF4Linear``, ``PackedLinear``) counts its out x in weight and its bias; a tied weight
+    counts once."""
+    quantized = (QuantLinear, NF4Linear, PackedLinear)
+    n, seen = 0, set()
+    for m in model.modules():
+        if isinstance(m, quantized):
+            n += m.out_features * m.in_features
+        for name, p in m.named_parameters(recurse=False):
+            if id(p) in seen or (isinstance(m, quantized) and name != "bias"):  # PEQA's trainable scales
+                continue
+            seen.add(id(p))
+            n += p.numel()
+    return n
 
 
 def load(source: str | Path | None = None, *, dtype: str = "float32", device: str = "cpu",

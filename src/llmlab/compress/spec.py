@@ -35,17 +35,6 @@ class QuantSpec:
     def to_json(self) -> dict:
         return {"quant_method": "llmlab", **asdict(self)}
 
-    @classmethod
-    def from_json(cls, d: dict, where: str = "config.json") -> QuantSpec:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        try:
-            spec = cls(**known)
-        except TypeError as e:
-            raise LlmlabError(f"{where}: bad quantization_config: {e}") from None
-        if spec.method not in METHODS:
-            raise LlmlabError(f"{where}: unknown quantization method {spec.method!r} (known: {', '.join(METHODS)})")
-        return spec
-
 
 def check_bits(method: str, bits: int) -> None:
     if method not in METHODS:

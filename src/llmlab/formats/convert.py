@@ -1,6 +1,7 @@
 """``llmlab convert IN OUT``: GGUF <-> Hugging Face folder (and folder -> folder, GGUF -> GGUF).
 
-Quantized GGUF weights are dequantized to the chosen dtype; output is written atomically (a
+Quantized GGUF weights are dequantized to the chosen dtype for a folder; a quantized folder (``llmlab
+quantize``) written as GGUF keeps each layer's own blocks where GGML has the type. Output is written atomically (a
 temporary folder renamed into place) so a failed conversion leaves nothing behind.
 """
 
@@ -16,7 +17,7 @@ from llmlab.common import LlmlabError, temp_dir_beside
 from llmlab.formats import hf
 from llmlab.formats.gguf_model import write_model_gguf
 from llmlab.formats.load import Loaded, load_model
-from llmlab.formats.quantized import write_quantized
+from llmlab.formats.quantized import gguf_tensors, write_quantized
 from llmlab.tokenizer.bpe import ByteBPE
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -34,12 +35,16 @@ def write_loaded(loaded: Loaded, output: Path, *, dtype: str = "float32", qtype:
     """Write a loaded model (plain linear layers) as a GGUF file (``output`` ends in .gguf) or an HF folder,
     atomically, replacing what is there. ``name``: the GGUF's general.name (default: the source's stem).
     ``quant_spec``: the model's quantized layers and scheme (``formats/quantized.py``; float tensors in
-    ``dtype``); ``extra_files``: more text files for the folder (a report)."""
-    sd = {k: v for k, v in loaded.model.state_dict().items()}
+    ``dtype``); ``extra_files``: more text files for the folder (a report). Without ``quant_spec`` a model's
+    quantized layers are written dequantized, except into a GGUF where their values are a GGML type: those
+    layers keep their own blocks (``gguf_tensors``) and ``qtype`` types the rest."""
     cfg, tok = loaded.config, loaded.tokenizer
+    sd, own = dict(loaded.model.state_dict()), {}
+    if quant_spec is None:  # quantized layers (a quantized folder, a packed model) as float weights + own blocks
+        sd, own = gguf_tensors(loaded.model)
     if output.suffix == ".gguf":
         write_model_gguf(output, cfg, sd, tok, loaded.chat_template, qtype=qtype,
-                         name=name or Path(loaded.source).stem)
+                         name=name or Path(loaded.source).stem, own_blocks=own)
         return
     if quant_spec is None:
         sd = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}

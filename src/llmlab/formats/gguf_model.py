@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 
 import torch
 from torch import nn
@@ -236,6 +237,14 @@ def _tensor_bytes(t: torch.Tensor, gtype: str) -> tuple[bytes, int]:
     return quantize(t, gtype).numpy().tobytes(), TYPE_IDS[gtype]
 
 
+def _file_type(qtype: str, own_blocks: dict[str, tuple[torch.Tensor, str]]) -> str:
+    """The qtype ``general.file_type`` names: the most common own-block type when there are own blocks."""
+    if not own_blocks:
+        return qtype
+    counts = Counter(g for _, g in own_blocks.values())
+    return max(counts, key=lambda g: (counts[g], g))
+
+
 def _pre_name(tok: ByteBPE) -> str:
     for name, steps in GGUF_PRE.items():
         if steps == tok.pre_steps:
@@ -244,7 +253,8 @@ def _pre_name(tok: ByteBPE) -> str:
 
 
 def write_model_gguf(path, cfg: ModelConfig, sd: dict[str, torch.Tensor], tokenizer: ByteBPE,
-                     chat_template: str | None = None, qtype: str = "F16", name: str = "llmlab model") -> None:
+                     chat_template: str | None = None, qtype: str = "F16", name: str = "llmlab model",
+                     own_blocks: dict[str, tuple[torch.Tensor, str]] | None = None) -> None:
     """Write a llama/gpt2 model as GGUF v3, 2-D weights in ``qtype`` (``WRITE_TYPES``): F32, F16, BF16, or
     quantized bit-exact as llama.cpp's ``llama-quantize`` would without an importance matrix (src/llama-quant.cpp,
     ``llama_tensor_get_type``) to Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K, with its per-tensor rules:
@@ -258,7 +268,12 @@ def write_model_gguf(path, cfg: ModelConfig, sd: dict[str, torch.Tensor], tokeni
     - norms and biases (1-D) stay F32. position_embd (gpt2) is quantized like the other weights (llama.cpp
       would keep the converter's F16).
 
-    ``general.file_type`` records llama.cpp's file type (Q4_K: 15 = Q4_K_M, Q5_K: 17 = Q5_K_M)."""
+    ``own_blocks`` (``formats/quantized.gguf_tensors``): weights that already are GGML blocks (a quantized
+    model's layers), written as they are whatever ``qtype`` says (Q/K rows moved to GGUF's RoPE order; gpt2's
+    fused attn_qkv only when q, k and v share a type); ``qtype`` then types the other tensors.
+
+    ``general.file_type`` records llama.cpp's file type (Q4_K: 15 = Q4_K_M, Q5_K: 17 = Q5_K_M; with own blocks,
+    their most common type: "mostly Q4_1")."""
     if qtype not in WRITE_TYPES:
         raise LlmlabError(f"GGUF export: unknown qtype {qtype!r}; use one of {', '.join(WRITE_TYPES)}")
     if cfg.arch not in ("llama", "gpt2"):
@@ -271,10 +286,11 @@ def write_model_gguf(path, cfg: ModelConfig, sd: dict[str, torch.Tensor], tokeni
         f"{a}.context_length": cfg.max_seq_len, f"{a}.embedding_length": cfg.dim,
         f"{a}.feed_forward_length": cfg.ffn_dim, f"{a}.block_count": cfg.n_layers,
         f"{a}.attention.head_count": cfg.n_heads, f"{a}.vocab_size": cfg.vocab_size,
-        "general.file_type": _FTYPE[qtype],
+        "general.file_type": _FTYPE[_file_type(qtype, own_blocks or {})],
     }
     types: dict = {"general.file_type": T_UINT32}
-    if qtype in QUANT_TYPES:
+    own_blocks = own_blocks or {}
+    if qtype in QUANT_TYPES or own_blocks:
         md["general.quantization_version"] = 2  # GGML_QNT_VERSION: the block layouts of ggml-common.h
         types["general.quantization_version"] = T_UINT32
     if a == "llama":
@@ -305,12 +321,22 @@ def write_model_gguf(path, cfg: ModelConfig, sd: dict[str, torch.Tensor], tokeni
             continue
         if a == "gpt2" and re.match(r"layers\.\d+\.self_attn\.[kv]_proj\.", ours):
             continue
+        own = own_blocks.get(ours)
         if a == "gpt2" and re.match(r"layers\.\d+\.self_attn\.q_proj\.", ours):
             i, kind = re.match(r"layers\.(\d+)\.self_attn\.q_proj\.(\w+)", ours).groups()
             t, theirs = fuse_qkv(sd, i, kind), f"blk.{i}.attn_qkv.{kind}"
+            parts = [own_blocks.get(f"layers.{i}.self_attn.{p}_proj.{kind}") for p in "qkv"]
+            same = all(parts) and len({g for _, g in parts}) == 1
+            own = (torch.cat([raw for raw, _ in parts]), parts[0][1]) if same else None
         else:
             t, theirs = _rope_rows(t, ours, cfg, to_hf=False), gguf_name(ours)
-        data, tid = _tensor_bytes(t, tensor_type(theirs, tuple(t.shape), qtype, cfg.n_layers, cfg.tie_embeddings))
+            if own is not None:
+                own = (_rope_rows(own[0], ours, cfg, to_hf=False), own[1])
+        if own is not None:  # the layer's own blocks, rows in GGUF order
+            data, tid = own[0].contiguous().numpy().tobytes(), TYPE_IDS[own[1]]
+        else:
+            gtype = tensor_type(theirs, tuple(t.shape), qtype, cfg.n_layers, cfg.tie_embeddings)
+            data, tid = _tensor_bytes(t, gtype)
         tensors[theirs] = (data, tuple(t.shape), tid)
     write_gguf(path, md, tensors, types)
 

@@ -357,7 +357,9 @@ def _load_fine_tuned(path: Path, dtype, device, attn_impl: str, use_tokenizers_l
     if ft.model is not None:
         loaded = load_model(ft.model, dtype=dtype, device=device, attn_impl=attn_impl,
                             use_tokenizers_lib=use_tokenizers_lib, packed=packed)
-        loaded.source = f"{path} (full fine-tune, {ft.model})"
+        qc = quant_config(ft.model)  # qat / peqa runs save a quantized folder
+        kind = "full fine-tune" if qc is None else f"{qc.get('method')} fine-tune, {qc.get('bits')}-bit"
+        loaded.source = f"{path} ({kind}, {ft.model})"
         return loaded
     lora = ft.peft_type == "LORA"
     base_packed = ft.qlora_base == "packed" or (packed and not lora)

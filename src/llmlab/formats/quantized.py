@@ -182,3 +182,33 @@ def pack_quantized_(model: nn.Module, impl: str = "int8") -> int:
                                                                     layer.out_features, layer.bias, impl))
             swapped += 1
     return swapped
+
+
+def gguf_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, str]]]:
+    """A model with quantized layers as a GGUF writer wants it: (state dict with every quantized layer's weight
+    dequantized to float32 under ``<layer>.weight``, own blocks). Own blocks map ``<layer>.weight`` to
+    (raw GGML blocks (N, K / 32 * block bytes) uint8, type name) for each layer whose values *are* a GGML type
+    (a ``QuantLinear`` whose ``packed_blocks`` exist, a ``PackedLinear``): writing those keeps the quantized
+    values instead of quantizing their dequantized weights a second time."""
+    sd = dict(model.state_dict())
+    own: dict[str, tuple[torch.Tensor, str]] = {}
+    type_names = {tid: name for name, tid in TYPE_IDS.items()}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, (QuantLinear, NF4Linear, PackedLinear)):
+            continue
+        for key in [k for k in sd if k.startswith(f"{name}.")]:
+            del sd[key]
+        if isinstance(layer, NF4Linear):
+            w = layer.dequantize(torch.float32)
+        else:
+            w = layer.dequantized().float()
+        sd[f"{name}.weight"] = w  # (out, in)
+        if layer.bias is not None:
+            sd[f"{name}.bias"] = layer.bias.detach().float()
+        if isinstance(layer, QuantLinear):
+            blocks = layer.packed_blocks()
+            if blocks is not None:
+                own[f"{name}.weight"] = blocks
+        elif isinstance(layer, PackedLinear) and layer.ggml_type in type_names:
+            own[f"{name}.weight"] = (layer.packed, type_names[layer.ggml_type])
+    return sd, own
