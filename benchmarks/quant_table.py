@@ -2,12 +2,15 @@
 
 For each row: bits per weight of the quantized layers (codes + scales + zero-points), the written folder's size,
 perplexity on a fixed held-out text (``compress/calibrate.heldout_text``: standard-library docstrings disjoint
-from the calibration text), greedy exact match on two built-in tasks, and decode tokens/s through llmlab's
-fast path (the packed integer kernels where the layers pack, else the eager QuantLinear). The baseline is the
-GGUF dequantized to float32. Writes a JSON of the rows, a Markdown table and a PNG (perplexity vs bits per
-weight, one line per method).
+from the calibration text), greedy exact match on two built-in tasks (answered on llmlab's fast path,
+``load(..., packed=True)``), and what the fast path runs the layers as: GGML blocks through the integer
+kernels, or a float32 weight dequantized once where no GGML type holds the codes. Decode speed is a property of
+that layout, not of the method: ``benchmarks/quant_decode.py`` measures it next to llama.cpp. The baseline is
+the GGUF dequantized to float32. Every figure but the quantization time is deterministic (the same on any
+machine and load). Writes
+a JSON of the rows, a Markdown table and a PNG (perplexity vs bits per weight, one line per method).
 
-    python benchmarks/quant_table.py                       # the README table (about 15 minutes on 2 cores)
+    python benchmarks/quant_table.py                       # the README table (about 30 minutes on 2 cores)
     python benchmarks/quant_table.py --quick               # a few rows, small budgets (a smoke run)
 """
 
@@ -17,10 +20,10 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -34,6 +37,7 @@ from llmlab.formats.load import chat_template_of, load_model
 from llmlab.infer.generate import chat_stop_ids, generate
 from llmlab.infer.sample import SamplingParams
 from llmlab.nn.cpu_kernels import cpu_flags
+from llmlab.nn.ggml_quants import TYPE_IDS
 from llmlab.nn.nf4 import NF4Linear
 from llmlab.nn.packed_linear import PackedLinear
 from llmlab.nn.quant_linear import QuantLinear
@@ -61,6 +65,7 @@ ROWS = [
     ("RTN 2-bit g32", "rtn", {"bits": 2, "group_size": 32}),
     ("GPTQ 2-bit g32", "gptq", {"bits": 2, "group_size": 32}),
 ]
+TYPE_NAMES = {tid: name for name, tid in TYPE_IDS.items()}
 QUICK = {"absmax int8 / channel", "RTN 4-bit g32", "GPTQ 4-bit g32", "NF4 b64"}
 TASKS = ("addition", "letter_count")
 SHOTS = 3  # zero-shot, the instruct model answers "95 + 52 = 147" (right, but not in the asked form): 0%
@@ -97,14 +102,11 @@ def bits_per_weight(model) -> float:
 
 
 @torch.inference_mode()
-def decode_rate(loaded, new_tokens: int, runs: int) -> float:
-    prompt = loaded.tokenizer.encode("The history of the Python programming language")
-    rates = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out = generate(loaded.model, [prompt], new_tokens, SamplingParams(), stop_ids=[])
-        rates.append(len(out[0].ids) / (time.perf_counter() - t0))
-    return statistics.median(rates)
+def runs_as(model) -> str:
+    """What the fast path runs the blocks' linear layers as: GGML block types, or dense float32."""
+    kinds = Counter(TYPE_NAMES[m.ggml_type] if isinstance(m, PackedLinear) else "float32 (dequantized once)"
+                    for m in model.layers.modules() if isinstance(m, (PackedLinear, QuantLinear, NF4Linear)))
+    return ", ".join(kinds) if kinds else "float32"
 
 
 def folder_bytes(path: Path) -> int:
@@ -119,14 +121,12 @@ def main() -> None:
     p.add_argument("--questions", type=int, default=40, help="held-out questions per task (default: 40)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: 32)")
     p.add_argument("--calib-len", type=int, default=512, help="calibration window length (default: 512)")
-    p.add_argument("--decode-tokens", type=int, default=64, help="new tokens per decode run (default: 64)")
-    p.add_argument("--runs", type=int, default=3, help="decode runs, median reported (default: 3)")
     p.add_argument("--only", default="", help="comma-separated row labels to run (default: all)")
     p.add_argument("--out", default="docs/quantization", help="where the JSON, Markdown and PNG go "
                                                                "(default: docs/quantization)")
     args = p.parse_args()
     if args.quick:
-        args.ppl_tokens, args.questions, args.calib_samples, args.calib_len, args.runs = 1024, 8, 8, 256, 1
+        args.ppl_tokens, args.questions, args.calib_samples, args.calib_len = 1024, 8, 8, 256
     rows = [r for r in ROWS if (not args.quick or r[0] in QUICK) and (not args.only or r[0] in args.only.split(","))]
     base = load_model(None)
     tok = base.tokenizer
@@ -144,18 +144,14 @@ def main() -> None:
     def measure(label: str, method: str, loaded, bpw: float, size: int | None, seconds: float, fast) -> None:
         ppl = perplexity(loaded.model, ids, args.window, n_bytes)
         acc = {t: exact_match(fast, t, args.questions) for t in TASKS}
-        rate = decode_rate(fast, args.decode_tokens, args.runs)
-        packed = sum(isinstance(m, PackedLinear) for m in fast.model.layers.modules())
         row = {"label": label, "method": method, "bits_per_weight": round(bpw, 3),
                "file_mb": None if size is None else round(size / 1e6, 1), "perplexity": round(ppl.perplexity, 3),
                "bits_per_byte": round(ppl.bits_per_byte, 4), **{t: acc[t] for t in TASKS},
-               "decode_tok_s": round(rate, 1), "packed_layers": packed, "quantize_s": round(seconds, 1)}
+               "runs_as": runs_as(fast.model), "quantize_s": round(seconds, 1)}
         results.append(row)
         print(json.dumps(row), flush=True)
 
-    fast_base = load_model(None, packed=True)
-    measure("float32 (GGUF dequantized)", "baseline", base, 32.0, None, 0.0, fast_base)
-    del fast_base
+    measure("float32 (GGUF dequantized)", "baseline", base, 32.0, None, 0.0, base)
     with tempfile.TemporaryDirectory() as tmp:
         for label, method, kw in rows:
             loaded = copy.copy(base)
@@ -180,13 +176,13 @@ def main() -> None:
 
 def markdown(results: list[dict]) -> str:
     head = ("| method | bits/weight | file (MB) | perplexity | " + " | ".join(f"{t} EM ({SHOTS}-shot)" for t in TASKS)
-            + " | decode tok/s | packed layers | quantize (s) |")
+            + " | fast path runs the layers as | quantize (s) |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in results:
         size = "—" if r["file_mb"] is None else f"{r['file_mb']}"
         em = " | ".join(f"{100 * r[t]:.0f}%" for t in TASKS)
         lines.append(f"| {r['label']} | {r['bits_per_weight']:.2f} | {size} | {r['perplexity']:.2f} | {em} | "
-                     f"{r['decode_tok_s']} | {r['packed_layers']} | {r['quantize_s']} |")
+                     f"{r['runs_as']} | {r['quantize_s']} |")
     return "\n".join(lines) + "\n"
 
 

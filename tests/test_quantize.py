@@ -24,6 +24,7 @@ from llmlab.formats.load import load_model
 from llmlab.models.registry import build_model, get_preset
 from llmlab.nn.ggml_quants import TYPE_IDS, dequantize
 from llmlab.nn.packed_linear import PackedLinear
+from llmlab.nn.quant_linear import QuantLinear
 
 
 def tiny(seed: int = 0):
@@ -165,6 +166,22 @@ def test_folder_runs_on_packed_kernels(tmp_path):
             packed = [m for m in fast.model.layers.modules() if isinstance(m, PackedLinear)]
             assert len(packed) == len(spec.modules) and {m.ggml_type for m in packed} == {TYPE_IDS["Q4_0"]}
             assert (fast.model(x, return_hidden=True) - hidden).abs().max() < tol
+
+
+@pytest.mark.parametrize("method,kw", [("zeropoint", {}), ("absmax", {"act": "token"}), ("llm-int8", {})])
+def test_unpackable_layers_keep_a_dense_weight_on_the_fast_path(tmp_path, method, kw):
+    """8-bit asymmetric codes, W8A8 and LLM.int8() have no GGML type: load(packed=True) dequantizes them once
+    (QuantLinear.keep_dense_) instead of in every call, with the same outputs."""
+    ld = loaded_tiny()
+    spec = make_spec(method, **kw)
+    quantize_model_(ld.model, spec)
+    write_loaded(ld, tmp_path / "q", quant_spec=spec.to_json(), dtype="float32")
+    x = torch.randint(0, 512, (2, 10))
+    slow, fast = load_model(str(tmp_path / "q")), load_model(str(tmp_path / "q"), packed=True)
+    layers = [m for m in fast.model.layers.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == len(spec.modules) and all(m.dense is not None for m in layers)
+    with torch.no_grad():
+        assert torch.equal(fast.model(x, return_hidden=True), slow.model(x, return_hidden=True))
 
 
 def test_truncated_folder_is_named(tmp_path):

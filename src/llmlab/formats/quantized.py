@@ -168,13 +168,14 @@ def load_quantized(folder: Path, cfg: ModelConfig, spec: dict, attn_impl: str = 
 
 
 def pack_quantized_(model: nn.Module, impl: str = "int8") -> int:
-    """Swap each ``QuantLinear`` whose codes are a GGML block type for a ``PackedLinear`` with the same values;
-    returns how many were swapped."""
+    """Swap each ``QuantLinear`` whose codes are a GGML block type for a ``PackedLinear`` with the same values
+    (the others keep a dense float32 weight, ``QuantLinear.keep_dense_``); returns how many were swapped."""
     swapped = 0
     for name, layer in list(model.named_modules()):
         if isinstance(layer, QuantLinear):
             blocks = layer.packed_blocks()
             if blocks is None:
+                layer.keep_dense_()  # no GGML type: dequantized once, not in every call
                 continue
             raw, type_name = blocks
             parent, _, leaf = name.rpartition(".")

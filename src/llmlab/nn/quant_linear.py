@@ -113,6 +113,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = k, n
         self.bits, self.group_size, self.act, self.act_bits, self.threshold = bits, group_size, act, act_bits, threshold
         self.last_outliers = 0  # LLM.int8(): outlier columns in the latest call (reported per layer)
+        self.dense: tuple[torch.Tensor, torch.Tensor | None] | None = None  # keep_dense_: (weight, float codes)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
@@ -135,10 +136,20 @@ class QuantLinear(nn.Module):
         scales = self.scales.detach().float().clone()
         del self.scales
         self.scales = nn.Parameter(scales)
+        self.dense = None
+        return self
+
+    def keep_dense_(self) -> QuantLinear:
+        """Inference on a layer no GGML block type holds (8-bit asymmetric codes, W8A8, LLM.int8()): keep the
+        dequantized float32 weight (and, for LLM.int8(), the codes as float) instead of dequantizing in every
+        call, at 4 (8) more bytes per weight. The outputs are the same; ``load(..., packed=True)`` does this for
+        the layers it cannot pack. Dropped by ``train_scales_`` / ``freeze_scales_``; ``.to()`` moves it."""
+        self.dense = (self.dequantized(), self.qweight.float() if self.act == "llm-int8" else None)
         return self
 
     def freeze_scales_(self, dtype: torch.dtype = torch.float16) -> QuantLinear:
         """Back to a frozen ``scales`` buffer in ``dtype`` (float16 keeps the layer packable)."""
+        self.dense = None
         scales = self.scales.detach().to(dtype).clone()
         del self.scales
         self.register_buffer("scales", scales)
@@ -152,6 +163,8 @@ class QuantLinear(nn.Module):
         for n, dt in dtypes.items():
             if self._buffers[n].dtype != dt:
                 self._buffers[n] = self._buffers[n].to(dt)
+        if self.dense is not None:  # float32 stays float32; it follows the codes' device
+            self.dense = tuple(None if t is None else t.to(self.qweight.device) for t in self.dense)
         return out
 
     def dequantized(self) -> torch.Tensor:
@@ -165,7 +178,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, self.in_features).float()  # (M, K)
-        w = self.dequantized()  # (N, K)
+        w = self.dense[0] if self.dense is not None else self.dequantized()  # (N, K)
         if self.act == "token":
             y = F.linear(quantize_tokens(x2, self.act_bits), w)
         elif self.act == "llm-int8":
@@ -187,7 +200,8 @@ class QuantLinear(nn.Module):
         if x2.shape[0] > 1:
             q[:, cols] = 0.0
         # integer product (exact as float up to 2^24) scaled by both absmaxes, as bitsandbytes' int8_mm_dequant
-        y = (q @ self.qweight.float().t()) * (row * self.scales.float().reshape(1, -1) / 127.0)
+        codes = self.dense[1] if self.dense is not None else self.qweight.float()  # (N, K)
+        y = (q @ codes.t()) * (row * self.scales.float().reshape(1, -1) / 127.0)
         if cols.numel():
             y = y + x2[:, cols] @ w[:, cols].t()
         return y
