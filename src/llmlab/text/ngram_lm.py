@@ -12,7 +12,10 @@ where c' is c without its first word, N counts occurrences, N1+(. c w) counts th
 before "c w" (the *continuation* count: a word that follows many different contexts is a likely novel
 continuation, the idea of Kneser & Ney), N1+(c .) the distinct words seen after c, and a context never seen in
 training passes all its mass down (P(w | c) = P(w | c')). These are NLTK's ``KneserNeyInterpolated`` formulas
-(scores equal to 1e-12 on the same counts, tests/test_text_ngram.py); they sum to one over the vocabulary.
+(scores equal to 1e-12 on the same counts, tests/test_text_ngram.py). They sum to one over the vocabulary,
+except after contexts made only of ``<s>``: there N1+(c .) counts the pad that follows a pad at the start of
+each sentence, which has no left neighbour and so no continuation count (a quirk kept for parity; such
+contexts only ever predict the first word).
 
 Each sentence is padded with n-1 ``<s>`` on the left and one ``</s>`` on the right, and every k-gram
 (k = 1..n) of the padded sentence is counted. The lowest order has no uniform floor, so every scored word must

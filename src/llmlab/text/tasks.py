@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -32,7 +33,10 @@ class TextTask:
 
 
 def _own_doc(obj) -> str | None:
-    doc = obj.__doc__ if isinstance(getattr(obj, "__doc__", None), str) else None
+    with warnings.catch_warnings():  # typing.io and typing.re warn when any attribute is read
+        warnings.simplefilter("ignore", DeprecationWarning)
+        doc = getattr(obj, "__doc__", None)
+    doc = doc if isinstance(doc, str) else None
     return inspect.cleandoc(doc) if doc else None
 
 
@@ -42,7 +46,7 @@ def module_docstrings(name: str) -> list[tuple[str, str]]:
     mod = importlib.import_module(name)
     top = name.split(".")[0]
     found = [(name, _own_doc(mod))]
-    for attr, obj in sorted(vars(mod).items()):  # vars, not getattr: no module __getattr__ deprecation warnings
+    for attr, obj in sorted(vars(mod).items()):
         if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isroutine(obj)):
             continue
         if (getattr(obj, "__module__", None) or "").split(".")[0] != top:
