@@ -145,3 +145,29 @@ class Vectorizer:
 
     def feature_names(self) -> list[str]:
         return sorted(self.vocabulary, key=self.vocabulary.__getitem__)
+
+
+def run_tfidf(docs: list[str], cfg: FeatureConfig, query: str | None = None, show: int = 3,
+              top: int = 8) -> dict:
+    """Fit on ``docs``; the ``show`` documents most similar to ``query`` (dot product of the rows, the cosine
+    under the L2 norm), or without a query the ``top`` highest-weighted terms of the first ``show`` documents."""
+    vec = Vectorizer(cfg)
+    x = vec.fit_transform(docs)
+    names = vec.feature_names()
+    out: dict = {"documents": len(docs), "terms": len(names), "stored": x.values().numel(), "examples": []}
+    if query is not None:
+        q = vec.transform([query]).to_dense()[0]  # (V,)
+        if not q.any():
+            raise LlmlabError(f"--query {query!r}: none of its terms is in the vocabulary; try other words")
+        scores = torch.sparse.mm(x, q[:, None])[:, 0]  # (N,)
+        best = scores.topk(min(show, len(docs)))
+        out["examples"] = [{"score": s, "document": docs[i]}
+                           for s, i in zip(best.values.tolist(), best.indices.tolist())]
+        return out
+    dense_rows = x.to_dense()[:show]  # (show, V): a few rows only
+    for i, row in enumerate(dense_rows):
+        k = min(top, int((row != 0).sum()))
+        best = row.topk(k)
+        out["examples"].append({"document": docs[i], "terms": [(names[j], w) for w, j in
+                                                                 zip(best.values.tolist(), best.indices.tolist())]})
+    return out

@@ -26,10 +26,13 @@ become ``<unk>``. Perplexity is 2 ** (mean -log2 P) over every word and each ``<
 from __future__ import annotations
 
 import math
+import random
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from llmlab.common import LlmlabError
+from llmlab.text.normalize import tokenize_sentences
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 
@@ -130,3 +133,38 @@ class KneserNeyLM:
         if count == 0:
             raise LlmlabError("no words to score: the held-out text is empty")
         return 2.0 ** (-log2 / count)
+
+    def sample(self, rng: random.Random, max_words: int = 40) -> list[str]:
+        """One sentence drawn word by word from P(w | the previous n-1 words), until </s> or ``max_words``."""
+        words = sorted(self.vocab - {BOS})
+        history = [BOS] * (self.cfg.order - 1)
+        out: list[str] = []
+        while len(out) < max_words:
+            context = tuple(history[len(history) - self.cfg.order + 1:])
+            w = rng.choices(words, weights=[self._interpolate(v, context) for v in words])[0]
+            if w == EOS:
+                break
+            out.append(w)
+            history.append(w)
+        return out
+
+
+def run_ngram_lm(train_text: str, heldout_text: str | None, cfg: NgramConfig, samples: int = 0,
+                 seed: int = 0) -> dict:
+    """Train on ``train_text`` and measure perplexity on ``heldout_text`` (None: every tenth sentence of the
+    training text is held out instead)."""
+    start = time.perf_counter()
+    train = [s for s in tokenize_sentences(train_text) if s]
+    if heldout_text is None:
+        heldout, train = train[9::10], [s for i, s in enumerate(train) if i % 10 != 9]
+    else:
+        heldout = [s for s in tokenize_sentences(heldout_text) if s]
+    lm = KneserNeyLM(cfg).fit(train)
+    rng = random.Random(seed)
+    words = sum(len(s) for s in heldout)
+    unknown = sum(w not in lm.vocab for s in heldout for w in s)
+    return {"order": cfg.order, "train_sentences": len(train), "train_words": sum(len(s) for s in train),
+            "vocab": len(lm.vocab), "heldout_sentences": len(heldout), "heldout_words": words,
+            "heldout_unknown": unknown, "perplexity": lm.perplexity(heldout),
+            "samples": [" ".join(lm.sample(rng)) for _ in range(samples)],
+            "seconds": round(time.perf_counter() - start, 2)}

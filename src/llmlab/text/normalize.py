@@ -75,3 +75,8 @@ def split_sentences(text: str) -> list[str]:
             start = m.end()
         sentences.append(paragraph[start:])
     return [s for s in (_SPACES.sub(" ", s).strip() for s in sentences) if s]
+
+
+def tokenize_sentences(text: str) -> list[list[str]]:
+    """The language model's view of a text: sentences of normalised (NFKC, lower-case) ``LM_TOKENS``."""
+    return [split_words(normalize(s)) for s in split_sentences(text)]

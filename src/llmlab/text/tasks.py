@@ -89,3 +89,39 @@ def lm_corpus() -> tuple[str, str]:
     """(training text, held-out text) for the n-gram language model: the task's train and test documents."""
     task = docstring_task()
     return "\n\n".join(task.train_texts), "\n\n".join(task.test_texts)
+
+
+def read_documents(paths: list[str]) -> list[str]:
+    """Documents from files: a ``.jsonl`` file gives each line's ``text``; any other file is UTF-8 text cut
+    into documents at blank lines."""
+    import json
+    import re
+    from pathlib import Path
+
+    from llmlab.common import LlmlabError
+
+    docs: list[str] = []
+    for name in paths:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise LlmlabError(f"{name}: no such file (give UTF-8 text or JSONL files)")
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise LlmlabError(f"{name}: not UTF-8 text") from None
+        if path.suffix != ".jsonl":
+            docs.extend(d.strip() for d in re.split(r"\n[ \t]*\n", raw) if d.strip())
+            continue
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise LlmlabError(f"{name}:{i}: not JSON (each line needs a 'text' field)") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise LlmlabError(f"{name}:{i}: no string 'text' field")
+            docs.append(rec["text"])
+    if not any(d.strip() for d in docs):
+        raise LlmlabError(f"{', '.join(paths)}: the corpus is empty (no text found)")
+    return docs
