@@ -90,6 +90,14 @@ def test_kneser_ney_sums_to_one(corpus):
     assert sum(lm.score(w) for w in words) == pytest.approx(1.0, abs=1e-12)
 
 
+def test_refit_replaces_the_counts(corpus):
+    train, heldout = corpus
+    lm = KneserNeyLM(NgramConfig(order=3)).fit(heldout)
+    once = KneserNeyLM(NgramConfig(order=3)).fit(train).perplexity(heldout)
+    assert lm.fit(train).perplexity(heldout) == once
+    assert lm.fit(train).perplexity(heldout) == once
+
+
 def test_perplexity_falls_with_order(corpus):
     train, heldout = corpus
     ppl = [KneserNeyLM(NgramConfig(order=n)).fit(train).perplexity(heldout) for n in (2, 3)]

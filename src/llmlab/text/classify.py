@@ -32,7 +32,8 @@ def to_csr(x: torch.Tensor) -> torch.Tensor:
 
 class SparseMatmul(torch.autograd.Function):
     """x @ w for a fixed sparse x, with w's gradient x^T @ g from a CSR copy of x^T made once: autograd's own
-    backward through ``torch.sparse.mm`` transposes x on every call (measured 9x slower per L-BFGS step)."""
+    backward through ``torch.sparse.mm`` transposes x on every call (2.5-5x slower per step on the built-in
+    task, benchmarks/text_features.py)."""
 
     @staticmethod
     def forward(ctx, x_csr: torch.Tensor, xt_csr: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

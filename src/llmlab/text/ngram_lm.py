@@ -70,7 +70,9 @@ class KneserNeyLM:
         self.left_total: Counter[tuple[str, ...]] = Counter()
 
     def fit(self, sentences: list[list[str]]) -> KneserNeyLM:
+        """Count ``sentences`` (lists of words), replacing whatever an earlier ``fit`` counted."""
         n = self.cfg.order
+        self.counts, self.left, self.left_total = defaultdict(Counter), Counter(), Counter()
         freq = Counter(w for s in sentences for w in s)
         if not freq:
             raise LlmlabError("no words to train on: the corpus is empty (give files with text)")
