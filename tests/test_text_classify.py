@@ -113,10 +113,16 @@ def test_help_lists_every_flag_with_default():
     (["text", "classify", "--data", "{missing}"], "no such file"),
     (["text", "ngram-lm", "--order", "1"], "order >= 2"),
     (["text", "tfidf", "--query", "zzqqxx"], "none of its terms"),
+    (["text", "tfidf", "--show", "-1"], "must be >= 0"),
+    (["text", "classify", "--l2", "-1"], "l2 >= 0"),
+    (["text", "classify", "--top-terms", "-2"], "must be >= 0"),
+    (["text", "ngram-lm", "{short}"], "give --heldout FILE"),
+    (["text", "tfidf", "--analyzer", "char", "--ngram-min", "3", "--ngram-max", "2"], "ngram-min <= ngram-max"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, needle):
     files = {"empty": tmp_path / "empty.txt", "stops": tmp_path / "stops.txt", "one_label": tmp_path / "one.jsonl",
-             "missing": tmp_path / "missing.jsonl"}
+             "missing": tmp_path / "missing.jsonl", "short": tmp_path / "short.txt"}
+    files["short"].write_text("One sentence here. And a second one.")
     files["empty"].write_text("\n\n  \n")
     files["stops"].write_text("the and of\n\na is it\n")
     files["one_label"].write_text('{"text": "a b", "label": "x"}\n{"text": "c d", "label": "x"}\n')

@@ -51,12 +51,17 @@ class ClassifyConfig:
     l2: float = field(default=1e-4, metadata={"help": "L2 penalty on the weights (per example)"})
     max_iter: int = field(default=200, metadata={"help": "L-BFGS iterations at most"})
 
+    def check(self) -> None:
+        if not self.l2 >= 0.0 or self.max_iter < 1:
+            raise LlmlabError(f"--l2 {self.l2} / --max-iter {self.max_iter}: need l2 >= 0 and max-iter >= 1")
+
 
 class LogisticRegression:
     """Softmax regression; ``fit(x, y, n_classes)``, ``logits(x)``, ``predict(x)``."""
 
     def __init__(self, cfg: ClassifyConfig | None = None, dtype: torch.dtype = torch.float32) -> None:
         self.cfg = cfg or ClassifyConfig()
+        self.cfg.check()
         self.dtype = dtype
         self.weight: torch.Tensor | None = None  # (V, C)
         self.bias: torch.Tensor | None = None  # (C,)
@@ -142,6 +147,9 @@ def run_classify(features: FeatureConfig, cfg: ClassifyConfig, task: TextTask | 
                  top_terms: int = 5) -> dict:
     """Fit the features on the training texts, train, and score accuracy on the held-out texts."""
     start = time.perf_counter()
+    if top_terms < 0:
+        raise LlmlabError(f"--top-terms {top_terms}: must be >= 0")
+    cfg.check()
     task = task or docstring_task()
     if not task.train_texts or not task.test_texts:
         raise LlmlabError(f"{len(task.train_texts)} training and {len(task.test_texts)} held-out texts: the task "

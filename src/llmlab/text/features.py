@@ -151,6 +151,8 @@ def run_tfidf(docs: list[str], cfg: FeatureConfig, query: str | None = None, sho
               top: int = 8) -> dict:
     """Fit on ``docs``; the ``show`` documents most similar to ``query`` (dot product of the rows, the cosine
     under the L2 norm), or without a query the ``top`` highest-weighted terms of the first ``show`` documents."""
+    if show < 0 or top < 0:
+        raise LlmlabError(f"--show {show} / --top {top}: counts must be >= 0")
     vec = Vectorizer(cfg)
     x = vec.fit_transform(docs)
     names = vec.feature_names()

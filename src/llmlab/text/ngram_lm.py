@@ -161,6 +161,8 @@ def run_ngram_lm(train_text: str, heldout_text: str | None, cfg: NgramConfig, sa
         heldout, train = train[9::10], [s for i, s in enumerate(train) if i % 10 != 9]
     else:
         heldout = [s for s in tokenize_sentences(heldout_text) if s]
+    if heldout_text is None and not heldout:
+        raise LlmlabError(f"{len(train)} sentences: too few to hold every tenth out; give --heldout FILE or more text")
     lm = KneserNeyLM(cfg).fit(train)
     rng = random.Random(seed)
     words = sum(len(s) for s in heldout)
