@@ -132,3 +132,5 @@ def test_bad_mode():
         Recurrent("transformer", 5, 7)
     with pytest.raises(ValueError, match="nonlinearity"):
         RNNCell(5, 7, nonlinearity="gelu")
+    with pytest.raises(ValueError, match="must be a batch"):
+        Recurrent("gru", 5, 7)(torch.randn(6, 5))

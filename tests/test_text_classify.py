@@ -83,6 +83,17 @@ def test_readme_commands_as_written(capsys):
         assert re.search(r"accuracy|perplexity|documents x", out), (command, out)
 
 
+def test_readme_python_block_as_written(capsys):
+    text = README.read_text()
+    section = text[text.index("## Classic NLP"):]
+    section = section[:section.index("\n## ", 4)]
+    (block,) = [b.partition("\n")[2] for b in section.split("```")[1::2] if b.startswith("python")]
+    exec(compile(block, "README.md (Classic NLP)", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "['connect', 'connect', 'relat']" and out[2].startswith("44.25")
+    assert out[-1] == "torch.Size([4, 10, 64]) torch.Size([4, 4, 32])"
+
+
 def test_first_commands_with_no_arguments_in_a_subprocess():
     proc = subprocess.run([sys.executable, "-m", "llmlab", "text", "ngram-lm"], capture_output=True, text=True,
                           timeout=300)

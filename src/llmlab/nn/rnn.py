@@ -26,8 +26,9 @@ input the previous layer's output (both directions concatenated), dropout betwee
 lengths: a state stops changing once a sequence has ended (and the reverse direction starts at each sequence's
 own last step), which is what a ``PackedSequence`` means; padded outputs are zero.
 
-Shapes: input (B, T, I) with batch_first, else (T, B, I), or a PackedSequence; output (.., D*H) with D = 2 when
-bidirectional; final state h_n (and c_n for the LSTM) (L*D, B, H), layer-major, forward before reverse.
+Shapes: input (B, T, I) with batch_first, else (T, B, I) (always a batch), or a PackedSequence; output
+(.., D*H) with D = 2 when bidirectional; final state h_n (and c_n for the LSTM) (L*D, B, H), layer-major,
+forward before reverse.
 """
 
 from __future__ import annotations
@@ -156,6 +157,8 @@ class Recurrent(nn.Module):
         if packed is not None:
             x, lengths = pad_packed_sequence(packed, batch_first=self.batch_first)  # original batch order
         assert isinstance(x, torch.Tensor)
+        if x.dim() != 3:
+            raise ValueError(f"input must be a batch, (B, T, I) or (T, B, I), not shape {tuple(x.shape)}")
         seq = x.transpose(0, 1) if self.batch_first else x  # (T, B, I)
         T, B = seq.shape[0], seq.shape[1]
         mask = None
