@@ -7,8 +7,8 @@ Paper: M. F. Porter, "An algorithm for suffix stripping", Program 14(3), 130-137
 the rule with the longest matching suffix decides, whether or not its condition holds (the paper's rule).
 
 ``porter_stem(word)`` gives the same stems as NLTK's default ``PorterStemmer()`` (mode NLTK_EXTENSIONS;
-tested on every word of the standard library's docstrings). That mode departs from the paper in these places,
-which ``extensions=True`` (the default) follows and ``extensions=False`` (the 1980 paper exactly, NLTK's
+tested on every distinct word of the built-in task's docstrings). That mode departs from the paper in these
+places, which ``extensions=True`` (the default) follows and ``extensions=False`` (the 1980 paper exactly, NLTK's
 ORIGINAL_ALGORITHM) does not:
 
 1. words of one or two letters are returned as they are (both modes lower-case the word first);
