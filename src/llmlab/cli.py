@@ -334,6 +334,64 @@ def cmd_sft(args) -> int:
     return 130 if s["stopped"] == "interrupted" else 0
 
 
+def _preview(text: str, width: int = 90) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[:width - 3] + "..."
+
+
+def cmd_text_tfidf(args) -> int:
+    from llmlab.dataclass_io import from_args
+    from llmlab.text.features import FeatureConfig, run_tfidf
+    from llmlab.text.tasks import docstring_task, read_documents
+
+    docs = read_documents(args.inputs) if args.inputs else docstring_task().train_texts
+    r = run_tfidf(docs, from_args(FeatureConfig, args), query=args.query, show=args.show, top=args.top)
+    print(f"{r['documents']} documents x {r['terms']} terms, {r['stored']:,} stored values "
+          f"({100 * r['stored'] / max(1, r['documents'] * r['terms']):.2f}% dense)")
+    for ex in r["examples"]:
+        if "score" in ex:
+            print(f"{ex['score']:.3f}  {_preview(ex['document'])}")
+        else:
+            print(f"- {_preview(ex['document'])}\n    " + ", ".join(f"{t} {w:.3f}" for t, w in ex["terms"]))
+    return 0
+
+
+def cmd_text_classify(args) -> int:
+    from llmlab.dataclass_io import from_args
+    from llmlab.text.classify import ClassifyConfig, labelled_task, run_classify
+    from llmlab.text.features import FeatureConfig
+
+    task = labelled_task(args.data) if args.data else None
+    r = run_classify(from_args(FeatureConfig, args), from_args(ClassifyConfig, args), task, top_terms=args.top_terms)
+    if args.top_terms:
+        for label, terms in r["top_terms"].items():
+            print(f"{label:>16}: {', '.join(terms)}")
+    print(f"held-out accuracy {100 * r['test_accuracy']:.1f}% (train {100 * r['train_accuracy']:.1f}%, majority "
+          f"class {100 * r['majority_accuracy']:.1f}%) on {r['test']} texts, {r['classes']} classes, "
+          f"{r['features']} features, {r['seconds']} s")
+    return 0
+
+
+def cmd_text_ngram_lm(args) -> int:
+    from llmlab.dataclass_io import from_args
+    from llmlab.text.ngram_lm import NgramConfig, run_ngram_lm
+    from llmlab.text.tasks import lm_corpus, read_documents
+
+    if args.inputs:
+        train, heldout = "\n\n".join(read_documents(args.inputs)), None
+    else:
+        train, heldout = lm_corpus()
+    if args.heldout:
+        heldout = "\n\n".join(read_documents([args.heldout]))
+    r = run_ngram_lm(train, heldout, from_args(NgramConfig, args), samples=args.samples, seed=args.seed)
+    for line in r["samples"]:
+        print(f"> {line}")
+    print(f"order {r['order']}: held-out perplexity {r['perplexity']:.2f} on {r['heldout_words']:,} words "
+          f"({r['heldout_unknown']} unknown) in {r['heldout_sentences']} sentences; trained on {r['train_words']:,} "
+          f"words, vocabulary {r['vocab']:,}; {r['seconds']} s")
+    return 0
+
+
 def cmd_scaling(args) -> int:
     from llmlab.common import LlmlabError
     from llmlab.dataclass_io import from_args
@@ -680,6 +738,49 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
 
         add_flags(s, ScalingConfig)
     s.set_defaults(func=cmd_scaling)
+
+    s = sub.add_parser("text", help="classic NLP: TF-IDF features, a linear classifier, a Kneser-Ney n-gram LM",
+                       description="Classic NLP on the built-in corpus (docstrings of the Python standard library) "
+                                   "or your files.")
+    xsub = s.add_subparsers(dest="text_command", required=True, parser_class=_Parser)
+    t_tfidf = xsub.add_parser("tfidf", help="bag-of-words / TF-IDF / n-gram features: a summary, each document's "
+                                            "top terms, or the documents nearest a query")
+    t_tfidf.add_argument("inputs", nargs="*", help="text files (documents split at blank lines) or JSONL files "
+                                                   "('text' field) (default: the built-in docstrings)")
+    t_tfidf.add_argument("--query", default=None, help="print the documents most similar to this text (default: none)")
+    t_tfidf.add_argument("--show", type=int, default=3, help="documents to print (default: 3)")
+    t_tfidf.add_argument("--top", type=int, default=8, help="top-weighted terms per printed document (default: 8)")
+    t_tfidf.set_defaults(func=cmd_text_tfidf)
+    t_cls = xsub.add_parser("classify", help="logistic regression on text features; held-out accuracy (default "
+                                             "task: which standard-library module a docstring comes from)")
+    t_cls.add_argument("--data", default=None, help="a JSONL file of {\"text\", \"label\"} objects; a fixed fifth "
+                                                    "is held out (default: the built-in task)")
+    t_cls.add_argument("--top-terms", type=int, default=0,
+                       help="print this many highest-weighted terms per class (default: 0)")
+    t_cls.set_defaults(func=cmd_text_classify)
+    t_lm = xsub.add_parser("ngram-lm", help="an interpolated Kneser-Ney n-gram language model: held-out perplexity "
+                                            "and samples")
+    t_lm.add_argument("inputs", nargs="*", help="training text files or JSONL files ('text' field) (default: the "
+                                                "built-in docstrings' training split)")
+    t_lm.add_argument("--heldout", default=None, help="held-out text file (default: the built-in held-out split; "
+                                                      "with your own files, every tenth sentence)")
+    t_lm.add_argument("--samples", type=int, default=0, help="sentences to sample from the model (default: 0)")
+    t_lm.add_argument("--seed", type=int, default=0, help="seed of the samples (default: 0)")
+    t_lm.set_defaults(func=cmd_text_ngram_lm)
+    for t in (t_tfidf, t_cls, t_lm):
+        t.add_argument("--threads", type=_threads, default=1, metavar="N",
+                       help="CPU threads for PyTorch; 0 = one per physical core; small sparse problems run fastest "
+                            "on one (default: 1)")
+    if wanted("text"):
+        from llmlab.dataclass_io import add_flags
+        from llmlab.text.classify import ClassifyConfig
+        from llmlab.text.features import FeatureConfig
+        from llmlab.text.ngram_lm import NgramConfig
+
+        add_flags(t_tfidf, FeatureConfig)
+        add_flags(t_cls, FeatureConfig)
+        add_flags(t_cls, ClassifyConfig)
+        add_flags(t_lm, NgramConfig)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, embeddings) with continuous "
                                      "batching, a paged KV cache, /metrics and a web chat page at /")
