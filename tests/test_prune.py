@@ -431,7 +431,11 @@ def test_cli_prune_end_to_end(tmp_path, tiny_chat):
     assert r.stdout.count("(default:") >= 12
 
 
-def test_cli_bad_input(tmp_path, tiny_chat):
+def test_cli_bad_input(tmp_path, tiny_chat, capsys):
+    """``llmlab.cli.main`` in process (the entry point's own code path: one line, exit 2), then one case through
+    a real subprocess for the exit code and the absence of a traceback."""
+    from llmlab.cli import main
+
     (tmp_path / "empty.txt").write_text("")
     out = tmp_path / "x"
     for args, message in ((["--sparsity", "1"], "--sparsity 1.0: use the fraction of weights to zero, in [0, 1)"),
@@ -439,15 +443,18 @@ def test_cli_bad_input(tmp_path, tiny_chat):
                           (["--pattern", "2/4"], "--pattern '2/4': use 'unstructured' or N:M"),
                           (["--pattern", "3:7"], "has 64 input features, not a multiple of 7"),
                           (["--method", "magnitude", "--sparsity", "0.6", "--pattern", "2:4"], "conflicts"),
+                          (["--method", "sparsegpt", "--compare", "row"], "leave --compare out"),
                           (["--calib", str(tmp_path / "empty.txt")], "fewer than one window"),
                           (["--calib", str(tmp_path / "missing.txt")], "no such file")):
-        r = run_cli("prune", str(tiny_chat), *args, "--out", str(out), "--no-progress")
-        assert r.returncode == 2, (args, r.stderr)
-        assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
-        assert "Traceback" not in r.stderr and not out.exists()
+        assert main(["prune", str(tiny_chat), *args, "--out", str(out), "--no-progress"]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert not out.exists()
     out.mkdir()
-    r = run_cli("prune", str(tiny_chat), "--method", "magnitude", "--out", str(out))
-    assert r.returncode == 2 and "already exists: pass --force" in r.stderr and not any(out.iterdir())
+    r = run_cli("prune", str(tiny_chat), "--method", "magnitude", "--pattern", "4:8", "--sparsity", "0.5",
+                "--out", str(out))
+    assert r.returncode == 2 and "already exists: pass --force" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and not any(out.iterdir())
 
 
 @pytest.mark.slow

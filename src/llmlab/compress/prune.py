@@ -134,6 +134,15 @@ def _collect(inputs: BlockInputs, stages: list[list[str]], make) -> dict[str, ob
     return accs
 
 
+def check_model(model: nn.Module, config: PruneConfig) -> list[tuple[str, nn.Linear]]:
+    """The layers ``config`` prunes, after checking that an N:M pattern fits every one of them."""
+    pattern = parse_pattern(config.pattern)
+    targets = target_linears(model)
+    for name, layer in targets:
+        check_width(name, layer.in_features, pattern)
+    return targets
+
+
 @torch.no_grad()
 def prune_model_(model: nn.Module, config: PruneConfig, windows: torch.Tensor | None = None,
                  progress: bool = True) -> dict[str, dict]:
@@ -144,9 +153,7 @@ def prune_model_(model: nn.Module, config: PruneConfig, windows: torch.Tensor | 
 
     cfg = config.resolved()
     pattern = parse_pattern(cfg.pattern)
-    targets = target_linears(model)
-    for name, layer in targets:
-        check_width(name, layer.in_features, pattern)
+    targets = check_model(model, cfg)
     if cfg.method in CALIBRATED and (windows is None or windows.dim() != 2 or windows.numel() == 0):
         raise LlmlabError(f"--method {cfg.method} needs calibration windows (n, T) with n, T >= 1: "
                           "give calibration text (--calib builtin or a file)")
@@ -229,6 +236,7 @@ def prune(source: str | None, out: Path, config: PruneConfig, *, calib: str = "b
         raise LlmlabError(f"--dtype {dtype}: choose float32, float16 or bfloat16")
     text = calibration_text(calib) if cfg.method in CALIBRATED else None  # a missing or empty file fails early
     loaded = load_model(source)
+    check_model(loaded.model, cfg)  # before the calibration text is tokenized
     windows = None
     if text is not None:
         if loaded.tokenizer is None:

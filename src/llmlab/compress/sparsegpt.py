@@ -89,8 +89,7 @@ def sparsegpt_prune_weight(W: torch.Tensor, H: torch.Tensor, sparsity: float, pa
                 saliency = W1[:, i:i + pattern.m] ** 2 / d[i:i + pattern.m].reshape(1, -1) ** 2  # (N, M)
                 mask1[:, i:i + pattern.m] = mask_n_m(saliency, pattern.n, pattern.m)
             w = W1[:, i]  # (N,)
-            q = w.clone()
-            q[mask1[:, i]] = 0
+            q = w.masked_fill(mask1[:, i], 0)
             Q1[:, i] = q
             e = (w - q) / d[i]  # the OBS step, scaled: zero for a kept weight
             W1[:, i:] -= e.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))  # (N, 1) @ (1, B - i): rank-1 update

@@ -79,12 +79,17 @@ def prune_count(total: int, sparsity: float) -> int:
 
 def mask_lowest(scores: torch.Tensor, sparsity: float, dim: int | None) -> torch.Tensor:
     """True at the ``prune_count`` lowest scores of each row (``dim=1``) or of the whole matrix (``dim=None``),
-    (N, K) bool. A stable sort: of equal scores the lower index is pruned first."""
+    (N, K) bool: the first k of a stable ascending sort (of equal scores the lower index is pruned first), found
+    without sorting: everything below the k-th lowest value, then as many of the values equal to it as are still
+    needed, left to right (a selection is linear, a sort of a 1536 x 576 layer several times slower)."""
     flat = scores if dim is not None else scores.reshape(1, -1)  # (rows compared, items per row)
     k = prune_count(flat.shape[1], sparsity)
-    order = torch.sort(flat, dim=1, stable=True)[1]  # (rows, items): ascending
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask.scatter_(1, order[:, :k], True)
+    if k == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    kth = torch.kthvalue(flat, k, dim=1, keepdim=True).values  # (rows, 1)
+    below, ties = flat < kth, flat == kth  # (rows, items)
+    need = k - below.sum(dim=1, keepdim=True)  # (rows, 1): ties still to prune
+    mask = below | (ties & (torch.cumsum(ties, dim=1) <= need))
     return mask.reshape(scores.shape)
 
 
