@@ -389,8 +389,8 @@ def test_pattern_the_width_does_not_allow_changes_nothing():
 
 
 # ---- the folder and the command line ---------------------------------------------------------------------------------
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "llmlab", *args], capture_output=True, text=True, timeout=300)
+def run_cli(*args, timeout: int = 300):
+    return subprocess.run([sys.executable, "-m", "llmlab", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_pruned_folder_round_trips(tmp_path, tiny_chat):
@@ -468,8 +468,9 @@ def test_readme_prune_commands(tmp_path, smollm_path):
     r = run_cli("prune", "--out", str(tmp_path / "wanda50"), "--calib-samples", "2", "--calib-len", "64",
                 "--no-progress")
     assert r.returncode == 0, r.stderr
+    # 210 column-by-column solves whatever the calibration budget (this test: 12 minutes on a loaded 2-core machine)
     r = run_cli("prune", "--method", "sparsegpt", "--pattern", "2:4", "--out", str(tmp_path / "sgpt24"),
-                "--calib-samples", "2", "--calib-len", "64", "--no-progress")
+                "--calib-samples", "2", "--calib-len", "64", "--no-progress", timeout=1500)
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "sgpt24" / "prune_report.json").read_text())
     assert len(report["layers"]) == 210 and report["sparsity"]["layers"] >= 0.5
