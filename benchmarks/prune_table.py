@@ -6,8 +6,10 @@ calibration text) and the time the pruning took. The baseline is the GGUF dequan
 the papers' two comparisons: 50% unstructured (Wanda's claim: Wanda beats magnitude) and 2:4 (SparseGPT's
 weight updates beat Wanda's mask alone at N:M). Writes a JSON of the rows and a Markdown table.
 
-    python benchmarks/prune_table.py            # the README table
-    python benchmarks/prune_table.py --quick    # small budgets (a smoke run)
+    python benchmarks/prune_table.py --calib-samples 16 --calib-len 512   # the README table (30 min, loaded 2 cores)
+    python benchmarks/prune_table.py --quick                                # small budgets (a smoke run)
+
+SparseGPT needs enough calibration tokens for its Hessian: at --quick's 512 it falls behind Wanda.
 """
 
 from __future__ import annotations

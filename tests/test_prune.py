@@ -334,6 +334,22 @@ def test_model_sparsity_equals_target(method, pattern, sparsity):
     assert totals["layers"] == pytest.approx(target, abs=0.01)
 
 
+@pytest.mark.parametrize("method,compare", [("magnitude", "row"), ("wanda", "layer")])
+def test_compare_row_or_layer(method, compare):
+    model = tiny_model()
+    windows = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    report = prune_model_(model, PruneConfig(method, 0.4, compare=compare), windows, progress=False)
+    for name, layer in target_linears(model):
+        zeros = layer.weight == 0
+        n, k = zeros.shape
+        if compare == "row":
+            assert (zeros.sum(dim=1) == math.floor(0.4 * k)).all(), name
+        else:
+            assert int(zeros.sum()) == math.floor(0.4 * n * k + 1e-9), name
+            assert not (zeros.sum(dim=1) == math.floor(0.4 * k)).all(), name  # rows differ: one layer-wide cut
+        assert report[name]["sparsity"] == pytest.approx(float(zeros.float().mean()))
+
+
 def test_reference_style_block_loop_gives_the_same_masks():
     """prune_model_'s block-by-block calibration (micro-batches, one statistic per shared input) against a
     transcription of prune_wanda's loop: every sample alone through each block, a hook on every linear layer,
