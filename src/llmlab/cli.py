@@ -267,6 +267,20 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from llmlab.compress.prune import PruneConfig, prune
+
+    config = PruneConfig(args.method, args.sparsity, args.pattern, args.compare, args.damp, args.block_size)
+    report = prune(args.model, Path(args.out), config, calib=args.calib, calib_samples=args.calib_samples,
+                   calib_len=args.calib_len, seed=args.seed, dtype=args.dtype, force=args.force,
+                   progress=not args.no_progress)
+    total = report["sparsity"]
+    print(f"{report['config']['method']} {report['config']['pattern']}: {len(report['layers'])} layers, "
+          f"{total['layers']:.2%} of their weights zero ({total['model']:.2%} of the model), in "
+          f"{report['seconds']} s; wrote {args.out} (summary.md)", file=sys.stderr)
+    return 0
+
+
 def cmd_tokenizer_train(args) -> int:
     from llmlab.common import LlmlabError, write_text_atomic
     from llmlab.data.corpus import default_sources, expand_inputs
@@ -674,6 +688,40 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite an existing output (default: off)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
     s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("prune", help="unstructured or N:M pruning (magnitude, Wanda, SparseGPT) into an ordinary "
+                                     "float model folder")
+    s.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    s.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
+                   help="magnitude: zero the smallest |W| (no calibration); wanda: the lowest |W| x input norm per "
+                        "output row (calibrated); sparsegpt: OBS pruning with weight updates from the calibration "
+                        "Hessian (calibrated) (default: wanda)")
+    s.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of each layer's weights to zero, in [0, 1) (default: 0.5; an N:M pattern sets "
+                        "it to 1 - N/M)")
+    s.add_argument("--pattern", default="unstructured",
+                   help="unstructured, or N:M: keep N of every M consecutive input weights, e.g. 2:4 or 4:8 "
+                        "(default: unstructured)")
+    s.add_argument("--compare", default=None, choices=["row", "layer"],
+                   help="unstructured magnitude / wanda: compare scores per output row or over the whole layer "
+                        "(default: layer for magnitude, row for wanda)")
+    s.add_argument("--damp", type=float, default=0.01,
+                   help="SparseGPT dampening, a fraction of the mean Hessian diagonal (default: 0.01)")
+    s.add_argument("--block-size", type=int, default=128,
+                   help="SparseGPT: columns per block whose mask is chosen together (default: 128)")
+    s.add_argument("--calib", default="builtin",
+                   help="calibration text for wanda / sparsegpt: 'builtin' (Python standard-library docstrings) or "
+                        "a text/JSONL file (default: builtin)")
+    s.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: 32)")
+    s.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default: 512)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default: 0)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="tensor dtype of the output folder (default: float32)")
+    s.add_argument("--out", required=True, help="output folder (a Hugging Face folder + prune_report.json, "
+                                                "summary.md)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing output (default: off)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
+    s.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)

@@ -37,20 +37,19 @@ Shapes: W (N, K) out x in features; H (K, K); codes (N, K); scale, zero (N, G) w
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 
 import torch
 from torch import nn
 
 from llmlab.common import LlmlabError
+from llmlab.compress.hessian import HessianAccumulator, input_stages, single_thread, upper_inverse_cholesky
 from llmlab.compress.sequential import BlockInputs
 from llmlab.compress.spec import QuantSpec, check_bits, check_group, replace_module_, target_linears
 from llmlab.nn.quant_linear import QuantLinear, minmax_grid
 
 # spec.options and their defaults; static_groups None = the same as act_order (the only packable choice)
 OPTIONS = {"damp": 0.01, "act_order": False, "block_size": 128, "static_groups": None}
-DAMP_STEP = 0.01  # added to damp while the Cholesky factorisation fails (GPTQModel's damp_auto_increment idea)
 
 
 def _check(bits: int, group_size: int, act_order: bool, static: bool, damp: float, block_size: int) -> None:
@@ -64,38 +63,6 @@ def _check(bits: int, group_size: int, act_order: bool, static: bool, damp: floa
         raise LlmlabError(f"GPTQ damp {damp}: use a fraction of the mean Hessian diagonal in [0, 1), e.g. 0.01")
     if not (isinstance(block_size, int) and block_size >= 1):
         raise LlmlabError(f"GPTQ block_size {block_size!r}: use a positive number of columns, e.g. 128")
-
-
-def _upper_inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """(U, damp used): U (K, K) upper triangular with U^T U = (H + damp * mean(diag H) I)^-1. A factorisation
-    that fails (H singular in float32) is retried with more dampening rather than stopping the whole run."""
-    mean = torch.mean(torch.diag(H))
-    diag = torch.arange(H.shape[0], device=H.device)
-    while True:
-        Hd = H.clone()
-        Hd[diag, diag] += damp * mean
-        try:
-            L = torch.linalg.cholesky(Hd)  # (K, K) lower, H = L L^T
-            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True), damp
-        except torch.linalg.LinAlgError:
-            if damp >= 1:
-                raise LlmlabError("GPTQ: the Hessian is not positive definite even with damp 1: the calibration "
-                                  "inputs are degenerate; give more or other calibration text") from None
-            damp = min(1.0, damp + DAMP_STEP)
-
-
-@contextlib.contextmanager
-def single_thread():
-    """The solve runs on one thread: its column loop is thousands of operations on a few thousand numbers each,
-    where a second thread's hand-offs cost more than it saves, and MKL's multi-threaded ``cholesky_inverse`` can
-    collapse when the cores are shared (K = 1536 on a busy 2-core machine: 20 s on 2 threads, 0.14 s on 1). The
-    Hessians (the large products) keep the caller's threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -140,7 +107,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)  # (K,) visiting order
         W, H = W[:, perm], H[perm][:, perm]
-    Hinv, damp = _upper_inverse_cholesky(H, damp)  # (K, K) upper
+    Hinv, damp = upper_inverse_cholesky(H, damp)  # (K, K) upper
 
     dynamic = group_size > 0 and not static
     group_of = (perm // g).tolist()  # the (original-order) group of each visited column
@@ -172,54 +139,8 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
     return codes, scale.to(scale_dtype), zero, stats
 
 
-class HessianAccumulator:
-    """H = 2/n sum x x^T (K, K) float32, kept as a running average like the reference's ``add_batch`` (every
-    partial sum is already scaled, so large calibration sets do not grow it). n counts sequences (the batch
-    rows of each input, 1 for a 2-D input) as the reference does; the sum runs over every token."""
-
-    def __init__(self, k: int, device: torch.device):
-        self.H = torch.zeros(k, k, device=device)
-        self.n, self.seconds = 0, 0.0
-
-    def add(self, x: torch.Tensor) -> None:
-        t0 = time.perf_counter()
-        b = x.shape[0] if x.dim() > 2 else 1
-        x = x.reshape(-1, x.shape[-1])  # (tokens, K)
-        self.H *= self.n / (self.n + b)
-        self.n += b
-        x = math.sqrt(2 / self.n) * x.float()
-        self.H += x.t().matmul(x)  # (K, tokens) @ (tokens, K)
-        self.seconds += time.perf_counter() - t0
-
-
 class _StopForward(Exception):
     """Raised by a stage's hook once it holds the stage's input: the rest of the block need not run."""
-
-
-def _stages(inputs: BlockInputs, names: list[str]) -> list[list[str]]:
-    """The block's linear layers ``names`` grouped by shared input (the same tensor object, as q/k/v and gate/up
-    receive), in forward order, from one pass over the first window. A layer that did not run there (an MoE
-    expert no token was routed to) is a stage of its own at the end."""
-    block, calls = inputs.block(), []
-    hooks = [block.get_submodule(nm).register_forward_pre_hook(lambda _m, a, nm=nm: calls.append((nm, a[0])))
-             for nm in names]
-    try:
-        inputs.run(x=inputs.states[0][:1])  # (1, T, dim)
-    finally:
-        for h in hooks:
-            h.remove()
-    stages: list[list[str]] = []
-    last = None
-    for nm, x in calls:
-        if any(nm in s for s in stages):
-            continue
-        if stages and x is last:
-            stages[-1].append(nm)
-        else:
-            stages.append([nm])
-        last = x
-    seen = {nm for s in stages for nm in s}
-    return stages + [[nm] for nm in names if nm not in seen]
 
 
 def _stage_hessian(inputs: BlockInputs, layer: nn.Module) -> tuple[HessianAccumulator, float]:
@@ -298,7 +219,7 @@ def quantize_gptq_(model: nn.Module, spec: QuantSpec, windows: torch.Tensor, pro
             block = inputs.block()
             names = [n[len(prefix):] for n, _ in targets if n.startswith(prefix)]
             done = []
-            for stage in _stages(inputs, names):
+            for stage in input_stages(inputs, names):
                 acc, pass_seconds = _stage_hessian(inputs, block.get_submodule(stage[0]))
                 for local in stage:
                     layer = block.get_submodule(local)
