@@ -1,0 +1,208 @@
+"""word2vec: skip-gram and CBOW with negative sampling; fastText's subword model on the same trainer.
+
+Papers: T. Mikolov, K. Chen, G. Corrado & J. Dean, "Efficient Estimation of Word Representations in Vector
+Space", 2013, arXiv:1301.3781 (the CBOW and skip-gram architectures, the dynamic window); T. Mikolov,
+I. Sutskever, K. Chen, G. Corrado & J. Dean, "Distributed Representations of Words and Phrases and their
+Compositionality", NIPS 2013, arXiv:1310.4546 (negative sampling, the unigram^0.75 noise distribution,
+subsampling of frequent words); P. Bojanowski et al., "Enriching Word Vectors with Subword Information", TACL
+2017, arXiv:1607.04606 (fastText: a word's input vector built from its character n-grams, ``fasttext.py``).
+
+Each word w has an input vector v_w (a row of ``W``) and an output vector u_w (a row of ``W_out``). A training
+example is a hidden vector h and a target word o: skip-gram takes h = v_centre and o = one word of its window;
+CBOW takes h = the mean of the window's input vectors and o = the centre word. Negative sampling draws k noise
+words n_1..n_k from P_n (``vectors.noise_distribution``) and maximises
+
+    log sigmoid(u_o . h) + sum_i log sigmoid(-u_{n_i} . h)          (arXiv:1310.4546, eq. 4)
+
+by plain SGD whose rate falls linearly from ``lr`` to ``min_lr`` over the whole run. Each epoch first thins
+frequent words (``vectors.keep_probabilities``), then gives every position a window of r words each side, r
+drawn uniformly from 1..window, so near words count more (arXiv:1301.3781, section 3.2). Noise words equal to
+the target are skipped, as in the reference code.
+
+fastText: a word's input vector is the mean of its own row and the rows of its n-gram buckets; ``W`` holds the
+word rows, then one row per bucket some vocabulary word uses (buckets no word uses never train and take no
+memory), then a zero pad row. word2vec is the same trainer with one row per word.
+
+Updates are vectorised: ``batch`` consecutive text positions at a time give every (h, o) example of their
+windows (skip-gram: up to 2 * window per position) and all k noise words at once; the gradients of examples
+that share a row are summed with ``index_add_`` (the reference updates one example at a time, so a row's later
+examples see its earlier updates; with small rates the two agree closely, see the README's comparison with
+gensim). As in word2vec.c, fastText and gensim, every input row of h receives the full error of h, not divided
+by the number of rows averaged (the factor folds into the learning rate); ``sgns_loss`` is the reference path
+and ``sgns_grads`` the hand-written gradient used here (tests/test_word_vectors.py: equal to autograd's).
+
+Shapes: P examples, K = 1 + k targets each (the true one first), D = dim, C input words per example (1 for
+skip-gram, 2 * window for CBOW), G rows per word (1, or 1 + its n-grams).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from llmlab.text.fasttext import ngram_buckets
+from llmlab.text.vectors import (
+    VectorConfig,
+    WordVectors,
+    build_vocab,
+    config_record,
+    encode,
+    keep_probabilities,
+    noise_distribution,
+)
+
+
+def sgns_loss(h: torch.Tensor, out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The negative-sampling loss summed over examples: h (P, D), out (P, K, D) with the true target's output
+    vector first, mask (P, K) 0 for skipped noise words. Reference path (autograd)."""
+    scores = torch.einsum("pd,pkd->pk", h, out)  # (P, K)
+    signs = torch.ones_like(scores)
+    signs[:, 1:] = -1  # the true target is pulled towards h, the noise words pushed away
+    return -(F.logsigmoid(signs * scores) * mask).sum()
+
+
+def sgns_grads(h: torch.Tensor, out: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d sgns_loss / d h (P, D) and d sgns_loss / d out (P, K, D), written out: with labels y = (1, 0, ..., 0),
+    d/ds of -log sigmoid(+-s) is sigmoid(s) - y."""
+    scores = torch.einsum("pd,pkd->pk", h, out)  # (P, K)
+    labels = torch.zeros_like(scores)
+    labels[:, 0] = 1
+    g = (torch.sigmoid(scores) - labels) * mask  # (P, K)
+    return torch.einsum("pk,pkd->pd", g, out), g[:, :, None] * h[:, None, :]
+
+
+def subword_rows(words: list[str], cfg: VectorConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, n_rows, buckets): rows (V, G) int64, the rows of ``W`` whose mean is each word's input vector,
+    padded with the pad row's index; n_rows (V,) how many are real; buckets (B,) the bucket of each n-gram row
+    (rows V .. V+B-1). word2vec: G = 1, no buckets."""
+    V = len(words)
+    if cfg.method != "fasttext":
+        return torch.arange(V)[:, None], torch.ones(V, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    row_of: dict[int, int] = {}  # bucket -> row, numbered in order of first use
+    lists = [[i] + [V + row_of.setdefault(b, len(row_of)) for b in ngram_buckets(w, cfg.min_n, cfg.max_n,
+                                                                                  cfg.bucket)]
+             for i, w in enumerate(words)]
+    pad = V + len(row_of)
+    G = max(len(r) for r in lists)
+    rows = torch.full((V, G), pad, dtype=torch.int64)
+    for i, r in enumerate(lists):
+        rows[i, :len(r)] = torch.tensor(r)
+    buckets = torch.tensor(sorted(row_of, key=row_of.get), dtype=torch.int64)
+    return rows, torch.tensor([len(r) for r in lists]), buckets
+
+
+class Word2Vec:
+    """Trains the vectors of ``cfg`` (method word2vec or fasttext) on a list of sentences (lists of words)."""
+
+    def __init__(self, sentences: list[list[str]], cfg: VectorConfig) -> None:
+        self.cfg = cfg.check()
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.vocab = build_vocab(sentences, cfg.min_count)
+        self.ids, self.sent = encode(sentences, self.vocab)  # (N,), (N,)
+        self.rows, self.n_rows, self.buckets = subword_rows(self.vocab.words, cfg)
+        V, D = len(self.vocab.words), cfg.dim
+        self.pad = V + len(self.buckets)
+        # word2vec.c's initialisation: inputs uniform in [-0.5/D, 0.5/D), outputs zero.
+        self.W = (torch.rand(self.pad + 1, D, generator=self.gen) - 0.5) / D  # (V + B + 1, D)
+        self.W[self.pad] = 0
+        self.W_out = torch.zeros(V, D)
+        self.noise_cdf = noise_distribution(self.vocab.counts).cumsum(0)  # (V,) float64
+        self.keep = keep_probabilities(self.vocab.counts, cfg.sample)  # (V,) float64
+        self.words_done = 0
+
+    def input_vectors(self, words: torch.Tensor) -> torch.Tensor:
+        """(U,) word ids -> (U, D): the mean of each word's rows (its own; fastText: and its n-grams')."""
+        return self.W[self.rows[words]].sum(1) / self.n_rows[words, None]  # (U, G, D) -> (U, D)
+
+    def step_(self, inputs: torch.Tensor, in_mask: torch.Tensor | None, targets: torch.Tensor, lr: float) -> None:
+        """One SGD update on P examples predicting ``targets`` (P,) against fresh noise words. Skip-gram:
+        ``inputs`` (P,) and h = its input vector; CBOW: ``inputs`` (P, C) and h = the mean of the input vectors
+        where ``in_mask`` (P, C)."""
+        P, D = len(targets), self.cfg.dim
+        uniq, inv = torch.unique(inputs, return_inverse=True)  # (U,), (P,) or (P, C)
+        vec = self.input_vectors(uniq)  # (U, D)
+        if in_mask is None:
+            h = vec[inv]  # (P, D)
+        else:
+            m = in_mask.to(vec.dtype)[:, :, None]  # (P, C, 1)
+            h = (vec[inv] * m).sum(1) / m.sum(1)  # (P, D)
+        noise = torch.searchsorted(self.noise_cdf, torch.rand(P, self.cfg.negative, generator=self.gen,
+                                                              dtype=torch.float64))
+        noise.clamp_(max=len(self.W_out) - 1)  # (P, k)
+        tgt = torch.cat([targets[:, None], noise], 1)  # (P, K)
+        mask = torch.ones(tgt.shape)
+        mask[:, 1:] = (noise != targets[:, None]).float()
+        grad_h, grad_out = sgns_grads(h, self.W_out[tgt], mask)  # (P, D), (P, K, D)
+        self.W_out.index_add_(0, tgt.reshape(-1), grad_out.reshape(-1, D), alpha=-lr)
+        # Every input word of an example takes the full error of h; a word's error goes to each of its rows.
+        err = torch.zeros(len(uniq), D)  # (U, D)
+        if in_mask is None:
+            err.index_add_(0, inv, grad_h)
+        else:
+            err.index_add_(0, inv[in_mask], grad_h[:, None, :].expand(-1, inv.shape[1], -1)[in_mask])
+        rows = self.rows[uniq]  # (U, G)
+        if rows.shape[1] == 1:  # word2vec: one row per word
+            self.W.index_add_(0, rows[:, 0], err, alpha=-lr)
+        else:
+            self.W.index_add_(0, rows.reshape(-1), err[:, None, :].expand(-1, rows.shape[1], -1).reshape(-1, D),
+                              alpha=-lr)
+            self.W[self.pad] = 0
+
+    def epoch_(self, epoch: int, bar=None) -> None:
+        cfg, W = self.cfg, self.cfg.window
+        kept = torch.rand(len(self.ids), generator=self.gen, dtype=torch.float64) < self.keep[self.ids]
+        ids, sent = self.ids[kept], self.sent[kept]  # (n,): the thinned stream
+        n = len(ids)
+        reach = torch.randint(1, W + 1, (n,), generator=self.gen)  # the dynamic window of each position
+        offsets = torch.cat([torch.arange(-W, 0), torch.arange(1, W + 1)])  # (2W,)
+        lr0, total = cfg.resolved_lr(), cfg.epochs * max(n, 1)
+        for s in range(0, n, cfg.batch):
+            pos = torch.arange(s, min(s + cfg.batch, n))  # (b,)
+            lr = max(cfg.min_lr, lr0 - (lr0 - cfg.min_lr) * (epoch * n + s) / total)
+            ctx = pos[:, None] + offsets  # (b, 2W)
+            inside = (ctx >= 0) & (ctx < n)
+            ctx = ctx.clamp(0, n - 1)
+            valid = inside & (offsets.abs() <= reach[pos, None]) & (sent[ctx] == sent[pos, None])  # (b, 2W)
+            centre, context = ids[pos], ids[ctx]  # (b,), (b, 2W)
+            if cfg.arch == "sg":
+                # h = v_centre, one example per (centre, context word) pair.
+                src = centre[:, None].expand_as(valid)[valid]  # (P,)
+                self.step_(src, None, context[valid], lr)
+            else:
+                has = valid.any(1)  # a position whose window is empty has nothing to average
+                self.step_(context[has], valid[has], centre[has], lr)
+            if bar is not None:
+                done = round(len(self.ids) * (epoch + (s + len(pos)) / n))
+                bar.update(done - self.words_done)
+                self.words_done = done
+
+    def train(self, progress: bool = False) -> WordVectors:
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.cfg.epochs * len(self.ids), desc=f"{self.cfg.method} {self.cfg.arch}", unit="word",
+                   unit_scale=True, disable=not progress, dynamic_ncols=True, leave=False)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for epoch in range(self.cfg.epochs):
+                self.epoch_(epoch, bar)
+        bar.close()
+        seconds = time.perf_counter() - start
+        return self.vectors(seconds)
+
+    def vectors(self, seconds: float = 0.0) -> WordVectors:
+        V = len(self.vocab.words)
+        record = config_record(self.cfg) | {"words": len(self.ids), "vocab": V, "seconds": round(seconds, 3),
+                                            "words_per_second": round(self.cfg.epochs * len(self.ids) /
+                                                                      max(seconds, 1e-9))}
+        vectors = self.input_vectors(torch.arange(V))  # (V, D)
+        if self.cfg.method != "fasttext":
+            return WordVectors(self.vocab.words, vectors, self.vocab.counts.tolist(), record)
+        return WordVectors(self.vocab.words, vectors, self.vocab.counts.tolist(), record,
+                           ngram_buckets=self.buckets, ngram_vectors=self.W[V:self.pad].clone())
+
+
+def train_word2vec(sentences: list[list[str]], cfg: VectorConfig, progress: bool = False) -> WordVectors:
+    """Skip-gram or CBOW (``cfg.arch``) with negative sampling; fastText subwords when ``cfg.method`` says so."""
+    return Word2Vec(sentences, cfg).train(progress)
