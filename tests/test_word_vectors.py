@@ -24,6 +24,7 @@ from llmlab.text.fasttext import char_ngrams, ngram_buckets, ngram_hash
 from llmlab.text.glove import cooccurrences, glove_grads, glove_loss, train_glove
 from llmlab.text.vector_eval import (
     PLOT_WORDS,
+    analogy_answers,
     evaluate,
     neighbor_overlap,
     plot_words,
@@ -46,6 +47,16 @@ from llmlab.text.word2vec import Word2Vec, sgns_grads, sgns_loss, train_word2vec
 README = Path(__file__).resolve().parents[1] / "README.md"
 TINY = [s.split() for s in ("the cat sat on the mat", "the dog sat on the log", "a cat and a dog",
                             "the cat ate the fish", "a dog ate a bone", "the mat and the log")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The batched updates are many small tensor operations: one thread runs them fastest, and a second one only
+    waits for the first on a busy machine (the CLI's default is 1 too)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -264,6 +275,9 @@ def test_eval_set_and_3cosadd():
                                    "key keys other\n"))
     assert r["analogy"] == 1.0 and r["analogy_questions"] == 6 and r["similarity"] == 1.0
     assert wv.analogy("key", "keys", "file")[0][0] == "files"
+    # b is nearly a, so b - a + c is nearly c: only the exclusion of a, b and c makes d the answer.
+    near = WordVectors(["a", "b", "c", "d"], torch.tensor([[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [0.4, 1.0]]))
+    assert analogy_answers(near, [("a", "b", "c", "d")]) == ["d"] and near.analogy("a", "b", "c")[0][0] == "d"
     shuffled = WordVectors(words, base[torch.tensor([0, 3, 2, 5, 4, 1, 6])])  # negative control
     assert evaluate(shuffled, read_eval_set(": analogy plural\nkey keys\nfile files\nlist lists\n"))["analogy"] < 1
 
@@ -318,6 +332,18 @@ def test_readme_vector_commands_as_written(tmp_path, monkeypatch, capsys):
         assert main(shlex.split(command, comments=True)[1:]) == 0, command
         out = capsys.readouterr().out
         assert re.search(r"analogies|: |wrote|similarity", out), (command, out)
+
+
+@pytest.mark.slow
+def test_readme_python_block_as_written(capsys):
+    text = README.read_text()
+    section = text[text.index("### Word vectors"):]
+    section = section[:section.index("\n## ", 4)]
+    (block,) = [b.partition("\n")[2] for b in section.split("```")[1::2] if b.startswith("python")]
+    exec(compile(block, "README.md (Word vectors)", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"\[\('\w+', 0\.\d+\), \('\w+', 0\.\d+\), \('\w+', 0\.\d+\)\]", out[0]), out[0]
+    assert out[1] == "torch.Size([50])" and out[2].startswith("['analogy', 'analogy_questions'")
 
 
 def test_train_command_and_queries(tmp_path, capsys):
