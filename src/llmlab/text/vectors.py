@@ -62,8 +62,9 @@ class VectorConfig:
     lr: float | None = field(default=None, metadata={"help": "initial learning rate"})
     min_lr: float = field(default=1e-4, metadata={"help": "word2vec / fastText learning rate at the end (it falls "
                                                           "linearly)"})
-    batch: int = field(default=512, metadata={"help": "text positions per update (word2vec, fastText) or "
-                                                      "co-occurrence entries / 16 (GloVe)"})
+    batch: int = field(default=512, metadata={"help": "text positions per update (word2vec, fastText; larger runs "
+                                                      "faster on staler vectors: fastText stops learning at 2048 on "
+                                                      "the built-in corpus) or co-occurrence entries / 16 (GloVe)"})
     min_n: int = field(default=3, metadata={"help": "shortest character n-gram (fastText)"})
     max_n: int = field(default=6, metadata={"help": "longest character n-gram (fastText)"})
     bucket: int = field(default=200_000, metadata={"help": "hash buckets for the n-grams (fastText)"})
