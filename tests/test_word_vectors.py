@@ -159,6 +159,32 @@ def test_batched_update_is_the_summed_gradient(arch):
         assert not torch.allclose(m.W, W0 - 0.1 * W.grad, atol=1e-4)
 
 
+def test_fasttext_update_reaches_every_ngram_row():
+    """fastText skip-gram: h is the mean of the word's own row and its n-gram rows, and each of those rows moves by
+    -lr * the error of h, i.e. (its number of rows) * autograd's gradient, summed over the examples."""
+    m = Word2Vec(TINY, VectorConfig(method="fasttext", dim=6, window=2, min_count=1, negative=3, bucket=40))
+    m.W_out.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    m.W.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    inputs, targets = torch.tensor([0, 1, 0, 7]), torch.tensor([3, 4, 5, 2])
+    W0, Wout0, state = m.W.clone(), m.W_out.clone(), m.gen.get_state()
+    m.step_(inputs, None, targets, lr=0.1)
+    m.gen.set_state(state)
+    noise = torch.searchsorted(m.noise_cdf, torch.rand(4, 3, generator=m.gen, dtype=torch.float64))
+    tgt = torch.cat([targets[:, None], noise], 1)
+    mask = torch.ones(tgt.shape)
+    mask[:, 1:] = (noise != targets[:, None]).float()
+    expected = W0.clone()
+    for p in range(4):
+        rows = m.flat[m.starts[inputs[p]]:m.starts[inputs[p]] + m.n_rows[inputs[p]]]
+        assert len(rows) > 1  # the word's own row and its n-gram rows
+        W = W0.clone().requires_grad_(True)
+        h = W[rows].mean(0, keepdim=True)
+        (grad,) = torch.autograd.grad(sgns_loss(h, Wout0[tgt[p:p + 1]], mask[p:p + 1]), W)
+        expected -= 0.1 * len(rows) * grad
+    assert torch.allclose(m.W, expected, atol=1e-6)
+    assert not torch.allclose(m.W, W0, atol=1e-3)
+
+
 def test_dynamic_window_and_training_is_deterministic():
     cfg = VectorConfig(dim=8, window=2, min_count=1, epochs=2, seed=5)
     a, b = train_word2vec(TINY, cfg), train_word2vec(TINY, cfg)

@@ -21,7 +21,7 @@ the target are skipped, as in the reference code.
 
 fastText: a word's input vector is the mean of its own row and the rows of its n-gram buckets; ``W`` holds the
 word rows, then one row per bucket some vocabulary word uses (buckets no word uses never train and take no
-memory), then a zero pad row. word2vec is the same trainer with one row per word.
+memory). word2vec is the same trainer with one row per word.
 
 Updates are vectorised: ``batch`` consecutive text positions at a time give every (h, o) example of their
 windows (skip-gram: up to 2 * window per position) and all k noise words at once; the gradients of examples
@@ -32,7 +32,8 @@ by the number of rows averaged (the factor folds into the learning rate); ``sgns
 and ``sgns_grads`` the hand-written gradient used here (tests/test_word_vectors.py: equal to autograd's).
 
 Shapes: P examples, K = 1 + k targets each (the true one first), D = dim, C input words per example (1 for
-skip-gram, 2 * window for CBOW), G rows per word (1, or 1 + its n-grams).
+skip-gram, 2 * window for CBOW), U distinct input words in a batch, R rows behind them (U for word2vec; fastText:
+each word's own row and its n-gram rows).
 """
 
 from __future__ import annotations
@@ -74,23 +75,20 @@ def sgns_grads(h: torch.Tensor, out: torch.Tensor, mask: torch.Tensor) -> tuple[
 
 
 def subword_rows(words: list[str], cfg: VectorConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, n_rows, buckets): rows (V, G) int64, the rows of ``W`` whose mean is each word's input vector,
-    padded with the pad row's index; n_rows (V,) how many are real; buckets (B,) the bucket of each n-gram row
-    (rows V .. V+B-1). word2vec: G = 1, no buckets."""
+    """(flat, n_rows, buckets): the rows of ``W`` whose mean is each word's input vector, word after word in one
+    flat (T,) int64 list (no padding: one long identifier has ~100 n-grams, the average word ~15); n_rows (V,)
+    how many belong to each word; buckets (B,) the bucket of each n-gram row (rows V .. V+B-1). word2vec: each
+    word its own row, no buckets."""
     V = len(words)
     if cfg.method != "fasttext":
-        return torch.arange(V)[:, None], torch.ones(V, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+        return torch.arange(V), torch.ones(V, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
     row_of: dict[int, int] = {}  # bucket -> row, numbered in order of first use
     lists = [[i] + [V + row_of.setdefault(b, len(row_of)) for b in ngram_buckets(w, cfg.min_n, cfg.max_n,
                                                                                   cfg.bucket)]
              for i, w in enumerate(words)]
-    pad = V + len(row_of)
-    G = max(len(r) for r in lists)
-    rows = torch.full((V, G), pad, dtype=torch.int64)
-    for i, r in enumerate(lists):
-        rows[i, :len(r)] = torch.tensor(r)
+    flat = torch.tensor([r for rows in lists for r in rows], dtype=torch.int64)
     buckets = torch.tensor(sorted(row_of, key=row_of.get), dtype=torch.int64)
-    return rows, torch.tensor([len(r) for r in lists]), buckets
+    return flat, torch.tensor([len(r) for r in lists]), buckets
 
 
 class Word2Vec:
@@ -101,20 +99,28 @@ class Word2Vec:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.vocab = build_vocab(sentences, cfg.min_count)
         self.ids, self.sent = encode(sentences, self.vocab)  # (N,), (N,)
-        self.rows, self.n_rows, self.buckets = subword_rows(self.vocab.words, cfg)
+        self.flat, self.n_rows, self.buckets = subword_rows(self.vocab.words, cfg)  # (T,), (V,), (B,)
+        self.starts = self.n_rows.cumsum(0) - self.n_rows  # (V,) where each word's rows begin in ``flat``
         V, D = len(self.vocab.words), cfg.dim
-        self.pad = V + len(self.buckets)
         # word2vec.c's initialisation: inputs uniform in [-0.5/D, 0.5/D), outputs zero.
-        self.W = (torch.rand(self.pad + 1, D, generator=self.gen) - 0.5) / D  # (V + B + 1, D)
-        self.W[self.pad] = 0
+        self.W = (torch.rand(V + len(self.buckets), D, generator=self.gen) - 0.5) / D  # (V + B, D)
         self.W_out = torch.zeros(V, D)
         self.noise_cdf = noise_distribution(self.vocab.counts).cumsum(0)  # (V,) float64
         self.keep = keep_probabilities(self.vocab.counts, cfg.sample)  # (V,) float64
         self.words_done = 0
 
+    def rows_of(self, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U,) word ids -> (rows (R,), the word of each row (R,) as 0..U-1, where each word's rows begin (U,))."""
+        n = self.n_rows[words]  # (U,)
+        begin = n.cumsum(0) - n  # (U,) offsets in the output
+        seg = torch.repeat_interleave(torch.arange(len(words)), n)  # (R,)
+        pos = torch.arange(len(seg)) - begin[seg] + self.starts[words][seg]  # (R,) positions in ``flat``
+        return self.flat[pos], seg, begin
+
     def input_vectors(self, words: torch.Tensor) -> torch.Tensor:
         """(U,) word ids -> (U, D): the mean of each word's rows (its own; fastText: and its n-grams')."""
-        return self.W[self.rows[words]].sum(1) / self.n_rows[words, None]  # (U, G, D) -> (U, D)
+        rows, _, begin = self.rows_of(words)
+        return F.embedding_bag(rows, self.W, begin, mode="mean")  # (U, D)
 
     def step_(self, inputs: torch.Tensor, in_mask: torch.Tensor | None, targets: torch.Tensor, lr: float) -> None:
         """One SGD update on P examples predicting ``targets`` (P,) against fresh noise words. Skip-gram:
@@ -142,13 +148,11 @@ class Word2Vec:
             err.index_add_(0, inv, grad_h)
         else:
             err.index_add_(0, inv[in_mask], grad_h[:, None, :].expand(-1, inv.shape[1], -1)[in_mask])
-        rows = self.rows[uniq]  # (U, G)
-        if rows.shape[1] == 1:  # word2vec: one row per word
-            self.W.index_add_(0, rows[:, 0], err, alpha=-lr)
-        else:
-            self.W.index_add_(0, rows.reshape(-1), err[:, None, :].expand(-1, rows.shape[1], -1).reshape(-1, D),
-                              alpha=-lr)
-            self.W[self.pad] = 0
+        if self.cfg.method == "fasttext":
+            rows, seg, _ = self.rows_of(uniq)  # (R,), (R,)
+            self.W.index_add_(0, rows, err[seg], alpha=-lr)
+        else:  # word2vec: one row per word
+            self.W.index_add_(0, uniq, err, alpha=-lr)
 
     def epoch_(self, epoch: int, bar=None) -> None:
         cfg, W = self.cfg, self.cfg.window
@@ -200,7 +204,7 @@ class Word2Vec:
         if self.cfg.method != "fasttext":
             return WordVectors(self.vocab.words, vectors, self.vocab.counts.tolist(), record)
         return WordVectors(self.vocab.words, vectors, self.vocab.counts.tolist(), record,
-                           ngram_buckets=self.buckets, ngram_vectors=self.W[V:self.pad].clone())
+                           ngram_buckets=self.buckets, ngram_vectors=self.W[V:].clone())
 
 
 def train_word2vec(sentences: list[list[str]], cfg: VectorConfig, progress: bool = False) -> WordVectors:
