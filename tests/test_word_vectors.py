@@ -42,7 +42,7 @@ from llmlab.text.vectors import (
     noise_distribution,
     vector_sentences,
 )
-from llmlab.text.word2vec import Word2Vec, sgns_grads, sgns_loss, train_word2vec
+from llmlab.text.word2vec import Word2Vec, noise_table, sgns_grads, sgns_loss, train_word2vec
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TINY = [s.split() for s in ("the cat sat on the mat", "the dog sat on the log", "a cat and a dog",
@@ -77,6 +77,18 @@ def test_noise_distribution_and_subsampling_by_hand():
     assert keep.tolist() == pytest.approx([min(1.0, (math.sqrt(c / tn) + 1) * tn / c) for c in (100, 20, 5, 1)])
     assert keep[0] < keep[1] < 1.0 == keep[3]  # frequent words thinned, rare ones always kept
     assert keep_probabilities(counts, 0).tolist() == [1.0] * 4
+
+
+def test_noise_table_holds_each_word_in_proportion():
+    counts = torch.tensor([100, 20, 5, 1])
+    table = noise_table(counts, size=1000)
+    assert len(table) == 1000
+    share = torch.bincount(table, minlength=4).double() / 1000
+    assert torch.allclose(share, noise_distribution(counts), atol=1e-3)  # whole slots: within 1 / size
+    assert not torch.allclose(share, counts.double() / counts.sum(), atol=1e-2)  # control: raw unigram frequencies
+    m = Word2Vec(TINY, VectorConfig(min_count=1, negative=4))
+    drawn = torch.bincount(m.noise_words(50_000).reshape(-1), minlength=len(m.vocab.words)).double() / 200_000
+    assert torch.allclose(drawn, noise_distribution(m.vocab.counts), atol=0.01)
 
 
 def test_vocabulary_noise_and_subsampling_equal_gensim(sentences):
@@ -136,7 +148,7 @@ def test_batched_update_is_the_summed_gradient(arch):
     # Replay the same noise words under autograd.
     m.gen.set_state(state)
     P = len(targets)
-    noise = torch.searchsorted(m.noise_cdf, torch.rand(P, 3, generator=m.gen, dtype=torch.float64))
+    noise = m.noise_words(P)
     W = W0.clone().requires_grad_(True)
     Wout = Wout0.clone().requires_grad_(True)
     idx = inputs if inputs.dim() == 2 else inputs[:, None]
@@ -169,7 +181,7 @@ def test_fasttext_update_reaches_every_ngram_row():
     W0, Wout0, state = m.W.clone(), m.W_out.clone(), m.gen.get_state()
     m.step_(inputs, None, targets, lr=0.1)
     m.gen.set_state(state)
-    noise = torch.searchsorted(m.noise_cdf, torch.rand(4, 3, generator=m.gen, dtype=torch.float64))
+    noise = m.noise_words(4)
     tgt = torch.cat([targets[:, None], noise], 1)
     mask = torch.ones(tgt.shape)
     mask[:, 1:] = (noise != targets[:, None]).float()

@@ -74,6 +74,14 @@ def sgns_grads(h: torch.Tensor, out: torch.Tensor, mask: torch.Tensor) -> tuple[
     return torch.einsum("pk,pkd->pd", g, out), g[:, :, None] * h[:, None, :]
 
 
+def noise_table(counts: torch.Tensor, size: int = 1_000_000) -> torch.Tensor:
+    """word2vec.c's unigram table: ``size`` slots, word w filling P_n(w) * size of them (the cumulative
+    distribution rounded to whole slots), so a uniform slot is a draw from P_n in O(1). word2vec.c uses 1e8 slots;
+    1e6 (resolution 1e-6) keeps the table in cache, and a rarer word's share is rounded to whole slots. (size,)"""
+    edges = (noise_distribution(counts).cumsum(0) * size).round().long()  # (V,) the last edge is ``size``
+    return torch.repeat_interleave(torch.arange(len(counts)), torch.diff(edges, prepend=edges.new_zeros(1)))
+
+
 def subword_rows(words: list[str], cfg: VectorConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(flat, n_rows, buckets): the rows of ``W`` whose mean is each word's input vector, word after word in one
     flat (T,) int64 list (no padding: one long identifier has ~100 n-grams, the average word ~15); n_rows (V,)
@@ -105,9 +113,14 @@ class Word2Vec:
         # word2vec.c's initialisation: inputs uniform in [-0.5/D, 0.5/D), outputs zero.
         self.W = (torch.rand(V + len(self.buckets), D, generator=self.gen) - 0.5) / D  # (V + B, D)
         self.W_out = torch.zeros(V, D)
-        self.noise_cdf = noise_distribution(self.vocab.counts).cumsum(0)  # (V,) float64
+        self.noise_table = noise_table(self.vocab.counts)  # (T,) word ids, each P_n(w) * T times
         self.keep = keep_probabilities(self.vocab.counts, cfg.sample)  # (V,) float64
         self.words_done = 0
+
+    def noise_words(self, n: int) -> torch.Tensor:
+        """(n, k) words drawn from P_n: uniform slots of the noise table."""
+        slots = torch.randint(len(self.noise_table), (n, self.cfg.negative), generator=self.gen)
+        return self.noise_table.index_select(0, slots.reshape(-1)).view(n, -1)
 
     def rows_of(self, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U,) word ids -> (rows (R,), the word of each row (R,) as 0..U-1, where each word's rows begin (U,))."""
@@ -130,17 +143,15 @@ class Word2Vec:
         uniq, inv = torch.unique(inputs, return_inverse=True)  # (U,), (P,) or (P, C)
         vec = self.input_vectors(uniq)  # (U, D)
         if in_mask is None:
-            h = vec[inv]  # (P, D)
+            h = F.embedding(inv, vec)  # (P, D): a row gather, faster than advanced indexing
         else:
             m = in_mask.to(vec.dtype)[:, :, None]  # (P, C, 1)
-            h = (vec[inv] * m).sum(1) / m.sum(1)  # (P, D)
-        noise = torch.searchsorted(self.noise_cdf, torch.rand(P, self.cfg.negative, generator=self.gen,
-                                                              dtype=torch.float64))
-        noise.clamp_(max=len(self.W_out) - 1)  # (P, k)
+            h = (F.embedding(inv, vec) * m).sum(1) / m.sum(1)  # (P, C, D) -> (P, D)
+        noise = self.noise_words(P)  # (P, k)
         tgt = torch.cat([targets[:, None], noise], 1)  # (P, K)
         mask = torch.ones(tgt.shape)
         mask[:, 1:] = (noise != targets[:, None]).float()
-        grad_h, grad_out = sgns_grads(h, self.W_out[tgt], mask)  # (P, D), (P, K, D)
+        grad_h, grad_out = sgns_grads(h, F.embedding(tgt, self.W_out), mask)  # (P, D), (P, K, D)
         self.W_out.index_add_(0, tgt.reshape(-1), grad_out.reshape(-1, D), alpha=-lr)
         # Every input word of an example takes the full error of h; a word's error goes to each of its rows.
         err = torch.zeros(len(uniq), D)  # (U, D)
