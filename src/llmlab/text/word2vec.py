@@ -120,7 +120,7 @@ class Word2Vec:
     def noise_words(self, n: int) -> torch.Tensor:
         """(n, k) words drawn from P_n: uniform slots of the noise table."""
         slots = torch.randint(len(self.noise_table), (n, self.cfg.negative), generator=self.gen)
-        return self.noise_table.index_select(0, slots.reshape(-1)).view(n, -1)
+        return self.noise_table.index_select(0, slots.reshape(-1)).view(n, self.cfg.negative)
 
     def rows_of(self, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U,) word ids -> (rows (R,), the word of each row (R,) as 0..U-1, where each word's rows begin (U,))."""
@@ -140,6 +140,8 @@ class Word2Vec:
         ``inputs`` (P,) and h = its input vector; CBOW: ``inputs`` (P, C) and h = the mean of the input vectors
         where ``in_mask`` (P, C)."""
         P, D = len(targets), self.cfg.dim
+        if P == 0:  # a batch whose windows hold no pair (one-word sentences)
+            return
         uniq, inv = torch.unique(inputs, return_inverse=True)  # (U,), (P,) or (P, C)
         vec = self.input_vectors(uniq)  # (U, D)
         if in_mask is None:
