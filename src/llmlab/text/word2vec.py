@@ -10,7 +10,8 @@ subsampling of frequent words); P. Bojanowski et al., "Enriching Word Vectors wi
 Each word w has an input vector v_w (a row of ``W``) and an output vector u_w (a row of ``W_out``). A training
 example is a hidden vector h and a target word o: skip-gram takes h = v_centre and o = one word of its window;
 CBOW takes h = the mean of the window's input vectors and o = the centre word. Negative sampling draws k noise
-words n_1..n_k from P_n (``vectors.noise_distribution``) and maximises
+words n_1..n_k from P_n (``vectors.noise_distribution``, through word2vec.c's unigram table, ``noise_table``) and
+maximises
 
     log sigmoid(u_o . h) + sum_i log sigmoid(-u_{n_i} . h)          (arXiv:1310.4546, eq. 4)
 
