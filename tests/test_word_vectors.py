@@ -31,6 +31,9 @@ from llmlab.text.vector_eval import (
     project_2d,
     read_eval_set,
     train_vectors,
+    tsne_2d,
+    tsne_affinities,
+    tsne_conditionals,
 )
 from llmlab.text.vectors import (
     VectorConfig,
@@ -349,6 +352,26 @@ def test_projection_and_plot(tmp_path):
     wv = train_word2vec(TINY, VectorConfig(dim=6, min_count=1, epochs=1))
     drawn = plot_words(wv, tmp_path / "p.png", ["cat", "dog", "mat", "zzz"])
     assert drawn == ["cat", "dog", "mat"] and (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tsne_calibrates_perplexity_and_keeps_clusters():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 20, generator=gen, dtype=torch.float64) * 3
+    x = torch.cat([c + 0.3 * torch.randn(12, 20, generator=gen, dtype=torch.float64) for c in centres])  # (36, 20)
+    unit = x / x.norm(dim=1, keepdim=True)
+    P = tsne_affinities(unit, perplexity=8.0)
+    assert torch.allclose(P, P.T) and P.sum().item() == pytest.approx(1.0) and P.diagonal().abs().max() == 0
+    p = tsne_conditionals(unit, perplexity=8.0)
+    entropy = -(p * p.clamp_min(1e-300).log()).sum(1)
+    assert torch.allclose(entropy.exp(), torch.full((36,), 8.0, dtype=torch.float64), rtol=1e-6)
+    y = tsne_2d(x.float(), perplexity=8.0, steps=400)
+    labels = torch.arange(3).repeat_interleave(12)
+    nearest = torch.cdist(y, y).fill_diagonal_(float("inf")).topk(5, largest=False).indices  # (36, 5)
+    assert (labels[nearest] == labels[:, None]).float().mean() == 1.0
+    # Negative control: a random layout does not keep the clusters.
+    rand = torch.randn(36, 2, generator=gen)
+    nearest = torch.cdist(rand, rand).fill_diagonal_(float("inf")).topk(5, largest=False).indices
+    assert (labels[nearest] == labels[:, None]).float().mean() < 0.8
 
 
 # -- the commands ------------------------------------------------------------------------------------------------

@@ -463,8 +463,9 @@ def cmd_vectors_plot(args) -> int:
     from llmlab.text.vector_eval import plot_words
     from llmlab.text.vectors import WordVectors
 
-    words = plot_words(WordVectors.load(args.vectors), args.out, [w.lower() for w in args.words] or None)
-    print(f"wrote {args.out}: {len(words)} words, PCA to 2-D")
+    words = plot_words(WordVectors.load(args.vectors), args.out, [w.lower() for w in args.words] or None,
+                       projection=args.projection)
+    print(f"wrote {args.out}: {len(words)} words, {'t-SNE' if args.projection == 'tsne' else 'PCA'} to 2-D")
     return 0
 
 
@@ -883,8 +884,10 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     v_ev.add_argument("--test-set", default=None, help="a test set in the built-in one's format "
                                                        "(default: the built-in set)")
     v_ev.add_argument("--json", action="store_true", help="print JSON (default: off)")
-    v_pl = vsub.add_parser("plot", help="a 2-D PCA picture of chosen words (PNG)")
+    v_pl = vsub.add_parser("plot", help="a 2-D picture of chosen words, PCA or t-SNE (PNG)")
     v_pl.add_argument("--out", default="vectors.png", help="the PNG to write (default: vectors.png)")
+    v_pl.add_argument("--projection", default="pca", choices=["pca", "tsne"],
+                      help="PCA (first two principal components) or exact t-SNE (default: pca)")
     v_pl.add_argument("--words", nargs="*", default=[], help="the words to draw (default: a built-in list of "
                                                            "Python words)")
     for v, func in ((v_nb, cmd_vectors_neighbors), (v_an, cmd_vectors_analogy), (v_ev, cmd_vectors_eval),

@@ -8,13 +8,14 @@
   2014): the answer is the vocabulary word nearest b - a + c by cosine, over unit vectors, with a, b and c
   excluded. A question whose four words are not all in the vocabulary is skipped and counted as not covered.
 - A 2-D picture: the chosen words' unit vectors, centred, projected on their first two principal components
-  (PCA by SVD), drawn to a PNG.
+  (PCA by SVD), or laid out by exact t-SNE (van der Maaten & Hinton 2008), drawn to a PNG.
 
 Shapes: vectors (V, D); questions (Q, 4) word ids; the projection (n, 2).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -119,13 +120,66 @@ def project_2d(vectors: torch.Tensor) -> torch.Tensor:
     return (x.double() @ vh[:2].T).float()  # (n, 2)
 
 
-def plot_words(wv: WordVectors, path: str | Path, words: list[str] | None = None) -> list[str]:
-    """Draw the chosen words (default ``PLOT_WORDS``; those the vectors know) in 2-D; returns the words drawn."""
+def tsne_conditionals(x: torch.Tensor, perplexity: float) -> torch.Tensor:
+    """t-SNE's p_j|i: for each point a Gaussian over the others whose precision is found by bisection so that the
+    row has the given perplexity (exp of its entropy in nats). x (n, D) float64 -> (n, n), rows summing to 1."""
+    n = len(x)
+    d2 = torch.cdist(x, x).pow(2)  # (n, n)
+    target = math.log(perplexity)
+    beta = torch.ones(n, dtype=x.dtype)
+    lo, hi = torch.zeros(n, dtype=x.dtype), torch.full((n,), math.inf, dtype=x.dtype)
+    diagonal = torch.eye(n, dtype=torch.bool)
+    for _ in range(200):  # bisection on the precision, all rows at once
+        p = torch.softmax((-d2 * beta[:, None]).masked_fill(diagonal, -math.inf), 1)
+        entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(1)
+        too_flat = entropy > target  # a flatter row needs a higher precision
+        lo = torch.where(too_flat, beta, lo)
+        hi = torch.where(too_flat, hi, beta)
+        beta = torch.where(torch.isinf(hi), beta * 2, (lo + hi) / 2)
+    return p
+
+
+def tsne_affinities(x: torch.Tensor, perplexity: float) -> torch.Tensor:
+    """The symmetrised input affinities P = (p_j|i + p_i|j) / 2n: (n, n), summing to 1."""
+    p = tsne_conditionals(x, perplexity)
+    return (p + p.T) / (2 * len(x))
+
+
+def tsne_2d(vectors: torch.Tensor, perplexity: float | None = None, steps: int = 750, seed: int = 0) -> torch.Tensor:
+    """t-SNE (L. van der Maaten & G. Hinton, "Visualizing Data using t-SNE", JMLR 2008): 2-D points whose
+    Student-t affinities Q match P (``tsne_affinities``) in KL(P || Q), by gradient descent with momentum and the
+    paper's early exaggeration (P x 12 for the first 250 steps), from the PCA layout scaled to a small spread.
+    Exact O(n^2): meant for the tens to hundreds of words in a picture. (n, D) -> (n, 2)."""
+    n = len(vectors)
+    x = vectors.double() / vectors.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    P = tsne_affinities(x, perplexity or max(2.0, min(30.0, (n - 1) / 3)))
+    y = project_2d(vectors).double()
+    y = (y / y[:, 0].std().clamp_min(1e-12) * 1e-4).requires_grad_(True)
+    gen = torch.Generator().manual_seed(seed)
+    y.data += 1e-6 * torch.randn(y.shape, generator=gen, dtype=y.dtype)  # break exact ties
+    lr, velocity = max(n / 12 / 4, 50.0), torch.zeros_like(y)
+    off = ~torch.eye(n, dtype=torch.bool)
+    for step in range(steps):
+        exaggeration, momentum = (12.0, 0.5) if step < 250 else (1.0, 0.8)
+        w = (1 + torch.cdist(y, y).pow(2)).reciprocal() * off  # (n, n) Student-t kernel
+        q = w / w.sum()
+        kl = (exaggeration * P * (torch.log((exaggeration * P).clamp_min(1e-300)) - torch.log(q.clamp_min(1e-300)))
+              ).sum()
+        (grad,) = torch.autograd.grad(kl, y)
+        velocity = momentum * velocity - lr * grad
+        y = (y + velocity).detach().requires_grad_(True)
+    return y.detach().float()
+
+
+def plot_words(wv: WordVectors, path: str | Path, words: list[str] | None = None, projection: str = "pca") -> list[str]:
+    """Draw the chosen words (default ``PLOT_WORDS``; those the vectors know) in 2-D by PCA or t-SNE; returns the
+    words drawn."""
     chosen = [w for w in (words or PLOT_WORDS) if w in wv]
     if len(chosen) < 3:
         raise LlmlabError(f"only {len(chosen)} of the words to plot have vectors: a picture needs 3 or more "
                           "(choose words in the vocabulary with --words)")
-    xy = project_2d(torch.stack([wv.vector(w) for w in chosen]))
+    stacked = torch.stack([wv.vector(w) for w in chosen])
+    xy = tsne_2d(stacked) if projection == "tsne" else project_2d(stacked)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,9 +191,10 @@ def plot_words(wv: WordVectors, path: str | Path, words: list[str] | None = None
         ax.annotate(w, (x, y), fontsize=9, xytext=(3, 2), textcoords="offset points")
     cfg = wv.config
     ax.set_title(f"{cfg.get('method', 'vectors')} {cfg.get('arch', '') if cfg.get('method') != 'glove' else ''}"
-                 f" (dim {wv.vectors.shape[1]}): PCA of {len(chosen)} words")
-    ax.set_xlabel("first principal component")
-    ax.set_ylabel("second principal component")
+                 f" (dim {wv.vectors.shape[1]}): {'t-SNE' if projection == 'tsne' else 'PCA'} of {len(chosen)} words")
+    if projection != "tsne":
+        ax.set_xlabel("first principal component")
+        ax.set_ylabel("second principal component")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
