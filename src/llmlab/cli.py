@@ -406,6 +406,83 @@ def cmd_text_ngram_lm(args) -> int:
     return 0
 
 
+def cmd_vectors_train(args) -> int:
+    from llmlab.dataclass_io import from_args
+    from llmlab.text.tasks import read_documents
+    from llmlab.text.vector_eval import run_vectors
+    from llmlab.text.vectors import VectorConfig
+
+    docs = read_documents(args.inputs) if args.inputs else None
+    r = run_vectors(from_args(VectorConfig, args), docs, args.out, progress=args.progress)
+    e = r["eval"]
+    name = r["method"] if r["method"] == "glove" else f"{r['method']} {r['arch']}"
+    print(f"{name}: {r['vocab']:,} words x {r['dim']} dims from {r['words']:,} words, {r['epochs']} epochs in "
+          f"{r['seconds']:.1f} s ({r['words_per_second']:,} words/s); analogies {100 * e['analogy']:.1f}% "
+          f"({e['analogy_questions']:,} of {e['analogy_total']:,} questions), similarity {100 * e['similarity']:.1f}% "
+          f"({e['similarity_items']} of {e['similarity_total']} triplets)")
+    print(f"wrote {args.out} (vectors.safetensors, vocab.json, config.json, vectors.txt)", file=sys.stderr)
+    return 0
+
+
+def cmd_vectors_neighbors(args) -> int:
+    from llmlab.common import LlmlabError
+    from llmlab.text.vectors import WordVectors
+
+    if args.top < 1:
+        raise LlmlabError(f"--top {args.top}: must be >= 1")
+    wv = WordVectors.load(args.vectors)
+    for word in args.words:
+        word = word.lower()
+        note = "" if word in wv.index else " (not in the vocabulary: built from its character n-grams)"
+        print(f"{word}{note}: " + ", ".join(f"{w} {s:.3f}" for w, s in wv.neighbors(word, args.top)))
+    return 0
+
+
+def cmd_vectors_analogy(args) -> int:
+    from llmlab.common import LlmlabError
+    from llmlab.text.vectors import WordVectors
+
+    if args.top < 1:
+        raise LlmlabError(f"--top {args.top}: must be >= 1")
+    a, b, c = (w.lower() for w in (args.a, args.b, args.c))
+    answers = WordVectors.load(args.vectors).analogy(a, b, c, args.top)
+    print(f"{a} : {b} :: {c} : " + ", ".join(f"{w} {s:.3f}" for w, s in answers))
+    return 0
+
+
+def cmd_vectors_eval(args) -> int:
+    from llmlab.common import LlmlabError
+    from llmlab.text.vector_eval import evaluate, read_eval_set
+    from llmlab.text.vectors import WordVectors
+
+    eval_set = None
+    if args.test_set:
+        path = Path(args.test_set)
+        if not path.is_file():
+            raise LlmlabError(f"{args.test_set}: no such file (give a test set in vector_eval.txt's format)")
+        eval_set = read_eval_set(path.read_text(encoding="utf-8"))
+    e = evaluate(WordVectors.load(args.vectors), eval_set)
+    if args.json:
+        print(json.dumps(e, indent=2))
+        return 0
+    for name, s in e["sections"].items():
+        print(f"analogy {name:<14} {100 * s['accuracy']:5.1f}%  ({s['questions']} of {s['total']} questions)")
+    print(f"analogy (all)          {100 * e['analogy']:5.1f}%  ({e['analogy_questions']} of {e['analogy_total']})")
+    print(f"similarity             {100 * e['similarity']:5.1f}%  ({e['similarity_items']} of "
+          f"{e['similarity_total']} triplets)")
+    return 0
+
+
+def cmd_vectors_plot(args) -> int:
+    from llmlab.text.vector_eval import plot_words
+    from llmlab.text.vectors import WordVectors
+
+    words = plot_words(WordVectors.load(args.vectors), args.out, [w.lower() for w in args.words] or None,
+                       projection=args.projection)
+    print(f"wrote {args.out}: {len(words)} words, {'t-SNE' if args.projection == 'tsne' else 'PCA'} to 2-D")
+    return 0
+
+
 def cmd_scaling(args) -> int:
     from llmlab.common import LlmlabError
     from llmlab.dataclass_io import from_args
@@ -829,6 +906,56 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
         add_flags(t_cls, FeatureConfig)
         add_flags(t_cls, ClassifyConfig)
         add_flags(t_lm, NgramConfig)
+
+    s = sub.add_parser("vectors", help="word vectors: word2vec (skip-gram, CBOW), GloVe, fastText; neighbours, "
+                                       "analogies, evaluation, a 2-D plot",
+                       description="Word vectors trained on the built-in corpus (Python help topics and "
+                                   "standard-library docstrings) or your files.")
+    vsub = s.add_subparsers(dest="vectors_command", required=True, parser_class=_Parser)
+    v_train = vsub.add_parser("train", help="train word vectors and score them on the built-in test set")
+    v_train.add_argument("inputs", nargs="*", help="text files (documents split at blank lines) or JSONL files "
+                                                   "('text' field) (default: the built-in corpus)")
+    v_train.add_argument("--out", default="runs/vectors", help="the vectors folder to write (default: runs/vectors)")
+    v_train.add_argument("--sg", dest="arch", action="store_const", const="sg", default="sg",
+                         help="skip-gram, the same as --arch sg (default: sg)")
+    v_train.add_argument("--cbow", dest="arch", action="store_const", const="cbow", default="sg",
+                         help="CBOW, the same as --arch cbow (default: sg)")
+    v_train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                         help="a progress bar with words/s and ETA on standard error (default: on)")
+    v_train.set_defaults(func=cmd_vectors_train)
+    v_nb = vsub.add_parser("neighbors", help="the nearest words by cosine")
+    v_nb.add_argument("words", nargs="+", help="one or more words")
+    v_an = vsub.add_parser("analogy", help="a : b :: c : ?  (3CosAdd: the word nearest b - a + c)")
+    for name in ("a", "b", "c"):
+        v_an.add_argument(name, help=f"the word {name}")
+    v_ev = vsub.add_parser("eval", help="similarity and analogy accuracy on the built-in test set")
+    v_ev.add_argument("--test-set", default=None, help="a test set in the built-in one's format "
+                                                       "(default: the built-in set)")
+    v_ev.add_argument("--json", action="store_true", help="print JSON (default: off)")
+    v_pl = vsub.add_parser("plot", help="a 2-D picture of chosen words, PCA or t-SNE (PNG)")
+    v_pl.add_argument("--out", default="vectors.png", help="the PNG to write (default: vectors.png)")
+    v_pl.add_argument("--projection", default="pca", choices=["pca", "tsne"],
+                      help="PCA (first two principal components) or exact t-SNE (default: pca)")
+    v_pl.add_argument("--words", nargs="*", default=[], help="the words to draw (default: a built-in list of "
+                                                           "Python words)")
+    for v, func in ((v_nb, cmd_vectors_neighbors), (v_an, cmd_vectors_analogy), (v_ev, cmd_vectors_eval),
+                    (v_pl, cmd_vectors_plot)):
+        v.add_argument("--vectors", default="runs/vectors", help="a folder from 'llmlab vectors train' "
+                                                                 "(default: runs/vectors)")
+        v.set_defaults(func=func)
+    for v in (v_nb, v_an):
+        v.add_argument("--top", type=int, default=10 if v is v_nb else 5, help="how many words to print "
+                       f"(default: {10 if v is v_nb else 5})")
+    for v in (v_train, v_nb, v_an, v_ev, v_pl):
+        v.add_argument("--threads", type=_threads, default=1, metavar="N",
+                       help="CPU threads for PyTorch; 0 = one per physical core; the small batched updates run "
+                            "fastest on one (default: 1)")
+    if wanted("vectors"):
+        from llmlab.dataclass_io import add_flags
+        from llmlab.text.vectors import VectorConfig
+
+        add_flags(v_train, VectorConfig, unset={"lr": "0.025 for word2vec and fastText (gensim's), 0.05 for GloVe "
+                                                      "(glove.c's)"})
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, embeddings) with continuous "
                                      "batching, a paged KV cache, /metrics and a web chat page at /")
