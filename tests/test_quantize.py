@@ -318,5 +318,10 @@ def test_readme_quantize_commands(tmp_path, smollm_path):
     assert r.returncode == 0, r.stderr
     r = run_cli("generate", "--model", str(tmp_path / "q4-gptq"), "The capital of France is", "--max-new-tokens", "4")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    r = run_cli("convert", str(tmp_path / "q4-gptq"), str(tmp_path / "q4-gptq.gguf"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("generate", "--model", str(tmp_path / "q4-gptq.gguf"), "The capital of France is",
+                "--max-new-tokens", "4")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
     spec = json.loads((tmp_path / "q4-gptq" / "config.json").read_text())["quantization_config"]
     assert (spec["method"], spec["bits"], spec["group_size"], len(spec["modules"])) == ("gptq", 4, 32, 210)

@@ -136,6 +136,7 @@ class QuantLinear(nn.Module):
         scales = self.scales.detach().float().clone()
         del self.scales
         self.scales = nn.Parameter(scales)
+        self.scales.no_weight_decay = True  # train/optim.param_groups: AdamW must not shrink the scales
         self.dense = None
         return self
 

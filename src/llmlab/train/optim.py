@@ -21,13 +21,13 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay, seen = [], [], set()
-    for name, p in model.named_parameters(remove_duplicate=False):
+    for p in model.parameters():
         if not p.requires_grad or id(p) in seen:  # tied weights count once
             continue
         seen.add(id(p))
-        # matrices decay; vectors (norms, biases) and PEQA's trainable quantization scales (N, groups) do not:
-        # decaying a scale shrinks every weight of its group toward zero
-        (decay if p.ndim >= 2 and not name.endswith(".scales") else no_decay).append(p)
+        # matrices decay; vectors (norms, biases) and parameters marked ``no_weight_decay`` do not (PEQA's
+        # quantization scales (N, groups): decaying a scale shrinks every weight of its group toward zero)
+        (decay if p.ndim >= 2 and not getattr(p, "no_weight_decay", False) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
