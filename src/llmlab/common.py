@@ -139,6 +139,25 @@ def read_json(path: Path, missing: str | None = None):
         raise LlmlabError(f"{path}: JSON nested too deeply to read (corrupt or hostile file)") from None
 
 
+def jsonl_texts(raw: str, where: str) -> list[str]:
+    """The string ``text`` field of each non-blank line of JSONL ``raw``; a one-line error naming ``where`` and
+    the line number for a line that is not a JSON object with one."""
+    import json
+
+    texts = []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise LlmlabError(f"{where}:{i}: not a JSON object (each line needs a 'text' field)") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise LlmlabError(f"{where}:{i}: no string 'text' field")
+        texts.append(rec["text"])
+    return texts
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

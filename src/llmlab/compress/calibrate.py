@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmlab.common import LlmlabError
+from llmlab.common import LlmlabError, jsonl_texts
 
 CALIB_MODULES = ("argparse", "collections", "functools", "itertools", "pathlib", "subprocess", "threading",
                  "asyncio", "logging", "unittest", "typing", "dataclasses", "datetime", "decimal", "fractions",
@@ -56,20 +56,7 @@ def calibration_text(source: str = "builtin") -> str:
     except UnicodeDecodeError:
         raise LlmlabError(f"--calib {source}: not UTF-8 text") from None
     if path.suffix == ".jsonl":
-        import json
-
-        texts = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise LlmlabError(f"--calib {source}:{i}: not a JSON object (each line needs a 'text' field)") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise LlmlabError(f"--calib {source}:{i}: no string 'text' field")
-            texts.append(rec["text"])
-        raw = "\n\n".join(texts)
+        raw = "\n\n".join(jsonl_texts(raw, f"--calib {source}"))
     return raw
 
 

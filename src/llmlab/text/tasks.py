@@ -94,11 +94,10 @@ def lm_corpus() -> tuple[str, str]:
 def read_documents(paths: list[str]) -> list[str]:
     """Documents from files: a ``.jsonl`` file gives each line's ``text``; any other file is UTF-8 text cut
     into documents at blank lines."""
-    import json
     import re
     from pathlib import Path
 
-    from llmlab.common import LlmlabError
+    from llmlab.common import LlmlabError, jsonl_texts
 
     docs: list[str] = []
     for name in paths:
@@ -112,16 +111,7 @@ def read_documents(paths: list[str]) -> list[str]:
         if path.suffix != ".jsonl":
             docs.extend(d.strip() for d in re.split(r"\n[ \t]*\n", raw) if d.strip())
             continue
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise LlmlabError(f"{name}:{i}: not JSON (each line needs a 'text' field)") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise LlmlabError(f"{name}:{i}: no string 'text' field")
-            docs.append(rec["text"])
+        docs.extend(jsonl_texts(raw, name))
     if not any(d.strip() for d in docs):
         raise LlmlabError(f"{', '.join(paths)}: the corpus is empty (no text found)")
     return docs
