@@ -104,7 +104,8 @@ def bits_per_weight(model) -> float:
 @torch.inference_mode()
 def runs_as(model) -> str:
     """What the fast path runs the blocks' linear layers as: GGML block types, or dense float32."""
-    kinds = Counter(TYPE_NAMES[m.ggml_type] if isinstance(m, PackedLinear) else "float32 (dequantized once)"
+    kinds = Counter(TYPE_NAMES[m.ggml_type] if isinstance(m, PackedLinear) else
+                    "NF4 (dequantized in each call)" if isinstance(m, NF4Linear) else "float32 (dequantized once)"
                     for m in model.layers.modules() if isinstance(m, (PackedLinear, QuantLinear, NF4Linear)))
     return ", ".join(kinds) if kinds else "float32"
 
