@@ -164,13 +164,14 @@ def test_features_bad_input():
 
 
 def test_docstring_corpus_does_not_depend_on_what_ran_before():
-    """unittest imports IsolatedAsyncioTestCase on first access: the corpus must be the same before and after
-    (a full test run touched it and moved the README's perplexity from 44.25 to 43.36)."""
+    """Imports patch the standard library (unittest adds IsolatedAsyncioTestCase on first access, torch replaces
+    inspect.getfile, transformers adds logging.Logger.warning_once): the corpus must be the same before and after
+    (full test runs moved the README's perplexity from 44.25 to 43.36 and to 43.66)."""
     import subprocess
     import sys
 
-    code = ("from llmlab.text.tasks import docstring_task; a = docstring_task(); import unittest; "
-            "unittest.IsolatedAsyncioTestCase; b = docstring_task(); "
-            "print(a.train_texts == b.train_texts and a.test_texts == b.test_texts)")
+    code = ("from llmlab.text.tasks import docstring_task, clean_docstrings; a = docstring_task(); import unittest; "
+            "unittest.IsolatedAsyncioTestCase; import torch, transformers; clean_docstrings.cache_clear(); "
+            "b = docstring_task(); print(a.train_texts == b.train_texts and a.test_texts == b.test_texts)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "True", r.stderr

@@ -6,15 +6,24 @@ itself (not inherited). Its *label* is the top-level module it belongs to ("whic
 come from?"). Texts that occur under two labels are dropped, repeats under one label kept once. The split is
 fixed: an example is held out when the CRC-32 of ``module:qualified name`` is 0 mod 5, so it does not depend on
 the order Python lists attributes in. The counts depend on the Python version (the README states it).
+
+The docstrings are read in a fresh interpreter (``python -I``: standard library only), because libraries patch the
+standard library when they are imported -- torch replaces ``inspect.getfile``, transformers adds
+``logging.Logger.warning_once`` -- and the corpus must not depend on what this process imported before.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import json
+import subprocess
+import sys
 import warnings
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 TASK_MODULES = ("argparse", "asyncio", "collections", "datetime", "decimal", "email.message", "http.client",
                 "inspect", "logging", "pathlib", "socket", "sqlite3", "subprocess", "tarfile", "threading", "typing",
@@ -67,14 +76,30 @@ def is_held_out(key: str) -> bool:
     return zlib.crc32(key.encode()) % 5 == 0
 
 
+# the child imports this file alone (not the llmlab package, whose common module imports torch)
+_CHILD = ("import json, sys, runpy; module_docstrings = runpy.run_path(sys.argv[1])['module_docstrings']; "
+          "print(json.dumps([[n, q, d] for n in sys.argv[2:] for q, d in module_docstrings(n)]))")
+
+
+@functools.lru_cache(maxsize=8)
+def clean_docstrings(modules: tuple[str, ...]) -> tuple[tuple[str, str, str], ...]:
+    """(module, qualified name, docstring) rows of ``modules``, read in a fresh standard-library-only interpreter."""
+    r = subprocess.run([sys.executable, "-I", "-c", _CHILD, str(Path(__file__).resolve()), *modules],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode:
+        from llmlab.common import LlmlabError  # not at the top: the child must import nothing but the stdlib
+
+        raise LlmlabError(f"could not read the docstrings of {', '.join(modules)}: "
+                          f"{(r.stderr.strip().splitlines() or ['?'])[-1]}; pass module names Python can import")
+    return tuple(tuple(row) for row in json.loads(r.stdout))
+
+
 def docstring_task(modules: tuple[str, ...] = TASK_MODULES) -> TextTask:
     """Which standard-library module does a docstring come from? Labels are ``modules`` in the given order."""
     owners: dict[str, set[str]] = {}
-    rows = []
-    for name in modules:
-        for qualname, doc in module_docstrings(name):
-            owners.setdefault(doc, set()).add(name)
-            rows.append((name, qualname, doc))
+    rows = clean_docstrings(tuple(modules))
+    for name, _, doc in rows:
+        owners.setdefault(doc, set()).add(name)
     task = TextTask(list(modules), [], [], [], [])
     seen = set()
     for name, qualname, doc in rows:
@@ -98,7 +123,6 @@ def read_documents(paths: list[str]) -> list[str]:
     """Documents from files: a ``.jsonl`` file gives each line's ``text``; any other file is UTF-8 text cut
     into documents at blank lines."""
     import re
-    from pathlib import Path
 
     from llmlab.common import LlmlabError, jsonl_texts
 
