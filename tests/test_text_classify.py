@@ -122,6 +122,11 @@ def test_help_lists_every_flag_with_default():
     (["text", "ngram-lm", "--min-count", "100000"], "leaves no words"),
     (["text", "classify", "--data", "{one_label}"], "at least two labels"),
     (["text", "classify", "--data", "{missing}"], "no such file"),
+    (["text", "classify", "--data", "{binary}"], "not UTF-8 text (byte 2; give a JSONL file"),
+    (["text", "tfidf", "{binary}"], "not UTF-8 text (byte 2"),
+    (["text", "tfidf", "{folder}"], "no such file (give UTF-8 text or JSONL files)"),
+    (["vectors", "eval", "--test-set", "{binary}"], "not UTF-8 text (byte 2; give a test set"),
+    (["vectors", "eval", "--test-set", "{missing}"], "no such file (give a test set"),
     (["text", "ngram-lm", "--order", "1"], "order >= 2"),
     (["text", "tfidf", "--query", "zzqqxx"], "none of its terms"),
     (["text", "tfidf", "--show", "-1"], "must be >= 0"),
@@ -132,7 +137,9 @@ def test_help_lists_every_flag_with_default():
 ])
 def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, needle):
     files = {"empty": tmp_path / "empty.txt", "stops": tmp_path / "stops.txt", "one_label": tmp_path / "one.jsonl",
-             "missing": tmp_path / "missing.jsonl", "short": tmp_path / "short.txt"}
+             "missing": tmp_path / "missing.jsonl", "short": tmp_path / "short.txt", "binary": tmp_path / "b.jsonl",
+             "folder": tmp_path}
+    files["binary"].write_bytes(b"ab\xff\xfe")
     files["short"].write_text("One sentence here. And a second one.")
     files["empty"].write_text("\n\n  \n")
     files["stops"].write_text("the and of\n\na is it\n")

@@ -451,16 +451,14 @@ def cmd_vectors_analogy(args) -> int:
 
 
 def cmd_vectors_eval(args) -> int:
-    from llmlab.common import LlmlabError
+    from llmlab.common import read_text_file
     from llmlab.text.vector_eval import evaluate, read_eval_set
     from llmlab.text.vectors import WordVectors
 
     eval_set = None
     if args.test_set:
-        path = Path(args.test_set)
-        if not path.is_file():
-            raise LlmlabError(f"{args.test_set}: no such file (give a test set in vector_eval.txt's format)")
-        eval_set = read_eval_set(path.read_text(encoding="utf-8"))
+        raw = read_text_file(args.test_set, args.test_set, "a test set in vector_eval.txt's format")
+        eval_set = read_eval_set(raw)
     e = evaluate(WordVectors.load(args.vectors), eval_set)
     if args.json:
         print(json.dumps(e, indent=2))

@@ -116,6 +116,21 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def read_text_file(path: str | os.PathLike, name: str, expected: str) -> str:
+    """The UTF-8 text of a file the user named; a missing file, a folder, an unreadable file or bytes that are not
+    UTF-8 is a one-line LlmlabError starting with ``name`` (how the user gave it, e.g. ``--calib x.txt``) and
+    saying what was ``expected`` (e.g. ``a UTF-8 text or JSONL file``)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise LlmlabError(f"{name}: no such file (give {expected})")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LlmlabError(f"{name}: not UTF-8 text (byte {e.start}; give {expected})") from None
+    except OSError as e:
+        raise LlmlabError(f"{name}: cannot read it: {e.strerror}") from None
+
+
 def read_json(path: Path, missing: str | None = None):
     """Parse a JSON file; a missing file (when ``missing`` says why it is needed) or bad JSON is a one-line
     LlmlabError naming the file. With ``missing=None`` an absent file gives None."""

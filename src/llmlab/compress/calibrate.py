@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmlab.common import LlmlabError, jsonl_texts
+from llmlab.common import LlmlabError, jsonl_texts, read_text_file
 
 CALIB_MODULES = ("argparse", "collections", "functools", "itertools", "pathlib", "subprocess", "threading",
                  "asyncio", "logging", "unittest", "typing", "dataclasses", "datetime", "decimal", "fractions",
@@ -48,14 +48,8 @@ def calibration_text(source: str = "builtin") -> str:
     """``builtin`` or a path to a UTF-8 text file (a ``.jsonl`` file: each line's ``text`` field)."""
     if source == "builtin":
         return module_text(CALIB_MODULES)
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise LlmlabError(f"--calib {source}: no such file (give a UTF-8 text or JSONL file, or 'builtin')")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise LlmlabError(f"--calib {source}: not UTF-8 text") from None
-    if path.suffix == ".jsonl":
+    raw = read_text_file(source, f"--calib {source}", "a UTF-8 text or JSONL file, or 'builtin'")
+    if Path(source).suffix == ".jsonl":
         raw = "\n\n".join(jsonl_texts(raw, f"--calib {source}"))
     return raw
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmlab.common import LlmlabError
+from llmlab.common import LlmlabError, read_text_file
 from llmlab.text.features import FeatureConfig, Vectorizer
 from llmlab.text.tasks import TextTask, docstring_task
 
@@ -109,17 +109,10 @@ def labelled_task(path: str) -> TextTask:
     """A task from a JSONL file of ``{"text": ..., "label": ...}`` lines; the held-out fifth is fixed by the
     CRC-32 of each text (as for the built-in task)."""
     import json
-    from pathlib import Path
 
     from llmlab.text.tasks import is_held_out
 
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise LlmlabError(f"--data {path}: no such file (give a JSONL file of text/label objects)")
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise LlmlabError(f"--data {path}: not UTF-8 text") from None
+    lines = read_text_file(path, f"--data {path}", "a JSONL file of text/label objects").splitlines()
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():

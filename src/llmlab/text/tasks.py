@@ -124,18 +124,12 @@ def read_documents(paths: list[str]) -> list[str]:
     into documents at blank lines."""
     import re
 
-    from llmlab.common import LlmlabError, jsonl_texts
+    from llmlab.common import LlmlabError, jsonl_texts, read_text_file
 
     docs: list[str] = []
     for name in paths:
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise LlmlabError(f"{name}: no such file (give UTF-8 text or JSONL files)")
-        try:
-            raw = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise LlmlabError(f"{name}: not UTF-8 text") from None
-        if path.suffix != ".jsonl":
+        raw = read_text_file(name, name, "UTF-8 text or JSONL files")
+        if Path(name).suffix != ".jsonl":
             docs.extend(d.strip() for d in re.split(r"\n[ \t]*\n", raw) if d.strip())
             continue
         docs.extend(jsonl_texts(raw, name))
