@@ -26,10 +26,8 @@ import torch
 from llmlab.api import load
 from llmlab.infer.generate import generate
 from llmlab.infer.speculative import NgramDrafter, speculative_generate
-from llmlab.nn.cpu_kernels import best_variant, cpu_flags, physical_cores
+from llmlab.nn.cpu_kernels import best_variant, physical_cores, speed_flags
 from llmlab.nn.packed_linear import set_impl_
-
-FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16")
 
 
 def median_time(fn, runs: int) -> float:
@@ -106,8 +104,7 @@ def main() -> int:
     args = ap.parse_args()
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
-    flags = sorted(f for f in FLAGS if f in cpu_flags())
-    print(f"threads {threads}; CPU flags: {', '.join(flags) or 'none of ' + ', '.join(FLAGS)}; "
+    print(f"threads {threads}; CPU flags: {speed_flags()}; "
           f"int8 kernel variant: {best_variant()}")
     ref = load()
     tok, N, R = ref.tokenizer, args.new_tokens, args.runs

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -40,23 +39,14 @@ from pathlib import Path
 
 import torch
 
+from llmlab.nn.cpu_kernels import cpu_description
+
 LR, BETAS, WD = 1e-4, (0.9, 0.95), 0.01
 R, ALPHA = 16, 32.0
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # ---- setup (parent process) ---------------------------------------------------------------------------
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    simd = sorted({f for f in flags if f.startswith(("avx2", "avx512", "amx", "fma"))})
-    return f"{model}; {os.cpu_count()} cores visible; flags: {' '.join(simd) or 'no avx2'}"
 
 
 def prepare(workdir: Path, rows: int, seq: int) -> None:
@@ -238,7 +228,7 @@ def main() -> None:
     if bad:
         sys.exit(f"--bases {','.join(bad)}: use fp32, nf4 or packed")
     args.warmup = max(1, args.warmup)
-    print(f"CPU: {cpu_flags()}")
+    print(f"CPU: {cpu_description()}")
     print(f"load average before: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}; torch "
           f"{torch.__version__}, {args.threads} threads")
     print(f"LoRA r={R} alpha={ALPHA:g} dropout 0, all linear layers but lm_head; fp32; AdamW lr {LR} (LoRA only); "

@@ -19,11 +19,9 @@ import torch
 from llmlab.models import native_step
 from llmlab.models.registry import build_model, get_preset
 from llmlab.nn import packed_linear
-from llmlab.nn.cpu_kernels import cpu_flags, physical_cores, runnable_variants
+from llmlab.nn.cpu_kernels import physical_cores, runnable_variants, speed_flags
 from llmlab.nn.ggml_quants import quantize_q4_1, quantize_q8_0
 from llmlab.nn.packed_linear import PackedLinear
-
-FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16")
 
 
 def median_us(fn, runs: int) -> float:
@@ -74,7 +72,7 @@ def main() -> int:
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
     variants = runnable_variants()
-    print(f"threads {threads}; CPU flags: {', '.join(f for f in FLAGS if f in cpu_flags()) or 'none listed'}; "
+    print(f"threads {threads}; CPU flags: {speed_flags()}; "
           f"int8 variants: {', '.join(variants)}")
     shapes = {"gate/up 576->1536 Q4_1": ("Q4_1", 1536, 576), "down 1536->576 Q4_1": ("Q4_1", 576, 1536),
               "head 576->49152 Q8_0": ("Q8_0", 49152, 576)}

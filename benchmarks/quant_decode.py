@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from decode import FLAGS, prompt_ids, rates
+from decode import prompt_ids, rates
 from llmlab.compress.quantize import make_spec, quantize_model_
 from llmlab.formats.convert import write_loaded
 from llmlab.formats.load import load_model
 from llmlab.infer.generate import generate
 from llmlab.infer.sample import SamplingParams
-from llmlab.nn.cpu_kernels import cpu_flags
+from llmlab.nn.cpu_kernels import speed_flags
 from llmlab.nn.packed_linear import PackedLinear
 
 # GGML type -> (how llmlab quantize makes it, make_spec keyword arguments)
@@ -53,7 +53,7 @@ def main() -> int:
     except ImportError:
         llama_cpp = None
         print("llama-cpp-python: skipped (not installed; it compiles llama.cpp: pip install llama-cpp-python)")
-    flags = " ".join(f for f in FLAGS if f in cpu_flags())
+    flags = speed_flags()
     print(f"SmolLM2-135M-Instruct; prompt 128 tokens, {args.new_tokens} new; {args.threads} threads; Python "
           f"{platform.python_version()}; torch {torch.__version__}; CPU flags: {flags}")
     base = load_model(None)

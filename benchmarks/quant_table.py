@@ -36,7 +36,7 @@ from llmlab.formats.convert import write_loaded
 from llmlab.formats.load import chat_template_of, load_model
 from llmlab.infer.generate import chat_stop_ids, generate
 from llmlab.infer.sample import SamplingParams
-from llmlab.nn.cpu_kernels import cpu_flags
+from llmlab.nn.cpu_kernels import speed_flags
 from llmlab.nn.ggml_quants import TYPE_IDS
 from llmlab.nn.nf4 import NF4Linear
 from llmlab.nn.packed_linear import PackedLinear
@@ -135,8 +135,7 @@ def main() -> None:
     ids = torch.tensor(tok.encode(text)[: args.ppl_tokens])
     n_bytes = len(tok.decode(ids[: len(ids) // args.window * args.window].tolist()).encode())
     windows = token_windows(tok, calibration_text("builtin"), args.calib_samples, args.calib_len, seed=0)
-    flags = " ".join(sorted(f for f in cpu_flags() if f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni",
-                                                              "avx_vnni", "avx512_bf16", "amx_bf16")))
+    flags = speed_flags()
     print(f"SmolLM2-135M-Instruct; {len(ids)} held-out tokens in windows of {args.window}; calibration "
           f"{args.calib_samples} x {args.calib_len}; Python {platform.python_version()}; torch "
           f"{torch.__version__}; {torch.get_num_threads()} threads; CPU flags: {flags}", flush=True)

@@ -33,7 +33,7 @@ from llmlab.compress.calibrate import calibration_text, token_windows
 from llmlab.compress.gptq import quantize_gptq_, single_thread
 from llmlab.compress.sequential import BlockInputs
 from llmlab.compress.spec import QuantSpec
-from llmlab.nn.cpu_kernels import cpu_flags
+from llmlab.nn.cpu_kernels import speed_flags
 
 # the reference llama.py's true-sequential order, for the peer (llmlab finds the same stages from the forward)
 LLAMA_STAGES = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
@@ -162,8 +162,7 @@ def main() -> int:
 
     sys.stdout.reconfigure(line_buffering=True)  # each table as it is done, also into a log file
     torch.set_num_threads(args.threads)
-    flags = sorted(f for f in cpu_flags() if f in ("avx2", "fma") or f.startswith("avx512"))
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU flags: {' '.join(flags) or 'unknown'}")
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU flags: {speed_flags()}")
     loaded = load_model(None, packed=False)  # SmolLM2-135M-Instruct, dequantized to float32
     windows = token_windows(loaded.tokenizer, calibration_text(args.calib), args.samples, args.seq_len)
     print(f"SmolLM2-135M-Instruct, {args.samples} x {args.seq_len} tokens of {args.calib} text, {args.bits}-bit, "

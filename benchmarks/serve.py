@@ -54,6 +54,8 @@ from pathlib import Path
 
 import torch
 
+from llmlab.nn.cpu_kernels import cpu_description
+
 SYSTEMS = ("llmlab-http", "llmlab-offline", "transformers", "llamacpp")
 WORD_TEXT = """the of and to in is that it for on with as was at by be this from or an are not have has had
 which one all were when we there can been if more would will so what about other into some could them time
@@ -68,17 +70,6 @@ WORDS = WORD_TEXT.split()
 
 
 # ---- setup --------------------------------------------------------------------------------------------------
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
-    return f"{model}; {os.cpu_count()} cores visible; flags: {' '.join(simd) or 'no avx2'}"
 
 
 def loadavg() -> str:
@@ -532,7 +523,7 @@ def main() -> int:
 
     args.model = Path(args.model) if args.model else embedded_path("smollm2-135m-instruct")
     torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_flags()}")
+    print(f"CPU: {cpu_description()}")
     print(f"load average before: {loadavg()}; torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"(servers: OMP_NUM_THREADS={args.threads}); model {args.model.name}; llmlab "
           f"{'packed + float32 for many rows' if args.packed else 'float32 reference'} path")
@@ -596,7 +587,7 @@ def main() -> int:
     print_table(results)
     ratios = print_ratios(results, prefix)
     if args.json:
-        out = {"cpu": cpu_flags(), "threads": args.threads, "model": str(args.model), "packed": args.packed,
+        out = {"cpu": cpu_description(), "threads": args.threads, "model": str(args.model), "packed": args.packed,
                "args": {k: v for k, v in vars(args).items() if k not in ("json", "model")},
                "results": [vars(r) for r in results], "prefix_cache": prefix, "ratios": ratios}
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from llmlab.nn.cpu_kernels import speed_flags
+
 # (label, extra flags)
 VARIANTS = {
     "full": ["--method", "full"],
@@ -27,15 +29,6 @@ VARIANTS = {
     "prefix": ["--method", "prefix"],
     "prompt": ["--method", "prompt"],
 }
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    have = flags.split(":", 1)[1].split()
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in have) or "none"
 
 
 def main() -> None:
@@ -66,7 +59,7 @@ def main() -> None:
         rows.append((name, s, wall))
         print(f"  {name}: {100 * s['accuracy_before']:.0f}% -> {100 * s['accuracy_after']:.0f}%, "
               f"{s['trainable_params']:,} trainable, {s['peak_rss_mb']:.0f} MB, {wall / 60:.1f} min", flush=True)
-    print(f"\nCPU flags: {cpu_flags()}; flags: {' '.join(extra) or '(llmlab sft defaults)'}\n")
+    print(f"\nCPU flags: {speed_flags()}; flags: {' '.join(extra) or '(llmlab sft defaults)'}\n")
     print("| method | held-out exact match before → after | trainable parameters | peak RSS | time (train / total) |")
     print("|---|---|---|---|---|")
     for name, s, wall in rows:

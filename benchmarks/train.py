@@ -2,9 +2,11 @@
 
 Config (issue 4): 6 layers, 6 heads, dim 384, context 256, vocab 50304, batch 8, bf16 autocast, AdamW,
 gradient clipping at 1.0. One optimizer step = forward, cross-entropy, backward, clip, AdamW. Median
-of --runs timed windows of --steps steps after --warmup steps. Also prints model FLOPs utilisation:
-model FLOPs per token = 6 N + 12 L T d (Kaplan et al. 2020 / PaLM appendix B), against the measured
-peak of a large matmul in the same dtype on this machine.
+of --runs timed windows of --steps steps after --warmup steps. ``llmlab DecoderLM fused head`` computes the
+LM head and the cross-entropy as one chunked operation (``nn/linear_ce.py``, as the training loop does).
+Also prints model FLOPs utilisation (``train/mfu.py``: 6 N + 12 L T d per token) against the measured matmul
+peak of the units the run uses: bf16 where the CPU has bf16 units, fp32 where llmlab emulates bf16 on fp32
+units; the header says which, with the CPU flags.
 
     python benchmarks/train.py                 # CPU, bf16 autocast
     python benchmarks/train.py --device cuda --preset gpt2-124m --batch 16 --seq 1024 --compile
@@ -22,6 +24,9 @@ import torch.nn.functional as F
 from llmlab.models.config import ModelConfig
 from llmlab.models.decoder import DecoderLM
 from llmlab.nn.autocast import autocast
+from llmlab.nn.cpu_kernels import cpu_description
+from llmlab.nn.linear_ce import linear_cross_entropy
+from llmlab.train.mfu import flops_per_token, matmul_path, measure_peak, mfu
 from llmlab.train.optim import build_adamw
 
 SHAPES = {
@@ -30,34 +35,22 @@ SHAPES = {
 }
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        sync(device)
-        times.append((time.perf_counter() - t) / 4)
-    return 2 * n**3 / min(times)
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def step_fn(model, opt, x, y, dtype, device, hf: bool):
+def step_fn(model, opt, x, y, dtype, device, hf: bool, fused: bool = False):
     # transformers: torch.autocast as its Trainer uses it; llmlab: its training loop's autocast (emulated on
     # CPUs without bf16 units, see llmlab.nn.autocast).
     ctx = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32) if hf else autocast(device, dtype)
     with ctx:
-        logits = model(x).logits if hf else model(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
+        if fused:
+            h = model(x, return_hidden=True)  # (B, T, D)
+            loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.lm_head.weight, y.view(-1))
+        else:
+            logits = model(x).logits if hf else model(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -65,20 +58,20 @@ def step_fn(model, opt, x, y, dtype, device, hf: bool):
     return loss
 
 
-def measure(name, model, opt, args, device, dtype, hf=False, runs=None, steps=None, warmup=None):
+def measure(name, model, opt, args, device, dtype, hf=False, runs=None, steps=None, warmup=None, fused=False):
     V = args.vocab
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, V, (args.batch, args.seq), generator=g).to(device)
     y = torch.randint(0, V, (args.batch, args.seq), generator=g).to(device)
     runs, steps, warmup = runs or args.runs, steps or args.steps, args.warmup if warmup is None else warmup
     for _ in range(warmup):
-        step_fn(model, opt, x, y, dtype, device, hf)
+        step_fn(model, opt, x, y, dtype, device, hf, fused)
     sync(device)
     rates = []
     for _ in range(runs):
         t = time.perf_counter()
         for _ in range(steps):
-            step_fn(model, opt, x, y, dtype, device, hf)
+            step_fn(model, opt, x, y, dtype, device, hf, fused)
         sync(device)
         rates.append(steps * args.batch * args.seq / (time.perf_counter() - t))
     rate = statistics.median(rates)
@@ -114,12 +107,13 @@ def main() -> None:
     cfg = ModelConfig(arch="gpt2", vocab_size=args.vocab, dim=shape["dim"], n_layers=shape["n_layers"],
                       n_heads=shape["n_heads"], ffn_dim=4 * shape["dim"], max_seq_len=args.seq, attn_bias=True,
                       mlp_bias=True, tie_embeddings=True)
-    n_params = cfg.num_params() - args.seq * cfg.dim  # position embeddings do no matmul work
-    flops_per_token = 6 * n_params + 12 * cfg.n_layers * args.seq * cfg.dim
-    peak = peak_flops(device, dtype if device.type == "cuda" else torch.float32)
+    flops_token = flops_per_token(cfg, args.seq)
+    path = matmul_path(device, dtype)
+    peak = measure_peak(device, path.dtype)
+    print(f"CPU: {cpu_description()}" if device.type == "cpu" else f"device: {torch.cuda.get_device_name()}")
     print(f"GPT-2 {args.preset}: {cfg.num_params() / 1e6:.1f}M parameters, batch {args.batch} x {args.seq}, "
           f"{args.dtype} autocast, {device}, {torch.get_num_threads()} threads; measured matmul peak "
-          f"{peak / 1e9:.0f} GFLOP/s", flush=True)
+          f"{peak / 1e9:.0f} GFLOP/s of {path.label}", flush=True)
     results = {}
     if not args.skip_peer:
         try:
@@ -141,12 +135,14 @@ def main() -> None:
     model = DecoderLM(cfg).to(device).train()
     opt = build_adamw(model, 1e-4, 0.1)
     results["llmlab"] = measure("llmlab DecoderLM", model, opt, args, device, dtype)
+    results["llmlab fused head"] = measure("llmlab DecoderLM fused head", model, opt, args, device, dtype, fused=True)
     if args.compile:
         cmodel = torch.compile(model)
         results["llmlab compiled"] = measure("llmlab DecoderLM compiled", cmodel, opt, args, device, dtype)
-    print("model FLOPs utilisation (6N + 12LTd per token, vs the measured matmul peak):")
+    print(f"model FLOPs utilisation (6N + 12LTd = {flops_token / 1e6:.0f} MFLOP per token, vs the peak of "
+          f"{path.label}):")
     for name, rate in results.items():
-        print(f"  {name}: {100 * rate * flops_per_token / peak:.1f}%")
+        print(f"  {name}: {100 * mfu(rate, flops_token, peak):.1f}%")
     if "transformers" in results:
         print("ratios:")
         for name, rate in results.items():

@@ -61,6 +61,25 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+# the flags a CPU speed figure depends on (integer-dot and bf16/AMX units), in the order they are printed
+SPEED_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16")
+
+
+def speed_flags() -> str:
+    """The CPU's flags among SPEED_FLAGS, space-separated, for printing beside a speed figure."""
+    return " ".join(f for f in SPEED_FLAGS if f in cpu_flags()) or "none of " + " ".join(SPEED_FLAGS)
+
+
+def cpu_description() -> str:
+    """'<model name>; <n> cores visible; flags: <speed_flags()>' for a benchmark's header."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    return f"{model}; {os.cpu_count()} cores visible; flags: {speed_flags()}"
+
+
 def physical_cores() -> int:
     """Physical cores (hyper-threads share one core's vector units, so more threads than cores rarely help
     memory- and SIMD-bound kernels): distinct (physical id, core id) pairs in /proc/cpuinfo, else os.cpu_count()."""

@@ -1,0 +1,127 @@
+"""The output head and the cross-entropy as one chunked operation that never holds the (N, vocab) logits.
+
+A language model's last step, ``F.cross_entropy(lm_head(h).float(), y)``, is the widest matrix product of a
+small model (GPT-2 at vocab 50304: 2048 tokens x 50304 logits = 412 MB in float32 per batch) and then five
+or six passes over that tensor: the product's output, its float copy, ``log_softmax``, and in the backward
+pass the gradient of each. Here the rows are cut into chunks; for each chunk the logits are formed, the loss
+and its gradient with respect to the logits (``softmax - onehot``) are computed at once, and the gradients of
+the input and the weight are accumulated right away, so only one (chunk, vocab) block is ever alive. This
+is what Liger-Kernel's fused linear cross-entropy does on GPUs (Hsu et al. 2024, arXiv:2410.10989); the
+memory argument is the one of Wijmans et al. 2024 ("Cut Your Losses in Large-Vocabulary Language Models",
+arXiv:2411.09009). The gradients are computed in the forward pass (the loss is the graph's last node, so the
+incoming gradient is a scalar that the backward pass only multiplies in).
+
+Precision follows whatever autocast is active, because the chunk products are ordinary ``torch.mm`` calls:
+under ``torch.autocast`` they run in bf16 as ``lm_head`` would, under ``nn/autocast.EmulatedAutocast`` the
+operands and results are rounded to bf16 as there, and the gradient products are rounded the same way an
+autograd backward through that mode rounds them. Softmax, loss and its gradient are computed in float32.
+
+    loss = linear_cross_entropy(h.reshape(-1, D), model.lm_head.weight, y.reshape(-1))
+    # equals F.cross_entropy(F.linear(h, W).float().reshape(-1, V), y.reshape(-1)) in value and gradients
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float, want_grad: bool):
+    """logits (n, V) float32, target (n,) with -100 ignored -> per-row loss (n,) and d loss_row / d logits."""
+    valid = target != IGNORE_INDEX  # (n,)
+    safe = torch.where(valid, target, 0)
+    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+    nll = lse - logits.gather(1, safe[:, None]).squeeze(1)  # (n,)
+    if label_smoothing:
+        # PyTorch's convention: (1 - e) * nll + e * mean over classes of -log p
+        nll = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(-1))
+    nll = torch.where(valid, nll, 0.0)
+    if not want_grad:
+        return nll, None
+    grad = torch.exp(logits - lse[:, None], out=logits)  # softmax, in place: the logits are not needed again
+    if label_smoothing:
+        grad -= label_smoothing / grad.shape[1]
+    grad[torch.arange(len(safe)), safe] -= 1 - label_smoothing
+    grad *= valid[:, None]
+    return nll, grad
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, label_smoothing, chunk_rows, reduction):
+        N = x.shape[0]
+        n_valid = int((target != IGNORE_INDEX).sum())
+        scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        want = want_x or want_w or want_b  # False under no_grad (evaluation): the loss alone
+        acc = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for float64 weights
+        grad_x = torch.empty_like(x) if want_x else None  # (N, D)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if want_w else None  # (V, D)
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if want_b else None  # (V,)
+        losses = []
+        for i in range(0, N, chunk_rows):
+            xc = x[i:i + chunk_rows]  # (n, D)
+            logits = torch.mm(xc, weight.t())  # (n, V): autocast, native or emulated, applies here
+            if bias is not None:
+                logits = logits + bias
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under autocast
+            loss, g = _chunk_loss_and_grad(logits, target[i:i + chunk_rows], label_smoothing, want)
+            losses.append(loss)
+            if g is None:
+                continue
+            g *= scale  # (n, V): d loss / d logits
+            if want_x:
+                grad_x[i:i + chunk_rows] = torch.mm(g, weight)  # (n, D)
+            if want_w:
+                grad_w += torch.mm(g.t(), xc)  # (V, D)
+            if want_b:
+                grad_b += g.sum(0)
+        total = torch.cat(losses).sum() * scale
+        ctx.save_for_backward(grad_x, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        one = bool(grad_out == 1)  # the usual case (loss.backward()): no pass over the (V, D) gradient
+
+        def scaled(g, dtype=None):
+            g = g if one else g * grad_out
+            return g if dtype is None else g.to(dtype)
+
+        return (None if grad_x is None else scaled(grad_x), None if grad_w is None else scaled(grad_w, w_dtype),
+                None if grad_b is None else scaled(grad_b, b_dtype), None, None, None, None)
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         bias: torch.Tensor | None = None, *, label_smoothing: float = 0.0,
+                         reduction: str = "mean", chunk_rows: int = 0) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(x, weight, bias).float(), target)`` without the (N, V) logits.
+
+    x (N, D), weight (V, D), bias (V,) or None, target (N,) int64 with -100 ignored -> scalar loss (mean
+    over the non-ignored rows, or their sum with ``reduction="sum"``). ``chunk_rows`` rows are processed
+    at a time (0: as many as keep one float32 (rows, V) block near 16 MiB, at least 16)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x (N, D) and weight (V, D) expected, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if target.shape != x.shape[:1]:
+        raise ValueError(f"target must have shape ({x.shape[0]},), got {tuple(target.shape)}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    chunk_rows = chunk_rows or max(16, (4 << 20) // weight.shape[0])
+    return _LinearCrossEntropy.apply(x, weight, bias, target, float(label_smoothing), int(chunk_rows), reduction)
+
+
+def plain_linear_cross_entropy(x, weight, target, bias=None, *, label_smoothing: float = 0.0,
+                               reduction: str = "mean") -> torch.Tensor:
+    """The unfused reference: the full logits, then ``F.cross_entropy`` (what ``linear_cross_entropy`` equals)."""
+    logits = F.linear(x, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (N, V)
+    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX,
+                           label_smoothing=label_smoothing, reduction=reduction)
