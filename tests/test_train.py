@@ -422,3 +422,18 @@ def test_adamw8bit_trains_and_resumes_bit_identically(shards, tmp_path):
     assert max(abs(a - b) for a, b in zip(eight, fp32)) < 1e-3  # measured 1e-4; a step of lr 0 gives > 1e-2
     with pytest.raises(LlmlabError, match="--optimizer"):
         TrainConfig(optimizer="sgd").validate()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fused_head_gives_the_plain_head_curve(shards, tmp_path, arch):
+    """The chunked head + cross-entropy (nn/linear_ce.py, the default) trains like the full-logits loss."""
+    curves = {}
+    for fused in (True, False):
+        pcfg, mflags, tcfg = _small(shards, arch=arch, steps=4, save_every=0)
+        task = build_task(pcfg, mflags, tcfg)
+        assert task.fused_head  # the default
+        task.fused_head = fused
+        train(task, tcfg, tmp_path / str(fused))
+        curves[fused] = losses(tmp_path / str(fused))
+    assert [s for s, _ in curves[True]] == [s for s, _ in curves[False]]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(curves[True], curves[False])) < 1e-5

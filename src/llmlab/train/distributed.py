@@ -81,6 +81,16 @@ def wrap(model: nn.Module, world: World, parallel: str) -> nn.Module:
     return model
 
 
+def is_shard(param: torch.Tensor) -> bool:
+    """Whether FSDP holds ``param`` as a shard (a DTensor): its full value exists only inside the forward of
+    the module that owns it, so code outside that forward (a fused loss over the head) cannot use it."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
+
+
 def describe(wrapped: nn.Module) -> dict:
     """What ``setup`` and ``wrap`` actually did, for the run's metrics: the size of the joined process group,
     the wrapper class, and how many modules FSDP shards (blocks + root)."""

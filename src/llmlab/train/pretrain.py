@@ -27,6 +27,7 @@ from llmlab.formats import checkpoint as ckpt
 from llmlab.formats.load import model_from_state
 from llmlab.models.config import ModelConfig
 from llmlab.models.registry import build_model
+from llmlab.nn.linear_ce import linear_cross_entropy
 from llmlab.nn.moe import MoEFeedForward, moe_aux_loss, moe_dropped
 from llmlab.train import distributed as dist_
 from llmlab.train.loop import TrainConfig, TrainResult, train
@@ -79,19 +80,29 @@ class PretrainConfig:
 
 
 class CausalLMTask:
-    """Next-token cross-entropy (+ MoE load-balancing loss) on shard windows."""
+    """Next-token cross-entropy (+ MoE load-balancing loss) on shard windows. With ``fused_head`` the output
+    head and the cross-entropy run as one chunked operation (``nn/linear_ce.py``: the same loss and gradients,
+    no (B, T, vocab) logits in memory)."""
 
     name = "pretrain"
 
-    def __init__(self, model, cfg: ModelConfig, shards: TokenShards, seq_len: int, seed: int):
+    def __init__(self, model, cfg: ModelConfig, shards: TokenShards, seq_len: int, seed: int,
+                 fused_head: bool = True):
         self.model, self.model_config, self.shards, self.seq_len, self.seed = model, cfg, shards, seq_len, seed
+        self.fused_head = fused_head
 
     def loss(self, model, step, first_row, rows, total_rows, split="train"):
         x, y = self.shards.batch(step, rows, self.seq_len, seed=self.seed, split=split, first_row=first_row,
                                  total_rows=total_rows)
         device = next(self.model.parameters()).device
-        logits = model(x.to(device))  # (B, T, V)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.to(device).reshape(-1))
+        x, y = x.to(device), y.to(device)
+        head = self.model.lm_head
+        if self.fused_head and not dist_.is_shard(head.weight):  # FSDP's head is a shard outside its forward
+            h = model(x, return_hidden=True)  # (B, T, D): the final norm applied, the head not
+            loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), head.weight, y.reshape(-1), head.bias)
+        else:
+            logits = model(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         aux = moe_aux_loss(self.model)
         if aux is not None and split == "train":
             loss = loss + self.model_config.moe_aux_weight * aux
