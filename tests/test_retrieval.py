@@ -219,6 +219,37 @@ def tiny_encoder(tmp_path_factory):
     return str(folder)
 
 
+def test_api_embed_pooling_and_nested_size(tiny_encoder):
+    import llmlab
+
+    llm = llmlab.load(tiny_encoder)
+    texts = ["Return the number of items.", "A much longer sentence, so that the batch is padded."]
+    full = llm.embed(texts)
+    torch.testing.assert_close(llm.embed(texts, dim=16), truncate(full, 16))
+    from llmlab.infer.embed import tokenize_batch
+
+    ids, mask = tokenize_batch(llm.loaded.tokenizer, texts)
+    with torch.no_grad():
+        hidden = llm.model(ids, mask)  # (B, T, 32)
+    torch.testing.assert_close(llm.embed(texts, pooling="cls"), torch.nn.functional.normalize(hidden[:, 0], dim=-1))
+    torch.testing.assert_close(full, torch.nn.functional.normalize(pool(hidden, mask), dim=-1))
+    with pytest.raises(LlmlabError, match="dimension 33 is not in 1..32"):
+        llm.embed(texts, dim=33)
+
+
+def test_train_on_a_pairs_file_moves_the_loss(tmp_path, tiny_encoder):
+    from llmlab.train.contrastive import EmbedConfig, EmbedTrainConfig, run_embed_train
+
+    pairs = _write(tmp_path / "p.jsonl", [{"query": f"what is item {i}?", "document": f"item {i} is number {i}"}
+                                         for i in range(8)])
+    cfg = EmbedConfig(model=tiny_encoder, out=str(tmp_path / "run"), pairs=pairs, matryoshka_dims="32,8",
+                      max_tokens=16)
+    s = run_embed_train(cfg, EmbedTrainConfig(steps=6, batch_size=8, lr=3e-3, warmup=0, progress=False))
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])["loss"]
+    assert s["dims"] == [32, 8] and s["train_loss"] < first, (first, s)
+    assert Path(s["saved"], "config.json").exists() and Path(s["saved"], "tokenizer.json").exists()
+
+
 def test_cli_bad_input_exits_2(tmp_path, tiny_encoder, capsys):
     corpus = _write(tmp_path / "c.jsonl", [{"id": "a", "text": "alpha"}])
     queries = _write(tmp_path / "q.jsonl", [{"id": "q1", "query": "alpha?", "relevant": ["a"]}, {"id": "q2"}])
