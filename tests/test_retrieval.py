@@ -264,12 +264,15 @@ def test_cli_bad_input_exits_2(tmp_path, tiny_encoder, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     empty = _write(tmp_path / "pairs.jsonl", [{"query": "a", "document": ""}])
-    assert main(["embed", "train", "--model", tiny_encoder, "--pairs", empty, "--loss", "mnrl",
+    assert main(["embed", "train", "--model", tiny_encoder, "--pairs", empty, "--loss", "mnrl", "--eval-dims", "32",
                  "--out", str(tmp_path / "r")]) == 2
     assert "empty document" in capsys.readouterr().err
-    assert main(["embed", "train", "--model", tiny_encoder, "--matryoshka-dims", "64,16",
+    assert main(["embed", "train", "--model", tiny_encoder, "--matryoshka-dims", "64,16", "--eval-dims", "32",
                  "--out", str(tmp_path / "r")]) == 2
     assert "dimension 64 is not in 1..32" in capsys.readouterr().err
+    assert main(["embed", "train", "--model", tiny_encoder, "--eval-dims", "32,0", "--out", str(tmp_path / "r")]) == 2
+    assert "--eval-dims: dimension 0 is not in 1..32" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before training
 
 
 def test_empty_query_and_document_are_refused():

@@ -508,12 +508,13 @@ def _score_encoders(models: dict[str, str], dims_text: str, pooling: str, max_to
 def cmd_embed_train(args) -> int:
     from llmlab.dataclass_io import from_args
     from llmlab.eval.retrieval import format_table
+    from llmlab.formats.load import load_model
     from llmlab.infer.embed import parse_dims
     from llmlab.text.retrieval_set import builtin_test_set
     from llmlab.train.contrastive import EmbedConfig, EmbedTrainConfig, run_embed_train
 
     ecfg = from_args(EmbedConfig, args)
-    parse_dims(args.eval_dims, 1 << 30)  # a malformed --eval-dims fails before training, not after
+    parse_dims(args.eval_dims, load_model(ecfg.model).config.dim, "--eval-dims")  # fail before training, not after
     s = run_embed_train(ecfg, from_args(EmbedTrainConfig, args))
     if s["saved"] is None:
         print(f"llmlab: {s['stopped']} at step {s['steps']}; run folder {args.out}", file=sys.stderr)
