@@ -259,6 +259,11 @@ def test_cli_bad_input_exits_2(tmp_path, tiny_encoder, capsys):
         (["--queries", queries, "--corpus", corpus], "q.jsonl:2: missing field 'query'"),
         (["--queries", queries], "give both --queries and --corpus"),
     ]
+    good = _write(tmp_path / "good.jsonl", [{"id": "q1", "query": "alpha?", "relevant": ["a"]}])
+    assert main(["embed", "eval", "--model", tiny_encoder, "--queries", good, "--corpus", corpus, "--dims", "32,8",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"32", "8"} and out["8"]["recall@1"] == 1.0  # one document: always found
     for extra, message in cases:
         assert main(["embed", "eval", "--model", tiny_encoder, *extra]) == 2, extra
         err = capsys.readouterr().err

@@ -506,6 +506,7 @@ def _score_encoders(models: dict[str, str], dims_text: str, pooling: str, max_to
 
 
 def cmd_embed_train(args) -> int:
+    from llmlab.common import write_text_atomic
     from llmlab.dataclass_io import from_args
     from llmlab.eval.retrieval import format_table
     from llmlab.formats.load import load_model
@@ -524,8 +525,6 @@ def cmd_embed_train(args) -> int:
                               ecfg.pooling, ecfg.max_tokens, rset)
     table = format_table(results)
     write_json = {name: {str(d): m for d, m in by_dim.items()} for name, by_dim in results.items()}
-    from llmlab.common import write_text_atomic
-
     write_text_atomic(Path(args.out) / "retrieval.json", json.dumps(write_json, indent=2) + "\n")
     print(f"built-in test set: {len(rset.queries)} queries, {len(rset.corpus)} documents")
     print(table)
