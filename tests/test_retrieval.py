@@ -280,6 +280,18 @@ def test_cli_bad_input_exits_2(tmp_path, tiny_encoder, capsys):
     assert not (tmp_path / "r").exists()  # refused before training
 
 
+def test_help_gives_every_flag_a_default(capsys):
+    for name in ("train", "eval"):
+        with pytest.raises(SystemExit):
+            main(["embed", name, "--help"])
+        body = capsys.readouterr().out.split("options:", 1)[1]
+        entries = re.split(r"\n  (?=-)", "\n" + body)[1:]
+        assert len(entries) >= 8
+        for entry in entries:
+            if not entry.startswith("-h"):
+                assert "(default:" in " ".join(entry.split()), (name, entry)
+
+
 def test_empty_query_and_document_are_refused():
     with pytest.raises(LlmlabError, match="query 2 is empty"):
         check_set(RetrievalSet({"a": "x", "b": ""}, {"d": "y"}, {"a": {"d"}, "b": {"d"}}))

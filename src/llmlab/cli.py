@@ -1041,8 +1041,11 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
                         help="embedding sizes: the first N coordinates, re-normalised (default: 384,128,64,32)")
     e_eval.add_argument("--queries", default=None, help="JSONL, one {\"id\", \"query\", \"relevant\": [corpus ids]} "
                                                         "per line (default: the built-in test set)")
-    e_eval.add_argument("--corpus", default=None, help="JSONL, one {\"id\", \"text\"} per line (with --queries)")
-    e_eval.add_argument("--pooling", default="mean", choices=["mean", "cls"], help="(default: mean)")
+    e_eval.add_argument("--corpus", default=None, help="JSONL, one {\"id\", \"text\"} per line, with --queries "
+                                                       "(default: the built-in test set)")
+    e_eval.add_argument("--pooling", default="mean", choices=["mean", "cls"],
+                        help="token states -> sentence vector: the mean over the mask, or the [CLS] state "
+                             "(default: mean)")
     e_eval.add_argument("--max-tokens", type=int, default=64, help="tokens per text (default: 64)")
     e_eval.add_argument("--json", action="store_true", help="print JSON (default: off)")
     e_eval.set_defaults(func=cmd_embed_eval)
