@@ -171,6 +171,31 @@ def test_builtin_set_is_fixed_split_and_large_enough():
     assert split_first_sentence("No sentence end") == ("No sentence end", "")
 
 
+def _digest(rset) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps([rset.queries, rset.corpus, {q: sorted(r) for q, r in rset.relevant.items()}],
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def test_builtin_set_does_not_depend_on_what_the_process_imported():
+    """This process has imported torch and sentence-transformers (which patch the standard library); a fresh
+    interpreter that imports nothing else builds the same set."""
+    import subprocess
+    import sys
+
+    import transformers  # noqa: F401  (adds logging.Logger.warning_once)
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    code = ("import sys, json, hashlib; sys.path.insert(0, sys.argv[1]); "
+            "from llmlab.text.retrieval_set import builtin_test_set; r = builtin_test_set(); "
+            "print(hashlib.sha256(json.dumps([r.queries, r.corpus, {q: sorted(v) for q, v in r.relevant.items()}], "
+            "sort_keys=True).encode()).hexdigest())")
+    fresh = subprocess.run([sys.executable, "-c", code, str(src)], capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    assert fresh.stdout.strip() == _digest(builtin_test_set())
+
+
 # ---- bad input ----------------------------------------------------------------------------------------------------
 
 def _write(path: Path, rows) -> str:
