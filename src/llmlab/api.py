@@ -17,6 +17,7 @@ import torch
 from llmlab.common import LlmlabError, human_bytes, human_count, log, pick_device, pick_dtype
 from llmlab.formats import load as loader
 from llmlab.infer.beam import beam_search
+from llmlab.infer.embed import embed_texts, truncate
 from llmlab.infer.generate import chat_stop_ids, cut_at_stop, generate
 from llmlab.infer.repetition import RepetitionGuard
 from llmlab.infer.sample import SamplingParams, chat_sampling
@@ -195,27 +196,18 @@ class LLM:
         return chat_sampling(self.loaded.sampling_defaults, greedy=greedy, **overrides)
 
     # ---- embeddings --------------------------------------------------------------------------
-    @torch.inference_mode()
-    def embed(self, texts: list[str] | str, batch_size: int = 32, normalize: bool = True) -> torch.Tensor:
-        """Sentence embeddings (N, dim) from a BERT model (mean pooling, L2-normalised)."""
+    def embed(self, texts: list[str] | str, batch_size: int = 32, normalize: bool = True, pooling: str = "mean",
+              dim: int | None = None) -> torch.Tensor:
+        """Sentence embeddings (N, dim) from a BERT model (mean or CLS pooling, L2-normalised by default);
+        ``dim``: keep the first ``dim`` coordinates, re-normalised (a Matryoshka-trained model's nested size)."""
         if self.config.arch != "bert":
             raise LlmlabError("embed() needs an encoder model, e.g. load('all-minilm-l6-v2')")
         tok = self._need_tokenizer()
         texts = [texts] if isinstance(texts, str) else list(texts)
         max_len = min(self.config.max_seq_len, 256)  # sentence-transformers' max_seq_length for MiniLM
-        device = next(self.model.parameters()).device
-        outs = []
-        for i in range(0, len(texts), batch_size):
-            batch = [tok.encode(t, add_special=True) for t in texts[i:i + batch_size]]
-            batch = [b[:max_len - 1] + [b[-1]] if len(b) > max_len else b for b in batch]
-            T = max(len(b) for b in batch)
-            ids = torch.full((len(batch), T), tok.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), T), dtype=torch.long)
-            for j, b in enumerate(batch):
-                ids[j, :len(b)] = torch.tensor(b)
-                mask[j, :len(b)] = 1
-            outs.append(self.model.embed(ids.to(device), mask.to(device), normalize=normalize).float().cpu())
-        return torch.cat(outs)
+        emb = embed_texts(self.model, tok, texts, batch_size=batch_size, pooling=pooling, normalize=normalize,
+                          max_tokens=max_len)
+        return emb if dim is None else truncate(emb, dim)
 
     # ---- description -----------------------------------------------------------------------------
     def memory_bytes(self) -> int:

@@ -481,6 +481,71 @@ def cmd_vectors_plot(args) -> int:
     return 0
 
 
+def _score_encoders(models: dict[str, str], dims_text: str, pooling: str, max_tokens: int, rset=None) -> dict:
+    """{name: model source} -> {name: {dim: retrieval metrics}} on ``rset`` (default: the built-in test set)."""
+    from llmlab.common import LlmlabError
+    from llmlab.eval.retrieval import evaluate_model
+    from llmlab.formats.load import load_model
+    from llmlab.infer.embed import parse_dims
+    from llmlab.text.retrieval_set import builtin_test_set
+
+    rset = rset or builtin_test_set()
+    results = {}
+    for name, source in models.items():
+        loaded = load_model(source)
+        if loaded.config.arch != "bert" or loaded.tokenizer is None:
+            raise LlmlabError(f"{source}: not an encoder with a tokenizer (e.g. all-minilm-l6-v2)")
+        dims = parse_dims(dims_text, loaded.config.dim)
+        if max_tokens < 3 or max_tokens > loaded.config.max_seq_len:
+            raise LlmlabError(f"--max-tokens {max_tokens}: give 3..{loaded.config.max_seq_len}")
+        results[name] = evaluate_model(loaded.model.eval(), loaded.tokenizer, rset, dims, pooling=pooling,
+                                       max_tokens=max_tokens)
+    return results
+
+
+def cmd_embed_train(args) -> int:
+    from llmlab.common import write_text_atomic
+    from llmlab.dataclass_io import from_args
+    from llmlab.eval.retrieval import format_table
+    from llmlab.formats.load import load_model
+    from llmlab.infer.embed import parse_dims
+    from llmlab.text.retrieval_set import builtin_test_set
+    from llmlab.train.contrastive import EmbedConfig, EmbedTrainConfig, run_embed_train
+
+    ecfg = from_args(EmbedConfig, args)
+    parse_dims(args.eval_dims, load_model(ecfg.model).config.dim, "--eval-dims")  # fail before training, not after
+    s = run_embed_train(ecfg, from_args(EmbedTrainConfig, args))
+    if s["saved"] is None:
+        print(f"llmlab: {s['stopped']} at step {s['steps']}; run folder {args.out}", file=sys.stderr)
+        return 130
+    rset = builtin_test_set()
+    results = _score_encoders({ecfg.model: ecfg.model, f"{ecfg.loss} fine-tuned": s["saved"]}, args.eval_dims,
+                              ecfg.pooling, ecfg.max_tokens, rset)
+    table = format_table(results)
+    write_json = {name: {str(d): m for d, m in by_dim.items()} for name, by_dim in results.items()}
+    write_text_atomic(Path(args.out) / "retrieval.json", json.dumps(write_json, indent=2) + "\n")
+    print(f"built-in test set: {len(rset.queries)} queries, {len(rset.corpus)} documents")
+    print(table)
+    print(f"llmlab: {s['loss']} {s['steps']} steps in {s['train_seconds']:.0f} s; model {s['saved']}, metrics "
+          f"{Path(args.out) / 'retrieval.json'}", file=sys.stderr)
+    return 0
+
+
+def cmd_embed_eval(args) -> int:
+    from llmlab.common import LlmlabError
+    from llmlab.eval.retrieval import format_table, read_retrieval_files
+
+    if (args.queries is None) != (args.corpus is None):
+        raise LlmlabError("give both --queries and --corpus, or neither (the built-in test set)")
+    rset = read_retrieval_files(args.queries, args.corpus) if args.queries else None
+    results = _score_encoders({args.model: args.model}, args.dims, args.pooling, args.max_tokens, rset)
+    if args.json:
+        print(json.dumps({str(d): m for d, m in results[args.model].items()}, indent=2))
+    else:
+        print(format_table(results))
+    return 0
+
+
 def cmd_scaling(args) -> int:
     from llmlab.common import LlmlabError
     from llmlab.dataclass_io import from_args
@@ -954,6 +1019,43 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
 
         add_flags(v_train, VectorConfig, unset={"lr": "0.025 for word2vec and fastText (gensim's), 0.05 for GloVe "
                                                       "(glove.c's)"})
+
+    s = sub.add_parser("embed", help="sentence embeddings: contrastive / Matryoshka fine-tuning, retrieval scores",
+                       description="Sentence embeddings from an encoder (all-minilm-l6-v2 by default), scored by "
+                                   "retrieval (nDCG, recall, MRR, MAP, precision) on the built-in set: queries = "
+                                   "first sentences of standard-library docstrings, documents = the rest, plus "
+                                   "Python help-topic paragraphs as distractors.")
+    esub = s.add_subparsers(dest="embed_command", required=True, parser_class=_Parser)
+    e_train = esub.add_parser("train", help="fine-tune with in-batch negatives (MNRL), optionally Matryoshka; then "
+                                            "score the original and the fine-tuned model on the built-in test set")
+    e_train.add_argument("--eval-dims", default="384,128,64,32",
+                         help="sizes the models are scored at afterwards (default: 384,128,64,32)")
+    e_train.set_defaults(func=cmd_embed_train)
+    e_eval = esub.add_parser("eval", help="score an encoder by retrieval at given (truncated) sizes")
+    e_eval.add_argument("--model", default="all-minilm-l6-v2",
+                        help="an embedded name or a Hugging Face BERT folder, e.g. RUN/model from 'llmlab embed "
+                             "train' (default: all-minilm-l6-v2)")
+    e_eval.add_argument("--dims", default="384,128,64,32",
+                        help="embedding sizes: the first N coordinates, re-normalised (default: 384,128,64,32)")
+    e_eval.add_argument("--queries", default=None, help="JSONL, one {\"id\", \"query\", \"relevant\": [corpus ids]} "
+                                                        "per line (default: the built-in test set)")
+    e_eval.add_argument("--corpus", default=None, help="JSONL, one {\"id\", \"text\"} per line, with --queries "
+                                                       "(default: the built-in test set)")
+    e_eval.add_argument("--pooling", default="mean", choices=["mean", "cls"],
+                        help="token states -> sentence vector: the mean over the mask, or the [CLS] state "
+                             "(default: mean)")
+    e_eval.add_argument("--max-tokens", type=int, default=64, help="tokens per text (default: 64)")
+    e_eval.add_argument("--json", action="store_true", help="print JSON (default: off)")
+    e_eval.set_defaults(func=cmd_embed_eval)
+    for e in (e_train, e_eval):
+        e.add_argument("--threads", type=_threads, default=0, metavar="N",
+                       help="CPU threads for PyTorch; 0 = one per physical core (default: 0)")
+    if wanted("embed"):
+        from llmlab.dataclass_io import add_flags
+        from llmlab.train.contrastive import EmbedConfig, EmbedTrainConfig
+
+        add_flags(e_train, EmbedConfig)
+        add_flags(e_train, EmbedTrainConfig)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, embeddings) with continuous "
                                      "batching, a paged KV cache, /metrics and a web chat page at /")

@@ -2,7 +2,7 @@
 arXiv:1810.04805), post-LayerNorm: x = norm(x + attn(x)); x = norm(x + mlp(x)).
 
 Sentence embeddings as in Sentence-BERT (Reimers & Gurevych 2019, arXiv:1908.10084): mean of the
-token states over the attention mask, then L2-normalised (all-MiniLM-L6-v2's pooling).
+token states over the attention mask (all-MiniLM-L6-v2's pooling) or the [CLS] state, then L2-normalised.
 
 Parameter names: ``embed_tokens``, ``embed_positions``, ``embed_token_types``, ``embed_norm``,
 ``layers.N.self_attn.{q,k,v,o}_proj``, ``layers.N.attn_norm``, ``layers.N.mlp.{up,down}_proj``,
@@ -72,12 +72,26 @@ class BertModel(nn.Module):
         """BERT's [CLS] pooler: tanh(W h_0 + b). (B, T, dim) -> (B, dim)."""
         return torch.tanh(self.pooler(hidden[:, 0]))
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True):
-        """Mean-pooled sentence embeddings (B, dim), L2-normalised by default."""
-        hidden = self(input_ids, attention_mask)  # (B, T, dim)
-        m = attention_mask[..., None].to(hidden.dtype)  # (B, T, 1)
-        emb = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True,
+              pooling: str = "mean"):
+        """Pooled sentence embeddings (B, dim), L2-normalised by default."""
+        emb = pool(self(input_ids, attention_mask), attention_mask, pooling)
         return F.normalize(emb, p=2, dim=-1) if normalize else emb
+
+
+POOLINGS = ("mean", "cls")
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """Token states (B, T, dim) -> one vector per sequence (B, dim): ``mean`` over the attention mask
+    (Sentence-BERT, all-MiniLM-L6-v2) or ``cls``, the first token's state as it is (sentence-transformers'
+    CLS pooling; not BERT's tanh pooler)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling != "mean":
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    m = attention_mask[..., None].to(hidden.dtype)  # (B, T, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
 class BertMLMHead(nn.Module):
