@@ -36,13 +36,12 @@ from llmlab.train.recover import recover_
 ROWS = [  # (label, LowRankConfig keywords, recovery steps)
     ("svd rank 256 (mlp)", {"method": "svd", "rank": 256, "layers": "mlp"}, 0),
     ("svd-llm rank 256 (mlp)", {"method": "svd-llm", "rank": 256, "layers": "mlp"}, 0),
+    ("svd-llm rank 256 (mlp) + 8-bit factors",
+     {"method": "svd-llm", "rank": 256, "layers": "mlp", "factor_bits": 8}, 0),
     ("svd rank 128 (mlp)", {"method": "svd", "rank": 128, "layers": "mlp"}, 0),
-    ("svd-llm rank 128 (mlp)", {"method": "svd-llm", "rank": 128, "layers": "mlp"}, 0),
+    ("svd-llm rank 128 (mlp) + recovery", {"method": "svd-llm", "rank": 128, "layers": "mlp"}, 20),
     ("svd energy 0.9 (all)", {"method": "svd", "energy": 0.9, "layers": "all"}, 0),
     ("svd-llm energy 0.9 (all)", {"method": "svd-llm", "energy": 0.9, "layers": "all"}, 0),
-    ("svd-llm rank 128 (mlp) + recovery", {"method": "svd-llm", "rank": 128, "layers": "mlp"}, 40),
-    ("svd-llm rank 256 (mlp), 8-bit factors", {"method": "svd-llm", "rank": 256, "layers": "mlp",
-                                               "factor_bits": 8}, 0),
 ]
 
 

@@ -209,8 +209,9 @@ def test_lowrank_folder_round_trips_to_the_same_logits(tmp_path, tiny_chat, bits
     assert back.tensor_types == {f"rank-r factors ({f'{bits}-bit' if bits else 'float'})": len(modules)}
     factored = sum(t.numel() for k, t in back.model.state_dict().items() if ".down." in k or ".up." in k)
     assert factored < sum(st["params"] for n, st in report.items() if n in modules)
-    llm = load(str(tmp_path / "lr"))
-    assert isinstance(llm.generate("Hello", max_new_tokens=3), str)
+    for packed in (False, True):  # packed: the float factors as Q8_0 blocks where their width allows
+        llm = load(str(tmp_path / "lr"), packed=packed)
+        assert isinstance(llm.generate("Hello", max_new_tokens=3), str)
 
 
 def test_broken_lowrank_folder_is_a_one_line_error(tmp_path, tiny_chat):
@@ -330,3 +331,43 @@ def test_cli_bad_input(tmp_path, tiny_chat, capsys):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "--rank 100 is larger than layers.0.mlp.down_proj's 64 x 128 matrix allows (at most 64)" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+# ---- the README's commands -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_readme_lowrank_commands(tmp_path, smollm_path):
+    """The README's lowrank lines as written (the calibrated one with a small calibration and recovery budget
+    appended), then generate from the low-rank folder."""
+    r = run_cli("lowrank", "--rank", "256", "--layers", "mlp", "--out", str(tmp_path / "smol-r256"), "--no-progress",
+                timeout=1200)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "smol-r256" / "lowrank_report.json").read_text())
+    assert report["parameters"]["factored_layers"] == 90 and report["parameters"]["share_kept"] < 0.62
+    r = run_cli("lowrank", "--method", "svd-llm", "--rank", "128", "--layers", "mlp", "--factor-bits", "8",
+                "--recover-steps", "40", "--out", str(tmp_path / "smol-r128"), "--calib-samples", "2", "--calib-len",
+                "64", "--recover-steps", "1", "--recover-batch", "1", "--ppl-tokens", "512", "--no-progress",
+                timeout=1200)
+    assert r.returncode == 0, r.stderr
+    assert "recovery 1 steps" in r.stderr and "8-bit factors" in r.stderr, r.stderr
+    r = run_cli("generate", "--model", str(tmp_path / "smol-r128"), "The capital of France is", "--max-new-tokens",
+                "4")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+@pytest.mark.slow
+def test_readme_lowrank_table_command(tmp_path, smollm_path):
+    """The README's results-table command with the smoke budget appended (--quick) and one row (plain SVD of the
+    MLP layers at rank 256: no calibration): the JSON and Markdown it writes."""
+    import os
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "lowrank_table.py"
+    r = subprocess.run([sys.executable, str(script), "--calib-samples", "16", "--calib-len", "512", "--quick",
+                        "--only", "svd rank 256 (mlp)", "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=1200, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [x["label"] for x in rows] == ["dense (GGUF dequantized)", "svd rank 256 (mlp)"]
+    assert rows[1]["kept"] < 0.62 and rows[1]["file_mb"] < rows[0]["file_mb"]
+    assert rows[1]["perplexity"] > rows[0]["perplexity"]
+    assert "| svd rank 256 (mlp) | 61.1% | 0 |" in (tmp_path / "results.md").read_text()
