@@ -130,14 +130,18 @@ def main() -> None:
     print(f"wrote {out}/results.json, results.md", file=sys.stderr)
 
 
+def _ppl(x: float) -> str:
+    return f"{x:.2f}" if x < 1e4 else f"{x:.2g}"  # a collapsed model: its order of magnitude
+
+
 def markdown(results: list[dict]) -> str:
     lines = ["| method (layers factored) | weights kept in those layers | left dense | parameters | file (MB) | "
              "perplexity | bits/byte | time (s) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         kept = "—" if r["kept"] is None else f"{r['kept']:.1%}"
-        ppl = f"{r['perplexity']:.2f}"
+        ppl = _ppl(r["perplexity"])
         if "perplexity_before_recovery" in r:
-            ppl = f"{r['perplexity_before_recovery']:.2f} → {ppl} ({r['recover_steps']} steps)"
+            ppl = f"{_ppl(r['perplexity_before_recovery'])} → {ppl} ({r['recover_steps']} recovery steps)"
         lines.append(f"| {r['label']} | {kept} | {r['dense_layers']} | {r['parameters'] / 1e6:.1f} M | "
                      f"{r['file_mb']} | {ppl} | {r['bits_per_byte']:.3f} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
