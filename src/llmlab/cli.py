@@ -281,6 +281,33 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_lowrank(args) -> int:
+    from llmlab.common import LlmlabError
+    from llmlab.compress.lowrank import LowRankConfig, lowrank
+
+    config = LowRankConfig(args.method, args.rank, args.energy, args.layers, args.damp, args.factor_bits).resolved()
+    if args.recover_steps < 0:
+        raise LlmlabError(f"--recover-steps {args.recover_steps}: use 0 (no recovery) or a positive number of steps")
+    recover = None
+    if args.recover_steps:
+        from llmlab.train.recover import recovery
+
+        recover = recovery(args.recover_steps, lr=args.recover_lr, batch_size=args.recover_batch,
+                           ppl_tokens=args.ppl_tokens, window=min(512, args.ppl_tokens),
+                           progress=not args.no_progress)
+    report = lowrank(args.model, Path(args.out), config, calib=args.calib, calib_samples=args.calib_samples,
+                     calib_len=args.calib_len, seed=args.seed, dtype=args.dtype, force=args.force,
+                     progress=not args.no_progress, recover=recover)
+    p = report["parameters"]
+    dense = f"; {len(p['dense_layers'])} left dense (no saving)" if p["dense_layers"] else ""
+    rec = report["recovery"]
+    rec = (f"; recovery {rec['steps']} steps: held-out perplexity {rec['perplexity_before']:.2f} -> "
+           f"{rec['perplexity_after']:.2f}") if rec else ""
+    print(f"{config.label()}: {p['factored_layers']} layers factored, {p['share_kept']:.2%} of their weights kept"
+          f"{dense}{rec}, in {report['seconds']} s; wrote {args.out} (summary.md)", file=sys.stderr)
+    return 0
+
+
 def cmd_tokenizer_train(args) -> int:
     from llmlab.common import LlmlabError, write_text_atomic
     from llmlab.data.corpus import default_sources, expand_inputs
@@ -862,6 +889,46 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite an existing output (default: off)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
     s.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("lowrank", help="truncated-SVD factorisation of linear layers (plain SVD or SVD-LLM's "
+                                       "whitened SVD), with optional recovery fine-tune and 8/4-bit factors")
+    s.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    s.add_argument("--method", default="svd", choices=["svd", "svd-llm"],
+                   help="svd: truncated SVD of W (least weight error); svd-llm: SVD of W whitened by the Cholesky "
+                        "factor of the calibration Hessian (least output error on the calibration inputs) "
+                        "(default: svd)")
+    s.add_argument("--rank", type=int, default=None,
+                   help="the rank of every chosen layer, 1 .. min(in, out) (default: none; give --rank or --energy)")
+    s.add_argument("--energy", type=float, default=None,
+                   help="per layer, the smallest rank whose squared singular values keep this share of the total, "
+                        "in (0, 1] (default: none; give --rank or --energy)")
+    s.add_argument("--layers", default="all",
+                   help="which linear layers inside the blocks: all, mlp, attn, or comma-separated names such as "
+                        "q_proj,up_proj or layers.3.mlp.down_proj (default: all)")
+    s.add_argument("--damp", type=float, default=0.01,
+                   help="svd-llm: dampening added to the Hessian diagonal, a fraction of its mean (default: 0.01)")
+    s.add_argument("--factor-bits", type=int, default=0, choices=[0, 4, 8],
+                   help="quantize both factors with round-to-nearest per output channel; 0 = float (default: 0)")
+    s.add_argument("--recover-steps", type=int, default=0,
+                   help="recovery fine-tune of the factors on the calibration text, in optimizer steps; 0 = none "
+                        "(default: 0)")
+    s.add_argument("--recover-lr", type=float, default=1e-4, help="recovery learning rate (default: 1e-4)")
+    s.add_argument("--recover-batch", type=int, default=4, help="recovery windows per step (default: 4)")
+    s.add_argument("--ppl-tokens", type=int, default=4096,
+                   help="held-out tokens the recovery's before / after perplexity is measured on (default: 4096)")
+    s.add_argument("--calib", default="builtin",
+                   help="calibration text for svd-llm and recovery: 'builtin' (Python standard-library docstrings) "
+                        "or a text/JSONL file (default: builtin)")
+    s.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: 32)")
+    s.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default: 512)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default: 0)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the float tensors in the output folder (default: float32)")
+    s.add_argument("--out", required=True, help="output folder (a low-rank Hugging Face folder + "
+                                                "lowrank_report.json, summary.md)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing output (default: off)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
+    s.set_defaults(func=cmd_lowrank)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)

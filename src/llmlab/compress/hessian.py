@@ -5,10 +5,12 @@ layer-input Hessian H = 2/n sum x x^T (K, K) and the upper Cholesky factor of it
 (GPTQ, arXiv:2210.17323, Section 4; SparseGPT, arXiv:2301.00774, Section 3.4 "the Cholesky trick"):
 
 - ``HessianAccumulator``: H as a running average, as the reference code's ``add_batch`` builds it;
-- ``upper_inverse_cholesky``: U with U^T U = (H + damp * mean(diag H) I)^-1, retrying with more dampening;
+- ``dampened_cholesky``: L with L L^T = H + damp * mean(diag H) I, retrying with more dampening (SVD-LLM's
+  whitening, ``lowrank.py``, uses L itself);
+- ``upper_inverse_cholesky``: U with U^T U = (H + damp * mean(diag H) I)^-1;
 - ``single_thread``: the column loops run on one thread (why: the docstring below);
 - ``input_stages``: a block's linear layers grouped by the input tensor they share (q/k/v; gate/up), so each
-  group's statistics are collected once.
+  group's statistics are collected once; ``collect_stages`` collects them in one pass over the block.
 
 Shapes: x (..., K); H (K, K); U (K, K) upper triangular.
 """
@@ -27,22 +29,28 @@ from llmlab.compress.sequential import BlockInputs
 DAMP_STEP = 0.01  # added to damp while the Cholesky factorisation fails (GPTQModel's damp_auto_increment idea)
 
 
-def upper_inverse_cholesky(H: torch.Tensor, damp: float, method: str = "GPTQ") -> tuple[torch.Tensor, float]:
-    """(U, damp used): U (K, K) upper triangular with U^T U = (H + damp * mean(diag H) I)^-1. A factorisation
-    that fails (H singular in float32) is retried with more dampening rather than stopping the whole run."""
+def dampened_cholesky(H: torch.Tensor, damp: float, method: str) -> tuple[torch.Tensor, float]:
+    """(L, damp used): L (K, K) lower triangular with L L^T = H + damp * mean(diag H) I. A factorisation that
+    fails (H singular in float32) is retried with more dampening rather than stopping the whole run."""
     mean = torch.mean(torch.diag(H))
     diag = torch.arange(H.shape[0], device=H.device)
     while True:
         Hd = H.clone()
         Hd[diag, diag] += damp * mean
         try:
-            L = torch.linalg.cholesky(Hd)  # (K, K) lower, H = L L^T
-            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True), damp
+            return torch.linalg.cholesky(Hd), damp  # (K, K) lower
         except torch.linalg.LinAlgError:
             if damp >= 1:
                 raise LlmlabError(f"{method}: the Hessian is not positive definite even with damp 1: the calibration "
                                   "inputs are degenerate; give more or other calibration text") from None
             damp = min(1.0, damp + DAMP_STEP)
+
+
+def upper_inverse_cholesky(H: torch.Tensor, damp: float, method: str = "GPTQ") -> tuple[torch.Tensor, float]:
+    """(U, damp used): U (K, K) upper triangular with U^T U = (H + damp * mean(diag H) I)^-1 (dampening raised
+    as ``dampened_cholesky`` does)."""
+    L, damp = dampened_cholesky(H, damp, method)
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True), damp
 
 
 @contextlib.contextmanager
@@ -103,3 +111,19 @@ def input_stages(inputs: BlockInputs, names: list[str]) -> list[list[str]]:
         last = x
     seen = {nm for s in stages for nm in s}
     return stages + [[nm] for nm in names if nm not in seen]
+
+
+def collect_stages(inputs: BlockInputs, stages: list[list[str]], make) -> dict[str, object]:
+    """One pass of every window through the (unchanged) block, feeding the input of each stage's first layer to
+    an accumulator ``make(layer)``; {stage's first layer name: accumulator}."""
+    block = inputs.block()
+    accs = {stage[0]: make(block.get_submodule(stage[0])) for stage in stages}
+    handles = [block.get_submodule(nm).register_forward_pre_hook(lambda _m, a, acc=acc: acc.add(a[0]))
+               for nm, acc in accs.items()]
+    try:
+        for x in inputs:
+            inputs.run(x=x)
+    finally:
+        for h in handles:
+            h.remove()
+    return accs

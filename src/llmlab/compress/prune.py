@@ -36,7 +36,7 @@ from torch import nn
 
 from llmlab.common import LlmlabError
 from llmlab.compress.calibrate import calibration_text, token_windows
-from llmlab.compress.hessian import HessianAccumulator, input_stages
+from llmlab.compress.hessian import HessianAccumulator, collect_stages, input_stages
 from llmlab.compress.sequential import BlockInputs
 from llmlab.compress.sparsegpt import check_options, sparsegpt_prune_weight
 from llmlab.compress.sparsity import (
@@ -118,22 +118,6 @@ def _stats(w_before: torch.Tensor, w_after: torch.Tensor, pattern: Pattern) -> d
     return st
 
 
-def _collect(inputs: BlockInputs, stages: list[list[str]], make) -> dict[str, object]:
-    """One pass of every window through the (dense) block, feeding the input of each stage's first layer to an
-    accumulator ``make(layer)``; {stage's first layer name: accumulator}."""
-    block = inputs.block()
-    accs = {stage[0]: make(block.get_submodule(stage[0])) for stage in stages}
-    handles = [block.get_submodule(nm).register_forward_pre_hook(lambda _m, a, acc=acc: acc.add(a[0]))
-               for nm, acc in accs.items()]
-    try:
-        for x in inputs:
-            inputs.run(x=x)
-    finally:
-        for h in handles:
-            h.remove()
-    return accs
-
-
 def check_model(model: nn.Module, config: PruneConfig) -> list[tuple[str, nn.Linear]]:
     """The layers ``config`` prunes, after checking that an N:M pattern fits every one of them."""
     pattern = parse_pattern(config.pattern)
@@ -196,9 +180,9 @@ def prune_model_(model: nn.Module, config: PruneConfig, windows: torch.Tensor | 
                 names = [n[len(prefix):] for n, _ in targets if n.startswith(prefix)]
                 stages = input_stages(inputs, names)
                 if cfg.method == "wanda":
-                    accs = _collect(inputs, stages, lambda m: InputNorms(m.in_features, m.weight.device))
+                    accs = collect_stages(inputs, stages, lambda m: InputNorms(m.in_features, m.weight.device))
                 else:
-                    accs = _collect(inputs, stages, lambda m: HessianAccumulator(m.in_features, m.weight.device))
+                    accs = collect_stages(inputs, stages, lambda m: HessianAccumulator(m.in_features, m.weight.device))
                 for stage in stages:
                     for local in stage:
                         prune_layer(prefix + local, block.get_submodule(local), accs[stage[0]])

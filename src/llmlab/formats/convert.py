@@ -17,6 +17,7 @@ from llmlab.common import LlmlabError, temp_dir_beside
 from llmlab.formats import hf
 from llmlab.formats.gguf_model import write_model_gguf
 from llmlab.formats.load import Loaded, load_model
+from llmlab.formats.lowrank import write_lowrank
 from llmlab.formats.quantized import gguf_tensors, write_quantized
 from llmlab.tokenizer.bpe import ByteBPE
 
@@ -30,23 +31,27 @@ def convert(source: str, output: Path, *, dtype: str = "float32", qtype: str = "
 
 
 def write_loaded(loaded: Loaded, output: Path, *, dtype: str = "float32", qtype: str = "F16",
-                 name: str | None = None, quant_spec: dict | None = None,
+                 name: str | None = None, quant_spec: dict | None = None, lowrank_spec: dict | None = None,
                  extra_files: dict[str, str] | None = None) -> None:
     """Write a loaded model (plain linear layers) as a GGUF file (``output`` ends in .gguf) or an HF folder,
     atomically, replacing what is there. ``name``: the GGUF's general.name (default: the source's stem).
     ``quant_spec``: the model's quantized layers and scheme (``formats/quantized.py``; float tensors in
-    ``dtype``); ``extra_files``: more text files for the folder (a report). Without ``quant_spec`` a model's
-    quantized layers are written dequantized, except into a GGUF where their values are a GGML type: those
-    layers keep their own blocks (``gguf_tensors``) and ``qtype`` types the rest."""
+    ``dtype``); ``lowrank_spec``: the model's factored layers (``formats/lowrank.py``); ``extra_files``: more text
+    files for the folder (a report). Without ``quant_spec`` a model's quantized layers are written dequantized,
+    except into a GGUF where their values are a GGML type: those layers keep their own blocks (``gguf_tensors``)
+    and ``qtype`` types the rest."""
     cfg, tok = loaded.config, loaded.tokenizer
     sd, own = dict(loaded.model.state_dict()), {}
-    if quant_spec is None:  # quantized layers (a quantized folder, a packed model) as float weights + own blocks
+    if lowrank_spec is not None and output.suffix == ".gguf":
+        raise LlmlabError(f"{output}: a low-rank model is written as a folder, not a GGUF file")
+    if quant_spec is None and lowrank_spec is None:
+        # quantized layers (a quantized folder, a packed model) as float weights + own blocks
         sd, own = gguf_tensors(loaded.model)
     if output.suffix == ".gguf":
         write_model_gguf(output, cfg, sd, tok, loaded.chat_template, qtype=qtype,
                          name=name or Path(loaded.source).stem, own_blocks=own)
         return
-    if quant_spec is None:
+    if quant_spec is None and lowrank_spec is None:
         sd = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
     tok_json, tok_cfg = None, None
     if isinstance(tok, ByteBPE):
@@ -61,7 +66,10 @@ def write_loaded(loaded: Loaded, output: Path, *, dtype: str = "float32", qtype:
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(output)
     try:
-        if quant_spec is None:
+        if lowrank_spec is not None:
+            write_lowrank(tmp, loaded.model, cfg, lowrank_spec, float_dtype=_DTYPES[dtype], tokenizer_json=tok_json,
+                          tokenizer_config=tok_cfg)
+        elif quant_spec is None:
             hf.write_folder(tmp, cfg, sd, tokenizer_json=tok_json, tokenizer_config=tok_cfg)
         else:
             write_quantized(tmp, loaded.model, cfg, quant_spec, float_dtype=_DTYPES[dtype], tokenizer_json=tok_json,

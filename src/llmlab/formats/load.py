@@ -28,6 +28,7 @@ from llmlab.formats.gguf_model import (
     state_from_gguf,
     tokenizer_from_gguf,
 )
+from llmlab.formats.lowrank import load_lowrank, lowrank_config
 from llmlab.formats.quantized import load_quantized, pack_quantized_, quant_config
 from llmlab.models.config import ModelConfig
 from llmlab.models.native_step import enable_native_step_
@@ -200,8 +201,12 @@ def _load_gguf(path: Path, attn_impl: str, use_tokenizers_lib: bool, packed: boo
 
 def _load_folder(folder: Path, attn_impl: str, use_tokenizers_lib: bool) -> Loaded:
     cfg = hf.read_config(folder)
-    qc = quant_config(folder)
-    if qc is not None:  # an llmlab-quantized folder: codes and scales (formats/quantized.py)
+    qc, lc = quant_config(folder), lowrank_config(folder)
+    if lc is not None:  # an llmlab low-rank folder: two thin factors per layer (formats/lowrank.py)
+        model = load_lowrank(folder, cfg, lc, attn_impl)
+        bits = lc.get("factor_bits", 0)
+        types = {f"rank-r factors ({f'{bits}-bit' if bits else 'float'})": len(lc.get("modules", {}))}
+    elif qc is not None:  # an llmlab-quantized folder: codes and scales (formats/quantized.py)
         model = load_quantized(folder, cfg, qc, attn_impl)
         group = {0: "per channel", -1: "per tensor"}.get(qc.get("group_size"), f"group {qc.get('group_size')}")
         types = {f"{qc.get('method')} {qc.get('bits')}-bit {group}": len(qc.get("modules", []))}

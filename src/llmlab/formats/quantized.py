@@ -100,7 +100,7 @@ def write_quantized(folder: Path, model: nn.Module, cfg: ModelConfig, spec_json:
                     extra_tensors=extra, extra_config={"quantization_config": spec_json})
 
 
-def _quant_layer(name: str, t: dict[str, torch.Tensor], spec: dict, old: nn.Linear, where: str) -> nn.Module:
+def quant_layer(name: str, t: dict[str, torch.Tensor], spec: dict, old: nn.Linear, where: str) -> nn.Module:
     bias = None if old.bias is None else old.bias
     n, k = old.out_features, old.in_features
     if spec["method"] == "nf4":
@@ -161,7 +161,7 @@ def load_quantized(folder: Path, cfg: ModelConfig, spec: dict, attn_impl: str = 
     model.load_state_dict(sd, strict=False, assign=True)
     for m, old in layers.items():
         parent, _, leaf = m.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, _quant_layer(prefix + m, per_layer[m], spec, old, where))
+        setattr(model.get_submodule(parent), leaf, quant_layer(prefix + m, per_layer[m], spec, old, where))
     if cfg.tie_embeddings and hasattr(model, "lm_head"):
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
