@@ -36,9 +36,9 @@ def test_sigmoid_loss_and_gradient_are_the_papers():
     beta = 0.3
     losses, r_w, r_l = dpo_loss(pw, pl, rw, rl, beta=beta)
     for i in range(len(pw)):
-        h = (float(pw[i]) - float(rw[i])) - (float(pl[i]) - float(rl[i]))
+        h = (pw[i].item() - rw[i].item()) - (pl[i].item() - rl[i].item())
         assert math.isclose(float(losses[i]), math.log1p(math.exp(-beta * h)), rel_tol=1e-12)
-        assert math.isclose(float(r_w[i]), beta * (float(pw[i]) - float(rw[i])), rel_tol=1e-12)
+        assert math.isclose(float(r_w[i]), beta * (pw[i].item() - rw[i].item()), rel_tol=1e-12)
     losses.sum().backward()
     expected = -beta * torch.sigmoid(r_l - r_w)
     assert torch.allclose(pw.grad, expected, atol=1e-12) and torch.allclose(pl.grad, -expected, atol=1e-12)
@@ -209,7 +209,16 @@ def test_bad_config_values():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "llmlab", "dpo", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "llmlab", "dpo", *args], capture_output=True, text=True, timeout=600)
+
+
+def _main(capsys, *args) -> tuple[int, str, str]:
+    """``llmlab dpo ARGS`` in this process (no interpreter start-up): exit code, stdout, stderr."""
+    from llmlab.cli import main
+
+    code = main(["dpo", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 SMALL = ["--steps", "2", "--batch-size", "2", "--pairs", "8", "--val-pairs", "2", "--eval-examples", "2",
@@ -224,12 +233,10 @@ SMALL = ["--steps", "2", "--batch-size", "2", "--pairs", "8", "--val-pairs", "2"
     (["--task", "no_such_task"], "no_such_task"),
     (["--seq-len", "8"], "no room for a reply in --seq-len 8"),
 ])
-def test_cli_bad_input_is_one_line_exit_2(tiny_folder, tmp_path, args, message):  # noqa: F811
-    r = _cli("--model", str(tiny_folder), "--out", str(tmp_path / "run"), *SMALL, *args)
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = [line for line in r.stderr.splitlines() if line.startswith("llmlab: error:")]
-    assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+def test_cli_bad_input_is_one_line_exit_2(tiny_folder, tmp_path, capsys, args, message):  # noqa: F811
+    code, _, err = _main(capsys, "--model", str(tiny_folder), "--out", str(tmp_path / "run"), *SMALL, *args)
+    lines = [line for line in err.splitlines() if line.startswith("llmlab: error:")]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err[-2000:]
 
 
 @pytest.mark.parametrize("record, message", [
@@ -237,20 +244,27 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_folder, tmp_path, args, message):
     ({"prompt": "q", "chosen": "a", "rejected": "a"}, ":2: 'chosen' and 'rejected' are identical"),
     ({"prompt": "q", "chosen": "", "rejected": "a"}, ":2: 'chosen' is empty"),
 ])
-def test_cli_bad_preference_file_exit_2(tiny_folder, tmp_path, record, message):  # noqa: F811
+def test_cli_bad_preference_file_exit_2(tiny_folder, tmp_path, capsys, record, message):  # noqa: F811
     f = _write(tmp_path, [GOOD, record])
-    r = _cli(str(f), "--model", str(tiny_folder), "--out", str(tmp_path / "run"), *SMALL)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    code, _, err = _main(capsys, str(f), "--model", str(tiny_folder), "--out", str(tmp_path / "run"), *SMALL)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err[-2000:]
 
 
-def test_cli_on_a_file_end_to_end_and_resume(tiny_folder, tmp_path):  # noqa: F811
+def test_cli_process_bad_input_no_traceback(tiny_folder, tmp_path):  # noqa: F811
+    """The same at process level: exit status 2, one line, no traceback."""
+    r = _cli("--model", str(tiny_folder), "--out", str(tmp_path / "run"), "--beta", "0")
+    assert r.returncode == 2 and r.stderr.strip() == "llmlab: error: --beta must be a positive number, got 0.0"
+
+
+def test_cli_on_a_file_end_to_end_and_resume(tiny_folder, tmp_path, capsys):  # noqa: F811
     """`llmlab dpo pairs.jsonl`: trains, logs the DPO metrics, saves an adapter that load() takes; a rerun with
     more steps resumes and reuses the stored reference."""
     f = _write(tmp_path, [{"prompt": f"Say {w}.", "chosen": w, "rejected": w[::-1] + "!"} for w in
                           ["yes", "no", "maybe", "ok", "fine", "sure", "never", "always"]])
     run = tmp_path / "run"
-    r = _cli(str(f), "--model", str(tiny_folder), "--out", str(run), *SMALL, "--eval-examples", "0")
-    assert r.returncode == 0, r.stderr[-2000:]
+    code, _, err = _main(capsys, str(f), "--model", str(tiny_folder), "--out", str(run), *SMALL, "--eval-examples",
+                         "0")
+    assert code == 0, err[-2000:]
     s = json.loads((run / "summary.json").read_text())
     assert s["steps"] == 2 and s["pairs"] == 6 and s["task"] is None and s["reference"] == "precompute"
     assert set(s["val_pairs"]) == {"loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy"}
@@ -262,44 +276,57 @@ def test_cli_on_a_file_end_to_end_and_resume(tiny_folder, tmp_path):  # noqa: F8
 
     assert load(str(run)).generate("Say yes.", max_new_tokens=2) is not None
     stamp = (run / "reference_logps.safetensors").stat().st_mtime_ns
-    r = _cli(str(f), "--model", str(tiny_folder), "--out", str(run), *SMALL, "--eval-examples", "0", "--steps", "3")
-    assert r.returncode == 0 and "resuming from" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    code, out, err = _main(capsys, str(f), "--model", str(tiny_folder), "--out", str(run), *SMALL, "--eval-examples",
+                           "0", "--steps", "3")
+    assert code == 0 and "resuming from" in out, out[-2000:] + err[-2000:]
     assert (run / "reference_logps.safetensors").stat().st_mtime_ns == stamp
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
 
 
-def test_training_raises_the_reward_accuracy(tiny_folder, tmp_path):  # noqa: F811
-    """A few full fine-tuning steps at a large learning rate on 4 pairs: the loss falls below log 2 and the
+def test_training_raises_the_reward_accuracy(tiny_folder, tmp_path, capsys):  # noqa: F811
+    """A few full fine-tuning steps at a large learning rate on 4 pairs: the loss falls well below log 2 and the
     chosen replies out-reward the rejected ones (the pull works, in the right direction)."""
     run = tmp_path / "run"
-    r = _cli("--model", str(tiny_folder), "--out", str(run), "--method", "full", "--lr", "3e-3", "--steps", "12",
-             "--batch-size", "4", "--pairs", "4", "--val-pairs", "0", "--eval-examples", "0", "--warmup", "0",
-             "--no-progress")
-    assert r.returncode == 0, r.stderr[-2000:]
+    code, _, err = _main(capsys, "--model", str(tiny_folder), "--out", str(run), "--method", "full", "--lr", "3e-3",
+                         "--steps", "12", "--batch-size", "4", "--pairs", "4", "--val-pairs", "0", "--eval-examples",
+                         "0", "--warmup", "0", "--no-progress")
+    assert code == 0, err[-2000:]
     train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert train[-1]["loss"] < 0.75 * math.log(2) and train[-1]["accuracy"] == 1.0 and train[-1]["margin"] > 0
 
 
-@pytest.mark.parametrize("args", [
-    [], ["--loss", "ipo", "--beta", "0.5"], ["--label-smoothing", "0.1", "--reference", "adapter-off"],
-    ["--method", "qlora", "--task", "reversal"],
-])
-def test_readme_dpo_commands_run_as_written(tiny_folder, tmp_path, args):  # noqa: F811
+README_DPO = [[], ["--loss", "ipo", "--beta", "0.5"], ["--label-smoothing", "0.1", "--reference", "adapter-off"],
+              ["--method", "qlora", "--task", "reversal"]]
+
+
+def test_readme_dpo_lines_are_these():
+    """The README's `llmlab dpo` lines are the ones the next test runs."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for args in README_DPO:
+        line = " ".join(["llmlab dpo", *args])
+        assert any(x.split("#")[0].strip() == line for x in readme.splitlines()), line
+
+
+@pytest.mark.parametrize("args", README_DPO)
+def test_readme_dpo_commands_run_as_written(tiny_folder, tmp_path, capsys, args):  # noqa: F811
     """The README's `llmlab dpo ...` lines, on the tiny model with a small budget."""
-    r = _cli(*args, "--model", str(tiny_folder), "--out", str(tmp_path / "run"), *SMALL)
-    assert r.returncode == 0, r.stderr[-2000:]
+    code, _, err = _main(capsys, *args, "--model", str(tiny_folder), "--out", str(tmp_path / "run"), *SMALL)
+    assert code == 0, err[-2000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["steps"] == 2 and s["saved"] and s["accuracy_after"] is not None
 
 
 @pytest.mark.slow
 def test_dpo_command_on_smollm2_small_budget(smollm_path, tmp_path):
-    """`llmlab dpo` with no flags but a small budget, on the real SmolLM2-135M-Instruct + LoRA."""
+    """`llmlab dpo` with no flags but a small budget, on the real SmolLM2-135M-Instruct + LoRA, in its own
+    process as a user runs it."""
     run = tmp_path / "dpo"
-    r = _cli("--steps", "2", "--batch-size", "2", "--pairs", "4", "--val-pairs", "2", "--eval-examples", "2",
-             "--eval-tokens", "8", "--out", str(run), "--no-progress")
+    r = _cli("--steps", "1", "--batch-size", "2", "--pairs", "2", "--val-pairs", "1", "--eval-examples", "2",
+             "--eval-tokens", "4", "--out", str(run), "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "held-out exact match" in r.stdout
     s = json.loads((run / "summary.json").read_text())
-    assert s["method"] == "lora" and s["task"] == "addition" and s["steps"] == 2 and s["reference"] == "precompute"
+    assert s["method"] == "lora" and s["task"] == "addition" and s["steps"] == 1 and s["reference"] == "precompute"
     assert (run / "adapter" / "adapter_config.json").exists() and (run / "accuracy.png").exists()

@@ -110,6 +110,7 @@ def test_loss_rewards_and_gradients_equal_trl(tmp_path, loss_type, beta, eps):
         swapped = _trl_batch(flipped, pad_id)
     theirs, metrics = _trl_loss(trl, transformers, policy_hf, ref_hf, tmp_path, loss_type, beta, inputs, swapped, eps)
 
+    ours = ours.detach()
     assert ours.dtype == torch.float64 and abs(float(ours) - float(theirs)) <= 1e-6, (float(ours), float(theirs))
     assert abs(float(r_w.mean()) - metrics["rewards/chosen"]) <= 1e-6
     assert abs(float(r_l.mean()) - metrics["rewards/rejected"]) <= 1e-6
