@@ -67,7 +67,7 @@ def prepare(workdir: Path, n_pairs: int, seq: int) -> None:
                  tokenizer_config={"chat_template": loaded.chat_template,
                                    "eos_token": tok.id_to_token[tok.eos_id], "pad_token": tok.id_to_token[tok.eos_id]})
     lengths = [len(p.chosen.ids) + len(p.rejected.ids) for p in pairs]
-    print(f"pairs: {n_pairs} ({sum(lengths)} tokens in all, longest sequence {max(max(lengths), 0)} tokens)",
+    print(f"pairs: {n_pairs} ({sum(lengths)} tokens in all, longest pair {max(lengths)} tokens: chosen + rejected)",
           flush=True)
 
 

@@ -281,7 +281,7 @@ class DPOTask(SFTTask):
     def loss(self, model, step, first_row, rows, total_rows, split="train"):
         idx = epoch_order(len(self.pairs[split]), step, rows, seed=self.seed, val=split == "val", first_row=first_row,
                           total_rows=total_rows)
-        losses, r_w, r_l, batch = self.pair_loss(model, idx, split)
+        losses, r_w, r_l, _ = self.pair_loss(model, idx, split)
         if split == "train":
             if step != self._step:
                 self._sums, self._step = {}, step
@@ -289,7 +289,8 @@ class DPOTask(SFTTask):
                                 ("accuracy", (r_w > r_l).float())):
                 self._sums[key] = self._sums.get(key, 0.0) + float(values.sum())
             self._sums["pairs"] = self._sums.get("pairs", 0.0) + len(idx)
-        return losses.mean(), int((batch.input_ids != self.pad_id).sum())
+        pairs = self.pairs[split]
+        return losses.mean(), sum(len(pairs[i].chosen.ids) + len(pairs[i].rejected.ids) for i in idx)  # no padding
 
     def aux_stats(self) -> dict:
         n = self._sums.get("pairs", 0.0)
@@ -398,7 +399,7 @@ def run_dpo(cfg: DPOConfig, tcfg: DPOTrainConfig, paths: list[str] | None = None
     result: TrainResult = train(task, tcfg, run_dir, resume=cfg.resume)
     done = result.stopped != "interrupted"
     saved = save_result(model, sft_cfg, loaded, run_dir, fingerprint) if done else None
-    val_metrics = task.evaluate_pairs("val") if done else {}
+    val_metrics = task.evaluate_pairs("val") if done and val_pairs else {}
     after, rows = None, []
     if scored and done:
         after, rows = exact_match(model, loaded, scored, cfg.eval_examples, tcfg.seed, cfg.eval_tokens)
