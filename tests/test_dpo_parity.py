@@ -86,6 +86,7 @@ def test_loss_rewards_and_gradients_equal_trl(tmp_path, loss_type, beta, eps):
     transformers = need("transformers")
     trl = need("trl")
     need("datasets")
+    need("tokenizers")
     tok = _tokenizer()
     template = ChatTemplate(CHATML)
     raw = [PreferencePair([{"role": "user", "content": p}], [{"role": "assistant", "content": c}],
