@@ -375,6 +375,22 @@ def cmd_sft(args) -> int:
     return 130 if s["stopped"] == "interrupted" else 0
 
 
+def cmd_dpo(args) -> int:
+    from llmlab.dataclass_io import from_args
+    from llmlab.train.dpo import DPOConfig, DPOTrainConfig, run_dpo
+
+    s = run_dpo(from_args(DPOConfig, args), from_args(DPOTrainConfig, args), list(args.paths))
+    if s["accuracy_after"] is not None:
+        print(f"{s['task']}: held-out exact match {100 * s['accuracy_before']:.1f}% -> {100 * s['accuracy_after']:.1f}%"
+              f" (dpo {s['loss']}, beta {s['beta']:g}, {s['method']})")
+    if s["val_pairs"]:
+        v = s["val_pairs"]
+        print(f"validation pairs: reward accuracy {100 * v['accuracy']:.1f}%, margin {v['margin']:.3f}, "
+              f"loss {v['loss']:.4f}")
+    print(f"llmlab: {s['stopped']} at step {s['steps']}; run folder {args.out} (summary.md)", file=sys.stderr)
+    return 130 if s["stopped"] == "interrupted" else 0
+
+
 def _preview(text: str, width: int = 90) -> str:
     line = " ".join(text.split())
     return line if len(line) <= width else line[:width - 3] + "..."
@@ -984,6 +1000,23 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
         add_flags(s, SFTDataConfig, skip=("seq_len", "seed"))
         add_flags(s, SFTTrainConfig)
     s.set_defaults(func=cmd_sft)
+
+    s = sub.add_parser("dpo", help="align a chat model on preference pairs: DPO, conservative DPO, IPO (LoRA by "
+                                   "default); scores held-out exact match",
+                       description="Direct preference optimization. With no flags: LoRA on SmolLM2-135M-Instruct on "
+                                   "pairs from the built-in addition task (chosen = the exact answer, rejected = a "
+                                   "near miss), reference log-probabilities computed once before training, held-out "
+                                   "exact match before and after in RUN/summary.md. Data: TRL-style JSONL "
+                                   "(prompt / chosen / rejected, strings or message lists).")
+    if wanted("dpo"):
+        from llmlab.dataclass_io import add_flags
+        from llmlab.train.dpo import DPOConfig, DPOTrainConfig
+
+        s.add_argument("paths", nargs="*", metavar="FILE", help="preference JSONL files or folders (default: none, "
+                                                               "pairs from --task)")
+        add_flags(s, DPOConfig)
+        add_flags(s, DPOTrainConfig)
+    s.set_defaults(func=cmd_dpo)
 
     s = sub.add_parser("scaling", help="mini scaling-law sweep: several model sizes, loss fitted vs parameters "
                                        "and compute, plotted")

@@ -479,6 +479,23 @@ def make_row(examples: list[TokenizedExample], length: int, pad_id: int) -> tupl
     return ids + [pad_id] * pad, labels + [IGNORE] * pad, pos + [0] * pad, docs + [-1] * pad
 
 
+def epoch_order(n: int, step: int, rows: int, *, seed: int, val: bool = False, first_row: int = 0,
+                total_rows: int | None = None) -> list[int]:
+    """Item indices [first_row, first_row+rows) of the global batch of ``total_rows`` items for ``step``, out
+    of ``n`` items: a fresh permutation each epoch, so every item is seen once per epoch; a function of (seed,
+    step) only, so a resumed run reads the same batches."""
+    total_rows = rows if total_rows is None else total_rows
+    orders: dict[int, list[int]] = {}  # epoch -> its permutation
+    chosen = []
+    for j in range(first_row, first_row + rows):
+        epoch, k = divmod(step * total_rows + j, n)
+        if epoch not in orders:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 2 + val)
+            orders[epoch] = torch.randperm(n, generator=g).tolist()
+        chosen.append(orders[epoch][k])
+    return chosen
+
+
 class SFTData:
     """Train and validation rows, served as SFTBatch by (seed, step, rows) as ``train.loop`` requires."""
 
@@ -503,15 +520,7 @@ class SFTData:
         n = len(self.rows[split])
         if n == 0:
             raise LlmlabError(f"the SFT data has no {split} examples: raise --val-fraction or add examples")
-        total_rows = rows if total_rows is None else total_rows
-        orders: dict[int, list[int]] = {}  # epoch -> its row permutation
-        chosen = []
-        for j in range(first_row, first_row + rows):
-            epoch, k = divmod(step * total_rows + j, n)
-            if epoch not in orders:
-                g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 2 + (split == "val"))
-                orders[epoch] = torch.randperm(n, generator=g).tolist()
-            chosen.append(orders[epoch][k])
+        chosen = epoch_order(n, step, rows, seed=seed, val=split == "val", first_row=first_row, total_rows=total_rows)
         exs = self.examples[split]
         groups = [[exs[i] for i in self.rows[split][r]] for r in chosen]
         length = self.seq_len if self.packing else max(sum(len(e.ids) for e in grp) for grp in groups)

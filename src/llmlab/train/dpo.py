@@ -1,0 +1,457 @@
+"""Direct preference optimization (DPO) and its IPO and conservative variants, as a ``Task`` for the one
+training loop (docs/architecture.md, "One training loop").
+
+DPO (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
+arXiv:2305.18290) fits a policy to preference pairs (prompt x, chosen y_w, rejected y_l) without a reward
+model or sampling. With the sequence log-probabilities of the policy and of a frozen reference,
+
+    h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)]
+    sigmoid (DPO, eq. 7):     loss = -log sigmoid(beta h)
+    conservative DPO:         loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+                              (Mitchell 2023, "A note on DPO with noisy preferences": the label is flipped
+                              with probability eps; ``--label-smoothing``)
+    ipo (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences",
+    arXiv:2310.12036, eq. 17, tau = beta):
+                              loss = (h' - 1 / (2 beta))^2, h' = h with each log-ratio divided by its
+                              reply's token count (TRL's normalisation, confirmed by the IPO authors)
+
+The implicit rewards are r_w = beta (log pi(y_w|x) - log ref(y_w|x)) and r_l likewise; the metrics logged
+each step (``metrics.jsonl``, through the loop's ``aux_stats``) are the loss, ``rewards_chosen``,
+``rewards_rejected``, ``margin`` (r_w - r_l) and ``accuracy`` (the fraction with r_w > r_l), means over the
+step's pairs on this process.
+
+The reference. ``--reference precompute`` (the default): before training, one no-grad pass of the initial
+policy over every pair stores log ref(y_w|x) and log ref(y_l|x) (an (N, 2) tensor, also written to the run
+folder as ``reference_logps.safetensors`` and reused on resume), so no second copy of the model sits in
+memory and each step runs one forward pass, not two. ``--reference adapter-off`` (LoRA / QLoRA only) runs
+the reference as the same model with its LoRA layers switched off (``nn/lora.py``'s ``lora_disabled``),
+under no grad, every step: no storage, one extra forward per step. Both give the same numbers at the start
+(LoRA's B starts at zero), as TRL does with ``precompute_ref_log_probs`` or a PEFT model without ``ref_model``.
+
+One forward per micro-batch: the chosen and rejected sequences are stacked into one (2B, T) batch, right-
+padded (causal attention: no real token sees the padding, so no mask is needed), and the output head runs
+only on the reply positions (``sft_loss``'s trick). log pi(y|x) is the sum of the reply tokens' log-
+probabilities, the end-of-turn token included.
+
+``llmlab dpo`` with no flags: LoRA on SmolLM2-135M-Instruct, pairs from the built-in ``addition`` task (chosen
+= the exact answer, rejected = a near miss, ``data/preferences.py``), held-out exact match before and after
+(``train/sft.py``'s ``exact_match``). The run folder has an sft run's layout (``sft_config.json``, ``adapter/``
+or ``model/``, ``checkpoints/``, ``metrics.jsonl``, ``summary.md``), so ``llmlab.load(RUN)``, ``llmlab chat
+--model RUN`` and ``llmlab merge RUN`` take it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmlab.common import LlmlabError, human_count, pick_device, seed_everything, write_text_atomic
+from llmlab.data.preferences import TokenizedPair, load_pairs, task_pairs, tokenize_pair
+from llmlab.data.sft import IGNORE, epoch_order, make_row
+from llmlab.dataclass_io import to_dict
+from llmlab.formats import safetensors
+from llmlab.formats.load import Loaded, chat_template_of, load_model
+from llmlab.formats.peft import base_fingerprint
+from llmlab.nn.autocast import autocast
+from llmlab.train.loop import TrainConfig, TrainResult, train
+from llmlab.train.report import write_summary
+from llmlab.train.sft import (
+    SFTConfig,
+    SFTTask,
+    apply_method,
+    exact_match,
+    output_head,
+    plot_accuracy,
+    save_result,
+    weight_count,
+)
+
+LOSSES = ("sigmoid", "ipo")
+REFERENCES = ("precompute", "adapter-off")
+METHODS = ("lora", "qlora", "full")
+DEFAULT_LR = {"lora": 5e-4, "qlora": 5e-4, "full": 5e-6}
+REF_FILE = "reference_logps.safetensors"
+
+
+@dataclass
+class DPOConfig:
+    model: str = field(default="smollm2-135m-instruct", metadata={
+        "help": "policy (and reference) model: an embedded name, a GGUF file, a Hugging Face folder or an sft run"})
+    method: str = field(default="lora", metadata={
+        "help": "what trains: lora (low-rank updates), qlora (LoRA on a 4-bit base) or full (every weight)",
+        "choices": METHODS})
+    loss: str = field(default="sigmoid", metadata={
+        "help": "sigmoid: DPO (with --label-smoothing: conservative DPO); ipo: IPO's squared loss",
+        "choices": LOSSES})
+    beta: float = field(default=0.1, metadata={"help": "DPO's beta (IPO's tau): strength of the pull to the reference"})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "conservative DPO: probability that a pair's label is flipped, in [0, 0.5); sigmoid loss only"})
+    reference: str = field(default="precompute", metadata={
+        "help": "precompute: reference log-probabilities computed once before training and stored; adapter-off: "
+                "the base with LoRA switched off, each step (lora / qlora)", "choices": REFERENCES})
+    task: str = field(default="addition", metadata={
+        "help": "with no files: build pairs from this built-in task (chosen = the exact answer, rejected = a near "
+                "miss); also the task scored before and after"})
+    pairs: int = field(default=256, metadata={"help": "pairs drawn from --task (with no files)"})
+    val_pairs: int = field(default=16, metadata={
+        "help": "validation pairs (the task's held-out split, or the last of the file's pairs)"})
+    out: str = field(default="runs/dpo", metadata={"help": "run folder (resumes when it has checkpoints)"})
+    eval_examples: int = field(default=50, metadata={
+        "help": "held-out --task questions scored (exact match) before and after training; 0 = skip"})
+    eval_tokens: int = field(default=16, metadata={"help": "new tokens generated per scored answer"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
+    lora_targets: str = field(default="all-linear", metadata={
+        "help": "modules LoRA wraps: all-linear, comma-separated names (q_proj,v_proj) or a regex"})
+    qlora_base: str = field(default="nf4", metadata={
+        "help": "qlora: the frozen base as NF4 or the GGUF's own packed blocks", "choices": ("nf4", "packed")})
+    resume: bool = field(default=True, metadata={"help": "resume from the newest complete checkpoint in --out"})
+
+    def validate(self) -> DPOConfig:
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise LlmlabError(f"--beta must be a positive number, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise LlmlabError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise LlmlabError("--label-smoothing applies to --loss sigmoid (conservative DPO), not to ipo")
+        for name, choices in (("method", METHODS), ("loss", LOSSES), ("reference", REFERENCES)):
+            if getattr(self, name) not in choices:
+                raise LlmlabError(f"--{name} {getattr(self, name)!r}: use one of {', '.join(choices)}")
+        if self.reference == "adapter-off" and self.method == "full":
+            raise LlmlabError("--reference adapter-off needs LoRA (--method lora or qlora): a full fine-tune has no "
+                              "adapter to switch off; use --reference precompute")
+        if self.pairs < 1 or self.val_pairs < 0:
+            raise LlmlabError("--pairs must be >= 1 and --val-pairs >= 0")
+        if self.eval_examples < 0 or self.eval_tokens < 1:
+            raise LlmlabError("--eval-examples must be >= 0 and --eval-tokens >= 1")
+        if self.lora_r <= 0:
+            raise LlmlabError(f"--lora-r must be a positive integer, got {self.lora_r}")
+        return self
+
+    def sft_config(self) -> SFTConfig:
+        """The same model transform and result folder as ``llmlab sft`` (its ``apply_method`` / ``save_result``)."""
+        return SFTConfig(model=self.model, method=self.method, out=self.out, lora_r=self.lora_r,
+                         lora_alpha=self.lora_alpha, lora_targets=self.lora_targets, qlora_base=self.qlora_base)
+
+
+@dataclass
+class DPOTrainConfig(TrainConfig):
+    """The training loop's flags with DPO defaults (about 4 minutes on 2 CPU cores with LoRA)."""
+
+    steps: int = field(default=40, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "global batch: preference pairs per step"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per sequence (prompt + reply), at most"})
+    lr: float = field(default=0.0, metadata={"help": "peak learning rate; 0 = the method's default "
+                                                     f"({', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())})"})
+    warmup: int = field(default=4, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
+    eval_every: int = field(default=20, metadata={"help": "validation loss every N steps; 0 = only at the end"})
+    eval_batches: int = field(default=2, metadata={"help": "validation batches per evaluation"})
+    save_every: int = field(default=20, metadata={"help": "checkpoint every N steps (and at the end); 0 = end only"})
+    log_every: int = field(default=5, metadata={"help": "progress-bar refresh / metrics line every N steps"})
+
+    def validate(self) -> DPOTrainConfig:
+        if self.lr == 0.0:
+            self.lr = 1e-3  # replaced by the method's default in run_dpo; here only to pass the check
+        return super().validate()
+
+
+# ---- the loss -------------------------------------------------------------------------------------------
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, *, beta: float, loss: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses (B,) and the implicit rewards of chosen and rejected (B,), detached (module docstring).
+    All inputs (B,): sequence log-probabilities; ``*_tokens`` the reply token counts (ipo only)."""
+    chosen_ratio = chosen_logps - ref_chosen_logps  # (B,)
+    rejected_ratio = rejected_logps - ref_rejected_logps  # (B,)
+    if loss == "sigmoid":
+        h = chosen_ratio - rejected_ratio
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the ipo loss needs the reply token counts")
+        h = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise LlmlabError(f"unknown DPO loss {loss!r}: use one of {', '.join(LOSSES)}")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+# ---- batches and sequence log-probabilities ------------------------------------------------------------
+
+
+@dataclass
+class PairBatch:
+    input_ids: torch.Tensor  # (2B, T): B chosen rows, then the B rejected rows, right-padded
+    labels: torch.Tensor  # (2B, T): next-token targets on the reply, IGNORE elsewhere
+
+    def chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reply token counts of (chosen, rejected), each (B,)."""
+        return (self.labels != IGNORE).sum(1).chunk(2)
+
+
+def pair_batch(pairs: list[TokenizedPair], pad_id: int) -> PairBatch:
+    """Stack the chosen and then the rejected sequences of ``pairs``, padded to the longest."""
+    exs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    length = max(len(e.ids) for e in exs)
+    rows = [make_row([e], length, pad_id) for e in exs]
+    return PairBatch(torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows]))
+
+
+def sequence_logps(model: nn.Module, batch: PairBatch) -> torch.Tensor:
+    """Sum of the reply tokens' log-probabilities per row, (2B,) float32 (float64 for a float64 model)."""
+    device = next(model.parameters()).device
+    ids, labels = batch.input_ids.to(device), batch.labels.to(device)
+    has_target = (labels != IGNORE).any(0)  # (T,)
+    keep = int(has_target.nonzero().max()) + 1
+    ids, labels = ids[:, :keep], labels[:, :keep]  # (2B, keep): nothing after the last target matters
+    hidden = model(ids, return_hidden=True)  # (2B, keep, D), plain causal attention
+    sel = labels != IGNORE  # (2B, keep)
+    logits = output_head(model)(hidden[sel])  # (N, V): the head only where there is a target
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    token_logps = -F.cross_entropy(logits.to(dtype), labels[sel], reduction="none")  # (N,)
+    rows = sel.nonzero()[:, 0]  # (N,) the row of each target
+    return torch.zeros(ids.shape[0], dtype=dtype, device=device).index_add(0, rows, token_logps)  # (2B,)
+
+
+@torch.no_grad()
+def reference_logps(model: nn.Module, pairs: list[TokenizedPair], pad_id: int, dtype: str,
+                    batch_size: int = 8) -> torch.Tensor:
+    """log ref(chosen), log ref(rejected) of every pair under ``model`` as it is now: (N, 2) float32 (float64 for
+    a float64 model)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        with autocast(device, dtype):
+            lp = sequence_logps(model, pair_batch(pairs[i:i + batch_size], pad_id))
+        out.append(torch.stack(lp.chunk(2), dim=1))  # (b, 2)
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+# ---- the Task -------------------------------------------------------------------------------------------
+
+
+class DPOTask(SFTTask):
+    """Preference pairs -> ``dpo_loss``. Checkpoints as ``SFTTask`` (only the trainable tensors for LoRA)."""
+
+    name = "dpo"
+
+    def __init__(self, model: nn.Module, loaded: Loaded, pairs: dict[str, list[TokenizedPair]],
+                 ref: dict[str, torch.Tensor] | None, cfg: DPOConfig, seed: int, pad_id: int,
+                 tokenizer_files: tuple[str, dict] | None = None):
+        super().__init__(model, loaded, None, seed, cfg.method, tokenizer_files)
+        self.pairs, self.ref, self.cfg, self.pad_id = pairs, ref, cfg, pad_id
+        self._sums: dict[str, float] = {}
+        self._step = -1
+
+    def pair_loss(self, model: nn.Module, idx: list[int], split: str = "train"
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PairBatch]:
+        """Per-pair losses and rewards (B,) of the pairs ``idx`` of ``split``, and their batch."""
+        batch = pair_batch([self.pairs[split][i] for i in idx], self.pad_id)
+        chosen, rejected = sequence_logps(model, batch).chunk(2)  # (B,), (B,)
+        if self.ref is not None:
+            ref = self.ref[split][idx].to(chosen)  # (B, 2)
+            ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
+        else:
+            from llmlab.nn.lora import lora_disabled
+
+            with torch.no_grad(), lora_disabled(self.model):
+                ref_chosen, ref_rejected = sequence_logps(model, batch).chunk(2)
+        n_chosen, n_rejected = batch.chunk()
+        losses, r_w, r_l = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.cfg.beta, loss=self.cfg.loss,
+                                    label_smoothing=self.cfg.label_smoothing, chosen_tokens=n_chosen,
+                                    rejected_tokens=n_rejected)
+        return losses, r_w, r_l, batch
+
+    def loss(self, model, step, first_row, rows, total_rows, split="train"):
+        idx = epoch_order(len(self.pairs[split]), step, rows, seed=self.seed, val=split == "val", first_row=first_row,
+                          total_rows=total_rows)
+        losses, r_w, r_l, _ = self.pair_loss(model, idx, split)
+        if split == "train":
+            if step != self._step:
+                self._sums, self._step = {}, step
+            for key, values in (("rewards_chosen", r_w), ("rewards_rejected", r_l), ("margin", r_w - r_l),
+                                ("accuracy", (r_w > r_l).float())):
+                self._sums[key] = self._sums.get(key, 0.0) + float(values.sum())
+            self._sums["pairs"] = self._sums.get("pairs", 0.0) + len(idx)
+        pairs = self.pairs[split]
+        return losses.mean(), sum(len(pairs[i].chosen.ids) + len(pairs[i].rejected.ids) for i in idx)  # no padding
+
+    def aux_stats(self) -> dict:
+        n = self._sums.get("pairs", 0.0)
+        return {k: v / n for k, v in self._sums.items() if k != "pairs"} if n else {}
+
+    @torch.no_grad()
+    def evaluate_pairs(self, split: str = "val", batch_size: int = 8) -> dict:
+        """Mean loss, rewards, margin and accuracy over every pair of ``split`` (the model in eval mode)."""
+        was_training = self.model.training
+        self.model.eval()
+        sums = {"loss": 0.0, "rewards_chosen": 0.0, "rewards_rejected": 0.0, "margin": 0.0, "accuracy": 0.0}
+        n = len(self.pairs[split])
+        for i in range(0, n, batch_size):
+            losses, r_w, r_l, _ = self.pair_loss(self.model, list(range(i, min(n, i + batch_size))), split)
+            for key, values in (("loss", losses), ("rewards_chosen", r_w), ("rewards_rejected", r_l),
+                                ("margin", r_w - r_l), ("accuracy", (r_w > r_l).float())):
+                sums[key] += float(values.sum())
+        self.model.train(was_training)
+        return {k: v / n for k, v in sums.items()} if n else {}
+
+
+# ---- the command ----------------------------------------------------------------------------------------
+
+
+def tokenize_pairs(pairs, tokenizer, template, seq_len: int) -> tuple[list[TokenizedPair], int]:
+    out, cut = [], 0
+    for p in pairs:
+        tp, was_cut = tokenize_pair(p, tokenizer, template, seq_len)
+        out.append(tp)
+        cut += was_cut
+    return out, cut
+
+
+def stored_reference(path: Path, model: nn.Module, pairs: dict[str, list[TokenizedPair]], pad_id: int, dtype: str,
+                     reuse: bool) -> dict[str, torch.Tensor]:
+    """The reference log-probabilities of every split: read from ``path`` when ``reuse`` and it was written for
+    the same token ids, else computed by ``reference_logps`` and written there."""
+    digest = hashlib.sha256(json.dumps({s: [(p.chosen.ids, p.rejected.ids) for p in ps] for s, ps in pairs.items()},
+                                       sort_keys=True).encode()).hexdigest()
+    if reuse and path.exists():
+        header = safetensors.read_header(path)[0]
+        if header.get("__metadata__", {}).get("pairs_sha256") == digest:
+            tensors = safetensors.load(path)
+            if set(tensors) == set(pairs):
+                return tensors
+    ref = {split: reference_logps(model, ps, pad_id, dtype) for split, ps in pairs.items()}
+    safetensors.save(ref, path, metadata={"pairs_sha256": digest})
+    return ref
+
+
+def run_dpo(cfg: DPOConfig, tcfg: DPOTrainConfig, paths: list[str] | None = None) -> dict:
+    """Load the model, build and check the pairs, score, add LoRA, store the reference, train, save, score
+    again; returns the summary (also ``summary.json``)."""
+    cfg.validate()
+    lr_given = tcfg.lr != 0.0
+    tcfg.validate()
+    if not lr_given:
+        tcfg.lr = DEFAULT_LR[cfg.method]
+    paths = list(paths or [])
+    run_dir = Path(cfg.out)
+    seed_everything(tcfg.seed)
+    t0 = time.perf_counter()
+    loaded = load_model(cfg.model, packed=cfg.method == "qlora" and cfg.qlora_base == "packed")
+    if not loaded.config.is_causal or loaded.tokenizer is None:
+        raise LlmlabError(f"{cfg.model}: DPO needs a causal language model with a tokenizer")
+    seq_len = min(tcfg.seq_len, loaded.config.max_seq_len)
+    template, tok = chat_template_of(loaded), loaded.tokenizer
+    raw, where = load_pairs(paths, cfg.task, cfg.pairs, tcfg.seed)
+    if paths:
+        random.Random(tcfg.seed).shuffle(raw)
+        n_val = min(cfg.val_pairs, len(raw) - 1)
+        raw_val, raw_train = raw[:n_val], raw[n_val:]
+    else:
+        raw_train, raw_val = raw, task_pairs(cfg.task, "heldout", cfg.val_pairs, tcfg.seed)
+    pad_id = next((i for i in (getattr(tok, "pad_id", None), getattr(tok, "eos_id", None)) if i is not None), 0)
+    train_pairs, cut = tokenize_pairs(raw_train, tok, template, seq_len)
+    val_pairs, cut_val = tokenize_pairs(raw_val, tok, template, seq_len)
+    pairs = {"train": train_pairs, "val": val_pairs or train_pairs[:1]}
+    print(f"llmlab: {len(train_pairs)} training and {len(val_pairs)} validation pairs from {where}"
+          + (f" ({cut + cut_val} replies cut to {seq_len} tokens)" if cut + cut_val else ""), flush=True)
+    scored = cfg.task if (cfg.task and cfg.eval_examples) else None
+    before = None
+    if scored:
+        before, _ = exact_match(loaded.model, loaded, scored, cfg.eval_examples, tcfg.seed, cfg.eval_tokens)
+        print(f"llmlab: held-out exact match before: {100 * before:.1f}% ({cfg.eval_examples} {scored} questions)",
+              flush=True)
+    n_base = weight_count(loaded.model, tied_head=loaded.config.tie_embeddings)
+    fingerprint = base_fingerprint(loaded.model, loaded.config, loaded.tokenizer)
+    sft_cfg = cfg.sft_config()
+    model = apply_method(loaded.model, sft_cfg, tok).to(pick_device(tcfg.device))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = n_base if cfg.method == "full" else n_base + n_train
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "sft_config.json", json.dumps(
+        {**to_dict(sft_cfg), "dpo": to_dict(cfg), "train": to_dict(tcfg), "data": paths}, indent=2) + "\n")
+    ref, t_ref = None, time.perf_counter()
+    if cfg.reference == "precompute":
+        ref = stored_reference(run_dir / REF_FILE, model, pairs, pad_id, tcfg.dtype, reuse=cfg.resume)
+        print(f"llmlab: reference log-probabilities of {sum(len(p) for p in pairs.values())} pairs stored in "
+              f"{time.perf_counter() - t_ref:.1f} s ({run_dir / REF_FILE})", flush=True)
+    t_ref = time.perf_counter() - t_ref
+    tok_files = (tok.to_hf_json(), {"chat_template": loaded.chat_template}) if hasattr(tok, "to_hf_json") else None
+    task = DPOTask(model, loaded, pairs, ref, cfg, tcfg.seed, pad_id, tok_files if cfg.method == "full" else None)
+    print(f"llmlab: dpo ({cfg.loss}, beta {cfg.beta:g}, {cfg.method}): {human_count(n_train)} of "
+          f"{human_count(n_total)} parameters train -> {run_dir}", flush=True)
+    result: TrainResult = train(task, tcfg, run_dir, resume=cfg.resume)
+    done = result.stopped != "interrupted"
+    saved = save_result(model, sft_cfg, loaded, run_dir, fingerprint) if done else None
+    val_metrics = task.evaluate_pairs("val") if done and val_pairs else {}
+    after, rows = None, []
+    if scored and done:
+        after, rows = exact_match(model, loaded, scored, cfg.eval_examples, tcfg.seed, cfg.eval_tokens)
+        print(f"llmlab: held-out exact match after: {100 * after:.1f}%", flush=True)
+    import resource
+
+    last = next((r for r in reversed(_read_metrics(run_dir)) if r.get("kind") == "train"), {})
+    summary = {"method": cfg.method, "loss": cfg.loss, "beta": cfg.beta, "label_smoothing": cfg.label_smoothing,
+               "reference": cfg.reference, "model": cfg.model, "data": where, "task": scored, "steps": result.step,
+               "stopped": result.stopped, "pairs": len(train_pairs), "trainable_params": n_train,
+               "total_params": n_total, "accuracy_before": before, "accuracy_after": after,
+               "train_loss": result.train_loss, "val_loss": result.val_loss,
+               "train_last_step": {k: last[k] for k in ("rewards_chosen", "rewards_rejected", "margin", "accuracy")
+                                   if k in last},
+               "val_pairs": val_metrics, "train_seconds": result.seconds,
+               "reference_seconds": t_ref,
+               "total_seconds": time.perf_counter() - t0, "tokens": result.tokens,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "saved": str(saved) if saved else None}
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if rows:
+        write_text_atomic(run_dir / "answers.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    if before is not None and after is not None:
+        plot_accuracy(run_dir / "accuracy.png", scored, f"dpo {cfg.loss}", before, after)
+    _write_summary_md(run_dir, summary, tcfg)
+    return summary
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _write_summary_md(run_dir: Path, s: dict, tcfg: DPOTrainConfig) -> None:
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    v = s["val_pairs"]
+    lines = [f"# DPO ({s['loss']}, beta {s['beta']:g}, label smoothing {s['label_smoothing']:g}): {s['method']} on "
+             f"{s['model']}", "",
+             f"- data: {s['data']} ({s['pairs']} training pairs); reference: {s['reference']}",
+             f"- steps: {s['steps']} ({s['stopped']}), {tcfg.batch_size} pairs per step, lr {tcfg.lr:g}, "
+             f"{s['train_seconds'] / 60:.1f} min training, {s['total_seconds'] / 60:.1f} min in all",
+             f"- trainable parameters: {s['trainable_params']:,} of {s['total_params']:,}",
+             f"- peak RSS: {s['peak_rss_mb']:.0f} MB",
+             f"- final train loss: {s['train_loss']:.4f}" if s["train_loss"] is not None else "",
+             (f"- validation pairs after training: loss {v['loss']:.4f}, reward accuracy {100 * v['accuracy']:.1f}%, "
+              f"margin {v['margin']:.3f} (chosen {v['rewards_chosen']:.3f}, rejected {v['rewards_rejected']:.3f})")
+             if v else "",
+             f"- saved: {s['saved']}", ""]
+    if s["task"]:
+        lines += [f"## Held-out exact match ({s['task']})", "", "| before | after |", "|---|---|",
+                  f"| {pct(s['accuracy_before'])} | {pct(s['accuracy_after'])} |", "", "![accuracy](accuracy.png)", ""]
+    lines += ["![loss](loss.png)"]
+    write_summary(run_dir / "summary.md", lines)
