@@ -59,3 +59,19 @@ def test_speed_flags_in_order(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset())
     assert cpu_kernels.speed_flags().startswith("none of avx2")
     assert "flags: none of" in cpu_kernels.cpu_description()
+
+
+def test_train_benchmark_runs_and_names_the_peak():
+    """benchmarks/train.py as the README runs it, with a tiny budget and without the peer."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "train.py"), "--skip-peer", "--batch", "1", "--seq",
+                        "32", "--steps", "1", "--runs", "1", "--warmup", "0", "--dtype", "float32"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "CPU: " in r.stdout and "flags: " in r.stdout
+    assert "measured matmul peak" in r.stdout and "of float32 matmuls" in r.stdout
+    assert "llmlab DecoderLM fused head" in r.stdout and "llmlab fused head: " in r.stdout
