@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,20 @@ def cpu_has_native(dtype: torch.dtype) -> bool:
     return True
 
 
+_ACTIVE = threading.local()  # .modes: the EmulatedAutocast contexts entered on this thread, innermost last
+
+
+def active_emulation() -> EmulatedAutocast | None:
+    """The innermost EmulatedAutocast entered on this thread and not paused, or None."""
+    modes = getattr(_ACTIVE, "modes", [])
+    return modes[-1] if modes and not modes[-1].paused else None
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` rounded to ``dtype`` and back: the value a ``dtype`` kernel would see or produce."""
+    return x.to(dtype).to(x.dtype)
+
+
 def _round(x, dtype: torch.dtype):
     if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
         return x.to(dtype).to(torch.float32)
@@ -52,10 +67,29 @@ class EmulatedAutocast(TorchFunctionMode):
     def __init__(self, dtype: torch.dtype):
         super().__init__()
         self.dtype = dtype
+        self.paused = False
+
+    def __enter__(self):
+        _ACTIVE.__dict__.setdefault("modes", []).append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE.modes.pop()
+        return super().__exit__(*exc)
+
+    @contextlib.contextmanager
+    def pause(self):
+        """Matmuls pass through unrounded inside: for code that rounds its operands itself, once, rather than
+        once per product (``nn/linear_ce.py`` reuses one rounded gradient in two products)."""
+        self.paused, was = True, self.paused
+        try:
+            yield
+        finally:
+            self.paused = was
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in self.LOWERED:
+        if self.paused or func not in self.LOWERED:
             return func(*args, **kwargs)
         args = tuple(_round(a, self.dtype) for a in args)
         kwargs = {k: _round(v, self.dtype) for k, v in kwargs.items()}

@@ -11,10 +11,11 @@ memory argument is the one of Wijmans et al. 2024 ("Cut Your Losses in Large-Voc
 arXiv:2411.09009). The gradients are computed in the forward pass (the loss is the graph's last node, so the
 incoming gradient is a scalar that the backward pass only multiplies in).
 
-Precision follows whatever autocast is active, because the chunk products are ordinary ``torch.mm`` calls:
-under ``torch.autocast`` they run in bf16 as ``lm_head`` would, under ``nn/autocast.EmulatedAutocast`` the
-operands and results are rounded to bf16 as there, and the gradient products are rounded the same way an
-autograd backward through that mode rounds them. Softmax, loss and its gradient are computed in float32.
+Precision follows whatever autocast is active: under ``torch.autocast`` the chunk products are ordinary
+``torch.mm`` calls that run in bf16 as ``lm_head`` would; under ``nn/autocast.EmulatedAutocast`` the mode is
+paused and the operands and results are rounded to bf16 here, each once (the input, the weight, each chunk's
+logits and gradient), which gives the numbers the mode and an autograd backward through it would give.
+Softmax, loss and its gradient are computed in float32.
 
     loss = linear_cross_entropy(h.reshape(-1, D), model.lm_head.weight, y.reshape(-1))
     # equals F.cross_entropy(F.linear(h, W).float().reshape(-1, V), y.reshape(-1)) in value and gradients
@@ -22,8 +23,12 @@ autograd backward through that mode rounds them. Softmax, loss and its gradient 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+
+from llmlab.nn.autocast import active_emulation, round_to
 
 IGNORE_INDEX = -100
 
@@ -70,23 +75,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty_like(x) if want_x else None  # (N, D)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if want_w else None  # (V, D)
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if want_b else None  # (V,)
+        # Emulated bf16 (nn/autocast.py) rounds every operand and result of every product; here x, the weight
+        # and each chunk's gradient are rounded once and the mode is paused, which gives the same numbers with
+        # fewer passes (the gradient takes part in two products, the weight in two per chunk).
+        emulated = active_emulation()
+        pause = emulated.pause() if emulated is not None else contextlib.nullcontext()
+
+        def rnd(t):
+            return t if emulated is None else round_to(t, emulated.dtype)
+
         losses = []
-        for i in range(0, N, chunk_rows):
-            xc = x[i:i + chunk_rows]  # (n, D)
-            logits = torch.mm(xc, weight.t())  # (n, V): autocast, native or emulated, applies here
-            if bias is not None:
-                logits = logits + bias
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under autocast
-            loss, g = _chunk_loss_and_grad(logits, target[i:i + chunk_rows], label_smoothing, scale, want)
-            losses.append(loss)
-            if g is None:
-                continue  # g (n, V): d loss / d logits
-            if want_x:
-                grad_x[i:i + chunk_rows] = torch.mm(g, weight)  # (n, D)
-            if want_w:
-                grad_w += torch.mm(g.t(), xc)  # (V, D)
-            if want_b:
-                grad_b += g.sum(0)
+        with pause:
+            xr, wr = rnd(x), rnd(weight)  # (N, D), (V, D)
+            for i in range(0, N, chunk_rows):
+                xc = xr[i:i + chunk_rows]  # (n, D)
+                logits = rnd(torch.mm(xc, wr.t()))  # (n, V): native autocast applies here
+                if bias is not None:
+                    logits = logits + bias
+                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under autocast
+                loss, g = _chunk_loss_and_grad(logits, target[i:i + chunk_rows], label_smoothing, scale, want)
+                losses.append(loss)
+                if g is None:
+                    continue
+                g = rnd(g)  # (n, V): d loss / d logits
+                if want_x:
+                    grad_x[i:i + chunk_rows] = rnd(torch.mm(g, wr))  # (n, D)
+                if want_w:
+                    grad_w += rnd(torch.mm(g.t(), xc))  # (V, D)
+                if want_b:
+                    grad_b += g.sum(0)
         total = torch.cat(losses).sum() * scale
         ctx.save_for_backward(grad_x, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
