@@ -31,16 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from finetune import cpu_flags, rss_reset, time_steps, vm_hwm_mb
+from finetune import measure_and_report, run_worker
+from llmlab.nn.cpu_kernels import cpu_description
 
 BETA = 0.1
 LR = {"lora": 5e-4, "full": 5e-5}
@@ -160,24 +158,13 @@ def worker(args) -> None:
     data = torch.load(workdir / "pairs.pt")
     v = json.loads(args.worker)
     step, per_pair = (setup_trl(workdir, data, v["method"]) if v["side"] == "trl" else setup_llmlab(data, v["method"]))
-    reset = rss_reset()
-    times, first = time_steps(step, args.warmup, args.steps)
-    out = {"times": times, "loss": first, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "train_peak_mb": vm_hwm_mb() if reset else None, "ref_s_per_pair": per_pair}
-    print("RESULT " + json.dumps(out), flush=True)
+    measure_and_report(step, args, ref_s_per_pair=per_pair)
 
 
 def run_variant(name: str, variant: dict, args, workdir: Path) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", json.dumps(variant), "--workdir", str(workdir),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if p.returncode != 0 or line is None:
-        tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
-        print(f"{name:<14} failed: {tail}", flush=True)
+    r = run_worker(__file__, name, variant, args, workdir)
+    if r is None:
         return None
-    r = json.loads(line[len("RESULT "):])
-    r["step"] = statistics.median(r["times"])
     train = f"{r['train_peak_mb']:>6.0f}" if r["train_peak_mb"] is not None else "     ?"
     ref = f"   reference stored: {r['ref_s_per_pair']:.3f} s/pair once" if r["ref_s_per_pair"] is not None else ""
     print(f"{name:<14} {r['step']:>7.3f} s {r['maxrss_mb']:>7.0f} MB {train} MB   loss {r['loss']:.6f}   "
@@ -202,7 +189,7 @@ def main() -> None:
     if not methods or set(methods) - {"lora", "full"}:
         sys.exit(f"--variants {args.variants}: use lora, full or lora,full")
     args.warmup = max(1, args.warmup)
-    print(f"CPU: {cpu_flags()}")
+    print(f"CPU: {cpu_description()}")
     print(f"load average before: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}; torch "
           f"{torch.__version__}, {args.threads} threads")
     print(f"DPO sigmoid, beta {BETA}; {args.pairs} pairs per step; float32; median of {args.steps} steps after "

@@ -179,18 +179,24 @@ def worker(args) -> None:
         step = setup_peft(workdir, batch, v["causal"])
     else:
         step = setup_llmlab(batch, v["causal"], v["base"], v["eight_bit"])
+    measure_and_report(step, args)
+
+
+def measure_and_report(step, args, **extra) -> None:
+    """Worker side: time ``step`` and print one RESULT line (times, first loss, peak RSS, training peak)."""
     reset = rss_reset()
     times, first = time_steps(step, args.warmup, args.steps)
     out = {"times": times, "loss": first, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "train_peak_mb": vm_hwm_mb() if reset else None}
+           "train_peak_mb": vm_hwm_mb() if reset else None, **extra}
     print("RESULT " + json.dumps(out), flush=True)
 
 
 # ---- driver -------------------------------------------------------------------------------------------
 
 
-def run_variant(name: str, variant: dict, args, workdir: Path) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", json.dumps(variant), "--workdir", str(workdir),
+def run_worker(script: str, name: str, variant: dict, args, workdir: Path) -> dict | None:
+    """Driver side: run ``script --worker`` in a fresh process; its RESULT (with the median step) or None."""
+    cmd = [sys.executable, script, "--worker", json.dumps(variant), "--workdir", str(workdir),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     p = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -200,6 +206,13 @@ def run_variant(name: str, variant: dict, args, workdir: Path) -> dict | None:
         return None
     r = json.loads(line[len("RESULT "):])
     r["step"] = statistics.median(r["times"])
+    return r
+
+
+def run_variant(name: str, variant: dict, args, workdir: Path) -> dict | None:
+    r = run_worker(__file__, name, variant, args, workdir)
+    if r is None:
+        return None
     train = f"{r['train_peak_mb']:>6.0f}" if r["train_peak_mb"] is not None else "     ?"
     print(f"{name:<28} {r['step']:>7.3f} s {args.rows * args.seq / r['step']:>7.0f} tok/s "
           f"{r['maxrss_mb']:>7.0f} MB {train} MB   loss {r['loss']:.5f}   "

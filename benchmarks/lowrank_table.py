@@ -30,7 +30,7 @@ from llmlab.compress.lowrank import CALIBRATED, LowRankConfig, lowrank_model_, p
 from llmlab.eval.perplexity import perplexity
 from llmlab.formats.convert import write_loaded
 from llmlab.formats.load import load_model
-from llmlab.nn.cpu_kernels import cpu_flags
+from llmlab.nn.cpu_kernels import speed_flags
 from llmlab.train.recover import recover_
 
 ROWS = [  # (label, LowRankConfig keywords, recovery steps)
@@ -72,8 +72,7 @@ def main() -> None:
     ids = torch.tensor(tok.encode(heldout_text())[: args.ppl_tokens])
     n_bytes = len(tok.decode(ids[: len(ids) // args.window * args.window].tolist()).encode())
     windows = token_windows(tok, calibration_text("builtin"), args.calib_samples, args.calib_len, seed=0)
-    flags = " ".join(sorted(f for f in cpu_flags() if f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni",
-                                                              "avx_vnni", "avx512_bf16", "amx_bf16")))
+    flags = speed_flags()
     print(f"SmolLM2-135M-Instruct; {len(ids)} held-out tokens in windows of {args.window}; calibration "
           f"{args.calib_samples} x {args.calib_len}; Python {platform.python_version()}; torch {torch.__version__}; "
           f"{torch.get_num_threads()} threads; CPU flags: {flags}", flush=True)
