@@ -62,11 +62,12 @@ from llmlab.formats import safetensors
 from llmlab.formats.load import Loaded, chat_template_of, load_model
 from llmlab.formats.peft import base_fingerprint
 from llmlab.nn.autocast import autocast
-from llmlab.train.loop import TrainConfig, TrainResult, train
+from llmlab.train.loop import TrainResult, train
 from llmlab.train.report import write_summary
 from llmlab.train.sft import (
     SFTConfig,
     SFTTask,
+    SFTTrainConfig,
     apply_method,
     exact_match,
     output_head,
@@ -144,8 +145,9 @@ class DPOConfig:
 
 
 @dataclass
-class DPOTrainConfig(TrainConfig):
-    """The training loop's flags with DPO defaults (about 4 minutes on 2 CPU cores with LoRA)."""
+class DPOTrainConfig(SFTTrainConfig):
+    """The training loop's flags with DPO defaults (about 4 minutes on 2 CPU cores with LoRA); the evaluation,
+    checkpoint and logging defaults are fine-tuning's."""
 
     steps: int = field(default=40, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "global batch: preference pairs per step"})
@@ -153,16 +155,6 @@ class DPOTrainConfig(TrainConfig):
     lr: float = field(default=0.0, metadata={"help": "peak learning rate; 0 = the method's default "
                                                      f"({', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())})"})
     warmup: int = field(default=4, metadata={"help": "linear warmup steps"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
-    eval_every: int = field(default=20, metadata={"help": "validation loss every N steps; 0 = only at the end"})
-    eval_batches: int = field(default=2, metadata={"help": "validation batches per evaluation"})
-    save_every: int = field(default=20, metadata={"help": "checkpoint every N steps (and at the end); 0 = end only"})
-    log_every: int = field(default=5, metadata={"help": "progress-bar refresh / metrics line every N steps"})
-
-    def validate(self) -> DPOTrainConfig:
-        if self.lr == 0.0:
-            self.lr = 1e-3  # replaced by the method's default in run_dpo; here only to pass the check
-        return super().validate()
 
 
 # ---- the loss -------------------------------------------------------------------------------------------

@@ -179,7 +179,7 @@ class SFTTrainConfig(TrainConfig):
 
     def validate(self) -> SFTTrainConfig:
         if self.lr == 0.0:
-            self.lr = 1e-3  # replaced by the method's default in run_sft; here only to pass the check
+            self.lr = 1e-3  # replaced by the method's default in run_sft / run_dpo; here only to pass the check
         return super().validate()
 
 
