@@ -131,6 +131,32 @@ def read_text_file(path: str | os.PathLike, name: str, expected: str) -> str:
         raise LlmlabError(f"{name}: cannot read it: {e.strerror}") from None
 
 
+def read_jsonl_objects(path: str, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of the JSONL file ``path``; a line that is not JSON, not an
+    object or lacks one of ``fields``, an unreadable file or one with no lines is a one-line LlmlabError naming
+    ``path:line``."""
+    import json
+
+    raw = read_text_file(path, path, f"a JSONL file of objects with {', '.join(fields)}")
+    rows = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LlmlabError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise LlmlabError(f"{path}:{n}: expected a JSON object with {', '.join(fields)}")
+        for f in fields:
+            if f not in row:
+                raise LlmlabError(f"{path}:{n}: missing field {f!r} (each line needs {', '.join(fields)})")
+        rows.append((n, row))
+    if not rows:
+        raise LlmlabError(f"{path}: no lines (give one JSON object per line)")
+    return rows
+
+
 def read_json(path: Path, missing: str | None = None):
     """Parse a JSON file; a missing file (when ``missing`` says why it is needed) or bad JSON is a one-line
     LlmlabError naming the file. With ``missing=None`` an absent file gives None."""

@@ -16,13 +16,11 @@ Shapes: query embeddings (Q, D), corpus embeddings (N, D) -> scores (Q, N) -> to
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 
-from llmlab.common import LlmlabError
+from llmlab.common import LlmlabError, read_jsonl_objects
 from llmlab.infer.embed import MAX_TOKENS, check_dim, check_texts, embed_texts, truncate
 from llmlab.text.retrieval_set import RetrievalSet
 
@@ -127,39 +125,16 @@ def format_table(results: dict[str, dict[int, dict[str, float]]],
 # ---- user files ----------------------------------------------------------------------------------------------
 
 
-def _jsonl_rows(path: str, fields: tuple[str, ...]) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        raise LlmlabError(f"{path}: no such file (give a JSONL file)")
-    rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlmlabError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise LlmlabError(f"{path}:{n}: expected a JSON object with {', '.join(fields)}")
-        for f in fields:
-            if f not in row:
-                raise LlmlabError(f"{path}:{n}: missing field {f!r} (each line needs {', '.join(fields)})")
-        rows.append(row)
-    if not rows:
-        raise LlmlabError(f"{path}: no lines (give one JSON object per line)")
-    return rows
-
-
 def read_retrieval_files(queries_path: str, corpus_path: str) -> RetrievalSet:
     """A corpus JSONL (``{"id": ..., "text": ...}`` per line) and a queries JSONL (``{"id": ..., "query": ...,
     "relevant": [corpus ids]}`` per line) -> a checked RetrievalSet."""
     corpus: dict[str, str] = {}
-    for row in _jsonl_rows(corpus_path, ("id", "text")):
+    for _, row in read_jsonl_objects(corpus_path, ("id", "text")):
         if not isinstance(row["text"], str) or not row["text"].strip():
             raise LlmlabError(f"{corpus_path}: document {row['id']!r} is empty: give every document some text")
         corpus[str(row["id"])] = row["text"]
     queries, relevant = {}, {}
-    for row in _jsonl_rows(queries_path, ("id", "query", "relevant")):
+    for _, row in read_jsonl_objects(queries_path, ("id", "query", "relevant")):
         qid = str(row["id"])
         if not isinstance(row["query"], str) or not row["query"].strip():
             raise LlmlabError(f"{queries_path}: query {qid!r} is empty: give every query some text")

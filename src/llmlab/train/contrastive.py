@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmlab.common import LlmlabError, human_count, seed_everything, write_text_atomic
+from llmlab.common import LlmlabError, human_count, read_jsonl_objects, seed_everything, write_text_atomic
 from llmlab.dataclass_io import to_dict
 from llmlab.formats.load import DEFAULT_EMBED, load_model
 from llmlab.infer.embed import MAX_TOKENS, check_texts, embed_batch, parse_dims
@@ -116,20 +116,9 @@ def is_validation(key: str) -> bool:
 
 def read_pairs(path: str) -> list[Pair]:
     """Training pairs from JSONL: ``{"query": ..., "document": ...}`` per line."""
-    p = Path(path)
-    if not p.is_file():
-        raise LlmlabError(f"{path}: no such file (give a JSONL file of query/document pairs)")
     pairs = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlmlabError(f"{path}:{n}: not JSON ({e.msg})") from None
+    for n, row in read_jsonl_objects(path, ("query", "document")):
         for f in ("query", "document"):
-            if not isinstance(row, dict) or f not in row:
-                raise LlmlabError(f"{path}:{n}: missing field {f!r} (each line needs query and document)")
             if not isinstance(row[f], str) or not row[f].strip():
                 raise LlmlabError(f"{path}:{n}: empty {f}: give every pair some text")
         pairs.append(Pair(f"{path}:{n}", row["query"], row["document"]))
