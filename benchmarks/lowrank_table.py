@@ -25,13 +25,11 @@ from pathlib import Path
 import torch
 
 from llmlab.api import parameter_count
-from llmlab.compress.calibrate import calibration_text, heldout_text, token_windows
 from llmlab.compress.lowrank import CALIBRATED, LowRankConfig, lowrank_model_, parameter_totals, quantize_model_factors_
 from llmlab.eval.perplexity import perplexity
 from llmlab.formats.convert import write_loaded
-from llmlab.formats.load import load_model
-from llmlab.nn.cpu_kernels import speed_flags
 from llmlab.train.recover import recover_
+from table_harness import table_harness
 
 ROWS = [  # (label, LowRankConfig keywords, recovery steps)
     ("svd rank 256 (mlp)", {"method": "svd", "rank": 256, "layers": "mlp"}, 0),
@@ -67,15 +65,8 @@ def main() -> None:
         args.ppl_tokens, args.calib_samples, args.calib_len, args.recover_scale = 1024, 4, 128, 0.1
     only = {r.strip() for r in args.only.split(",") if r.strip()}
     rows = [r for r in ROWS if not only or r[0] in only]
-    base = load_model(None)
-    tok = base.tokenizer
-    ids = torch.tensor(tok.encode(heldout_text())[: args.ppl_tokens])
-    n_bytes = len(tok.decode(ids[: len(ids) // args.window * args.window].tolist()).encode())
-    windows = token_windows(tok, calibration_text("builtin"), args.calib_samples, args.calib_len, seed=0)
-    flags = speed_flags()
-    print(f"SmolLM2-135M-Instruct; {len(ids)} held-out tokens in windows of {args.window}; calibration "
-          f"{args.calib_samples} x {args.calib_len}; Python {platform.python_version()}; torch {torch.__version__}; "
-          f"{torch.get_num_threads()} threads; CPU flags: {flags}", flush=True)
+    h = table_harness(args.ppl_tokens, args.window, args.calib_samples, args.calib_len)
+    base, ids, n_bytes, windows, flags = h.base, h.ids, h.n_bytes, h.windows, h.flags
     results = []
     tmp = tempfile.TemporaryDirectory()
 

@@ -24,11 +24,9 @@ from pathlib import Path
 
 import torch
 
-from llmlab.compress.calibrate import calibration_text, heldout_text, token_windows
 from llmlab.compress.prune import CALIBRATED, PruneConfig, prune_model_, sparsity_totals
 from llmlab.eval.perplexity import perplexity
-from llmlab.formats.load import load_model
-from llmlab.nn.cpu_kernels import speed_flags
+from table_harness import table_harness
 
 ROWS = [  # (method, pattern)
     ("magnitude", "unstructured"), ("wanda", "unstructured"), ("sparsegpt", "unstructured"),
@@ -53,15 +51,8 @@ def main() -> None:
         args.ppl_tokens, args.calib_samples, args.calib_len = 1024, 4, 128
     only = {r.strip() for r in args.only.split(",") if r.strip()}
     rows = [r for r in ROWS if not only or f"{r[0]} {r[1]}" in only]
-    base = load_model(None)
-    tok = base.tokenizer
-    ids = torch.tensor(tok.encode(heldout_text())[: args.ppl_tokens])
-    n_bytes = len(tok.decode(ids[: len(ids) // args.window * args.window].tolist()).encode())
-    windows = token_windows(tok, calibration_text("builtin"), args.calib_samples, args.calib_len, seed=0)
-    flags = speed_flags()
-    print(f"SmolLM2-135M-Instruct; {len(ids)} held-out tokens in windows of {args.window}; calibration "
-          f"{args.calib_samples} x {args.calib_len}; Python {platform.python_version()}; torch {torch.__version__}; "
-          f"{torch.get_num_threads()} threads; CPU flags: {flags}", flush=True)
+    h = table_harness(args.ppl_tokens, args.window, args.calib_samples, args.calib_len)
+    base, ids, n_bytes, windows, flags = h.base, h.ids, h.n_bytes, h.windows, h.flags
     results = []
 
     def measure(label: str, method: str, pattern: str, model, sparsity: float, seconds: float) -> None:

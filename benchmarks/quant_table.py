@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -28,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from llmlab.compress.calibrate import calibration_text, heldout_text, token_windows
 from llmlab.compress.quantize import CALIBRATED, make_spec, quantize_model_
 from llmlab.data.tasks import get_task
 from llmlab.eval.perplexity import perplexity
@@ -36,11 +34,11 @@ from llmlab.formats.convert import write_loaded
 from llmlab.formats.load import chat_template_of, load_model
 from llmlab.infer.generate import chat_stop_ids, generate
 from llmlab.infer.sample import SamplingParams
-from llmlab.nn.cpu_kernels import speed_flags
 from llmlab.nn.ggml_quants import TYPE_IDS
 from llmlab.nn.nf4 import NF4Linear
 from llmlab.nn.packed_linear import PackedLinear
 from llmlab.nn.quant_linear import QuantLinear
+from table_harness import table_harness
 
 # (label, method, make_spec keyword arguments)
 ROWS = [
@@ -129,16 +127,8 @@ def main() -> None:
     if args.quick:
         args.ppl_tokens, args.questions, args.calib_samples, args.calib_len = 1024, 8, 8, 256
     rows = [r for r in ROWS if (not args.quick or r[0] in QUICK) and (not args.only or r[0] in args.only.split(","))]
-    base = load_model(None)
-    tok = base.tokenizer
-    text = heldout_text()
-    ids = torch.tensor(tok.encode(text)[: args.ppl_tokens])
-    n_bytes = len(tok.decode(ids[: len(ids) // args.window * args.window].tolist()).encode())
-    windows = token_windows(tok, calibration_text("builtin"), args.calib_samples, args.calib_len, seed=0)
-    flags = speed_flags()
-    print(f"SmolLM2-135M-Instruct; {len(ids)} held-out tokens in windows of {args.window}; calibration "
-          f"{args.calib_samples} x {args.calib_len}; Python {platform.python_version()}; torch "
-          f"{torch.__version__}; {torch.get_num_threads()} threads; CPU flags: {flags}", flush=True)
+    h = table_harness(args.ppl_tokens, args.window, args.calib_samples, args.calib_len)
+    base, ids, n_bytes, windows = h.base, h.ids, h.n_bytes, h.windows
     results = []
 
     def measure(label: str, method: str, loaded, bpw: float, size: int | None, seconds: float, fast) -> None:

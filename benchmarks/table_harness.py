@@ -1,0 +1,37 @@
+"""The setup the results tables share (quant_table.py, prune_table.py, lowrank_table.py): SmolLM2-135M-Instruct,
+the fixed held-out text as token ids with its byte count (for bits per byte), the calibration windows, and one
+header line saying where the table was measured."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+
+import torch
+
+from llmlab.compress.calibrate import calibration_text, heldout_text, token_windows
+from llmlab.formats.load import Loaded, load_model
+from llmlab.nn.cpu_kernels import speed_flags
+
+
+@dataclass
+class Harness:
+    base: Loaded  # SmolLM2-135M-Instruct as loaded for quality work (float weights)
+    ids: torch.Tensor  # (ppl_tokens,) held-out token ids
+    n_bytes: int  # UTF-8 bytes of the whole windows of ids
+    windows: list  # calibration windows
+    flags: str  # the CPU flags a speed figure depends on
+
+
+def table_harness(ppl_tokens: int, window: int, calib_samples: int, calib_len: int) -> Harness:
+    """Load the model, cut the held-out and calibration text, and print the header line."""
+    base = load_model(None)
+    tok = base.tokenizer
+    ids = torch.tensor(tok.encode(heldout_text())[:ppl_tokens])
+    n_bytes = len(tok.decode(ids[: len(ids) // window * window].tolist()).encode())
+    windows = token_windows(tok, calibration_text("builtin"), calib_samples, calib_len, seed=0)
+    flags = speed_flags()
+    print(f"SmolLM2-135M-Instruct; {len(ids)} held-out tokens in windows of {window}; calibration "
+          f"{calib_samples} x {calib_len}; Python {platform.python_version()}; torch {torch.__version__}; "
+          f"{torch.get_num_threads()} threads; CPU flags: {flags}", flush=True)
+    return Harness(base, ids, n_bytes, windows, flags)
