@@ -9,7 +9,7 @@ peak of the units the run uses: bf16 where the CPU has bf16 units, fp32 where ll
 units; the header says which, with the CPU flags.
 
     python benchmarks/train.py                 # CPU, bf16 autocast
-    python benchmarks/train.py --device cuda --preset gpt2-124m --batch 16 --seq 1024 --compile
+    python benchmarks/train.py --device cuda --preset gpt2-124m --batch 32 --seq 1024 --compile
 """
 
 from __future__ import annotations
