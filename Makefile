@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.llmlab-installed
 TEST_STAMP := $(VENV)/.llmlab-test-installed
 
-.PHONY: run test setup setup-test lint bench mutation clean
+.PHONY: run test setup setup-test lint bench docs mutation clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/load_time.py
 	$(BIN)/python benchmarks/tokenizer_speed.py
 	$(BIN)/python benchmarks/bpe_train.py
+
+# The learning-path site: docs/ -> site/ (open site/index.html).
+docs: $(TEST_STAMP)
+	$(BIN)/python -m mkdocs build --strict
 
 # Mutation testing of the pure-Python core (minutes; not part of `make test`). MODULES="sample optim" for a subset.
 mutation: $(TEST_STAMP)
