@@ -232,6 +232,50 @@ def cmd_explore(args) -> int:
     return 0
 
 
+def cmd_attention(args) -> int:
+    import torch
+
+    from llmlab.api import load
+    from llmlab.common import LlmlabError
+    from llmlab.eval.attention_maps import attention_maps, plot_attention
+
+    if not args.text.strip():
+        raise LlmlabError("the text is empty: give some text")
+    layers = None if args.layers in ("ends", "all") else _int_list(args.layers, "--layers")
+    heads = None if args.heads == "all" else _int_list(args.heads, "--heads")
+    llm = load(args.model, device=args.device)
+    tok = llm.tokenizer
+    ids = tok.encode(args.text) if llm.config.is_causal else tok.encode(args.text, add_special=True)
+    if len(ids) > args.max_tokens:
+        raise LlmlabError(f"the text is {len(ids)} tokens and --max-tokens is {args.max_tokens}: shorten the text "
+                          "or raise --max-tokens")
+    if args.layers == "ends":
+        layers = [0, llm.config.n_layers // 2, llm.config.n_layers - 1]
+    maps = attention_maps(llm.model, torch.tensor([ids], device=llm.model.embed_tokens.weight.device), layers)
+    maps = {i: m.cpu() for i, m in maps.items()}
+    tokens = [tok.decode([i]) for i in ids]
+    plot_attention(maps, tokens, Path(args.out), heads, title=args.text[:80])
+    # The last token's view: which earlier token each head attends to most, and how spread its attention is.
+    print("layer  head  top token from the last position (weight)  entropy (nats)")
+    for layer, m in maps.items():
+        for h in heads if heads is not None else range(m.shape[1]):
+            row = m[0, h, -1]  # (T,)
+            j = int(row.argmax())
+            entropy = float(-(row.clamp_min(1e-12).log() * row).sum())
+            print(f"{layer:>5}  {h:>4}  {tokens[j]!r:<28} ({float(row[j]):.2f})  {entropy:.2f}")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    from llmlab.common import LlmlabError
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LlmlabError(f"{flag} takes comma-separated integers (e.g. 0,5,-1), not {text!r}") from None
+
+
 def cmd_convert(args) -> int:
     from llmlab.formats.convert import convert
 
@@ -803,6 +847,18 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--out", default="explore", help="output folder (default: explore)")
     _add_load_flags(s)
     s.set_defaults(func=cmd_explore)
+
+    s = sub.add_parser("attention", help="attention maps per layer and head for a text (PNG), whatever attention "
+                                         "path the model runs")
+    s.add_argument("text", help="the text to read the attention of")
+    s.add_argument("--model", default=None, help=MODEL_HELP)
+    s.add_argument("--layers", default="ends", help="comma-separated layer indices (negative from the end), 'all', or "
+                                                    "'ends' = first, middle and last (default: ends)")
+    s.add_argument("--heads", default="all", help="comma-separated head indices or 'all' (default: all)")
+    s.add_argument("--max-tokens", type=int, default=64, help="longest text in tokens (default: 64)")
+    s.add_argument("--out", default="attention.png", help="output PNG (default: attention.png)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
+    s.set_defaults(func=cmd_attention)
 
     s = sub.add_parser("convert", help="convert between GGUF and Hugging Face folders")
     s.add_argument("source", help="input: .gguf file, Hugging Face folder or embedded model name")
