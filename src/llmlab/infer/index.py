@@ -177,6 +177,8 @@ class VectorStore:
         self.fingerprint = json.loads(meta["fingerprint"])
         self.dim = int(self.fingerprint["dim"])
         self._idf_cache: tuple[int, float] | None = None
+        self._vectors_generation: int | None = None  # the generation self.vectors reflects
+        self._lock_depth = 0
 
     # ---- opening -----------------------------------------------------------------------------------------------
 
@@ -200,7 +202,7 @@ class VectorStore:
                 ("fingerprint", json.dumps(fingerprint)), ("generation", "0")])
         store = cls(folder, db)
         store.vectors = store._build_faiss(np.zeros((0, store.dim), np.float32), np.zeros(0, np.int64))
-        _write_vectors(folder / VECTORS_NAME, store.vectors, 0)
+        store._save_vectors()
         return store
 
     @classmethod
@@ -224,29 +226,46 @@ class VectorStore:
         return store
 
     def _load_vectors(self, repair: bool) -> None:
-        path, generation = self.folder / VECTORS_NAME, self.generation()
-        saved = None
-        if path.exists() and not repair:
-            saved, self.vectors = _read_vectors(path)
-            count = self.count("chunks")
-            if saved == generation and self.vectors.ntotal != count:
-                raise LlmlabError(f"{path}: {self.vectors.ntotal} vectors for {count} chunks in the database: "
-                                  f"rebuild them with 'llmlab index repair --index {self.folder}'")
-            if saved == generation and self.vectors.d != self.dim:
-                raise LlmlabError(f"{path}: {self.vectors.d}-d vectors in a {self.dim}-d index: rebuild them with "
-                                  f"'llmlab index repair --index {self.folder}'")
-        if saved != generation:
+        """Read vectors.faiss; when it is behind the database (an interrupted write), rebuild it, under the write
+        lock so that a writer finishing its save is waited for rather than raced."""
+        if not repair and self._read_saved() == self.generation():
+            return
+        with self._lock():
+            generation = self.generation()
             if not repair:
+                saved = self._read_saved()
+                if saved == generation:
+                    return
                 log.warning(f"{self.folder}: the vectors are at generation {saved}, the database at {generation} "
                             "(a write was interrupted): rebuilding them from the database")
             self._rebuild_vectors()
+
+    def _read_saved(self) -> int | None:
+        """Load vectors.faiss into ``self.vectors`` -> the generation it reflects (None: no file)."""
+        path = self.folder / VECTORS_NAME
+        if not path.exists():
+            return None
+        saved, self.vectors = _read_vectors(path)
+        self._vectors_generation = saved
+        fix = f"rebuild them with 'llmlab index repair --index {self.folder}'"
+        if saved == self.generation():
+            count = self.count("chunks")
+            if self.vectors.ntotal != count:
+                raise LlmlabError(f"{path}: {self.vectors.ntotal} vectors for {count} chunks in the database: {fix}")
+            if self.vectors.d != self.dim:
+                raise LlmlabError(f"{path}: {self.vectors.d}-d vectors in a {self.dim}-d index: {fix}")
+        return saved
 
     def _rebuild_vectors(self) -> None:
         rows = self.db.execute("SELECT id, vector FROM chunks ORDER BY id").fetchall()
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
         self.vectors = self._build_faiss(vecs, ids)
-        _write_vectors(self.folder / VECTORS_NAME, self.vectors, self.generation())
+        self._save_vectors()
+
+    def _save_vectors(self) -> None:
+        self._vectors_generation = self.generation()
+        _write_vectors(self.folder / VECTORS_NAME, self.vectors, self._vectors_generation)
 
     def _build_faiss(self, vecs: np.ndarray, ids: np.ndarray):
         import faiss
@@ -354,6 +373,8 @@ class VectorStore:
         lists = []
         if mode != "bm25":
             if query_vector is None:
+                if encoder is None:
+                    raise ValueError("dense and hybrid search need the encoder or a query vector")
                 query_vector = encoder.embed([query])[0]
             lists.append(self.dense(query_vector, encoder.fingerprint if encoder else self.fingerprint,
                                     k if mode == "dense" else max(k, depth), allowed))
@@ -381,25 +402,11 @@ class VectorStore:
             if vecs.ndim != 2 or vecs.shape != (len(chunks), self.dim):
                 raise LlmlabError(f"{path}: vectors of shape {tuple(vecs.shape)}, the index holds {self.dim}-d "
                                   f"vectors ({len(chunks)} chunks): mixed embedding sizes cannot share an index")
-        with self._lock(), _transaction(self.db):
-            gone = self._delete_rows(deleted + [a[0] for a in added])
-            new_ids, new_vecs = [], []
-            for path, sha, meta, chunks, vecs in added:
-                doc = self.db.execute("INSERT INTO documents (path, sha256, metadata) VALUES (?, ?, ?)",
-                                      (path, sha, json.dumps(meta))).lastrowid
-                for c, v in zip(chunks, vecs.astype(np.float32)):
-                    terms = Counter(bm25_terms(c.text))
-                    cid = self.db.execute("INSERT INTO chunks (doc_id, start, end, text, n_terms, vector) VALUES "
-                                          "(?, ?, ?, ?, ?, ?)", (doc, c.start, c.end, c.text, sum(terms.values()),
-                                                                 v.tobytes())).lastrowid
-                    self.db.executemany("INSERT INTO postings VALUES (?, ?, ?)",
-                                        [(t, cid, n) for t, n in terms.items()])
-                    self.db.executemany("INSERT INTO terms VALUES (?, 1) ON CONFLICT(term) DO UPDATE SET df = df + 1",
-                                        [(t,) for t in terms])
-                    new_ids.append(cid)
-                    new_vecs.append(v)
-            self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
         with self._lock():
+            if self._vectors_generation != self.generation():  # another process wrote since these were read
+                self._load_vectors(repair=False)
+            with _transaction(self.db):
+                gone, new_ids, new_vecs = self._insert(added, deleted)
             if after_commit is not None:
                 after_commit()
             total = self.count("chunks")
@@ -411,7 +418,29 @@ class VectorStore:
                 self.vectors.remove_ids(np.array(gone, dtype=np.int64))
             if new_ids:
                 self.vectors.add_with_ids(np.stack(new_vecs), np.array(new_ids, dtype=np.int64))
-            _write_vectors(self.folder / VECTORS_NAME, self.vectors, self.generation())
+            self._save_vectors()
+
+    def _insert(self, added: list[tuple], deleted: list[str]) -> tuple[list[int], list[int], list[np.ndarray]]:
+        """The database half of ``write`` (inside its transaction) -> (chunk ids removed, chunk ids added, their
+        vectors)."""
+        gone = self._delete_rows(deleted + [a[0] for a in added])
+        new_ids, new_vecs = [], []
+        for path, sha, meta, chunks, vecs in added:
+            doc = self.db.execute("INSERT INTO documents (path, sha256, metadata) VALUES (?, ?, ?)",
+                                  (path, sha, json.dumps(meta))).lastrowid
+            for c, v in zip(chunks, vecs.astype(np.float32)):
+                terms = Counter(bm25_terms(c.text))
+                cid = self.db.execute("INSERT INTO chunks (doc_id, start, end, text, n_terms, vector) VALUES "
+                                      "(?, ?, ?, ?, ?, ?)", (doc, c.start, c.end, c.text, sum(terms.values()),
+                                                             v.tobytes())).lastrowid
+                self.db.executemany("INSERT INTO postings VALUES (?, ?, ?)",
+                                    [(t, cid, n) for t, n in terms.items()])
+                self.db.executemany("INSERT INTO terms VALUES (?, 1) ON CONFLICT(term) DO UPDATE SET df = df + 1",
+                                    [(t,) for t in terms])
+                new_ids.append(cid)
+                new_vecs.append(v)
+        self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+        return gone, new_ids, new_vecs
 
     def _delete_rows(self, paths: list[str]) -> list[int]:
         """Delete the documents at ``paths`` (those present) with their chunks, postings and term counts."""
@@ -433,12 +462,21 @@ class VectorStore:
 
     @contextlib.contextmanager
     def _lock(self):
-        """One writer at a time across processes (the database and the vectors file must move together)."""
-        with open(self.folder / ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        """One writer at a time across processes (the database and the vectors file move together); reentrant."""
+        if self._lock_depth:
+            self._lock_depth += 1
             try:
                 yield
             finally:
+                self._lock_depth -= 1
+            return
+        with open(self.folder / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -545,7 +583,8 @@ def add_files(store: VectorStore, encoder: Encoder, sources: list[str], meta: di
     known = dict(store.db.execute("SELECT path, sha256 FROM documents"))
     fresh = [d for d in docs if known.get(d[0]) != hashlib.sha256(d[1].encode()).hexdigest()]
     added = prepare(fresh, encoder, store.config)
-    store.write(added, [], encoder.fingerprint)
+    if added:
+        store.write(added, [], encoder.fingerprint)
     return {"added": sum(d[0] not in known for d in fresh), "replaced": sum(d[0] in known for d in fresh),
             "unchanged": len(docs) - len(fresh), "skipped_empty": skipped,
             "chunks": sum(len(a[3]) for a in added)}
