@@ -225,6 +225,8 @@ def test_hnsw_beyond_the_threshold_finds_what_exact_search_finds(tmp_path):
         exact = {ids[i] for i in np.argsort(-(vecs @ q))[:10]}
         found += len(exact & {cid for cid, _ in store.dense(q, fp, 10)})
     assert found / 200 >= 0.95
+    allowed = set(ids[::7])  # a metadata filter reaches inside the graph search too
+    assert {cid for cid, _ in store.dense(q, fp, 10, allowed)} <= allowed and len(store.dense(q, fp, 10, allowed)) == 10
     store.close()
 
 

@@ -43,7 +43,7 @@ import numpy as np
 from llmlab.common import LlmlabError, atomic_path
 from llmlab.infer.embed import MAX_TOKENS, embed_texts
 from llmlab.text.bm25 import bm25_terms, floored_idf, mean_idf, term_weight
-from llmlab.text.chunk import chunk_text, kind_of
+from llmlab.text.chunk import chunk_text, collect_files, kind_of
 
 log = logging.getLogger("llmlab")
 
@@ -520,50 +520,6 @@ def prepare(docs: list[tuple[str, str, dict]], encoder: Encoder, config: IndexCo
         out.append((path, sha, meta, chunks, vecs[i:i + len(chunks)]))
         i += len(chunks)
     return out
-
-
-TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown", ".rst", ".py", ".pyi", ".json", ".jsonl", ".toml", ".yaml",
-                           ".yml", ".cfg", ".ini", ".html", ".css", ".js", ".ts", ".c", ".h", ".cpp", ".rs", ".go",
-                           ".java", ".sh", ".tex", ".csv"})
-
-
-def read_document(path: Path) -> str:
-    """A file's UTF-8 text; binary content (a NUL byte, or bytes that are not UTF-8) is a one-line error."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise LlmlabError(f"{path}: cannot read it: {e.strerror}") from None
-    if b"\0" in raw[:8192]:
-        raise LlmlabError(f"{path}: a binary file, not text: leave it out")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LlmlabError(f"{path}: not UTF-8 text (byte {e.start}; a binary file?): leave it out") from None
-
-
-def collect_files(sources: list[str], meta: dict[str, str]) -> tuple[list[tuple[str, str, dict]], int]:
-    """Files and folders -> ((absolute path, text, metadata) per document, empty files skipped). A folder gives its
-    files with a known text suffix (hidden ones left out); a file named directly must be non-empty text."""
-    docs, skipped = [], 0
-    for source in sources:
-        root = Path(source).expanduser()
-        if root.is_dir():
-            files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(root).parts))
-        elif root.is_file():
-            files = [root]
-        else:
-            raise LlmlabError(f"{source}: no such file or folder")
-        for file in files:
-            text = read_document(file)
-            if not text.strip():
-                if file == root:
-                    raise LlmlabError(f"{file}: empty document (no text to index): leave it out")
-                skipped += 1
-                continue
-            path = str(file.resolve())
-            docs.append((path, text, {"path": path, "suffix": file.suffix.lower(), **meta}))
-    return docs, skipped
 
 
 def parse_meta(items: list[str], flag: str) -> dict[str, str]:

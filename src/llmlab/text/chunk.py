@@ -12,6 +12,9 @@ was trained on 128), and a short passage ranks better than a long file that ment
    LangChain's ``TokenTextSplitter``). A single word longer than ``max_tokens`` is a window of its own (the encoder
    truncates it).
 
+``collect_files`` reads the documents themselves: files named directly, or a folder's files with a text suffix;
+binary or non-UTF-8 content is an error, an empty file named directly too (in a folder it is skipped and counted).
+
 A chunk is ``(start, end)`` character offsets into the original text plus that slice, so a hit can be shown in
 place. Shapes: text (characters) -> chunks (n,), each ``text[start:end]``.
 """
@@ -21,6 +24,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from llmlab.common import LlmlabError
 
 _WORD = re.compile(r"\S+")
 _MD_HEADING = re.compile(r"^#{1,6}[ \t]")
@@ -102,3 +108,47 @@ def chunk_text(text: str, max_tokens: int = 128, overlap: int = 32, *, kind: str
                 back += words[k][2]
             i = k
     return chunks
+
+
+TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown", ".rst", ".py", ".pyi", ".json", ".jsonl", ".toml", ".yaml",
+                           ".yml", ".cfg", ".ini", ".html", ".css", ".js", ".ts", ".c", ".h", ".cpp", ".rs", ".go",
+                           ".java", ".sh", ".tex", ".csv"})
+
+
+def read_document(path: Path) -> str:
+    """A file's UTF-8 text; binary content (a NUL byte, or bytes that are not UTF-8) is a one-line error."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise LlmlabError(f"{path}: cannot read it: {e.strerror}") from None
+    if b"\0" in raw[:8192]:
+        raise LlmlabError(f"{path}: a binary file, not text: leave it out")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LlmlabError(f"{path}: not UTF-8 text (byte {e.start}; a binary file?): leave it out") from None
+
+
+def collect_files(sources: list[str], meta: dict[str, str]) -> tuple[list[tuple[str, str, dict]], int]:
+    """Files and folders -> ((absolute path, text, metadata) per document, empty files skipped). A folder gives its
+    files with a known text suffix (hidden ones left out); a file named directly must be non-empty text."""
+    docs, skipped = [], 0
+    for source in sources:
+        root = Path(source).expanduser()
+        if root.is_dir():
+            files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        elif root.is_file():
+            files = [root]
+        else:
+            raise LlmlabError(f"{source}: no such file or folder")
+        for file in files:
+            text = read_document(file)
+            if not text.strip():
+                if file == root:
+                    raise LlmlabError(f"{file}: empty document (no text to index): leave it out")
+                skipped += 1
+                continue
+            path = str(file.resolve())
+            docs.append((path, text, {"path": path, "suffix": file.suffix.lower(), **meta}))
+    return docs, skipped
