@@ -398,3 +398,17 @@ def test_help_gives_every_flag_a_default(capsys):
             if not entry.startswith("-h"):
                 text = " ".join(entry.split())
                 assert "(default:" in text or "(required)" in text, (name, entry)
+
+
+def test_minilm_by_default_finds_the_right_file(tmp_path, minilm_path, capsys):
+    """The real all-MiniLM-L6-v2 (the default model): each question finds its file first."""
+    docs = _write_docs(tmp_path / "docs")
+    idx = str(tmp_path / "idx")
+    assert main(["index", "build", str(docs), "--index", idx, "--threads", "1"]) == 0
+    capsys.readouterr()
+    for question, expect in (("how do I rotate a deque to the left", "deque.md"),
+                             ("serialize python objects into a string", "json.txt"),
+                             ("priority queue insertion", "heap.py")):
+        assert main(["index", "query", question, "--index", idx, "--mode", "dense", "--k", "1", "--json"]) == 0
+        hit = json.loads(capsys.readouterr().out)
+        assert hit["path"].endswith(expect), (question, hit)
