@@ -51,6 +51,31 @@ def _embedded(name: str):
         pytest.skip(str(e))
 
 
+def make_tiny_encoder(folder, seed: int = 0, dim: int = 32) -> str:
+    """A random 2-layer BERT (``dim`` wide) with all-MiniLM-L6-v2's tokenizer, written as a Hugging Face folder."""
+    import shutil
+
+    from llmlab.formats import hf
+    from llmlab.models.bert import BertModel
+
+    src = _embedded("all-minilm-l6-v2")
+    cfg = hf.read_config(src)
+    cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.head_dim = dim, 2, 2, 2, 2 * dim, dim // 2
+    torch.manual_seed(seed)
+    model = BertModel(cfg)
+    hf.write_folder(folder, cfg, model.state_dict())
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy2(src / name, folder / name)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory):
+    """A random 2-layer BERT (dim 32) with all-MiniLM-L6-v2's tokenizer, as a Hugging Face folder."""
+    return make_tiny_encoder(tmp_path_factory.mktemp("tiny") / "tiny-bert")
+
+
 @pytest.fixture(scope="session")
 def smollm_path():
     return _embedded("smollm2-135m-instruct")

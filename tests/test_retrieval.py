@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
 from pathlib import Path
 
 import pytest
@@ -222,26 +221,6 @@ def test_bad_retrieval_files(tmp_path):
     with pytest.raises(LlmlabError, match="document 'a' is empty"):
         read_retrieval_files(_write(tmp_path / "q.jsonl", [good]), empty_doc)
     assert len(read_retrieval_files(_write(tmp_path / "q.jsonl", [good]), corpus).queries) == 1
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory):
-    """A random 2-layer BERT (dim 32) with all-MiniLM-L6-v2's tokenizer, as a Hugging Face folder."""
-    from llmlab.formats import hf
-    from llmlab.formats.load import embedded_path
-    from llmlab.models.bert import BertModel
-
-    src = embedded_path("all-minilm-l6-v2")
-    cfg = hf.read_config(src)
-    cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.head_dim = 32, 2, 2, 2, 64, 16
-    torch.manual_seed(0)
-    model = BertModel(cfg)
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-bert"
-    hf.write_folder(folder, cfg, model.state_dict())
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (src / name).exists():
-            shutil.copy2(src / name, folder / name)
-    return str(folder)
 
 
 def test_api_embed_pooling_and_nested_size(tiny_encoder):

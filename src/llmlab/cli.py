@@ -633,6 +633,112 @@ def cmd_embed_eval(args) -> int:
     return 0
 
 
+def cmd_index_build(args) -> int:
+    from llmlab.dataclass_io import from_args
+    from llmlab.infer.index import IndexConfig, VectorStore, add_files, open_encoder, parse_meta
+
+    meta = parse_meta(args.meta, "--meta")
+    config = from_args(IndexConfig, args)
+    config.check()
+    encoder = open_encoder(config)
+    with VectorStore.create(args.index, config, encoder.fingerprint) as store:
+        return _print_added(store, add_files(store, encoder, args.sources, meta))
+
+
+def cmd_index_add(args) -> int:
+    from llmlab.infer.index import VectorStore, add_files, open_encoder, parse_meta
+
+    meta = parse_meta(args.meta, "--meta")
+    with VectorStore.open(args.index) as store:
+        return _print_added(store, add_files(store, open_encoder(store), args.sources, meta))
+
+
+def _print_added(store, s: dict) -> int:
+    print(f"{store.folder}: {s['added']} documents added, {s['replaced']} replaced, {s['unchanged']} unchanged "
+          f"({s['chunks']} new chunks; {store.count('documents')} documents, {store.count('chunks')} chunks in all)")
+    if s["skipped_empty"]:
+        print(f"llmlab: skipped {s['skipped_empty']} empty files", file=sys.stderr)
+    return 0
+
+
+def cmd_index_delete(args) -> int:
+    from llmlab.infer.index import VectorStore, delete_paths
+
+    with VectorStore.open(args.index) as store:
+        n = delete_paths(store, args.sources)
+        print(f"{store.folder}: {n} documents deleted ({store.count('documents')} documents, "
+              f"{store.count('chunks')} chunks left)")
+    return 0
+
+
+def cmd_index_info(args) -> int:
+    from llmlab.infer.index import VectorStore
+
+    with VectorStore.open(args.index, repair=args.command_name == "repair") as store:
+        info = store.info()
+        if args.files:
+            info["files"] = store.paths()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key in ("index", "documents", "chunks", "terms", "model", "dim", "faiss", "generation"):
+        print(f"{key:>10}  {info[key]}")
+    c = info["config"]
+    print(f"{'chunks of':>10}  {c['chunk_tokens']} tokens, overlap {c['overlap']}; HNSW above {c['hnsw_above']} "
+          f"vectors")
+    print(f"{'files':>10}  " + ", ".join(f"{k} {v:,} B" for k, v in info["bytes"].items()))
+    for path in info.get("files", []):
+        print(path)
+    return 0
+
+
+def cmd_index_query(args) -> int:
+    from llmlab.infer.index import VectorStore, open_encoder, parse_meta
+
+    where = parse_meta(args.where, "--where")
+    with VectorStore.open(args.index) as store:
+        encoder = None if args.mode == "bm25" and args.model is None else open_encoder(store, args.model)
+        hits = store.search(args.text, encoder, k=args.k, mode=args.mode, where=where)
+    for rank, h in enumerate(hits, 1):
+        if args.json:
+            print(json.dumps({"rank": rank, "path": h.path, "chunk": h.text, "score": h.score, "start": h.start,
+                              "end": h.end, "metadata": h.metadata}))
+        else:
+            text = " ".join(h.text.split())
+            print(f"{rank}. {h.score:.4f}  {h.path} [{h.start}:{h.end}]\n   {text[:200]}{'...' * (len(text) > 200)}")
+    if not hits:
+        print("llmlab: no hits", file=sys.stderr)
+    return 0
+
+
+def cmd_index_eval(args) -> int:
+    import tempfile
+
+    from llmlab.common import LlmlabError
+    from llmlab.dataclass_io import from_args
+    from llmlab.eval.retrieval import evaluate_search, format_search_table, limit_set
+    from llmlab.infer.index import IndexConfig, open_encoder
+    from llmlab.text.retrieval_set import builtin_test_set
+
+    config = from_args(IndexConfig, args)
+    config.check()
+    if args.limit < 0:
+        raise LlmlabError(f"--limit {args.limit}: give a count of queries, or 0 for all")
+    rset = builtin_test_set()
+    if args.limit:
+        rset = limit_set(rset, args.limit)
+    encoder = open_encoder(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = evaluate_search(rset, encoder, config, Path(tmp) / "index")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"built-in test set: {len(rset.queries)} queries, {len(rset.corpus)} documents; {config.model}, "
+              f"chunks of {config.chunk_tokens} tokens")
+        print(format_search_table(results))
+    return 0
+
+
 def cmd_scaling(args) -> int:
     from llmlab.common import LlmlabError
     from llmlab.dataclass_io import from_args
@@ -1212,6 +1318,60 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
 
         add_flags(e_train, EmbedConfig)
         add_flags(e_train, EmbedTrainConfig)
+
+    s = sub.add_parser("index", help="a persistent vector store: build, add, delete, info, query (dense, BM25, hybrid)",
+                       description="A folder holding documents, chunks and BM25 postings in SQLite and their "
+                                   "embeddings in a FAISS index; queried densely, by BM25, or both fused by "
+                                   "reciprocal rank.")
+    isub = s.add_subparsers(dest="index_command", required=True, parser_class=_Parser)
+    i_build = isub.add_parser("build", help="make a new index from files and folders")
+    i_add = isub.add_parser("add", help="add files and folders (changed files are replaced, unchanged ones kept)")
+    i_delete = isub.add_parser("delete", help="remove files (a folder: every file under it) from the index")
+    i_info = isub.add_parser("info", help="counts, model, FAISS index kind, file sizes")
+    i_repair = isub.add_parser("repair", help="rebuild the FAISS vectors from the database")
+    i_query = isub.add_parser("query", help="the best chunks for a text")
+    i_eval = isub.add_parser("eval", help="dense vs BM25 vs hybrid search on the built-in retrieval test set")
+    for i in (i_build, i_add, i_delete):
+        i.add_argument("sources", nargs="+", metavar="FILE_OR_FOLDER",
+                       help="files, or folders (their files with a text suffix: .md, .py, .txt, ...)")
+    for i in (i_build, i_add):
+        i.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                       help="metadata for every file added, for query --where; repeatable (default: none; each "
+                            "file also gets path and suffix)")
+    for i in (i_build, i_add, i_delete, i_info, i_repair, i_query):
+        i.add_argument("--index", required=True, metavar="DIR", help="the index folder (required)")
+    for i in (i_info, i_repair):
+        i.add_argument("--json", action="store_true", help="print JSON (default: off)")
+        i.add_argument("--files", action="store_true", help="also list the indexed files (default: off)")
+        i.set_defaults(func=cmd_index_info, command_name="info" if i is i_info else "repair")
+    i_query.add_argument("text", help="the query")
+    i_query.add_argument("--k", type=int, default=5, help="hits to print (default: 5)")
+    i_query.add_argument("--mode", default="hybrid", choices=["dense", "bm25", "hybrid"],
+                         help="dense (FAISS), bm25, or hybrid (both, reciprocal rank fusion) (default: hybrid)")
+    i_query.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                         help="only documents whose metadata has KEY=VALUE; repeatable (default: none)")
+    i_query.add_argument("--model", default=None,
+                         help="the encoder for the query; it must be the one the index was built with "
+                              "(default: the index's)")
+    i_query.add_argument("--json", action="store_true",
+                         help="one JSON object per hit: path, chunk, score, offsets, metadata (default: off)")
+    i_eval.add_argument("--json", action="store_true", help="print JSON (default: off)")
+    i_eval.add_argument("--limit", type=int, default=0, metavar="N",
+                        help="a small budget: the first N queries, their documents and N others (default: 0 = all)")
+    i_build.set_defaults(func=cmd_index_build)
+    i_add.set_defaults(func=cmd_index_add)
+    i_delete.set_defaults(func=cmd_index_delete)
+    i_query.set_defaults(func=cmd_index_query)
+    i_eval.set_defaults(func=cmd_index_eval)
+    for i in (i_build, i_add, i_delete, i_info, i_repair, i_query, i_eval):
+        i.add_argument("--threads", type=_threads, default=0, metavar="N",
+                       help="CPU threads for PyTorch; 0 = one per physical core (default: 0)")
+    if wanted("index"):
+        from llmlab.dataclass_io import add_flags
+        from llmlab.infer.index import IndexConfig
+
+        add_flags(i_build, IndexConfig)
+        add_flags(i_eval, IndexConfig, skip=("hnsw_above", "hnsw_m", "ef_search"))
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, embeddings) with continuous "
                                      "batching, a paged KV cache, /metrics and a web chat page at /")

@@ -11,6 +11,9 @@ each averaged over the queries. The definitions, MAP's denominator and the tie o
 ascending document id) are those of sentence-transformers' ``InformationRetrievalEvaluator``, and the numbers
 equal it to 1e-6 (tests/test_retrieval.py).
 
+``evaluate_search`` scores the vector store (``infer/index.py``) instead: the corpus chunked and indexed, each query
+answered densely, by BM25 and by both fused, a document ranked where its best chunk is.
+
 Shapes: query embeddings (Q, D), corpus embeddings (N, D) -> scores (Q, N) -> top-k document indices (Q, k).
 """
 
@@ -26,6 +29,7 @@ from llmlab.text.retrieval_set import RetrievalSet
 
 METRICS = ("ndcg", "recall", "mrr", "map", "precision")
 DEFAULT_KS = {"ndcg": (10,), "recall": (1, 10), "mrr": (10,), "map": (100,), "precision": (1, 10)}
+SEARCH_KS = {"ndcg": (10,), "recall": (1, 10), "mrr": (10,)}
 
 
 def check_set(rset: RetrievalSet) -> None:
@@ -105,6 +109,50 @@ def evaluate_model(model, tokenizer, rset: RetrievalSet, dims: list[int], *, poo
     q = embed_texts(model, tokenizer, list(rset.queries.values()), **kw)
     d = embed_texts(model, tokenizer, list(rset.corpus.values()), **kw)
     return {dim: evaluate_embeddings(truncate(q, dim), truncate(d, dim), rset, ks) for dim in dims}
+
+
+def limit_set(rset: RetrievalSet, n: int) -> RetrievalSet:
+    """The first ``n`` queries, their relevant documents and ``n`` other documents (corpus order): a small budget."""
+    qids = list(rset.queries)[:n]
+    relevant = set().union(*(rset.relevant[q] for q in qids))
+    keep = relevant | set([d for d in rset.corpus if d not in relevant][:n])
+    return RetrievalSet({q: rset.queries[q] for q in qids}, {d: t for d, t in rset.corpus.items() if d in keep},
+                        {q: rset.relevant[q] for q in qids})
+
+
+def evaluate_search(rset: RetrievalSet, encoder, config, folder, modes: tuple[str, ...] = ("dense", "bm25", "hybrid"),
+                    depth: int = 100, ks: dict[str, tuple[int, ...]] = SEARCH_KS) -> dict[str, dict[str, float]]:
+    """Index ``rset.corpus`` in a new vector store at ``folder`` (``infer/index.py``: chunked, embedded by
+    ``encoder``, BM25 postings), answer every query by each of ``modes`` -> {mode: metrics}. A document ranks where
+    its best chunk does, among the ``depth`` best chunks."""
+    from llmlab.infer.index import VectorStore, prepare
+
+    check_set(rset)
+    store = VectorStore.create(folder, config, encoder.fingerprint)
+    try:
+        store.write(prepare([(doc_id, text, {}) for doc_id, text in rset.corpus.items()], encoder, config), [],
+                    encoder.fingerprint)
+        qids = list(rset.queries)
+        vectors = encoder.embed([rset.queries[q] for q in qids])  # (Q, D)
+        k = max(v for vals in ks.values() for v in vals)
+        results = {}
+        for mode in modes:
+            top = []
+            for qid, vec in zip(qids, vectors):
+                hits = store.search(rset.queries[qid], encoder, k=depth, mode=mode, query_vector=vec, depth=depth)
+                top.append(list(dict.fromkeys(h.path for h in hits))[:k])  # chunks -> documents, best first
+            results[mode] = score_ranking(top, [rset.relevant[q] for q in qids], ks)
+    finally:
+        store.close()
+    return results
+
+
+def format_search_table(results: dict[str, dict[str, float]],
+                        metrics: tuple[str, ...] = ("ndcg@10", "recall@10", "recall@1", "mrr@10")) -> str:
+    """{mode: metrics} -> a Markdown table, one row per search mode."""
+    lines = ["| search | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    lines += [f"| {mode} | " + " | ".join(f"{m[k]:.4f}" for k in metrics) + " |" for mode, m in results.items()]
+    return "\n".join(lines)
 
 
 def format_table(results: dict[str, dict[int, dict[str, float]]],
