@@ -472,6 +472,18 @@ def cmd_dpo(args) -> int:
     return 130 if s["stopped"] == "interrupted" else 0
 
 
+def cmd_distill(args) -> int:
+    from llmlab.dataclass_io import from_args
+    from llmlab.train.distill import DistillConfig, DistillTrainConfig, run_distill
+
+    s = run_distill(from_args(DistillConfig, args), from_args(DistillTrainConfig, args))
+    if s["val_ppl"] is not None:
+        print(f"{s['student']} ({s['loss']}): held-out perplexity {s['val_ppl']:.2f} (loss {s['val_loss']:.4f}) after "
+              f"{s['tokens']:,} tokens")
+    print(f"llmlab: {s['stopped']} at step {s['steps']}; run folder {args.out} (summary.md)", file=sys.stderr)
+    return 130 if s["stopped"] == "interrupted" else 0
+
+
 def _preview(text: str, width: int = 90) -> str:
     line = " ".join(text.split())
     return line if len(line) <= width else line[:width - 3] + "..."
@@ -1236,6 +1248,21 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
         add_flags(s, DPOConfig)
         add_flags(s, DPOTrainConfig)
     s.set_defaults(func=cmd_dpo)
+
+    s = sub.add_parser("distill", help="train a smaller student on a teacher's distributions: KD, reverse KL "
+                                       "(MiniLLM), GKD, hidden-state matching (TinyBERT)",
+                       description="Knowledge distillation. With no flags: the smollm2-tiny preset (4 blocks x 256, "
+                                   "SmolLM2's vocabulary) learns from SmolLM2-135M-Instruct by forward KL on the "
+                                   "Python stdlib tokenized with the teacher's tokenizer (data/stdlib-smollm2, "
+                                   "prepared if missing); held-out perplexity in RUN/summary.md. --loss ce trains the "
+                                   "same student on the same tokens without a teacher.")
+    if wanted("distill"):
+        from llmlab.dataclass_io import add_flags
+        from llmlab.train.distill import DistillConfig, DistillTrainConfig
+
+        add_flags(s, DistillConfig)
+        add_flags(s, DistillTrainConfig)
+    s.set_defaults(func=cmd_distill)
 
     s = sub.add_parser("scaling", help="mini scaling-law sweep: several model sizes, loss fitted vs parameters "
                                        "and compute, plotted")

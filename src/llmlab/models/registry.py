@@ -19,6 +19,10 @@ PRESETS: dict[str, ModelConfig] = {
                                 tie_embeddings=True, bos_token_id=1, eos_token_id=2),
     "smollm2-360m": ModelConfig(arch="llama", vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5,
                                 ffn_dim=2560, max_seq_len=8192, norm_eps=1e-5, rope_theta=100000.0),
+    # A small student for distilling SmolLM2 (llmlab distill): its vocabulary and special ids, 4 blocks x 256.
+    "smollm2-tiny": ModelConfig(arch="llama", vocab_size=49152, dim=256, n_layers=4, n_heads=4, n_kv_heads=2,
+                                ffn_dim=768, max_seq_len=2048, norm_eps=1e-5, rope_theta=100000.0,
+                                tie_embeddings=True, bos_token_id=1, eos_token_id=2),
     "llama-tiny": ModelConfig(arch="llama", vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                               ffn_dim=172, max_seq_len=256),
     # OpenAI GPT-2 small (124M).
