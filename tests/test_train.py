@@ -314,6 +314,8 @@ def test_bf16_moe_and_gpt2(shards, tmp_path):
     curve = losses(tmp_path / "gpt2")
     assert curve[-1][1] < curve[0][1] - 0.5
     assert (tmp_path / "gpt2" / "loss.png").stat().st_size > 10_000
+    report = (tmp_path / "gpt2" / "report.html").read_text()  # written at the end of every run
+    assert report.count("<svg") == 4 and "loss.png" in report and "data:image/png;base64," in report
 
 
 def test_checkpoint_is_a_model_folder_llmlab_loads(shards, tmp_path, monkeypatch):

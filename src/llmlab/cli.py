@@ -313,6 +313,13 @@ def cmd_landscape(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from llmlab.train.html_report import write_run_report
+
+    print(write_run_report(Path(args.run)))
+    return 0
+
+
 def cmd_convert(args) -> int:
     from llmlab.formats.convert import convert
 
@@ -1034,6 +1041,11 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="progress bar (default: on)")
     s.set_defaults(func=cmd_landscape)
+
+    s = sub.add_parser("report", help="regenerate a run folder's self-contained HTML report (curves, evaluations, "
+                                      "summary, samples, figures)")
+    s.add_argument("run", help="a training run folder (pretrain, sft, dpo, distill, embed train): RUN/report.html")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("convert", help="convert between GGUF and Hugging Face folders")
     s.add_argument("source", help="input: .gguf file, Hugging Face folder or embedded model name")

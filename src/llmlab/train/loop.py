@@ -43,6 +43,7 @@ from llmlab.formats import hf
 from llmlab.models.config import ModelConfig
 from llmlab.nn.autocast import autocast, cpu_has_native
 from llmlab.train import distributed as dist_
+from llmlab.train.html_report import write_run_report
 from llmlab.train.optim import OPTIMIZERS, SCHEDULES, build_adamw, lr_at
 from llmlab.train.report import Metrics, plot_curves
 
@@ -332,7 +333,8 @@ def _train_step(run: _Run, params: list[nn.Parameter]) -> dict:
     run.tokens_seen += tokens
     run.last_loss = step_loss
     record = {"kind": "train", "step": run.step, "loss": step_loss, "lr": lr, "grad_norm": gnorm,
-              "tokens": run.tokens_seen, **run.task.aux_stats()}
+              "tokens": run.tokens_seen, "seconds": round(run.elapsed_before + time.perf_counter() - run.t_start, 3),
+              **run.task.aux_stats()}
     if not finite:
         record["skipped"] = True
     run.metrics.log(record)
@@ -438,6 +440,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = T
     _save(run)
     if world.is_main:
         plot_curves(run.metrics.read(), run_dir / "loss.png", title=f"{task.name}: {human_count(n_params)} parameters")
+        write_run_report(run_dir)
     result = TrainResult(step=run.step, run_dir=run_dir, train_loss=run.last_loss, val_loss=run.last_val,
                          tokens=run.tokens_seen, seconds=run.elapsed_before + time.perf_counter() - run.t_start,
                          stopped=stopped, checkpoint=run.last_ckpt, resumed_from=run.resumed_from)

@@ -83,4 +83,9 @@ def plot_curves(records: list[dict], path: Path, title: str = "training") -> Pat
 
 
 def write_summary(path: Path, lines: list[str]) -> None:
+    """summary.md; in a training run folder the HTML report is regenerated to include it."""
+    from llmlab.train.html_report import write_run_report
+
     write_text_atomic(path, "\n".join(lines) + "\n")
+    if (Path(path).parent / "metrics.jsonl").is_file():
+        write_run_report(Path(path).parent)
