@@ -18,9 +18,10 @@ from conftest import need
 from llmlab.cli import main
 from llmlab.common import LlmlabError
 from llmlab.eval import text_metrics as M
-from llmlab.eval.harness import EvalConfig, run_choice, run_eval
+from llmlab.eval.harness import EvalConfig, choice_requests, choose, run_choice, run_eval
 from llmlab.eval.loglik import encode_pair, loglikelihoods, pack_rows
 from llmlab.eval.perplexity import perplexity
+from llmlab.eval.task_files import ChoiceItem
 from llmlab.eval.tasks import TaskSpec, choice_items, parse_tasks
 from llmlab.formats.load import load_model
 from llmlab.text.retrieval_set import RetrievalSet
@@ -129,6 +130,9 @@ def test_loglikelihoods_equal_transformers(twins):
     # the boundary: trailing context spaces move into the continuation, so both spellings score the same tokens
     assert got[0] == got[1] == got[5]
     assert encode_pair(tok, "The capital of France is ", "Paris")[1] == tok.encode(" Paris", add_bos=False)
+    ctx = tok.encode("The capital of France is", add_bos=False)  # two spaces: both move to the continuation
+    whole = tok.encode("The capital of France is  Paris", add_bos=False)
+    assert encode_pair(tok, "The capital of France is  ", "Paris") == (ctx, whole[len(ctx):])
     assert encode_pair(tok, "", "Hello")[0] == [tok.bos_id if tok.bos_id is not None else tok.eos_id]
     # a group too long for one row is split; a context too long keeps its end
     assert pack_rows({(1, 2, 3, 9): [(4, 5, 6), (7, 8)]}, max_len=5) == [
@@ -193,6 +197,23 @@ def test_choice_accuracy_and_calibration_by_hand(twins, tmp_path):
         hits["acc_norm"] += max(range(4), key=lambda j: ll[j] / len(item.choices[j])) == item.gold
         hits["acc_calibrated"] += int(q.argmax()) == item.gold
     assert n == 5 and metrics == {k: v / 5 for k, v in hits.items()}
+
+
+def test_choose_and_requests_by_hand():
+    """The picks on numbers where each rule gives a different answer, and the exact few-shot prompt."""
+    ll = torch.tensor([-4.0, -5.0, -6.5], dtype=torch.float64)
+    lengths = torch.tensor([2.0, 5.0, 13.0], dtype=torch.float64)  # per character: -2, -1, -0.5
+    cf = torch.tensor([-1.0, -4.5, -3.0], dtype=torch.float64)  # ll - cf: -3, -0.5, -3.5
+    assert choose(ll, lengths, cf) == {"acc": 0, "acc_norm": 2, "acc_calibrated": 1}
+    p = torch.softmax(ll, 0) / torch.softmax(cf, 0)  # the paper's W p, W = diag(p_cf)^-1
+    assert int(p.argmax()) == 1
+    items = [ChoiceItem(f"Q{i}?", [" no", " yes"], 1, "N/A?", "Header.\n\n") for i in range(3)]
+    reqs = choice_requests(items, None, EvalConfig(num_fewshot=1, calibrate=True, seed=7))
+    shot = random.Random("7/0").sample(items[1:], 1)[0]
+    prefix = f"Header.\n\n{shot.context}{shot.choices[shot.gold]}\n\n"
+    assert reqs[:4] == [(prefix + "Q0?", " no"), (prefix + "Q0?", " yes"), (prefix + "N/A?", " no"),
+                        (prefix + "N/A?", " yes")]
+    assert len(reqs) == 12
 
 
 def test_other_shapes_and_builtin_task(tmp_path):

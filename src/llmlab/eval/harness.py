@@ -100,32 +100,45 @@ def run_perplexity(loaded, spec: T.TaskSpec, cfg: EvalConfig) -> tuple[dict, int
             {"window": window, "stride": window, "tokens": r.tokens})
 
 
-def run_choice(loaded, spec: T.TaskSpec, cfg: EvalConfig) -> tuple[dict, int, dict]:
-    items, pool = T.choice_items(spec)
-    items = _cut(items, cfg.limit_for("choice"))
-    requests, spans = [], []
+def choice_requests(items: list, pool: list | None, cfg: EvalConfig) -> list[tuple[str, str]]:
+    """Per item: (context, choice) for each choice, then (content-free context, choice) with ``calibrate``; the
+    few-shot examples (context + right choice, blank line between) go after the item's description."""
+    requests = []
     for i, item in enumerate(items):
         shots = T.fewshot(pool, items, i, cfg.num_fewshot, cfg.seed)
         prefix = item.description + "".join(s.context + s.choices[s.gold] + "\n\n" for s in shots)
-        start = len(requests)
         requests += [(prefix + item.context, c) for c in item.choices]
         if cfg.calibrate:
             requests += [(prefix + item.content_free, c) for c in item.choices]
-        spans.append(start)
-    scored = loglikelihoods(loaded.model, loaded.tokenizer, requests, cfg.batch_size)
-    hits = {"acc": 0, "acc_norm": 0, "acc_calibrated": 0}
-    for item, start in zip(items, spans):
+    return requests
+
+
+def choose(ll: torch.Tensor, lengths: torch.Tensor, cf: torch.Tensor | None = None) -> dict[str, int]:
+    """One item's picks from its choices' log-likelihoods ll (n,), their lengths in characters (n,) and, for
+    calibration, the content-free log-likelihoods cf (n,)."""
+    picks = {"acc": int(ll.argmax()), "acc_norm": int((ll / lengths).argmax())}
+    if cf is not None:
+        # q = W p with W = diag(p_cf)^-1; p and p_cf are softmaxes over the choices, whose normalisers are
+        # constants, so argmax q = argmax (log p - log p_cf) = argmax (ll - cf)
+        picks["acc_calibrated"] = int((ll - cf).argmax())
+    return picks
+
+
+def run_choice(loaded, spec: T.TaskSpec, cfg: EvalConfig) -> tuple[dict, int, dict]:
+    items, pool = T.choice_items(spec)
+    items = _cut(items, cfg.limit_for("choice"))
+    scored = loglikelihoods(loaded.model, loaded.tokenizer, choice_requests(items, pool, cfg), cfg.batch_size)
+    hits: dict[str, int] = {}
+    at = 0
+    for item in items:
         n = len(item.choices)
-        ll = torch.tensor([s.logprob for s in scored[start:start + n]], dtype=torch.float64)  # (n,)
-        lengths = torch.tensor([len(c) for c in item.choices], dtype=torch.float64)
-        hits["acc"] += int(ll.argmax()) == item.gold
-        hits["acc_norm"] += int((ll / lengths).argmax()) == item.gold
-        if cfg.calibrate:
-            cf = torch.tensor([s.logprob for s in scored[start + n:start + 2 * n]], dtype=torch.float64)
-            # p / p_cf with both softmaxed over the choices: the normalisers are constants, so log p - log p_cf
-            hits["acc_calibrated"] += int((ll - cf).argmax()) == item.gold
-    keys = ("acc", "acc_norm", "acc_calibrated") if cfg.calibrate else ("acc", "acc_norm")
-    return ({k: hits[k] / len(items) for k in keys}, len(items),
+        ll = torch.tensor([s.logprob for s in scored[at:at + n]], dtype=torch.float64)  # (n,)
+        cf = (torch.tensor([s.logprob for s in scored[at + n:at + 2 * n]], dtype=torch.float64)
+              if cfg.calibrate else None)  # (n,)
+        at += 2 * n if cfg.calibrate else n
+        for k, pick in choose(ll, torch.tensor([len(c) for c in item.choices], dtype=torch.float64), cf).items():
+            hits[k] = hits.get(k, 0) + (pick == item.gold)
+    return ({k: v / len(items) for k, v in hits.items()}, len(items),
             {"num_fewshot": cfg.num_fewshot, "choices": sorted({len(i.choices) for i in items})})
 
 
