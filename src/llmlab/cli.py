@@ -792,6 +792,17 @@ def cmd_index_eval(args) -> int:
         print(f"built-in test set: {len(rset.queries)} queries, {len(rset.corpus)} documents; {config.model}, "
               f"chunks of {config.chunk_tokens} tokens")
         print(format_search_table(results))
+def cmd_eval(args) -> int:
+    from llmlab.common import pick_device, pick_dtype
+    from llmlab.dataclass_io import from_args
+    from llmlab.eval.harness import EvalConfig, format_table, run_eval
+
+    device = pick_device(args.device)
+    result = run_eval(args.models, from_args(EvalConfig, args),
+                      load_kwargs={"dtype": pick_dtype(args.dtype, device), "device": device})
+    print(format_table(result))
+    if args.output:
+        print(f"llmlab: wrote {args.output}", file=sys.stderr)
     return 0
 
 
@@ -1275,6 +1286,25 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
         add_flags(s, DistillConfig)
         add_flags(s, DistillTrainConfig)
     s.set_defaults(func=cmd_distill)
+    s = sub.add_parser("eval", help="evaluate language models and encoders: perplexity, multiple choice, generation, "
+                                    "retrieval, STS; one table (and --output JSON)",
+                       description="Evaluate models on built-in tasks (no download) or local JSONL files. With no "
+                                   "MODEL: SmolLM2-135M-Instruct on heldout-ppl, stdlib-mc, addition and "
+                                   "all-MiniLM-L6-v2 on retrieval.")
+    s.add_argument("models", nargs="*", metavar="MODEL",
+                   help="models to evaluate: " + MODEL_HELP.replace(" (default: smollm2-135m-instruct)", "")
+                        + " (default: both embedded models, each on its kind's tasks)")
+    s.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights/activations dtype (default: float32)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
+    s.add_argument("--threads", type=_threads, default=0, metavar="N",
+                   help="CPU threads for PyTorch; 0 = one per physical core (default: 0)")
+    if wanted("eval"):
+        from llmlab.dataclass_io import add_flags
+        from llmlab.eval.harness import EvalConfig
+
+        add_flags(s, EvalConfig)
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("scaling", help="mini scaling-law sweep: several model sizes, loss fitted vs parameters "
                                        "and compute, plotted")
