@@ -376,6 +376,8 @@ def apply_method_(model: BertWithHead, cfg: HeadConfig) -> int:
         model.head.requires_grad_(True)
     else:
         model.requires_grad_(True)
+    if model.task != "classify":  # only classification reads the pooler: a parameter with no gradient would get no
+        model.bert.pooler.requires_grad_(False)  # optimizer state, and a checkpoint without it could not resume
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
