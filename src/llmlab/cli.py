@@ -463,6 +463,20 @@ def cmd_sft(args) -> int:
     return 130 if s["stopped"] == "interrupted" else 0
 
 
+def cmd_head(args) -> int:
+    from llmlab.dataclass_io import from_args
+    from llmlab.train.heads import HeadConfig, HeadTrainConfig, run_head
+
+    s = run_head(from_args(HeadConfig, args), from_args(HeadTrainConfig, args))
+    if s["after"] is not None:
+        for metric, before in s["before"].items():
+            print(f"{s['task']}: held-out {metric} {before:.1f} -> {s['after'][metric]:.1f} ({s['method']}, "
+                  f"{s['steps']} steps, {s['trainable_parameters']:,} trainable parameters)")
+    print(f"llmlab: {s['stopped']} at step {s['steps']}; model {s['saved']}, run folder {args.out} (summary.json)",
+          file=sys.stderr)
+    return 130 if s["stopped"] == "interrupted" else 0
+
+
 def cmd_dpo(args) -> int:
     from llmlab.dataclass_io import from_args
     from llmlab.train.dpo import DPOConfig, DPOTrainConfig, run_dpo
@@ -1254,6 +1268,24 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
         add_flags(s, SFTDataConfig, skip=("seq_len", "seed"))
         add_flags(s, SFTTrainConfig)
     s.set_defaults(func=cmd_sft)
+
+    s = sub.add_parser("head", help="fine-tune a BERT encoder with a task head: classify, ner (BIO tags) or qa "
+                                    "(answer spans); held-out accuracy / entity F1 / SQuAD EM and F1 before and after",
+                       description="Task heads on a BERT encoder (all-minilm-l6-v2 by default), fine-tuned in full or "
+                                   "with LoRA through the training loop. Built-in tasks: classify (which standard-"
+                                   "library module a docstring is from), ner (generated sentences: PER, LOC, ORG, "
+                                   "MOD), qa (questions on the Python help topics, long contexts read in sliding "
+                                   "windows); or --data FILE. The result, RUN/model, is a transformers "
+                                   "BertFor{SequenceClassification,TokenClassification,QuestionAnswering} folder.")
+    s.add_argument("--threads", type=_threads, default=0, metavar="N",
+                   help="CPU threads for PyTorch; 0 = one per physical core (default: 0)")
+    if wanted("head"):
+        from llmlab.dataclass_io import add_flags
+        from llmlab.train.heads import HeadConfig, HeadTrainConfig
+
+        add_flags(s, HeadConfig)
+        add_flags(s, HeadTrainConfig, skip=("seq_len",))
+    s.set_defaults(func=cmd_head)
 
     s = sub.add_parser("dpo", help="align a chat model on preference pairs: DPO, conservative DPO, IPO (LoRA by "
                                    "default); scores held-out exact match",

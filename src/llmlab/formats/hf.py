@@ -133,6 +133,12 @@ def state_from_hf(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor]) -> dict[str,
             new = _rename(k.removeprefix("bert."), _BERT_NAMES)
             if new is not None:
                 out[new] = v
+        if "pooler.weight" not in out and "embed_tokens.weight" in out:
+            # saved without its pooler (BertForTokenClassification, BertForQuestionAnswering): those heads never
+            # read it, so a zero pooler (pooled output 0) stands in rather than a missing-weights error
+            dim = out["embed_tokens.weight"].shape[1]
+            out["pooler.weight"] = out["embed_tokens.weight"].new_zeros(dim, dim)
+            out["pooler.bias"] = out["embed_tokens.weight"].new_zeros(dim)
     else:  # gpt2: Conv1D weights are (in, out): transpose to nn.Linear's (out, in)
         for k, v in hf_sd.items():
             k = k.removeprefix("transformer.")

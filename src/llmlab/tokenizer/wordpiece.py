@@ -4,7 +4,9 @@ Normalise (clean control chars, lower-case, strip accents, put spaces around CJK
 split on whitespace and punctuation -> greedy longest-match-first into vocabulary pieces, where
 pieces after the first start with ``##``; a word with no match (or longer than 100 chars) is [UNK].
 Special tokens written in the text ("[SEP]") stay atomic. ``encode(..., add_special=True)`` wraps
-the sequence as [CLS] ... [SEP].
+the sequence as [CLS] ... [SEP]. ``encode_offsets`` also gives each token's (start, end) characters in the
+original text, as Hugging Face tokenizers' ``offset_mapping`` (extractive QA maps predicted token spans back to
+text through them).
 """
 
 from __future__ import annotations
@@ -137,6 +139,46 @@ class WordPiece:
         return [self.cls_id, *ids, self.sep_id] if add_special else ids
 
     encode_reference = encode
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` (no [CLS]/[SEP]; special-token strings are plain text here) and each token's
+        (start, end) character span in ``text``. Normalisation runs one character at a time, so every
+        normalised character remembers the original one it came from (an accent stripped, a letter whose
+        lower case is two characters: both map back to that letter)."""
+        norm: list[str] = []
+        src: list[int] = []  # original index of each normalised character
+        for i, ch in enumerate(text):
+            piece = self.normalize(ch)
+            norm.extend(piece)
+            src.extend([i] * len(piece))
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        pos, n = 0, len(norm)
+        while pos < n:
+            if norm[pos] == " ":
+                pos += 1
+                continue
+            end = pos
+            while end < n and norm[end] != " ":
+                end += 1
+            start = pos
+            for word in self.pre_split("".join(norm[pos:end])):  # pre_split keeps every non-space character
+                w_end = start + len(word)
+                pieces = self._wordpiece(word)
+                if pieces == [self.vocab[self.unk_token]]:
+                    ids.append(pieces[0])
+                    offsets.append((src[start], src[w_end - 1] + 1))
+                else:
+                    p = start
+                    for tid in pieces:
+                        tok = self.id_to_token[tid]
+                        length = len(tok) - (len(self.prefix) if p > start else 0)
+                        ids.append(tid)
+                        offsets.append((src[p], src[p + length - 1] + 1))
+                        p += length
+                start = w_end
+            pos = end
+        return ids, offsets
 
     def decode(self, ids, skip_special: bool = False) -> str:
         """As HF's WordPiece decoder: "##" pieces glue on, other tokens get a leading space, and the
