@@ -4,7 +4,10 @@ definition; the encoder-side cache; bad folders; prefix tuning; span corruption;
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +198,59 @@ def test_span_corruption_follows_the_paper():
     # Span lengths are a uniform composition of 30 into 10 parts: P(length 1) = C(28, 8) / C(29, 9) = 9/29.
     assert abs(float((lengths == 1).float().mean()) - 9 / 29) < 0.03
     assert lengths.max() > 8  # not fixed-length spans
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_t5_commands() -> list[str]:
+    text = README.read_text()
+    section = text[text.index("## T5 (encoder-decoder)"):]
+    section = section[:section.index("\n## ", 4)]
+    return [line.strip() for block in section.split("```")[1::2] for line in block.splitlines()
+            if line.strip().startswith("llmlab t5")]
+
+
+def test_readme_commands_as_written(tmp_path, capsys):
+    """The README's ``llmlab t5`` lines in order, each with a small budget appended (later flags win)."""
+    from llmlab.cli import main
+    from llmlab.data.corpus import stdlib_root
+    from llmlab.data.shards import PrepareConfig, prepare
+
+    files = [str(p) for p in sorted((stdlib_root() / "json").glob("*.py"))]
+    prepare(PrepareConfig(inputs=files, out=str(tmp_path / "shards"), vocab_size=300, val_fraction=0.2),
+            show_progress=False)
+    commands = _readme_t5_commands()
+    assert [c.split()[2] for c in commands] == ["pretrain", "finetune", "finetune", "generate"]
+    small = ["--steps", "2", "--batch-size", "4", "--eval-every", "0", "--save-every", "2", "--warmup", "1",
+             "--device", "cpu", "--no-progress"]
+    runs = {"runs/t5-pretrain": tmp_path / "pre", "runs/t5-full": tmp_path / "full",
+            "runs/t5-prefix": tmp_path / "prefix"}
+    for command in commands:
+        argv = [str(runs.get(a, a)) for a in shlex.split(command)[1:]]
+        if argv[1] == "pretrain":
+            argv += [*small, "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "pre"), "--dim", "32",
+                     "--head-dim", "8", "--ffn-dim", "64", "--seq-len", "32"]
+        elif argv[1] == "finetune":
+            argv += [*small, "--train-examples", "16", "--eval-examples", "4"]
+        else:
+            argv += ["--max-new-tokens", "4"]
+        assert main(argv) == 0, command
+    out = capsys.readouterr().out
+    assert re.search(r"letter_count: held-out exact match \d+\.\d% -> \d+\.\d% \(prefix, [\d,]+ trainable", out)
+    s = json.loads((tmp_path / "prefix" / "summary.json").read_text())
+    assert s["method"] == "prefix" and s["steps"] == 2 and s["trainable_parameters"] == 2 * 6 * 4 * 10 * 8
+    ckpt = tmp_path / "prefix" / "checkpoints" / "step-00000002"
+    assert (ckpt / "prefix.safetensors").exists()  # the base is saved as a model folder, the prefix beside it
+
+
+def test_help_shows_defaults():
+    from llmlab.cli import build_parser
+
+    parser = build_parser({"t5"})
+    sub = next(a for a in parser._actions if a.dest == "command").choices["t5"]
+    commands = next(a for a in sub._actions if a.dest == "t5_command").choices
+    for name in ("pretrain", "finetune", "generate"):
+        body = commands[name].format_help().split("options:", 1)[1]
+        entries = [e for e in re.split(r"\n  (?=-)", "\n" + body)[1:] if not e.startswith("-h")]
+        assert entries and all("default" in " ".join(e.split()) for e in entries), name
