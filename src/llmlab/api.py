@@ -113,6 +113,8 @@ class LLM:
                        **decode: Any) -> list[str]:
         """``generate`` for several prompts at once (a ragged batch; beam search and speculative decoding
         take one prompt)."""
+        if self.config.arch == "t5":
+            raise LlmlabError("a T5 model answers an input text: use 'llmlab t5 generate' (llmlab.train.t5.answer)")
         if not self.config.is_causal:
             raise LlmlabError("an encoder model does not generate text: use embed()")
         opts = DecodeOptions.merge(options, decode).validate()

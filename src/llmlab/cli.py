@@ -990,6 +990,62 @@ def _draining_server_class():
     return DrainingServer
 
 
+def cmd_t5_pretrain(args) -> int:
+    from llmlab.dataclass_io import from_args
+    from llmlab.train.loop import TrainConfig
+    from llmlab.train.t5 import T5Flags, T5PretrainConfig, run_t5_pretrain
+
+    result = run_t5_pretrain(from_args(T5PretrainConfig, args), from_args(T5Flags, args), from_args(TrainConfig, args))
+    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    print(f"llmlab: {result.stopped} at step {result.step}{val}; run folder {result.run_dir}", file=sys.stderr)
+    return 130 if result.stopped == "interrupted" else 0
+
+
+def cmd_t5_finetune(args) -> int:
+    from llmlab.dataclass_io import from_args
+    from llmlab.train.loop import TrainConfig
+    from llmlab.train.t5 import T5FinetuneConfig, run_t5_finetune
+
+    s = run_t5_finetune(from_args(T5FinetuneConfig, args), from_args(TrainConfig, args))
+    print(f"{s['task']}: held-out exact match {100 * s['exact_match_before']:.1f}% -> "
+          f"{100 * s['exact_match_after']:.1f}% ({s['method']}, {s['trainable_parameters']:,} trainable parameters)")
+    return 0
+
+
+def cmd_t5_generate(args) -> int:
+    import torch
+
+    from llmlab.common import LlmlabError
+    from llmlab.infer.beam import beam_search
+    from llmlab.infer.generate import generate
+    from llmlab.models.t5 import Seq2SeqDecoder
+    from llmlab.train.t5 import load_t5, resolve_base
+
+    if args.max_new_tokens < 1 or args.beams < 1:
+        raise LlmlabError("--max-new-tokens and --beams must be >= 1")
+    loaded = load_t5(resolve_base(args.model))
+    cfg, tok = loaded.config, loaded.tokenizer
+    ids = tok.encode(args.text) + [cfg.eos_token_id]
+    dec = Seq2SeqDecoder(loaded.model, torch.tensor([ids]), max_target_len=args.max_new_tokens)
+    if args.beams > 1:
+        out = beam_search(dec, [cfg.bos_token_id], args.max_new_tokens, args.beams, eos_ids={cfg.eos_token_id})[0].ids
+    else:
+        out = generate(dec, [[cfg.bos_token_id]], args.max_new_tokens, _sampling(args),
+                       stop_ids={cfg.eos_token_id})[0].ids
+    # Sentinels (<extra_id_N>, the ids above the tokenizer's) show as such: span corruption predicts them.
+    pieces, run = [], []
+    for t in out:
+        if t == cfg.eos_token_id:
+            break
+        if t >= tok.vocab_size:
+            pieces += [tok.decode(run, skip_special=True), f"<extra_id_{cfg.vocab_size - 1 - t}>"]
+            run = []
+        else:
+            run.append(t)
+    print("".join(pieces + [tok.decode(run, skip_special=True)]))
+    return 0
+
+
 def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     """The command line. ``commands``: the subcommands whose flags are added (None = all of them). ``main``
     passes only the one it runs: flags built from config dataclasses import those modules (torch, the
@@ -1250,6 +1306,36 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
         add_flags(s, ModelFlags)
         add_flags(s, TrainConfig)
     s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("t5", help="the T5 encoder-decoder: span-corruption pretraining, text-to-text fine-tuning "
+                                  "(full or prefix tuning), generation")
+    t5sub = s.add_subparsers(dest="t5_command", required=True, parser_class=_Parser)
+    t_pre = t5sub.add_parser("pretrain", help="pretrain a small T5 with span corruption (15%% noise, mean span 3) on "
+                                              "token shards (default: the Python stdlib corpus)")
+    t_ft = t5sub.add_parser("finetune", help="fine-tune a T5 run on a built-in task (full or prefix tuning); "
+                                             "held-out exact match before and after in RUN/summary.md")
+    t_gen = t5sub.add_parser("generate", help="answer one input text with a T5 folder or run (greedy, sampling or "
+                                              "beam search)")
+    t_gen.add_argument("text", help="the input text (the encoder's side)")
+    t_gen.add_argument("--model", default="runs/t5-finetune", help="a T5 run folder (its newest checkpoint) or a "
+                                                                    "T5 model folder (default: runs/t5-finetune)")
+    t_gen.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate (default: 32)")
+    t_gen.add_argument("--beams", type=int, default=1, help="beam search width; 1 = off (default: 1)")
+    if wanted("t5"):
+        from llmlab.dataclass_io import add_flags
+        from llmlab.infer.sample import SamplingParams
+        from llmlab.train.loop import TrainConfig
+        from llmlab.train.t5 import T5FinetuneConfig, T5Flags, T5PretrainConfig
+
+        add_flags(t_pre, T5PretrainConfig)
+        add_flags(t_pre, T5Flags)
+        add_flags(t_pre, TrainConfig)
+        add_flags(t_ft, T5FinetuneConfig)
+        add_flags(t_ft, TrainConfig)
+        add_flags(t_gen, SamplingParams)
+    t_pre.set_defaults(func=cmd_t5_pretrain)
+    t_ft.set_defaults(func=cmd_t5_finetune)
+    t_gen.set_defaults(func=cmd_t5_generate)
 
     s = sub.add_parser("sft", help="fine-tune a chat model (full, LoRA, QLoRA, adapters, prefix, prompt) on "
                                    "conversations or a built-in task; scores held-out exact match",

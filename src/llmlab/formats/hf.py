@@ -1,8 +1,9 @@
 """Hugging Face model folders: ``config.json`` + ``model.safetensors`` (or a sharded index), read and
-written for the three families, with tensor names mapped between HF's and ours.
+written for the four families, with tensor names mapped between HF's and ours.
 
 Ours use HF Llama names everywhere (``q_proj`` ... ``down_proj``); GPT-2's fused ``c_attn`` Conv1D
-(stored transposed, (in, out)) is split into q/k/v, and BERT's ``attention.self.query`` etc. are renamed.
+(stored transposed, (in, out)) is split into q/k/v, and BERT's ``attention.self.query`` and T5's
+``block.N.layer.M.SelfAttention.q`` etc. are renamed.
 """
 
 from __future__ import annotations
@@ -52,9 +53,22 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
                 max_seq_len=hf["max_position_embeddings"], norm_eps=hf.get("layer_norm_eps", 1e-12),
                 type_vocab_size=hf.get("type_vocab_size", 2), attn_bias=True, mlp_bias=True, tie_embeddings=False,
                 pad_token_id=hf.get("pad_token_id", 0))
+        if mtype == "t5":
+            # transformers >= 5 writes tie_word_embeddings: true for every T5 and says whether the head is scaled
+            # (= tied, T5 v1.0) in scale_decoder_outputs; older files say it in tie_word_embeddings.
+            tied = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
+            return ModelConfig(
+                arch="t5", vocab_size=hf["vocab_size"], dim=hf["d_model"], n_layers=hf["num_layers"],
+                n_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"], n_heads=hf["num_heads"],
+                head_dim=hf["d_kv"], ffn_dim=hf["d_ff"], max_seq_len=hf.get("n_positions", 512),
+                norm_eps=hf.get("layer_norm_epsilon", 1e-6), tie_embeddings=bool(tied),
+                ffn_act=hf.get("feed_forward_proj", "relu"), rel_buckets=hf.get("relative_attention_num_buckets", 32),
+                rel_max_distance=hf.get("relative_attention_max_distance", 128),
+                pad_token_id=hf.get("pad_token_id", 0), eos_token_id=_first(hf.get("eos_token_id", 1)),
+                bos_token_id=hf.get("decoder_start_token_id", hf.get("pad_token_id", 0)))
     except KeyError as e:
         raise LlmlabError(f"{where}: missing key {e.args[0]!r} for model_type {mtype!r}") from None
-    raise LlmlabError(f"{where}: unsupported model_type {mtype!r} (llmlab reads llama, mistral, gpt2 and bert)")
+    raise LlmlabError(f"{where}: unsupported model_type {mtype!r} (llmlab reads llama, mistral, gpt2, bert and t5)")
 
 
 def _first(x):
@@ -82,6 +96,17 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                 "activation_function": "gelu_new", "tie_word_embeddings": cfg.tie_embeddings,
                 "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    if cfg.arch == "t5":
+        return {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": cfg.vocab_size,
+                "d_model": cfg.dim, "d_kv": cfg.head_dim, "d_ff": cfg.ffn_dim, "num_layers": cfg.n_layers,
+                "num_decoder_layers": cfg.n_decoder_layers, "num_heads": cfg.n_heads,
+                "relative_attention_num_buckets": cfg.rel_buckets,
+                "relative_attention_max_distance": cfg.rel_max_distance, "layer_norm_epsilon": cfg.norm_eps,
+                "feed_forward_proj": cfg.ffn_act, "tie_word_embeddings": cfg.tie_embeddings,
+                "scale_decoder_outputs": cfg.tie_embeddings, "n_positions": cfg.max_seq_len,
+                "is_encoder_decoder": True, "dropout_rate": 0.0, "pad_token_id": cfg.pad_token_id,
+                "eos_token_id": cfg.eos_token_id, "decoder_start_token_id": cfg.bos_token_id
+                if cfg.bos_token_id is not None else cfg.pad_token_id}
     return {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
             "intermediate_size": cfg.ffn_dim, "max_position_embeddings": cfg.max_seq_len,
@@ -112,6 +137,31 @@ _GPT2_NAMES = [
 ]
 
 
+
+
+def _t5_names(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """HF T5: block i's sub-layers are numbered (self-attention 0, [cross-attention 1], feed-forward last);
+    the relative position table lives in block 0's self-attention."""
+    pairs = [("shared.", "embed_tokens.")]
+    for stack, ff in (("encoder", 1), ("decoder", 2)):
+        hf_b, ours = f"{stack}.block.{{i}}.layer.", f"{stack}.layers.{{i}}."
+        pairs += [(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.",
+                   f"{stack}.relative_attention_bias."), (f"{stack}.final_layer_norm.", f"{stack}.norm.")]
+        pairs += [(f"{hf_b}0.SelfAttention.{p}.", f"{ours}self_attn.{p}_proj.") for p in "qkvo"]
+        pairs += [(f"{hf_b}0.layer_norm.", f"{ours}input_layernorm."),
+                  (f"{hf_b}{ff}.layer_norm.", f"{ours}post_attention_layernorm."),
+                  (f"{hf_b}{ff}.DenseReluDense.wo.", f"{ours}mlp.down_proj.")]
+        if cfg.ffn_act == "gated-gelu":
+            pairs += [(f"{hf_b}{ff}.DenseReluDense.wi_0.", f"{ours}mlp.gate_proj."),
+                      (f"{hf_b}{ff}.DenseReluDense.wi_1.", f"{ours}mlp.up_proj.")]
+        else:
+            pairs += [(f"{hf_b}{ff}.DenseReluDense.wi.", f"{ours}mlp.up_proj.")]
+    pairs += [(f"decoder.block.{{i}}.layer.1.EncDecAttention.{p}.", f"decoder.layers.{{i}}.cross_attn.{p}_proj.")
+              for p in "qkvo"]
+    pairs += [("decoder.block.{i}.layer.1.layer_norm.", "decoder.layers.{i}.cross_attn_layernorm.")]
+    return pairs
+
+
 def _rename(name: str, pairs, reverse: bool = False) -> str | None:
     for hf, ours in pairs:
         src, dst = (ours, hf) if reverse else (hf, ours)
@@ -121,9 +171,25 @@ def _rename(name: str, pairs, reverse: bool = False) -> str | None:
     return None
 
 
-def state_from_hf(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def state_from_hf(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor],
+                  where: str = "model weights") -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    if cfg.arch == "llama":
+    if cfg.arch == "t5":
+        for stack in ("encoder", "decoder"):
+            table = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+            if table not in hf_sd:
+                raise LlmlabError(f"{where}: T5 weights lack {table} (the {stack}'s relative-attention table); "
+                                  "the file is incomplete: save the model again with all its weights")
+        pairs = _t5_names(cfg)
+        for k, v in hf_sd.items():
+            new = _rename(k, pairs)
+            if new is not None:
+                out[new] = v
+            elif k == "lm_head.weight":
+                out[k] = v  # the v1.1 untied head (transformers' embed_tokens copies of "shared" are dropped)
+        if not cfg.tie_embeddings and "lm_head.weight" not in out and "embed_tokens.weight" in out:
+            out["lm_head.weight"] = out["embed_tokens.weight"]  # transformers 5 saves an unscaled head tied
+    elif cfg.arch == "llama":
         for k, v in hf_sd.items():
             if k.endswith("rotary_emb.inv_freq"):
                 continue
@@ -175,7 +241,7 @@ def state_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torc
     sd = {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     if cfg.arch == "llama":
         return {(k if k == "lm_head.weight" else "model." + k): v for k, v in sd.items()}
-    pairs = _BERT_NAMES if cfg.arch == "bert" else _GPT2_NAMES
+    pairs = {"bert": _BERT_NAMES, "t5": _t5_names(cfg)}.get(cfg.arch, _GPT2_NAMES)
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         m = re.match(r"layers\.(\d+)\.self_attn\.([qkv])_proj\.(\w+)$", k)

@@ -213,7 +213,8 @@ def _load_folder(folder: Path, attn_impl: str, use_tokenizers_lib: bool) -> Load
     else:
         hf_sd = hf.read_weights(folder)
         types = Counter(str(t.dtype).removeprefix("torch.") for t in hf_sd.values())
-        sd = {k: v.float() if v.is_floating_point() else v for k, v in hf.state_from_hf(cfg, hf_sd).items()}
+        sd = hf.state_from_hf(cfg, hf_sd, str(folder))
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
         model = model_from_state(cfg, sd, attn_impl, str(folder))
     tok = load_tokenizer_json(folder, use_tokenizers_lib) if (folder / "tokenizer.json").exists() else None
     gen = read_json(folder / "generation_config.json")

@@ -3,7 +3,9 @@
 ``arch`` picks the family; the family fixes which fields matter:
 - llama: RMSNorm, RoPE, SwiGLU, no biases, GQA (n_kv_heads), optional tied head;
 - gpt2: LayerNorm, learned positions, GELU(tanh) MLP, biases, tied head;
-- bert: post-LN encoder, learned positions + token types, GELU(erf) MLP, biases, pooler.
+- bert: post-LN encoder, learned positions + token types, GELU(erf) MLP, biases, pooler;
+- t5: encoder-decoder, RMS-style norm, relative position buckets, no biases, shared embeddings; ``head_dim`` is
+  T5's ``d_kv`` (free of ``dim / n_heads``), ``ffn_act`` picks v1.0's ReLU or v1.1's gated-GELU feed-forward.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from dataclasses import dataclass, field
 
 from llmlab.common import LlmlabError
 
-ARCHS = ("llama", "gpt2", "bert")
+ARCHS = ("llama", "gpt2", "bert", "t5")
+T5_FFN_ACTS = ("relu", "gated-gelu")
 
 
 @dataclass
@@ -37,6 +40,10 @@ class ModelConfig:
     experts_per_token: int = 2  # MoE top-k
     moe_capacity_factor: float = 0.0  # MoE expert capacity (0 = unlimited, no token drops)
     moe_aux_weight: float = 0.01  # weight of the load-balancing loss in training
+    n_decoder_layers: int | None = None  # t5 only: decoder depth (None = n_layers)
+    rel_buckets: int = 32  # t5 only: relative position buckets
+    rel_max_distance: int = 128  # t5 only: distance from which all positions share the last bucket
+    ffn_act: str = "relu"  # t5 only: "relu" (T5 v1.0) or "gated-gelu" (T5 v1.1)
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -47,6 +54,8 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None and self.n_heads > 0:
             self.head_dim = self.dim // self.n_heads
+        if self.arch == "t5" and self.n_decoder_layers is None:
+            self.n_decoder_layers = self.n_layers
 
     def validate(self) -> ModelConfig:
         if self.arch not in ARCHS:
@@ -65,13 +74,19 @@ class ModelConfig:
         if self.n_experts and (self.arch != "llama" or not 1 <= self.experts_per_token <= self.n_experts):
             raise LlmlabError(f"model config: a mixture of experts needs arch=llama and 1 <= experts_per_token "
                               f"<= n_experts, got {self.arch}, {self.experts_per_token}, {self.n_experts}")
-        if self.arch != "llama" and self.dim != self.n_heads * self.head_dim:
+        if self.arch == "t5" and (self.ffn_act not in T5_FFN_ACTS or not isinstance(self.n_decoder_layers, int)
+                                  or self.n_decoder_layers <= 0 or self.rel_buckets < 4
+                                  or self.rel_max_distance <= self.rel_buckets // 4):
+            raise LlmlabError(f"model config: t5 needs ffn_act in {T5_FFN_ACTS}, n_decoder_layers > 0, "
+                              f"rel_buckets >= 4 and rel_max_distance > rel_buckets / 4, got {self.ffn_act!r}, "
+                              f"{self.n_decoder_layers}, {self.rel_buckets}, {self.rel_max_distance}")
+        if self.arch not in ("llama", "t5") and self.dim != self.n_heads * self.head_dim:
             raise LlmlabError(f"model config: dim={self.dim} must equal n_heads*head_dim for {self.arch}")
         return self
 
     @property
     def is_causal(self) -> bool:
-        return self.arch != "bert"
+        return self.arch not in ("bert", "t5")
 
     def num_params(self) -> int:
         """Parameter count computed from the config alone (tied head counted once)."""
@@ -83,6 +98,11 @@ class ModelConfig:
             ffn = (self.n_experts * 3 * d * f + d * self.n_experts) if self.n_experts else 3 * d * f
             per_layer = attn + ffn + 2 * d + (q + 2 * kv + d if self.attn_bias else 0)
             return V * d + L * per_layer + d + (0 if self.tie_embeddings else V * d)
+        if self.arch == "t5":  # no biases; one relative-position table per stack; cross-attention in the decoder
+            ffn = (3 if self.ffn_act == "gated-gelu" else 2) * d * f
+            enc = self.n_layers * (attn + ffn + 2 * d) + d
+            dec = self.n_decoder_layers * (2 * attn + ffn + 3 * d) + d
+            return V * d + enc + dec + 2 * self.rel_buckets * self.n_heads + (0 if self.tie_embeddings else V * d)
         biases = q + 2 * kv + d + f + d
         per_layer = attn + 2 * d * f + biases + 4 * d
         if self.arch == "gpt2":

@@ -11,6 +11,7 @@ from llmlab.common import LlmlabError
 from llmlab.models.bert import BertModel
 from llmlab.models.config import ModelConfig
 from llmlab.models.decoder import DecoderLM
+from llmlab.models.t5 import T5Model
 
 PRESETS: dict[str, ModelConfig] = {
     # HuggingFaceTB/SmolLM2-135M(-Instruct): the default chat model.
@@ -37,6 +38,10 @@ PRESETS: dict[str, ModelConfig] = {
                              pad_token_id=0, tie_embeddings=False),
     "bert-tiny": ModelConfig(arch="bert", vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_dim=256,
                              max_seq_len=128, norm_eps=1e-12, attn_bias=True, mlp_bias=True, tie_embeddings=False),
+    # A tiny T5 v1.0 (ReLU feed-forward, tied head) for tests and the CPU demos of ``llmlab t5``.
+    "t5-tiny": ModelConfig(arch="t5", vocab_size=512, dim=64, n_layers=2, n_heads=4, head_dim=16, ffn_dim=256,
+                           max_seq_len=512, norm_eps=1e-6, tie_embeddings=True, ffn_act="relu", pad_token_id=0,
+                           eos_token_id=1),
 }
 
 
@@ -72,4 +77,6 @@ def build_model(cfg: ModelConfig, attn_impl: str = "sdpa") -> nn.Module:
     cfg.validate()
     if cfg.arch == "bert":
         return BertModel(cfg, attn_impl)
+    if cfg.arch == "t5":
+        return T5Model(cfg, attn_impl)
     return DecoderLM(cfg, attn_impl)
