@@ -10,6 +10,7 @@ from pathlib import Path
 
 from llmlab import __version__
 
+RAG_INDEX, RAG_DOCS = "data/pydoc-index", "data/pydoc-topics"  # llmlab rag's built-in index and its documents
 MODEL_HELP = ("a .gguf file, a Hugging Face folder, an sft run or adapter folder (base + adapter), a preset "
               "(random weights), or an embedded model (smollm2-135m-instruct, all-minilm-l6-v2) "
               "(default: smollm2-135m-instruct)")
@@ -317,6 +318,51 @@ def cmd_report(args) -> int:
     from llmlab.train.html_report import write_run_report
 
     print(write_run_report(Path(args.run)))
+    return 0
+
+
+def cmd_rag(args) -> int:
+    from llmlab.api import load
+    from llmlab.common import LlmlabError
+    from llmlab.infer.index import DB_NAME, IndexConfig, VectorStore, add_files, open_encoder
+    from llmlab.infer.rag import answer, builtin_documents, question_loglik, retrieve
+
+    if not args.question.strip():
+        raise LlmlabError("the question is empty: ask something")
+    if args.k < 1 or args.max_new_tokens < 1:
+        raise LlmlabError(f"--k and --max-new-tokens must be at least 1, got {args.k} and {args.max_new_tokens}")
+    index = Path(args.index)
+    if not (index / DB_NAME).exists():
+        if args.index != RAG_INDEX:
+            raise LlmlabError(f"--index {index}: no index there: build one with 'llmlab index build FILES --index "
+                              f"{index}', or leave out --index for the built-in Python language reference")
+        print(f"llmlab: building the built-in index of the Python help topics into {index} (once) ...",
+              file=sys.stderr)
+        docs = builtin_documents(Path(RAG_DOCS))
+        config = IndexConfig()
+        encoder = open_encoder(config)
+        with VectorStore.create(index, config, encoder.fingerprint) as store:
+            add_files(store, encoder, [str(docs)], {})
+    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
+               packed_kernel=args.packed_kernel)
+    if not llm.config.is_causal:
+        raise LlmlabError("rag needs a chat model to answer; this model is an encoder")
+    rerank = (lambda q, passages: question_loglik(llm.model, llm.tokenizer, q, passages)) if args.rerank else None
+    with VectorStore.open(index) as store:
+        encoder = None if args.mode == "bm25" else open_encoder(store)
+        sources = retrieve(store, encoder, args.question, k=args.k, mode=args.mode, rerank=rerank)
+    result = answer(args.question, sources, lambda messages: llm.chat(messages, max_new_tokens=args.max_new_tokens))
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    print(result.answer)
+    print("\nSources:")
+    for s in result.sources:
+        mark = "*" if s.number in result.cited else " "
+        print(f"{mark}[{s.number}] {s.path} [{s.start}:{s.end}]  score {s.score:.4f}")
+    if result.invalid:
+        print(f"llmlab: the answer cites {', '.join(f'[{k}]' for k in result.invalid)}, which are not sources",
+              file=sys.stderr)
     return 0
 
 
@@ -1127,6 +1173,23 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
                                       "summary, samples, figures)")
     s.add_argument("run", help="a training run folder (pretrain, sft, dpo, distill, embed train): RUN/report.html")
     s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("rag", help="answer a question from an index's documents, citing them by number "
+                                   "(built-in: the Python language reference)")
+    s.add_argument("question", help="the question")
+    s.add_argument("--index", default=RAG_INDEX, help="an index from 'llmlab index build'; the default is built on "
+                                                      "first use from Python's help topics (pydoc_data) "
+                                                      f"(default: {RAG_INDEX})")
+    s.add_argument("--k", type=int, default=4, help="sources put in the prompt (default: 4)")
+    s.add_argument("--mode", default="hybrid", choices=["dense", "bm25", "hybrid"],
+                   help="retrieval: dense vectors, BM25, or both fused by reciprocal rank (default: hybrid)")
+    s.add_argument("--rerank", action="store_true",
+                   help="re-rank 12 candidates by the chat model's log p(question | chunk) (default: off)")
+    s.add_argument("--max-new-tokens", type=int, default=200, help="longest answer in tokens (default: 200)")
+    s.add_argument("--json", action="store_true", help="one JSON object: answer, citations, sources (default: off)")
+    s.add_argument("--model", default=None, help=MODEL_HELP)
+    _add_load_flags(s, packed_default=True)
+    s.set_defaults(func=cmd_rag)
 
     s = sub.add_parser("convert", help="convert between GGUF and Hugging Face folders")
     s.add_argument("source", help="input: .gguf file, Hugging Face folder or embedded model name")
