@@ -271,6 +271,14 @@ class PolicyValue(nn.Module):
         return logps, torch.zeros_like(logps).masked_scatter(sel, v)
 
 
+def rollout_stats(r: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean score, exact-match fraction, KL to the reference (k1, summed over each reply) and reply length."""
+    mask = r["labels"] != IGNORE
+    kl = (kl_estimate(r["old_logps"], r["ref_logps"], "k1") * mask).sum(1)
+    return {"reward": float(r["scores"].mean()), "accuracy": float(r["correct"].mean()), "kl": float(kl.mean()),
+            "reply_tokens": float(mask.sum(1).float().mean())}
+
+
 RewardFn = Callable[[str, list[int], list[list[int]]], tuple[torch.Tensor, torch.Tensor]]  # -> scores, correct
 
 
@@ -346,9 +354,7 @@ class PPOTask(SFTTask):
             r["advantages"] = group_advantages(r["scores"], k)[:, None] * mask  # stored per token, read per reply
             r["returns"] = torch.zeros_like(r["values"])
         r["iteration"] = torch.tensor([iteration])
-        self.rollout = r
-        self.rollout_stats = {"reward": float(r["scores"].mean()), "accuracy": float(r["correct"].mean()),
-                              "kl": float(kl.sum(1).mean()), "reply_tokens": float(mask.sum(1).float().mean())}
+        self.rollout, self.rollout_stats = r, rollout_stats(r)
 
     # -- the loop's interface
 
@@ -404,6 +410,7 @@ class PPOTask(SFTTask):
         saved = extras.get(ROLLOUT_FILE) or {}
         if set(saved) == set(ROLLOUT_KEYS):
             self.rollout = dict(saved)
+            self.rollout_stats = rollout_stats(self.rollout)
         return super().join_state(core, {ADAPTER_WEIGHTS: extras[ADAPTER_WEIGHTS]})
 
     def extra_files(self):
