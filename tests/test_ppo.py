@@ -278,6 +278,17 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_folder, tmp_path, capsys, args, m
     assert code == 2 and len(lines) == 1 and message in lines[0], err[-2000:]
 
 
+def test_cli_process_bad_input_no_traceback():
+    """At process level: exit status 2, one line, no traceback (the flags are checked before any model loads)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "llmlab", "ppo", "--algo", "grpo", "--group-size", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == ("llmlab: error: --group-size must be >= 2 for grpo (advantages "
+                                                      "are relative to the group), got 1")
+
+
 def test_cli_reward_model_checks(tiny_folder, tmp_path, capsys):  # noqa: F811
     """--reward-model must be a reward run, and one with the policy's tokenizer."""
     code, _, err = _main(capsys, "ppo", "--model", str(tiny_folder), "--reward-model", str(tmp_path), "--out",
