@@ -151,10 +151,12 @@ class PPOConfig:
 
 @dataclass
 class PPOTrainConfig(SFTTrainConfig):
-    """The loop's flags with PPO defaults (a few minutes on 2 CPU cores): one step = one minibatch update."""
+    """The loop's flags with PPO defaults: one step = one minibatch update."""
 
     steps: int = field(default=40, metadata={"help": "optimizer steps (minibatch updates)"})
     batch_size: int = field(default=8, metadata={"help": "minibatch: sequences per optimizer step"})
+    seq_len: int = field(default=256, metadata={
+        "help": "not used by ppo: a sequence is its prompt plus at most --max-new-tokens"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (LoRA and the value head)"})
     warmup: int = field(default=2, metadata={"help": "linear warmup steps"})
     eval_every: int = field(default=0, metadata={"help": "held-out greedy reward every N steps; 0 = at the end"})

@@ -91,7 +91,7 @@ class RewardConfig:
 
 @dataclass
 class RewardTrainConfig(SFTTrainConfig):
-    """The training loop's flags with reward-model defaults (about 2 minutes on 2 CPU cores with LoRA)."""
+    """The training loop's flags with reward-model defaults (LoRA and the head train)."""
 
     steps: int = field(default=30, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "global batch: preference pairs per step"})
