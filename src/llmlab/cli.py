@@ -551,6 +551,32 @@ def cmd_distill(args) -> int:
     return 130 if s["stopped"] == "interrupted" else 0
 
 
+def cmd_reward(args) -> int:
+    from llmlab.dataclass_io import from_args
+    from llmlab.train.reward import RewardConfig, RewardTrainConfig, run_reward
+
+    s = run_reward(from_args(RewardConfig, args), from_args(RewardTrainConfig, args), list(args.paths))
+    if s["val_after"]:
+        b, a = s["val_before"], s["val_after"]
+        print(f"validation pairs: reward accuracy {100 * b['accuracy']:.1f}% -> {100 * a['accuracy']:.1f}%, "
+              f"loss {b['loss']:.4f} -> {a['loss']:.4f}")
+    print(f"llmlab: {s['stopped']} at step {s['steps']}; run folder {args.out} (summary.md)", file=sys.stderr)
+    return 130 if s["stopped"] == "interrupted" else 0
+
+
+def cmd_ppo(args) -> int:
+    from llmlab.dataclass_io import from_args
+    from llmlab.train.ppo import PPOConfig, PPOTrainConfig, run_ppo
+
+    s = run_ppo(from_args(PPOConfig, args), from_args(PPOTrainConfig, args))
+    if s["after"]:
+        b, a = s["before"], s["after"]
+        print(f"{s['task']}: held-out exact match {100 * b['accuracy']:.1f}% -> {100 * a['accuracy']:.1f}%, reward "
+              f"{b['reward']:.3f} -> {a['reward']:.3f}, KL to the reference {a['kl']:.3f} ({s['algo']})")
+    print(f"llmlab: {s['stopped']} at step {s['steps']}; run folder {args.out} (summary.md)", file=sys.stderr)
+    return 130 if s["stopped"] == "interrupted" else 0
+
+
 def _preview(text: str, width: int = 90) -> str:
     line = " ".join(text.split())
     return line if len(line) <= width else line[:width - 3] + "..."
@@ -1486,6 +1512,38 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
 
         add_flags(s, EvalConfig)
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("reward", help="train a reward model (Bradley-Terry, scalar head on the LM) on preference "
+                                      "pairs (LoRA by default)",
+                       description="Reward modelling as in InstructGPT. With no flags: LoRA + a scalar head on "
+                                   "SmolLM2-135M-Instruct, pairs from the built-in addition task (chosen = the exact "
+                                   "answer, rejected = a near miss); validation accuracy before and after in "
+                                   "RUN/summary.md. Data: TRL-style JSONL (prompt / chosen / rejected). The run "
+                                   "scores replies for llmlab ppo --reward-model RUN.")
+    if wanted("reward"):
+        from llmlab.dataclass_io import add_flags
+        from llmlab.train.reward import RewardConfig, RewardTrainConfig
+
+        s.add_argument("paths", nargs="*", metavar="FILE", help="preference JSONL files or folders (default: none, "
+                                                               "pairs from --task)")
+        add_flags(s, RewardConfig)
+        add_flags(s, RewardTrainConfig)
+    s.set_defaults(func=cmd_reward)
+
+    s = sub.add_parser("ppo", help="RLHF: PPO (value head, GAE, KL penalty) or GRPO on a built-in verifiable task, "
+                                   "rewarded by its verifier or a reward model",
+                       description="PPO / GRPO on a chat model with LoRA. With no flags: PPO on SmolLM2-135M-Instruct, "
+                                   "prompts and exact rewards from the built-in addition task, KL to the reference "
+                                   "(LoRA switched off); held-out exact match, reward and KL before and after in "
+                                   "RUN/summary.md, curves in RUN/rl_curves.png. --algo grpo: group-relative "
+                                   "advantages, no value head. --reward-model RUN: score with an llmlab reward run.")
+    if wanted("ppo"):
+        from llmlab.dataclass_io import add_flags
+        from llmlab.train.ppo import PPOConfig, PPOTrainConfig
+
+        add_flags(s, PPOConfig)
+        add_flags(s, PPOTrainConfig)
+    s.set_defaults(func=cmd_ppo)
 
     s = sub.add_parser("scaling", help="mini scaling-law sweep: several model sizes, loss fitted vs parameters "
                                        "and compute, plotted")

@@ -202,20 +202,30 @@ def pair_batch(pairs: list[TokenizedPair], pad_id: int) -> PairBatch:
     return PairBatch(torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows]))
 
 
-def sequence_logps(model: nn.Module, batch: PairBatch) -> torch.Tensor:
-    """Sum of the reply tokens' log-probabilities per row, (2B,) float32 (float64 for a float64 model)."""
+def target_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p(target) at every position with a target, right-padded rows (causal: no mask needed): (N,) float32
+    (float64 for a float64 model), the selection ``labels != IGNORE`` (B, keep) and the hidden states at the
+    selected positions (N, D), for a head of the caller's (PPO's value head)."""
     device = next(model.parameters()).device
-    ids, labels = batch.input_ids.to(device), batch.labels.to(device)
+    ids, labels = input_ids.to(device), labels.to(device)
     has_target = (labels != IGNORE).any(0)  # (T,)
     keep = int(has_target.nonzero().max()) + 1
-    ids, labels = ids[:, :keep], labels[:, :keep]  # (2B, keep): nothing after the last target matters
-    hidden = model(ids, return_hidden=True)  # (2B, keep, D), plain causal attention
-    sel = labels != IGNORE  # (2B, keep)
-    logits = output_head(model)(hidden[sel])  # (N, V): the head only where there is a target
+    ids, labels = ids[:, :keep], labels[:, :keep]  # (B, keep): nothing after the last target matters
+    hidden = model(ids, return_hidden=True)  # (B, keep, D), plain causal attention
+    sel = labels != IGNORE  # (B, keep)
+    h = hidden[sel]  # (N, D)
+    logits = output_head(model)(h)  # (N, V): the head only where there is a target
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    token_logps = -F.cross_entropy(logits.to(dtype), labels[sel], reduction="none")  # (N,)
+    return -F.cross_entropy(logits.to(dtype), labels[sel], reduction="none"), sel, h  # (N,)
+
+
+def sequence_logps(model: nn.Module, batch: PairBatch) -> torch.Tensor:
+    """Sum of the reply tokens' log-probabilities per row, (2B,) float32 (float64 for a float64 model)."""
+    token_logps, sel, _ = target_logps(model, batch.input_ids, batch.labels)  # (N,)
     rows = sel.nonzero()[:, 0]  # (N,) the row of each target
-    return torch.zeros(ids.shape[0], dtype=dtype, device=device).index_add(0, rows, token_logps)  # (2B,)
+    return torch.zeros(sel.shape[0], dtype=token_logps.dtype, device=token_logps.device).index_add(
+        0, rows, token_logps)  # (2B,)
 
 
 @torch.no_grad()
