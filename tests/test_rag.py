@@ -5,8 +5,11 @@ input."""
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +84,23 @@ def test_builtin_documents_are_the_python_help_topics(tmp_path):
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "llmlab", "rag", *args], capture_output=True, text=True,
                           timeout=600, cwd=cwd)
+
+
+def test_readme_commands(small_index, tmp_path):
+    """The README's two rag lines as written (a 16-token answer appended), the small index standing in for the
+    built-in one (its build is VectorStore.create + add_files over builtin_documents, tested above and in
+    test_index.py) and for runs/index."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    lines = [line for line in readme.splitlines() if line.startswith("llmlab rag ")]
+    assert len(lines) == 2
+    for where in ("data/pydoc-index", "runs/index"):
+        shutil.copytree(small_index, tmp_path / where)
+    for line in lines:
+        r = run_cli(*shlex.split(line.split(" #")[0])[2:], "--max-new-tokens", "16", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "building" not in r.stderr
+    assert json.loads(r.stdout)["sources"][0]["number"] == 1  # the second line asks for --json
+    assert not (tmp_path / "data" / "pydoc-topics").exists()
 
 
 def test_cli_end_to_end_and_bad_input(small_index, tmp_path):
