@@ -82,6 +82,17 @@ def smollm_path():
 
 
 @pytest.fixture(scope="session")
+def hf_smollm(smollm_path):
+    """transformers' LlamaForCausalLM loading the same GGUF (float32), shared by the parity tests: loading it
+    dequantizes the whole file (~20 s)."""
+    transformers = need("transformers")
+    need("gguf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm_path.parent), gguf_file=smollm_path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
 def minilm_path():
     return _embedded("all-minilm-l6-v2")
 

@@ -98,22 +98,17 @@ def test_stop_string_spanning_tokens(smollm):
 
 
 @pytest.mark.slow
-def test_beam_search_matches_transformers(smollm, smollm_path):
-    transformers = need("transformers")
-    need("gguf")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name,
-                                                           dtype=torch.float32).eval()
+def test_beam_search_matches_transformers(smollm, hf_smollm):
     tok = smollm.tokenizer
-    prompts = PROMPTS[:2] + ["<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n"]
-    for k in (2, 4):
-        for prompt in prompts:
-            ids = tok.encode(prompt)
-            ours = beam_search(smollm.model, ids, 20, k, eos_ids={tok.eos_id})[0].ids
-            with torch.inference_mode():
-                ref = hf.generate(torch.tensor([ids]), num_beams=k, max_new_tokens=20, do_sample=False,
-                                  attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=2,
-                                  eos_token_id=tok.eos_id)[0, len(ids):].tolist()
-            assert ours == ref, (k, prompt)
+    chat = "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n"
+    for k, prompt in ((2, PROMPTS[0]), (4, PROMPTS[1]), (4, chat)):
+        ids = tok.encode(prompt)
+        ours = beam_search(smollm.model, ids, 20, k, eos_ids={tok.eos_id})[0].ids
+        with torch.inference_mode():
+            ref = hf_smollm.generate(torch.tensor([ids]), num_beams=k, max_new_tokens=20, do_sample=False,
+                                     attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=2,
+                                     eos_token_id=tok.eos_id)[0, len(ids):].tolist()
+        assert ours == ref, (k, prompt)
 
 
 def test_beam_search_options_on_tiny_model():

@@ -336,10 +336,10 @@ def test_cli_bad_input(tmp_path, tiny_chat, capsys):
 # ---- the README's commands -------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_readme_lowrank_commands(tmp_path, smollm_path):
-    """The README's lowrank lines as written (the calibrated one with a small calibration and recovery budget
-    appended), then generate from the low-rank folder."""
-    r = run_cli("lowrank", "--rank", "256", "--layers", "mlp", "--out", str(tmp_path / "smol-r256"), "--no-progress",
-                timeout=1200)
+    """The README's lowrank lines as written (a small perplexity budget appended, and to the calibrated one a small
+    calibration and recovery budget), then generate from the low-rank folder."""
+    r = run_cli("lowrank", "--rank", "256", "--layers", "mlp", "--out", str(tmp_path / "smol-r256"), "--ppl-tokens",
+                "512", "--no-progress", timeout=1200)
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "smol-r256" / "lowrank_report.json").read_text())
     assert report["parameters"]["factored_layers"] == 90 and report["parameters"]["share_kept"] < 0.62

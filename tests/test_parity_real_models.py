@@ -16,15 +16,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def hf_smollm(smollm_path):
-    transformers = need("transformers")
-    need("gguf")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm_path.parent), gguf_file=smollm_path.name, dtype=torch.float32)
-    return model.eval()
-
-
 @pytest.mark.slow
 def test_smollm2_logits_match_transformers(smollm, hf_smollm):
     tok = smollm.tokenizer

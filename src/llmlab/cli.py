@@ -878,6 +878,9 @@ def cmd_index_eval(args) -> int:
         print(f"built-in test set: {len(rset.queries)} queries, {len(rset.corpus)} documents; {config.model}, "
               f"chunks of {config.chunk_tokens} tokens")
         print(format_search_table(results))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from llmlab.common import pick_device, pick_dtype
     from llmlab.dataclass_io import from_args
@@ -1493,6 +1496,7 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
         add_flags(s, DistillConfig)
         add_flags(s, DistillTrainConfig)
     s.set_defaults(func=cmd_distill)
+
     s = sub.add_parser("eval", help="evaluate language models and encoders: perplexity, multiple choice, generation, "
                                     "retrieval, STS; one table (and --output JSON)",
                        description="Evaluate models on built-in tasks (no download) or local JSONL files. With no "

@@ -208,3 +208,20 @@ def load_pairs(paths: list[str], task: str | None, n: int, seed: int) -> tuple[l
     if not task:
         raise LlmlabError("no preference data: pass JSONL files (prompt / chosen / rejected) or --task NAME")
     return task_pairs(task, "train", n, seed), f"task {task}"
+
+
+def pad_id_of(tok) -> int:
+    """The id that pads a batch of pairs: the tokenizer's pad id, else its end-of-text id, else 0."""
+    return next((i for i in (getattr(tok, "pad_id", None), getattr(tok, "eos_id", None)) if i is not None), 0)
+
+
+def train_val_pairs(paths: list[str], task: str | None, n: int, n_val: int, seed: int
+                    ) -> tuple[list[PreferencePair], list[PreferencePair], str]:
+    """(train, validation, where): from files, a seeded shuffle with the first ``n_val`` held out (one pair at
+    least left to train on); from a built-in task, its train split and ``n_val`` pairs of its held-out split."""
+    raw, where = load_pairs(paths, task, n, seed)
+    if paths:
+        random.Random(seed).shuffle(raw)
+        n_val = min(n_val, len(raw) - 1)
+        return raw[n_val:], raw[:n_val], where
+    return raw, task_pairs(task, "heldout", n_val, seed), where

@@ -45,7 +45,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmlab.common import LlmlabError, human_count, pick_device, seed_everything, write_text_atomic
-from llmlab.data.preferences import TokenizedPair, load_pairs, task_pairs, tokenize_pair
+from llmlab.data.preferences import TokenizedPair, pad_id_of, tokenize_pair, train_val_pairs
 from llmlab.data.sft import IGNORE, epoch_order, make_row
 from llmlab.dataclass_io import to_dict
 from llmlab.formats import safetensors
@@ -360,14 +359,8 @@ def run_dpo(cfg: DPOConfig, tcfg: DPOTrainConfig, paths: list[str] | None = None
         raise LlmlabError(f"{cfg.model}: DPO needs a causal language model with a tokenizer")
     seq_len = min(tcfg.seq_len, loaded.config.max_seq_len)
     template, tok = chat_template_of(loaded), loaded.tokenizer
-    raw, where = load_pairs(paths, cfg.task, cfg.pairs, tcfg.seed)
-    if paths:
-        random.Random(tcfg.seed).shuffle(raw)
-        n_val = min(cfg.val_pairs, len(raw) - 1)
-        raw_val, raw_train = raw[:n_val], raw[n_val:]
-    else:
-        raw_train, raw_val = raw, task_pairs(cfg.task, "heldout", cfg.val_pairs, tcfg.seed)
-    pad_id = next((i for i in (getattr(tok, "pad_id", None), getattr(tok, "eos_id", None)) if i is not None), 0)
+    raw_train, raw_val, where = train_val_pairs(paths, cfg.task, cfg.pairs, cfg.val_pairs, tcfg.seed)
+    pad_id = pad_id_of(tok)
     train_pairs, cut = tokenize_pairs(raw_train, tok, template, seq_len)
     val_pairs, cut_val = tokenize_pairs(raw_val, tok, template, seq_len)
     pairs = {"train": train_pairs, "val": val_pairs or train_pairs[:1]}

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from llmlab.common import LlmlabError, atomic_path, human_count, pick_device, seed_everything, write_text_atomic
+from llmlab.data.preferences import pad_id_of
 from llmlab.data.sft import IGNORE, TokenizedExample, epoch_order, make_row
 from llmlab.data.tasks import get_task
 from llmlab.dataclass_io import to_dict
@@ -69,7 +70,7 @@ from llmlab.nn.lora import lora_disabled, lora_modules, remove_lora_
 from llmlab.train.dpo import target_logps
 from llmlab.train.loop import TrainResult, train
 from llmlab.train.report import write_summary
-from llmlab.train.reward import load_reward_model, pad_id_of
+from llmlab.train.reward import load_reward_model
 from llmlab.train.sft import ADAPTER_WEIGHTS, SFTConfig, SFTTask, SFTTrainConfig, apply_method, save_result
 
 ALGOS = ("ppo", "grpo")

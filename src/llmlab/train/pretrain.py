@@ -79,7 +79,26 @@ class PretrainConfig:
     resume: bool = field(default=True, metadata={"help": "resume from the newest complete checkpoint in --out"})
 
 
-class CausalLMTask:
+class WholeModelState:
+    """The checkpoint hooks of a Task whose model is saved whole, in one tensor file: no extra files, and a tied
+    output head rebuilt from the embedding on load (the file holds the shared tensor once)."""
+
+    model_config: ModelConfig
+
+    def split_state(self, sd):
+        return dict(sd), {}
+
+    def join_state(self, core, extras):
+        core = dict(core)
+        if self.model_config.tie_embeddings:
+            core["lm_head.weight"] = core["embed_tokens.weight"]
+        return core
+
+    def extra_files(self):
+        return []
+
+
+class CausalLMTask(WholeModelState):
     """Next-token cross-entropy (+ MoE load-balancing loss) on shard windows. With ``fused_head`` the output
     head and the cross-entropy run as one chunked operation (``nn/linear_ce.py``: the same loss and gradients,
     no (B, T, vocab) logits in memory). ``None`` (the default) fuses on CPUs only: there it is faster (GPT-2
@@ -127,18 +146,6 @@ class CausalLMTask:
         config = {"eos_token": EOT if EOT in tok.special_tokens else None,
                   "pad_token": PAD if PAD in tok.special_tokens else None, "add_bos_token": False}
         return tok.to_hf_json(), config
-
-    def split_state(self, sd):
-        return dict(sd), {}
-
-    def join_state(self, core, extras):
-        core = dict(core)
-        if self.model_config.tie_embeddings:
-            core["lm_head.weight"] = core["embed_tokens.weight"]
-        return core
-
-    def extra_files(self):
-        return []
 
 
 class MaskedLMTask(CausalLMTask):

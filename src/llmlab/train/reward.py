@@ -29,7 +29,6 @@ prompt / chosen / rejected JSONL files given. The run folder has an sft run's la
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmlab.common import LlmlabError, human_count, pick_device, seed_everything, write_text_atomic
-from llmlab.data.preferences import TokenizedPair, load_pairs, task_pairs
+from llmlab.data.preferences import TokenizedPair, pad_id_of, train_val_pairs
 from llmlab.data.sft import epoch_order
 from llmlab.dataclass_io import to_dict
 from llmlab.formats import safetensors
@@ -223,10 +222,6 @@ def load_reward_model(path: str | Path, policy_tokenizer=None) -> RewardModel:
     return RewardModel(net, tok, pad_id_of(tok), str(path))
 
 
-def pad_id_of(tok) -> int:
-    return next((i for i in (getattr(tok, "pad_id", None), getattr(tok, "eos_id", None)) if i is not None), 0)
-
-
 # ---- the command ----------------------------------------------------------------------------------------
 
 
@@ -243,13 +238,7 @@ def run_reward(cfg: RewardConfig, tcfg: RewardTrainConfig, paths: list[str] | No
         raise LlmlabError(f"{cfg.model}: a reward model here needs a causal language model with a tokenizer")
     seq_len = min(tcfg.seq_len, loaded.config.max_seq_len)
     template, tok = chat_template_of(loaded), loaded.tokenizer
-    raw, where = load_pairs(paths, cfg.task, cfg.pairs, tcfg.seed)
-    if paths:
-        random.Random(tcfg.seed).shuffle(raw)
-        n_val = min(cfg.val_pairs, len(raw) - 1)
-        raw_val, raw_train = raw[:n_val], raw[n_val:]
-    else:
-        raw_train, raw_val = raw, task_pairs(cfg.task, "heldout", cfg.val_pairs, tcfg.seed)
+    raw_train, raw_val, where = train_val_pairs(paths, cfg.task, cfg.pairs, cfg.val_pairs, tcfg.seed)
     pad_id = pad_id_of(tok)
     train_pairs, _ = tokenize_pairs(raw_train, tok, template, seq_len)
     val_pairs, _ = tokenize_pairs(raw_val, tok, template, seq_len)

@@ -33,7 +33,7 @@ from llmlab.models.config import ModelConfig
 from llmlab.models.registry import build_model
 from llmlab.models.t5 import Seq2SeqDecoder, T5Model, add_prefix_, shift_right
 from llmlab.train.loop import TrainConfig, TrainResult, train
-from llmlab.train.pretrain import DEFAULT_DATA, open_shards
+from llmlab.train.pretrain import DEFAULT_DATA, WholeModelState, open_shards
 from llmlab.train.report import write_summary
 
 IGNORE = -100
@@ -64,24 +64,12 @@ class T5Flags:
                            extra={"n_sentinels": self.n_sentinels}).validate()
 
 
-class _T5TaskBase:
+class _T5TaskBase(WholeModelState):
     model: T5Model
     model_config: ModelConfig
 
     def aux_stats(self) -> dict:
         return {}
-
-    def split_state(self, sd):
-        return dict(sd), {}
-
-    def join_state(self, core, extras):
-        core = dict(core)
-        if self.model_config.tie_embeddings:
-            core["lm_head.weight"] = core["embed_tokens.weight"]
-        return core
-
-    def extra_files(self):
-        return []
 
     def seq2seq_loss(self, model, inputs, targets, mask=None) -> torch.Tensor:
         cfg = self.model_config
