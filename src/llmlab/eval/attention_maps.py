@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from llmlab.common import LlmlabError, atomic_path
+from llmlab.common import LlmlabError, save_png
 from llmlab.nn.attention import Attention, build_mask
 from llmlab.nn.rope import apply_rope
 
@@ -114,8 +114,5 @@ def plot_attention(maps: dict[int, torch.Tensor], tokens: list[str], path: Path,
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path)
     return path

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmlab.common import LlmlabError, atomic_path
+from llmlab.common import LlmlabError, save_png
 
 
 def filter_normalised_direction(model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -135,8 +135,5 @@ def plot_landscape(land: Landscape, path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path)
     return path

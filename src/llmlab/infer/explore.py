@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from llmlab.common import atomic_path, write_text_atomic
+from llmlab.common import save_png, write_text_atomic
 from llmlab.infer.beam import beam_search
 
 
@@ -77,9 +77,7 @@ def plot_steps(ex: Exploration, path: Path) -> None:
     ax.set_xlabel("decoding step (greedy path outlined in red)")
     ax.set_title(f"Top-{top} next-token probabilities", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_beams(ex: Exploration, path: Path) -> None:
@@ -112,9 +110,7 @@ def plot_beams(ex: Exploration, path: Path) -> None:
     ax.axis("off")
     ax.set_title("Beam search: live beams (blue, summed log-prob) and finished hypotheses (green)", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _data_uri(path: Path) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from llmlab.common import LlmlabError, atomic_path
+from llmlab.common import LlmlabError, save_png
 from llmlab.text.vectors import VectorConfig, WordVectors, builtin_documents, vector_sentences
 
 PLOT_WORDS = ("list", "tuple", "dict", "dictionary", "mapping", "sequence", "string", "str", "bytes", "character",
@@ -197,9 +197,7 @@ def plot_words(wv: WordVectors, path: str | Path, words: list[str] | None = None
         ax.set_ylabel("second principal component")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=100)
     return chosen
 
 

@@ -48,6 +48,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -342,6 +343,32 @@ def stored_reference(path: Path, model: nn.Module, pairs: dict[str, list[Tokeniz
     return ref
 
 
+class PairData(NamedTuple):
+    """What DPO and the reward model start from (``load_model_and_pairs``)."""
+    loaded: Loaded
+    pairs: dict[str, list[TokenizedPair]]  # "train", "val" (the first train pair when the split gave none)
+    val_given: list[TokenizedPair]  # the validation pairs as split (maybe none)
+    pad_id: int
+    where: str  # where the pairs came from
+
+
+def load_model_and_pairs(cfg, tcfg, paths: list[str], who: str) -> PairData:
+    """The model (packed for a packed QLoRA base), its preference pairs from ``paths`` or ``cfg.task`` split into
+    train / validation and tokenized through its chat template, and the pad id."""
+    loaded = load_model(cfg.model, packed=cfg.method == "qlora" and cfg.qlora_base == "packed")
+    if not loaded.config.is_causal or loaded.tokenizer is None:
+        raise LlmlabError(f"{cfg.model}: {who} needs a causal language model with a tokenizer")
+    seq_len = min(tcfg.seq_len, loaded.config.max_seq_len)
+    template, tok = chat_template_of(loaded), loaded.tokenizer
+    raw_train, raw_val, where = train_val_pairs(paths, cfg.task, cfg.pairs, cfg.val_pairs, tcfg.seed)
+    train_pairs, cut = tokenize_pairs(raw_train, tok, template, seq_len)
+    val_pairs, cut_val = tokenize_pairs(raw_val, tok, template, seq_len)
+    print(f"llmlab: {len(train_pairs)} training and {len(val_pairs)} validation pairs from {where}"
+          + (f" ({cut + cut_val} replies cut to {seq_len} tokens)" if cut + cut_val else ""), flush=True)
+    return PairData(loaded, {"train": train_pairs, "val": val_pairs or train_pairs[:1]}, val_pairs, pad_id_of(tok),
+                    where)
+
+
 def run_dpo(cfg: DPOConfig, tcfg: DPOTrainConfig, paths: list[str] | None = None) -> dict:
     """Load the model, build and check the pairs, score, add LoRA, store the reference, train, save, score
     again; returns the summary (also ``summary.json``)."""
@@ -354,18 +381,8 @@ def run_dpo(cfg: DPOConfig, tcfg: DPOTrainConfig, paths: list[str] | None = None
     run_dir = Path(cfg.out)
     seed_everything(tcfg.seed)
     t0 = time.perf_counter()
-    loaded = load_model(cfg.model, packed=cfg.method == "qlora" and cfg.qlora_base == "packed")
-    if not loaded.config.is_causal or loaded.tokenizer is None:
-        raise LlmlabError(f"{cfg.model}: DPO needs a causal language model with a tokenizer")
-    seq_len = min(tcfg.seq_len, loaded.config.max_seq_len)
-    template, tok = chat_template_of(loaded), loaded.tokenizer
-    raw_train, raw_val, where = train_val_pairs(paths, cfg.task, cfg.pairs, cfg.val_pairs, tcfg.seed)
-    pad_id = pad_id_of(tok)
-    train_pairs, cut = tokenize_pairs(raw_train, tok, template, seq_len)
-    val_pairs, cut_val = tokenize_pairs(raw_val, tok, template, seq_len)
-    pairs = {"train": train_pairs, "val": val_pairs or train_pairs[:1]}
-    print(f"llmlab: {len(train_pairs)} training and {len(val_pairs)} validation pairs from {where}"
-          + (f" ({cut + cut_val} replies cut to {seq_len} tokens)" if cut + cut_val else ""), flush=True)
+    loaded, pairs, val_pairs, pad_id, where = load_model_and_pairs(cfg, tcfg, paths, "DPO")
+    tok, train_pairs = loaded.tokenizer, pairs["train"]
     scored = cfg.task if (cfg.task and cfg.eval_examples) else None
     before = None
     if scored:

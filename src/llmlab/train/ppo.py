@@ -57,7 +57,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmlab.common import LlmlabError, atomic_path, human_count, pick_device, seed_everything, write_text_atomic
+from llmlab.common import (
+    LlmlabError,
+    human_count,
+    pick_device,
+    save_png,
+    seed_everything,
+    write_text_atomic,
+)
 from llmlab.data.preferences import pad_id_of
 from llmlab.data.sft import IGNORE, TokenizedExample, epoch_order, make_row
 from llmlab.data.tasks import get_task
@@ -463,9 +470,7 @@ def plot_rl_curves(records: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def run_ppo(cfg: PPOConfig, tcfg: PPOTrainConfig) -> dict:

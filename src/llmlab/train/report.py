@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmlab.common import atomic_path, write_text_atomic
+from llmlab.common import save_png, write_text_atomic
 
 
 class Metrics:
@@ -76,9 +76,7 @@ def plot_curves(records: list[dict], path: Path, title: str = "training") -> Pat
     ax_lr.set_xlabel("optimizer step")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 

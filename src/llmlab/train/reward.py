@@ -38,13 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmlab.common import LlmlabError, human_count, pick_device, seed_everything, write_text_atomic
-from llmlab.data.preferences import TokenizedPair, pad_id_of, train_val_pairs
+from llmlab.data.preferences import TokenizedPair, pad_id_of
 from llmlab.data.sft import epoch_order
 from llmlab.dataclass_io import to_dict
 from llmlab.formats import safetensors
-from llmlab.formats.load import Loaded, chat_template_of, load_model
+from llmlab.formats.load import Loaded, load_model
 from llmlab.formats.peft import base_fingerprint
-from llmlab.train.dpo import tokenize_pairs
+from llmlab.train.dpo import load_model_and_pairs
 from llmlab.train.loop import TrainResult, train
 from llmlab.train.report import write_summary
 from llmlab.train.sft import SFTConfig, SFTTask, SFTTrainConfig, apply_method, save_result, weight_count
@@ -233,17 +233,8 @@ def run_reward(cfg: RewardConfig, tcfg: RewardTrainConfig, paths: list[str] | No
     run_dir = Path(cfg.out)
     seed_everything(tcfg.seed)
     t0 = time.perf_counter()
-    loaded = load_model(cfg.model, packed=cfg.method == "qlora" and cfg.qlora_base == "packed")
-    if not loaded.config.is_causal or loaded.tokenizer is None:
-        raise LlmlabError(f"{cfg.model}: a reward model here needs a causal language model with a tokenizer")
-    seq_len = min(tcfg.seq_len, loaded.config.max_seq_len)
-    template, tok = chat_template_of(loaded), loaded.tokenizer
-    raw_train, raw_val, where = train_val_pairs(paths, cfg.task, cfg.pairs, cfg.val_pairs, tcfg.seed)
-    pad_id = pad_id_of(tok)
-    train_pairs, _ = tokenize_pairs(raw_train, tok, template, seq_len)
-    val_pairs, _ = tokenize_pairs(raw_val, tok, template, seq_len)
-    pairs = {"train": train_pairs, "val": val_pairs or train_pairs[:1]}
-    print(f"llmlab: {len(train_pairs)} training and {len(val_pairs)} validation pairs from {where}", flush=True)
+    loaded, pairs, val_pairs, pad_id, where = load_model_and_pairs(cfg, tcfg, paths, "a reward model")
+    tok, train_pairs = loaded.tokenizer, pairs["train"]
     n_base = weight_count(loaded.model, tied_head=loaded.config.tie_embeddings)
     fingerprint = base_fingerprint(loaded.model, loaded.config, tok)
     sft_cfg = cfg.sft_config()

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmlab.common import LlmlabError, atomic_path, human_count, write_text_atomic
+from llmlab.common import LlmlabError, human_count, save_png, write_text_atomic
 from llmlab.train.loop import TrainConfig, train
 from llmlab.train.pretrain import DEFAULT_DATA, ModelFlags, PretrainConfig, build_task
 from llmlab.train.report import Metrics
@@ -161,6 +161,4 @@ def plot_scaling(summary: dict, path: Path) -> None:
     ax_n.grid(alpha=0.3, which="both")
     ax_n.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path)

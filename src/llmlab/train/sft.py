@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmlab.common import LlmlabError, human_count, seed_everything, write_text_atomic
+from llmlab.common import LlmlabError, human_count, save_png, seed_everything, write_text_atomic
 from llmlab.data.sft import IGNORE, SFTBatch, SFTData, SFTDataConfig, TokenizedExample, build_sft_data
 from llmlab.data.tasks import get_task
 from llmlab.dataclass_io import to_dict
@@ -511,7 +511,6 @@ def plot_accuracy(path: Path, task: str, method: str, before: float, after: floa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from llmlab.common import atomic_path
 
     labels, values, colors = ["before", f"after ({method})"], [before, after], ["tab:gray", "tab:blue"]
     if quantized is not None:
@@ -526,9 +525,7 @@ def plot_accuracy(path: Path, task: str, method: str, before: float, after: floa
     ax.set_ylabel("held-out exact match (%)")
     ax.set_title(f"{task}: {method} fine-tuning")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 # ---- the command ----------------------------------------------------------------------------------------
