@@ -40,12 +40,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def step_fn(model, opt, x, y, dtype, device, hf: bool, fused: bool = False):
+def step_fn(model, opt, x, y, dtype, device, hf: bool, fused: bool = False, loss_fn=None):
     # transformers: torch.autocast as its Trainer uses it; llmlab: its training loop's autocast (emulated on
     # CPUs without bf16 units, see llmlab.nn.autocast).
     ctx = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32) if hf else autocast(device, dtype)
     with ctx:
-        if fused:
+        if loss_fn is not None:  # forward and cross-entropy as one compiled graph
+            loss = loss_fn(x, y)
+        elif fused:
             h = model(x, return_hidden=True)  # (B, T, D)
             loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.lm_head.weight, y.view(-1))
         else:
@@ -58,20 +60,21 @@ def step_fn(model, opt, x, y, dtype, device, hf: bool, fused: bool = False):
     return loss
 
 
-def measure(name, model, opt, args, device, dtype, hf=False, runs=None, steps=None, warmup=None, fused=False):
+def measure(name, model, opt, args, device, dtype, hf=False, runs=None, steps=None, warmup=None, fused=False,
+            loss_fn=None):
     V = args.vocab
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, V, (args.batch, args.seq), generator=g).to(device)
     y = torch.randint(0, V, (args.batch, args.seq), generator=g).to(device)
     runs, steps, warmup = runs or args.runs, steps or args.steps, args.warmup if warmup is None else warmup
     for _ in range(warmup):
-        step_fn(model, opt, x, y, dtype, device, hf, fused)
+        step_fn(model, opt, x, y, dtype, device, hf, fused, loss_fn)
     sync(device)
     rates = []
     for _ in range(runs):
         t = time.perf_counter()
         for _ in range(steps):
-            step_fn(model, opt, x, y, dtype, device, hf, fused)
+            step_fn(model, opt, x, y, dtype, device, hf, fused, loss_fn)
         sync(device)
         rates.append(steps * args.batch * args.seq / (time.perf_counter() - t))
     rate = statistics.median(rates)
@@ -94,6 +97,9 @@ def main() -> None:
                    help="timed runs for the peer; 0 = --runs (bf16 autocast on CPUs without bf16 units is ~30x "
                         "slower, so fewer runs keep the benchmark short) (default: 0)")
     p.add_argument("--compile", action="store_true", help="also measure llmlab with torch.compile (default: off)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"],
+                   help="torch.compile mode of the whole-step variant (default: default)")
     p.add_argument("--skip-peer", action="store_true", help="do not run transformers (default: off)")
     args = p.parse_args()
     shape = SHAPES[args.preset]
@@ -139,6 +145,14 @@ def main() -> None:
     if args.compile:
         cmodel = torch.compile(model)
         results["llmlab compiled"] = measure("llmlab DecoderLM compiled", cmodel, opt, args, device, dtype)
+
+        def forward_loss(x, y):  # the model and its cross-entropy in one graph: the float32 logits are fused away
+            logits = model(x)
+            return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
+
+        closs = torch.compile(forward_loss, mode=args.compile_mode)
+        name = f"llmlab compiled with loss ({args.compile_mode})"
+        results[name] = measure(name, model, opt, args, device, dtype, loss_fn=closs)
     print(f"model FLOPs utilisation (6N + 12LTd = {flops_token / 1e6:.0f} MFLOP per token, vs the peak of "
           f"{path.label}):")
     for name, rate in results.items():

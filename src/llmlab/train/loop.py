@@ -67,7 +67,7 @@ class TrainConfig:
                                                     "choices": ("float32", "bfloat16", "float16")})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute block activations in "
                                                                             "backward to save memory"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (with its loss in one graph where the task can)"})
     eval_every: int = field(default=50, metadata={"help": "evaluate every N steps; 0 = only at the end"})
     eval_batches: int = field(default=8, metadata={"help": "validation batches per evaluation"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end); 0 = end only"})
@@ -198,7 +198,7 @@ class _Run:
     micro: int  # rows per forward pass on this process
     accum: int  # micro-batches per optimizer step
     wrapped: nn.Module  # the model under DDP / FSDP (or the model itself on one process)
-    forward_model: nn.Module  # ``wrapped``, compiled with --compile
+    forward_model: nn.Module  # ``wrapped``, compiled with --compile (unless the task compiled its loss)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     metrics: Metrics
@@ -255,8 +255,12 @@ def _setup(task: Task, cfg: TrainConfig, run_dir: Path) -> _Run:
     optimizer = build_adamw(wrapped, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                             eight_bit=cfg.optimizer == "adamw8bit")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+    forward_model = wrapped
+    if cfg.compile:  # a task may compile its forward + loss as one graph; otherwise the model alone
+        compile_loss = getattr(task, "compile_loss_", None)
+        forward_model = wrapped if compile_loss is not None and compile_loss() else torch.compile(wrapped)
     return _Run(task=task, cfg=cfg, run_dir=run_dir, world=world, micro=micro, accum=per_rank_rows // micro,
-                wrapped=wrapped, forward_model=torch.compile(wrapped) if cfg.compile else wrapped,
+                wrapped=wrapped, forward_model=forward_model,
                 optimizer=optimizer, scaler=scaler, metrics=Metrics(run_dir / "metrics.jsonl", enabled=world.is_main),
                 checkpointed_blocks=checkpointed)
 
