@@ -4,16 +4,14 @@ modules (or read from a results file a benchmark wrote), never drawn by hand.
     python scripts/docs_figures.py                      # every figure -> docs/figures/ (about a minute on 2 cores)
     python scripts/docs_figures.py --only rnn,distill   # some of them
 
-| figure          | what it shows                                                    | computed with                         |
-|-----------------|------------------------------------------------------------------|---------------------------------------|
-| ngram.png       | held-out perplexity of Kneser-Ney by order and discount          | text/ngram_lm.py on the docstring task |
-| bpe.png         | bytes per token on held-out text vs the number of BPE merges     | tokenizer/bpe_train.py, tokenizer/bpe.py |
-| rnn.png         | gradient reaching each earlier input, Elman RNN vs LSTM vs GRU   | nn/rnn.py at its initialisation       |
-| alignment.png   | the DPO loss of the margin; PPO's clipped objective of the ratio | train/dpo.py, train/ppo.py            |
-| pruning.png     | held-out perplexity of the pruning table                         | docs/pruning/results.json             |
-| distill.png     | forward vs reverse KL fits of a one-peak student to a two-peak teacher | train/distill_losses.py         |
-| lowrank.png     | held-out perplexity vs file size, SVD vs SVD-LLM                 | docs/lowrank/results.json             |
-| retrieval.png   | query x document cosine similarities of all-MiniLM-L6-v2         | infer/embed.py on the built-in set    |
+- ngram.png: held-out perplexity of Kneser-Ney by order and discount (text/ngram_lm.py, the docstring task);
+- bpe.png: bytes per held-out token vs the number of BPE merges (tokenizer/bpe_train.py, tokenizer/bpe.py);
+- rnn.png: the gradient reaching each earlier input, Elman RNN vs GRU vs LSTM (nn/rnn.py at initialisation);
+- alignment.png: the DPO loss of the margin, PPO's clipped objective of the ratio (train/dpo.py, train/ppo.py);
+- pruning.png: held-out perplexity of the pruning table (docs/pruning/results.json);
+- distill.png: forward vs reverse KL fits of a one-peak student to a two-peak teacher (train/distill_losses.py);
+- lowrank.png: held-out perplexity vs file size, SVD vs SVD-LLM (docs/lowrank/results.json);
+- retrieval.png: query x document cosine similarities of all-MiniLM-L6-v2 (infer/embed.py, the built-in set).
 
 The output folder is relative to the working directory (``--out``); results files are read from the repository.
 """
@@ -30,17 +28,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
-import matplotlib  # noqa: E402
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
-from llmlab.common import save_png  # noqa: E402
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported on first use: ``--help`` and bad flags stay fast)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    from llmlab.common import save_png
+
+    save_png(fig, path)
 
 
 def ngram(out: Path) -> None:
     """Perplexity by order for several discounts: the counts do not depend on D, so each order is fit once."""
+    plt = _pyplot()
     from llmlab.text.ngram_lm import KneserNeyLM, NgramConfig
     from llmlab.text.normalize import tokenize_sentences
     from llmlab.text.tasks import lm_corpus
@@ -61,14 +69,15 @@ def ngram(out: Path) -> None:
            title="Interpolated Kneser-Ney on the stdlib docstrings")
     ax.legend()
     fig.tight_layout()
-    save_png(fig, out / "ngram.png")
+    _save(fig, out / "ngram.png")
 
 
 def bpe(out: Path) -> None:
     """One BPE training; a tokenizer with the first k merges is the one training would stop at after k merges."""
+    plt = _pyplot()
+    from llmlab.text.tasks import lm_corpus
     from llmlab.tokenizer.bpe import ByteBPE
     from llmlab.tokenizer.bpe_train import train_bpe
-    from llmlab.text.tasks import lm_corpus
 
     train, heldout = lm_corpus()
     full = train_bpe([train], 256 + 4096)
@@ -86,11 +95,14 @@ def bpe(out: Path) -> None:
            title="Byte-level BPE trained on the stdlib docstrings")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    save_png(fig, out / "bpe.png")
+    _save(fig, out / "bpe.png")
 
 
 def rnn(out: Path) -> None:
     """|| d h_T / d x_t || for every t at initialisation: the Elman RNN's shrinks geometrically with T - t."""
+    plt = _pyplot()
+    import torch
+
     from llmlab.nn.rnn import Recurrent
 
     T, size, seeds = 60, 64, 8
@@ -110,10 +122,13 @@ def rnn(out: Path) -> None:
            title="Gradient through time at initialisation (mean of 8)")
     ax.legend()
     fig.tight_layout()
-    save_png(fig, out / "rnn.png")
+    _save(fig, out / "rnn.png")
 
 
 def alignment(out: Path) -> None:
+    plt = _pyplot()
+    import torch
+
     from llmlab.train.dpo import dpo_loss
     from llmlab.train.ppo import ppo_policy_loss
 
@@ -136,10 +151,11 @@ def alignment(out: Path) -> None:
               title="PPO's clipped objective, clip 0.2")
     right.legend()
     fig.tight_layout()
-    save_png(fig, out / "alignment.png")
+    _save(fig, out / "alignment.png")
 
 
 def pruning(out: Path) -> None:
+    plt = _pyplot()
     rows = json.loads((ROOT / "docs" / "pruning" / "results.json").read_text())["rows"]
     dense = next(r["perplexity"] for r in rows if r["method"] == "dense")
     methods, patterns = ["magnitude", "wanda", "sparsegpt"], ["unstructured", "2:4"]
@@ -156,13 +172,16 @@ def pruning(out: Path) -> None:
            title="SmolLM2-135M, every block linear pruned")
     ax.legend()
     fig.tight_layout()
-    save_png(fig, out / "pruning.png")
+    _save(fig, out / "pruning.png")
 
 
 def distill(out: Path) -> None:
     """A student that can only make one peak, fitted to a two-peak teacher by each KL: forward KL covers both
     modes (mass between them), reverse KL picks one. Reverse KL has a second, wide stationary point (from a
     start midway between the peaks Adam stays there, at KL 2.3 against 0.51 on a peak): it starts at 60."""
+    plt = _pyplot()
+    import torch
+
     from llmlab.train.distill_losses import forward_kl, reverse_kl
 
     v = torch.arange(100, dtype=torch.float64)
@@ -187,10 +206,11 @@ def distill(out: Path) -> None:
     ax.set(xlabel="token id", ylabel="probability", title="One-peak student fitted to a two-peak teacher")
     ax.legend()
     fig.tight_layout()
-    save_png(fig, out / "distill.png")
+    _save(fig, out / "distill.png")
 
 
 def lowrank(out: Path) -> None:
+    plt = _pyplot()
     rows = json.loads((ROOT / "docs" / "lowrank" / "results.json").read_text())["rows"]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for r in rows:
@@ -203,11 +223,13 @@ def lowrank(out: Path) -> None:
            title="SmolLM2-135M factored: SVD (red) vs SVD-LLM (blue)")
     ax.set_xlim(right=330)
     fig.tight_layout()
-    save_png(fig, out / "lowrank.png")
+    _save(fig, out / "lowrank.png")
 
 
 def retrieval(out: Path) -> None:
     """The in-batch score matrix MNRL trains on: row i's positive is column i, every other column a negative."""
+    plt = _pyplot()
+
     from llmlab import load
     from llmlab.text.retrieval_set import docstring_pairs
 
@@ -228,7 +250,7 @@ def retrieval(out: Path) -> None:
     ax.set_xticks(range(len(pairs)), [str(j) for j in range(len(pairs))])
     fig.colorbar(im)
     fig.tight_layout()
-    save_png(fig, out / "retrieval.png")
+    _save(fig, out / "retrieval.png")
 
 
 FIGURES = {f.__name__: f for f in (ngram, bpe, rnn, alignment, pruning, distill, lowrank, retrieval)}
