@@ -41,8 +41,10 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
+    """Lay the figure out and write it atomically (``common.save_png``)."""
     from llmlab.common import save_png
 
+    fig.tight_layout()
     save_png(fig, path)
 
 
@@ -68,7 +70,6 @@ def ngram(out: Path) -> None:
     ax.set(xlabel="order n", ylabel="held-out perplexity", xticks=orders,
            title="Interpolated Kneser-Ney on the stdlib docstrings")
     ax.legend()
-    fig.tight_layout()
     _save(fig, out / "ngram.png")
 
 
@@ -94,7 +95,6 @@ def bpe(out: Path) -> None:
     ax.set(xlabel="vocabulary size (256 bytes + merges)", ylabel="bytes per token (held out)",
            title="Byte-level BPE trained on the stdlib docstrings")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     _save(fig, out / "bpe.png")
 
 
@@ -121,7 +121,6 @@ def rnn(out: Path) -> None:
            ylabel=r"$\|\partial\, \mathbf{1}^\top h_T / \partial x_t\|$",
            title="Gradient through time at initialisation (mean of 8)")
     ax.legend()
-    fig.tight_layout()
     _save(fig, out / "rnn.png")
 
 
@@ -150,7 +149,6 @@ def alignment(out: Path) -> None:
     right.set(xlabel=r"probability ratio $\pi_\theta / \pi_{old}$", ylabel=r"$L^{CLIP}$ (one token)",
               title="PPO's clipped objective, clip 0.2")
     right.legend()
-    fig.tight_layout()
     _save(fig, out / "alignment.png")
 
 
@@ -171,7 +169,6 @@ def pruning(out: Path) -> None:
     ax.set(yscale="log", xticks=range(len(methods)), xticklabels=methods, ylabel="held-out perplexity",
            title="SmolLM2-135M, every block linear pruned")
     ax.legend()
-    fig.tight_layout()
     _save(fig, out / "pruning.png")
 
 
@@ -205,7 +202,6 @@ def distill(out: Path) -> None:
     ax.plot(v.tolist(), fit(reverse_kl, 60.0, 4.0, 0.05).tolist(), label=r"student, reverse KL($p_S \| p_T$)")
     ax.set(xlabel="token id", ylabel="probability", title="One-peak student fitted to a two-peak teacher")
     ax.legend()
-    fig.tight_layout()
     _save(fig, out / "distill.png")
 
 
@@ -222,7 +218,6 @@ def lowrank(out: Path) -> None:
     ax.set(yscale="log", xlabel="model file (MB, float16 tensors)", ylabel="held-out perplexity",
            title="SmolLM2-135M factored: SVD (red) vs SVD-LLM (blue)")
     ax.set_xlim(right=330)
-    fig.tight_layout()
     _save(fig, out / "lowrank.png")
 
 
@@ -249,7 +244,6 @@ def retrieval(out: Path) -> None:
     ax.set_yticks(range(len(pairs)), [p.query[:38] for p in pairs], fontsize=6)
     ax.set_xticks(range(len(pairs)), [str(j) for j in range(len(pairs))])
     fig.colorbar(im)
-    fig.tight_layout()
     _save(fig, out / "retrieval.png")
 
 
