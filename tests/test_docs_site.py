@@ -1,20 +1,43 @@
 """The learning-path site (mkdocs.yml, docs/): builds with `mkdocs build --strict` (broken links, anchors and
 pages missing from the nav fail it), every technique page has the parts the path promises, the code shown is
-read from the modules at build time, and the README's relative links point at files that exist."""
+read from the modules at build time, the nav and the index follow one storyline, the README's relative links
+point at files that exist, and the built site works in a real browser (headless Chromium: every nav link opens
+a page, its figures load, its equations reach the page as MathJax input).
+
+The site is built once per module (``site`` fixture)."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import importlib.util
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted((ROOT / "docs" / "path").glob("*.md"))
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """``mkdocs build --strict`` of the whole site into a temporary folder, once for every test here."""
+    pytest.importorskip("mkdocs", reason="mkdocs is in the test extra: pip install -e '.[test]'")
+    pytest.importorskip("material", reason="mkdocs-material is in the test extra: pip install -e '.[test]'")
+    out = tmp_path_factory.mktemp("docs") / "site"
+    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
 
 
 def _hooks():
@@ -35,22 +58,34 @@ def _readme_commands() -> set[str]:
     return {_normalise(line) for line in lines if line.strip()}
 
 
-def test_site_builds_strictly(tmp_path):
-    pytest.importorskip("mkdocs", reason="mkdocs is in the test extra: pip install -e '.[test]'")
-    pytest.importorskip("material", reason="mkdocs-material is in the test extra: pip install -e '.[test]'")
-    site = tmp_path / "site"
-    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_site_builds_strictly(site):
     for page in PAGES:
         html = (site / "path" / page.stem / "index.html").read_text(encoding="utf-8")
         assert "<!-- code:" not in html and re.search(r"\.py</code>, lines \d+–\d+", html), page.name
 
 
+def _nav_pages() -> list[str]:
+    """The docs/path pages in mkdocs.yml's nav, in order (read as text: the nav is one page per line)."""
+    text = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    return re.findall(r"^\s+- [^:]+: (path/[\w-]+\.md)", text, re.M)
+
+
+def test_nav_and_index_tell_one_storyline():
+    nav = _nav_pages()
+    assert sorted(nav) == sorted(f"path/{p.name}" for p in PAGES), "every page once in the nav, no other"
+    index = re.findall(r"\]\((path/[\w-]+\.md)\)", (ROOT / "docs" / "index.md").read_text(encoding="utf-8"))
+    assert list(dict.fromkeys(index)) == nav, "docs/index.md lists the pages in the nav's order"
+    story = ["text-features", "tokenizers", "word-vectors", "recurrent-networks", "transformer", "bert-t5",
+             "pretraining", "scaling-laws", "decoding", "fine-tuning", "alignment", "quantization", "pruning",
+             "distillation", "low-rank", "serving", "retrieval", "evaluation"]
+    positions = [nav.index(f"path/{name}.md") for name in story if f"path/{name}.md" in nav]
+    assert positions == sorted(positions), "the storyline of the kernel-paper collection (issue 18)"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.stem)
 def test_page_has_paper_equation_code_command_and_figure(page):
     text = page.read_text(encoding="utf-8")
-    assert re.search(r"\*\*Paper\.\*\*.*(arxiv\.org/abs/\d{4}\.\d{4,5}|20\d\d)", text, re.S), "cite the paper"
+    assert re.search(r"\*\*Paper\.\*\*.*(arxiv\.org/abs/\d{4}\.\d{4,5}|19[4-9]\d|20\d\d)", text, re.S), "cite the paper"
     assert text.count("$$") >= 2, "a display equation"
     directives = re.findall(r"^<!-- code: (\S+) (\S+) -->$", text, re.M)
     assert directives, "the lines that implement it, as a code directive"
@@ -92,3 +127,91 @@ def test_readme_relative_links_exist():
     assert local, "the README links its figures and docs"
     missing = [t for t in local if t and not (ROOT / t).exists()]
     assert not missing, missing
+
+
+def _readme_lines(prefix: str) -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return [line.split(" #")[0].strip() for line in text.splitlines() if line.startswith(prefix)]
+
+
+def test_docs_figures_readme_command_and_bad_input(tmp_path):
+    """The README's ``python scripts/docs_figures.py ...`` lines run as written (in a scratch folder, so the
+    committed figures stay as they are); an unknown figure is one line and exit 2."""
+    commands = _readme_lines("python scripts/docs_figures.py")
+    assert commands, "the README runs the figure script"
+    for command in commands:
+        argv = shlex.split(command)
+        r = subprocess.run([sys.executable, str(ROOT / argv[1]), *argv[2:]], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        only = re.findall(r"--only (\S+)", command)
+        for name in only[0].split(",") if only else []:
+            assert (tmp_path / "docs" / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "docs_figures.py"), "--only", "rnn,nope",
+                        "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown figure nope" in r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # no access log on the test's output
+        pass
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                    reason="chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+def test_built_site_in_a_real_browser(site):
+    """Served over HTTP as a host would serve it (directory URLs): the index opens in Chromium, every link of its
+    nav answers 200, and one technique page shows its figure (decoded), its equations as MathJax input and the
+    source its directive pulled in. MathJax itself comes from a CDN, which this offline machine cannot reach, so
+    typesetting is not checked."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    handler = functools.partial(QuietHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    options.page_load_strategy = "eager"  # the DOM, not the CDN script the offline page waits for
+    profile = tempfile.TemporaryDirectory()
+    for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,900", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                 f"--user-data-dir={profile.name}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get(base)
+        assert "learning path" in driver.find_element(By.TAG_NAME, "h1").text
+        links = list(dict.fromkeys(a.get_attribute("href").split("#")[0] for a in
+                                   driver.find_elements(By.CSS_SELECTOR, "a.md-nav__link[href]")
+                                   if a.get_attribute("href").startswith(base)))
+        paths = [link for link in links if "/path/" in link]
+        assert len(paths) == len(PAGES), paths
+        for link in links:
+            with urllib.request.urlopen(link, timeout=10) as r:
+                assert r.status == 200 and b"<h1" in r.read(), link
+        link = driver.find_element(By.CSS_SELECTOR, ".md-sidebar--primary a.md-nav__link[href$='path/alignment/']")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", link)
+        link.click()  # the nav as a reader uses it
+        assert driver.find_element(By.TAG_NAME, "h1").text.startswith("Alignment")
+        images = driver.execute_script(
+            "return Promise.all([...document.images].map(i => i.decode().then(() => [i.src, i.naturalWidth],"
+            " () => [i.src, 0])))")
+        assert images and all(width > 0 for _, width in images), images
+        math = [m.text for m in driver.find_elements(By.CSS_SELECTOR, "div.arithmatex")]
+        assert len(math) == 2 and all(m.startswith("\\[") and "\\beta" in "".join(math) for m in math), math
+        code = [c.text for c in driver.find_elements(By.CSS_SELECTOR, ".highlight code")]
+        assert any("def dpo_loss(" in c for c in code) and any("def ppo_policy_loss(" in c for c in code)
+        assert driver.find_elements(By.CSS_SELECTOR, "script[src*='mathjax']"), "MathJax is linked"
+    finally:
+        driver.quit()
+        profile.cleanup()
+        server.shutdown()
