@@ -67,7 +67,8 @@ class TrainConfig:
                                                     "choices": ("float32", "bfloat16", "float16")})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute block activations in "
                                                                             "backward to save memory"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (with its loss in one graph where the task can)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (with its loss in one graph "
+                                                           "where the task can)"})
     eval_every: int = field(default=50, metadata={"help": "evaluate every N steps; 0 = only at the end"})
     eval_batches: int = field(default=8, metadata={"help": "validation batches per evaluation"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end); 0 = end only"})
