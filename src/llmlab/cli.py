@@ -895,6 +895,28 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_lm_eval(args) -> int:
+    from llmlab.common import LlmlabError
+    from llmlab.eval.lm_eval_backend import run_lm_eval
+
+    if args.limit is not None and not args.limit > 0:
+        raise LlmlabError(f"--limit {args.limit}: give a count >= 1 or a fraction in (0, 1)")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise LlmlabError(f"--num-fewshot {args.num_fewshot} must be >= 0")
+    if args.batch_size < 1:
+        raise LlmlabError(f"--batch-size {args.batch_size} must be >= 1")
+    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = run_lm_eval(args.model, tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                          limit=limit, batch_size=args.batch_size, seed=args.seed, output=args.output)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if args.output:
+        print(f"llmlab: wrote {args.output}", file=sys.stderr)
+    return 0
+
+
 def cmd_scaling(args) -> int:
     from llmlab.common import LlmlabError
     from llmlab.dataclass_io import from_args
@@ -1516,6 +1538,26 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
 
         add_flags(s, EvalConfig)
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks on an llmlab model (the harness's own "
+                                       "prompts and metrics; needs the lm_eval package)",
+                       description="lm-evaluation-harness with an llmlab model as its backend "
+                                   "(llmlab/eval/lm_eval_backend.py). Offline, give tasks whose data are local "
+                                   "files: a folder of task YAML files with --include-path.")
+    s.add_argument("model", nargs="?", default=None, help="model: " + MODEL_HELP)
+    s.add_argument("--tasks", default="llmlab_stdlib_mc",
+                   help="comma-separated lm-eval task names; llmlab_stdlib_mc is llmlab eval's built-in stdlib-mc "
+                        "as an lm-eval task (default: llmlab_stdlib_mc)")
+    s.add_argument("--include-path", default=None,
+                   help="folder of extra lm-eval task YAML files (default: none, lm-eval's own tasks only)")
+    s.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples; none = each task's own "
+                                                                 "(default: None)")
+    s.add_argument("--limit", type=float, default=None,
+                   help="examples per task: a count >= 1 or a fraction < 1; none = all (default: None)")
+    s.add_argument("--batch-size", type=int, default=16, help="requests per forward pass (default: 16)")
+    s.add_argument("--seed", type=int, default=1234, help="seed of few-shot sampling and generation (default: 1234)")
+    s.add_argument("--output", default=None, help="write lm-eval's results as JSON here (default: none)")
+    s.set_defaults(func=cmd_lm_eval)
 
     s = sub.add_parser("reward", help="train a reward model (Bradley-Terry, scalar head on the LM) on preference "
                                       "pairs (LoRA by default)",

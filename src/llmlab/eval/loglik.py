@@ -88,8 +88,18 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
     """Score each (context, continuation); results in the order given."""
     check_scorer(model, "log-likelihood scoring")
     pairs = {req: encode_pair(tokenizer, *req) for req in dict.fromkeys(requests)}
+    by_request = dict(zip(pairs, token_loglikelihoods(model, list(pairs.values()), batch_size)))
+    return [by_request[r] for r in requests]
+
+
+@torch.inference_mode()
+def token_loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16) -> list[Scored]:
+    """Score each (context ids, continuation ids) pair, both non-empty; results in the order given."""
+    check_scorer(model, "log-likelihood scoring")
+    if any(not ctx or not cont for ctx, cont in pairs):
+        raise LlmlabError("a context or continuation to score has no tokens")
     groups: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
-    for ctx, cont in pairs.values():
+    for ctx, cont in pairs:
         conts = groups.setdefault(tuple(ctx), [])
         if tuple(cont) not in conts:
             conts.append(tuple(cont))
@@ -136,4 +146,4 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
             found[(key, c)] = Scored(float(token_lp[at:at + len(c)].sum()), bool(top[at:at + len(c)].all()),
                                             len(c))
             at += len(c)
-    return [found[(tuple(pairs[r][0]), tuple(pairs[r][1]))] for r in requests]
+    return [found[(tuple(ctx), tuple(cont))] for ctx, cont in pairs]
