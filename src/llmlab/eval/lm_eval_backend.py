@@ -43,9 +43,9 @@ MISSING = "the lm-evaluation-harness backend needs the lm_eval package: pip inst
 
 
 class LlmlabLM(LM):
-    """An llmlab causal LM in lm-evaluation-harness. ``pretrained``: a path ``formats.load.load_model`` reads (default: the
-    embedded SmolLM2-135M-Instruct), or an already loaded model (``Loaded``). The model's context is its
-    ``max_length``."""
+    """An llmlab causal LM in lm-evaluation-harness. ``pretrained``: a path ``formats.load.load_model`` reads
+    (default: the embedded SmolLM2-135M-Instruct), or an already loaded model (``Loaded``). The model's context
+    is its ``max_length``."""
 
     def __init__(self, pretrained=None, batch_size: int | str = 16, max_gen_toks: int = 256, **_ignored):
         if register_model is None:
