@@ -157,17 +157,21 @@ def word_token_span(tokenizer, text: str, start: int, end: int) -> tuple[list[in
 @torch.no_grad()
 def use_vectors(model: RecurrentLM, tokenizer, senses=None) -> tuple[torch.Tensor, list[tuple[str, int, str]]]:
     """(n uses, L+1, D) layer vectors of every marked use (mean over the word's tokens), and (word, sense index,
-    text) per use."""
+    text) per use. All sentences run as one right-padded batch."""
     model.eval()
-    vectors, labels = [], []
+    rows, labels = [], []
     for word, pair in (senses or SENSES).items():
         for sense, (_, sentences) in enumerate(pair):
             for sentence in sentences:
                 text, start, end = marked(sentence)
-                ids, i, j = word_token_span(tokenizer, text, start, end)
-                states = model.layer_states(torch.tensor([ids]))  # (L+1, 1, T, D)
-                vectors.append(states[:, 0, i:j].mean(1))  # (L+1, D)
+                rows.append(word_token_span(tokenizer, text, start, end))
                 labels.append((word, sense, text))
+    lengths = torch.tensor([len(ids) for ids, _, _ in rows])
+    batch = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)  # (n, T), padded with id 0
+    for r, (ids, _, _) in enumerate(rows):
+        batch[r, :len(ids)] = torch.tensor(ids)
+    states = model.layer_states(batch, lengths)  # (L+1, n, T, D)
+    vectors = [states[:, r, i:j].mean(1) for r, (_, i, j) in enumerate(rows)]  # (L+1, D) each
     return torch.stack(vectors), labels
 
 
@@ -240,7 +244,7 @@ def plot(result: dict, senses, path: str | Path) -> Path:
         ax.axis("off")
     fig.suptitle("ELMo vectors (uniform layer mix) of each word's uses, PCA per word; title: same-sense-closer "
                  "accuracy", fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.03, top=0.86, wspace=0.08, hspace=0.25)
     return save_png(fig, path)
 
 

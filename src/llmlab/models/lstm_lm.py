@@ -89,22 +89,34 @@ class RecurrentLM(nn.Module):
         drop = lambda h: F.dropout(h, self.dropout, self.training)  # noqa: E731
         return self.logits(drop(fwd[-1])), self.logits(drop(bwd[-1]))
 
-    def _directions(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _directions(self, ids: torch.Tensor, lengths: torch.Tensor | None = None
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Both directions' layer outputs, left to right. With ``lengths`` (B,) a right-padded batch: each row's
+        backward LM starts at its own last token (the padding is reversed in place, after it)."""
         if self.backward_layers is None:
             raise LlmlabError("this recurrent LM is forward only: build it with bidirectional=True for ELMo")
         x = F.dropout(self.embed_tokens(ids), self.dropout, self.training)  # (B, T, dim)
         fwd, _ = self._stack(self.forward_layers, x, None)
-        bwd, _ = self._stack(self.backward_layers, x.flip(1), None)  # right to left
-        return fwd, [h.flip(1) for h in bwd]  # back in left-to-right order: position t has read w_t..w_T
+        T = ids.shape[1]
+        steps = torch.arange(T, device=ids.device)
+        if lengths is None:
+            rev = steps.flip(0).expand(ids.shape[0], T)  # (B, T)
+        else:  # rev[b, t] = len_b - 1 - t inside the row, t on the padding: its own inverse
+            lengths = lengths.to(ids.device)[:, None]
+            rev = torch.where(steps < lengths, lengths - 1 - steps, steps)
+        index = rev[:, :, None].expand(-1, -1, x.shape[-1])  # (B, T, dim)
+        bwd, _ = self._stack(self.backward_layers, x.gather(1, index), None)  # right to left
+        return fwd, [h.gather(1, index) for h in bwd]  # back in left-to-right order: position t has read w_t..w_T
 
-    def layer_states(self, ids: torch.Tensor) -> torch.Tensor:
+    def layer_states(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T) -> (L+1, B, T, D*dim): ELMo's h_{k,j}, layer 0 the token embedding (twice when bidirectional,
-        [x; x] as in the paper), layer j both directions' outputs concatenated."""
+        [x; x] as in the paper), layer j both directions' outputs concatenated. ``lengths`` (B,): a right-padded
+        batch (the states past a row's length are not meaningful)."""
         x = self.embed_tokens(ids)
         if self.backward_layers is None:
             outs, _ = self._stack(self.forward_layers, x, None)
             return torch.stack([x, *outs])
-        fwd, bwd = self._directions(ids)
+        fwd, bwd = self._directions(ids, lengths)
         return torch.stack([torch.cat([x, x], -1), *(torch.cat(pair, -1) for pair in zip(fwd, bwd))])
 
 
@@ -120,5 +132,5 @@ class ScalarMix(nn.Module):
         """(J, ..) -> (..)."""
         if layers.shape[0] != self.weights.numel():
             raise LlmlabError(f"the mix has {self.weights.numel()} weights for {layers.shape[0]} layers")
-        s = torch.softmax(self.weights, 0).to(layers.dtype)  # (J,)
-        return self.gamma * torch.tensordot(s, layers, dims=1)
+        s = torch.softmax(self.weights.to(layers.dtype), 0)  # (J,)
+        return self.gamma.to(layers.dtype) * torch.tensordot(s, layers, dims=1)
