@@ -17,6 +17,7 @@ folder holds a placeholder config (gpt2-shaped: vocab, width, layers) with no we
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,6 +137,9 @@ def run_recurrent(rcfg: RNNRunConfig, flags: RNNFlags, tcfg: TrainConfig, bidire
                           f"{tcfg.seq_len}")
     if flags.cell not in CELLS:
         raise LlmlabError(f"unknown --cell {flags.cell!r}: choose one of {', '.join(CELLS)}")
+    if bidirectional and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # the biLM's loss calls model.bidirectional_logits, outside a DDP wrapper's forward (no gradient sync)
+        raise LlmlabError("'llmlab elmo train' runs on one process: start it without torchrun")
     if bidirectional and flags.cell != "lstm":
         raise LlmlabError(f"ELMo is a bidirectional LSTM LM: --cell {flags.cell} is for 'llmlab rnn train'")
     shards = open_shards(rcfg.data)
