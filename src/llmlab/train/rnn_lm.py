@@ -64,7 +64,8 @@ class ELMoRunConfig(RNNRunConfig):
 
 @dataclass
 class RNNTrainConfig(TrainConfig):
-    """The loop's flags with recurrent-LM defaults (about 10 minutes on 2 CPU cores for the default LSTM)."""
+    """The loop's flags with recurrent-LM defaults (the default LSTM: about 1 s a step on one thread of the shared
+    2-core machine at load 19, so about 5 minutes)."""
 
     steps: int = field(default=300, metadata={"help": "optimizer steps"})
     seq_len: int = field(default=64, metadata={"help": "tokens per training sequence (backpropagation through "
