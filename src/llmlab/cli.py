@@ -1143,6 +1143,50 @@ def cmd_t5_generate(args) -> int:
     return 0
 
 
+def cmd_rnn_train(args) -> int:
+    from llmlab.dataclass_io import from_args
+    from llmlab.train.rnn_lm import ELMoRunConfig, RNNFlags, RNNRunConfig, RNNTrainConfig, run_recurrent
+
+    elmo = args.command == "elmo"
+    result = run_recurrent(from_args(ELMoRunConfig if elmo else RNNRunConfig, args), from_args(RNNFlags, args),
+                           from_args(RNNTrainConfig, args), bidirectional=elmo)
+    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    print(f"llmlab: {result.stopped} at step {result.step}{val}; run folder {result.run_dir}", file=sys.stderr)
+    return 130 if result.stopped == "interrupted" else 0
+
+
+def cmd_rnn_generate(args) -> int:
+    from llmlab.dataclass_io import from_args
+    from llmlab.infer.sample import SamplingParams
+    from llmlab.train.rnn_lm import generate_text, load_run
+
+    print(generate_text(load_run(args.model), args.prompt, args.max_new_tokens, from_args(SamplingParams, args)))
+    return 0
+
+
+def cmd_elmo_senses(args) -> int:
+    from llmlab.common import LlmlabError
+    from llmlab.eval import word_senses
+    from llmlab.train.rnn_lm import load_run
+
+    loaded = load_run(args.model)
+    if not loaded.model.bidirectional:
+        raise LlmlabError(f"{args.model}: a forward-only LM; the senses need ELMo's two directions (a run of "
+                          "'llmlab elmo train')")
+    model = loaded.model
+    if args.untrained:  # the control: the same architecture with its initial random weights
+        import torch
+
+        from llmlab.models.lstm_lm import RecurrentLM
+
+        torch.manual_seed(args.untrained_seed)
+        model = RecurrentLM("lstm", model.out_bias.numel(), model.dim, model.n_layers, bidirectional=True).eval()
+    result = word_senses.evaluate(model, loaded.tokenizer)
+    print(word_senses.report(result))
+    print(f"picture: {word_senses.plot(result, word_senses.SENSES, args.out)}")
+    return 0
+
+
 def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     """The command line. ``commands``: the subcommands whose flags are added (None = all of them). ``main``
     passes only the one it runs: flags built from config dataclasses import those modules (torch, the
@@ -1450,6 +1494,49 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     t_pre.set_defaults(func=cmd_t5_pretrain)
     t_ft.set_defaults(func=cmd_t5_finetune)
     t_gen.set_defaults(func=cmd_t5_generate)
+
+    s = sub.add_parser("rnn", help="recurrent language models (LSTM, GRU, Elman RNN) on the training loop: train, "
+                                   "generate")
+    rsub = s.add_subparsers(dest="rnn_command", required=True, parser_class=_Parser)
+    r_train = rsub.add_parser("train", help="train a forward LSTM / GRU / RNN language model on token shards "
+                                            "(default: the Python stdlib corpus)")
+    r_gen = rsub.add_parser("generate", help="continue a prompt with a trained recurrent LM (carrying its state)")
+    r_gen.add_argument("prompt", nargs="?", default="def ", help="text to continue (default: 'def ')")
+    r_gen.add_argument("--model", default="runs/rnn", help="a run folder of 'llmlab rnn train' (default: runs/rnn)")
+    r_gen.add_argument("--max-new-tokens", type=int, default=60, help="most tokens to generate (default: 60)")
+    s = sub.add_parser("elmo", help="ELMo: a bidirectional LSTM LM and its layer-mixed contextual word vectors "
+                                    "(Peters et al. 2018): train, senses")
+    esub = s.add_subparsers(dest="elmo_command", required=True, parser_class=_Parser)
+    e_train = esub.add_parser("train", help="train the forward and backward LSTM LMs (shared embedding and softmax) "
+                                            "on token shards (default: the Python stdlib corpus)")
+    e_senses = esub.add_parser("senses", help="do the contextual vectors tell two senses of a word apart? Accuracy "
+                                              "per layer vs the static embedding, and a 2-D picture (PNG)")
+    e_senses.add_argument("--model", default="runs/elmo", help="a run folder of 'llmlab elmo train' "
+                                                               "(default: runs/elmo)")
+    e_senses.add_argument("--out", default="runs/elmo/senses.png", help="the picture (default: runs/elmo/senses.png)")
+    e_senses.add_argument("--untrained", action="store_true", help="the control: score a freshly initialised model "
+                                                                  "of the run's shape instead (default: off)")
+    e_senses.add_argument("--untrained-seed", type=int, default=0, help="seed of that model (default: 0)")
+    for t in (r_train, r_gen, e_train, e_senses):
+        t.add_argument("--threads", type=_threads, default=1, metavar="N",
+                       help="CPU threads for PyTorch; 0 = one per physical core; a recurrent step is many small "
+                            "operations, fastest on one thread on a loaded 2-core machine (default: 1)")
+    if wanted("rnn") or wanted("elmo"):
+        from llmlab.dataclass_io import add_flags
+        from llmlab.infer.sample import SamplingParams
+        from llmlab.train.rnn_lm import ELMoRunConfig, RNNFlags, RNNRunConfig, RNNTrainConfig
+
+        add_flags(r_train, RNNRunConfig)
+        add_flags(r_train, RNNFlags)
+        add_flags(r_train, RNNTrainConfig)
+        add_flags(r_gen, SamplingParams)
+        add_flags(e_train, ELMoRunConfig)
+        add_flags(e_train, RNNFlags, skip=("cell",))
+        add_flags(e_train, RNNTrainConfig)
+    r_train.set_defaults(func=cmd_rnn_train)
+    r_gen.set_defaults(func=cmd_rnn_generate)
+    e_train.set_defaults(func=cmd_rnn_train)
+    e_senses.set_defaults(func=cmd_elmo_senses)
 
     s = sub.add_parser("sft", help="fine-tune a chat model (full, LoRA, QLoRA, adapters, prefix, prompt) on "
                                    "conversations or a built-in task; scores held-out exact match",
