@@ -194,8 +194,10 @@ def test_short_run_saves_a_student_that_loads(tiny_encoder, tmp_path, capsys):
 
 # ---- the README's lines ---------------------------------------------------------------------------------------------
 
-README_LINES = [[], ["--loss", "embed", "--out", "runs/embed-distill-embed"],
-                ["--loss", "distilbert", "--out", "runs/embed-distill-distilbert"]]
+README_LINES = [["--eval-queries", "100", "--threads", "1"],
+                ["--loss", "embed", "--eval-queries", "100", "--out", "runs/embed-distill-embed", "--threads", "1"],
+                ["--loss", "distilbert", "--eval-queries", "100", "--out", "runs/embed-distill-distilbert", "--threads",
+                 "1"]]
 
 
 def test_readme_embed_distill_lines_are_these():
@@ -208,8 +210,8 @@ def test_readme_embed_distill_lines_are_these():
 def test_readme_embed_distill_default_runs_as_written(tmp_path, capsys):
     """The README's first line with the real teacher (all-MiniLM-L6-v2), on a small budget."""
     out = tmp_path / "run"
-    code, stdout, err = _main(capsys, "--out", str(out), "--steps", "1", "--batch-size", "4", "--max-tokens", "24",
-                              "--eval-queries", "2", "--eval-batches", "1", "--no-progress")
+    code, stdout, err = _main(capsys, *README_LINES[0], "--out", str(out), "--steps", "1", "--batch-size", "4",
+                              "--max-tokens", "24", "--eval-queries", "2", "--eval-batches", "1", "--no-progress")
     assert code == 0, err[-2000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["loss"] == "tinybert" and s["layer_map"] == [2, 4, 6] and s["student"] == "teacher blocks 0,2,4"
