@@ -101,7 +101,7 @@ def test_each_loss_is_its_formula(tiny_teacher):
     """tinybert with student block 1 = teacher block 1 matched to it: hidden and attention terms exactly 0, the
     total the embed term, 1 - cos of the two models' own pooled embeddings; matched to teacher block 2 instead:
     both terms > 0. distilbert with the whole teacher as student: KL and cosine 0, the MLM term alone."""
-    from llmlab.train.encoder_distill import epoch_rows
+    from llmlab.train.contrastive import epoch_rows
 
     tok = tiny_teacher.tokenizer
     task = _task(tiny_teacher, "tinybert", layer_map="1")
@@ -190,6 +190,21 @@ def test_short_run_saves_a_student_that_loads(tiny_encoder, tmp_path, capsys):
     assert s["steps"] == 2 and s["layer_map"] == [2] and "| student after | 1 x 32 |" in stdout
     enc = load(str(out / "model"))
     assert enc.config.n_layers == 1 and enc.embed(["Sort a list."]).shape == (1, 32)
+
+
+def test_help_gives_every_flag_a_default(capsys):
+    import re
+
+    from llmlab.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["embed", "distill", "--help"])
+    body = capsys.readouterr().out.split("options:", 1)[1]
+    entries = re.split(r"\n  (?=-)", "\n" + body)[1:]
+    assert len(entries) >= 20
+    for entry in entries:
+        if not entry.startswith("-h"):
+            assert "(default:" in " ".join(entry.split()), entry
 
 
 # ---- the README's lines ---------------------------------------------------------------------------------------------
