@@ -168,6 +168,7 @@ def _main(capsys, *args) -> tuple[int, str, str]:
     (["--student", "minilm-l6"], "the student has 12 heads, the teacher 2"),
     (["--temperature", "0"], "--temperature must be a positive number"),
     (["--cos-weight", "-1"], "--cos-weight must be a number >= 0"),
+    (["--eval-queries", "-1"], "--eval-queries must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_encoder, tmp_path, capsys, args, message):
     code, _, err = _main(capsys, "--teacher", tiny_encoder, "--layers", "0", *args, "--out", str(tmp_path / "run"))
@@ -229,7 +230,7 @@ def test_readme_embed_distill_default_runs_as_written(tmp_path, capsys):
                               "--max-tokens", "24", "--eval-queries", "2", "--eval-batches", "1", "--no-progress")
     assert code == 0, err[-2000:]
     s = json.loads((out / "summary.json").read_text())
-    assert s["loss"] == "tinybert" and s["layer_map"] == [2, 4, 6] and s["student"] == "teacher blocks 0,2,4"
+    assert s["loss"] == "tinybert" and s["layer_map"] == [2, 4, 6] and s["student"] == "teacher blocks 0,3,5"
     assert s["report"][0]["metrics"]["ndcg@10"] > 0.5 and "| student before | 3 x 384 |" in stdout
 
 

@@ -778,6 +778,7 @@ def cmd_embed_eval(args) -> int:
 def cmd_embed_distill(args) -> int:
     import torch
 
+    from llmlab.common import LlmlabError
     from llmlab.dataclass_io import from_args
     from llmlab.eval.retrieval import check_set, evaluate_embeddings
     from llmlab.infer.embed import embed_texts
@@ -790,6 +791,8 @@ def cmd_embed_distill(args) -> int:
     )
 
     cfg = from_args(EncoderDistillConfig, args)
+    if args.eval_queries < 0:
+        raise LlmlabError(f"--eval-queries must be >= 0 (0 = the whole test set), got {args.eval_queries}")
     rset = builtin_test_set()
     check_set(rset)
     if args.eval_queries:  # a small budget: the first N test queries, their documents and N others
@@ -1715,7 +1718,7 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     e_distill = esub.add_parser("distill", help="distil the encoder into a smaller one (TinyBERT, DistilBERT's "
                                                 "triple loss, or sentence-embedding cosine); score teacher and student",
                                 description="Encoder distillation. With no flags: a 3-block student made of "
-                                            "all-MiniLM-L6-v2's blocks 0, 2, 4 learns from the 6-block model by "
+                                            "all-MiniLM-L6-v2's blocks 0, 3, 5 learns from the 6-block model by "
                                             "TinyBERT's losses on the built-in train texts; the teacher and the "
                                             "student before and after are scored on the built-in test set "
                                             "(nDCG@10, cosine to the teacher's embeddings, sentences/s).")
