@@ -6,9 +6,10 @@ The student (``--student``): by default the teacher itself with only the blocks 
 embeddings and pooler copied: DistilBERT's initialisation from the teacher's blocks (Sanh et al. 2019,
 arXiv:1910.01108, section 3; its 6 of 12 were 0,2,4,7,9,11, first and last kept). For all-MiniLM-L6-v2, keeping
 the last block matters: 0,3,5 starts at nDCG@10 0.77 and cosine 0.65 to the teacher, 0,2,4 at 0.52 and 0.36
-(README, "Distilling the encoder"); or a preset (random weights) or BERT folder with the teacher's tokenizer (checked). The data: the
-texts (queries and documents) of the built-in retrieval set's train split (``text/retrieval_set.py``; the test
-split, which the report scores, is never trained on), a tenth of them held out for the validation loss.
+(README, "Distilling the encoder"); or a preset (random weights) or BERT folder with the teacher's tokenizer
+(checked). The data: the texts (queries and documents) of the built-in retrieval set's train split
+(``text/retrieval_set.py``; the test split, which the report scores, is never trained on), a tenth of them held out
+for the validation loss.
 
 Losses (``--loss``); e = the mean-pooled sentence embedding (Sentence-BERT), h^m the embedding output (m = 0) and
 block outputs, A^m the attention scores Q K^T / sqrt(d) of block m, per head:
