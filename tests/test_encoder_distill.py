@@ -177,22 +177,6 @@ def test_bad_input_is_one_line_and_exit_2(tiny_encoder, tmp_path, capsys, args, 
     assert not (tmp_path / "run").exists()
 
 
-def test_short_run_saves_a_student_that_loads(tiny_encoder, tmp_path, capsys):
-    from llmlab.api import load
-
-    out = tmp_path / "run"
-    code, stdout, err = _main(capsys, "--teacher", tiny_encoder, "--layers", "1", "--steps", "2", "--batch-size", "4",
-                              "--max-tokens", "16", "--eval-queries", "2", "--eval-batches", "1", "--no-progress",
-                              "--out", str(out))
-    assert code == 0, err[-2000:]
-    s = json.loads((out / "summary.json").read_text())
-    assert [r["name"] for r in s["report"]] == ["teacher " + tiny_encoder, "student before", "student after"]
-    assert s["report"][0]["cosine_to_teacher"] is None and -1 <= s["report"][2]["cosine_to_teacher"] <= 1
-    assert s["steps"] == 2 and s["layer_map"] == [2] and "| student after | 1 x 32 |" in stdout
-    enc = load(str(out / "model"))
-    assert enc.config.n_layers == 1 and enc.embed(["Sort a list."]).shape == (1, 32)
-
-
 def test_help_gives_every_flag_a_default(capsys):
     import re
 
@@ -236,10 +220,18 @@ def test_readme_embed_distill_default_runs_as_written(tmp_path, capsys):
 
 @pytest.mark.parametrize("args", README_LINES[1:])
 def test_readme_embed_distill_losses_run_as_written(tiny_encoder, tmp_path, capsys, args):
-    """The README's other lines as written, on the tiny teacher (one real-model run above is enough)."""
+    """The README's other lines as written, on the tiny teacher (one real-model run above is enough); the report's
+    rows, and the saved student loads and embeds."""
+    from llmlab.api import load
+
     out = tmp_path / "run"
-    code, stdout, err = _main(capsys, *args, "--teacher", tiny_encoder, "--layers", "0", "--out", str(out), "--steps",
-                              "1", "--batch-size", "4", "--max-tokens", "16", "--eval-queries", "2", "--eval-batches",
+    code, stdout, err = _main(capsys, *args, "--teacher", tiny_encoder, "--layers", "1", "--out", str(out), "--steps",
+                              "2", "--batch-size", "4", "--max-tokens", "16", "--eval-queries", "2", "--eval-batches",
                               "1", "--no-progress")
     assert code == 0, err[-2000:]
-    assert json.loads((out / "summary.json").read_text())["loss"] == args[1]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["loss"] == args[1] and s["steps"] == 2 and "| student after | 1 x 32 |" in stdout
+    assert [r["name"] for r in s["report"]] == ["teacher " + tiny_encoder, "student before", "student after"]
+    assert s["report"][0]["cosine_to_teacher"] is None and -1 <= s["report"][2]["cosine_to_teacher"] <= 1
+    enc = load(str(out / "model"))
+    assert enc.config.n_layers == 1 and enc.embed(["Sort a list."]).shape == (1, 32)
