@@ -126,6 +126,42 @@ def test_each_loss_is_its_formula(tiny_teacher):
     assert val.item() == pytest.approx(0.0, abs=1e-6)  # the same model: the validation 1 - cos is 0
 
 
+def test_distilbert_triple_loss_as_distilberts_code(tiny_teacher):
+    """Each term as DistilBERT's training code writes it (``distiller.py``): KLDivLoss(batchmean) of the log-softmax
+    student against the softmax teacher at temperature 2, times 4; cross-entropy at the masked positions;
+    CosineEmbeddingLoss with target 1 over the real tokens' last hidden states. The total is 5 / 2 / 1 of them."""
+    from llmlab.infer.embed import tokenize_batch
+    from llmlab.train.contrastive import epoch_rows
+    from llmlab.train.mlm import mask_tokens
+
+    tok = tiny_teacher.tokenizer
+    task = _task(tiny_teacher, "distilbert", layers="0")
+    with torch.no_grad():
+        task.model.bert.embed_tokens.weight.mul_(50)  # logits of a few units: a KL well above float32 rounding
+    loss, _ = task.loss(task.model, 0, 0, 4, 4)
+    got = task.aux_stats()
+    ids, mask = tokenize_batch(tok, epoch_rows(task.texts["train"], task.seed, "train", 0, 0, 4, 4), 16)
+    special = (tok.vocab["[CLS]"], tok.vocab["[SEP]"], tok.vocab["[PAD]"])
+    inputs, labels = mask_tokens(ids, mask_id=tok.vocab["[MASK]"], vocab_size=tok_size(tiny_teacher),
+                                 generator=torch.Generator().manual_seed(task.seed * 7919), protect=special)
+    with torch.no_grad():
+        hs, ht = task.model.bert(inputs, mask), tiny_teacher.model(inputs, mask)  # (B, T, D) each
+        at, real = labels != -100, mask.bool()
+        s_logits = hs[at] @ task.model.bert.embed_tokens.weight.T  # (N, V)
+        t_logits = ht[at] @ tiny_teacher.model.embed_tokens.weight.T
+        kd = F.kl_div(F.log_softmax(s_logits / 2, -1), F.softmax(t_logits / 2, -1), reduction="batchmean") * 2 ** 2
+        mlm = F.cross_entropy(s_logits, labels[at])
+        cos = F.cosine_embedding_loss(hs[real], ht[real], torch.ones(int(real.sum())))
+    assert int(at.sum()) > 0 and kd.item() > 0.01 and cos.item() > 0.01
+    assert got["kd"] == pytest.approx(kd.item(), rel=1e-4) and got["mlm"] == pytest.approx(mlm.item(), rel=1e-5)
+    assert got["cos"] == pytest.approx(cos.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(5 * kd.item() + 2 * mlm.item() + cos.item(), rel=1e-5)
+
+
+def tok_size(loaded) -> int:
+    return loaded.config.vocab_size
+
+
 def test_tokenizer_and_shape_checks(tiny_teacher, tmp_path):
     from conftest import make_tiny_encoder
     from llmlab.tokenizer.wordpiece import WordPiece
