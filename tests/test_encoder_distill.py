@@ -233,7 +233,9 @@ def test_help_gives_every_flag_a_default(capsys):
 README_LINES = [["--eval-queries", "100", "--threads", "1"],
                 ["--loss", "embed", "--eval-queries", "100", "--out", "runs/embed-distill-embed", "--threads", "1"],
                 ["--loss", "distilbert", "--eval-queries", "100", "--out", "runs/embed-distill-distilbert", "--threads",
-                 "1"]]
+                 "1"],
+                ["--layers", "0,2,4", "--loss", "embed", "--eval-queries", "100", "--out", "runs/embed-distill-024",
+                 "--threads", "1"]]
 
 
 def test_readme_embed_distill_lines_are_these():
@@ -266,7 +268,7 @@ def test_readme_embed_distill_losses_run_as_written(tiny_encoder, tmp_path, caps
                               "1", "--no-progress")
     assert code == 0, err[-2000:]
     s = json.loads((out / "summary.json").read_text())
-    assert s["loss"] == args[1] and s["steps"] == 2 and "| student after | 1 x 32 |" in stdout
+    assert s["loss"] == args[args.index("--loss") + 1] and s["steps"] == 2 and "| student after | 1 x 32 |" in stdout
     assert [r["name"] for r in s["report"]] == ["teacher " + tiny_encoder, "student before", "student after"]
     assert s["report"][0]["cosine_to_teacher"] is None and -1 <= s["report"][2]["cosine_to_teacher"] <= 1
     enc = load(str(out / "model"))
