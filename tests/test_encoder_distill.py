@@ -142,7 +142,7 @@ def test_distilbert_triple_loss_as_distilberts_code(tiny_teacher):
     got = task.aux_stats()
     ids, mask = tokenize_batch(tok, epoch_rows(task.texts["train"], task.seed, "train", 0, 0, 4, 4), 16)
     special = (tok.vocab["[CLS]"], tok.vocab["[SEP]"], tok.vocab["[PAD]"])
-    inputs, labels = mask_tokens(ids, mask_id=tok.vocab["[MASK]"], vocab_size=tok_size(tiny_teacher),
+    inputs, labels = mask_tokens(ids, mask_id=tok.vocab["[MASK]"], vocab_size=tiny_teacher.config.vocab_size,
                                  generator=torch.Generator().manual_seed(task.seed * 7919), protect=special)
     with torch.no_grad():
         hs, ht = task.model.bert(inputs, mask), tiny_teacher.model(inputs, mask)  # (B, T, D) each
@@ -156,10 +156,6 @@ def test_distilbert_triple_loss_as_distilberts_code(tiny_teacher):
     assert got["kd"] == pytest.approx(kd.item(), rel=1e-4) and got["mlm"] == pytest.approx(mlm.item(), rel=1e-5)
     assert got["cos"] == pytest.approx(cos.item(), rel=1e-5)
     assert loss.item() == pytest.approx(5 * kd.item() + 2 * mlm.item() + cos.item(), rel=1e-5)
-
-
-def tok_size(loaded) -> int:
-    return loaded.config.vocab_size
 
 
 def test_tokenizer_and_shape_checks(tiny_teacher, tmp_path):
@@ -205,6 +201,7 @@ def _main(capsys, *args) -> tuple[int, str, str]:
     (["--temperature", "0"], "--temperature must be a positive number"),
     (["--cos-weight", "-1"], "--cos-weight must be a number >= 0"),
     (["--eval-queries", "-1"], "--eval-queries must be >= 0"),
+    (["--activation-checkpointing"], "drop --activation-checkpointing"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_encoder, tmp_path, capsys, args, message):
     code, _, err = _main(capsys, "--teacher", tiny_encoder, "--layers", "0", *args, "--out", str(tmp_path / "run"))

@@ -341,6 +341,9 @@ def build_task(cfg: EncoderDistillConfig, tcfg: TrainConfig, teacher: Loaded, st
                           "whose learned projections map a narrower student to the teacher's width")
     layer_map = []
     if cfg.loss == "tinybert":
+        if tcfg.activation_checkpointing:  # the recomputed forward would record every block's scores twice
+            raise LlmlabError("--loss tinybert records attention scores in the forward pass: drop "
+                              "--activation-checkpointing (a 3-block student needs little memory)")
         if s.n_heads != t.n_heads:
             raise LlmlabError(f"--loss tinybert matches attention per head: the student has {s.n_heads} heads, the "
                               f"teacher {t.n_heads}; give the student {t.n_heads} heads")
