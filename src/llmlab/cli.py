@@ -775,6 +775,43 @@ def cmd_embed_eval(args) -> int:
     return 0
 
 
+def cmd_embed_distill(args) -> int:
+    import torch
+
+    from llmlab.common import LlmlabError
+    from llmlab.dataclass_io import from_args
+    from llmlab.eval.retrieval import check_set, evaluate_embeddings
+    from llmlab.infer.embed import embed_texts
+    from llmlab.text.retrieval_set import builtin_test_set
+    from llmlab.train.encoder_distill import (
+        EncoderDistillConfig,
+        EncoderDistillTrainConfig,
+        report_table,
+        run_encoder_distill,
+    )
+
+    cfg = from_args(EncoderDistillConfig, args)
+    if args.eval_queries < 0:
+        raise LlmlabError(f"--eval-queries must be >= 0 (0 = the whole test set), got {args.eval_queries}")
+    rset = builtin_test_set()
+    check_set(rset)
+    if args.eval_queries:  # a small budget: the first N test queries, their documents and N others
+        from llmlab.eval.retrieval import limit_set
+
+        rset = limit_set(rset, args.eval_queries)
+
+    def score(model, tokenizer):
+        q = embed_texts(model, tokenizer, list(rset.queries.values()), max_tokens=cfg.max_tokens)
+        d = embed_texts(model, tokenizer, list(rset.corpus.values()), max_tokens=cfg.max_tokens)
+        return evaluate_embeddings(q, d, rset), torch.cat([q, d])
+
+    s = run_encoder_distill(cfg, from_args(EncoderDistillTrainConfig, args), score)
+    print(f"built-in test set: {len(rset.queries)} queries, {len(rset.corpus)} documents")
+    print(report_table(s["report"]))
+    print(f"llmlab: {s['stopped']} at step {s['steps']}; run folder {args.out} (summary.md)", file=sys.stderr)
+    return 130 if s["stopped"] == "interrupted" else 0
+
+
 def cmd_index_build(args) -> int:
     from llmlab.dataclass_io import from_args
     from llmlab.infer.index import IndexConfig, VectorStore, add_files, open_encoder, parse_meta
@@ -1807,15 +1844,29 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     e_eval.add_argument("--max-tokens", type=int, default=64, help="tokens per text (default: 64)")
     e_eval.add_argument("--json", action="store_true", help="print JSON (default: off)")
     e_eval.set_defaults(func=cmd_embed_eval)
-    for e in (e_train, e_eval):
+    e_distill = esub.add_parser("distill", help="distil the encoder into a smaller one (TinyBERT, DistilBERT's "
+                                                "triple loss, or sentence-embedding cosine); score teacher and student",
+                                description="Encoder distillation. With no flags: a 3-block student made of "
+                                            "all-MiniLM-L6-v2's blocks 0, 3, 5 learns from the 6-block model by "
+                                            "TinyBERT's losses on the built-in train texts; the teacher and the "
+                                            "student before and after are scored on the built-in test set "
+                                            "(nDCG@10, cosine to the teacher's embeddings, sentences/s).")
+    e_distill.add_argument("--eval-queries", type=int, default=0,
+                           help="score on the first N test queries, their documents and N others; 0 = the whole "
+                                "built-in test set (default: 0)")
+    e_distill.set_defaults(func=cmd_embed_distill)
+    for e in (e_train, e_eval, e_distill):
         e.add_argument("--threads", type=_threads, default=0, metavar="N",
                        help="CPU threads for PyTorch; 0 = one per physical core (default: 0)")
     if wanted("embed"):
         from llmlab.dataclass_io import add_flags
         from llmlab.train.contrastive import EmbedConfig, EmbedTrainConfig
+        from llmlab.train.encoder_distill import EncoderDistillConfig, EncoderDistillTrainConfig
 
         add_flags(e_train, EmbedConfig)
         add_flags(e_train, EmbedTrainConfig)
+        add_flags(e_distill, EncoderDistillConfig)
+        add_flags(e_distill, EncoderDistillTrainConfig)
 
     s = sub.add_parser("index", help="a persistent vector store: build, add, delete, info, query (dense, BM25, hybrid)",
                        description="A folder holding documents, chunks and BM25 postings in SQLite and their "

@@ -14,26 +14,19 @@ computes. Tested equal to transformers' ``output_attentions`` (eager attention) 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 from llmlab.common import LlmlabError, save_png
-from llmlab.nn.attention import Attention, build_mask
-from llmlab.nn.rope import apply_rope
+from llmlab.nn.attention import Attention, attention_scores, build_mask
 
 
 def attention_probs(attn: Attention, x: torch.Tensor, rope=None, key_mask: torch.Tensor | None = None
                     ) -> torch.Tensor:
     """The probabilities ``attn`` applies to its input x (B, T, dim), no KV cache: (B, H, T, T), float32."""
-    B, T, _ = x.shape
-    q = attn.q_proj(x).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, H, T, D)
-    k = attn.k_proj(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-    if rope is not None:
-        q, k = apply_rope(q, k, *rope)
-    k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)  # (B, H, T, D): GQA groups
-    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(attn.head_dim)  # (B, H, T, T)
+    T = x.shape[1]
+    scores = attention_scores(attn, x, rope)  # (B, H, T, T)
     mask = build_mask(T, T, 0, attn.causal, key_mask, x.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))

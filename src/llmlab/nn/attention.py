@@ -166,3 +166,17 @@ class Attention(nn.Module):
         if self.causal and key_mask is None and start == 0 and S == T:
             return "sdpa-causal"
         return "sdpa-mask"
+
+
+def attention_scores(attn: Attention, x: torch.Tensor, rope=None) -> torch.Tensor:
+    """The unnormalised scores q k^T / sqrt(D) that ``attn`` forms from its input x (B, T, dim), no KV cache and
+    no mask, float32, (B, H, T, T); each grouped key/value head is shared by its query heads (GQA). With autograd:
+    the attention maps (``eval/attention_maps.py``) and TinyBERT's attention loss (``train/encoder_distill.py``)
+    both start here."""
+    B, T, _ = x.shape
+    q = attn.q_proj(x).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, H, T, D)
+    k = attn.k_proj(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+    if rope is not None:
+        q, k = apply_rope(q, k, *rope)
+    k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)  # (B, H, T, D): GQA groups
+    return (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(attn.head_dim)  # (B, H, T, T)

@@ -125,6 +125,17 @@ def read_pairs(path: str) -> list[Pair]:
     return pairs
 
 
+def epoch_rows(pool: list, seed: int, split: str, step: int, first_row: int, rows: int, total_rows: int) -> list:
+    """Rows [step * total_rows + first_row, ... + rows) of ``pool`` shuffled once per epoch by (seed, epoch,
+    split): a batch is a function of (seed, step), so a resumed run sees the same batches."""
+    out = []
+    for r in range(step * total_rows + first_row, step * total_rows + first_row + rows):
+        epoch, i = divmod(r, len(pool))
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + (split == "val") * 10**9)
+        out.append(pool[int(torch.randperm(len(pool), generator=g)[i])])
+    return out
+
+
 class PairTask:
     """(query, document) pairs -> MNRL or Matryoshka loss on the encoder's pooled embeddings. The pairs of a step
     are rows [step * batch, (step + 1) * batch) of the split's pairs shuffled once per epoch by (seed, epoch)."""
@@ -142,12 +153,7 @@ class PairTask:
             check_texts([p.document for p in rows], "document")
 
     def rows(self, split: str, step: int, first_row: int, rows: int, total_rows: int) -> list[Pair]:
-        pool, out = self.pairs[split], []
-        for r in range(step * total_rows + first_row, step * total_rows + first_row + rows):
-            epoch, i = divmod(r, len(pool))
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + (split == "val") * 10**9)
-            out.append(pool[int(torch.randperm(len(pool), generator=g)[i])])
-        return out
+        return epoch_rows(self.pairs[split], self.seed, split, step, first_row, rows, total_rows)
 
     def loss(self, model, step, first_row, rows, total_rows, split="train"):
         batch = self.rows(split, step, first_row, rows, total_rows)

@@ -148,11 +148,12 @@ def check_same_tokenizer(teacher: Loaded, student: Loaded, shards_tok=None) -> N
 
 
 class HiddenStates:
-    """Forward hooks that keep the embedding output and every block's output of a decoder, (B, T, D) each."""
+    """Forward hooks that keep the embedding output and every block's output of a decoder (or of ``modules``, e.g.
+    a BERT's ``embed_norm`` and blocks), (B, T, D) each."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, modules: list[nn.Module] | None = None):
         self.states: list[torch.Tensor] = []
-        mods = [model.embed_tokens, *model.layers]
+        mods = [model.embed_tokens, *model.layers] if modules is None else modules
         self._hooks = [m.register_forward_hook(lambda _m, _i, out: self.states.append(out)) for m in mods]
 
     def take(self) -> list[torch.Tensor]:
@@ -374,7 +375,8 @@ def run_distill(cfg: DistillConfig, tcfg: DistillTrainConfig) -> dict:
     t0 = time.perf_counter()
     teacher = load_model(cfg.teacher)
     if not teacher.config.is_causal:
-        raise LlmlabError(f"teacher {cfg.teacher}: distillation here needs a causal language model")
+        raise LlmlabError(f"teacher {cfg.teacher}: distillation here needs a causal language model; for an encoder "
+                          "(BERT) teacher use 'llmlab embed distill --teacher ...'")
     student = load_student(cfg.student, teacher, tcfg.seed)
     check_same_tokenizer(teacher, student)
     shards = open_shards(cfg.data, teacher)

@@ -14,7 +14,12 @@ hidden-state matching term, as plain formulas (``train/distill.py`` runs them).
   ``JSD(beta) = beta KL(p_T || M) + (1 - beta) KL(p_S || M)``; beta = 0 is forward KL, beta = 1 reverse KL
   (the two ends are taken as those KLs exactly, as TRL does).
 - Hidden-state matching with a learned projection (TinyBERT, Jiao et al. 2020, arXiv:1909.10351, eq. 7):
-  ``MSE(h_S W, h_T)``; here divided by the teacher layer's mean square (see ``hidden_mse``).
+  ``MSE(h_S W, h_T)``; here divided by the teacher layer's mean square (see ``hidden_mse``); and TinyBERT's
+  attention loss (eq. 6): ``1/h sum_i MSE(A_i^S, A_i^T)`` over the h heads' unnormalised scores ``A = Q K^T /
+  sqrt(d)`` (``attention_mse``).
+- DistilBERT's cosine embedding loss (Sanh, Debut, Chaumond, Wolf 2019, arXiv:1910.01108, section 3): ``L_cos =
+  mean_n (1 - cos(h_S^n, h_T^n))``, aligning the directions of the student's and teacher's hidden states
+  (``cosine_embedding``; torch's ``F.cosine_embedding_loss`` with target +1).
 
 ``F.kl_div(input, target)`` takes the *log-probabilities of the second argument of KL* as ``input``: KL(P || Q)
 is ``kl_div(log Q, log P, log_target=True)``; every sum below is written out with the same order.
@@ -96,3 +101,26 @@ def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     """TinyBERT's uniform mapping g(m) = m L_T / L_S, rounded, for m = 0 (embeddings) .. L_S (the last block):
     the student's output after block m is matched to the teacher's after block g(m)."""
     return [round(m * teacher_layers / student_layers) for m in range(student_layers + 1)]
+
+
+def cosine_embedding(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """DistilBERT's L_cos = mean_n (1 - cos(s_n, t_n)) over the rows of student, teacher (N, D); the same as
+    ``F.cosine_embedding_loss(s, t, ones(N))``. Used on token states and on pooled sentence embeddings."""
+    return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-8)).mean()
+
+
+def attention_mse(student_scores: torch.Tensor, teacher_scores: torch.Tensor,
+                  key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """TinyBERT's attention loss 1/h sum_i MSE(A_i^S, A_i^T) on unnormalised scores (B, H, T, T): the mean
+    squared difference over every entry, which is the mean over heads of each head's MSE. Padding keys
+    (``key_mask`` (B, T), 0 = padding) count as 0 in both, as in the authors' code (which zeroes the scores that
+    the additive -10000 mask pushed below -100) and are kept in the mean's count."""
+    if student_scores.shape != teacher_scores.shape:
+        raise LlmlabError(f"attention scores of shape {tuple(student_scores.shape)} (student) and "
+                          f"{tuple(teacher_scores.shape)} (teacher): TinyBERT's attention loss needs the same "
+                          "number of heads")
+    s, t = student_scores.float(), teacher_scores.float()
+    if key_mask is not None:
+        keep = key_mask[:, None, None, :].bool()  # (B, 1, 1, T)
+        s, t = s.masked_fill(~keep, 0.0), t.masked_fill(~keep, 0.0)
+    return F.mse_loss(s, t)
