@@ -25,7 +25,8 @@ The teacher sees ``--shots`` demonstrations (other training questions with their
 turns) before q and answers greedily; the pair (q alone, the teacher's reply) teaches the student zero-shot what
 the teacher does with the context in front of it: sequence-level distillation (Kim & Rush 2016,
 arXiv:1606.07947), the teacher's argmax sequence standing in for its distribution. By default every reply is
-kept (``--keep all``: the teacher's behaviour, right or wrong); ``--keep verified`` keeps the correct ones.
+kept (``--keep all``: the teacher's behaviour, right or wrong, an empty one included); ``--keep verified`` keeps
+the correct ones.
 
 The output (``--out``, written atomically) is JSONL in the ``messages`` format ``llmlab sft`` reads, one record
 per kept reply: ``{"messages": [user q, assistant reply], "task", "answer", "verified", "teacher", "mode"}``.
@@ -178,7 +179,7 @@ def records(task: VerifiableTask, questions: list[Example], replies: list[list[s
         counts["verified"] += sum(oks)
         counts["questions_verified"] += any(oks)
         for r, ok in zip(rs, oks):
-            if (keep == "all" or ok) and r and (q.prompt, r) not in seen:
+            if (keep == "all" or ok) and (q.prompt, r) not in seen:  # all: an empty reply (the turn ended) too
                 seen.add((q.prompt, r))
                 out.append({"messages": [{"role": "user", "content": q.prompt}, {"role": "assistant", "content": r}],
                             "task": task.name, "answer": q.answer, "verified": ok, "teacher": teacher, "mode": mode})
