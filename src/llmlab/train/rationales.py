@@ -74,9 +74,9 @@ class RationalesConfig:
     temperature: float = field(default=0.7, metadata={"help": "cot: sampling temperature of the rationales"})
     max_tokens: int = field(default=96, metadata={"help": "cot: new tokens per rationale; icl: per reply"})
     shots: int = field(default=4, metadata={"help": "icl: demonstrations before each question"})
-    keep: str = field(default="", metadata={
-        "help": "which replies become training records: verified (the answer checks out) or all; empty = "
-                "verified for cot, all for icl", "choices": ("", *KEEP)})
+    keep: str = field(default="auto", metadata={
+        "help": "which replies become training records: verified (the answer checks out) or all; auto = "
+                "verified for cot, all for icl", "choices": ("auto", *KEEP)})
     student: str = field(default="", metadata={
         "help": "the student the data is for (a model folder or preset); checked to share the teacher's "
                 "tokenizer; empty = no check"})
@@ -88,7 +88,7 @@ class RationalesConfig:
         if self.mode not in MODES:
             raise LlmlabError(f"--mode {self.mode!r}: use one of {', '.join(MODES)}")
         get_task(self.task)
-        if self.keep not in ("", *KEEP):
+        if self.keep not in ("auto", *KEEP):
             raise LlmlabError(f"--keep {self.keep!r}: use one of {', '.join(KEEP)}")
         for name in ("examples", "k", "max_tokens", "batch_size"):
             if getattr(self, name) < 1:
@@ -107,7 +107,7 @@ class RationalesConfig:
 
     @property
     def kept(self) -> str:
-        return self.keep or ("verified" if self.mode == "cot" else "all")
+        return self.keep if self.keep != "auto" else ("verified" if self.mode == "cot" else "all")
 
 
 def teacher_question(prompt: str) -> str:
