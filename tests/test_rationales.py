@@ -199,7 +199,7 @@ SFT = ("llmlab sft --model runs/cot-student/model --method full --steps 24 --lr 
        "--eval-examples 0 --eval-every 0 --save-every 0 --no-progress --no-resume")
 README_LINES = [
     "llmlab distill --loss ce --steps 8 --warmup 2 --save-every 0 --out runs/cot-student",
-    "llmlab data rationales --examples 16 --k 2 --max-tokens 64 --out data/cot-smollm2.jsonl",
+    "llmlab data rationales --examples 8 --k 2 --max-tokens 48 --out data/cot-smollm2.jsonl",
     "llmlab data rationales --teacher tool --examples 64 --out data/cot-tool.jsonl",
     "llmlab data rationales --mode icl --examples 64 --batch-size 8 --out data/icl.jsonl",
     f"{SFT} --task letter_count --task-examples 64 --out runs/cotd-a",
