@@ -482,6 +482,17 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+def cmd_data_rationales(args) -> int:
+    from llmlab.dataclass_io import from_args
+    from llmlab.train.rationales import RationalesConfig, run_rationales
+
+    c = run_rationales(from_args(RationalesConfig, args))
+    print(f"{c['verified']} of {c['replies']} teacher replies verify ({c['questions_verified']} of {c['questions']} "
+          f"questions have one); {c['kept']} records kept ({c['keep']})")
+    print(f"llmlab: wrote {c['out']} in {c['seconds']:.0f} s", file=sys.stderr)
+    return 0
+
+
 def cmd_pretrain(args) -> int:
     from llmlab.dataclass_io import from_args
     from llmlab.train.loop import TrainConfig
@@ -1488,6 +1499,19 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
 
         add_flags(d, PrepareConfig)
     d.set_defaults(func=cmd_data_prepare)
+    d = dsub.add_parser("rationales", help="a teacher's chain-of-thought rationales (filtered by the verified answer) "
+                                           "or few-shot answers on a built-in task, as JSONL for llmlab sft",
+                        description="Distillation data (Fine-tune-CoT; in-context-learning distillation). With no "
+                                    "flags: SmolLM2-135M-Instruct writes 4 sampled 'Let's think step by step' "
+                                    "rationales for each of 32 letter_count training questions; those whose answer "
+                                    "verifies go to data/rationales.jsonl. Train a student on it with 'llmlab sft "
+                                    "--model STUDENT --method full data/rationales.jsonl'.")
+    if wanted("data"):
+        from llmlab.dataclass_io import add_flags
+        from llmlab.train.rationales import RationalesConfig
+
+        add_flags(d, RationalesConfig)
+    d.set_defaults(func=cmd_data_rationales)
 
     s = sub.add_parser("pretrain", help="pretrain a model from scratch (clm: llama/gpt2, mlm: bert); torchrun-ready",
                        description="Pretrain from scratch. Under 'torchrun --nproc-per-node N -m llmlab pretrain' "
