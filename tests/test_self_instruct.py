@@ -86,19 +86,19 @@ def test_novelty_equals_rouge_score():
     rng = random.Random(0)
     pool_texts = [t.instruction for t in read_seed_tasks()]
     candidates = []
-    for text in pool_texts:  # near copies (over and under 0.7) and unrelated mixes
+    for text in pool_texts * 3:  # 1 to 4 edits of a pool instruction: ROUGE-L spread around 0.7; and unrelated mixes
         words = text.split()
-        edit = rng.choice(["drop", "swap", "add", "mix"])
-        if edit == "drop" and len(words) > 4:
-            del words[rng.randrange(len(words))]
-        elif edit == "swap":
-            i = rng.randrange(len(words) - 1)
-            words[i], words[i + 1] = words[i + 1], words[i]
-        elif edit == "add":
-            words[rng.randrange(len(words)):0] = rng.sample(["quickly", "the", "new", "please", "in", "short"], 2)
-        else:
-            words = rng.sample(words + rng.choice(pool_texts).split(), min(8, len(words)))
+        for _ in range(rng.randint(1, 4)):
+            edit = rng.choice(["drop", "swap", "add"])
+            if edit == "drop" and len(words) > 4:
+                del words[rng.randrange(len(words))]
+            elif edit == "swap":
+                i = rng.randrange(len(words) - 1)
+                words[i], words[i + 1] = words[i + 1], words[i]
+            else:
+                words[rng.randrange(len(words)):0] = [rng.choice(["quickly", "the", "new", "please", "short"])]
         candidates.append(" ".join(words))
+        candidates.append(" ".join(rng.sample(text.split() + rng.choice(pool_texts).split(), 8)))
     pool = NoveltyPool(pool_texts)
     novel = 0
     for c in candidates:
@@ -213,17 +213,8 @@ def test_cli_end_to_end_tiny(tiny_chat, tiny_reward, tmp_path):
                 "--max-new-tokens", "8", "--in-flight", "2", "--out", str(tmp_path / "si.jsonl"), "--no-progress",
                 cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert "no example passed the filters" in r.stderr and "unparsable" in r.stderr
-    assert not (tmp_path / "si.jsonl").exists()
-    # bad input, before any model loads
-    (tmp_path / "seeds.jsonl").write_text('{"instruction": "Say hi.", "instances": [{"input": "", "output": "hi"}]}\n'
-                                          '{"instruction": 3}\n')
-    (tmp_path / "exists.jsonl").write_text("")
-    for args, message in [(("--seeds", str(tmp_path / "seeds.jsonl")), "seeds.jsonl:2: 'instruction' is missing"),
-                          (("--out", str(tmp_path / "exists.jsonl")), "exists.jsonl already exists: pass --force"),
-                          (("--examples", "0"), "--examples must be >= 1")]:
-        r = run_cli("self-instruct", *args, cwd=tmp_path)
-        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "no example passed the filters: 0 kept of 3 candidates from 3 completions" in r.stderr
+    assert "unparsable 3" in r.stderr and not (tmp_path / "si.jsonl").exists()
     # preferences: prompts from a TRL file, k replies each ranked by a (random-head) reward model
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ("What is 2 + 2?", "Name a colour.")) + "\n")
@@ -234,13 +225,31 @@ def test_cli_end_to_end_tiny(tiny_chat, tiny_reward, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and all(x["score_chosen"] > x["score_rejected"] for x in rows)
     assert len(read_preferences([str(out)])) == 2  # what llmlab dpo reads
-    for args, message in [(("--k", "1"), "--k 1: a pair needs at least 2 samples"),
-                          (("--out", str(out)), "prefs.jsonl already exists: pass --force"),
-                          ((str(prompts), "--out", str(tmp_path / "x.jsonl")), "prompts from files have no verifier"),
-                          ((str(tmp_path / "seeds.jsonl"), "--reward-model", str(tiny_reward), "--out",
-                            str(tmp_path / "x.jsonl")), "seeds.jsonl:1: no 'prompt'")]:
-        r = run_cli("preferences", *args, cwd=tmp_path)
-        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    """Each problem is one line and exit 2, found before any model loads (in-process: no torch start-up per case)."""
+    from llmlab.cli import main
+
+    (tmp_path / "seeds.jsonl").write_text('{"instruction": "Say hi.", "instances": [{"input": "", "output": "hi"}]}\n'
+                                          '{"instruction": 3}\n')
+    (tmp_path / "exists.jsonl").write_text("")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "Hi?"}\n')
+    missing = str(tmp_path / "x.jsonl")
+    for args, message in [
+            (("self-instruct", "--seeds", str(tmp_path / "seeds.jsonl"), "--out", missing),
+             "seeds.jsonl:2: 'instruction' is missing"),
+            (("self-instruct", "--out", str(tmp_path / "exists.jsonl")), "exists.jsonl already exists: pass --force"),
+            (("self-instruct", "--examples", "0", "--out", missing), "--examples must be >= 1"),
+            (("preferences", "--k", "1"), "--k 1: a pair needs at least 2 samples"),
+            (("preferences", "--out", str(tmp_path / "exists.jsonl")), "exists.jsonl already exists: pass --force"),
+            (("preferences", str(tmp_path / "prompts.jsonl"), "--out", missing), "prompts from files have no verifier"),
+            (("preferences", str(tmp_path / "seeds.jsonl"), "--reward-model", "rm", "--out", missing),
+             "seeds.jsonl:1: no 'prompt'")]:
+        assert main(["data", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not Path(missing).exists()
 
 
 def test_readme_commands_parse():
