@@ -4,6 +4,8 @@ files, verifier ranking, and both commands end to end in a subprocess on a tiny 
 
 import json
 import random
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -191,8 +193,6 @@ def test_verifier_ranks_chosen_over_rejected(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_reward(tiny_chat, tmp_path_factory):
     """The tiny chat model as an 'llmlab reward run': its folder plus a random score head."""
-    import shutil
-
     import torch
 
     from llmlab.formats import safetensors
@@ -207,21 +207,34 @@ def tiny_reward(tiny_chat, tmp_path_factory):
     return folder
 
 
-def test_cli_end_to_end_tiny(tiny_chat, tiny_reward, tmp_path):
+def readme_lines() -> list[str]:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    return [line.split(" #")[0] for line in readme.splitlines()
+            if line.startswith(("llmlab data self-instruct", "llmlab data preferences"))]
+
+
+def test_cli_end_to_end_tiny_readme_lines(tiny_chat, tiny_reward, tmp_path):
+    """The README's three data lines as written, in a subprocess, on the tiny random chat model (budget flags
+    appended): every completion counted, nothing written when nothing passes; pairs ranked by a reward model."""
+    lines = readme_lines()
+    assert [shlex.split(x)[2] for x in lines] == ["self-instruct", "preferences", "preferences"]
+    tiny = ["--model", str(tiny_chat)]
     # self-instruct: a random model writes nothing parsable; every completion is counted, nothing written
-    r = run_cli("self-instruct", "--model", str(tiny_chat), "--examples", "2", "--max-prompts", "3",
-                "--max-new-tokens", "8", "--in-flight", "2", "--out", str(tmp_path / "si.jsonl"), "--no-progress",
-                cwd=tmp_path)
+    r = run_cli(*shlex.split(lines[0])[2:], *tiny, "--examples", "2", "--max-prompts", "3", "--max-new-tokens", "8",
+                "--in-flight", "2", "--no-progress", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "no example passed the filters: 0 kept of 3 candidates from 3 completions" in r.stderr
-    assert "unparsable 3" in r.stderr and not (tmp_path / "si.jsonl").exists()
-    # preferences: prompts from a TRL file, k replies each ranked by a (random-head) reward model
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ("What is 2 + 2?", "Name a colour.")) + "\n")
-    out = tmp_path / "prefs.jsonl"
-    r = run_cli("preferences", str(prompts), "--model", str(tiny_chat), "--reward-model", str(tiny_reward), "--k", "3",
-                "--max-new-tokens", "6", "--out", str(out), cwd=tmp_path)
+    assert "unparsable 3" in r.stderr and not list(tmp_path.glob("data/*.jsonl"))
+    # preferences with the verifier: the random model is never right, so every prompt is a tie and no file
+    r = run_cli(*shlex.split(lines[1])[2:], *tiny, "--prompts", "2", "--max-new-tokens", "4", cwd=tmp_path)
+    assert r.returncode == 2 and "no pairs: 0 pairs from 2 prompts x 4 samples; 2 prompts without a pair" in r.stderr
+    # preferences from a TRL prompt file, k replies each ranked by a (random-head) reward model
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in ("What is 2 + 2?",
+                                                                                          "Name a colour.")) + "\n")
+    shutil.copytree(tiny_reward, tmp_path / "runs" / "reward")
+    r = run_cli(*shlex.split(lines[2])[2:], *tiny, "--max-new-tokens", "6", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    out = next(tmp_path.glob("data/*.jsonl"))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and all(x["score_chosen"] > x["score_rejected"] for x in rows)
     assert len(read_preferences([str(out)])) == 2  # what llmlab dpo reads
@@ -250,11 +263,3 @@ def test_cli_bad_input(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (args, err)
     assert not Path(missing).exists()
-
-
-def test_readme_commands_parse():
-    """The README's data commands are valid command lines (run for real, with a budget, in the two tests above)."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    lines = [line for line in readme.splitlines() if line.startswith(("llmlab data self-instruct",
-                                                                       "llmlab data preferences"))]
-    assert len(lines) >= 2

@@ -513,8 +513,12 @@ def cmd_data_self_instruct(args) -> int:
     cfg = from_args(SelfInstructConfig, args).validate()
     seeds = read_seed_tasks(cfg.seeds or None)
     llm, completer = _text_completer(args, cfg.max_new_tokens)
+    def show(n: int, stats) -> None:
+        bar.set_postfix(completions=stats.prompts, candidates=stats.candidates, refresh=False)
+        bar.update(n - bar.n)
+
     with tqdm(total=cfg.examples, desc="self-instruct", unit="ex", disable=not args.progress, file=sys.stderr) as bar:
-        kept, stats = self_instruct(cfg, completer, seeds, on_kept=lambda n: bar.update(1))
+        kept, stats = self_instruct(cfg, completer, seeds, on_update=show)
     if not kept:
         raise LlmlabError(f"no example passed the filters: {stats.summary()}; raise --max-minutes or "
                           "--max-new-tokens, or use a larger --model")

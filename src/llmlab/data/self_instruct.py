@@ -308,10 +308,11 @@ def judge(task: Task, pool: NoveltyPool) -> str | None:
 
 
 def self_instruct(cfg: SelfInstructConfig, completer: Completer, seeds: list[Task],
-                  on_kept: Callable[[int], None] | None = None) -> tuple[list[Task], SelfInstructStats]:
+                  on_update: Callable[[int, SelfInstructStats], None] | None = None
+                  ) -> tuple[list[Task], SelfInstructStats]:
     """Keep ``cfg.in_flight`` prompts generating; as each completion ends, parse, filter and pool its tasks and
     submit a fresh prompt built from the current pool; stop at ``cfg.examples`` kept, ``cfg.max_minutes`` or
-    ``cfg.max_prompts`` completions."""
+    ``cfg.max_prompts`` completions. ``on_update(kept, stats)`` runs after each completion (a progress bar)."""
     if len(seeds) < cfg.num_prompt_instructions:
         raise LlmlabError(f"{len(seeds)} seed tasks for --num-prompt-instructions {cfg.num_prompt_instructions}: "
                           "give more seed tasks or lower it")
@@ -349,8 +350,8 @@ def self_instruct(cfg: SelfInstructConfig, completer: Completer, seeds: list[Tas
                 elif len(kept) < cfg.examples:
                     kept.append(task)
                     pool.add(task.instruction)
-                    if on_kept:
-                        on_kept(len(kept))
+            if on_update:
+                on_update(len(kept), stats)
     stats.kept = len(kept)
     stats.stopped = ("examples" if len(kept) >= cfg.examples else "prompts" if stats.prompts >= budget else "time")
     stats.seconds, stats.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu0
