@@ -138,12 +138,13 @@ def test_seed_tasks_and_bad_seed_files(tmp_path):
         assert instruction_filter(t.instruction) is None and instance_filter(t) is None, t
     good = json.dumps({"instruction": "Say hi.", "instances": [{"input": "", "output": "hi"}]})
     for lines, message in [([good, "{not json"], "bad.jsonl:2: not JSON"),
+                           ([good, json.dumps({"instruction": "Say hi."})], "bad.jsonl:2: missing field 'instances'"),
                            ([good, "", json.dumps({"instruction": "x", "instances": [{"input": ""}]})],
                             "bad.jsonl:3: 'instances[0].output' is missing or empty"),
-                           ([json.dumps({"instances": []})], "bad.jsonl:1: 'instruction' is missing"),
-                           ([json.dumps({"instruction": "x", "instances": []})], "bad.jsonl:1: 'instances' is missing"),
+                           ([json.dumps({"instruction": "", "instances": []})], "bad.jsonl:1: 'instruction' is not"),
+                           ([json.dumps({"instruction": "x", "instances": []})], "bad.jsonl:1: 'instances' is not"),
                            ([json.dumps([1])], "bad.jsonl:1: expected a JSON object"),
-                           (["", " "], "no seed tasks")]:
+                           (["", " "], "no lines")]:
         (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
         with pytest.raises(LlmlabError, match=message.replace("[", r"\[").replace("]", r"\]")):
             read_seed_tasks(tmp_path / "bad.jsonl")
@@ -251,7 +252,7 @@ def test_cli_bad_input(tmp_path, capsys):
     missing = str(tmp_path / "x.jsonl")
     for args, message in [
             (("self-instruct", "--seeds", str(tmp_path / "seeds.jsonl"), "--out", missing),
-             "seeds.jsonl:2: 'instruction' is missing"),
+             "seeds.jsonl:2: missing field 'instances'"),
             (("self-instruct", "--out", str(tmp_path / "exists.jsonl")), "exists.jsonl already exists: pass --force"),
             (("self-instruct", "--examples", "0", "--out", missing), "--examples must be >= 1"),
             (("preferences", "--k", "1"), "--k 1: a pair needs at least 2 samples"),

@@ -482,8 +482,10 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
-def _text_completer(args, max_tokens: int, max_n: int = 8):
-    """The model of ``args`` on the serving engine, as a ``serve.offline.TextCompleter`` (data commands)."""
+def _text_completer(args, max_tokens: int, max_n: int = 8, ban_stop: bool = False):
+    """The model of ``args`` on the serving engine, as a ``serve.offline.TextCompleter`` (data commands).
+    ``ban_stop``: the end-of-turn / end-of-text ids get a -100 logit bias, so a completion runs to ``max_tokens``
+    (Alpaca's generate_instruction.py does the same for GPT-3's <|endoftext|>)."""
     from llmlab.api import load
     from llmlab.common import LlmlabError
     from llmlab.infer.sample import SamplingParams
@@ -498,7 +500,8 @@ def _text_completer(args, max_tokens: int, max_n: int = 8):
 
         keep_dense_(llm.model, min_rows=16)  # float32 GEMM for batched steps, as llmlab serve does
     engine = Engine(llm.model, EngineConfig(max_num_seqs=64, max_batched_tokens=1024, max_n=max(8, max_n)))
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p)
+    bias = dict.fromkeys(llm.stop_ids(), -100.0) if ban_stop else {}
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, logit_bias=bias)
     return llm, TextCompleter(engine, llm.tokenizer, sampling, max_tokens, llm.stop_ids())
 
 
@@ -512,7 +515,7 @@ def cmd_data_self_instruct(args) -> int:
 
     cfg = from_args(SelfInstructConfig, args).validate()
     seeds = read_seed_tasks(cfg.seeds or None)
-    llm, completer = _text_completer(args, cfg.max_new_tokens)
+    llm, completer = _text_completer(args, cfg.max_new_tokens, ban_stop=True)
     def show(n: int, stats) -> None:
         bar.set_postfix(completions=stats.prompts, candidates=stats.candidates, refresh=False)
         bar.update(n - bar.n)

@@ -107,21 +107,26 @@ def record_to_pair(record, where: str) -> PreferencePair:
     return PreferencePair(prompt_msgs, chosen, rejected, where)
 
 
-def read_preferences(paths: list[str]) -> list[PreferencePair]:
-    """Every record of every file as a PreferencePair; the first bad record stops with ``file:line: problem``."""
+def read_each(paths: list[str], convert, what: str) -> list:
+    """``convert(record, "file:line")`` over every record of every file; the first BadRecord stops with
+    ``file:line: problem``, and no records at all with ``paths: no WHAT``."""
     out = []
     for path in expand_paths(paths):
         for n, record in iter_records(path):
             try:
                 if isinstance(record, BadRecord):
                     raise record
-                out.append(record_to_pair(record, f"{path}:{n}"))
+                out.append(convert(record, f"{path}:{n}"))
             except BadRecord as e:
                 raise LlmlabError(f"{path}:{n}: {e}; fix the record or remove it") from None
     if not out:
-        raise LlmlabError(f"{', '.join(paths)}: no preference records (expected JSON objects with "
-                          f"{', '.join(FIELDS)})")
+        raise LlmlabError(f"{', '.join(paths)}: no {what}")
     return out
+
+
+def read_preferences(paths: list[str]) -> list[PreferencePair]:
+    """Every record of every file as a PreferencePair; the first bad record stops with ``file:line: problem``."""
+    return read_each(paths, record_to_pair, f"preference records (expected JSON objects with {', '.join(FIELDS)})")
 
 
 # ---- pairs from a built-in verifiable task ----------------------------------------------------------------
@@ -258,23 +263,16 @@ def task_prompts(name: str, split: str, n: int, seed: int) -> list[PromptItem]:
             for i, ex in enumerate(get_task(name).examples(split, n, seed))]
 
 
+def _prompt_item(record, where: str) -> PromptItem:
+    if not isinstance(record, dict) or record.get("prompt") is None:
+        raise BadRecord("no 'prompt' (each record needs a prompt: a string or a list of messages)")
+    return PromptItem(prompt_messages(record["prompt"]), None, where)
+
+
 def read_prompts(paths: list[str]) -> list[PromptItem]:
     """The ``prompt`` of every record of TRL-style JSONL files (prompt-only or preference records; other fields are
     ignored); a bad record stops with ``file:line: problem``."""
-    out = []
-    for path in expand_paths(paths):
-        for n, record in iter_records(path):
-            try:
-                if isinstance(record, BadRecord):
-                    raise record
-                if not isinstance(record, dict) or record.get("prompt") is None:
-                    raise BadRecord("no 'prompt' (each record needs a prompt: a string or a list of messages)")
-                out.append(PromptItem(prompt_messages(record["prompt"]), None, f"{path}:{n}"))
-            except BadRecord as e:
-                raise LlmlabError(f"{path}:{n}: {e}; fix the record or remove it") from None
-    if not out:
-        raise LlmlabError(f"{', '.join(paths)}: no prompts (expected JSON objects with a 'prompt')")
-    return out
+    return read_each(paths, _prompt_item, "prompts (expected JSON objects with a 'prompt')")
 
 
 def verifier_scores(name: str):

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from llmlab.common import LlmlabError, atomic_path, read_text_file
+from llmlab.common import LlmlabError, atomic_path, read_jsonl_objects
 from llmlab.text.rouge import f_measure, lcs_length, rouge_tokens
 
 SEEDS = Path(__file__).with_name("self_instruct_seeds.jsonl")
@@ -79,14 +79,12 @@ class Task(NamedTuple):
 
 # ---- seed tasks ----------------------------------------------------------------------------------------------
 
-def _seed_problem(row) -> str | None:
-    if not isinstance(row, dict):
-        return f"expected a JSON object, got a {type(row).__name__}"
-    if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
-        return "'instruction' is missing or not a non-empty string"
-    inst = row.get("instances")
+def _seed_problem(row: dict) -> str | None:
+    if not isinstance(row["instruction"], str) or not row["instruction"].strip():
+        return "'instruction' is not a non-empty string"
+    inst = row["instances"]
     if not isinstance(inst, list) or not inst or not isinstance(inst[0], dict):
-        return "'instances' is missing or not a non-empty list of {input, output} objects"
+        return "'instances' is not a non-empty list of {input, output} objects"
     if not isinstance(inst[0].get("input", ""), str):
         return "'instances[0].input' is not a string (use \"\" for none)"
     if not isinstance(inst[0].get("output"), str) or not inst[0]["output"].strip():
@@ -97,16 +95,9 @@ def _seed_problem(row) -> str | None:
 def read_seed_tasks(path: str | Path | None = None) -> list[Task]:
     """Self-Instruct seed tasks (one JSON object per line) -> Tasks (the first instance of each); a bad line is a
     one-line LlmlabError naming ``path:line``."""
-    path = Path(path) if path is not None else SEEDS
-    raw = read_text_file(path, str(path), "a JSONL file of Self-Instruct seed tasks")
+    path = str(path) if path is not None else str(SEEDS)
     tasks = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlmlabError(f"{path}:{n}: not JSON ({e.msg}); each line is one seed task object") from None
+    for n, row in read_jsonl_objects(path, ("instruction", "instances")):
         problem = _seed_problem(row)
         if problem:
             raise LlmlabError(f"{path}:{n}: {problem}; a seed task is {{\"instruction\", \"instances\": "
@@ -114,8 +105,6 @@ def read_seed_tasks(path: str | Path | None = None) -> list[Task]:
         first = row["instances"][0]
         tasks.append(Task(" ".join(row["instruction"].split()), first.get("input", "").strip(),
                           first["output"].strip()))
-    if not tasks:
-        raise LlmlabError(f"{path}: no seed tasks (give one JSON object per line)")
     return tasks
 
 
