@@ -219,7 +219,7 @@ def test_cli_end_to_end_tiny_readme_lines(tiny_chat, tiny_reward, tmp_path):
     appended): every completion counted, nothing written when nothing passes; pairs ranked by a reward model."""
     lines = readme_lines()
     assert [shlex.split(x)[2] for x in lines] == ["self-instruct", "preferences", "preferences"]
-    tiny = ["--model", str(tiny_chat)]
+    tiny = ["--model", str(tiny_chat), "--threads", "1"]  # one thread: the test machine is shared
     # self-instruct: a random model writes nothing parsable; every completion is counted, nothing written
     r = run_cli(*shlex.split(lines[0])[2:], *tiny, "--examples", "2", "--max-prompts", "3", "--max-new-tokens", "8",
                 "--in-flight", "2", "--no-progress", cwd=tmp_path)
