@@ -128,6 +128,11 @@ def test_prompt_and_parse_round_trip():
     assert bad == 2  # the malformed section and the cut one
     tasks, bad = parse_response(completion.rsplit("###", 1)[0], 2, cut=False)
     assert len(tasks) == 2 and bad == 1
+    # no Input field, numbers that restart: still a task; fields out of order or text before them: not
+    tasks, bad = parse_response(" Name a sour fruit.\n3. Output: lemon\n###\n1. Instruction: Add 2 and 2.\n1. Input:"
+                                "\n2+2\n1. Output: 4\n###\n4. Output: x\n4. Instruction: y\n###\nhi\n5. Instruction:"
+                                " z\n5. Output: w\n", 2, cut=False)
+    assert tasks == [Task("Name a sour fruit.", "", "lemon"), Task("Add 2 and 2.", "2+2", "4")] and bad == 2
 
 
 def test_seed_tasks_and_bad_seed_files(tmp_path):
