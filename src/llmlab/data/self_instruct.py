@@ -19,8 +19,9 @@ generated tasks (Self-Instruct: 6 human + 2 machine of 8; here 2 seeds + 1 gener
 
 **Filters**, in this order; a candidate is counted under the first one that rejects it (``FILTERS``):
 
-- ``unparsable``: a ``###`` section without the three numbered fields, or the last section of a completion cut by
-  the token budget (``finish_reason == "length"``);
+- ``unparsable``: a ``###`` section that is not numbered Instruction, Input, Output fields (Input may be missing),
+  or the last section of a completion cut by the token budget (``finish_reason == "length"``; the end-of-turn ids
+  are banned, as Alpaca bans <|endoftext|>, so every completion runs to the budget);
 - instruction heuristics (section 2.3 and the authors' ``bootstrap_instructions.py``, Alpaca's
   ``generate_instruction.py``): ``too_short`` (<= 3 words), ``too_long`` (> 150 words), ``blacklist`` (a word
   a text model cannot act on: image, graph, picture, file, map, draw, plot, go to, video, audio, music,
