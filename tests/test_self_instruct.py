@@ -269,3 +269,16 @@ def test_cli_bad_input(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (args, err)
     assert not Path(missing).exists()
+
+
+def test_output_is_what_llmlab_sft_reads(tmp_path):
+    from llmlab.data.self_instruct import write_jsonl
+    from llmlab.data.sft import read_conversations
+
+    tasks = [Task("Translate the word into German.", "dog", "Hund"), Task("List two prime numbers.", "", "2 and 3")]
+    write_jsonl(tmp_path / "si.jsonl", [t.record() for t in tasks])
+    convs = read_conversations([str(tmp_path / "si.jsonl")])  # the alpaca format, detected from the keys
+    assert [c.messages for c in convs] == [
+        [{"role": "user", "content": "Translate the word into German.\n\ndog"},
+         {"role": "assistant", "content": "Hund"}],
+        [{"role": "user", "content": "List two prime numbers."}, {"role": "assistant", "content": "2 and 3"}]]
