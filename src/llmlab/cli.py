@@ -493,6 +493,105 @@ def cmd_data_rationales(args) -> int:
     return 0
 
 
+def _text_completer(args, max_tokens: int, max_n: int = 8, ban_stop: bool = False):
+    """The model of ``args`` on the serving engine, as a ``serve.offline.TextCompleter`` (data commands).
+    ``ban_stop``: the end-of-turn / end-of-text ids get a -100 logit bias, so a completion runs to ``max_tokens``
+    (Alpaca's generate_instruction.py does the same for GPT-3's <|endoftext|>)."""
+    from llmlab.api import load
+    from llmlab.common import LlmlabError
+    from llmlab.infer.sample import SamplingParams
+    from llmlab.serve.engine import Engine, EngineConfig
+    from llmlab.serve.offline import TextCompleter
+
+    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed, packed_kernel=args.packed_kernel)
+    if not llm.config.is_causal or llm.tokenizer is None or llm.chat_template is None:
+        raise LlmlabError(f"{args.model}: needs a text-generating chat model with a tokenizer")
+    if args.packed:
+        from llmlab.nn.packed_linear import keep_dense_
+
+        keep_dense_(llm.model, min_rows=16)  # float32 GEMM for batched steps, as llmlab serve does
+    engine = Engine(llm.model, EngineConfig(max_num_seqs=64, max_batched_tokens=1024, max_n=max(8, max_n)))
+    bias = dict.fromkeys(llm.stop_ids(), -100.0) if ban_stop else {}
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, logit_bias=bias)
+    return llm, TextCompleter(engine, llm.tokenizer, sampling, max_tokens, llm.stop_ids())
+
+
+def cmd_data_self_instruct(args) -> int:
+    """Self-Instruct / Alpaca data from seed tasks (data/self_instruct.py) on the engine (serve/offline.py)."""
+    from tqdm import tqdm
+
+    from llmlab.common import LlmlabError
+    from llmlab.data.self_instruct import SelfInstructConfig, read_seed_tasks, self_instruct, write_jsonl
+    from llmlab.dataclass_io import from_args
+
+    cfg = from_args(SelfInstructConfig, args).validate()
+    seeds = read_seed_tasks(cfg.seeds or None)
+    llm, completer = _text_completer(args, cfg.max_new_tokens, ban_stop=True)
+    def show(n: int, stats) -> None:
+        bar.set_postfix(completions=stats.prompts, candidates=stats.candidates, refresh=False)
+        bar.update(n - bar.n)
+
+    with tqdm(total=cfg.examples, desc="self-instruct", unit="ex", disable=not args.progress, file=sys.stderr) as bar:
+        kept, stats = self_instruct(cfg, completer, seeds, on_update=show)
+    if not kept:
+        raise LlmlabError(f"no example passed the filters: {stats.summary()}; raise --max-minutes or "
+                          "--max-new-tokens, or use a larger --model")
+    write_jsonl(cfg.out, [t.record() for t in kept])
+    print(json.dumps({"kept": stats.kept, "candidates": stats.candidates, "completions": stats.prompts,
+                      "tokens": stats.tokens, "rejected": stats.rejected, "seconds": round(stats.seconds, 1),
+                      "cpu_seconds": round(stats.cpu_seconds, 1), "stopped": stats.stopped, "out": cfg.out}))
+    print(f"llmlab: {stats.summary()} -> {cfg.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_data_preferences(args) -> int:
+    """Preference pairs: k sampled replies per prompt ranked by a verifier or a reward model (data/preferences.py)."""
+    from pathlib import Path
+
+    from llmlab.common import LlmlabError
+    from llmlab.data.preferences import (
+        read_prompts,
+        sample_preferences,
+        task_prompts,
+        verifier_scores,
+    )
+    from llmlab.data.self_instruct import write_jsonl
+
+    if args.k < 2:
+        raise LlmlabError(f"--k {args.k}: a pair needs at least 2 samples per prompt (use --k 2 or more)")
+    if args.max_new_tokens < 1 or args.prompts < 1:
+        raise LlmlabError("--max-new-tokens and --prompts must be at least 1")
+    if Path(args.out).exists() and not args.force:
+        raise LlmlabError(f"{args.out} already exists: pass --force to overwrite it, or --out elsewhere")
+    if args.paths and not args.reward_model:
+        raise LlmlabError("prompts from files have no verifier: pass --reward-model RUN (an llmlab reward run), or "
+                          "leave the files out to use --task")
+    items = read_prompts(list(args.paths)) if args.paths else task_prompts(args.task, "train", args.prompts, args.seed)
+    llm, completer = _text_completer(args, args.max_new_tokens, args.k)
+    if args.reward_model:
+        from llmlab.data.sft import tokenize_conversation
+        from llmlab.train.reward import load_reward_model
+
+        rm = load_reward_model(args.reward_model, llm.tokenizer)
+
+        def score(item, replies):
+            return rm([tokenize_conversation(item.prompt + [{"role": "assistant", "content": r}], llm.tokenizer,
+                                             llm.chat_template, item.where).ids for r in replies]).tolist()
+    else:
+        score = verifier_scores(args.task)
+
+    def sample(prompts, k):
+        seeds = [args.seed * 100_003 + i for i in range(len(prompts))]
+        return [c.texts for c in completer.complete([llm.render_chat(p) for p in prompts], k, seeds)]
+
+    records, stats = sample_preferences(items, args.k, sample, score)
+    if not records:
+        raise LlmlabError(f"no pairs: {stats.summary()}; raise --k or --temperature, or use more prompts")
+    write_jsonl(args.out, records)
+    print(f"llmlab: {stats.summary()} -> {args.out} (read by llmlab dpo {args.out})", file=sys.stderr)
+    return 0
+
+
 def cmd_pretrain(args) -> int:
     from llmlab.dataclass_io import from_args
     from llmlab.train.loop import TrainConfig
@@ -1512,6 +1611,39 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
 
         add_flags(d, RationalesConfig)
     d.set_defaults(func=cmd_data_rationales)
+    d = dsub.add_parser("self-instruct", help="Self-Instruct / Alpaca: new instructions, inputs and outputs written by "
+                                              "a model from seed tasks, filtered (ROUGE-L novelty, heuristics) -> "
+                                              "JSONL for llmlab sft")
+    if wanted("data"):
+        from llmlab.data.self_instruct import SelfInstructConfig
+        from llmlab.dataclass_io import add_flags
+
+        add_flags(d, SelfInstructConfig, unset={"seeds": "the 36 built-in seed tasks"})
+        d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                       help="progress bar with examples/s and ETA (default: on)")
+        _add_load_flags(d, packed_default=True)
+    d.set_defaults(func=cmd_data_self_instruct)
+    d = dsub.add_parser("preferences", help="preference pairs: sample k replies per prompt, rank them with a "
+                                            "task's verifier or a reward model -> prompt/chosen/rejected JSONL")
+    d.add_argument("paths", nargs="*", metavar="FILE", help="TRL-style JSONL files whose 'prompt' fields are "
+                                                           "used; needs --reward-model (default: none: --task)")
+    d.add_argument("--out", default="preferences.jsonl", help="output JSONL, read by llmlab dpo "
+                                                             "(default: preferences.jsonl)")
+    d.add_argument("--model", default="smollm2-135m-instruct", help="the model that samples the replies "
+                                                                    "(default: smollm2-135m-instruct)")
+    d.add_argument("--task", default="addition", help="built-in verifiable task for prompts and the verifier "
+                                                      "(default: addition)")
+    d.add_argument("--prompts", type=int, default=32, help="prompts drawn from --task (default: 32)")
+    d.add_argument("--k", type=int, default=4, help="replies sampled per prompt, at least 2 (default: 4)")
+    d.add_argument("--reward-model", default="", help="an llmlab reward run that scores the replies instead of the "
+                                                      "verifier (default: none)")
+    d.add_argument("--max-new-tokens", type=int, default=64, help="token budget of each reply (default: 64)")
+    d.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    d.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    d.add_argument("--seed", type=int, default=0, help="seed for prompt choice and sampling (default: 0)")
+    d.add_argument("--force", action="store_true", help="overwrite an existing --out (default: off)")
+    _add_load_flags(d, packed_default=True)
+    d.set_defaults(func=cmd_data_preferences)
 
     s = sub.add_parser("pretrain", help="pretrain a model from scratch (clm: llama/gpt2, mlm: bert); torchrun-ready",
                        description="Pretrain from scratch. Under 'torchrun --nproc-per-node N -m llmlab pretrain' "

@@ -81,6 +81,17 @@ def _reply(value, key: str) -> list[dict[str, str]]:
     return messages
 
 
+def prompt_messages(prompt) -> list[dict[str, str]]:
+    """A TRL ``prompt`` (a string: one user turn; or a list of messages) -> messages; raises BadRecord."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise BadRecord("'prompt' is empty")
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list):
+        return _messages(prompt, "prompt")
+    raise BadRecord(f"'prompt' is a {type(prompt).__name__}: use a string or a list of messages")
+
+
 def record_to_pair(record, where: str) -> PreferencePair:
     """One TRL preference record -> a PreferencePair; raises BadRecord naming the problem."""
     if not isinstance(record, dict):
@@ -89,36 +100,33 @@ def record_to_pair(record, where: str) -> PreferencePair:
     if missing:
         raise BadRecord(f"missing {', '.join(repr(k) for k in missing)} (a preference record needs "
                         f"{', '.join(FIELDS)})")
-    prompt = record["prompt"]
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise BadRecord("'prompt' is empty")
-        prompt_msgs = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, list):
-        prompt_msgs = _messages(prompt, "prompt")
-    else:
-        raise BadRecord(f"'prompt' is a {type(prompt).__name__}: use a string or a list of messages")
+    prompt_msgs = prompt_messages(record["prompt"])
     chosen, rejected = _reply(record["chosen"], "chosen"), _reply(record["rejected"], "rejected")
     if chosen == rejected:
         raise BadRecord("'chosen' and 'rejected' are identical: a pair needs two different replies")
     return PreferencePair(prompt_msgs, chosen, rejected, where)
 
 
-def read_preferences(paths: list[str]) -> list[PreferencePair]:
-    """Every record of every file as a PreferencePair; the first bad record stops with ``file:line: problem``."""
+def read_each(paths: list[str], convert, what: str) -> list:
+    """``convert(record, "file:line")`` over every record of every file; the first BadRecord stops with
+    ``file:line: problem``, and no records at all with ``paths: no WHAT``."""
     out = []
     for path in expand_paths(paths):
         for n, record in iter_records(path):
             try:
                 if isinstance(record, BadRecord):
                     raise record
-                out.append(record_to_pair(record, f"{path}:{n}"))
+                out.append(convert(record, f"{path}:{n}"))
             except BadRecord as e:
                 raise LlmlabError(f"{path}:{n}: {e}; fix the record or remove it") from None
     if not out:
-        raise LlmlabError(f"{', '.join(paths)}: no preference records (expected JSON objects with "
-                          f"{', '.join(FIELDS)})")
+        raise LlmlabError(f"{', '.join(paths)}: no {what}")
     return out
+
+
+def read_preferences(paths: list[str]) -> list[PreferencePair]:
+    """Every record of every file as a PreferencePair; the first bad record stops with ``file:line: problem``."""
+    return read_each(paths, record_to_pair, f"preference records (expected JSON objects with {', '.join(FIELDS)})")
 
 
 # ---- pairs from a built-in verifiable task ----------------------------------------------------------------
@@ -225,3 +233,87 @@ def train_val_pairs(paths: list[str], task: str | None, n: int, n_val: int, seed
         n_val = min(n_val, len(raw) - 1)
         return raw[n_val:], raw[:n_val], where
     return raw, task_pairs(task, "heldout", n_val, seed), where
+
+
+# ---- pairs from sampled replies (llmlab data preferences) --------------------------------------------------
+
+@dataclass
+class PromptItem:
+    prompt: list[dict[str, str]]  # messages before the reply
+    answer: str | None  # the task's exact answer (verifier), None for prompts from files
+    where: str
+
+
+@dataclass
+class SampleStats:
+    prompts: int = 0
+    samples: int = 0  # replies sampled (prompts x k)
+    empty: int = 0  # replies with no text, left out of the ranking
+    ties: int = 0  # prompts whose replies all scored the same (or fewer than 2 non-empty): no pair
+    pairs: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.pairs} pairs from {self.prompts} prompts x {self.samples // max(self.prompts, 1)} samples; "
+                f"{self.ties} prompts without a pair (all replies scored alike), {self.empty} empty replies dropped")
+
+
+def task_prompts(name: str, split: str, n: int, seed: int) -> list[PromptItem]:
+    """``n`` questions of a built-in task with their answers, for the verifier."""
+    return [PromptItem([{"role": "user", "content": ex.prompt}], ex.answer, f"task {name}/{split} #{i}")
+            for i, ex in enumerate(get_task(name).examples(split, n, seed))]
+
+
+def _prompt_item(record, where: str) -> PromptItem:
+    if not isinstance(record, dict) or record.get("prompt") is None:
+        raise BadRecord("no 'prompt' (each record needs a prompt: a string or a list of messages)")
+    return PromptItem(prompt_messages(record["prompt"]), None, where)
+
+
+def read_prompts(paths: list[str]) -> list[PromptItem]:
+    """The ``prompt`` of every record of TRL-style JSONL files (prompt-only or preference records; other fields are
+    ignored); a bad record stops with ``file:line: problem``."""
+    return read_each(paths, _prompt_item, "prompts (expected JSON objects with a 'prompt')")
+
+
+def verifier_scores(name: str):
+    """A scorer for ``rank_replies``: 1.0 where the task's verifier accepts the reply, else 0.0."""
+    task = get_task(name)
+    return lambda item, replies: [float(task.score(r, item.answer)) for r in replies]
+
+
+def rank_replies(item: PromptItem, replies: list[str], scores: list[float], stats: SampleStats) -> dict | None:
+    """Best- vs worst-scored reply as one TRL record (``prompt`` a string when it is one user turn, else messages;
+    ``score_chosen`` / ``score_rejected`` kept); None when fewer than two non-empty replies or all score alike."""
+    kept = [(s, r) for r, s in zip(replies, scores) if r.strip()]
+    stats.empty += len(replies) - len(kept)
+    if len(kept) < 2:
+        stats.ties += 1
+        return None
+    order = sorted(range(len(kept)), key=lambda i: -kept[i][0])  # stable: the earliest sample wins a tie
+    (best, chosen), (worst, rejected) = kept[order[0]], kept[order[-1]]
+    if best == worst or chosen.strip() == rejected.strip():
+        stats.ties += 1
+        return None
+    stats.pairs += 1
+    one_turn = len(item.prompt) == 1 and item.prompt[0]["role"] == "user"
+    if one_turn:
+        return {"prompt": item.prompt[0]["content"], "chosen": chosen, "rejected": rejected,
+                "score_chosen": best, "score_rejected": worst}
+    return {"prompt": item.prompt, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "score_chosen": best, "score_rejected": worst}
+
+
+def sample_preferences(items: list[PromptItem], k: int, sample, score) -> tuple[list[dict], SampleStats]:
+    """``sample(prompts, k)`` -> k replies per prompt; ``score(item, replies)`` -> one number each (higher is
+    better: a verifier's 0/1 or a reward model's r); each prompt gives at most one pair, best vs worst."""
+    if k < 2:
+        raise LlmlabError(f"--k {k}: a pair needs at least 2 samples per prompt (use --k 2 or more)")
+    stats = SampleStats(prompts=len(items))
+    replies = sample([it.prompt for it in items], k)
+    records = []
+    for item, rs in zip(items, replies):
+        stats.samples += len(rs)
+        record = rank_replies(item, rs, list(score(item, rs)), stats)
+        if record is not None:
+            records.append(record)
+    return records, stats

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
-from llmlab.text.porter import porter_stem
+from llmlab.text.rouge import f_measure, rouge_l, rouge_tokens
 
 # ---- SQuAD: exact match and token F1 ------------------------------------------------------------------------
 
@@ -181,37 +181,14 @@ def corpus_chrf(predictions: Sequence[str], references: Sequence[Sequence[str]],
 
 # ---- ROUGE --------------------------------------------------------------------------------------------------------
 
-_NON_ALNUM = re.compile(r"[^a-z0-9]+")
-
-
-def rouge_tokens(text: str, stem: bool = False) -> list[str]:
-    words = _NON_ALNUM.sub(" ", text.lower()).split()
-    return [porter_stem(w) if stem and len(w) > 3 else w for w in words]
-
-
-def _f(overlap: int, n_pred: int, n_ref: int) -> float:
-    p, r = overlap / max(n_pred, 1), overlap / max(n_ref, 1)
-    return 2 * p * r / (p + r) if p + r > 0 else 0.0
-
-
-def lcs_length(a: Sequence, b: Sequence) -> int:
-    """Length of the longest common subsequence, by dynamic programming over one row at a time."""
-    row = [0] * (len(b) + 1)
-    for x in a:
-        diag = 0
-        for j, y in enumerate(b, 1):
-            diag, row[j] = row[j], diag + 1 if x == y else max(row[j], row[j - 1])
-    return row[-1]
-
-
 def rouge_pair(prediction: str, reference: str, kind: str, stem: bool = False) -> float:
     """ROUGE F1 (0-1) of one prediction against one reference; ``kind`` is rouge1, rouge2, ... or rougeL."""
     pred, ref = rouge_tokens(prediction, stem), rouge_tokens(reference, stem)
     if kind == "rougeL":
-        return _f(lcs_length(ref, pred), len(pred), len(ref)) if pred and ref else 0.0
+        return rouge_l(pred, ref)
     n = int(kind[len("rouge"):])
     p, r = ngrams(pred, n), ngrams(ref, n)
-    return _f(sum((p & r).values()), sum(p.values()), sum(r.values()))
+    return f_measure(sum((p & r).values()), sum(p.values()), sum(r.values()))
 
 
 def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]], kind: str = "rougeL",
