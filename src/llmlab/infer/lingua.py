@@ -31,6 +31,13 @@ Context Scenarios via Prompt Compression", arXiv:2310.06839) makes each step que
   ``tau_r = clip(tau + delta * (1 - 2r / (N - 1)), 0, 1)``, linear from ``tau + delta`` to ``tau - delta``.
   (Subsequence recovery, section 4.4, post-processes the answer and is not part of compression.)
 
+Differences from the ``llmlingua`` package (0.2.2), which ``benchmarks/lingua.py`` runs on the same model: its
+threshold is a quantile of *all* surprisals so far (the kept earlier windows too), not of the window's; it keeps
+token ``i`` when the surprisal of token ``i + 1`` passes it (``need_idx = concat([loss > threshold, ...])``
+aligns ``loss[i]``, the loss of token ``i + 1``, with token ``i``), where Eq. 5 and this module use token ``i``'s
+own; and it compresses the blank lines between documents, which are kept here. So the kept tokens differ; the
+benchmark reports how much the two compressed prompts overlap and the answer accuracy of each.
+
 Shapes: a window (1, T) int64 -> hidden (1, T, dim) -> log-probs (T, V) -> surprisals (T,).
 """
 
