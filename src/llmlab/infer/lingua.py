@@ -82,14 +82,16 @@ def check_ratio(ratio: float, flag: str = "--ratio") -> None:
 
 
 @torch.inference_mode()
-def window_logprobs(model, ids: list[int], cache=None, start: int = 0) -> torch.Tensor:
+def window_logprobs(model, ids: list[int], cache=None, start: int = 0, last: bool = False) -> torch.Tensor:
     """Log-probs (T, V) of the next token after each of ``ids``, placed at positions [start, start + T) after
-    whatever ``cache`` holds below ``start`` (the cache then holds them too)."""
+    whatever ``cache`` holds below ``start`` (the cache then holds them too); ``last``: only the last row, (1, V)
+    (the output head, a fifth of SmolLM2's weights, runs on that row alone)."""
     x = torch.tensor([ids], device=next(model.parameters()).device)  # (1, T)
     if hasattr(model, "lm_head"):
-        logits = model.lm_head(model(x, cache=cache, start=start, return_hidden=True)[0])  # (T, V)
+        hidden = model(x, cache=cache, start=start, return_hidden=True)[0]  # (T, dim)
+        logits = model.lm_head(hidden[-1:] if last else hidden)  # (T, V) or (1, V)
     else:
-        logits = model(x, cache=cache, start=start)[0]
+        logits = model(x, cache=cache, start=start)[0][-1:] if last else model(x, cache=cache, start=start)[0]
     return logits.float().log_softmax(-1)
 
 
@@ -144,7 +146,7 @@ class _Stream:
     def extend(self, kept: list[int]) -> None:
         """Append tokens at the next positions (overwriting the window's trial entries)."""
         if kept:
-            self.last = window_logprobs(self.model, kept, self.cache, self.length)[-1]
+            self.last = window_logprobs(self.model, kept, self.cache, self.length, last=True)[0]
             self.length += len(kept)
 
 
