@@ -67,15 +67,16 @@ def overlap(tok, a: str, b: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--items", type=int, default=8, help="needle prompts (default: 8)")
-    ap.add_argument("--docs", type=int, default=3, help="documents per prompt (default: 3)")
-    ap.add_argument("--chars", type=int, default=300, help="characters per document (default: 300)")
-    ap.add_argument("--ratio", type=float, default=0.5, help="target ratio (default: 0.5)")
-    ap.add_argument("--methods", default="llmlingua,longllmlingua", help="(default: llmlingua,longllmlingua)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for both (default: 1)")
+    for flag, kind, default, text in [("--items", int, 8, "needle prompts"), ("--docs", int, 3, "documents per prompt"),
+                                      ("--chars", int, 300, "characters per document"),
+                                      ("--ratio", float, 0.5, "target ratio"),
+                                      ("--methods", str, "llmlingua,longllmlingua", "methods compared"),
+                                      ("--threads", int, 1, "torch threads for both")]:
+        ap.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     import llmlingua
+
+    torch.set_num_threads(args.threads)
 
     print(f"# {cpu_description()}; torch {torch.__version__}, {args.threads} thread(s); llmlingua "
           f"{getattr(llmlingua, '__version__', '?')}; {args.items} prompts x {args.docs} documents, ratio {args.ratio}")
