@@ -109,7 +109,7 @@ def main() -> None:
                 reached["llmlingua"].append(theirs["compressed_tokens"] / max(1, theirs["origin_tokens"]))
                 agree.append(overlap(llm.tokenizer, ours.text, theirs["compressed_prompt"]))
                 for who, text in (("llmlab", ours.text), ("llmlingua", theirs["compressed_prompt"])):
-                    reply = llm.chat([{"role": "user", "content": text}], max_new_tokens=12)
+                    reply = llm.chat([{"role": "user", "content": text}], max_new_tokens=32)
                     right[who] += item.answer in reply
             for who in ("llmlingua", "llmlab"):
                 print(f"{method:14s} {who:10s} median {statistics.median(times[who]):7.3f} s/prompt  ratio reached "

@@ -1318,7 +1318,7 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--rag", action="store_true",
                    help="with --eval: also RAG over an index of the documents, with and without compressing the "
                         "retrieved sources (default: off)")
-    s.add_argument("--max-new-tokens", type=int, default=12, help="with --eval: answer length (default: 12)")
+    s.add_argument("--max-new-tokens", type=int, default=32, help="with --eval: answer length in tokens (default: 32)")
     s.add_argument("--model", default=None, help=MODEL_HELP)
     _add_load_flags(s, packed_default=False)
     s.set_defaults(func=cmd_compress_prompt)

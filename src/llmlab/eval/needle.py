@@ -59,7 +59,7 @@ def _ask(llm, prompt: str, max_new_tokens: int) -> str:
     return llm.chat([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens)
 
 
-def evaluate(llm, items: list[Item], ratios: list[float], methods: list[str], max_new_tokens: int = 12,
+def evaluate(llm, items: list[Item], ratios: list[float], methods: list[str], max_new_tokens: int = 32,
              window: int = 200) -> list[dict]:
     """One row per (method, ratio): accuracy, the mean ratio reached, mean compression seconds; ratio 1.0 is the
     uncompressed prompt (method "none")."""
@@ -85,7 +85,7 @@ def evaluate(llm, items: list[Item], ratios: list[float], methods: list[str], ma
 
 
 def evaluate_rag(llm, items: list[Item], index_folder, ratios: list[float], k: int = 3,
-                 max_new_tokens: int = 12) -> list[dict]:
+                 max_new_tokens: int = 32) -> list[dict]:
     """RAG over an index of every item's documents (built in ``index_folder``): accuracy without compression
     (ratio 1) and with the retrieved sources compressed by LongLLMLingua to each ratio."""
     from pathlib import Path
