@@ -331,6 +331,10 @@ def cmd_rag(args) -> int:
         raise LlmlabError("the question is empty: ask something")
     if args.k < 1 or args.max_new_tokens < 1:
         raise LlmlabError(f"--k and --max-new-tokens must be at least 1, got {args.k} and {args.max_new_tokens}")
+    if args.compress is not None:
+        from llmlab.infer.lingua import check_ratio
+
+        check_ratio(args.compress, "--compress")
     index = Path(args.index)
     if not (index / DB_NAME).exists():
         if args.index != RAG_INDEX:
@@ -351,6 +355,10 @@ def cmd_rag(args) -> int:
     with VectorStore.open(index) as store:
         encoder = None if args.mode == "bm25" else open_encoder(store)
         sources = retrieve(store, encoder, args.question, k=args.k, mode=args.mode, rerank=rerank)
+    if args.compress is not None:
+        from llmlab.infer.lingua import compress_sources
+
+        sources = compress_sources(llm.model, llm.tokenizer, args.question, sources, args.compress)
     result = answer(args.question, sources, lambda messages: llm.chat(messages, max_new_tokens=args.max_new_tokens))
     if args.json:
         print(json.dumps(result.to_json()))
@@ -363,6 +371,64 @@ def cmd_rag(args) -> int:
     if result.invalid:
         print(f"llmlab: the answer cites {', '.join(f'[{k}]' for k in result.invalid)}, which are not sources",
               file=sys.stderr)
+    return 0
+
+
+def cmd_compress_prompt(args) -> int:
+    from llmlab.api import load
+    from llmlab.common import LlmlabError, read_text_file
+    from llmlab.infer.lingua import check_ratio, compress, paragraphs
+
+    if args.eval:
+        return _compress_eval(args)
+    check_ratio(args.ratio)
+    if args.file is not None:
+        if args.text is not None:
+            raise LlmlabError("give the text as an argument or with --file, not both")
+        text = read_text_file(args.file, f"--file {args.file}", "a UTF-8 text file")
+    else:
+        text = sys.stdin.read() if args.text in (None, "-") else args.text
+    if not text.strip():
+        raise LlmlabError("the prompt is empty: give some text (an argument, --file FILE or standard input)")
+    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
+               packed_kernel=args.packed_kernel)
+    documents = paragraphs(text) if args.split else [text]
+    result = compress(llm.model, llm.tokenizer, documents, args.ratio, question=args.question,
+                      instruction=args.instruction, method=args.method or "llmlingua", window=args.window)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(result.text)
+        print(f"llmlab: {result.origin_tokens} -> {result.compressed_tokens} tokens (ratio {result.ratio:.2f})",
+              file=sys.stderr)
+    return 0
+
+
+def _compress_eval(args) -> int:
+    import tempfile
+
+    from llmlab.api import load
+    from llmlab.common import LlmlabError
+    from llmlab.eval.needle import evaluate, evaluate_rag, needle_set, table
+    from llmlab.infer.lingua import check_ratio
+
+    try:
+        ratios = [float(x) for x in args.ratios.split(",")]
+    except ValueError:
+        raise LlmlabError(f"--ratios takes comma-separated numbers in (0, 1] (e.g. 1,0.5,0.33), not {args.ratios!r}") \
+            from None
+    for r in ratios:
+        check_ratio(r, "--ratios")
+    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
+               packed_kernel=args.packed_kernel)
+    items = needle_set(args.limit, docs=args.docs, chars=args.chars)
+    methods = [args.method] if args.method else ["llmlingua", "longllmlingua"]
+    rows = evaluate(llm, items, ratios, methods, max_new_tokens=args.max_new_tokens, window=args.window)
+    if args.rag:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += evaluate_rag(llm, items, tmp, sorted(set(ratios) | {1.0}, reverse=True),
+                                 max_new_tokens=args.max_new_tokens)
+    print(json.dumps(rows) if args.json else table(rows))
     return 0
 
 
@@ -1427,11 +1493,48 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
                    help="retrieval: dense vectors, BM25, or both fused by reciprocal rank (default: hybrid)")
     s.add_argument("--rerank", action="store_true",
                    help="re-rank 12 candidates by the chat model's log p(question | chunk) (default: off)")
+    s.add_argument("--compress", type=float, default=None, metavar="RATIO",
+                   help="compress the retrieved sources to this fraction of their tokens with LongLLMLingua "
+                        "before answering, in (0, 1] (default: off)")
     s.add_argument("--max-new-tokens", type=int, default=200, help="longest answer in tokens (default: 200)")
     s.add_argument("--json", action="store_true", help="one JSON object: answer, citations, sources (default: off)")
     s.add_argument("--model", default=None, help=MODEL_HELP)
     _add_load_flags(s, packed_default=True)
     s.set_defaults(func=cmd_rag)
+
+    s = sub.add_parser("compress-prompt", help="compress a prompt with a small LM's perplexities (LLMLingua, "
+                                               "LongLLMLingua), or score compression on a built-in QA set (--eval)")
+    s.add_argument("text", nargs="?", default=None,
+                   help="the prompt; '-' or nothing reads standard input (default: standard input)")
+    s.add_argument("--file", default=None, help="read the prompt from this UTF-8 file (default: none)")
+    s.add_argument("--ratio", type=float, default=0.5,
+                   help="fraction of the prompt's tokens to keep, in (0, 1] (default: 0.5)")
+    s.add_argument("--method", default=None, choices=["llmlingua", "longllmlingua"],
+                   help="llmlingua: keep the most surprising tokens; longllmlingua: rank paragraphs and tokens by "
+                        "what the question gains from them (needs --question) (default: llmlingua; --eval: both)")
+    s.add_argument("--question", default="", help="a question kept whole at the end; LongLLMLingua ranks by it "
+                                                  "(default: none)")
+    s.add_argument("--instruction", default="", help="an instruction kept whole at the start (default: none)")
+    s.add_argument("--split", action=argparse.BooleanOptionalAction, default=True,
+                   help="treat blank-line-separated paragraphs as documents the coarse step may drop (default: on)")
+    s.add_argument("--window", type=int, default=200,
+                   help="tokens per iterative compression window (default: 200)")
+    s.add_argument("--json", action="store_true",
+                   help="one JSON object (or the --eval rows): compressed prompt, token counts, ratio (default: off)")
+    s.add_argument("--eval", action="store_true",
+                   help="instead: accuracy vs ratio on the built-in needle QA set over Python's help topics "
+                        "(default: off)")
+    s.add_argument("--ratios", default="1,0.5,0.33", help="with --eval: ratios to score (default: 1,0.5,0.33)")
+    s.add_argument("--limit", type=int, default=12, help="with --eval: questions (default: 12)")
+    s.add_argument("--docs", type=int, default=4, help="with --eval: documents per question (default: 4)")
+    s.add_argument("--chars", type=int, default=500, help="with --eval: characters per document (default: 500)")
+    s.add_argument("--rag", action="store_true",
+                   help="with --eval: also RAG over an index of the documents, with and without compressing the "
+                        "retrieved sources (default: off)")
+    s.add_argument("--max-new-tokens", type=int, default=32, help="with --eval: answer length in tokens (default: 32)")
+    s.add_argument("--model", default=None, help=MODEL_HELP)
+    _add_load_flags(s, packed_default=False)
+    s.set_defaults(func=cmd_compress_prompt)
 
     s = sub.add_parser("convert", help="convert between GGUF and Hugging Face folders")
     s.add_argument("source", help="input: .gguf file, Hugging Face folder or embedded model name")
