@@ -30,11 +30,18 @@ import torch
 
 KEYS = ("subject", "relation", "object")
 MAX_ITEMS = 8
-TRIPLES_SCHEMA = {
-    "type": "array", "maxItems": MAX_ITEMS,
-    "items": {"type": "object", "required": list(KEYS), "additionalProperties": False,
-              "properties": {k: {"type": "string", "minLength": 1, "pattern": r"^[ !#-\[\]-~]+$"} for k in KEYS}},
-}
+
+
+def triples_schema(keys: tuple[str, ...] = KEYS, max_items: int = MAX_ITEMS) -> dict:
+    """The JSON Schema of a reply: at most ``max_items`` objects with exactly ``keys``, each a non-empty string of
+    printable ASCII without ``"`` or ``\\``."""
+    return {"type": "array", "maxItems": max_items,
+            "items": {"type": "object", "required": list(keys), "additionalProperties": False,
+                      "properties": {k: {"type": "string", "minLength": 1, "pattern": r"^[ !#-\[\]-~]+$"}
+                                     for k in keys}}}
+
+
+TRIPLES_SCHEMA = triples_schema()
 STRING_BYTES = frozenset(b for b in range(0x20, 0x7F) if b not in (0x22, 0x5C))  # printable ASCII but " and \
 FAR = 1 << 30  # the distance of a dead walk
 
@@ -123,21 +130,22 @@ class TripleGrammar:
         return [b for b in range(256) if self.step(state, b) is not None]
 
 
-def validate_triples(obj) -> list[tuple[str, str, str]]:
-    """Check a parsed reply against ``TRIPLES_SCHEMA`` -> the triples; a ValueError names the first problem."""
+def validate_triples(obj, keys: tuple[str, ...] = KEYS, max_items: int = MAX_ITEMS) -> list[tuple[str, ...]]:
+    """Check a parsed reply against ``triples_schema(keys, max_items)`` -> the triples; a ValueError names the first
+    problem."""
     if not isinstance(obj, list):
         raise ValueError(f"expected a JSON array of triples, got {type(obj).__name__}")
-    if len(obj) > MAX_ITEMS:
-        raise ValueError(f"{len(obj)} triples, at most {MAX_ITEMS}")
+    if len(obj) > max_items:
+        raise ValueError(f"{len(obj)} triples, at most {max_items}")
     out = []
     for i, item in enumerate(obj):
-        if not isinstance(item, dict) or set(item) != set(KEYS):
-            raise ValueError(f"triple {i}: expected an object with exactly the keys {', '.join(KEYS)}")
-        for key in KEYS:
+        if not isinstance(item, dict) or set(item) != set(keys):
+            raise ValueError(f"triple {i}: expected an object with exactly the keys {', '.join(keys)}")
+        for key in keys:
             value = item[key]
             if not isinstance(value, str) or not value or any(ord(c) not in STRING_BYTES for c in value):
                 raise ValueError(f"triple {i}: {key} must be a non-empty string of printable ASCII without \" or \\")
-        out.append(tuple(item[k] for k in KEYS))
+        out.append(tuple(item[k] for k in keys))
     return out
 
 
@@ -152,7 +160,7 @@ def parse_triples(text: str) -> list[tuple[str, str, str]]:
 
 @dataclass
 class _Row:
-    seen: int  # how many of the row's generated ids the state reflects
+    ids: list[int]  # the generated ids the state reflects
     state: tuple | None
 
 
@@ -166,13 +174,19 @@ class TokenConstraint:
         self.grammar, self.vocab, self.V = grammar, vocab, len(vocab)
         self.stop_ids = sorted(stop_ids)
         no_bytes = set(special_ids) | set(stop_ids)
-        self.by_first: dict[int, list[int]] = {}
+        by_first: dict[int, list[int]] = {}
+        run = np.zeros(self.V, dtype=np.int64)  # leading string bytes of each token
+        quote_next = np.zeros(self.V, dtype=bool)  # the byte after that run is a closing quote
         for tid, data in enumerate(vocab):
-            if data and tid not in no_bytes:
-                self.by_first.setdefault(data[0], []).append(tid)
-        is_str = np.array([bool(d) and tid not in no_bytes and all(b in STRING_BYTES for b in d)
-                           for tid, d in enumerate(vocab)])
-        self.all_string = torch.from_numpy(is_str)  # (V,) tokens that are string characters only
+            if not data or tid in no_bytes:
+                run[tid] = -1
+                continue
+            by_first.setdefault(data[0], []).append(tid)
+            n = next((i for i, b in enumerate(data) if b not in STRING_BYTES), len(data))
+            run[tid], quote_next[tid] = n, n < len(data) and data[n] == 0x22
+        self.by_first = {b: np.array(ids, dtype=np.int64) for b, ids in by_first.items()}
+        self.all_string = np.array([n == len(d) and n > 0 for n, d in zip(run, vocab)])  # (V,) string bytes only
+        self.run, self.quote_next = run, quote_next
         self._after: dict[tuple, torch.Tensor] = {}  # state -> (V,) dist after the token (FAR: dead)
         self._rows: dict[int, _Row] = {}
 
@@ -182,30 +196,29 @@ class TokenConstraint:
         if cached is not None:
             return cached
         g = self.grammar
-        out = torch.full((self.V,), FAR, dtype=torch.long)
-        string_slot = 0 <= state[1] < len(g.pieces) and g.pieces[state[1]] is None
-        bulk = set()
-        if string_slot:  # every string-only token stays in the slot, now non-empty
-            out[self.all_string] = g.dist((state[0], state[1], 1))
-            bulk = set(torch.nonzero(self.all_string)[:, 0].tolist())
-        for b in g.first_bytes(state):
-            for tid in self.by_first.get(b, ()):
-                if tid not in bulk:
-                    after = g.walk(state, self.vocab[tid])
-                    if after is not None:
-                        out[tid] = g.dist(after)
-        self._after[state] = out
-        return out
+        out = np.full(self.V, FAR, dtype=np.int64)
+        if 0 <= state[1] < len(g.pieces) and g.pieces[state[1]] is None:  # a string slot
+            out[self.all_string] = g.dist((state[0], state[1], 1))  # more characters: the slot is non-empty
+            candidates = np.nonzero(self.quote_next & ((self.run > 0) | (state[2] == 1)))[0]  # ... then a quote
+        else:
+            candidates = [self.by_first[b] for b in g.first_bytes(state) if b in self.by_first]
+            candidates = np.concatenate(candidates) if candidates else np.zeros(0, dtype=np.int64)
+        for tid in candidates.tolist():
+            after = g.walk(state, self.vocab[tid])
+            if after is not None:
+                out[tid] = g.dist(after)
+        self._after[state] = result = torch.from_numpy(out)
+        return result
 
     def state_of(self, row: int, ids: list[int]) -> tuple | None:
-        """The automaton state after a row's generated ``ids`` (advanced incrementally per row)."""
+        """The automaton state after a row's generated ``ids`` (advanced incrementally while they grow)."""
         r = self._rows.get(row)
-        if r is None or r.seen > len(ids):
-            r = self._rows[row] = _Row(0, self.grammar.start)
-        for tid in ids[r.seen:]:
+        if r is None or ids[:len(r.ids)] != r.ids:  # a new row, or not a continuation: start over
+            r = self._rows[row] = _Row([], self.grammar.start)
+        for tid in ids[len(r.ids):]:
             if r.state is not None:
                 r.state = None if tid in self.stop_ids else self.grammar.walk(r.state, self.vocab[tid])
-        r.seen = len(ids)
+        r.ids = list(ids)
         return r.state
 
     def allowed(self, row: int, ids: list[int], left: int) -> torch.Tensor:
