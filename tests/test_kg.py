@@ -20,10 +20,24 @@ from llmlab.common import LlmlabError
 from llmlab.eval.kg_eval import builtin_questions, evaluate, kg_recall, mentions
 from llmlab.infer.generate import generate
 from llmlab.infer.index import IndexConfig, VectorStore, add_files, open_encoder
-from llmlab.infer.json_constraint import (TRIPLES_SCHEMA, TokenConstraint, TripleGrammar, parse_triples,
-                                          triples_schema, validate_triples)
-from llmlab.infer.kg import (SUBCLASS, GraphStore, build_graph, builtin_documents, kg_sources, model_triples,
-                             rule_triples, rules_extract)
+from llmlab.infer.json_constraint import (
+    TRIPLES_SCHEMA,
+    TokenConstraint,
+    TripleGrammar,
+    parse_triples,
+    triples_schema,
+    validate_triples,
+)
+from llmlab.infer.kg import (
+    SUBCLASS,
+    GraphStore,
+    build_graph,
+    builtin_documents,
+    kg_sources,
+    model_triples,
+    rule_triples,
+    rules_extract,
+)
 from llmlab.infer.rag import Source
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -56,8 +70,8 @@ def test_constraint_against_brute_force_on_a_tiny_vocabulary(max_items):
     """Every sequence of up to 4 tokens of a 16-token vocabulary (plus a stop id) is enumerated and judged by
     ``accepted``. With ``left`` tokens to go, the constraint allows only tokens that some accepted sequence within
     the budget continues the prefix with (sound: its budget rule counts one byte per token, so it may allow fewer,
-    never more), at least one while the budget covers the bytes still needed, every such token when the budget is not tight (complete), and
-    the stop id exactly on an accepted prefix."""
+    never more), at least one while the budget covers the bytes still needed, every such token when the budget is
+    not tight (complete), and the stop id exactly on an accepted prefix."""
     keys, depth, stop, far = ("s",), 4, len(TINY), 99
     need: dict[tuple, int] = {}  # (prefix, next token) -> shortest accepted sequence length through it
     accepted_seqs = set()
@@ -87,6 +101,21 @@ def test_constraint_against_brute_force_on_a_tiny_vocabulary(max_items):
     assert checked > 30
 
 
+def test_states_that_differ_only_in_the_item_count_share_masks():
+    """The mask cache keys triples 1 .. max_items - 2 (for this vocabulary) as one; each equals its own walk."""
+    grammar = TripleGrammar(("s",), max_items=5)
+    shared, exact = TokenConstraint(grammar, TINY, set()), TokenConstraint(grammar, TINY, set())
+    exact._same_up_to = 0
+    assert shared._same_up_to == 3
+    for item in range(1, 6):
+        for piece, text in enumerate(grammar.pieces):
+            for off in range(len(text) if text else 2):
+                state = (item, piece, off)
+                assert torch.equal(shared.dist_after(state), exact.dist_after(state)), state
+        for piece in (grammar.SEP, grammar.COMMA, grammar.NEXT):
+            assert torch.equal(shared.dist_after((item, piece, 0)), exact.dist_after((item, piece, 0)))
+
+
 def test_validator_agrees_with_jsonschema_and_names_the_problem():
     cases = [[], [{"subject": "a", "relation": "b", "object": "c"}], [{"subject": "a", "relation": "b"}],
              [{"subject": "", "relation": "b", "object": "c"}], [{"subject": "a", "relation": "b", "object": 3}],
@@ -102,7 +131,8 @@ def test_validator_agrees_with_jsonschema_and_names_the_problem():
             mine = False
         assert mine == ok, obj
     assert parse_triples('[{"subject": "a", "relation": "b", "object": "c"}]') == [("a", "b", "c")]
-    for text, message in [("[{", "not JSON"), ("{}", "expected a JSON array"), ('[{"subject": "a"}]', "exactly the keys"),
+    for text, message in [("[{", "not JSON"), ("{}", "expected a JSON array"),
+                          ('[{"subject": "a"}]', "exactly the keys"),
                           ('[{"subject": "", "relation": "b", "object": "c"}]', "subject must be a non-empty")]:
         with pytest.raises(ValueError, match=message):
             parse_triples(text)
@@ -123,14 +153,14 @@ def test_every_constrained_output_parses_on_the_real_vocabulary(smollm_tokenizer
     stop = {tok.eos_id}
     constraint = TokenConstraint.for_tokenizer(tok, stop, len(tok.id_to_token))
     g = torch.Generator().manual_seed(0)
-    for budget in (2, 3, 17, 60, 80):
+    for budget in (2, 3, 17, 70):
         ids = []
         for step in range(budget):
             mask = constraint.allowed(budget, ids, budget - step)
             assert mask.any()
-            logits = torch.randn(mask.shape, generator=g).masked_fill(~mask, float("-inf"))
-            logits[sorted(stop)] += 1.5 * (step > 0)  # now and then end as soon as the JSON allows
-            ids.append(int(torch.distributions.Categorical(logits=logits).sample()))
+            scores = torch.rand(mask.shape, generator=g).masked_fill(~mask, -1.0)  # a random allowed token
+            scores[sorted(stop)] *= 0.5  # end now and then, as soon as the JSON allows
+            ids.append(int(scores.argmax()))
             if ids[-1] in stop:
                 break
         text = tok.decode([t for t in ids if t not in stop])
@@ -317,11 +347,13 @@ def test_readme_commands(small_index, tiny_chat, tmp_path):
     assert (tmp_path / "data" / "kg-graph" / "graph.db").exists()
 
 
-def test_cli_end_to_end_and_bad_input(builtin_graph, small_index, tiny_chat, tmp_path):
+def test_cli_end_to_end_and_bad_input(builtin_graph, small_index, tiny_chat, tmp_path, capsys):
+    from llmlab.cli import main
+
     graph = str(builtin_graph / "graph")
-    r = run_cli("query", "What is the base class of the base class of ZeroDivisionError?", "--graph", graph, "--json")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    assert main(["kg", "query", "What is the base class of the base class of ZeroDivisionError?", "--graph", graph,
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
     assert out["linked"] == ["ZeroDivisionError"] and out["triples"][0]["object"] == "ArithmeticError"
     r = run_cli("ask", "Which class is the parent of the parent?", "--graph", graph, "--index", str(small_index),
                 "--model", str(tiny_chat), "--max-new-tokens", "4", "--json")
@@ -334,6 +366,8 @@ def test_cli_end_to_end_and_bad_input(builtin_graph, small_index, tiny_chat, tmp
                           (("ask", "", "--graph", graph), "the question is empty"),
                           (("eval", "--limit", "-1"), "--limit -1"),
                           (("build", str(tmp_path / "nothing")), "no such file or folder")]:
-        r = run_cli(*args, cwd=tmp_path)
-        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1
+        assert main(["kg", *args]) == 2  # in-process: the same one-line error path as the subprocess above
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert main(["kg", "query", "nothing linked", "--graph", graph]) == 0
+    assert "no entity of the graph occurs in the question" in capsys.readouterr().err

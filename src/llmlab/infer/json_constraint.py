@@ -125,6 +125,17 @@ class TripleGrammar:
     def accepts(self, state: tuple | None) -> bool:
         return state is not None and state[1] == self.DONE
 
+    def forced(self, state: tuple) -> bytes:
+        """The bytes every continuation from ``state`` begins with (empty where there is a choice)."""
+        piece, off = state[1], state[2]
+        if piece == self.START:
+            return b"["
+        if piece in (self.COMMA, self.NEXT):
+            return (b" " if piece == self.COMMA else b"") + self.pieces[0]
+        if piece >= 0 and self.pieces[piece] is not None:
+            return self.pieces[piece][off:]
+        return b""
+
     def first_bytes(self, state: tuple) -> list[int]:
         """The bytes ``state`` can read."""
         return [b for b in range(256) if self.step(state, b) is not None]
@@ -187,11 +198,23 @@ class TokenConstraint:
         self.by_first = {b: np.array(ids, dtype=np.int64) for b, ids in by_first.items()}
         self.all_string = np.array([n == len(d) and n > 0 for n, d in zip(run, vocab)])  # (V,) string bytes only
         self.run, self.quote_next = run, quote_next
+        width = max((len(p) for p in grammar.pieces if p), default=1) + 2  # the longest forced run
+        self.lengths = np.array([len(d) if r >= 0 else 0 for d, r in zip(vocab, run)], dtype=np.int64)
+        self.head = np.full((self.V, width), -1, dtype=np.int16)  # (V, width) each token's first bytes, -1 padded
+        for tid, data in enumerate(vocab):
+            if self.lengths[tid]:
+                self.head[tid, :min(width, len(data))] = np.frombuffer(data[:width], dtype=np.uint8)
+        # A token can close at most `cross` triples; from triple number <= max_items - cross every "," it may read
+        # is allowed, so those states differ only in the item count, which no mask depends on: they share one.
+        longest = max((len(d) for d in vocab), default=1)
+        self._same_up_to = grammar.max_items - (1 + longest // grammar._item_dist(0, 0))
         self._after: dict[tuple, torch.Tensor] = {}  # state -> (V,) dist after the token (FAR: dead)
         self._rows: dict[int, _Row] = {}
 
     def dist_after(self, state: tuple) -> torch.Tensor:
         """(V,) int64: ``dist`` of the state each token leads to from ``state``; FAR where the walk dies."""
+        if 1 <= state[0] <= self._same_up_to and state[1] >= 0:
+            state = (1, state[1], state[2])  # the shared key (see __init__)
         cached = self._after.get(state)
         if cached is not None:
             return cached
@@ -200,6 +223,11 @@ class TokenConstraint:
         if 0 <= state[1] < len(g.pieces) and g.pieces[state[1]] is None:  # a string slot
             out[self.all_string] = g.dist((state[0], state[1], 1))  # more characters: the slot is non-empty
             candidates = np.nonzero(self.quote_next & ((self.run > 0) | (state[2] == 1)))[0]  # ... then a quote
+        elif forced := g.forced(state):  # tokens agreeing with the forced bytes as far as both go
+            want = np.frombuffer(forced, dtype=np.uint8).astype(np.int16)[:self.head.shape[1]]
+            n = len(want)
+            agree = (self.head[:, :n] == want) | (np.arange(n) >= self.lengths[:, None])  # (V, n)
+            candidates = np.nonzero(agree.all(1) & (self.lengths > 0))[0]
         else:
             candidates = [self.by_first[b] for b in g.first_bytes(state) if b in self.by_first]
             candidates = np.concatenate(candidates) if candidates else np.zeros(0, dtype=np.int64)
