@@ -99,6 +99,10 @@ def test_constraint_against_brute_force_on_a_tiny_vocabulary(max_items):
             checked += 1
         todo += [prefix + (t,) for t in range(len(TINY)) if need.get((prefix, t), far) <= depth]
     assert checked > 30
+    one_triple = [0, 2, 3, 4]  # [{"s": "a"}  : a comma (a second triple) only when max_items allows it
+    allowed = constraint.allowed(1, one_triple, far)
+    assert bool(allowed[5]) == bool(allowed[13]) == (max_items == 2) and bool(allowed[1])
+    assert accepted(b'[{"s": "a"}, {"s": "a"}]', keys, max_items) == (max_items == 2)
 
 
 def test_states_that_differ_only_in_the_item_count_share_masks():
@@ -330,7 +334,7 @@ def small_index(tmp_path_factory, tiny_encoder, builtin_graph):
 def test_readme_commands(small_index, tiny_chat, tmp_path):
     """The README's kg lines as written, in a fresh folder (the graph is built there on first use), the small
     index standing in for the built-in one, the tiny random chat model and a 4-token budget appended where a
-    chat model answers."""
+    chat model answers, eval limited to 3 questions."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     lines = [line.split(" #")[0] for line in readme.splitlines() if line.startswith("llmlab kg ")]
     assert len(lines) >= 4
@@ -339,8 +343,8 @@ def test_readme_commands(small_index, tiny_chat, tmp_path):
         args = shlex.split(line)[2:]
         if args[0] in ("ask", "eval") and "--no-answer" not in args:
             args += ["--model", str(tiny_chat), "--max-new-tokens", "4"]
-        if args[0] == "eval" and "--limit" not in args:
-            args += ["--limit", "3"]
+        if args[0] == "eval":
+            args += ["--limit", "3"]  # the last --limit wins
         r = run_cli(*args, cwd=tmp_path)
         assert r.returncode == 0, (line, r.stderr)
         assert "index of" not in r.stderr  # the default index was not rebuilt
