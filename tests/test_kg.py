@@ -339,9 +339,11 @@ def test_readme_commands(small_index, tiny_chat, tmp_path):
     lines = [line.split(" #")[0] for line in readme.splitlines() if line.startswith("llmlab kg ")]
     assert len(lines) >= 4
     shutil.copytree(small_index, tmp_path / "data" / "kg-index")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "note.txt").write_text("class KeyError(LookupError) in module builtins\n")
     for line in lines:
         args = shlex.split(line)[2:]
-        if args[0] in ("ask", "eval") and "--no-answer" not in args:
+        if args[0] in ("ask", "eval") and "--no-answer" not in args or "model" in args:
             args += ["--model", str(tiny_chat), "--max-new-tokens", "4"]
         if args[0] == "eval":
             args += ["--limit", "3"]  # the last --limit wins
@@ -349,6 +351,7 @@ def test_readme_commands(small_index, tiny_chat, tmp_path):
         assert r.returncode == 0, (line, r.stderr)
         assert "index of" not in r.stderr  # the default index was not rebuilt
     assert (tmp_path / "data" / "kg-graph" / "graph.db").exists()
+    assert (tmp_path / "runs" / "graph" / "graph.db").exists()
 
 
 def test_cli_end_to_end_and_bad_input(builtin_graph, small_index, tiny_chat, tmp_path, capsys):

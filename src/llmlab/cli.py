@@ -1383,10 +1383,11 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
                               "model = the chat model, constrained to the triple-list JSON schema (default: rules)")
     k_build.add_argument("--max-new-tokens", type=int, default=96,
                          help="with --extractor model: most tokens of JSON per chunk (default: 96)")
-    for kp in (k_build, k_query, k_ask, k_eval):
-        kp.add_argument("--graph", default=KG_GRAPH if kp is not k_build else "kg-graph",
-                       help="the graph folder (default: " + (f"{KG_GRAPH}, built with rules over the built-in "
-                       "documents on first use)" if kp is not k_build else "kg-graph)"))
+    k_build.add_argument("--graph", default=KG_GRAPH, help=f"the new graph's folder (default: {KG_GRAPH})")
+    for kp in (k_query, k_ask, k_eval):
+        kp.add_argument("--graph", default=KG_GRAPH, help=f"the graph folder; the default one is built with rules "
+                                                          f"over the built-in documents on first use "
+                                                          f"(default: {KG_GRAPH})")
     for kp in (k_query, k_ask, k_eval):
         kp.add_argument("--hops", type=float, default=3.0, help="largest path cost from a linked entity: an edge "
                                                                "forward costs 1, backward 2 (default: 3)")
