@@ -331,10 +331,13 @@ def small_index(tmp_path_factory, tiny_encoder, builtin_graph):
     return root / "index"
 
 
-def test_readme_commands(small_index, tiny_chat, tmp_path):
+def test_readme_commands(small_index, tiny_chat, tmp_path, monkeypatch, capsys):
     """The README's kg lines as written, in a fresh folder (the graph is built there on first use), the small
     index standing in for the built-in one, the tiny random chat model and a 4-token budget appended where a
-    chat model answers, eval limited to 3 questions."""
+    chat model answers, eval limited to 3 questions. In-process (``main``): the same code path as the command
+    without a Python start-up per line."""
+    from llmlab.cli import main
+
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     lines = [line.split(" #")[0] for line in readme.splitlines() if line.startswith("llmlab kg ")]
     assert len(lines) >= 4
@@ -347,9 +350,9 @@ def test_readme_commands(small_index, tiny_chat, tmp_path):
             args += ["--model", str(tiny_chat), "--max-new-tokens", "4"]
         if args[0] == "eval":
             args += ["--limit", "3"]  # the last --limit wins
-        r = run_cli(*args, cwd=tmp_path)
-        assert r.returncode == 0, (line, r.stderr)
-        assert "index of" not in r.stderr  # the default index was not rebuilt
+        monkeypatch.chdir(tmp_path)
+        assert main(["kg", *args]) == 0, line
+        assert "index of" not in capsys.readouterr().err  # the default index was not rebuilt
     assert (tmp_path / "data" / "kg-graph" / "graph.db").exists()
     assert (tmp_path / "runs" / "graph" / "graph.db").exists()
 
