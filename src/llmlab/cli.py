@@ -11,6 +11,7 @@ from pathlib import Path
 from llmlab import __version__
 
 RAG_INDEX, RAG_DOCS = "data/pydoc-index", "data/pydoc-topics"  # llmlab rag's built-in index and its documents
+KG_GRAPH, KG_INDEX, KG_DOCS = "data/kg-graph", "data/kg-index", "data/kg-exceptions"  # llmlab kg's built-in ones
 MODEL_HELP = ("a .gguf file, a Hugging Face folder, an sft run or adapter folder (base + adapter), a preset "
               "(random weights), or an embedded model (smollm2-135m-instruct, all-minilm-l6-v2) "
               "(default: smollm2-135m-instruct)")
@@ -321,10 +322,29 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _builtin_index(index: str, default: str, documents, what: str) -> Path:
+    """``index`` as a path; the default one is built on first use over ``documents()`` (a folder)."""
+    from llmlab.common import LlmlabError
+    from llmlab.infer.index import DB_NAME, IndexConfig, VectorStore, add_files, open_encoder
+
+    path = Path(index)
+    if not (path / DB_NAME).exists():
+        if index != default:
+            raise LlmlabError(f"--index {path}: no index there: build one with 'llmlab index build FILES --index "
+                              f"{path}', or leave out --index for the built-in one ({what})")
+        print(f"llmlab: building the built-in index of {what} into {path} (once) ...", file=sys.stderr)
+        docs = documents()
+        config = IndexConfig()
+        encoder = open_encoder(config)
+        with VectorStore.create(path, config, encoder.fingerprint) as store:
+            add_files(store, encoder, [str(docs)], {})
+    return path
+
+
 def cmd_rag(args) -> int:
     from llmlab.api import load
     from llmlab.common import LlmlabError
-    from llmlab.infer.index import DB_NAME, IndexConfig, VectorStore, add_files, open_encoder
+    from llmlab.infer.index import VectorStore, open_encoder
     from llmlab.infer.rag import answer, builtin_documents, question_loglik, retrieve
 
     if not args.question.strip():
@@ -335,18 +355,8 @@ def cmd_rag(args) -> int:
         from llmlab.infer.lingua import check_ratio
 
         check_ratio(args.compress, "--compress")
-    index = Path(args.index)
-    if not (index / DB_NAME).exists():
-        if args.index != RAG_INDEX:
-            raise LlmlabError(f"--index {index}: no index there: build one with 'llmlab index build FILES --index "
-                              f"{index}', or leave out --index for the built-in Python language reference")
-        print(f"llmlab: building the built-in index of the Python help topics into {index} (once) ...",
-              file=sys.stderr)
-        docs = builtin_documents(Path(RAG_DOCS))
-        config = IndexConfig()
-        encoder = open_encoder(config)
-        with VectorStore.create(index, config, encoder.fingerprint) as store:
-            add_files(store, encoder, [str(docs)], {})
+    index = _builtin_index(args.index, RAG_INDEX, lambda: builtin_documents(Path(RAG_DOCS)),
+                           "the Python help topics")
     llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
                packed_kernel=args.packed_kernel)
     if not llm.config.is_causal:
@@ -1094,6 +1104,142 @@ def cmd_index_eval(args) -> int:
     return 0
 
 
+def _kg_graph(args, llm=None) -> Path:
+    """The --graph folder; the default one is built with rules over the built-in documents on first use."""
+    from llmlab.common import LlmlabError
+    from llmlab.infer.kg import DB_NAME, build_graph, builtin_documents, rules_extract
+
+    path = Path(args.graph)
+    if not (path / DB_NAME).exists():
+        if args.graph != KG_GRAPH:
+            raise LlmlabError(f"--graph {path}: no graph there: make one with 'llmlab kg build FILES --graph {path}', "
+                              "or leave out --graph for the built-in one")
+        print(f"llmlab: building the built-in graph of Python's exception classes into {path} (once) ...",
+              file=sys.stderr)
+        build_graph(path, [str(builtin_documents(Path(KG_DOCS)))], rules_extract, "rules")
+    return path
+
+
+def _kg_rag(args):
+    """question -> the plain-RAG sources from --index (the default: built over the built-in documents)."""
+    from llmlab.infer.index import VectorStore, open_encoder
+    from llmlab.infer.kg import builtin_documents
+    from llmlab.infer.rag import retrieve
+
+    index = _builtin_index(args.index, KG_INDEX, lambda: builtin_documents(Path(KG_DOCS)),
+                           "Python's exception classes")
+    store = VectorStore.open(index)
+    encoder = open_encoder(store)
+    return store, lambda q: retrieve(store, encoder, q, k=args.k, mode="hybrid")
+
+
+def _kg_llm(args):
+    from llmlab.api import load
+    from llmlab.common import LlmlabError
+
+    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
+               packed_kernel=args.packed_kernel)
+    if not llm.config.is_causal:
+        raise LlmlabError("kg needs a chat model; this model is an encoder")
+    return llm
+
+
+def cmd_kg_build(args) -> int:
+    from llmlab.common import LlmlabError
+    from llmlab.infer.kg import build_graph, builtin_documents, model_triples, rules_extract
+
+    sources = args.sources or [str(builtin_documents(Path(KG_DOCS)))]
+    if args.extractor == "model":
+        if args.max_new_tokens < 2:
+            raise LlmlabError(f"--max-new-tokens {args.max_new_tokens}: the JSON needs at least 2 tokens")
+        llm = _kg_llm(args)
+        extract = lambda texts: model_triples(llm, texts, args.max_new_tokens)  # noqa: E731
+    else:
+        extract = rules_extract
+    s = build_graph(args.graph, sources, extract, args.extractor)
+    print(f"{args.graph}: {s['documents']} documents, {s['chunks']} chunks -> {s['triples']} triples "
+          f"({s['entities']} entities, {s['relations']} relations; extractor {args.extractor})")
+    return 0
+
+
+def cmd_kg_query(args) -> int:
+    from llmlab.infer.kg import GraphStore
+
+    with GraphStore.open(_kg_graph(args)) as graph:
+        seeds = graph.link(args.question)
+        if not seeds:
+            print("llmlab: no entity of the graph occurs in the question (try a class name such as "
+                  "ZeroDivisionError)", file=sys.stderr)
+            return 0
+        triples = graph.neighbourhood(seeds, args.hops, args.max_triples)
+    if args.json:
+        print(json.dumps({"linked": seeds, "triples": [vars(t) for t in triples]}))
+        return 0
+    print("linked: " + ", ".join(seeds))
+    for t in triples:
+        print(f"{t.cost:>4g}  {t.sentence()}  ({Path(t.path).name}, chunk {t.chunk_id})")
+    return 0
+
+
+def cmd_kg_ask(args) -> int:
+    from llmlab.common import LlmlabError
+    from llmlab.eval.kg_eval import Question, contexts
+    from llmlab.infer.kg import GraphStore
+    from llmlab.infer.rag import answer
+
+    if not args.question.strip():
+        raise LlmlabError("the question is empty: ask something")
+    if args.k < 1 or args.max_new_tokens < 1:
+        raise LlmlabError(f"--k and --max-new-tokens must be at least 1, got {args.k} and {args.max_new_tokens}")
+    with GraphStore.open(_kg_graph(args)) as graph:
+        store, rag = _kg_rag(args)
+        with store:
+            ctx = contexts(Question("cli", args.question, "", [], ""), graph, rag, args.hops, args.max_triples)
+    sources, linked = ctx[args.context]
+    if not linked and args.context != "rag":
+        print("llmlab: no entity of the graph occurs in the question: answering from plain RAG", file=sys.stderr)
+    llm = _kg_llm(args)
+    result = answer(args.question, sources, lambda m: llm.chat(m, max_new_tokens=args.max_new_tokens))
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    print(result.answer)
+    print("\nSources:")
+    for s in result.sources:
+        text = " ".join(s.text.split())
+        print(f"{'*' if s.number in result.cited else ' '}[{s.number}] {text[:100]}  ({Path(s.path).name})")
+    return 0
+
+
+def cmd_kg_eval(args) -> int:
+    from llmlab.common import LlmlabError
+    from llmlab.eval.kg_eval import builtin_questions, evaluate, format_table
+    from llmlab.infer.kg import GraphStore
+
+    if args.limit < 0:
+        raise LlmlabError(f"--limit {args.limit}: give a count of questions, or 0 for all")
+    questions = builtin_questions(None if args.split == "all" else args.split)
+    questions = questions[:args.limit] if args.limit else questions
+    llm = None if args.no_answer else _kg_llm(args)
+    chat = None if llm is None else (lambda m: llm.chat(m, max_new_tokens=args.max_new_tokens))
+    with GraphStore.open(_kg_graph(args)) as graph:
+        store, rag = _kg_rag(args)
+        with store:
+            result = evaluate(questions, graph, rag, chat, args.hops, args.max_triples)
+    if args.output:
+        from llmlab.common import write_text_atomic
+
+        write_text_atomic(args.output, json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "records"}, indent=2))
+        return 0
+    print(f"built-in multi-hop set, {args.split} split: {result['questions']} questions ({result['unlinked']} with "
+          f"no linked entity); k={args.k} chunks for rag, up to {args.max_triples} triples within cost "
+          f"{args.hops} for kg" + ("" if llm is None else f"; answers by {args.model or 'smollm2-135m-instruct'}"))
+    print(format_table(result))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from llmlab.common import pick_device, pick_dtype
     from llmlab.dataclass_io import from_args
@@ -1535,6 +1681,63 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help=MODEL_HELP)
     _add_load_flags(s, packed_default=False)
     s.set_defaults(func=cmd_compress_prompt)
+    s = sub.add_parser("kg", help="knowledge-graph retrieval: triples from documents (rules or the chat model "
+                                  "under a JSON-schema constraint) in SQLite, a question's neighbourhood as context",
+                       description="Build a triple graph from documents, query a question's neighbourhood, answer "
+                                   "from it, or measure it against plain RAG on the built-in multi-hop questions "
+                                   "(Python's exception classes).")
+    ksub = s.add_subparsers(dest="kg_command", required=True, parser_class=_Parser)
+    k_build = ksub.add_parser("build", help="extract triples from files and folders into a new graph")
+    k_query = ksub.add_parser("query", help="the entities a question links to and their neighbourhood")
+    k_ask = ksub.add_parser("ask", help="answer a question from the graph (or plain RAG, or both), citing sources")
+    k_eval = ksub.add_parser("eval", help="KG vs plain RAG vs both on the built-in multi-hop questions")
+    k_build.add_argument("sources", nargs="*", help="files and folders (default: one file per exception class "
+                                                    f"of Python, written to {KG_DOCS})")
+    k_build.add_argument("--extractor", default="rules", choices=["rules", "model"],
+                         help="rules = patterns (class lines, 'X is a subclass of Y', 'Base class for ...'); "
+                              "model = the chat model, constrained to the triple-list JSON schema (default: rules)")
+    k_build.add_argument("--max-new-tokens", type=int, default=96,
+                         help="with --extractor model: most tokens of JSON per chunk (default: 96)")
+    k_build.add_argument("--graph", default=KG_GRAPH, help=f"the new graph's folder (default: {KG_GRAPH})")
+    for kp in (k_query, k_ask, k_eval):
+        kp.add_argument("--graph", default=KG_GRAPH, help=f"the graph folder; the default one is built with rules "
+                                                          f"over the built-in documents on first use "
+                                                          f"(default: {KG_GRAPH})")
+    for kp in (k_query, k_ask, k_eval):
+        kp.add_argument("--hops", type=float, default=3.0, help="largest path cost from a linked entity: an edge "
+                                                               "forward costs 1, backward 2 (default: 3)")
+        kp.add_argument("--max-triples", type=int, default=12, help="context lines at most (default: 12)")
+    for kp in (k_ask, k_eval):
+        kp.add_argument("--index", default=KG_INDEX, help="the plain-RAG index (hybrid search); the default is "
+                                                         f"built over the built-in documents on first use "
+                                                         f"(default: {KG_INDEX})")
+        kp.add_argument("--k", type=int, default=4, help="chunks plain RAG puts in the prompt (default: 4)")
+    k_query.add_argument("question", help="the question")
+    k_query.add_argument("--json", action="store_true", help="one JSON object (default: off)")
+    k_ask.add_argument("question", help="the question")
+    k_ask.add_argument("--context", default="kg", choices=["kg", "rag", "both"],
+                       help="the sources: graph triples (plain RAG when no entity links), RAG chunks, or both "
+                            "(default: kg)")
+    k_ask.add_argument("--json", action="store_true", help="one JSON object: answer, citations, sources "
+                                                            "(default: off)")
+    k_eval.add_argument("--split", default="test", choices=["dev", "test", "all"],
+                        help="the fixed split of the built-in questions (default: test)")
+    k_eval.add_argument("--limit", type=int, default=0, help="first N questions; 0 = all (default: 0)")
+    k_eval.add_argument("--no-answer", action="store_true",
+                        help="retrieval recall only, no chat model (default: off)")
+    k_eval.add_argument("--output", default=None, help="write every question's record as JSON here "
+                                                       "(default: none)")
+    k_eval.add_argument("--json", action="store_true", help="the summary as JSON (default: off)")
+    for kp, default in ((k_build, 96), (k_ask, 48), (k_eval, 24)):
+        if kp is not k_build:
+            kp.add_argument("--max-new-tokens", type=int, default=default,
+                           help=f"longest answer in tokens (default: {default})")
+        kp.add_argument("--model", default=None, help=MODEL_HELP)
+        _add_load_flags(kp, packed_default=True)
+    k_build.set_defaults(func=cmd_kg_build)
+    k_query.set_defaults(func=cmd_kg_query)
+    k_ask.set_defaults(func=cmd_kg_ask)
+    k_eval.set_defaults(func=cmd_kg_eval)
 
     s = sub.add_parser("convert", help="convert between GGUF and Hugging Face folders")
     s.add_argument("source", help="input: .gguf file, Hugging Face folder or embedded model name")

@@ -79,10 +79,12 @@ def prefill_logits(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
 def generate(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams | None = None, *,
              stop_ids: set[int] | None = None, stop_strings: list[str] | None = None, tokenizer=None,
              on_token: Callable[[int, int], None] | None = None,
-             repetition_guard: RepetitionGuard | None = None) -> list[Completion]:
+             repetition_guard: RepetitionGuard | None = None,
+             constraint: Callable[[int, list[int], int], torch.Tensor] | None = None) -> list[Completion]:
     """Generate for a batch of prompts (lists of ids). ``on_token(row, id)`` streams each new token.
     With a ``repetition_guard``, a row whose newest tokens repeat one block (see ``infer/repetition.py``)
-    stops with finish reason "repetition"."""
+    stops with finish reason "repetition". With a ``constraint`` (``(row, ids so far, tokens left) -> (V,) bool``,
+    e.g. ``infer/json_constraint.TokenConstraint.allowed``), tokens it masks out get -inf logits."""
     params = (params or SamplingParams()).validate()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("a prompt is empty")
@@ -120,6 +122,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, params: Sampl
     reasons = ["length"] * B
     texts: list[str | None] = [None] * B
     for step in range(budget):
+        if constraint is not None:
+            allowed = torch.stack([constraint(i, out[i], budget - step) for i in range(B)]).to(device)  # (B, V)
+            logits = logits.masked_fill(~allowed, float("-inf"))
         if gens is None:
             nxt = select(logits, params, None, seen, counts)  # (B,)
         else:
