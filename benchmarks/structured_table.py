@@ -45,7 +45,7 @@ ROWS = [  # (label, method, sparsity)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small budgets: 1024 held-out tokens, 4 x 128 calibration "
-                                                        "tokens, 4 LoRA steps, 16 decode tokens (default: off)")
+                                                        "tokens, 4 LoRA steps, 8 decode tokens, 1 run (default: off)")
     p.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens scored (default: 4096)")
     p.add_argument("--window", type=int, default=512, help="perplexity window (default: 512)")
     p.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default: 16)")
@@ -60,7 +60,7 @@ def main() -> None:
                                                              "docs/structured)")
     args = p.parse_args()
     if args.quick:
-        args.ppl_tokens, args.calib_samples, args.calib_len, args.steps, args.new_tokens = 1024, 4, 128, 4, 16
+        args.ppl_tokens, args.calib_samples, args.calib_len, args.steps, args.new_tokens, args.runs = 1024, 4, 128, 4, 8, 1
     only = {r.strip() for r in args.only.split(",") if r.strip()}
     rows = [r for r in ROWS if not only or r[0] in only]
     h = table_harness(args.ppl_tokens, args.window, args.calib_samples, args.calib_len)

@@ -171,12 +171,12 @@ def test_loraprune_and_llm_pruner_write_smaller_models_that_load_and_run(tmp_pat
     from llmlab.train.recover import recovery
 
     config = StructuredConfig("loraprune", 0.5, "query").resolved()
-    opts = {"lr": 1e-3, "batch_size": 2, "ppl_tokens": 64, "window": 32, "progress": False}
+    opts = {"lr": 1e-3, "batch_size": 2, "ppl_tokens": 32, "window": 32, "progress": False}
     out = tmp_path / "lp"
     report = prune_structured(str(tiny_chat), out, config, calib_samples=4, calib_len=32, progress=False,
-                              select=loraprune_select(config, 6, rank=4, **opts))
+                              select=loraprune_select(config, 4, rank=4, **opts))
     lp = report["loraprune"]
-    assert [(p["heads"], p["ffn"]) for p in lp["prunings"]][-1] == (2, 64) and lp["steps"] == 6
+    assert [(p["heads"], p["ffn"]) for p in lp["prunings"]][-1] == (2, 64) and lp["steps"] == 4
     assert report["shape"] == {"n_heads": 2, "n_kv_heads": 2, "head_dim": 16, "ffn_dim": 64}
     loaded = load_model(str(out))
     assert loaded.config.n_heads == 2 and loaded.config.ffn_dim == 64
@@ -188,8 +188,8 @@ def test_loraprune_and_llm_pruner_write_smaller_models_that_load_and_run(tmp_pat
     config = StructuredConfig("llm-pruner", 0.5, "kv").resolved()
     out = tmp_path / "llm"
     report = prune_structured(str(tiny_chat), out, config, calib_samples=2, calib_len=32, progress=False,
-                              recover=recovery(3, lora_rank=4, **opts))
-    assert report["recovery"]["lora_rank"] == 4 and report["recovery"]["steps"] == 3
+                              recover=recovery(2, lora_rank=4, **opts))
+    assert report["recovery"]["lora_rank"] == 4 and report["recovery"]["steps"] == 2
     assert report["shape"]["n_kv_heads"] == 1 and report["shape"]["n_heads"] == 2
     assert load_model(str(out)).model.layers[0].self_attn.k_proj.weight.shape == (16, 64)
 
@@ -210,8 +210,8 @@ def test_cli_structured_and_bad_input(tmp_path, tiny_chat, capsys):
     assert report["removed_per_block"] == {"query_heads_per_kv_group": 1, "kv_groups": 0, "ffn_channels": 32}
     for args, message in ((["--sparsity", "1"], "--sparsity 1.0: use the fraction"),
                           (["--sparsity", "-0.1"], "--sparsity -0.1"),
-                          (["--sparsity", "0.9"], "--sparsity 0.9 would remove all 2 query heads of each KV group: "
-                                                  "use --sparsity below 0.750 or --heads none"),
+                          (["--sparsity", "0.9"], "--sparsity 0.9 would remove all 2 query heads of each KV group "
+                                                  "of every block: use --sparsity below 0.750 or --heads none"),
                           (["--sparsity", "0.8", "--heads", "kv"], "would remove all 2 KV groups"),
                           (["--sparsity", "0.9999", "--heads", "none"], "would remove all 128 FFN channels"),
                           (["--pattern", "2:4"], "--pattern is for unstructured / N:M pruning"),
@@ -225,3 +225,42 @@ def test_cli_structured_and_bad_input(tmp_path, tiny_chat, capsys):
         assert not (tmp_path / "bad").exists()
     r = run_cli("prune", str(tiny_chat), "--method", "loraprune", "--sparsity", "0.9", "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "would remove all" in r.stderr, r.stderr
+
+
+# ---- the README's commands -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_readme_structured_commands(tmp_path, smollm_path):
+    """The README's structured-pruning lines as written, a small calibration / LoRA / perplexity budget appended,
+    then generate from the smaller folder."""
+    budget = ["--calib-samples", "1", "--calib-len", "64", "--recover-batch", "1", "--ppl-tokens", "64",
+              "--no-progress"]
+    r = run_cli("prune", "--method", "llm-pruner", "--sparsity", "0.2", "--recover-steps", "20", "--out",
+                str(tmp_path / "smol-lp20"), *budget, "--recover-steps", "1", timeout=1200)
+    assert r.returncode == 0, r.stderr
+    assert "llm-pruner 20% structured (heads: query): 6 heads, 3 KV heads, FFN 1229" in r.stderr, r.stderr
+    r = run_cli("prune", "--method", "loraprune", "--sparsity", "0.2", "--out", str(tmp_path / "smol-lrp20"), *budget,
+                "--recover-steps", "2", timeout=1200)
+    assert r.returncode == 0, r.stderr
+    assert "LoRAPrune fine-tune 2 steps" in r.stderr, r.stderr
+    r = run_cli("generate", "--model", str(tmp_path / "smol-lp20"), "The capital of France is", "--max-new-tokens",
+                "4")
+    assert r.returncode == 0 and r.stdout, r.stderr
+
+
+@pytest.mark.slow
+def test_readme_structured_table_command(tmp_path, smollm_path):
+    """The README's results-table command with the smoke budget appended (--quick) and one row: the JSON and
+    Markdown it writes."""
+    import os
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "structured_table.py"
+    r = subprocess.run([sys.executable, str(script), "--calib-samples", "8", "--calib-len", "256", "--steps", "10",
+                        "--ppl-tokens", "2048", "--new-tokens", "32", "--quick", "--only", "llm-pruner 20% + LoRA",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=1800,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [x["label"] for x in rows] == ["dense (GGUF dequantized)", "llm-pruner 20% + LoRA"]
+    assert rows[1]["n_heads"] == 6 and rows[1]["parameters"] < rows[0]["parameters"]
+    assert "| llm-pruner 20% + LoRA | 6 / 3 / 1229 |" in (tmp_path / "results.md").read_text()
