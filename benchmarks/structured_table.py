@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from decode import prompt_ids, rates
-from llmlab.compress.structured import StructuredConfig, llm_pruner_keep, parameter_count, shrink
+from llmlab.api import parameter_count
+from llmlab.compress.structured import StructuredConfig, llm_pruner_keep, shrink
 from llmlab.eval.perplexity import perplexity
 from llmlab.formats.convert import write_loaded
 from llmlab.infer.generate import generate
@@ -56,11 +57,14 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64, help="decode tokens timed (default: 64)")
     p.add_argument("--runs", type=int, default=3, help="timed decode runs, median (default: 3)")
     p.add_argument("--only", default="", help="comma-separated row labels to run (default: all)")
+    p.add_argument("--no-dense", action="store_true", help="leave out the unpruned model's own row (its decode rate "
+                                                           "is still measured beside each row) (default: off)")
     p.add_argument("--out", default="docs/structured", help="where the JSON and Markdown go (default: "
                                                              "docs/structured)")
     args = p.parse_args()
     if args.quick:
-        args.ppl_tokens, args.calib_samples, args.calib_len, args.steps, args.new_tokens, args.runs = 1024, 4, 128, 4, 8, 1
+        args.ppl_tokens, args.calib_samples, args.calib_len, args.steps = 1024, 4, 128, 4
+        args.new_tokens, args.runs = 8, 1
     only = {r.strip() for r in args.only.split(",") if r.strip()}
     rows = [r for r in ROWS if not only or r[0] in only]
     h = table_harness(args.ppl_tokens, args.window, args.calib_samples, args.calib_len)
@@ -76,18 +80,21 @@ def main() -> None:
         write_loaded(loaded, folder, dtype="float16")
         ppl = perplexity(loaded.model, ids, args.window, n_bytes)
         speed: dict = {}
-        for name, model in (("pruned", loaded.model), ("dense", base.model)):  # side by side: the load drifts
+        pairs = (("pruned", loaded.model), ("dense", base.model)) if loaded is not base else (("dense", base.model),)
+        for name, model in pairs:  # side by side: the load drifts
             rates(speed, name, lambda n, m=model: generate(m, [p128], n), args.new_tokens, args.runs)
         c = loaded.config
         row = {"label": label, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads, "ffn_dim": c.ffn_dim,
                "parameters": parameter_count(loaded.model), "file_mb": round(folder_bytes(folder) / 1e6, 1),
                "perplexity": round(ppl.perplexity, 3), "bits_per_byte": round(ppl.bits_per_byte, 4),
-               "decode_tok_s": round(speed["pruned decode"], 1), "dense_decode_tok_s": round(speed["dense decode"], 1),
+               "decode_tok_s": round(speed.get("pruned decode", speed["dense decode"]), 1),
+               "dense_decode_tok_s": round(speed["dense decode"], 1),
                "seconds": round(seconds, 1), **extra}
         results.append(row)
         print(json.dumps(row), flush=True)
 
-    measure("dense (GGUF dequantized)", base, 0.0, {})
+    if not args.no_dense:
+        measure("dense (GGUF dequantized)", base, 0.0, {})
     for label, method, sparsity in rows:
         loaded = copy.copy(base)
         loaded.model = copy.deepcopy(base.model)

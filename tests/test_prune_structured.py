@@ -20,12 +20,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmlab.api import parameter_count
 from llmlab.compress.loraprune import lora_weight_gradient, loraprune_scores, moving_average, scheduled_sparsity
 from llmlab.compress.structured import (
     StructuredConfig,
     UnitMasks,
     llm_pruner_keep,
-    parameter_count,
     plan,
     prune_structured,
     select_units,

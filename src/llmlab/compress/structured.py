@@ -268,11 +268,6 @@ def shrink(model: nn.Module, cfg: ModelConfig, keep: list[dict[str, torch.Tensor
 
 
 # ---- the command ---------------------------------------------------------------------------------------------------
-def parameter_count(model: nn.Module) -> int:
-    """Parameters, tied tensors once."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def prune_structured(source: str | None, out: Path, config: StructuredConfig, *, calib: str = "builtin",
                      calib_samples: int = 16, calib_len: int = 256, seed: int = 0, dtype: str = "float32",
                      force: bool = False, progress: bool = True, select: Callable | None = None,
@@ -295,7 +290,7 @@ def prune_structured(source: str | None, out: Path, config: StructuredConfig, *,
     if loaded.tokenizer is None:
         raise LlmlabError(f"{source}: has no tokenizer to read the calibration text with")
     windows = token_windows(loaded.tokenizer, text, calib_samples, calib_len, seed)
-    params_before = parameter_count(loaded.model)
+    params_before = sum(p.numel() for p in loaded.model.parameters())  # tied once
     t0 = time.perf_counter()
     info: dict = {}
     if select is None:
@@ -312,7 +307,7 @@ def prune_structured(source: str | None, out: Path, config: StructuredConfig, *,
                                     "ffn_channels": p.ffn},
               "shape": {"n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads, "head_dim": c.head_dim,
                         "ffn_dim": c.ffn_dim},
-              "parameters": {"before": params_before, "after": parameter_count(loaded.model)},
+              "parameters": {"before": params_before, "after": sum(p.numel() for p in loaded.model.parameters())},
               "kept": [{k: v.nonzero().squeeze(1).tolist() for k, v in blk.items()} for blk in keep],
               **info, "recovery": recovery}
     report["parameters"]["share_removed"] = 1 - report["parameters"]["after"] / params_before
