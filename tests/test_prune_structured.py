@@ -256,8 +256,8 @@ def test_readme_structured_table_command(tmp_path, smollm_path):
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "structured_table.py"
     r = subprocess.run([sys.executable, str(script), "--calib-samples", "8", "--calib-len", "256", "--steps", "10",
-                        "--ppl-tokens", "2048", "--new-tokens", "32", "--quick", "--only", "llm-pruner 20% + LoRA",
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=1800,
+                        "--ppl-tokens", "2048", "--new-tokens", "16", "--runs", "1", "--quick", "--only",
+                        "llm-pruner 20% + LoRA", "--out", str(tmp_path)], capture_output=True, text=True, timeout=1800,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
