@@ -284,9 +284,9 @@ def prune_structured(source: str | None, out: Path, config: StructuredConfig, *,
         raise LlmlabError(f"{out} already exists: pass --force to overwrite it")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise LlmlabError(f"--dtype {dtype}: choose float32, float16 or bfloat16")
-    text = calibration_text(calib)
     loaded = load_model(source)
-    p = plan(loaded.config, cfg)  # errors before the calibration text is tokenized
+    p = plan(loaded.config, cfg)  # errors before the calibration text is read
+    text = calibration_text(calib)
     if loaded.tokenizer is None:
         raise LlmlabError(f"{source}: has no tokenizer to read the calibration text with")
     windows = token_windows(loaded.tokenizer, text, calib_samples, calib_len, seed)
