@@ -480,6 +480,8 @@ def cmd_quantize(args) -> int:
 def cmd_prune(args) -> int:
     from llmlab.compress.prune import PruneConfig, prune
 
+    if args.method in ("llm-pruner", "loraprune"):
+        return cmd_prune_structured(args)
     config = PruneConfig(args.method, args.sparsity, args.pattern, args.compare, args.damp, args.block_size)
     report = prune(args.model, Path(args.out), config, calib=args.calib, calib_samples=args.calib_samples,
                    calib_len=args.calib_len, seed=args.seed, dtype=args.dtype, force=args.force,
@@ -488,6 +490,40 @@ def cmd_prune(args) -> int:
     print(f"{report['config']['method']} {report['config']['pattern']}: {len(report['layers'])} layers, "
           f"{total['layers']:.2%} of their weights zero ({total['model']:.2%} of the model), in "
           f"{report['seconds']} s; wrote {args.out} (summary.md)", file=sys.stderr)
+    return 0
+
+
+def cmd_prune_structured(args) -> int:
+    from llmlab.common import LlmlabError
+    from llmlab.compress.structured import StructuredConfig, prune_structured
+    from llmlab.train.recover import recovery
+
+    for flag, value in (("--pattern", args.pattern != "unstructured"), ("--compare", args.compare is not None)):
+        if value:
+            raise LlmlabError(f"{flag} is for unstructured / N:M pruning, not --method {args.method}: leave it out")
+    config = StructuredConfig(args.method, 0.2 if args.sparsity is None else args.sparsity, args.heads).resolved()
+    steps = args.recover_steps if args.recover_steps is not None else (20 if args.method == "loraprune" else 0)
+    if steps < 0 or args.lora_rank < 1:
+        raise LlmlabError(f"--recover-steps {steps} / --lora-rank {args.lora_rank}: use steps >= 0 and a rank >= 1")
+    opts = {"lr": args.recover_lr, "batch_size": args.recover_batch, "ppl_tokens": args.ppl_tokens,
+            "window": min(512, args.ppl_tokens), "progress": not args.no_progress}
+    select = recover = None
+    if args.method == "loraprune":
+        from llmlab.train.loraprune import loraprune_select
+
+        select = loraprune_select(config, steps, rank=args.lora_rank, **opts)
+    elif steps:
+        recover = recovery(steps, lora_rank=args.lora_rank, **opts)
+    report = prune_structured(args.model, Path(args.out), config, calib=args.calib, calib_samples=args.calib_samples,
+                              calib_len=args.calib_len, seed=args.seed, dtype=args.dtype, force=args.force,
+                              progress=not args.no_progress, select=select, recover=recover)
+    p, s = report["parameters"], report["shape"]
+    rec = report["recovery"] or report.get("loraprune")
+    rec = (f"; {'LoRA recovery' if args.method == 'llm-pruner' else 'LoRAPrune fine-tune'} {rec['steps']} steps: "
+           f"held-out perplexity {rec['perplexity_before']:.2f} -> {rec['perplexity_after']:.2f}") if rec else ""
+    print(f"{config.label()}: {s['n_heads']} heads, {s['n_kv_heads']} KV heads, FFN {s['ffn_dim']}; parameters "
+          f"{p['before']:,} -> {p['after']:,} ({p['share_removed']:.2%} removed){rec}, in {report['seconds']} s; "
+          f"wrote {args.out} (summary.md)", file=sys.stderr)
     return 0
 
 
@@ -1808,15 +1844,30 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("prune", help="unstructured or N:M pruning (magnitude, Wanda, SparseGPT) into an ordinary "
-                                     "float model folder")
+                                     "float model folder, or structured pruning (LLM-Pruner, LoRAPrune) into a "
+                                     "smaller dense model")
     s.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
-    s.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
+    s.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt", "llm-pruner", "loraprune"],
                    help="magnitude: zero the smallest |W| (no calibration); wanda: the lowest |W| x input norm per "
                         "output row (calibrated); sparsegpt: OBS pruning with weight updates from the calibration "
-                        "Hessian (calibrated) (default: wanda)")
+                        "Hessian (calibrated); llm-pruner: remove heads and FFN channels by Taylor importance "
+                        "(structured, optional LoRA recovery); loraprune: remove them while LoRA fine-tunes, by "
+                        "LoRA-gradient importance (structured) (default: wanda)")
     s.add_argument("--sparsity", type=float, default=None,
                    help="fraction of each layer's weights to zero, in [0, 1) (default: 0.5; an N:M pattern sets "
-                        "it to 1 - N/M)")
+                        "it to 1 - N/M); llm-pruner / loraprune: the share of each block's query heads (per KV "
+                        "group) or KV groups and FFN channels removed, rounded to whole units (default: 0.2)")
+    s.add_argument("--heads", default="query", choices=["query", "kv", "none"],
+                   help="llm-pruner / loraprune: what attention loses: query heads (the same count from every KV "
+                        "group), whole KV groups, or nothing (default: query)")
+    s.add_argument("--recover-steps", type=int, default=None,
+                   help="llm-pruner: LoRA recovery steps after pruning (0 = none); loraprune: the fine-tune's steps, "
+                        "during which it prunes (default: 0 for llm-pruner, 20 for loraprune)")
+    s.add_argument("--lora-rank", type=int, default=8, help="llm-pruner / loraprune: LoRA rank (default: 8)")
+    s.add_argument("--recover-lr", type=float, default=1e-4, help="LoRA learning rate (default: 1e-4)")
+    s.add_argument("--recover-batch", type=int, default=4, help="LoRA windows per step (default: 4)")
+    s.add_argument("--ppl-tokens", type=int, default=4096,
+                   help="held-out tokens the LoRA run's before / after perplexity is measured on (default: 4096)")
     s.add_argument("--pattern", default="unstructured",
                    help="unstructured, or N:M: keep N of every M consecutive input weights, e.g. 2:4 or 4:8 "
                         "(default: unstructured)")

@@ -64,7 +64,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise LlmlabError(f"model config: {name} must be a positive integer, got {value!r}")
-        if self.head_dim * self.n_heads != self.dim and self.dim % self.n_heads:
+        # llama / t5 take any head_dim (a structurally pruned Llama keeps head_dim with fewer heads)
+        if self.arch not in ("llama", "t5") and self.head_dim * self.n_heads != self.dim and self.dim % self.n_heads:
             raise LlmlabError(f"model config: dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
             raise LlmlabError(f"model config: n_heads={self.n_heads} is not a multiple of "

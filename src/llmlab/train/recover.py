@@ -27,6 +27,7 @@ from torch import nn
 from llmlab.common import LlmlabError
 from llmlab.compress.calibrate import heldout_text
 from llmlab.models.config import ModelConfig
+from llmlab.nn.lora import LoRAConfig, apply_lora_, lora_modules, remove_lora_
 from llmlab.nn.lowrank import LowRankLinear
 from llmlab.train.loop import TrainConfig, train
 
@@ -50,9 +51,10 @@ class RecoveryTask:
 
     name = "recover"
 
-    def __init__(self, model: nn.Module, cfg: ModelConfig, windows: torch.Tensor, heldout: torch.Tensor):
+    def __init__(self, model: nn.Module, cfg: ModelConfig, windows: torch.Tensor, heldout: torch.Tensor,
+                 trainable: dict[str, nn.Parameter] | None = None):
         self.model, self.model_config, self.windows, self.heldout = model, cfg, windows, heldout
-        self.trainable = set(factor_parameters(model))
+        self.trainable = set(factor_parameters(model) if trainable is None else trainable)
 
     def _rows(self, step: int, first_row: int, rows: int, total_rows: int, split: str) -> torch.Tensor:
         src = self.windows if split == "train" else self.heldout
@@ -94,15 +96,17 @@ class RecoveryTask:
 
 
 def recover_(model: nn.Module, cfg: ModelConfig, windows: torch.Tensor, heldout: torch.Tensor, steps: int, *,
-             lr: float = 1e-4, batch_size: int = 4, progress: bool = True) -> dict:
-    """Train the factors of ``model`` for ``steps`` optimizer steps on ``windows`` (n, T); returns {"steps",
+             lr: float = 1e-4, batch_size: int = 4, progress: bool = True,
+             params: dict[str, nn.Parameter] | None = None, task: RecoveryTask | None = None) -> dict:
+    """Train the factors of ``model`` (or ``params``: {state-dict name: parameter}, e.g. LoRA's A and B; ``task``:
+    a ``RecoveryTask`` subclass built on them) for ``steps`` optimizer steps on ``windows`` (n, T); returns {"steps",
     "lr", "batch_size", "train_loss" (last step), "heldout_loss_before" / "_after", "perplexity_before" /
     "_after", "seconds"}. The other parameters' ``requires_grad`` are restored afterwards."""
     if steps < 1:
         raise LlmlabError(f"--recover-steps {steps}: use a positive number of steps (0 = no recovery)")
     if not (lr > 0 and math.isfinite(lr)):
         raise LlmlabError(f"--recover-lr {lr}: use a positive learning rate, e.g. 1e-4")
-    factors = factor_parameters(model)
+    factors = factor_parameters(model) if params is None else params
     if not factors:
         raise LlmlabError("recovery needs float low-rank factors, and the model has none")
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -110,7 +114,7 @@ def recover_(model: nn.Module, cfg: ModelConfig, windows: torch.Tensor, heldout:
         p.requires_grad_(False)
     for p in factors.values():
         p.requires_grad_(True)
-    task = RecoveryTask(model, cfg, windows, heldout)
+    task = task or RecoveryTask(model, cfg, windows, heldout, factors)
     before = task.heldout_loss()
     tcfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=windows.shape[1], lr=lr, warmup=max(1, steps // 10),
                        weight_decay=0.0, eval_every=0, eval_batches=1, save_every=0, keep_checkpoints=1,
@@ -139,10 +143,18 @@ def heldout_windows(tokenizer, n_tokens: int, window: int) -> torch.Tensor:
     return ids[: n * window].reshape(n, window)  # (n, window)
 
 
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{state-dict name: parameter} of every LoRA A and B in ``model``."""
+    return {f"{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight
+            for name, m in lora_modules(model).items() for ab in ("A", "B")}
+
+
 def recovery(steps: int, *, lr: float = 1e-4, batch_size: int = 4, ppl_tokens: int = 4096, window: int = 512,
-             progress: bool = True):
-    """The ``recover`` step of ``compress.lowrank.lowrank``: (model, loaded, calibration windows) -> the report
-    of ``recover_``, the held-out loss measured on ``ppl_tokens`` tokens of the held-out text."""
+             progress: bool = True, lora_rank: int = 0, lora_alpha: float = 16.0):
+    """The ``recover`` step of ``compress.lowrank.lowrank`` and ``compress.structured.prune_structured``: (model,
+    loaded, calibration windows) -> the report of ``recover_``, the held-out loss measured on ``ppl_tokens``
+    tokens of the held-out text. ``lora_rank`` > 0: LoRA of that rank on every linear layer of the blocks is
+    trained instead of low-rank factors and merged into the weights afterwards (LLM-Pruner's recovery)."""
     if steps < 1:
         raise LlmlabError(f"--recover-steps {steps}: use a positive number of steps (0 = no recovery)")
     if batch_size < 1:
@@ -150,7 +162,16 @@ def recovery(steps: int, *, lr: float = 1e-4, batch_size: int = 4, ppl_tokens: i
 
     def run(model: nn.Module, loaded, windows: torch.Tensor) -> dict:
         heldout = heldout_windows(loaded.tokenizer, ppl_tokens, window)
-        return {**recover_(model, loaded.config, windows, heldout, steps, lr=lr, batch_size=batch_size,
-                           progress=progress), "heldout_tokens": heldout.numel()}
+        params = None
+        if lora_rank:
+            apply_lora_(model, LoRAConfig(r=lora_rank, alpha=lora_alpha, target_modules="all-linear").validate())
+            params = lora_parameters(model)
+        try:
+            rec = recover_(model, loaded.config, windows, heldout, steps, lr=lr, batch_size=batch_size,
+                           progress=progress, params=params)
+        finally:
+            if lora_rank:
+                remove_lora_(model, merge=True)
+        return {**rec, "heldout_tokens": heldout.numel(), **({"lora_rank": lora_rank} if lora_rank else {})}
 
     return run
