@@ -103,7 +103,8 @@ class CausalLMTask(WholeModelState):
     head and the cross-entropy run as one chunked operation (``nn/linear_ce.py``: the same loss and gradients,
     no (B, T, vocab) logits in memory). ``None`` (the default) fuses on CPUs only: there it is faster (GPT-2
     6L/384, 2-core AVX2: 711 vs 627 tok/s) and halves the step's peak memory; on an H100 the plain head was
-    faster (GPT-2 124M, bf16, batch 32 x 1024: 307K vs 254K tok/s, ``benchmarks/train.py``)."""
+    faster (GPT-2 124M, bf16, batch 32 x 1024: 307K vs 254K tok/s, ``benchmarks/train.py``). With the loop's
+    ``--compile`` the plain head is compiled with the forward instead (``compile_loss_``)."""
 
     name = "pretrain"
 
@@ -111,19 +112,25 @@ class CausalLMTask(WholeModelState):
                  fused_head: bool | None = None):
         self.model, self.model_config, self.shards, self.seq_len, self.seed = model, cfg, shards, seq_len, seed
         self.fused_head = fused_head
+        self._loss_compiled = False  # --compile: the plain head, compiled with the forward
 
     def _fused(self) -> bool:
+        if self._loss_compiled:
+            return False
         device = next(self.model.parameters()).device
         fused = device.type == "cpu" if self.fused_head is None else self.fused_head
         return fused and not dist_.is_shard(self.model.lm_head.weight)  # FSDP's head is a shard outside forward
 
     def compile_loss_(self) -> bool:
-        """``--compile`` with the plain head: compile the forward and the cross-entropy as one graph, so
-        Inductor fuses the float32 cast, log-softmax and loss over the (B, T, V) logits rather than writing
-        them out. On an H100 (GPT-2 124M, bf16, batch 32 x 1024, ``benchmarks/train.py --compile``): 468K
-        tok/s vs 363K with the model alone compiled. False (the loop compiles the model) with the fused head."""
-        if self._fused():
-            return False
+        """``--compile``: compile the forward and the plain head's cross-entropy as one graph, so Inductor fuses
+        the float32 cast, log-softmax and loss over the (B, T, V) logits rather than writing them out. Faster than
+        the model compiled alone and than the chunked head, on GPUs and CPUs alike (``benchmarks/train.py
+        --compile``): GPT-2 124M on an H100, 468K vs 363K tok/s (model alone); GPT-2 6L/384 on 2 AVX512-BF16
+        cores, 1351 vs 958 tok/s (model alone) and 1062 (chunked head). False (the loop compiles the model) for a
+        subclass with its own loss, when the chunked head was asked for, or when the head is an FSDP shard."""
+        if type(self).loss is not CausalLMTask.loss or self.fused_head or dist_.is_shard(self.model.lm_head.weight):
+            return False  # a subclass with its own loss (MLM, recurrent LMs), or the chunked head asked for
+        self._loss_compiled = True
         self._plain_loss = torch.compile(self._plain_loss)
         return True
 
