@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from llmlab.infer.generate import generate
+from llmlab.infer.generate import chat_stop_ids, generate
 from llmlab.models.config import ModelConfig
 from llmlab.models.native_step import enable_native_step_
 from llmlab.models.registry import build_model
@@ -163,7 +163,10 @@ def test_smollm2_native_step(smollm, smollm_path):
     prompts = ["The capital of France is", "def fibonacci(n):\n    if n < 2:",
                "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n"]
     ids = [tok.encode(p) for p in prompts]
-    native, eager = _both(model, lambda: [generate(model, [i], 24)[0].ids for i in ids])
+    # up to the end of the turn, as chat does: past <|im_end|> the model rambles through near-ties, where one
+    # flipped int8 rounding picks the other word (seen on an AVX512-VNNI machine, 20 tokens into the ramble)
+    stops = chat_stop_ids(model.config, tok)
+    native, eager = _both(model, lambda: [generate(model, [i], 24, stop_ids=stops)[0].ids for i in ids])
     assert native == eager
     text = torch.tensor([tok.encode(inspect.getdoc(json))[:200]])  # the quality benchmark's text
 
