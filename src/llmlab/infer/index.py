@@ -164,6 +164,26 @@ def _write_vectors(path: Path, index, generation: int) -> None:
         tmp.write_bytes(_MAGIC + header + b"\n" + payload)
 
 
+def create_database(path: Path, schema: str, meta: list[tuple[str, str]], exists: str, flag: str) -> sqlite3.Connection:
+    """A new store's SQLite file ``path`` (its folder made if missing) in WAL mode: ``schema``'s statements and
+    the ``meta`` rows in one transaction. ``exists``: the error's text when the folder already holds one;
+    ``flag``: the command-line flag that named the folder."""
+    folder = path.parent
+    if path.exists():
+        raise LlmlabError(f"{folder}: {exists}")
+    if folder.exists() and not folder.is_dir():
+        raise LlmlabError(f"{flag} {folder}: a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    with _transaction(db):
+        for statement in schema.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.executemany("INSERT INTO meta VALUES (?, ?)", meta)
+    return db
+
+
 class VectorStore:
     """An index folder, opened: ``add`` / ``delete`` documents, ``search`` them, ``info``."""
 
@@ -186,20 +206,10 @@ class VectorStore:
     def create(cls, folder: str | Path, config: IndexConfig, fingerprint: dict) -> VectorStore:
         config.check()
         folder = Path(folder)
-        if (folder / DB_NAME).exists():
-            raise LlmlabError(f"{folder}: already an index: add files with 'llmlab index add', or pick a new folder")
-        if folder.exists() and not folder.is_dir():
-            raise LlmlabError(f"--index {folder}: a file, not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(folder / DB_NAME, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        with _transaction(db):
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.executemany("INSERT INTO meta VALUES (?, ?)", [
-                ("format", FORMAT), ("config", json.dumps(asdict(config))),
-                ("fingerprint", json.dumps(fingerprint)), ("generation", "0")])
+        db = create_database(folder / DB_NAME, _SCHEMA, [
+            ("format", FORMAT), ("config", json.dumps(asdict(config))), ("fingerprint", json.dumps(fingerprint)),
+            ("generation", "0")], "already an index: add files with 'llmlab index add', or pick a new folder",
+            "--index")
         store = cls(folder, db)
         store.vectors = store._build_faiss(np.zeros((0, store.dim), np.float32), np.zeros(0, np.int64))
         store._save_vectors()

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmlab.common import LlmlabError, write_text_atomic
-from llmlab.infer.index import _transaction
+from llmlab.infer.index import _transaction, create_database
 from llmlab.infer.json_constraint import TokenConstraint, parse_triples
 from llmlab.infer.rag import Source
 from llmlab.text.chunk import collect_files
@@ -194,18 +194,8 @@ class GraphStore:
     @classmethod
     def create(cls, folder: str | Path) -> GraphStore:
         folder = Path(folder)
-        if (folder / DB_NAME).exists():
-            raise LlmlabError(f"{folder}: already a graph: pick a new folder (or delete it to rebuild)")
-        if folder.exists() and not folder.is_dir():
-            raise LlmlabError(f"--graph {folder}: a file, not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(folder / DB_NAME, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        with _transaction(db):
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.executemany("INSERT INTO meta VALUES (?, ?)", [("format", FORMAT), ("generation", "0")])
+        db = create_database(folder / DB_NAME, _SCHEMA, [("format", FORMAT), ("generation", "0")],
+                             "already a graph: pick a new folder (or delete it to rebuild)", "--graph")
         return cls(folder, db)
 
     @classmethod
