@@ -10,13 +10,21 @@ units; the header says which, with the CPU flags.
 
     python benchmarks/train.py                 # CPU, bf16 autocast
     python benchmarks/train.py --device cuda --preset gpt2-124m --batch 32 --seq 1024 --compile
+    python benchmarks/train.py --profile --compile --skip-peer   # where the time of a step goes, per variant
+
+``--profile`` runs two more steps of each variant under ``torch.profiler`` and prints the self time per step of
+each kind of operator: matrix products (``mm``/``addmm``/``bmm``/oneDNN), attention, the loss (log-softmax, NLL,
+the chunked head's own ops), the optimizer (AdamW and gradient clipping), dtype casts, the other ATen ops (norms,
+GELU, adds, embedding), and the code of compiled graphs outside those ATen calls (Inductor's fused kernels).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +68,41 @@ def step_fn(model, opt, x, y, dtype, device, hf: bool, fused: bool = False, loss
     return loss
 
 
+# operator name -> kind, first match wins (self CPU time, so nothing is counted twice)
+OP_KINDS = [
+    ("matmul", re.compile(r"aten::(mm|addmm|bmm|baddbmm|_addmm_activation)$|mkldnn|onednn|linear_backward")),
+    ("attention", re.compile(r"scaled_dot_product|flash_attention|_efficient_attention")),
+    ("loss", re.compile(r"log_softmax|nll_loss|cross_entropy|LinearCrossEntropy")),
+    ("optimizer", re.compile(r"_foreach_|adamw|Optimizer|clip_grad|linalg_vector_norm")),
+    ("casts", re.compile(r"aten::(copy_|_to_copy|to|clone)$")),
+    ("compiled graph (Inductor kernels)", re.compile(r"Torch-Compiled Region|CompiledFunction|CompiledFxGraph|"
+                                                     r"inductor|cpp_fused|graph_\d")),
+    ("other ATen ops", re.compile(r"^aten::")),
+]
+
+
+def profile_breakdown(name, step, steps: int = 2) -> None:
+    """Run ``steps`` more steps under the profiler; print the self time per step of each kind of operator."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = (time.perf_counter() - t) / steps
+    per_kind, per_op = defaultdict(float), defaultdict(dict)
+    for ev in prof.key_averages():
+        kind = next((k for k, rx in OP_KINDS if rx.search(ev.key)), "Python and the rest")
+        per_kind[kind] += ev.self_cpu_time_total / 1e3 / steps  # ms per step
+        per_op[kind][ev.key] = ev.self_cpu_time_total / 1e3 / steps
+    per_kind["Python and the rest"] += max(0.0, wall * 1e3 - sum(per_kind.values()))
+    print(f"  profile of {name}: {wall * 1e3:.0f} ms per step (profiled, so slower than timed)")
+    for kind, ms in sorted(per_kind.items(), key=lambda kv: -kv[1]):
+        top = sorted(per_op[kind].items(), key=lambda kv: -kv[1])[:3]
+        print(f"    {kind:<36} {ms:>8.1f} ms  {100 * ms / (wall * 1e3):5.1f}%   "
+              + ", ".join(f"{op} {t:.0f}" for op, t in top))
+
+
 def measure(name, model, opt, args, device, dtype, hf=False, runs=None, steps=None, warmup=None, fused=False,
             loss_fn=None):
     V = args.vocab
@@ -79,6 +122,8 @@ def measure(name, model, opt, args, device, dtype, hf=False, runs=None, steps=No
         rates.append(steps * args.batch * args.seq / (time.perf_counter() - t))
     rate = statistics.median(rates)
     print(f"{name:<28} {rate:>10.0f} tok/s   (runs: {', '.join(f'{r:.0f}' for r in rates)})", flush=True)
+    if args.profile and device.type == "cpu":
+        profile_breakdown(name, lambda: step_fn(model, opt, x, y, dtype, device, hf, fused, loss_fn))
     return rate
 
 
@@ -101,6 +146,9 @@ def main() -> None:
                    choices=["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"],
                    help="torch.compile mode of the whole-step variant (default: default)")
     p.add_argument("--skip-peer", action="store_true", help="do not run transformers (default: off)")
+    p.add_argument("--profile", action="store_true",
+                   help="after each CPU variant, profile two more steps and print where the time goes by kind of "
+                        "operator (default: off)")
     args = p.parse_args()
     shape = SHAPES[args.preset]
     args.seq = args.seq or shape["seq"]

@@ -439,3 +439,38 @@ def test_fused_head_gives_the_plain_head_curve(shards, tmp_path, arch):
         curves[fused] = losses(tmp_path / str(fused))
     assert [s for s, _ in curves[True]] == [s for s, _ in curves[False]]
     assert max(abs(a - b) for (_, a), (_, b) in zip(curves[True], curves[False])) < 1e-5
+
+
+def test_compile_follows_the_eager_curve_and_resumes_exactly(shards, tmp_path):
+    """--compile (the forward and the plain head's cross-entropy as one Inductor graph, CausalLMTask.compile_loss_)
+    trains like the eager loop, and a compiled run stopped mid-way resumes to the uninterrupted compiled run's
+    losses and weights. The first compile costs most of this test's time (Inductor writes and builds C++ kernels);
+    the later ones hit Inductor's graph cache. One thread: with two, Inductor's CPU reductions make two
+    identical compiled runs differ by about 1e-6 in the bias weights (measured), so nothing is bit-reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _compiled_runs(shards, tmp_path, "gpt2")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compiled_runs(shards, tmp_path, arch):
+
+    def run(name, compile, stop_at=None):
+        torch._dynamo.reset()  # each run compiles afresh, as a resumed run's new process does
+        pcfg, mflags, tcfg = _small(shards, arch=arch, steps=4, save_every=0, compile=compile)
+        task = build_task(pcfg, mflags, tcfg)
+        result = train(_Noisy(task, stop_at), tcfg, tmp_path / name)
+        return task, result
+
+    task, _ = run("compiled", True)
+    assert task._loss_compiled  # the loss was compiled with the forward, not the model alone
+    run("eager", False)
+    compiled, eager = losses(tmp_path / "compiled"), losses(tmp_path / "eager")
+    assert [s for s, _ in compiled] == [s for s, _ in eager]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(compiled, eager)) < 1e-4  # fp32: fused kernels reorder sums
+    assert run("resumed", True, stop_at=2)[1].stopped == "interrupted"
+    assert run("resumed", True)[1].resumed_from == 3
+    assert losses(tmp_path / "resumed") == compiled
+    assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "compiled"))
