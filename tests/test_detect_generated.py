@@ -17,8 +17,15 @@ import pytest
 import torch
 
 from conftest import need
-from llmlab.eval.detect_generated import (analytic_moments, best_threshold, log_ranks, roc_auc, roc_curve,
-                                          score_ids, statistics)
+from llmlab.eval.detect_generated import (
+    analytic_moments,
+    best_threshold,
+    log_ranks,
+    roc_auc,
+    roc_curve,
+    score_ids,
+    statistics,
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -172,7 +179,8 @@ def test_readme_commands_end_to_end(tiny_chat, tmp_path, capsys):
                  str(out), "--json"]) == 0
     r = capsys.readouterr()
     verdict = json.loads(r.out)["statistics"]
-    assert {v["verdict"] for v in verdict.values()} <= {"human", "machine"}
+    assert all((v["threshold"] is None) == (v["verdict"] == "-") for v in verdict.values())
+    assert {v["verdict"] for v in verdict.values()} <= {"human", "machine", "-"}
     assert verdict["entropy"]["threshold"] == result["thresholds"]["entropy"]
 
 

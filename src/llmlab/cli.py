@@ -384,14 +384,10 @@ def cmd_rag(args) -> int:
     return 0
 
 
-def cmd_compress_prompt(args) -> int:
-    from llmlab.api import load
+def _text_argument(args, what: str) -> str:
+    """A command's text: its argument, ``--file FILE`` (UTF-8), or standard input ('-' or nothing); not empty."""
     from llmlab.common import LlmlabError, read_text_file
-    from llmlab.infer.lingua import check_ratio, compress, paragraphs
 
-    if args.eval:
-        return _compress_eval(args)
-    check_ratio(args.ratio)
     if args.file is not None:
         if args.text is not None:
             raise LlmlabError("give the text as an argument or with --file, not both")
@@ -399,7 +395,18 @@ def cmd_compress_prompt(args) -> int:
     else:
         text = sys.stdin.read() if args.text in (None, "-") else args.text
     if not text.strip():
-        raise LlmlabError("the prompt is empty: give some text (an argument, --file FILE or standard input)")
+        raise LlmlabError(f"{what} is empty: give some text (an argument, --file FILE or standard input)")
+    return text
+
+
+def cmd_compress_prompt(args) -> int:
+    from llmlab.api import load
+    from llmlab.infer.lingua import check_ratio, compress, paragraphs
+
+    if args.eval:
+        return _compress_eval(args)
+    check_ratio(args.ratio)
+    text = _text_argument(args, "the prompt")
     llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
                packed_kernel=args.packed_kernel)
     documents = paragraphs(text) if args.split else [text]
@@ -416,24 +423,19 @@ def cmd_compress_prompt(args) -> int:
 
 def cmd_detect(args) -> int:
     from llmlab.api import load
-    from llmlab.common import LlmlabError, read_text_file
+    from llmlab.common import LlmlabError
     from llmlab.eval import detect_generated as dg
 
     if args.eval:
         return _detect_eval(args)
-    if args.file is not None:
-        if args.text is not None:
-            raise LlmlabError("give the text as an argument or with --file, not both")
-        text = read_text_file(args.file, f"--file {args.file}", "a UTF-8 text file")
-    else:
-        text = sys.stdin.read() if args.text in (None, "-") else args.text
-    if not text.strip():
-        raise LlmlabError("the text is empty: give some text (an argument, --file FILE or standard input)")
+    text = _text_argument(args, "the text")
+    if args.prefix_tokens < 1:
+        raise LlmlabError(f"--prefix-tokens {args.prefix_tokens}: give at least 1")
     thresholds = dg.read_thresholds(args.thresholds) if args.thresholds else (
         dg.DEFAULT_THRESHOLDS if args.model in (None, "smollm2-135m-instruct") else {})
     llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
                packed_kernel=args.packed_kernel)
-    stats = dg.score_text(llm.model, llm.tokenizer, text)
+    stats = dg.score_text(llm.model, llm.tokenizer, text, args.prefix_tokens)
     rows = dg.verdicts(stats, thresholds)
     if args.json:
         print(json.dumps({"tokens": stats["tokens"], "statistics": {s: {"value": v, "threshold": t, "verdict": d}
@@ -1799,8 +1801,9 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
                         "own continuations of their first tokens, and a ROC-curve PNG (default: off)")
     s.add_argument("--n", type=int, default=40, help="with --eval: passages, each a human and a machine text "
                                                      "(default: 40)")
-    s.add_argument("--prefix-tokens", type=int, default=30, help="with --eval: prompt tokens taken from the human "
-                                                                 "passage (default: 30)")
+    s.add_argument("--prefix-tokens", type=int, default=30,
+                   help="tokens that are context only, not scored: with --eval the prompt taken from each human "
+                        "passage; on a text its first ones (half of a shorter text) (default: 30)")
     s.add_argument("--new-tokens", type=int, default=96, help="with --eval: tokens of each continuation, human and "
                                                               "machine (default: 96)")
     s.add_argument("--temperature", type=float, default=1.0, help="with --eval: sampling temperature of the machine "

@@ -96,8 +96,9 @@ def score_ids(model, context: list[int], scored: list[int]) -> dict[str, float]:
     return statistics(logp, torch.tensor(scored, device=logp.device))
 
 
-def score_text(model, tokenizer, text: str) -> dict[str, float]:
-    """Statistics of a whole text: every token but the first, given the ones before it (no BOS added)."""
+def score_text(model, tokenizer, text: str, context_tokens: int = 30) -> dict[str, float]:
+    """Statistics of a text as ``evaluate`` scores a continuation: its first ``context_tokens`` tokens (half of a
+    shorter text, at least one) are context only, the rest is scored (no BOS added)."""
     check_scorer(model, "llmlab detect")
     if not text.strip():
         raise LlmlabError("the text is empty: give some text (an argument, --file FILE or standard input)")
@@ -105,7 +106,8 @@ def score_text(model, tokenizer, text: str) -> dict[str, float]:
     if len(ids) < 2:
         raise LlmlabError(f"the text is {len(ids)} token: the statistics need at least 2 (one to condition on, "
                           "one to score); give a longer text")
-    return score_ids(model, ids[:1], ids[1:])
+    k = max(1, min(context_tokens, len(ids) // 2))
+    return score_ids(model, ids[:k], ids[k:])
 
 
 def score_continuation(model, tokenizer, prompt: str, continuation: str) -> dict[str, float]:
@@ -289,12 +291,13 @@ def evaluate(model, tokenizer, passages: list[Passage], cfg: SampleConfig, out: 
             labels.append(label)
         if progress is not None:
             progress()
-    result = {"model": model_name, "n": len(passages), "settings": asdict(cfg), "auc": {}, "thresholds": {}, "accuracy": {},
-              "roc": {}}
+    result = {"model": model_name, "n": len(passages), "settings": asdict(cfg), "auc": {}, "thresholds": {},
+              "accuracy": {}, "roc": {}}
     for s in STATISTICS:
         scores = [t[s] for t in texts]
         result["auc"][s] = roc_auc(scores, labels)
-        result["thresholds"][s], result["accuracy"][s] = best_threshold(scores, labels)
+        cut, result["accuracy"][s] = best_threshold(scores, labels)
+        result["thresholds"][s] = None if math.isinf(cut) else cut  # None: calling every text human is best
         fpr, tpr, _ = roc_curve(scores, labels)
         result["roc"][s] = {"fpr": fpr, "tpr": tpr}
     result["texts"] = texts
@@ -305,8 +308,9 @@ def evaluate(model, tokenizer, passages: list[Passage], cfg: SampleConfig, out: 
 def format_table(result: dict) -> str:
     rows = ["| statistic | ROC-AUC | best accuracy | at threshold |", "|---|---:|---:|---:|"]
     for s in STATISTICS:
+        cut = result["thresholds"][s]
         rows.append(f"| {LABELS[s]} | {result['auc'][s]:.3f} | {result['accuracy'][s]:.3f} | "
-                    f"{result['thresholds'][s]:.4g} |")
+                    f"{'none' if cut is None else f'{cut:.4g}'} |")
     return "\n".join(rows)
 
 
@@ -334,9 +338,11 @@ def plot_roc(result: dict, path: Path) -> Path:
 
 # ---- verdicts on one text --------------------------------------------------------------------------------------
 
-# Best-accuracy thresholds of the embedded SmolLM2-135M-Instruct on the built-in set (the README's Evaluation run);
-# another model's come from its own ``llmlab detect --eval`` (detect.json).
-DEFAULT_THRESHOLDS: dict[str, float] = {}
+# Best-accuracy thresholds of the embedded SmolLM2-135M-Instruct on the built-in set (the README's Evaluation run:
+# ``llmlab detect --eval --n 100``, 76.5% and 72.0% right); likelihood and log-rank have none there (their AUCs are
+# below 0.5: the stdlib's docstrings are more likely to the model than its own samples). Another model's come from
+# its own ``llmlab detect --eval`` (detect.json, ``--thresholds``).
+DEFAULT_THRESHOLDS: dict[str, float] = {"entropy": 2.9928, "fast-detectgpt": -0.2681}
 
 
 def read_thresholds(path: str) -> dict[str, float]:
@@ -345,7 +351,7 @@ def read_thresholds(path: str) -> dict[str, float]:
     data = read_json(file, missing="give the detect.json of an 'llmlab detect --eval' run")
     if not isinstance(data, dict) or not isinstance(data.get("thresholds"), dict):
         raise LlmlabError(f"{file}: no 'thresholds' object: give the detect.json of an 'llmlab detect --eval' run")
-    return {k: float(v) for k, v in data["thresholds"].items() if k in STATISTICS}
+    return {k: float(v) for k, v in data["thresholds"].items() if k in STATISTICS and v is not None}
 
 
 def verdicts(stats: dict[str, float], thresholds: dict[str, float]) -> list[tuple[str, float, float | None, str]]:
