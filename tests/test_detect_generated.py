@@ -148,40 +148,40 @@ def cli(*args, cwd=None):
 
 
 def test_readme_commands_end_to_end(tiny_chat, tmp_path, capsys):
-    """The README's detect lines as written, on the tiny model (--eval on 3 short passages); a second --eval reads
-    the cached continuations; the single text is judged by the thresholds of that run."""
+    """The README's detect lines as written, on the tiny model: --eval on 3 short passages in a real subprocess;
+    its cached continuations are read back, not sampled again; the single text is judged by that run's
+    thresholds."""
+    from llmlab.api import load
     from llmlab.cli import main
+    from llmlab.eval.detect_generated import LABELS, SampleConfig, eval_passages, machine_continuations
 
     lines = [line for line in README.read_text(encoding="utf-8").splitlines() if line.startswith("llmlab detect ")]
     assert len(lines) == 2 and "--eval" in lines[1]
-    # the single text, in this process (a subprocess costs seconds of torch import on a loaded machine)
-    assert main(shlex.split(lines[0].split(" #")[0])[1:] + ["--model", str(tiny_chat)]) == 0
-    out = capsys.readouterr()
-    assert "Fast-DetectGPT curvature" in out.out and "no thresholds for this model" in out.err
-    # --eval in a real subprocess, on 3 short passages
     small = ["--n", "3", "--prefix-tokens", "8", "--new-tokens", "12"]
     r = cli(*shlex.split(lines[1].split(" #")[0])[2:], "--model", str(tiny_chat), *small, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "| Fast-DetectGPT curvature |" in r.stdout and "passage" in r.stderr  # the table, the progress bar
     out = tmp_path / "detect-eval"
     result = json.loads((out / "detect.json").read_text())
-    assert result["n"] == 3 and len(result["texts"]) == 6 and set(result["auc"]) == {
-        "likelihood", "log-rank", "entropy", "fast-detectgpt"}
+    assert result["n"] == 3 and len(result["texts"]) == 6 and set(result["auc"]) == set(LABELS)
     assert all(0 <= a <= 1 for a in result["auc"].values())
     assert (out / "roc.png").read_bytes()[:4] == b"\x89PNG"
     cached = (out / "continuations.jsonl").read_text()
-    assert len(cached.splitlines()) == 3
-    assert main(["detect", "--eval", *small, "--model", str(tiny_chat), "--out", str(out), "--no-progress"]) == 0
-    capsys.readouterr()
-    assert (out / "continuations.jsonl").read_text() == cached  # nothing sampled again
-    assert json.loads((out / "detect.json").read_text())["auc"] == result["auc"]
-    assert main(["detect", "Return the number of items in the deque.", "--model", str(tiny_chat), "--thresholds",
-                 str(out), "--json"]) == 0
-    r = capsys.readouterr()
-    verdict = json.loads(r.out)["statistics"]
-    assert all((v["threshold"] is None) == (v["verdict"] == "-") for v in verdict.values())
-    assert {v["verdict"] for v in verdict.values()} <= {"human", "machine", "-"}
-    assert verdict["entropy"]["threshold"] == result["thresholds"]["entropy"]
+    rows = [json.loads(x) for x in cached.splitlines()]
+    assert len(rows) == 3 and all(x["new_tokens"] == 12 and x["machine"] for x in rows)
+    llm = load(tiny_chat, packed=True)
+    cfg = SampleConfig(prefix_tokens=8, new_tokens=12)
+    got = machine_continuations(llm.model, llm.tokenizer, eval_passages(llm.tokenizer, 3, cfg), cfg,
+                                out / "continuations.jsonl", str(tiny_chat))
+    assert got == [x["machine"] for x in rows] and (out / "continuations.jsonl").read_text() == cached
+    # the single text, in this process (a subprocess costs seconds of torch import on a loaded machine)
+    assert main(shlex.split(lines[0].split(" #")[0])[1:] + ["--model", str(tiny_chat), "--prefix-tokens", "8",
+                                                            "--thresholds", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()[1:]
+    for (s, label), line in zip(LABELS.items(), table):
+        cut, (value, verdict) = result["thresholds"][s], (float(line.split()[-3]), line.split()[-1])
+        assert line.startswith(label)
+        assert verdict == ("-" if cut is None else "machine" if value >= cut else "human"), line
 
 
 def test_bad_input_one_line_exit_2(tiny_chat, tiny_encoder, tmp_path, capsys):

@@ -221,45 +221,39 @@ def passage_seed(seed: int, key: str) -> int:
     return zlib.crc32(f"{seed}:{key}".encode())
 
 
-def _read_cache(path: Path, model_name: str, cfg: SampleConfig) -> dict[str, str]:
-    """key -> machine continuation, of the cached lines made with this model and these settings."""
-    if not path.exists():
-        return {}
-    want = {"model": model_name, **asdict(cfg)}
-    found = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+def _read_cache(path: Path) -> list[dict]:
+    """The cached samples: one JSON object per line (key, model, the ``SampleConfig`` fields, prompt, machine)."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines() if path.exists() else [], 1):
         try:
-            row = json.loads(line)
+            rows.append(json.loads(line))
         except json.JSONDecodeError:
-            raise LlmlabError(f"{path}:{n}: not JSON: delete the file to generate the continuations again") from None
-        if isinstance(row, dict) and all(row.get(k) == v for k, v in want.items()) and isinstance(row.get("machine"),
-                                                                                                  str):
-            found[row["key"]] = row["machine"]
-    return found
+            raise LlmlabError(f"{path}:{n}: not JSON: delete the file to sample the continuations again") from None
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("machine"), str)]
 
 
 def machine_continuations(model, tokenizer, passages: list[Passage], cfg: SampleConfig, cache: Path,
                           model_name: str, progress: Callable[[], None] | None = None) -> list[str]:
-    """The model's continuation of each passage's prompt, from ``cache`` when it holds one made with the same
-    model and settings, else sampled (and the cache rewritten, atomically, after each)."""
+    """The model's continuation of each passage's prompt, from ``cache`` when it holds one of the same prompt made
+    with the same model and settings, else sampled (and the cache rewritten, atomically, after each)."""
     from llmlab.infer.generate import generate
     from llmlab.infer.sample import SamplingParams
 
-    done = _read_cache(cache, model_name, cfg)
-    rows = [json.loads(x) for x in cache.read_text(encoding="utf-8").splitlines()] if cache.exists() else []
+    rows = _read_cache(cache)
+    want = {"model": model_name, **asdict(cfg)}
+    done = {(r.get("key"), r.get("prompt")): r["machine"] for r in rows if all(r.get(k) == v for k, v in want.items())}
     banned = {i: float("-inf") for i in tokenizer.special_tokens.values() if i < model.config.vocab_size}
     out = []
     for p in passages:
-        if p.key not in done:
+        if (p.key, p.prompt) not in done:
             prompt = tokenizer.encode(p.prompt, add_bos=False)
             params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, logit_bias=banned,
                                     seed=passage_seed(cfg.seed, p.key))
             ids = generate(model, [prompt], cfg.new_tokens, params)[0].ids
-            done[p.key] = tokenizer.decode(ids)
-            rows.append({"key": p.key, "model": model_name, **asdict(cfg), "prompt": p.prompt,
-                         "machine": done[p.key]})
+            done[(p.key, p.prompt)] = tokenizer.decode(ids)
+            rows.append({"key": p.key, **want, "prompt": p.prompt, "machine": done[(p.key, p.prompt)]})
             write_text_atomic(cache, "".join(json.dumps(r) + "\n" for r in rows))
-        out.append(done[p.key])
+        out.append(done[(p.key, p.prompt)])
         if progress is not None:
             progress()
     return out
