@@ -153,6 +153,7 @@ def test_readme_commands_end_to_end(tiny_chat, tmp_path, capsys):
     thresholds."""
     from llmlab.api import load
     from llmlab.cli import main
+    from llmlab.common import LlmlabError
     from llmlab.eval.detect_generated import LABELS, SampleConfig, eval_passages, machine_continuations
 
     lines = [line for line in README.read_text(encoding="utf-8").splitlines() if line.startswith("llmlab detect ")]
@@ -174,6 +175,8 @@ def test_readme_commands_end_to_end(tiny_chat, tmp_path, capsys):
     got = machine_continuations(llm.model, llm.tokenizer, eval_passages(llm.tokenizer, 3, cfg), cfg,
                                 out / "continuations.jsonl", str(tiny_chat))
     assert got == [x["machine"] for x in rows] and (out / "continuations.jsonl").read_text() == cached
+    with pytest.raises(LlmlabError, match="the built-in set has 0 passages of at least 100008 tokens"):
+        eval_passages(llm.tokenizer, 2, SampleConfig(prefix_tokens=8, new_tokens=100000))
     # the single text, in this process (a subprocess costs seconds of torch import on a loaded machine)
     assert main(shlex.split(lines[0].split(" #")[0])[1:] + ["--model", str(tiny_chat), "--prefix-tokens", "8",
                                                             "--thresholds", str(out)]) == 0
@@ -196,7 +199,6 @@ def test_bad_input_one_line_exit_2(tiny_chat, tiny_encoder, tmp_path, capsys):
                           (["Hi", *model], "the statistics need at least 2"),
                           (["--eval", "--n", "0", *model], "--n 0: give a number of passages >= 1"),
                           (["--eval", "--n", "-3", *model], "--n -3"),
-                          (["--eval", "--n", "2", "--new-tokens", "100000", *model], "the built-in set has 0 passages"),
                           (["--eval", "--top-p", "0", *model], "--top-p 0.0"),
                           (["x", "--thresholds", str(tmp_path / "bad.json"), *model], "no 'thresholds' object"),
                           (["Some text here.", "--model", tiny_encoder], "this model is an encoder")]:
