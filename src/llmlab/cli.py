@@ -384,14 +384,10 @@ def cmd_rag(args) -> int:
     return 0
 
 
-def cmd_compress_prompt(args) -> int:
-    from llmlab.api import load
+def _text_argument(args, what: str) -> str:
+    """A command's text: its argument, ``--file FILE`` (UTF-8), or standard input ('-' or nothing); not empty."""
     from llmlab.common import LlmlabError, read_text_file
-    from llmlab.infer.lingua import check_ratio, compress, paragraphs
 
-    if args.eval:
-        return _compress_eval(args)
-    check_ratio(args.ratio)
     if args.file is not None:
         if args.text is not None:
             raise LlmlabError("give the text as an argument or with --file, not both")
@@ -399,7 +395,18 @@ def cmd_compress_prompt(args) -> int:
     else:
         text = sys.stdin.read() if args.text in (None, "-") else args.text
     if not text.strip():
-        raise LlmlabError("the prompt is empty: give some text (an argument, --file FILE or standard input)")
+        raise LlmlabError(f"{what} is empty: give some text (an argument, --file FILE or standard input)")
+    return text
+
+
+def cmd_compress_prompt(args) -> int:
+    from llmlab.api import load
+    from llmlab.infer.lingua import check_ratio, compress, paragraphs
+
+    if args.eval:
+        return _compress_eval(args)
+    check_ratio(args.ratio)
+    text = _text_argument(args, "the prompt")
     llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
                packed_kernel=args.packed_kernel)
     documents = paragraphs(text) if args.split else [text]
@@ -411,6 +418,67 @@ def cmd_compress_prompt(args) -> int:
         print(result.text)
         print(f"llmlab: {result.origin_tokens} -> {result.compressed_tokens} tokens (ratio {result.ratio:.2f})",
               file=sys.stderr)
+    return 0
+
+
+def cmd_detect(args) -> int:
+    from llmlab.api import load
+    from llmlab.common import LlmlabError
+    from llmlab.eval import detect_generated as dg
+
+    if args.eval:
+        return _detect_eval(args)
+    text = _text_argument(args, "the text")
+    if args.prefix_tokens < 1:
+        raise LlmlabError(f"--prefix-tokens {args.prefix_tokens}: give at least 1")
+    thresholds = dg.read_thresholds(args.thresholds) if args.thresholds else (
+        dg.DEFAULT_THRESHOLDS if args.model in (None, "smollm2-135m-instruct") else {})
+    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
+               packed_kernel=args.packed_kernel)
+    stats = dg.score_text(llm.model, llm.tokenizer, text, args.prefix_tokens)
+    rows = dg.verdicts(stats, thresholds)
+    if args.json:
+        print(json.dumps({"tokens": stats["tokens"], "statistics": {s: {"value": v, "threshold": t, "verdict": d}
+                                                                    for s, v, t, d in rows}}))
+        return 0
+    print(f"{'statistic':<26} {'value':>9} {'threshold':>10}  verdict   ({stats['tokens']} tokens scored)")
+    for s, v, t, d in rows:
+        print(f"{dg.LABELS[s]:<26} {v:>9.4f} {'-' if t is None else f'{t:.4f}':>10}  {d}")
+    if not thresholds:
+        print("llmlab: no thresholds for this model: run 'llmlab detect --eval --model M' and pass --thresholds "
+              "OUT/detect.json", file=sys.stderr)
+    return 0
+
+
+def _detect_eval(args) -> int:
+    from tqdm import tqdm
+
+    from llmlab.api import load
+    from llmlab.common import LlmlabError
+    from llmlab.eval import detect_generated as dg
+    from llmlab.eval.loglik import check_scorer
+
+    if args.n < 1:
+        raise LlmlabError(f"--n {args.n}: give a number of passages >= 1")
+    if args.text is not None or args.file is not None:
+        raise LlmlabError("--eval scores the built-in set: leave out the text and --file")
+    if not args.temperature > 0 or not 0 < args.top_p <= 1:
+        raise LlmlabError(f"--temperature {args.temperature}, --top-p {args.top_p}: give a temperature > 0 and "
+                          "a top-p in (0, 1]")
+    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
+               packed_kernel=args.packed_kernel)
+    check_scorer(llm.model, "llmlab detect --eval")
+    cfg = dg.SampleConfig(args.prefix_tokens, args.new_tokens, args.temperature, args.top_p, args.seed)
+    passages = dg.eval_passages(llm.tokenizer, args.n, cfg)
+    name = args.model or "smollm2-135m-instruct"
+    with tqdm(total=2 * args.n, desc="detect (sample, score)", unit="passage", disable=not args.progress,
+              file=sys.stderr) as bar:
+        result = dg.evaluate(llm.model, llm.tokenizer, passages, cfg, Path(args.out), name,
+                             progress=lambda: bar.update(1))
+    png = dg.plot_roc(result, Path(args.out) / "roc.png")
+    print(dg.format_table(result))
+    print(f"wrote {Path(args.out) / 'detect.json'}, {png} (continuations cached in {Path(args.out) / dg.CACHE})",
+          file=sys.stderr)
     return 0
 
 
@@ -1717,6 +1785,41 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help=MODEL_HELP)
     _add_load_flags(s, packed_default=False)
     s.set_defaults(func=cmd_compress_prompt)
+    s = sub.add_parser("detect", help="is a text machine-generated? likelihood, log-rank, entropy and "
+                                      "Fast-DetectGPT's curvature under a causal LM, or their ROC-AUC on a built-in "
+                                      "set (--eval)")
+    s.add_argument("text", nargs="?", default=None,
+                   help="the text; '-' or nothing reads standard input (default: standard input)")
+    s.add_argument("--file", default=None, help="read the text from this UTF-8 file (default: none)")
+    s.add_argument("--thresholds", default=None, metavar="FILE",
+                   help="the detect.json of an 'llmlab detect --eval' run, for the verdicts (default: the built-in "
+                        "SmolLM2-135M-Instruct thresholds, for that model only)")
+    s.add_argument("--json", action="store_true", help="one JSON object: each statistic, threshold, verdict "
+                                                        "(default: off)")
+    s.add_argument("--eval", action="store_true",
+                   help="instead: ROC-AUC of each statistic on human standard-library docstrings vs the model's "
+                        "own continuations of their first tokens, and a ROC-curve PNG (default: off)")
+    s.add_argument("--n", type=int, default=40, help="with --eval: passages, each a human and a machine text "
+                                                     "(default: 40)")
+    s.add_argument("--prefix-tokens", type=int, default=30,
+                   help="tokens that are context only, not scored: with --eval the prompt taken from each human "
+                        "passage; on a text its first ones (half of a shorter text) (default: 30)")
+    s.add_argument("--new-tokens", type=int, default=96, help="with --eval: tokens of each continuation, human and "
+                                                              "machine (default: 96)")
+    s.add_argument("--temperature", type=float, default=1.0, help="with --eval: sampling temperature of the machine "
+                                                                  "continuations (default: 1.0)")
+    s.add_argument("--top-p", type=float, default=1.0, help="with --eval: nucleus sampling of the machine "
+                                                            "continuations, in (0, 1] (default: 1.0 = off)")
+    s.add_argument("--seed", type=int, default=0, help="with --eval: sampling seed, combined with each passage's "
+                                                       "name (default: 0)")
+    s.add_argument("--out", default="detect-eval", help="with --eval: output folder: detect.json, roc.png, the "
+                                                        "cached continuations (default: detect-eval)")
+    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --eval: progress bar with ETA (default: on)")
+    s.add_argument("--model", default=None, help=MODEL_HELP)
+    _add_load_flags(s, packed_default=True)
+    s.set_defaults(func=cmd_detect)
+
     s = sub.add_parser("kg", help="knowledge-graph retrieval: triples from documents (rules or the chat model "
                                   "under a JSON-schema constraint) in SQLite, a question's neighbourhood as context",
                        description="Build a triple graph from documents, query a question's neighbourhood, answer "
