@@ -12,10 +12,11 @@ units; the header says which, with the CPU flags.
     python benchmarks/train.py --device cuda --preset gpt2-124m --batch 32 --seq 1024 --compile
     python benchmarks/train.py --profile --compile --skip-peer   # where the time of a step goes, per variant
 
-``--profile`` runs two more steps of each variant under ``torch.profiler`` and prints the self time per step of
-each kind of operator: matrix products (``mm``/``addmm``/``bmm``/oneDNN), attention, the loss (log-softmax, NLL,
-the chunked head's own ops), the optimizer (AdamW and gradient clipping), dtype casts, the other ATen ops (norms,
-GELU, adds, embedding), and the code of compiled graphs outside those ATen calls (Inductor's fused kernels).
+``--profile`` runs two more steps of each variant under ``torch.profiler`` and prints the time per step of each
+phase (forward + loss, backward, clip + AdamW + zero_grad) and the self time of each kind of operator: matrix
+products (``mm``/``addmm``/``bmm``/oneDNN), attention, the loss (log-softmax, NLL, the chunked head's own ops),
+the optimizer (AdamW and gradient clipping), dtype casts, the other ATen ops (norms, GELU, adds, embedding, and
+the AdamW loop's own arithmetic), and the code of compiled graphs outside those ATen calls (Inductor's kernels).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from llmlab.models.config import ModelConfig
 from llmlab.models.decoder import DecoderLM
@@ -51,8 +53,9 @@ def sync(device):
 def step_fn(model, opt, x, y, dtype, device, hf: bool, fused: bool = False, loss_fn=None):
     # transformers: torch.autocast as its Trainer uses it; llmlab: its training loop's autocast (emulated on
     # CPUs without bf16 units, see llmlab.nn.autocast).
+    # The phases are named for --profile (record_function costs nothing when no profiler runs).
     ctx = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32) if hf else autocast(device, dtype)
-    with ctx:
+    with ctx, record_function("phase: forward + loss"):
         if loss_fn is not None:  # forward and cross-entropy as one compiled graph
             loss = loss_fn(x, y)
         elif fused:
@@ -61,10 +64,12 @@ def step_fn(model, opt, x, y, dtype, device, hf: bool, fused: bool = False, loss
         else:
             logits = model(x).logits if hf else model(x)
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    with record_function("phase: backward"):
+        loss.backward()
+    with record_function("phase: clip + AdamW + zero_grad"):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return loss
 
 
@@ -91,12 +96,17 @@ def profile_breakdown(name, step, steps: int = 2) -> None:
             step()
         wall = (time.perf_counter() - t) / steps
     per_kind, per_op = defaultdict(float), defaultdict(dict)
-    for ev in prof.key_averages():
+    events = prof.key_averages()
+    phases = {ev.key[len("phase: "):]: ev.cpu_time_total / 1e3 / steps for ev in events if ev.key.startswith("phase: ")}
+    for ev in events:
+        if ev.key.startswith("phase: "):
+            continue
         kind = next((k for k, rx in OP_KINDS if rx.search(ev.key)), "Python and the rest")
         per_kind[kind] += ev.self_cpu_time_total / 1e3 / steps  # ms per step
         per_op[kind][ev.key] = ev.self_cpu_time_total / 1e3 / steps
     per_kind["Python and the rest"] += max(0.0, wall * 1e3 - sum(per_kind.values()))
-    print(f"  profile of {name}: {wall * 1e3:.0f} ms per step (profiled, so slower than timed)")
+    print(f"  profile of {name}: {wall * 1e3:.0f} ms per step (profiled, so slower than timed); by phase: "
+          + ", ".join(f"{ph} {ms:.0f} ms" for ph, ms in phases.items()))
     for kind, ms in sorted(per_kind.items(), key=lambda kv: -kv[1]):
         top = sorted(per_op[kind].items(), key=lambda kv: -kv[1])[:3]
         print(f"    {kind:<36} {ms:>8.1f} ms  {100 * ms / (wall * 1e3):5.1f}%   "

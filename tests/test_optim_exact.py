@@ -37,29 +37,34 @@ def test_build_adamw_matches_a_hand_configured_torch_adamw():
     torch.manual_seed(0)
     ours_model, ref_model = Tiny(), Tiny()
     ref_model.load_state_dict(ours_model.state_dict())
+    loop_model = Tiny()
+    loop_model.load_state_dict(ours_model.state_dict())
     ours = build_adamw(ours_model, lr=0.1, weight_decay=0.5, betas=(0.8, 0.9), eps=1e-3)
-    assert ours.defaults["fused"] is None and ours.defaults["betas"] == (0.8, 0.9) and ours.defaults["eps"] == 1e-3
+    assert ours.defaults["fused"] is True and ours.defaults["betas"] == (0.8, 0.9) and ours.defaults["eps"] == 1e-3
     d, n = param_groups(ref_model, 0.5)
-    ref = torch.optim.AdamW([d, n], lr=0.1, betas=(0.8, 0.9), eps=1e-3)
+    ref = torch.optim.AdamW([d, n], lr=0.1, betas=(0.8, 0.9), eps=1e-3, fused=True)
+    d, n = param_groups(loop_model, 0.5)  # PyTorch's per-parameter loop: the same update, other float rounding
+    loop = torch.optim.AdamW([d, n], lr=0.1, betas=(0.8, 0.9), eps=1e-3, foreach=False)
     x = torch.tensor([[0, 1, 4]])
     for _ in range(3):
-        for model, opt in ((ours_model, ours), (ref_model, ref)):
+        for model, opt in ((ours_model, ours), (ref_model, ref), (loop_model, loop)):
             opt.zero_grad()
             h = model.norm(model.embed(x))
             (model.head(h).square().mean() + model.proj(h).mean()).backward()
             opt.step()
-    for a, b in zip(ours_model.parameters(), ref_model.parameters()):
+    for a, b, c in zip(ours_model.parameters(), ref_model.parameters(), loop_model.parameters()):
         assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
     default = build_adamw(Tiny(), lr=1.0, weight_decay=0.0)
     assert default.defaults["betas"] == (0.9, 0.95) and default.defaults["eps"] == 1e-8
 
 
-def test_fused_kernel_exactly_when_every_parameter_is_on_cuda(monkeypatch):
+def test_fused_kernel_exactly_when_every_parameter_is_on_one_cuda_or_cpu_device(monkeypatch):
     class FakeParam:
         requires_grad, ndim = True, 2
 
-        def __init__(self, is_cuda):
-            self.is_cuda = is_cuda
+        def __init__(self, device):
+            self.device = torch.device(device)
 
     class FakeModel:
         def __init__(self, *flags):
@@ -70,9 +75,9 @@ def test_fused_kernel_exactly_when_every_parameter_is_on_cuda(monkeypatch):
 
     calls = []
     monkeypatch.setattr(torch.optim, "AdamW", lambda groups, **kw: calls.append(kw["fused"]))
-    for flags in ((True, True), (True, False), (False,)):
+    for flags in (("cuda", "cuda"), ("cuda", "cpu"), ("cpu",), ("meta",)):
         build_adamw(FakeModel(*flags), lr=1.0, weight_decay=0.0)
-    assert calls == [True, None, None]
+    assert calls == [True, None, True, None]
 
 
 def test_warmup_is_linear_from_lr_over_warmup_to_lr():
