@@ -189,8 +189,8 @@ def main() -> None:
                                              n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=0.0,
                                              embd_pdrop=0.0, attn_pdrop=0.0)
             hf_model = transformers.GPT2LMHeadModel(hf_cfg).to(device).train()
-            hf_opt = torch.optim.AdamW(hf_model.parameters(), lr=1e-4, weight_decay=0.1,
-                                       fused=True if device.type == "cuda" else None)
+            # transformers' Trainer defaults to the fused AdamW kernel (``adamw_torch_fused``) with torch >= 2.8
+            hf_opt = torch.optim.AdamW(hf_model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
             few = args.peer_runs > 0
             results["transformers"] = measure("transformers GPT2LMHeadModel", hf_model, hf_opt, args, device, dtype,
                                               hf=True, runs=args.peer_runs or None, steps=1 if few else None,
