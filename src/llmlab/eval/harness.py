@@ -54,9 +54,8 @@ class EvalConfig:
                 f"empty = {','.join(T.DEFAULT_LM_TASKS)} for a language model, "
                 f"{','.join(T.DEFAULT_ENCODER_TASKS)} for an encoder"})
     limit: int = field(default=-1, metadata={
-        "help": "items per task; -1 = each kind's default (multiple choice 100, generation 40, the rest (humaneval's "
-                "164 problems too) all), "
-                "0 = all"})
+        "help": "items per task; -1 = each kind's default (multiple choice 100, generation 40, the rest, "
+                "humaneval's 164 problems included, all), 0 = all"})
     num_fewshot: int = field(default=0, metadata={"help": "few-shot examples before each item"})
     seed: int = field(default=1234, metadata={"help": "seed of the few-shot draws and the generated tasks"})
     batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
@@ -66,7 +65,8 @@ class EvalConfig:
     calibrate: bool = field(default=False, metadata={
         "help": "contextual calibration of multiple-choice scores (adds acc_calibrated)"})
     chat: bool = field(default=True, metadata={
-        "help": "generation prompts in the model's chat template; --no-chat: raw prompts, stop at a blank line"})
+        "help": "generation prompts in the model's chat template; --no-chat: raw prompts, stop at a blank line "
+                "(humaneval: at the paper's stop sequences)"})
     samples: int = field(default=1, metadata={"help": "humaneval: completions per problem (n of pass@k)"})
     temperature: float = field(default=0.0, metadata={
         "help": "humaneval: sampling temperature; 0 = greedy (one sample: pass@1)"})

@@ -12,16 +12,18 @@ In order, before the program's first line runs:
    allows: no interface but a downed loopback. Where it is refused, step 3 alone guards the network.
 3. an audit hook (PEP 578; hooks cannot be removed) that refuses, with ``PermissionError``: every ``socket.*``
    event (creating, connecting, binding, resolving), starting processes (``os.fork``, ``os.exec``, ``os.system``,
-   ``os.posix_spawn``, ``subprocess.Popen``, ...), signalling them (``os.kill``), loading native code through
-   ctypes (``ctypes.dlopen``: ``import ctypes`` itself fails), raising the resource limits, changing directory, and
-   writing, creating, deleting, renaming, linking or re-permissioning any path outside the working folder
-   (symbolic links resolved).
+   ``os.posix_spawn``, ``subprocess.Popen``, and importing ``_posixsubprocess``, whose ``fork_exec`` is not
+   audited), signalling them (``os.kill``), ctypes (importing it, ``ctypes.dlopen``), raising the resource limits,
+   changing directory, opening a folder outside the working folder (its descriptor would let ``dir_fd=`` paths
+   escape), and writing, creating, deleting, renaming, linking or re-permissioning any path outside it (symbolic
+   links resolved).
 4. stdout and stderr of the program go to a sink; the status goes to the parent on the inherited ``STATUS_FD``,
    which is made non-inheritable and taken out of ``sys.argv``.
 
 The status line is ``passed`` when the program (prompt + completion + test + ``check(entry_point)``) ran to its
 end, else ``failed: <ExceptionType>: <message> (line N: <source line>)``; an exit code other than 0 is a failure
-whatever was written.
+whatever was written. The status descriptor is not hidden from a program that looks for it: a hostile program
+could write a false "passed" and leave with ``os._exit(0)``; scores are for models, not for adversaries.
 """
 
 import json
