@@ -104,9 +104,9 @@ def test_limits_and_refusals(sandboxed):
 
 
 def test_sanitize_keeps_definitions_only():
-    reply = ("import math\n\n@staticmethod\ndef f(x):\n    return math.floor(x)\n\nK = 3\nprint(f(2.5))\n"
-             "if __name__ == '__main__':\n    f(1)\n")
-    assert H.sanitize(reply) == "import math\n@staticmethod\ndef f(x):\n    return math.floor(x)\nK = 3\n"
+    kept = "import math\n@functools.lru_cache(\n    maxsize=2)\ndef f(x):\n    return math.floor(x)\n"
+    reply = kept.replace("\n@", "\n\n@") + "\nK = 3\nprint(f(2.5))\nif __name__ == '__main__':\n    f(1)\n"
+    assert H.sanitize(reply) == kept + "K = 3\n"
     assert H.sanitize("def f(:\n") == "def f(:\n"  # does not parse: unchanged, the run reports the SyntaxError
 
 

@@ -85,8 +85,9 @@ def sanitize(code: str) -> str:
     keep = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign,
             ast.AnnAssign)
     lines = code.splitlines()
-    return "\n".join("\n".join(lines[n.lineno - 1 - len(getattr(n, "decorator_list", [])):n.end_lineno])
-                     for n in tree.body if isinstance(n, keep)) + "\n"
+    spans = [(min([n.lineno] + [d.lineno for d in getattr(n, "decorator_list", [])]), n.end_lineno)
+             for n in tree.body if isinstance(n, keep)]
+    return "\n".join("\n".join(lines[start - 1:end]) for start, end in spans) + "\n"
 
 
 def prompt_text(problem: Problem, template=None) -> str:
