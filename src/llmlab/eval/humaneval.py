@@ -33,7 +33,7 @@ from pathlib import Path
 
 from llmlab.common import LlmlabError
 from llmlab.eval.pass_at_k import mean_pass_at_k
-from llmlab.eval.sandbox import Limits, Outcome, run_programs
+from llmlab.eval.sandbox import STATUSES, Limits, Outcome, run_programs
 
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # Chen et al. 2021, section 3.2
 CHAT_STOP = "```"
@@ -175,7 +175,7 @@ def run(loaded, cfg) -> tuple[dict, int, dict]:
                            batch_size=cfg.batch_size)
     limits = Limits(timeout_s=cfg.exec_timeout, cpu_s=max(1, round(cfg.exec_timeout)))
     metrics, records, outcomes = score(problems, completions, ks, limits)
-    statuses = {s: sum(o.status == s for o in outcomes) for s in ("passed", "failed", "timed out")}
+    statuses = {s: sum(o.status == s for o in outcomes) for s in STATUSES}
     settings = {"samples": cfg.samples, "temperature": cfg.temperature, "top_p": params.top_p,
                 "chat": template is not None, "max_new_tokens": budget, "exec_timeout_s": cfg.exec_timeout,
                 "statuses": statuses, "network_guard": sorted({o.network for o in outcomes if o.network}),
