@@ -15,6 +15,9 @@ Per task kind (``eval/tasks.py`` names the tasks):
   final "Answer:" line, and the answer is extracted by ``data/tasks.extract_answer``. Built-in verifiable tasks
   score by their own scorer (exact match); a JSONL task gets exact match, F1, BLEU, chrF and ROUGE
   (``eval/text_metrics.py``).
+- code (``humaneval``): completions executed against unit tests in sandboxed subprocesses, pass@k
+  (``eval/humaneval.py``, ``eval/sandbox.py``, ``eval/pass_at_k.py``); each problem's samples, results and error
+  lines go to the JSON output under ``details``.
 - retrieval and STS (encoders): nDCG@10 / recall@10 / MRR@10 (``eval/retrieval.py``); Spearman's rho x 100 of
   the cosine similarity against the gold scores.
 
@@ -32,34 +35,46 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from llmlab.common import LlmlabError, write_text_atomic
+from llmlab.eval import humaneval
 from llmlab.eval import tasks as T
 from llmlab.eval import text_metrics as M
 from llmlab.eval.loglik import check_scorer, loglikelihoods
 from llmlab.eval.perplexity import perplexity
 
 COT_SUFFIX = "\nThink step by step, then give the final answer on a last line that starts with \"Answer:\"."
-DEFAULT_LIMITS = {"choice": 100, "generate": 40, "retrieval": 0, "sts": 0, "perplexity": 0}  # 0 = all
+DEFAULT_LIMITS = {"choice": 100, "generate": 40, "code": 0, "retrieval": 0, "sts": 0, "perplexity": 0}  # 0 = all
 
 
 @dataclass
 class EvalConfig:
     tasks: str = field(default="", metadata={
         "help": "comma-separated tasks: heldout-ppl, stdlib-mc, addition, reversal, letter_count, unit_conversion, "
-                "json_format, retrieval, or ppl:FILE, hellaswag:FILE, arc:FILE, mmlu:FILE, gen:FILE, sts:FILE; "
+                "json_format, humaneval, retrieval, "
+                "or ppl:FILE, hellaswag:FILE, arc:FILE, mmlu:FILE, gen:FILE, sts:FILE; "
                 f"empty = {','.join(T.DEFAULT_LM_TASKS)} for a language model, "
                 f"{','.join(T.DEFAULT_ENCODER_TASKS)} for an encoder"})
     limit: int = field(default=-1, metadata={
-        "help": "items per task; -1 = each kind's default (multiple choice 100, generation 40, the rest all), "
-                "0 = all"})
+        "help": "items per task; -1 = each kind's default (multiple choice 100, generation 40, the rest, "
+                "humaneval's 164 problems included, all), 0 = all"})
     num_fewshot: int = field(default=0, metadata={"help": "few-shot examples before each item"})
     seed: int = field(default=1234, metadata={"help": "seed of the few-shot draws and the generated tasks"})
     batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
-    max_new_tokens: int = field(default=0, metadata={"help": "generation budget; 0 = 32, or 256 with --cot"})
+    max_new_tokens: int = field(default=0, metadata={
+        "help": "generation budget; 0 = 32, 256 with --cot, 384 for humaneval"})
     cot: bool = field(default=False, metadata={"help": "chain-of-thought prompting with answer extraction"})
     calibrate: bool = field(default=False, metadata={
         "help": "contextual calibration of multiple-choice scores (adds acc_calibrated)"})
     chat: bool = field(default=True, metadata={
-        "help": "generation prompts in the model's chat template; --no-chat: raw prompts, stop at a blank line"})
+        "help": "generation prompts in the model's chat template; --no-chat: raw prompts, stop at a blank line "
+                "(humaneval: at the paper's stop sequences)"})
+    samples: int = field(default=1, metadata={"help": "humaneval: completions per problem (n of pass@k)"})
+    temperature: float = field(default=0.0, metadata={
+        "help": "humaneval: sampling temperature; 0 = greedy (one sample: pass@1)"})
+    top_p: float = field(default=0.95, metadata={"help": "humaneval: nucleus top-p when --temperature > 0"})
+    pass_k: str = field(default="", metadata={
+        "help": "humaneval: comma-separated k of pass@k, each <= --samples; empty = those of 1,10,100 that fit"})
+    exec_timeout: float = field(default=10.0, metadata={
+        "help": "humaneval: wall-clock seconds (and CPU seconds) per executed sample"})
     ppl_tokens: int = field(default=2048, metadata={"help": "tokens scored by perplexity tasks; 0 = the whole text"})
     window: int = field(default=512, metadata={"help": "perplexity window (= stride: windows do not overlap)"})
     output: str = field(default="", metadata={"help": "write the results as JSON to this file (atomically)"})
@@ -72,6 +87,16 @@ class EvalConfig:
             raise LlmlabError(f"--limit must be -1 (defaults), 0 (all) or a count, got {self.limit}")
         if self.batch_size < 1:
             raise LlmlabError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.samples < 1:
+            raise LlmlabError(f"--samples must be >= 1, got {self.samples}")
+        if self.samples > 1 and self.temperature == 0:
+            raise LlmlabError(f"--samples {self.samples} with greedy decoding gives {self.samples} identical "
+                              "samples: give --temperature > 0 (e.g. 0.8), or --samples 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise LlmlabError(f"--temperature must be >= 0 and --top-p in (0, 1]; got {self.temperature}, "
+                              f"{self.top_p}")
+        if not self.exec_timeout > 0:
+            raise LlmlabError(f"--exec-timeout must be > 0 seconds, got {self.exec_timeout}")
         if self.window < 2:
             raise LlmlabError(f"--window must be >= 2 tokens, got {self.window}")
         return self
@@ -229,7 +254,11 @@ def run_sts(loaded, spec: T.TaskSpec, cfg: EvalConfig) -> tuple[dict, int, dict]
     return {"spearman": 100.0 * M.spearman(cosine, torch.tensor([p[2] for p in pairs]))}, len(pairs), {}
 
 
-RUNNERS = {"perplexity": run_perplexity, "choice": run_choice, "generate": run_generate,
+def run_code(loaded, spec: T.TaskSpec, cfg: EvalConfig) -> tuple[dict, int, dict]:
+    return humaneval.run(loaded, cfg)
+
+
+RUNNERS = {"perplexity": run_perplexity, "choice": run_choice, "generate": run_generate, "code": run_code,
            "retrieval": run_retrieval, "sts": run_sts}
 
 
@@ -257,6 +286,7 @@ def run_eval(models: list[str], cfg: EvalConfig, *, load_kwargs: dict | None = N
     from llmlab.formats.load import DEFAULT_CHAT, DEFAULT_EMBED, load_model
 
     cfg.validate()
+    humaneval.pass_ks(cfg.pass_k, cfg.samples)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     specs = T.parse_tasks(cfg.tasks) if cfg.tasks.strip() else None
     explicit = bool(models)
@@ -280,14 +310,18 @@ def run_eval(models: list[str], cfg: EvalConfig, *, load_kwargs: dict | None = N
                 T.sts_pairs(s)
             elif s.kind == "perplexity":
                 T.perplexity_text(s)
+            elif s.kind == "code":
+                humaneval.load_problems()
     rows = []
     for source, loaded, run_specs in plan:
         for spec in run_specs:
             t0 = time.perf_counter()
             metrics, n, settings = RUNNERS[spec.kind](loaded, spec, cfg)
             seconds = time.perf_counter() - t0
+            details = settings.pop("details", None)  # per-item records (humaneval): JSON only, not the table
             rows.append({"model": source, "task": spec.name, "kind": spec.kind, "n": n,
-                         "seconds": round(seconds, 2), "metrics": metrics, "settings": settings})
+                         "seconds": round(seconds, 2), "metrics": metrics, "settings": settings,
+                         **({"details": details} if details is not None else {})})
             log(f"llmlab eval: {source} {spec.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
                 + f" (n {n}, {seconds:.1f} s)")
     result = {"config": asdict(cfg), "models": models,

