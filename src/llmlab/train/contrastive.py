@@ -71,6 +71,8 @@ class EmbedConfig:
         "help": "mnrl: in-batch negatives at the full size; matryoshka: the same summed over --matryoshka-dims",
         "choices": LOSSES})
     matryoshka_dims: str = field(default=MATRYOSHKA_DIMS, metadata={"help": "nested sizes for --loss matryoshka"})
+    matryoshka_weights: str = field(default="", metadata={
+        "help": "loss weight of each --matryoshka-dims size, in the same order; empty = 1 each (the paper's)"})
     scale: float = field(default=20.0, metadata={"help": "similarity scale (1 / temperature) of the softmax"})
     pooling: str = field(default="mean", metadata={"help": "token states -> sentence vector", "choices": POOLINGS})
     max_tokens: int = field(default=MAX_TOKENS, metadata={"help": "tokens per text in training and evaluation"})
@@ -107,6 +109,25 @@ class EmbedTrainConfig(TrainConfig):
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (and at the end); 0 = end only"})
     keep_checkpoints: int = field(default=1, metadata={"help": "checkpoints kept"})
     log_every: int = field(default=5, metadata={"help": "progress-bar refresh / metrics line every N steps"})
+
+
+def parse_weights(text: str, dims_text: str, dims: list[int]) -> list[float]:
+    """--matryoshka-weights "1,1,1,2,4" for --matryoshka-dims "384,256,128,64,32" -> one weight per size of
+    ``dims`` (the parsed sizes, largest first); empty -> 1.0 each."""
+    if not text.strip():
+        return [1.0] * len(dims)
+    written = [int(d) for d in dims_text.split(",") if d.strip()]
+    try:
+        weights = [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise LlmlabError(f"--matryoshka-weights {text!r}: give comma-separated numbers, e.g. 1,1,1,2,4") from None
+    if len(weights) != len(written) or len(set(written)) != len(written):
+        raise LlmlabError(f"--matryoshka-weights {text!r}: give one weight per --matryoshka-dims size "
+                          f"({len(written)}: {dims_text})")
+    if not all(w >= 0 for w in weights) or not any(w > 0 for w in weights):
+        raise LlmlabError(f"--matryoshka-weights {text!r}: weights must be >= 0, at least one > 0")
+    by_dim = dict(zip(written, weights))
+    return [by_dim[d] for d in dims]
 
 
 def is_validation(key: str) -> bool:
@@ -146,6 +167,7 @@ class PairTask:
                  dims: list[int], seed: int):
         self.model, self.model_config, self.tokenizer = model, cfg, tokenizer
         self.pairs, self.ecfg, self.dims, self.seed = pairs, ecfg, dims, seed
+        self.weights = parse_weights(ecfg.matryoshka_weights, ecfg.matryoshka_dims, dims)
         for split, rows in pairs.items():
             if len(rows) < 2:
                 raise LlmlabError(f"{len(rows)} {split} pairs: in-batch negatives need at least 2")
@@ -163,7 +185,7 @@ class PairTask:
         if self.ecfg.loss == "mnrl":
             loss = mnrl_loss(a.float(), d.float(), scale=self.ecfg.scale)
         else:
-            loss = matryoshka_loss(a.float(), d.float(), self.dims, scale=self.ecfg.scale)
+            loss = matryoshka_loss(a.float(), d.float(), self.dims, self.weights, scale=self.ecfg.scale)
         return loss, len(batch)
 
     def split_state(self, sd):
