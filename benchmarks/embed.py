@@ -77,9 +77,9 @@ def main() -> int:
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for bs in (int(b) for b in args.batch_sizes.split(",")):
-            st = rate(lambda: peer.encode(texts, batch_size=bs), len(texts), args.runs)
-            fp32 = rate(lambda: llm.embed(texts, batch_size=bs, precision="float32"), len(texts), args.runs)
-            ours = rate(lambda: llm.embed(texts, batch_size=bs, precision="auto"), len(texts), args.runs)
+            st = rate(lambda b=bs: peer.encode(texts, batch_size=b), len(texts), args.runs)
+            fp32 = rate(lambda b=bs: llm.embed(texts, batch_size=b, precision="float32"), len(texts), args.runs)
+            ours = rate(lambda b=bs: llm.embed(texts, batch_size=b, precision="auto"), len(texts), args.runs)
             ratios.append((threads, bs, fp32 / st, ours / st))
             print(f"{threads:>7} {bs:>5} {st:>22.1f} {fp32:>12.1f} {ours:>12.1f}", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
