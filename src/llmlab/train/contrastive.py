@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from llmlab.dataclass_io import to_dict
 from llmlab.formats.load import DEFAULT_EMBED, load_model
 from llmlab.infer.embed import MAX_TOKENS, check_texts, embed_batch, parse_dims
 from llmlab.models.bert import POOLINGS
-from llmlab.text.retrieval_set import Pair, builtin_split
+from llmlab.text.retrieval_set import Pair, builtin_split, is_dev
 from llmlab.train.loop import TrainConfig, TrainResult, train
 
 LOSSES = ("matryoshka", "mnrl")
@@ -130,11 +129,6 @@ def parse_weights(text: str, dims_text: str, dims: list[int]) -> list[float]:
     return [by_dim[d] for d in dims]
 
 
-def is_validation(key: str) -> bool:
-    """A tenth of the training pairs give the validation loss (the test split is crc % 5 == 0)."""
-    return zlib.crc32(key.encode()) % 10 == 1
-
-
 def read_pairs(path: str) -> list[Pair]:
     """Training pairs from JSONL: ``{"query": ..., "document": ...}`` per line."""
     pairs = []
@@ -219,8 +213,8 @@ def run_embed_train(ecfg: EmbedConfig, tcfg: EmbedTrainConfig) -> dict:
     dims = parse_dims(ecfg.matryoshka_dims, full, "--matryoshka-dims") if ecfg.loss == "matryoshka" else [full]
     if ecfg.max_tokens > loaded.config.max_seq_len:
         raise LlmlabError(f"--max-tokens {ecfg.max_tokens} is more than the model's {loaded.config.max_seq_len}")
-    pairs = {"train": [p for p in source if not is_validation(p.key)],
-             "val": [p for p in source if is_validation(p.key)]}
+    pairs = {"train": [p for p in source if not is_dev(p.key)],
+             "val": [p for p in source if is_dev(p.key)]}
     if len(pairs["val"]) < 2:  # a small pairs file: the validation loss is then a training loss
         pairs = {"train": source, "val": source}
     model = loaded.model.train()
