@@ -3,8 +3,8 @@
 sentences (queries and documents of the built-in retrieval set, up to 256 tokens, the peer's max_seq_length) with
 the same batch size, at 1 and 2 torch threads. llmlab runs twice: in float32, and with ``precision="auto"`` (bf16
 matrix products on a CPU with AVX512-BF16/AMX, else float32: the default). Each figure is the median of --runs
-timed runs after one warm-up; the cosine of each llmlab embedding to the peer's (the minimum over the sentences) is
-printed with it. Ratios (llmlab auto / peer) are printed last.
+timed runs after one warm-up (each run times the three in turn); the cosine of each llmlab embedding to the
+peer's (the minimum over the sentences) is printed with them. Ratios (llmlab / peer) are printed last.
 
     python benchmarks/embed.py [--texts 256] [--runs 3] [--batch-sizes 1,32,128] [--threads 1,2]
 """
@@ -37,14 +37,18 @@ def sentences(n: int) -> list[str]:
     return texts[::step][:n]
 
 
-def rate(fn, n: int, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
+def rates(fns: dict, n: int, runs: int) -> dict[str, float]:
+    """{name: fn} -> {name: sentences/s}, the median of ``runs`` runs after one warm-up each; every run times
+    each fn in turn, so load from other processes falls on all of them alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return n / statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: n / statistics.median(t) for name, t in times.items()}
 
 
 def main() -> int:
@@ -77,9 +81,10 @@ def main() -> int:
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for bs in (int(b) for b in args.batch_sizes.split(",")):
-            st = rate(lambda b=bs: peer.encode(texts, batch_size=b), len(texts), args.runs)
-            fp32 = rate(lambda b=bs: llm.embed(texts, batch_size=b, precision="float32"), len(texts), args.runs)
-            ours = rate(lambda b=bs: llm.embed(texts, batch_size=b, precision="auto"), len(texts), args.runs)
+            r = rates({"st": lambda b=bs: peer.encode(texts, batch_size=b),
+                       "fp32": lambda b=bs: llm.embed(texts, batch_size=b, precision="float32"),
+                       "auto": lambda b=bs: llm.embed(texts, batch_size=b, precision="auto")}, len(texts), args.runs)
+            st, fp32, ours = r["st"], r["fp32"], r["auto"]
             ratios.append((threads, bs, fp32 / st, ours / st))
             print(f"{threads:>7} {bs:>5} {st:>22.1f} {fp32:>12.1f} {ours:>12.1f}", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
