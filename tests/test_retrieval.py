@@ -372,6 +372,8 @@ def test_readme_embed_commands_as_written(tmp_path, monkeypatch, capsys, tiny_en
         if argv[1] == "train":
             argv += [*small, "--model", tiny_encoder, "--steps", "1", "--batch-size", "4", "--matryoshka-dims",
                      "32,16", "--eval-dims", "32,16", "--no-progress"]
+            if "--matryoshka-weights" in argv:  # one weight per size: the two sizes above
+                argv += ["--matryoshka-weights", "1,2"]
         else:
             argv += [*small, "--dims", "32,16"]
             if "--model" in argv:  # a model the README trained: the tiny one trained above
