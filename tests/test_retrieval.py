@@ -327,6 +327,9 @@ def test_cli_bad_input_exits_2(tmp_path, tiny_encoder, capsys):
     assert "dimension 64 is not in 1..32" in capsys.readouterr().err
     assert main(["embed", "train", "--model", tiny_encoder, "--eval-dims", "32,0", "--out", str(tmp_path / "r")]) == 2
     assert "--eval-dims: dimension 0 is not in 1..32" in capsys.readouterr().err
+    assert main(["embed", "train", "--model", tiny_encoder, "--matryoshka-dims", "32,16", "--matryoshka-weights", "1",
+                 "--eval-dims", "32", "--out", str(tmp_path / "r")]) == 2
+    assert "one weight per --matryoshka-dims size (2: 32,16)" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # refused before training
 
 
