@@ -21,9 +21,11 @@ from llmlab.infer.embed import parse_dims, truncate
 from llmlab.models.bert import pool
 from llmlab.text.retrieval_set import (
     RetrievalSet,
+    builtin_dev_set,
     builtin_split,
     builtin_test_set,
     help_topic_paragraphs,
+    is_dev,
     split_first_sentence,
 )
 from llmlab.text.tasks import is_held_out
@@ -165,6 +167,11 @@ def test_builtin_set_is_fixed_split_and_large_enough():
     rset = builtin_test_set()
     assert len(rset.queries) == len(test) and len(rset.corpus) >= 1000
     check_set(rset)
+    dev = builtin_dev_set()  # a tenth of train, left out of training: no query in test, the same distractors
+    assert 100 <= len(dev.queries) <= len(train) // 5 and not set(dev.queries) & set(rset.queries)
+    assert {k for k in dev.corpus if k.startswith("help:")} == {k for k in rset.corpus if k.startswith("help:")}
+    assert all(is_dev(q[2:]) and not is_held_out(q[2:]) for q in dev.queries)
+    check_set(dev)
     assert len(help_topic_paragraphs()) > 1000
     assert split_first_sentence("Return x. The rest is here.\n\nMore.") == ("Return x.", "The rest is here.\n\nMore.")
     assert split_first_sentence("No sentence end") == ("No sentence end", "")
@@ -228,17 +235,56 @@ def test_api_embed_pooling_and_nested_size(tiny_encoder):
 
     llm = llmlab.load(tiny_encoder)
     texts = ["Return the number of items.", "A much longer sentence, so that the batch is padded."]
-    full = llm.embed(texts)
-    torch.testing.assert_close(llm.embed(texts, dim=16), truncate(full, 16))
+    full = llm.embed(texts, precision="float32")
+    torch.testing.assert_close(llm.embed(texts, dim=16, precision="float32"), truncate(full, 16))
     from llmlab.infer.embed import tokenize_batch
 
     ids, mask = tokenize_batch(llm.loaded.tokenizer, texts)
     with torch.no_grad():
         hidden = llm.model(ids, mask)  # (B, T, 32)
-    torch.testing.assert_close(llm.embed(texts, pooling="cls"), torch.nn.functional.normalize(hidden[:, 0], dim=-1))
+    torch.testing.assert_close(llm.embed(texts, pooling="cls", precision="float32"),
+                               torch.nn.functional.normalize(hidden[:, 0], dim=-1))
     torch.testing.assert_close(full, torch.nn.functional.normalize(pool(hidden, mask), dim=-1))
     with pytest.raises(LlmlabError, match="dimension 33 is not in 1..32"):
         llm.embed(texts, dim=33)
+
+
+def test_embed_batching_order_mask_and_precision(tiny_encoder):
+    """Texts sorted by token count, any batch size, unpadded batches without a mask: the same vectors, in the
+    order given; bfloat16 autocast stays close to float32, and ``auto`` picks bf16 only where the CPU has bf16
+    units."""
+    import llmlab
+    from llmlab.infer.embed import embed_dtype, tokenize_batch
+    from llmlab.nn.autocast import cpu_has_native
+
+    llm = llmlab.load(tiny_encoder)
+    texts = ["Short.", "A much longer sentence, so that a batch of two is padded.", "Two words", "Short.",
+             "Return the number of items in the deque, counting from the left end."]
+    one = torch.cat([llm.embed([t], precision="float32") for t in texts])  # no padding, no mask
+    ids, mask = tokenize_batch(llm.loaded.tokenizer, texts)
+    with torch.no_grad():  # every text padded to the longest, with the mask: the plain path
+        ref = torch.nn.functional.normalize(pool(llm.model(ids, mask), mask), dim=-1)
+    for bs in (1, 2, 32):
+        torch.testing.assert_close(llm.embed(texts, batch_size=bs, precision="float32"), ref, atol=2e-6, rtol=0)
+    torch.testing.assert_close(one, ref, atol=2e-6, rtol=0)
+    bf16 = llm.embed(texts, precision="bfloat16")
+    assert bf16.dtype == torch.float32 and torch.nn.functional.cosine_similarity(bf16, ref).min() > 0.999
+    cpu = torch.device("cpu")
+    assert embed_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_native(torch.bfloat16) else torch.float32)
+    assert embed_dtype("float32", cpu) == torch.float32 and embed_dtype("auto", torch.device("meta")) == torch.float32
+    with pytest.raises(LlmlabError, match="precision must be one of auto, float32, bfloat16, got 'fp8'"):
+        llm.embed(texts, precision="fp8")
+
+
+def test_matryoshka_weights_follow_the_dims_as_written():
+    from llmlab.train.contrastive import parse_weights
+
+    assert parse_weights("", "384,64", [384, 64]) == [1.0, 1.0]
+    assert parse_weights("2,1", "64,384", [384, 64]) == [1.0, 2.0]  # the weight of 64 is 2 whichever order
+    for text, message in (("1,x", "comma-separated numbers"), ("1", "one weight per --matryoshka-dims size"),
+                          ("0,0", "at least one > 0"), ("1,-1", "weights must be >= 0")):
+        with pytest.raises(LlmlabError, match=message):
+            parse_weights(text, "384,64", [384, 64])
 
 
 def test_train_on_a_pairs_file_moves_the_loss(tmp_path, tiny_encoder):
@@ -281,6 +327,9 @@ def test_cli_bad_input_exits_2(tmp_path, tiny_encoder, capsys):
     assert "dimension 64 is not in 1..32" in capsys.readouterr().err
     assert main(["embed", "train", "--model", tiny_encoder, "--eval-dims", "32,0", "--out", str(tmp_path / "r")]) == 2
     assert "--eval-dims: dimension 0 is not in 1..32" in capsys.readouterr().err
+    assert main(["embed", "train", "--model", tiny_encoder, "--matryoshka-dims", "32,16", "--matryoshka-weights", "1",
+                 "--eval-dims", "32", "--out", str(tmp_path / "r")]) == 2
+    assert "one weight per --matryoshka-dims size (2: 32,16)" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # refused before training
 
 
@@ -326,6 +375,8 @@ def test_readme_embed_commands_as_written(tmp_path, monkeypatch, capsys, tiny_en
         if argv[1] == "train":
             argv += [*small, "--model", tiny_encoder, "--steps", "1", "--batch-size", "4", "--matryoshka-dims",
                      "32,16", "--eval-dims", "32,16", "--no-progress"]
+            if "--matryoshka-weights" in argv:  # one weight per size: the two sizes above
+                argv += ["--matryoshka-weights", "1,2"]
         else:
             argv += [*small, "--dims", "32,16"]
             if "--model" in argv:  # a model the README trained: the tiny one trained above

@@ -199,16 +199,17 @@ class LLM:
 
     # ---- embeddings --------------------------------------------------------------------------
     def embed(self, texts: list[str] | str, batch_size: int = 32, normalize: bool = True, pooling: str = "mean",
-              dim: int | None = None) -> torch.Tensor:
+              dim: int | None = None, precision: str = "auto") -> torch.Tensor:
         """Sentence embeddings (N, dim) from a BERT model (mean or CLS pooling, L2-normalised by default);
-        ``dim``: keep the first ``dim`` coordinates, re-normalised (a Matryoshka-trained model's nested size)."""
+        ``dim``: keep the first ``dim`` coordinates, re-normalised (a Matryoshka-trained model's nested size);
+        ``precision``: auto (bf16 matrix products on a CPU with bf16 units, else fp32), float32 or bfloat16."""
         if self.config.arch != "bert":
             raise LlmlabError("embed() needs an encoder model, e.g. load('all-minilm-l6-v2')")
         tok = self._need_tokenizer()
         texts = [texts] if isinstance(texts, str) else list(texts)
         max_len = min(self.config.max_seq_len, 256)  # sentence-transformers' max_seq_length for MiniLM
         emb = embed_texts(self.model, tok, texts, batch_size=batch_size, pooling=pooling, normalize=normalize,
-                          max_tokens=max_len)
+                          max_tokens=max_len, precision=precision)
         return emb if dim is None else truncate(emb, dim)
 
     # ---- description -----------------------------------------------------------------------------

@@ -1028,7 +1028,7 @@ def cmd_embed_train(args) -> int:
     from llmlab.eval.retrieval import format_table
     from llmlab.formats.load import load_model
     from llmlab.infer.embed import parse_dims
-    from llmlab.text.retrieval_set import builtin_test_set
+    from llmlab.text.retrieval_set import SPLITS
     from llmlab.train.contrastive import EmbedConfig, EmbedTrainConfig, run_embed_train
 
     ecfg = from_args(EmbedConfig, args)
@@ -1037,13 +1037,13 @@ def cmd_embed_train(args) -> int:
     if s["saved"] is None:
         print(f"llmlab: {s['stopped']} at step {s['steps']}; run folder {args.out}", file=sys.stderr)
         return 130
-    rset = builtin_test_set()
+    rset = SPLITS[args.eval_split]()
     results = _score_encoders({ecfg.model: ecfg.model, f"{ecfg.loss} fine-tuned": s["saved"]}, args.eval_dims,
                               ecfg.pooling, ecfg.max_tokens, rset)
     table = format_table(results)
     write_json = {name: {str(d): m for d, m in by_dim.items()} for name, by_dim in results.items()}
     write_text_atomic(Path(args.out) / "retrieval.json", json.dumps(write_json, indent=2) + "\n")
-    print(f"built-in test set: {len(rset.queries)} queries, {len(rset.corpus)} documents")
+    print(f"built-in {args.eval_split} set: {len(rset.queries)} queries, {len(rset.corpus)} documents")
     print(table)
     print(f"llmlab: {s['loss']} {s['steps']} steps in {s['train_seconds']:.0f} s; model {s['saved']}, metrics "
           f"{Path(args.out) / 'retrieval.json'}", file=sys.stderr)
@@ -1053,10 +1053,11 @@ def cmd_embed_train(args) -> int:
 def cmd_embed_eval(args) -> int:
     from llmlab.common import LlmlabError
     from llmlab.eval.retrieval import format_table, read_retrieval_files
+    from llmlab.text.retrieval_set import SPLITS
 
     if (args.queries is None) != (args.corpus is None):
-        raise LlmlabError("give both --queries and --corpus, or neither (the built-in test set)")
-    rset = read_retrieval_files(args.queries, args.corpus) if args.queries else None
+        raise LlmlabError("give both --queries and --corpus, or neither (the built-in set, --split)")
+    rset = read_retrieval_files(args.queries, args.corpus) if args.queries else SPLITS[args.split]()
     results = _score_encoders({args.model: args.model}, args.dims, args.pooling, args.max_tokens, rset)
     if args.json:
         print(json.dumps({str(d): m for d, m in results[args.model].items()}, indent=2))
@@ -2443,6 +2444,9 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
                                             "score the original and the fine-tuned model on the built-in test set")
     e_train.add_argument("--eval-dims", default="384,128,64,32",
                          help="sizes the models are scored at afterwards (default: 384,128,64,32)")
+    e_train.add_argument("--eval-split", default="test", choices=["test", "dev"],
+                         help="the built-in split they are scored on: test, or dev (a tenth of the train split, left "
+                              "out of training: tune on it) (default: test)")
     e_train.set_defaults(func=cmd_embed_train)
     e_eval = esub.add_parser("eval", help="score an encoder by retrieval at given (truncated) sizes")
     e_eval.add_argument("--model", default="all-minilm-l6-v2",
@@ -2454,6 +2458,9 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
                                                         "per line (default: the built-in test set)")
     e_eval.add_argument("--corpus", default=None, help="JSONL, one {\"id\", \"text\"} per line, with --queries "
                                                        "(default: the built-in test set)")
+    e_eval.add_argument("--split", default="test", choices=["test", "dev"],
+                        help="the built-in set without --queries: test, or dev (a tenth of the train split, which "
+                             "'llmlab embed train' leaves out: tune on it) (default: test)")
     e_eval.add_argument("--pooling", default="mean", choices=["mean", "cls"],
                         help="token states -> sentence vector: the mean over the mask, or the [CLS] state "
                              "(default: mean)")

@@ -74,8 +74,10 @@ class BertModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True,
               pooling: str = "mean"):
-        """Pooled sentence embeddings (B, dim), L2-normalised by default."""
-        emb = pool(self(input_ids, attention_mask), attention_mask, pooling)
+        """Pooled sentence embeddings (B, dim), L2-normalised by default. A batch without padding runs attention
+        without a mask (SDPA's unmasked kernel)."""
+        key_mask = None if bool(attention_mask.all()) else attention_mask
+        emb = pool(self(input_ids, key_mask), attention_mask, pooling)
         return F.normalize(emb, p=2, dim=-1) if normalize else emb
 
 

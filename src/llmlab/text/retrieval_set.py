@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import re
+import zlib
 from dataclasses import dataclass
 
 from llmlab.text.tasks import clean_docstrings, is_held_out
@@ -111,6 +112,21 @@ def pairs_to_set(pairs: list[Pair], distractors: list[str] = ()) -> RetrievalSet
     return RetrievalSet({f"q:{p.key}": p.query for p in pairs}, corpus, {f"q:{p.key}": {p.key} for p in pairs})
 
 
+def is_dev(key: str) -> bool:
+    """A tenth of the train split (CRC-32 of the name 1 mod 10; the test split is 0 mod 5) is the dev split: the
+    validation loss of ``llmlab embed train`` and the retrieval set to tune recipes on, so the test set is scored
+    once. Training leaves it out."""
+    return zlib.crc32(key.encode()) % 10 == 1
+
+
 def builtin_test_set() -> RetrievalSet:
     """The built-in evaluation set: the test queries against their documents and the help-topic distractors."""
     return pairs_to_set(builtin_split()[1], help_topic_paragraphs())
+
+
+def builtin_dev_set() -> RetrievalSet:
+    """The dev queries (``is_dev``) against their documents and the same help-topic distractors."""
+    return pairs_to_set([p for p in builtin_split()[0] if is_dev(p.key)], help_topic_paragraphs())
+
+
+SPLITS = {"test": builtin_test_set, "dev": builtin_dev_set}

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from llmlab.dataclass_io import to_dict
 from llmlab.formats.load import DEFAULT_EMBED, load_model
 from llmlab.infer.embed import MAX_TOKENS, check_texts, embed_batch, parse_dims
 from llmlab.models.bert import POOLINGS
-from llmlab.text.retrieval_set import Pair, builtin_split
+from llmlab.text.retrieval_set import Pair, builtin_split, is_dev
 from llmlab.train.loop import TrainConfig, TrainResult, train
 
 LOSSES = ("matryoshka", "mnrl")
@@ -71,6 +70,8 @@ class EmbedConfig:
         "help": "mnrl: in-batch negatives at the full size; matryoshka: the same summed over --matryoshka-dims",
         "choices": LOSSES})
     matryoshka_dims: str = field(default=MATRYOSHKA_DIMS, metadata={"help": "nested sizes for --loss matryoshka"})
+    matryoshka_weights: str = field(default="", metadata={
+        "help": "loss weight of each --matryoshka-dims size, in the same order; empty = 1 each (the paper's)"})
     scale: float = field(default=20.0, metadata={"help": "similarity scale (1 / temperature) of the softmax"})
     pooling: str = field(default="mean", metadata={"help": "token states -> sentence vector", "choices": POOLINGS})
     max_tokens: int = field(default=MAX_TOKENS, metadata={"help": "tokens per text in training and evaluation"})
@@ -109,9 +110,23 @@ class EmbedTrainConfig(TrainConfig):
     log_every: int = field(default=5, metadata={"help": "progress-bar refresh / metrics line every N steps"})
 
 
-def is_validation(key: str) -> bool:
-    """A tenth of the training pairs give the validation loss (the test split is crc % 5 == 0)."""
-    return zlib.crc32(key.encode()) % 10 == 1
+def parse_weights(text: str, dims_text: str, dims: list[int]) -> list[float]:
+    """--matryoshka-weights "1,1,1,2,4" for --matryoshka-dims "384,256,128,64,32" -> one weight per size of
+    ``dims`` (the parsed sizes, largest first); empty -> 1.0 each."""
+    if not text.strip():
+        return [1.0] * len(dims)
+    written = [int(d) for d in dims_text.split(",") if d.strip()]
+    try:
+        weights = [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise LlmlabError(f"--matryoshka-weights {text!r}: give comma-separated numbers, e.g. 1,1,1,2,4") from None
+    if len(weights) != len(written) or len(set(written)) != len(written):
+        raise LlmlabError(f"--matryoshka-weights {text!r}: give one weight per --matryoshka-dims size "
+                          f"({len(written)}: {dims_text})")
+    if not all(w >= 0 for w in weights) or not any(w > 0 for w in weights):
+        raise LlmlabError(f"--matryoshka-weights {text!r}: weights must be >= 0, at least one > 0")
+    by_dim = dict(zip(written, weights))
+    return [by_dim[d] for d in dims]
 
 
 def read_pairs(path: str) -> list[Pair]:
@@ -146,6 +161,7 @@ class PairTask:
                  dims: list[int], seed: int):
         self.model, self.model_config, self.tokenizer = model, cfg, tokenizer
         self.pairs, self.ecfg, self.dims, self.seed = pairs, ecfg, dims, seed
+        self.weights = parse_weights(ecfg.matryoshka_weights, ecfg.matryoshka_dims, dims)
         for split, rows in pairs.items():
             if len(rows) < 2:
                 raise LlmlabError(f"{len(rows)} {split} pairs: in-batch negatives need at least 2")
@@ -163,7 +179,7 @@ class PairTask:
         if self.ecfg.loss == "mnrl":
             loss = mnrl_loss(a.float(), d.float(), scale=self.ecfg.scale)
         else:
-            loss = matryoshka_loss(a.float(), d.float(), self.dims, scale=self.ecfg.scale)
+            loss = matryoshka_loss(a.float(), d.float(), self.dims, self.weights, scale=self.ecfg.scale)
         return loss, len(batch)
 
     def split_state(self, sd):
@@ -197,8 +213,8 @@ def run_embed_train(ecfg: EmbedConfig, tcfg: EmbedTrainConfig) -> dict:
     dims = parse_dims(ecfg.matryoshka_dims, full, "--matryoshka-dims") if ecfg.loss == "matryoshka" else [full]
     if ecfg.max_tokens > loaded.config.max_seq_len:
         raise LlmlabError(f"--max-tokens {ecfg.max_tokens} is more than the model's {loaded.config.max_seq_len}")
-    pairs = {"train": [p for p in source if not is_validation(p.key)],
-             "val": [p for p in source if is_validation(p.key)]}
+    pairs = {"train": [p for p in source if not is_dev(p.key)],
+             "val": [p for p in source if is_dev(p.key)]}
     if len(pairs["val"]) < 2:  # a small pairs file: the validation loss is then a training loss
         pairs = {"train": source, "val": source}
     model = loaded.model.train()

@@ -62,9 +62,9 @@ from llmlab.formats.load import DEFAULT_EMBED, Loaded, load_model, model_from_st
 from llmlab.infer.embed import MAX_TOKENS, embed_texts, tokenize_batch
 from llmlab.models.bert import pool
 from llmlab.nn.attention import attention_scores
-from llmlab.text.retrieval_set import builtin_split
+from llmlab.text.retrieval_set import builtin_split, is_dev
 from llmlab.train import distill_losses as losses
-from llmlab.train.contrastive import epoch_rows, is_validation
+from llmlab.train.contrastive import epoch_rows
 from llmlab.train.distill import HiddenStates, check_same_tokenizer
 from llmlab.train.loop import TrainConfig, TrainResult, train
 from llmlab.train.mlm import IGNORE, mask_tokens, mlm_loss
@@ -321,9 +321,9 @@ def model_tokens(bert: nn.Module) -> torch.Tensor:
 
 def builtin_texts() -> dict[str, list[str]]:
     """{"train": texts, "val": texts}: each train pair's query and document, a tenth of the pairs (by the CRC of
-    the name, ``contrastive.is_validation``) held out."""
+    the name, ``retrieval_set.is_dev``) held out."""
     pairs = builtin_split()[0]
-    return {split: [t for p in pairs if is_validation(p.key) == (split == "val") for t in (p.query, p.document)]
+    return {split: [t for p in pairs if is_dev(p.key) == (split == "val") for t in (p.query, p.document)]
             for split in ("train", "val")}
 
 
