@@ -280,6 +280,11 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, tiny_head_encoder):
     qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, err = _cli([*base, "--task", "qa", "--data", str(qa)], capsys)
     assert code == 2 and err.count("\n") == 0 and "2 of 4 answers are not spans of their context (lines 2, 3)" in err
+    empty = tmp_path / "empty.jsonl"  # an empty corpus, for each task
+    empty.write_text("")
+    for task, needle in (("classify", "0 examples"), ("ner", "no lines"), ("qa", "no lines")):
+        code, err = _cli([*base, "--task", task, "--data", str(empty)], capsys)
+        assert code == 2 and err.count("\n") == 0 and needle in err, (task, err)
     code, err = _cli([*base, "--task", "qa", "--stride", "500"], capsys)
     assert code == 2 and "--stride" in err
     with pytest.raises(LlmlabError, match="not spans"):
