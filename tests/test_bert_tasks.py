@@ -365,5 +365,14 @@ def test_readme_head_commands_as_written(tmp_path, monkeypatch, capsys, tiny_hea
         assert json.loads((run / "model" / "config.json").read_text())["architectures"][0].startswith("BertFor")
 
 
+def test_help_shows_every_default():
+    from llmlab.cli import build_parser
+
+    groups = next(a for a in build_parser({"head"})._actions if a.dest == "command").choices
+    body = groups["head"].format_help().split("options:", 1)[1]
+    entries = [e for e in re.split(r"\n  (?=-)", "\n" + body)[1:] if not e.startswith("-h")]
+    assert len(entries) > 30 and all("(default" in " ".join(e.split()) for e in entries)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

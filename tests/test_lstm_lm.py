@@ -191,6 +191,16 @@ def test_readme_commands_as_written(shards, tmp_path, monkeypatch, capsys):
     assert "cannot resume runs/cmp-lstm: the model differs (cell: checkpoint lstm vs now gru" in capsys.readouterr().err
 
 
+def test_readme_python_block_as_written(capsys):
+    text = README.read_text()
+    section = text[text.index("### Recurrent language models and ELMo"):]
+    section = section[:section.index("\n### ", 4)]
+    (block,) = [b.partition("\n")[2] for b in section.split("```")[1::2] if b.startswith("python")]
+    exec(compile(block, "README.md (Recurrent language models and ELMo)", "exec"), {})
+    assert capsys.readouterr().out.strip() == ("torch.Size([3, 12, 100]) torch.Size([3, 3, 12, 64]) "
+                                               "torch.Size([3, 12, 64])")
+
+
 def test_bad_input(shards, tmp_path, capsys):
     with pytest.raises(LlmlabError, match="unknown cell 'cnn'"):
         RecurrentLM("cnn", 10, 4, 1)
