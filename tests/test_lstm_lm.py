@@ -136,12 +136,15 @@ def _train(shards, out, steps, bidirectional=False, cell="lstm", resume=True, **
                          RNNFlags(cell=cell, dim=16, n_layers=2), tcfg, bidirectional)
 
 
-def _readme_commands() -> list[str]:
+def _readme_section() -> str:
     text = README.read_text()
     section = text[text.index("### Recurrent language models and ELMo"):]
-    section = section[:section.index("\n### ", 4)]
-    return [line.split("  #")[0].strip() for block in section.split("```")[1::2] for line in block.splitlines()
-            if line.strip().startswith("llmlab ")]
+    return section[:section.index("\n### ", 4)]
+
+
+def _readme_commands() -> list[str]:
+    return [line.split("  #")[0].strip() for block in _readme_section().split("```")[1::2]
+            for line in block.splitlines() if line.strip().startswith("llmlab ")]
 
 
 def test_readme_commands_as_written(shards, tmp_path, monkeypatch, capsys):
@@ -192,11 +195,9 @@ def test_readme_commands_as_written(shards, tmp_path, monkeypatch, capsys):
 
 
 def test_readme_python_block_as_written(capsys):
-    text = README.read_text()
-    section = text[text.index("### Recurrent language models and ELMo"):]
-    section = section[:section.index("\n### ", 4)]
-    (block,) = [b.partition("\n")[2] for b in section.split("```")[1::2] if b.startswith("python")]
-    exec(compile(block, "README.md (Recurrent language models and ELMo)", "exec"), {})
+    blocks = [b.partition("\n")[2] for b in _readme_section().split("```")[1::2] if b.startswith("python")]
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "README.md (Recurrent language models and ELMo)", "exec"), {})
     assert capsys.readouterr().out.strip() == ("torch.Size([3, 12, 100]) torch.Size([3, 3, 12, 64]) "
                                                "torch.Size([3, 12, 64])")
 
