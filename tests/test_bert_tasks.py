@@ -388,7 +388,7 @@ def test_qlora_merges_a_low_rank_update_into_the_nf4_base(tmp_path, capsys, tiny
     assert main(["head", "--task", "ner", "--data", str(data), "--method", "qlora", "--lora-r", "2", "--lr", "1e-2",
                  "--model", tiny_head_encoder, "--out", str(out), "--steps", "2", "--batch-size", "4",
                  "--no-progress", "--threads", "1"]) == 0
-    assert "(qlora," in capsys.readouterr().out
+    assert "(qlora, 1.9K of 1.0M parameters train)" in capsys.readouterr().out  # NF4 weights counted
     name = "encoder.layer.1.attention.self.query.weight"
     w0 = next(v for k, v in safetensors.load(Path(tiny_head_encoder) / "model.safetensors").items()
               if k.endswith(name))

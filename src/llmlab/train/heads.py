@@ -421,7 +421,10 @@ def run_head(cfg: HeadConfig, tcfg: HeadTrainConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "head_config.json", json.dumps({**to_dict(cfg), "train": to_dict(tcfg)},
                                                                indent=2) + "\n")
-    n_params = sum(p.numel() for p in model.parameters())
+    from llmlab.nn.nf4 import NF4Linear
+
+    n_params = sum(p.numel() for p in model.parameters()) + sum(  # QLoRA's NF4 weights are buffers: count them too
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
     print(f"llmlab: {cfg.task} ({cfg.method}, {human_count(trainable)} of {human_count(n_params)} parameters train) "
           f"on {data.counts['train']} examples ({len(data.train_rows)} rows), {data.counts['test']} held out -> "
           f"{run_dir}", flush=True)
