@@ -280,6 +280,11 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, tiny_head_encoder):
     qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, err = _cli([*base, "--task", "qa", "--data", str(qa)], capsys)
     assert code == 2 and err.count("\n") == 0 and "2 of 4 answers are not spans of their context (lines 2, 3)" in err
+    empty = tmp_path / "empty.jsonl"  # an empty corpus, for each task
+    empty.write_text("")
+    for task, needle in (("classify", "0 examples"), ("ner", "no lines"), ("qa", "no lines")):
+        code, err = _cli([*base, "--task", task, "--data", str(empty)], capsys)
+        assert code == 2 and err.count("\n") == 0 and needle in err, (task, err)
     code, err = _cli([*base, "--task", "qa", "--stride", "500"], capsys)
     assert code == 2 and "--stride" in err
     with pytest.raises(LlmlabError, match="not spans"):
@@ -358,6 +363,49 @@ def test_readme_head_commands_as_written(tmp_path, monkeypatch, capsys, tiny_hea
         summary = json.loads((run / "summary.json").read_text())
         assert summary["steps"] == 2 and summary["after"] is not None
         assert json.loads((run / "model" / "config.json").read_text())["architectures"][0].startswith("BertFor")
+
+
+def test_qlora_merges_a_low_rank_update_into_the_nf4_base(tmp_path, capsys, tiny_head_encoder):
+    """--method qlora (Dettmers et al. 2023): LoRA over the encoder's linear layers stored in NF4, as many trainable
+    parameters as LoRA; the saved weight minus the NF4-rounded original is the merged update B A, of rank <= r,
+    while minus the float original it is full rank (the rounding noise)."""
+    from llmlab.formats import safetensors
+    from llmlab.nn.lora import lora_modules
+    from llmlab.nn.nf4 import NF4Linear, dequantize_nf4, quantize_nf4
+    from llmlab.train.heads import apply_method_
+
+    labels = ["O", "B-PER", "I-PER"]
+    counts = []
+    for method in ("lora", "qlora"):
+        _, model, _ = load_head(tiny_head_encoder, "ner", labels)
+        counts.append(apply_method_(model, HeadConfig(task="ner", method=method, lora_r=2)))
+    bases = [m.base_layer for m in lora_modules(model).values()]
+    assert len(bases) == 13 and all(isinstance(b, NF4Linear) for b in bases)  # 6 per layer, the pooler
+    assert counts[0] == counts[1]
+    out, data = tmp_path / "q", tmp_path / "ner.jsonl"
+    data.write_text("".join(json.dumps({"tokens": [name, "left", "early"], "tags": ["B-PER", "O", "O"]}) + "\n"
+                            for name in ("Ada", "Bob", "Cy", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo")))
+    assert main(["head", "--task", "ner", "--data", str(data), "--method", "qlora", "--lora-r", "2", "--lr", "1e-2",
+                 "--model", tiny_head_encoder, "--out", str(out), "--steps", "2", "--batch-size", "4",
+                 "--no-progress", "--threads", "1"]) == 0
+    assert "(qlora, 1.9K of 1.0M parameters train)" in capsys.readouterr().out  # NF4 weights counted
+    name = "encoder.layer.1.attention.self.query.weight"
+    w0 = next(v for k, v in safetensors.load(Path(tiny_head_encoder) / "model.safetensors").items()
+              if k.endswith(name))
+    w = safetensors.load(out / "model" / "model.safetensors")[f"bert.{name}"]
+    merged = torch.linalg.svdvals((w - dequantize_nf4(quantize_nf4(w0))).double())
+    noisy = torch.linalg.svdvals((w - w0).double())
+    assert merged[0] > 1e-5 and merged[2:].max() < 1e-4 * merged[0], merged  # rank 2: the trained B A
+    assert noisy[2] > 1e4 * merged[2], noisy  # beyond rank 2: NF4's rounding of every weight
+
+
+def test_help_shows_every_default():
+    from llmlab.cli import build_parser
+
+    groups = next(a for a in build_parser({"head"})._actions if a.dest == "command").choices
+    body = groups["head"].format_help().split("options:", 1)[1]
+    entries = [e for e in re.split(r"\n  (?=-)", "\n" + body)[1:] if not e.startswith("-h")]
+    assert len(entries) > 30 and all("(default" in " ".join(e.split()) for e in entries)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -136,12 +136,15 @@ def _train(shards, out, steps, bidirectional=False, cell="lstm", resume=True, **
                          RNNFlags(cell=cell, dim=16, n_layers=2), tcfg, bidirectional)
 
 
-def _readme_commands() -> list[str]:
+def _readme_section() -> str:
     text = README.read_text()
     section = text[text.index("### Recurrent language models and ELMo"):]
-    section = section[:section.index("\n### ", 4)]
-    return [line.split("  #")[0].strip() for block in section.split("```")[1::2] for line in block.splitlines()
-            if line.strip().startswith("llmlab ")]
+    return section[:section.index("\n### ", 4)]
+
+
+def _readme_commands() -> list[str]:
+    return [line.split("  #")[0].strip() for block in _readme_section().split("```")[1::2]
+            for line in block.splitlines() if line.strip().startswith("llmlab ")]
 
 
 def test_readme_commands_as_written(shards, tmp_path, monkeypatch, capsys):
@@ -172,19 +175,31 @@ def test_readme_commands_as_written(shards, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "runs/elmo/senses.png").stat().st_size > 10_000
     config = json.loads((tmp_path / "runs/elmo/config.json").read_text())
     assert config["model"]["bidirectional"] and config["model"]["cell"] == "lstm"
-    # resume: the LSTM run goes on from its step-2 checkpoint to step 4
-    argv = shlex.split(commands[0])[1:] + small
+    assert config["model"]["forget_bias"] == 1.0  # the default: Jozefowicz et al.'s forget-gate bias
+    # resume: the LSTM run goes on from its step-2 checkpoint to step 4 (another --forget-bias, an initialisation
+    # flag, does not stop it)
+    argv = shlex.split(commands[0])[1:] + ["--forget-bias", "0.5"] + small
     argv[argv.index("--steps", len(argv) - len(small)) + 1] = "4"
     assert main(argv) == 0
     records = [json.loads(line) for line in (tmp_path / "runs/cmp-lstm/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
     assert [r["step"] for r in records if r["kind"] == "setup"] == [0, 2]  # a fresh start, then the resume
+    assert json.loads((tmp_path / "runs/cmp-lstm/config.json").read_text())["model"]["forget_bias"] == 1.0
+    assert json.loads((tmp_path / "runs/cmp-gru/config.json").read_text())["model"]["forget_bias"] is None
     loaded = load_run(tmp_path / "runs/cmp-lstm")
     assert loaded.checkpoint.name.endswith("04")
     p = SamplingParams(temperature=0.8, seed=0)
     assert generate_text(loaded, "def ", 6, p) == generate_text(loaded, "def ", 6, p)
     assert main(shlex.split(commands[1])[1:] + small + ["--out", "runs/cmp-lstm"]) == 2
     assert "cannot resume runs/cmp-lstm: the model differs (cell: checkpoint lstm vs now gru" in capsys.readouterr().err
+
+
+def test_readme_python_block_as_written(capsys):
+    blocks = [b.partition("\n")[2] for b in _readme_section().split("```")[1::2] if b.startswith("python")]
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "README.md (Recurrent language models and ELMo)", "exec"), {})
+    assert capsys.readouterr().out.strip() == ("torch.Size([3, 12, 100]) torch.Size([3, 3, 12, 64]) "
+                                               "torch.Size([3, 12, 64])")
 
 
 def test_bad_input(shards, tmp_path, capsys):
@@ -198,6 +213,8 @@ def test_bad_input(shards, tmp_path, capsys):
         run_recurrent(RNNRunConfig(data=str(tmp_path / "none")), RNNFlags(), RNNTrainConfig(), False)
     with pytest.raises(LlmlabError, match="ELMo is a bidirectional LSTM"):
         _train(shards, tmp_path / "e", 2, bidirectional=True, cell="gru")
+    with pytest.raises(LlmlabError, match="the gru cell has no forget gate"):
+        RecurrentLM("gru", 10, 4, 1, forget_bias=1.0)
     with pytest.raises(LlmlabError, match="forward only"):
         RecurrentLM("lstm", 10, 4, 1).bidirectional_logits(torch.zeros(1, 3, dtype=torch.long))
     # an empty corpus: a shard folder whose validation split is empty

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from llmlab.nn.rnn import GRUCell, LSTMCell, Recurrent, RNNCell
+from llmlab.nn.rnn import GRUCell, LSTMCell, Recurrent, RNNCell, init_forget_bias_
 
 TORCH = {"rnn_tanh": (torch.nn.RNN, {}), "rnn_relu": (torch.nn.RNN, {"nonlinearity": "relu"}),
          "lstm": (torch.nn.LSTM, {}), "gru": (torch.nn.GRU, {})}
@@ -114,6 +114,34 @@ def test_negative_control_swapped_gates():
             p.copy_(torch.cat([f, i, g, o]))
     x = torch.randn(6, 4, 5)
     assert (ours(x)[0] - ref(x)[0]).abs().max() > 1e-3
+
+
+def test_forget_bias_is_the_forget_gate_of_torch_lstm():
+    """init_forget_bias_ (Jozefowicz et al. 2015): b_if = 1, b_hf = 0, nothing else changed; read through
+    torch.nn.LSTMCell with zero weights, zero input and state h = 0, c = 1, the new cell is
+    c' = f * 1 + i * g with f = sigma(1): the bias sits in torch's forget-gate block."""
+    torch.manual_seed(0)
+    ours = Recurrent("lstm", 5, 7, num_layers=2, bidirectional=True)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    assert init_forget_bias_(ours, 1.0) == 4
+    for name, p in ours.state_dict().items():
+        f_rows = slice(7, 14)
+        if "bias" in name:
+            assert torch.all(p[f_rows] == (1.0 if "bias_ih" in name else 0.0)), name
+            p, before[name] = p.clone(), before[name].clone()
+            p[f_rows], before[name][f_rows] = 0, 0
+        assert torch.equal(p, before[name]), name  # every other entry untouched
+    cell = ours.cells[0]
+    ref = torch.nn.LSTMCell(5, 7)
+    ref.load_state_dict(cell.state_dict())
+    with torch.no_grad():
+        ref.weight_ih.zero_()
+        ref.weight_hh.zero_()
+    b = ref.bias_ih + ref.bias_hh
+    i, g = torch.sigmoid(b[0:7]), torch.tanh(b[14:21])
+    _, c = ref(torch.zeros(1, 5), (torch.zeros(1, 7), torch.ones(1, 7)))
+    torch.testing.assert_close(c[0], torch.sigmoid(torch.tensor(1.0)) + i * g, rtol=0, atol=1e-6)
+    assert init_forget_bias_(GRUCell(5, 7)) == 0  # no forget gate, nothing to set
 
 
 def test_dropout_between_layers_only_in_training():

@@ -1644,7 +1644,8 @@ def cmd_elmo_senses(args) -> int:
         from llmlab.models.lstm_lm import RecurrentLM
 
         torch.manual_seed(args.untrained_seed)
-        model = RecurrentLM("lstm", model.out_bias.numel(), model.dim, model.n_layers, bidirectional=True).eval()
+        model = RecurrentLM("lstm", model.out_bias.numel(), model.dim, model.n_layers, bidirectional=True,
+                            forget_bias=loaded.forget_bias).eval()  # initialised as the run was
     result = word_senses.evaluate(model, loaded.tokenizer)
     print(word_senses.report(result))
     print(f"picture: {word_senses.plot(result, word_senses.SENSES, args.out)}")

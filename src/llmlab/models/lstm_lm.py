@@ -32,16 +32,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmlab.common import LlmlabError
-from llmlab.nn.rnn import CELLS, Recurrent, State
+from llmlab.nn.rnn import CELLS, Recurrent, State, init_forget_bias_
 
 
 class RecurrentLM(nn.Module):
     """``cell`` (lstm, gru, rnn_tanh, rnn_relu) language model of ``n_layers`` layers of width ``dim`` (the
     embedding has the same width, so the softmax is the embedding matrix); ``bidirectional`` adds ELMo's
-    backward LM (its own layers, the same embedding and softmax)."""
+    backward LM (its own layers, the same embedding and softmax). ``forget_bias`` (LSTM only): start every
+    forget gate's bias at this value (``nn/rnn.init_forget_bias_``; None keeps PyTorch's initialisation)."""
 
     def __init__(self, cell: str, vocab_size: int, dim: int, n_layers: int, bidirectional: bool = False,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, forget_bias: float | None = None) -> None:
         super().__init__()
         if cell not in CELLS:
             raise LlmlabError(f"unknown cell {cell!r}: choose one of {', '.join(CELLS)}")
@@ -58,6 +59,10 @@ class RecurrentLM(nn.Module):
         self.backward_layers = nn.ModuleList(Recurrent(cell, dim, dim, batch_first=True)
                                              for _ in range(n_layers)) if bidirectional else None
         self.out_bias = nn.Parameter(torch.zeros(vocab_size))  # b of the tied softmax
+        if forget_bias is not None:
+            if cell != "lstm":
+                raise LlmlabError(f"a forget-gate bias is for an LSTM: the {cell} cell has no forget gate")
+            init_forget_bias_(self, forget_bias)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(.., dim) -> (.., V): the shared softmax's logits E h + b."""

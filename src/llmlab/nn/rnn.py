@@ -29,6 +29,13 @@ own last step), which is what a ``PackedSequence`` means; padded outputs are zer
 Shapes: input (B, T, I) with batch_first, else (T, B, I) (always a batch), or a PackedSequence; output
 (.., D*H) with D = 2 when bidirectional; final state h_n (and c_n for the LSTM) (L*D, B, H), layer-major,
 forward before reverse.
+
+Forget-gate bias (``init_forget_bias_``; Jozefowicz, Zaremba & Sutskever, "An Empirical Exploration of
+Recurrent Network Architectures", ICML 2015; Gers et al. 2000 already start it positive): PyTorch draws b_if and
+b_hf like every other weight, U(-1/sqrt(H), 1/sqrt(H)), so at the start f = sigma(~0) = 1/2 and the cell halves
+its memory at every step, c' = 1/2 c + i g: the gradient along the cell path dies as 2^-k over k steps. With
+b_if + b_hf = 1, f starts near sigma(1) = 0.73 and the cell remembers; the paper found this closed most of the
+gap between the LSTM and the GRU.
 """
 
 from __future__ import annotations
@@ -102,6 +109,18 @@ class GRUCell(_Cell):
         z = torch.sigmoid(xz + hz)
         n = torch.tanh(xn + r * hn)  # the reset gate scales the recurrent term only, bias included
         return (1 - z) * n + z * h
+
+
+def init_forget_bias_(module: nn.Module, value: float = 1.0) -> int:
+    """Set the forget-gate bias of every ``LSTMCell`` in ``module`` to ``value``: b_if = value and b_hf = 0 (so
+    their sum, the bias the gate sees, is ``value``). The weights are untouched. Returns the cells changed."""
+    cells = [m for m in module.modules() if isinstance(m, LSTMCell) and m.bias_ih is not None]
+    with torch.no_grad():
+        for cell in cells:
+            H = cell.hidden_size
+            cell.bias_ih[H:2 * H].fill_(value)  # gate order i, f, g, o: f is the second block of H
+            cell.bias_hh[H:2 * H].zero_()
+    return len(cells)
 
 
 CELLS = {"rnn_tanh": RNNCell, "rnn_relu": RNNCell, "lstm": LSTMCell, "gru": GRUCell}

@@ -1,7 +1,8 @@
 """Fine-tuning a BERT encoder with a task head: sequence classification, token classification (NER) and extractive
 question answering (Devlin et al. 2018, "BERT: Pre-training of Deep Bidirectional Transformers for Language
-Understanding", arXiv:1810.04805, section 4), fully or with LoRA (Hu et al. 2021, arXiv:2106.09685) on the
-encoder's linear layers while the new head trains in full (peft's ``modules_to_save``).
+Understanding", arXiv:1810.04805, section 4), fully, with LoRA (Hu et al. 2021, arXiv:2106.09685) on the
+encoder's linear layers, or with QLoRA (Dettmers et al. 2023, arXiv:2305.14314: the same LoRA over a frozen NF4
+base, ``nn/qlora.py``), while the new head trains in full (peft's ``modules_to_save``).
 
 - classify: cross-entropy of the pooled [CLS] logits (B, C) against each text's label.
 - ner: cross-entropy of each word's *first* word piece (B, T, C); the other pieces, [CLS], [SEP] and padding are
@@ -15,7 +16,8 @@ encoder's linear layers while the new head trains in full (peft's ``modules_to_s
 
 ``HeadTask`` hands the loss to the one training loop (``train/loop.py``): each step takes rows of the training
 units (texts, sentences or windows) in an order fixed by (seed, epoch); the validation loss is the test split's.
-The result is a transformers task folder (``formats/bert_heads.py``; LoRA merged into the weights).
+The result is a transformers task folder (``formats/bert_heads.py``; LoRA merged into the weights; QLoRA's merged
+into the dequantized NF4 base, W = dequant(NF4(W0)) + (alpha / r) B A, as peft's merge of a 4-bit model).
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ from llmlab.text.span_tasks import QASet, TaggedSentences, ner_task, qa_task, re
 from llmlab.text.tasks import TextTask, docstring_task
 from llmlab.train.loop import TrainConfig, TrainResult, train
 
-METHODS = ("full", "lora")
-DEFAULT_LR = {"full": 1e-4, "lora": 1e-3}
+METHODS = ("full", "lora", "qlora")
+DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "qlora": 1e-3}
 IGNORE = -100
 HEAD_WEIGHTS = "head.safetensors"  # the head (full) or every trainable tensor (lora) inside a checkpoint
 
@@ -55,7 +57,9 @@ class HeadConfig:
         "help": "the encoder: an embedded name, a Hugging Face BERT folder, or a Bert*For* task folder (its head "
                 "and labels are kept)"})
     method: str = field(default="lora", metadata={"help": "full: every weight; lora: low-rank updates on the "
-                                                          "encoder, the head in full", "choices": METHODS})
+                                                          "encoder, the head in full; qlora: the same LoRA on the "
+                                                          "encoder's linear layers stored frozen in 4-bit NF4",
+                                                  "choices": METHODS})
     out: str = field(default="runs/head", metadata={"help": "run folder; the fine-tuned model goes to OUT/model"})
     data: str = field(default="", metadata={
         "help": "a JSONL file instead of the built-in task: classify {text, label}; ner {tokens, tags}; qa "
@@ -363,10 +367,16 @@ class HeadTask:
 
 
 def apply_method_(model: BertWithHead, cfg: HeadConfig) -> int:
-    """full: everything trains; lora: LoRA on the encoder's linear layers, the head in full. Returns the count of
+    """full: everything trains; lora: LoRA on the encoder's linear layers, the head in full; qlora: those linear
+    layers first quantized to NF4 (double quantization, block 64), then the same LoRA. Returns the count of
     trainable parameters."""
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "qlora"):
         from llmlab.nn.lora import LoRAConfig, apply_lora_, mark_only_lora_trainable_
+
+        if cfg.method == "qlora":
+            from llmlab.nn.qlora import prepare_qlora_
+
+            prepare_qlora_(model.bert)  # the encoder only: the task head stays float and trains
 
         names = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
         targets: list[str] | str = names if names and all(n.replace(".", "_").isidentifier() for n in names) \
@@ -411,14 +421,21 @@ def run_head(cfg: HeadConfig, tcfg: HeadTrainConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "head_config.json", json.dumps({**to_dict(cfg), "train": to_dict(tcfg)},
                                                                indent=2) + "\n")
-    n_params = sum(p.numel() for p in model.parameters())
+    from llmlab.nn.nf4 import NF4Linear
+
+    n_params = sum(p.numel() for p in model.parameters()) + sum(  # QLoRA's NF4 weights are buffers: count them too
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
     print(f"llmlab: {cfg.task} ({cfg.method}, {human_count(trainable)} of {human_count(n_params)} parameters train) "
           f"on {data.counts['train']} examples ({len(data.train_rows)} rows), {data.counts['test']} held out -> "
           f"{run_dir}", flush=True)
     result: TrainResult = train(task, tcfg, run_dir, resume=cfg.resume)
     saved, after = None, None
     if result.stopped != "interrupted":
-        if cfg.method == "lora":
+        if cfg.method == "qlora":
+            from llmlab.nn.qlora import dequantize_linears_
+
+            dequantize_linears_(model.bert)  # float bases to merge into (the NF4-rounded weights)
+        if cfg.method in ("lora", "qlora"):
             remove_lora_(model, merge=True)
         after = evaluate(model, data, pad_id, cfg)
         saved = save_head(run_dir / "model", model, loaded, labels)

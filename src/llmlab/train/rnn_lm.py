@@ -37,6 +37,7 @@ from llmlab.train.pretrain import DEFAULT_DATA, CausalLMTask, open_shards
 from llmlab.train.report import write_summary
 
 WEIGHTS = "recurrent_lm.safetensors"
+INIT_ONLY = ("forget_bias",)  # flags that only shape the initialisation: a resumed run may differ in them
 
 
 @dataclass
@@ -47,6 +48,9 @@ class RNNFlags:
     n_layers: int = field(default=2, metadata={"help": "recurrent layers (per direction)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the embedding, between layers and before "
                                                           "the softmax"})
+    forget_bias: float = field(default=1.0, metadata={
+        "help": "LSTM: the forget gate's bias starts at this value (Jozefowicz et al. 2015; 0 = a zero bias, "
+                "PyTorch's initialisation in expectation); ignored by the other cells"})
 
 
 @dataclass
@@ -119,15 +123,18 @@ def placeholder_config(vocab_size: int, flags: RNNFlags, seq_len: int, sep_id: i
                        eos_token_id=sep_id)
 
 
-def _check_same_model(out: Path, model: dict) -> None:
-    """Resuming a run with another cell, width, depth or direction is an error, not a shape crash."""
+def _check_same_model(out: Path, model: dict) -> dict | None:
+    """Resuming a run with another cell, width, depth or direction is an error, not a shape crash. Returns the
+    saved model record when there is a run to resume."""
     if not ckpt.list_checkpoints(out / "checkpoints") or not (out / "config.json").exists():
-        return
+        return None
     saved = read_json(out / "config.json").get("model", {})
-    diff = [f"{k}: checkpoint {saved.get(k)} vs now {v}" for k, v in model.items() if saved.get(k) != v]
+    diff = [f"{k}: checkpoint {saved.get(k)} vs now {v}" for k, v in model.items()
+            if saved.get(k) != v and k not in INIT_ONLY]
     if diff:
         raise LlmlabError(f"cannot resume {out}: the model differs ({'; '.join(diff)}); use the same model flags "
                           "or a new --out folder")
+    return saved
 
 
 def run_recurrent(rcfg: RNNRunConfig, flags: RNNFlags, tcfg: TrainConfig, bidirectional: bool) -> TrainResult:
@@ -150,9 +157,14 @@ def run_recurrent(rcfg: RNNRunConfig, flags: RNNFlags, tcfg: TrainConfig, bidire
     cfg = placeholder_config(shards.vocab_size, flags, tcfg.seq_len, sep)
     out = Path(rcfg.out)
     model_record = {**to_dict(flags), "bidirectional": bidirectional, "vocab_size": shards.vocab_size}
-    _check_same_model(out, model_record)
+    if flags.cell != "lstm":
+        model_record["forget_bias"] = None
+    saved = _check_same_model(out, model_record)
+    if saved is not None and rcfg.resume:  # the weights come from the checkpoint: the first run's initialisation
+        model_record.update({k: saved.get(k) for k in INIT_ONLY})
     seed_everything(tcfg.seed)
-    model = RecurrentLM(flags.cell, shards.vocab_size, flags.dim, flags.n_layers, bidirectional, flags.dropout)
+    model = RecurrentLM(flags.cell, shards.vocab_size, flags.dim, flags.n_layers, bidirectional, flags.dropout,
+                        forget_bias=flags.forget_bias if flags.cell == "lstm" else None)
     task = RecurrentLMTask(model, cfg, shards, tcfg.seq_len, tcfg.seed)
     n = sum(p.numel() for p in model.parameters())
     out.mkdir(parents=True, exist_ok=True)
@@ -179,6 +191,7 @@ class LoadedRNN:
     tokenizer: object  # ByteBPE
     separator_id: int | None
     checkpoint: Path
+    forget_bias: float | None = None  # the run's initial forget-gate bias (None: PyTorch's initialisation)
 
 
 def load_run(run: str | Path) -> LoadedRNN:
@@ -195,7 +208,8 @@ def load_run(run: str | Path) -> LoadedRNN:
     model.load_state_dict(safetensors.load(found[0] / WEIGHTS))
     tok = load_tokenizer(str(found[0]))
     sep = read_json(found[0] / "config.json").get("eos_token_id")
-    return LoadedRNN(model.eval(), tok, sep, found[0])
+    forget_bias = m.get("forget_bias") if m["cell"] == "lstm" else None  # absent in runs before the flag
+    return LoadedRNN(model.eval(), tok, sep, found[0], forget_bias)
 
 
 @torch.no_grad()
