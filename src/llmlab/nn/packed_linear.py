@@ -53,6 +53,7 @@ IMPLS = ("int8", "float", "reference")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 # qlinear(kind, x, w, y, M, N, K, nthreads) and ggml_gemv(...): the same signature
 LINEAR_ARGTYPES = [ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
+REPACK_ARGTYPES = [ctypes.c_int, _PTR, _I64, _I64, _PTR]  # qrepack(kind, w, N, K, out)
 
 
 @cache
@@ -60,6 +61,10 @@ def kernel_build(impl: str = "int8") -> KernelBuild:
     """The kernel of ``impl`` in this process, built once. A failed compile is warned about once, in one line."""
     if impl == "int8":
         build = build_kernel(CSRC / "qgemm.c", "qlinear", LINEAR_ARGTYPES, best_variant())
+        if build.fn is not None:
+            build.lib.qlinear_repacked.restype, build.lib.qlinear_repacked.argtypes = ctypes.c_int, LINEAR_ARGTYPES
+            build.lib.qrepack.restype, build.lib.qrepack.argtypes = ctypes.c_int, REPACK_ARGTYPES
+            build.lib.qrepack_bytes.restype, build.lib.qrepack_bytes.argtypes = _I64, [ctypes.c_int, _I64, _I64]
     else:
         build = build_kernel(CSRC / "ggml_gemv.c", "ggml_gemv", LINEAR_ARGTYPES, "avx2")
     if build.failed:
@@ -75,6 +80,11 @@ def kernel(impl: str = "int8"):
 def kernel_status() -> str:
     """One line: which kernel variant runs packed linears on this machine, or why none does."""
     return f"int8: {kernel_build('int8').status}; float: {kernel_build('float').status}"
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """The tensor's in-place write counter (-1 for an inference tensor, which has none)."""
+    return -1 if t.is_inference() else t._version
 
 
 class PackedMatmul(torch.autograd.Function):
@@ -116,6 +126,22 @@ class PackedLinear(nn.Module):
         self.impl = impl
         self.dense: torch.Tensor | None = None  # float32 weight kept by keep_dense_ for many-row products
         self.dense_min_rows = 0
+        self._repacked: tuple[tuple[int, int], torch.Tensor] | None = None  # (packed's (pointer, version), copy)
+
+    def repacked(self) -> torch.Tensor:
+        """The int8 kernel's copy of the blocks, 8 output rows interleaved (``csrc/qgemm.c`` qrepack: the same
+        bytes, permuted), made on first use and again whenever ``packed`` is replaced or written in place (its
+        version counter). Needs the int8 kernel (``kernel("int8")`` not None)."""
+        key = (self.packed.data_ptr(), tensor_version(self.packed))
+        if self._repacked is None or self._repacked[0] != key:
+            lib = kernel_build("int8").lib
+            out = torch.empty(lib.qrepack_bytes(self.ggml_type, self.out_features, self.in_features), dtype=torch.uint8)
+            rc = lib.qrepack(self.ggml_type, self.packed.data_ptr(), self.out_features, self.in_features,
+                             out.data_ptr())
+            if rc != 0:
+                raise RuntimeError(f"qrepack failed with code {rc}")
+            self._repacked = (key, out)
+        return self._repacked[1]
 
     def dequantized(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """Rows [lo, hi) of the weight (default all), (hi - lo, in) float32."""
@@ -147,7 +173,10 @@ class PackedLinear(nn.Module):
                 y[:, lo:hi] = F.linear(x2, self.dequantized(lo, hi).to(x2.device))
             return y
         y = torch.empty(x2.shape[0], self.out_features)
-        rc = fn(self.ggml_type, x2.data_ptr(), self.packed.data_ptr(), y.data_ptr(), x2.shape[0],
+        w = self.packed
+        if self.impl == "int8":  # the kernel reads the interleaved copy
+            fn, w = kernel_build("int8").lib.qlinear_repacked, self.repacked()
+        rc = fn(self.ggml_type, x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.shape[0],
                 self.out_features, self.in_features, torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"packed {self.impl} kernel failed with code {rc}")
