@@ -7,10 +7,11 @@ Batch-1 decoding is memory-bound: every weight is read once per token. SmolLM2-1
 - ``"int8"`` (the default): ``csrc/qgemm.c`` quantizes the activations once per call to Q8 blocks (32 int8
   values and a scale, as llama.cpp) and multiplies them with the weight blocks in integer arithmetic
   (vpmaddubsw on AVX2, vpdpbusd on AVX-VNNI / AVX512-VNNI, plain C elsewhere; the build is chosen from
-  the CPU's features, ``nn/cpu_kernels.py``). Up to ``INT8_MAX_ROWS`` rows a call: each weight block is
-  unpacked once per tile of 4 rows (batched decoding, speculative verification, chunked prefill); a long
-  prefill goes to dequantize + ``F.linear``, faster there on AVX2. The activations' rounding moves logits
-  slightly (``benchmarks/quality.py``: perplexity within 0.5% of the reference, the top token the same at 97%
+  the CPU's features, ``nn/cpu_kernels.py``) on a copy of the blocks repacked once (``PackedLinear.repacked``:
+  8 output rows interleaved, so one broadcast of 4 activation bytes feeds 8 outputs and each unpacked weight
+  vector serves a tile of 4 rows; the copy is as large as the blocks). Up to ``INT8_MAX_ROWS`` rows a call
+  (batched decoding of many streams, speculative verification, chunked prefill); a longer input goes to
+  dequantize + ``F.linear``. The activations' rounding moves logits slightly (``benchmarks/quality.py``: perplexity within 0.5% of the reference, the top token the same at 97%
   of positions);
 - ``"float"``: ``csrc/ggml_gemv.c`` (AVX2 + FMA + F16C) expands each block to floats in registers and
   multiplies float activations: the dequantized product up to summation order, for up to
@@ -44,9 +45,10 @@ from llmlab.nn.ggml_quants import GGML_TYPES, dequantize, quantize_q8_0
 BLOCK_BYTES = {8: 34, 2: 18, 3: 20, 6: 22, 7: 24}  # ggml type id -> bytes per 32 weights
 FLOAT_TYPES = (8, 2, 3)  # the types the float-activation GEMV reads (Q8_0, Q4_0, Q4_1)
 GEMV_MAX_ROWS = 64  # the float GEMV's limit; beyond it that impl dequantizes + F.linear
-# Beyond this many rows the int8 kernel hands over to dequantize + F.linear: on AVX2 the float32 GEMM is ~2x
-# faster at 512 rows, the int8 tiles as fast or faster up to ~128 (benchmarks/kernels.py).
-INT8_MAX_ROWS = 128
+# Beyond this many rows the int8 kernel hands over to dequantize + F.linear. The repacked int8 tiles beat it at 512
+# rows on both CPU kinds' builds (AVX512-VNNI machine, 1 thread: gate 576->1536 4.9 vs 17.0 ms, its avx2 build 6.3 ms;
+# benchmarks/kernels.py).
+INT8_MAX_ROWS = 512
 DEQUANT_CHUNK = 1 << 21  # weights dequantized at once by the F.linear path (8 MB of float32 temporaries)
 IMPLS = ("int8", "float", "reference")
 

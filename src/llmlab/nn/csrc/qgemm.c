@@ -80,7 +80,10 @@ static inline float half_to_float(const uint8_t *p) {
 /* One block of 32 floats -> 32 int8 (round half away from zero, as llama.cpp), scale d and s = d*sum(q). */
 static inline void quantize_block(const float *x, int8_t *q, float *d, float *s) {
     float amax = 0.0f;
-    for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[i]));
+    for (int i = 0; i < QK; i++) { /* not fmaxf: a library call where NaN rules keep it from being maxps */
+        const float a = fabsf(x[i]);
+        amax = a > amax ? a : amax;
+    }
     const float dd = amax / 127.0f, id = dd ? 1.0f / dd : 0.0f;
     int sum = 0;
     for (int i = 0; i < QK; i++) {
