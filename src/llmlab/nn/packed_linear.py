@@ -11,8 +11,8 @@ Batch-1 decoding is memory-bound: every weight is read once per token. SmolLM2-1
   8 output rows interleaved, so one broadcast of 4 activation bytes feeds 8 outputs and each unpacked weight
   vector serves a tile of 4 rows; the copy is as large as the blocks). Up to ``INT8_MAX_ROWS`` rows a call
   (batched decoding of many streams, speculative verification, chunked prefill); a longer input goes to
-  dequantize + ``F.linear``. The activations' rounding moves logits slightly (``benchmarks/quality.py``: perplexity within 0.5% of the reference, the top token the same at 97%
-  of positions);
+  dequantize + ``F.linear``. The activations' rounding moves logits slightly (``benchmarks/quality.py``:
+  perplexity within 0.5% of the reference, the top token the same at 97% of positions);
 - ``"float"``: ``csrc/ggml_gemv.c`` (AVX2 + FMA + F16C) expands each block to floats in registers and
   multiplies float activations: the dequantized product up to summation order, for up to
   ``GEMV_MAX_ROWS`` rows;
