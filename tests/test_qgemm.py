@@ -106,18 +106,25 @@ def test_int8_close_to_the_float_product_and_the_layer_dispatches_to_it():
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 0.02
 
 
-def test_negative_control_a_wrong_offset_fails(tmp_path):
-    """Builds whose Q4_0 offset is -7 instead of -8, or that drop the Q5 fifth bit, must fail the parity bound:
-    in the portable C and in the x86 intrinsics (where this CPU runs them)."""
+def test_negative_control_a_wrong_offset_or_interleave_fails(tmp_path):
+    """Builds whose Q4_0 zero point is 7 instead of 8 (one line for every build), that drop the Q5 fifth bit, that
+    shift Q8_0 by 127 instead of 128 (VNNI), or whose repack interleaves the 8 output rows with a wrong stride must
+    fail the parity bound: in the portable C and in the x86 intrinsics (where this CPU runs them)."""
     if find_compiler() is None:
         pytest.skip("no C compiler")
     src = (CSRC / "qgemm.c").read_text()
     x86 = [v for v in VARIANTS if v != "portable"]
-    cases = [("(five ? -16.0f : -8.0f)", "(five ? -16.0f : -7.0f)", "Q4_0", "portable"),
-             ("w[i] |= (int32_t)((qh >> i) & 1) << 4", "w[i] |= 0", "Q5_0", "portable")]
+    stride = ("memcpy(o + qo + 32 * j + 4 * n, qs + 4 * j, 4)",
+              "memcpy(o + qo + 32 * j + 4 * ((n + 1) % NR), qs + 4 * j, 4)")  # rows interleaved one place off
+    cases = [("kind == Q4_0 ? 8 :", "kind == Q4_0 ? 7 :", "Q4_0", "portable"),
+             ("if (q5) c |= (int32_t)((qh >> (4 * n + i)) & 1) << 4;", "if (q5) c |= 0;", "Q5_0",
+              "portable"),
+             (*stride, "Q4_1", "portable")]
     if x86:
-        cases += [("*c = -8.0f * *dw", "*c = -7.0f * *dw", "Q4_0", x86[0]),
-                  ("_mm256_set1_epi8(0x10)", "_mm256_set1_epi8(0x00)", "Q5_1", x86[0])]
+        cases += [("_mm256_set1_epi8(0x10)", "_mm256_set1_epi8(0x00)", "Q5_1", x86[0]),
+                  (*stride, "Q8_0", x86[0])]
+    if "avx512vnni" in x86:
+        cases.append(("return kind == Q8_0 ? -128 :", "return kind == Q8_0 ? -127 :", "Q8_0", "avx512vnni"))
     for i, (old, new, name, variant) in enumerate(cases):
         assert src.count(old) == 1, old
         broken = tmp_path / f"qgemm_{i}.c"

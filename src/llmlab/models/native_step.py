@@ -34,7 +34,8 @@ from llmlab.nn.cpu_kernels import CSRC, KernelBuild, best_variant, build_kernel
 from llmlab.nn.kv_cache import StaticKVCache
 from llmlab.nn.mlp import SwiGLU
 from llmlab.nn.norm import RMSNorm
-from llmlab.nn.packed_linear import PackedLinear
+from llmlab.nn.packed_linear import PackedLinear, kernel_status, tensor_version
+from llmlab.nn.packed_linear import kernel as packed_kernel
 
 CHUNK_ROWS = 128  # rows (B * T) per C call; a longer input goes in chunks of whole positions (chunked prefill)
 
@@ -99,11 +100,11 @@ class NativeStep:
             s = LlamaBlockC()
             s.n_qkv, s.n_up = 3, 2
             for i, m in enumerate((q, k, v)):
-                s.kinds_qkv[i], s.w_qkv[i], s.rows_qkv[i] = m.ggml_type, m.packed.data_ptr(), m.out_features
+                s.kinds_qkv[i], s.w_qkv[i], s.rows_qkv[i] = m.ggml_type, m.repacked().data_ptr(), m.out_features
             for i, m in enumerate((gate, up)):
-                s.kinds_up[i], s.w_up[i], s.rows_up[i] = m.ggml_type, m.packed.data_ptr(), m.out_features
-            s.kind_o, s.w_o = o.ggml_type, o.packed.data_ptr()
-            s.kind_down, s.w_down = down.ggml_type, down.packed.data_ptr()
+                s.kinds_up[i], s.w_up[i], s.rows_up[i] = m.ggml_type, m.repacked().data_ptr(), m.out_features
+            s.kind_o, s.w_o = o.ggml_type, o.repacked().data_ptr()
+            s.kind_down, s.w_down = down.ggml_type, down.repacked().data_ptr()
             s.attn_norm, s.ffn_norm = n1.weight.data_ptr(), n2.weight.data_ptr()
             s.dim, s.n_heads, s.n_kv_heads, s.head_dim = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
             s.ffn_dim, s.eps = cfg.ffn_dim, n1.eps
@@ -111,6 +112,8 @@ class NativeStep:
             self.structs.append(s)
         self.head = (model.norm, model.lm_head, getattr(model.lm_head, "packed", None), model.norm.weight)
         self.watch = self._watch(model)
+        # the structs point into each layer's repacked copy, made from ``packed`` as it is now (version counter)
+        self.versions = [(m.packed, tensor_version(m.packed)) for m in self.linears]
 
     @staticmethod
     def _watch(model: nn.Module) -> list[tuple[dict, str, object]]:
@@ -140,7 +143,8 @@ class NativeStep:
         """The blocks are the modules (and tensors) the structs point into, still int8. Reads the modules'
         own dicts (``_modules``, ``_parameters``, ``_buffers``), not attributes: ~50 µs for 30 blocks
         instead of ~1.4 ms through ``nn.Module.__getattr__``."""
-        return all(d.get(k) is v for d, k, v in self.watch) and all(m.impl == "int8" for m in self.linears)
+        return (all(d.get(k) is v for d, k, v in self.watch) and all(m.impl == "int8" for m in self.linears)
+                and all(tensor_version(t) == v for t, v in self.versions))
 
     def accepts(self, model: nn.Module, x: torch.Tensor, cache, attention_mask: torch.Tensor | None) -> bool:
         B, T = x.shape[:2]
@@ -188,7 +192,7 @@ class NativeStep:
             return None
         B, T, D = x.shape
         y = torch.empty(B, T, head.out_features)
-        rc = self.head_fn(head.ggml_type, x.data_ptr(), norm.weight.data_ptr(), norm.eps, head.packed.data_ptr(),
+        rc = self.head_fn(head.ggml_type, x.data_ptr(), norm.weight.data_ptr(), norm.eps, head.repacked().data_ptr(),
                           y.data_ptr(), B * T, head.out_features, D, torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"norm_qlinear failed with code {rc}")
@@ -208,5 +212,7 @@ def enable_native_step_(model: nn.Module) -> str:
     build = kernel_build()
     if build.fn is None:
         return f"eager step: {build.status}"
+    if packed_kernel("int8") is None:  # it makes the layers' repacked copies
+        return f"eager step: {kernel_status()}"
     model.native_step = NativeStep(model, build)
     return f"native step: {build.status}"

@@ -7,11 +7,12 @@ Batch-1 decoding is memory-bound: every weight is read once per token. SmolLM2-1
 - ``"int8"`` (the default): ``csrc/qgemm.c`` quantizes the activations once per call to Q8 blocks (32 int8
   values and a scale, as llama.cpp) and multiplies them with the weight blocks in integer arithmetic
   (vpmaddubsw on AVX2, vpdpbusd on AVX-VNNI / AVX512-VNNI, plain C elsewhere; the build is chosen from
-  the CPU's features, ``nn/cpu_kernels.py``). Up to ``INT8_MAX_ROWS`` rows a call: each weight block is
-  unpacked once per tile of 4 rows (batched decoding, speculative verification, chunked prefill); a long
-  prefill goes to dequantize + ``F.linear``, faster there on AVX2. The activations' rounding moves logits
-  slightly (``benchmarks/quality.py``: perplexity within 0.5% of the reference, the top token the same at 97%
-  of positions);
+  the CPU's features, ``nn/cpu_kernels.py``) on a copy of the blocks repacked once (``PackedLinear.repacked``:
+  8 output rows interleaved, so one broadcast of 4 activation bytes feeds 8 outputs and each unpacked weight
+  vector serves a tile of 4 rows; the copy is as large as the blocks). Up to ``INT8_MAX_ROWS`` rows a call
+  (batched decoding of many streams, speculative verification, chunked prefill); a longer input goes to
+  dequantize + ``F.linear``. The activations' rounding moves logits slightly (``benchmarks/quality.py``:
+  perplexity within 0.5% of the reference, the top token the same at 97% of positions);
 - ``"float"``: ``csrc/ggml_gemv.c`` (AVX2 + FMA + F16C) expands each block to floats in registers and
   multiplies float activations: the dequantized product up to summation order, for up to
   ``GEMV_MAX_ROWS`` rows;
@@ -44,15 +45,17 @@ from llmlab.nn.ggml_quants import GGML_TYPES, dequantize, quantize_q8_0
 BLOCK_BYTES = {8: 34, 2: 18, 3: 20, 6: 22, 7: 24}  # ggml type id -> bytes per 32 weights
 FLOAT_TYPES = (8, 2, 3)  # the types the float-activation GEMV reads (Q8_0, Q4_0, Q4_1)
 GEMV_MAX_ROWS = 64  # the float GEMV's limit; beyond it that impl dequantizes + F.linear
-# Beyond this many rows the int8 kernel hands over to dequantize + F.linear: on AVX2 the float32 GEMM is ~2x
-# faster at 512 rows, the int8 tiles as fast or faster up to ~128 (benchmarks/kernels.py).
-INT8_MAX_ROWS = 128
+# Beyond this many rows the int8 kernel hands over to dequantize + F.linear. The repacked int8 tiles beat it at 512
+# rows on both CPU kinds' builds (AVX512-VNNI machine, 1 thread: gate 576->1536 4.9 vs 17.0 ms, its avx2 build 6.3 ms;
+# benchmarks/kernels.py).
+INT8_MAX_ROWS = 512
 DEQUANT_CHUNK = 1 << 21  # weights dequantized at once by the F.linear path (8 MB of float32 temporaries)
 IMPLS = ("int8", "float", "reference")
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 # qlinear(kind, x, w, y, M, N, K, nthreads) and ggml_gemv(...): the same signature
 LINEAR_ARGTYPES = [ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
+REPACK_ARGTYPES = [ctypes.c_int, _PTR, _I64, _I64, _PTR]  # qrepack(kind, w, N, K, out)
 
 
 @cache
@@ -60,6 +63,10 @@ def kernel_build(impl: str = "int8") -> KernelBuild:
     """The kernel of ``impl`` in this process, built once. A failed compile is warned about once, in one line."""
     if impl == "int8":
         build = build_kernel(CSRC / "qgemm.c", "qlinear", LINEAR_ARGTYPES, best_variant())
+        if build.fn is not None:
+            build.lib.qlinear_repacked.restype, build.lib.qlinear_repacked.argtypes = ctypes.c_int, LINEAR_ARGTYPES
+            build.lib.qrepack.restype, build.lib.qrepack.argtypes = ctypes.c_int, REPACK_ARGTYPES
+            build.lib.qrepack_bytes.restype, build.lib.qrepack_bytes.argtypes = _I64, [ctypes.c_int, _I64, _I64]
     else:
         build = build_kernel(CSRC / "ggml_gemv.c", "ggml_gemv", LINEAR_ARGTYPES, "avx2")
     if build.failed:
@@ -75,6 +82,11 @@ def kernel(impl: str = "int8"):
 def kernel_status() -> str:
     """One line: which kernel variant runs packed linears on this machine, or why none does."""
     return f"int8: {kernel_build('int8').status}; float: {kernel_build('float').status}"
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """The tensor's in-place write counter (-1 for an inference tensor, which has none)."""
+    return -1 if t.is_inference() else t._version
 
 
 class PackedMatmul(torch.autograd.Function):
@@ -116,6 +128,22 @@ class PackedLinear(nn.Module):
         self.impl = impl
         self.dense: torch.Tensor | None = None  # float32 weight kept by keep_dense_ for many-row products
         self.dense_min_rows = 0
+        self._repacked: tuple[tuple[int, int], torch.Tensor] | None = None  # (packed's (pointer, version), copy)
+
+    def repacked(self) -> torch.Tensor:
+        """The int8 kernel's copy of the blocks, 8 output rows interleaved (``csrc/qgemm.c`` qrepack: the same
+        bytes, permuted), made on first use and again whenever ``packed`` is replaced or written in place (its
+        version counter). Needs the int8 kernel (``kernel("int8")`` not None)."""
+        key = (self.packed.data_ptr(), tensor_version(self.packed))
+        if self._repacked is None or self._repacked[0] != key:
+            lib = kernel_build("int8").lib
+            out = torch.empty(lib.qrepack_bytes(self.ggml_type, self.out_features, self.in_features), dtype=torch.uint8)
+            rc = lib.qrepack(self.ggml_type, self.packed.data_ptr(), self.out_features, self.in_features,
+                             out.data_ptr())
+            if rc != 0:
+                raise RuntimeError(f"qrepack failed with code {rc}")
+            self._repacked = (key, out)
+        return self._repacked[1]
 
     def dequantized(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """Rows [lo, hi) of the weight (default all), (hi - lo, in) float32."""
@@ -147,7 +175,10 @@ class PackedLinear(nn.Module):
                 y[:, lo:hi] = F.linear(x2, self.dequantized(lo, hi).to(x2.device))
             return y
         y = torch.empty(x2.shape[0], self.out_features)
-        rc = fn(self.ggml_type, x2.data_ptr(), self.packed.data_ptr(), y.data_ptr(), x2.shape[0],
+        w = self.packed
+        if self.impl == "int8":  # the kernel reads the interleaved copy
+            fn, w = kernel_build("int8").lib.qlinear_repacked, self.repacked()
+        rc = fn(self.ggml_type, x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.shape[0],
                 self.out_features, self.in_features, torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"packed {self.impl} kernel failed with code {rc}")

@@ -114,7 +114,7 @@ static void attention(const LlamaBlock *w, const float *qkv, float *out, int64_t
                                 continue;
                             }
                             pj[s] = dot(qv[j], ks, D) * scale;
-                            mx[j] = fmaxf(mx[j], pj[s]);
+                            mx[j] = pj[s] > mx[j] ? pj[s] : mx[j]; /* fmaxf would be a library call */
                         }
                     }
                     for (int64_t j = 0; j < nq; j++) {

@@ -5,24 +5,28 @@
  * them in integer arithmetic (llama.cpp's ggml_vec_dot_q4_1_q8_1 and friends):
  *
  *   Q8_0  w = dw * qw          (qw int8)     dot = dw * dx * sum(qw qx)
- *   Q4_0  w = dw * (qw - 8)    (qw 0..15)    dot = dw * (dx * sum(qw qx) - 8 sx)
+ *   Q4_0  w = dw * (qw - 8)    (qw 0..15)    dot = dw * dx * (sum(qw qx) - 8 sum(qx))
  *   Q4_1  w = dw * qw + mw     (qw 0..15)    dot = dw * dx * sum(qw qx) + mw sx
- *   Q5_0  w = dw * (qw - 16)   (qw 0..31)    dot = dw * (dx * sum(qw qx) - 16 sx)
+ *   Q5_0  w = dw * (qw - 16)   (qw 0..31)    dot = dw * dx * (sum(qw qx) - 16 sum(qx))
  *   Q5_1  w = dw * qw + mw     (qw 0..31)    dot = dw * dx * sum(qw qx) + mw sx
  *
- * so the unsigned 4/5-bit weights meet signed int8 activations directly (maddubs / dpbusd take u8 x s8),
- * and signed Q8_0 weights use the sign trick (|w| times x with w's sign). Low nibbles hold weights
- * 0..15 of a block, high nibbles 16..31; Q5's fifth bits are a little-endian u32, bit j for weight j.
+ * so the unsigned 4/5-bit weights meet signed int8 activations directly (maddubs / dpbusd take u8 x s8);
+ * signed Q8_0 weights use the sign trick on AVX2 (|w| times x with w's sign) and w + 128 on VNNI (minus
+ * 128 sum(qx)). Low nibbles hold weights 0..15 of a block, high nibbles 16..31; Q5's fifth bits are a
+ * little-endian u32, bit j for weight j.
  *
  * One source, several builds, chosen at run time from the CPU's features (nn/packed_linear.py):
  *   LLMLAB_AVX512VNNI  256-bit vpdpbusd (AVX512-VNNI + VL)     LLMLAB_AVXVNNI  256-bit vpdpbusd (AVX-VNNI)
  *   LLMLAB_AVX2        vpmaddubsw + vpmaddwd                   (none)          portable C, any CPU
- * With several rows of x (batched decode, speculative verification, prefill) each weight block is
- * unpacked once and multiplied with a tile of up to ROW_TILE rows. Output rows are split across threads
- * with OpenMP: one parallel region per call, also for several matrices sharing one input (Q, K and V;
- * gate and up), whose outputs are written side by side.
+ * The weights are repacked once (qrepack, at load) so that 8 output rows' blocks are interleaved: one broadcast of 4
+ * activation bytes feeds 8 output rows in one vpdpbusd / vpmaddubsw, each unpacked weight vector serves a tile of
+ * up to RT rows of x (batched decode of many streams, speculative verification, chunked prefill), and the block's
+ * float scaling is done for 8 outputs at once. Groups of 8 output rows are split across threads with OpenMP: one
+ * parallel region per call, also for several matrices sharing one input (Q, K and V; gate and up), whose outputs
+ * are written side by side.
  *
- * Shapes: x (M, K) float32; w (N, K / 32 * block bytes) uint8; y (M, ldy) float32, columns [0, N) written.
+ * Shapes: x (M, K) float32; w (N, K / 32 * block bytes) uint8 (GGML blocks; qrepack_bytes() repacked);
+ * y (M, ldy) float32, columns [0, N) written.
  */
 #include <math.h>
 #include <stdint.h>
@@ -34,7 +38,6 @@
 #endif
 
 #define QK 32
-#define ROW_TILE 4
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8 };
 
@@ -77,7 +80,10 @@ static inline float half_to_float(const uint8_t *p) {
 /* One block of 32 floats -> 32 int8 (round half away from zero, as llama.cpp), scale d and s = d*sum(q). */
 static inline void quantize_block(const float *x, int8_t *q, float *d, float *s) {
     float amax = 0.0f;
-    for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[i]));
+    for (int i = 0; i < QK; i++) { /* not fmaxf: a library call where NaN rules keep it from being maxps */
+        const float a = fabsf(x[i]);
+        amax = a > amax ? a : amax;
+    }
     const float dd = amax / 127.0f, id = dd ? 1.0f / dd : 0.0f;
     int sum = 0;
     for (int i = 0; i < QK; i++) {
@@ -116,36 +122,103 @@ void quantize_rows(const float *x, int64_t ldx, const float *norm, float eps, in
     }
 }
 
-/* ---- one weight block times up to ROW_TILE activation blocks ---------------------------------------- */
+/* ---- repacked weights: 8 output rows interleaved ------------------------------------------------------ */
+
+/* qrepack() regroups a matrix's blocks so that one 32-byte vector holds 4 consecutive weights of 8 output rows
+ * (llama.cpp's interleaved "q4_0_8x8"-style repacks in ggml-cpu/repack.cpp, here with 4-byte chunks, the
+ * operand of one vpdpbusd / vpmaddubsw against 4 broadcast activation bytes). Group g (output rows 8g..8g+7,
+ * zero rows past N) and block b form one group-block of 8 * block_bytes bytes, group-major (g, b):
+ *
+ *   d[8] f16 | m[8] f16 (Q4_1, Q5_1) | qh[8] u32 (Q5) | qs: Q4/Q5 4 x 32 bytes, Q8_0 8 x 32 bytes
+ *
+ * Chunk j (weights 4j..4j+3 of a block) of row n sits at bytes 4n..4n+3 of vector j (Q8_0), or in the low
+ * nibbles (j < 4) / high nibbles (j >= 4) of vector j % 4 (Q4/Q5: the GGML byte i holds weights i and i + 16, so
+ * this is a permutation of 4-byte pieces); bit 4n + i of qh[j] is weight 4j + i's fifth bit. The same size as
+ * the GGML blocks; the layout is the same for every build.
+ *
+ * Every output is then, per block b and row m (exact integers, then IEEE floats in this order in every build):
+ *   isum = sum_k code_k x_k - z xsum      (z = 8 for Q4_0, 16 for Q5_0, else 0; xsum = sum_k x_k)
+ *   acc  = acc + (float)isum * (dw * dx)  [ acc = acc + mw * sx   for Q4_1, Q5_1 ]
+ * so a row gives the same bits alone, in a tile of any size, in any build, with any thread count. */
+
+#define NR 8   /* output rows per group */
+#define RT 4   /* activation rows per tile */
+
+static int64_t qs_offset(int kind) {
+    switch (kind) {
+    case Q4_0: return 16;
+    case Q4_1: return 32;
+    case Q5_0: return 48;
+    case Q5_1: return 64;
+    default: return 16;
+    }
+}
+
+static int zero_point(int kind) { return kind == Q4_0 ? 8 : kind == Q5_0 ? 16 : 0; }
+static int has_min(int kind) { return kind == Q4_1 || kind == Q5_1; }
+static int is_q5(int kind) { return kind == Q5_0 || kind == Q5_1; }
+
+/* The bytes of the repacked copy of an (N, K) matrix: whole groups of 8 rows. */
+int64_t qrepack_bytes(int kind, int64_t N, int64_t K) { return (N + NR - 1) / NR * NR * (K / QK) * block_bytes(kind); }
+
+/* w (N, K / 32 * block bytes) GGML blocks -> out (qrepack_bytes) in the interleaved layout above. */
+int qrepack(int kind, const uint8_t *w, int64_t N, int64_t K, uint8_t *out) {
+    const int64_t bb = block_bytes(kind), nb = K / QK, gbytes = NR * bb;
+    if (!bb || K % QK) return -1;
+    const int64_t qo = qs_offset(kind), hm = has_min(kind), q5 = is_q5(kind);
+    for (int64_t g = 0; g < (N + NR - 1) / NR; g++)
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *o = out + (g * nb + b) * gbytes;
+            memset(o, 0, (size_t)gbytes);
+            for (int n = 0; n < NR && g * NR + n < N; n++) {
+                const uint8_t *blk = w + ((g * NR + n) * nb + b) * bb;
+                memcpy(o + 2 * n, blk, 2);                       /* d */
+                if (hm) memcpy(o + 16 + 2 * n, blk + 2, 2);      /* m */
+                const uint8_t *qs = blk + 2 + (hm ? 2 : 0) + (q5 ? 4 : 0);
+                if (q5) {
+                    uint32_t qh;
+                    memcpy(&qh, blk + 2 + (hm ? 2 : 0), 4);
+                    uint8_t *h = o + (hm ? 32 : 16);
+                    for (int j = 0; j < 8; j++) {
+                        uint32_t word;
+                        memcpy(&word, h + 4 * j, 4);
+                        word |= ((qh >> (4 * j)) & 0xFu) << (4 * n);
+                        memcpy(h + 4 * j, &word, 4);
+                    }
+                }
+                const int vectors = kind == Q8_0 ? 8 : 4;
+                for (int j = 0; j < vectors; j++) memcpy(o + qo + 32 * j + 4 * n, qs + 4 * j, 4);
+            }
+        }
+    return 0;
+}
+
+/* xs[b * M + m] = sum of row m's int8 activations in block b (for the zero points and the Q8_0 u8 shift). */
+static void block_sums(const int8_t *q, int64_t M, int64_t nb, int32_t *xs) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < nb; b++) {
+            int32_t t = 0;
+            for (int i = 0; i < QK; i++) t += q[(m * nb + b) * QK + i];
+            xs[b * M + m] = t;
+        }
+}
+
+/* Output rows [n0, n0 + cnt) (cnt <= 8) of the group's 8 lanes, row m: y = v or y += v. */
+static inline void store_lanes(const float *v, float *y, int cnt, int accumulate) {
+    for (int n = 0; n < cnt; n++) y[n] = accumulate ? y[n] + v[n] : v[n];
+}
 
 #ifdef LLMLAB_X86
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
 }
 
-/* sum over groups of 4 of u8 a times s8 b -> 8 int32, as float */
-static inline __m256 dot_us8(__m256i a, __m256i b) {
-#if defined(LLMLAB_AVX512VNNI)
-    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b));
-#elif defined(LLMLAB_AVXVNNI)
-    return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b));
-#else
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
-#endif
-}
-
-/* 16 packed bytes -> 32 u8 values 0..15 (weights 0..15 from the low nibbles, 16..31 from the high). */
-static inline __m256i unpack_nibbles(const uint8_t *qs) {
-    const __m128i p = _mm_loadu_si128((const __m128i *)qs);
-    const __m256i v = _mm256_set_m128i(_mm_srli_epi16(p, 4), p);
-    return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
-}
-
-/* A little-endian u32 -> 32 bytes, 0x10 where bit j is set (the Q5 fifth bit of weight j). */
-static inline __m256i fifth_bits(const uint8_t *qh) {
+/* A little-endian u32 -> 32 bytes, 0x10 where bit j is set (the Q5 fifth bit of byte j). */
+INLINE __m256i fifth_bits(const uint8_t *qh) {
     uint32_t bits;
     memcpy(&bits, qh, 4);
     const __m256i shuf = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
@@ -156,279 +229,241 @@ static inline __m256i fifth_bits(const uint8_t *qh) {
     return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
 }
 
-#define INLINE static inline __attribute__((always_inline))
-
-/* The weight block as 32 bytes (unsigned codes for Q4/Q5, signed for Q8_0), its scale and offset factor. */
-INLINE __m256i load_block(const int kind, const uint8_t *blk, float *dw, float *c) {
-    *dw = half_to_float(blk);
-    switch (kind) {
-    case Q8_0: *c = 0.0f; return _mm256_loadu_si256((const __m256i *)(blk + 2));
-    case Q4_0: *c = -8.0f * *dw; return unpack_nibbles(blk + 2);
-    case Q4_1: *c = half_to_float(blk + 2); return unpack_nibbles(blk + 4);
-    case Q5_0: *c = -16.0f * *dw; return _mm256_or_si256(unpack_nibbles(blk + 6), fifth_bits(blk + 2));
-    default: *c = half_to_float(blk + 2); return _mm256_or_si256(unpack_nibbles(blk + 8), fifth_bits(blk + 4));
-    }
-}
-
-/* <w, x> for one block pair as 8 float partial sums (the sign trick for signed Q8_0 weights). */
-INLINE __m256 block_dot(const int kind, __m256i w, __m256i aw, const int8_t *qx) {
-    const __m256i x = _mm256_loadu_si256((const __m256i *)qx);
-    return kind == Q8_0 ? dot_us8(aw, _mm256_sign_epi8(x, w)) : dot_us8(w, x);
-}
-
-/* y[m0 + r, n] (r < R) for one weight row: R rows (a constant after inlining) share each unpacked block.
- * Every row sums its even and odd blocks in two accumulators (consecutive multiply-adds do not wait on each
- * other) in the same order whatever R is, so a row gives the same bits alone or in a batch. */
-INLINE void tile(const int kind, const int R, const uint8_t *wrow, int64_t nb, int64_t bbytes, const int8_t *q,
-                 const float *d, const float *s, int64_t M, int64_t m0, float *y, int64_t ldy, int accumulate) {
-    __m256 acc[2][ROW_TILE];
-    float off[2][ROW_TILE];
-    __m128 off4[2] = {_mm_setzero_ps(), _mm_setzero_ps()}; /* R == 4: the offsets of the 4 rows side by side */
-    for (int r = 0; r < R; r++) acc[0][r] = acc[1][r] = _mm256_setzero_ps(), off[0][r] = off[1][r] = 0.0f;
-    for (int64_t b = 0; b < nb; b++) {
-        float dw, c;
-        const __m256i w = load_block(kind, wrow + b * bbytes, &dw, &c);
-        const __m256i aw = _mm256_sign_epi8(w, w);
-        const int odd = (int)(b & 1);
-        const float *db = d + b * M + m0, *sb = s + b * M + m0; /* scales are block-major: d[b][m] */
-        if (R == ROW_TILE) { /* the 4 rows' scales and offsets in one vector op each (the same IEEE products) */
-            float scale[ROW_TILE];
-            _mm_storeu_ps(scale, _mm_mul_ps(_mm_set1_ps(dw), _mm_loadu_ps(db)));
-            const __m128 o = _mm_mul_ps(_mm_set1_ps(c), _mm_loadu_ps(sb));
-            /* b & 1 picks the accumulators; spelled out twice so they stay in registers */
-            if (odd) {
-                off4[1] = _mm_add_ps(off4[1], o);
-                for (int r = 0; r < ROW_TILE; r++)
-                    acc[1][r] = _mm256_add_ps(acc[1][r], _mm256_mul_ps(_mm256_broadcast_ss(scale + r),
-                                                                       block_dot(kind, w, aw, q + (m0 + r) * nb * QK + b * QK)));
-            } else {
-                off4[0] = _mm_add_ps(off4[0], o);
-                for (int r = 0; r < ROW_TILE; r++)
-                    acc[0][r] = _mm256_add_ps(acc[0][r], _mm256_mul_ps(_mm256_broadcast_ss(scale + r),
-                                                                       block_dot(kind, w, aw, q + (m0 + r) * nb * QK + b * QK)));
-            }
-            continue;
-        }
-        for (int r = 0; r < R; r++) {
-            const __m256 p = block_dot(kind, w, aw, q + (m0 + r) * nb * QK + b * QK);
-            if (odd) {
-                acc[1][r] = _mm256_add_ps(acc[1][r], _mm256_mul_ps(_mm256_set1_ps(dw * db[r]), p));
-                off[1][r] += c * sb[r];
-            } else {
-                acc[0][r] = _mm256_add_ps(acc[0][r], _mm256_mul_ps(_mm256_set1_ps(dw * db[r]), p));
-                off[0][r] += c * sb[r];
-            }
-        }
-    }
-    if (R == ROW_TILE) {
-        _mm_storeu_ps(off[0], off4[0]);
-        _mm_storeu_ps(off[1], off4[1]);
-    }
-    for (int r = 0; r < R; r++) {
-        float *out = y + (m0 + r) * ldy;
-        const float v = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + off[0][r] + off[1][r];
-        *out = accumulate ? *out + v : v;
-    }
-}
-
-/* Two weight rows times one row of x (decoding): the x block, its scale and sum are loaded once for both, and
- * the two rows' chains interleave. Each row's arithmetic is tile(kind, 1, ...)'s, so the same bits. */
-/* Block b of both rows: a_r += (dw_r dx) <w_r, x>, o_r += c_r sx, as tile() does for one row. */
-INLINE void pair_block(const int kind, const uint8_t *w0, const uint8_t *w1, int64_t b, int64_t bbytes,
-                       const int8_t *q, const float *d, const float *s, __m256 *a0, __m256 *a1, float *o0, float *o1) {
-    float dw0, c0, dw1, c1;
-    const __m256i v0 = load_block(kind, w0 + b * bbytes, &dw0, &c0);
-    const __m256i v1 = load_block(kind, w1 + b * bbytes, &dw1, &c1);
-    const __m256 p0 = block_dot(kind, v0, _mm256_sign_epi8(v0, v0), q + b * QK);
-    const __m256 p1 = block_dot(kind, v1, _mm256_sign_epi8(v1, v1), q + b * QK);
-    *a0 = _mm256_add_ps(*a0, _mm256_mul_ps(_mm256_set1_ps(dw0 * d[b]), p0));
-    *a1 = _mm256_add_ps(*a1, _mm256_mul_ps(_mm256_set1_ps(dw1 * d[b]), p1));
-    *o0 += c0 * s[b];
-    *o1 += c1 * s[b];
-}
-
-INLINE void pair1(const int kind, const uint8_t *w0, const uint8_t *w1, int64_t nb, int64_t bbytes, const int8_t *q,
-                  const float *d, const float *s, float *y, int accumulate) {
-    __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps(), a10 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps();
-    float o00 = 0.0f, o01 = 0.0f, o10 = 0.0f, o11 = 0.0f; /* row r, even / odd blocks */
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        pair_block(kind, w0, w1, b, bbytes, q, d, s, &a00, &a10, &o00, &o10);
-        pair_block(kind, w0, w1, b + 1, bbytes, q, d, s, &a01, &a11, &o01, &o11);
-    }
-    if (b < nb) pair_block(kind, w0, w1, b, bbytes, q, d, s, &a00, &a10, &o00, &o10); /* an even last block */
-    const float v0 = hsum(_mm256_add_ps(a00, a01)) + o00 + o01, v1 = hsum(_mm256_add_ps(a10, a11)) + o10 + o11;
-    y[0] = accumulate ? y[0] + v0 : v0;
-    y[1] = accumulate ? y[1] + v1 : v1;
-}
-
-static void row_times_x(int kind, const uint8_t *wrow, int64_t nb, const int8_t *q, const float *d, const float *s,
-                        int64_t M, float *y, int64_t ldy, int acc);
-
-#define PAIR_CASE(KIND) case KIND: pair1(KIND, w0, w1, nb, block_bytes(KIND), q, d, s, y, acc); break;
-
-/* y[n], y[n + 1] for one row of x and two rows of one matrix. Not for Q8_0: its 32-byte blocks already keep
- * the core busy, and two at once ran 1.7x slower (spilled registers; measured on AVX2). */
-static void pair_times_x(int kind, const uint8_t *w0, const uint8_t *w1, int64_t nb, const int8_t *q, const float *d,
-                         const float *s, float *y, int acc) {
-    switch (kind) {
-        PAIR_CASE(Q4_0)
-        PAIR_CASE(Q4_1)
-        PAIR_CASE(Q5_0)
-        PAIR_CASE(Q5_1)
-    case Q8_0:
-        row_times_x(kind, w0, nb, q, d, s, 1, y, 1, acc);
-        row_times_x(kind, w1, nb, q, d, s, 1, y + 1, 1, acc);
-        break;
-    }
-}
-#define HAVE_PAIR 1
-#else
-/* The block's 32 integer weights (the unsigned code for Q4/Q5), its scale, and the offset factor. */
-static inline void unpack_block(int kind, const uint8_t *blk, int32_t *w, float *dw, float *c) {
-    *dw = half_to_float(blk);
-    *c = 0.0f;
+/* The group-block's 8 weight vectors (chunk j of the 8 rows): u8 codes for Q4/Q5; for Q8_0 the VNNI builds
+ * take w + 128 as u8 (corrected by -128 xsum), the AVX2 build |w| (x gets w's sign per row). */
+INLINE void load_weights(const int kind, const uint8_t *gb, __m256i *w) {
+    const uint8_t *qs = gb + qs_offset(kind);
     if (kind == Q8_0) {
-        for (int i = 0; i < QK; i++) w[i] = (int8_t)blk[2 + i];
+        for (int j = 0; j < 8; j++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+#if defined(LLMLAB_AVX2)
+            w[j] = v;
+#else
+            w[j] = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
+#endif
+        }
         return;
     }
-    const int has_min = kind == Q4_1 || kind == Q5_1, five = kind == Q5_0 || kind == Q5_1;
-    const uint8_t *qs = blk + 2 + (has_min ? 2 : 0) + (five ? 4 : 0);
-    uint32_t qh = 0;
-    if (five) memcpy(&qh, blk + 2 + (has_min ? 2 : 0), 4);
-    for (int i = 0; i < 16; i++) {
-        w[i] = qs[i] & 0x0F;
-        w[i + 16] = qs[i] >> 4;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int p = 0; p < 4; p++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+        w[p] = _mm256_and_si256(v, low);
+        w[p + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
     }
-    if (five)
-        for (int i = 0; i < QK; i++) w[i] |= (int32_t)((qh >> i) & 1) << 4;
-    *c = has_min ? half_to_float(blk + 2) : (five ? -16.0f : -8.0f) * *dw;
-}
-
-#define INLINE static inline
-
-/* The x86 builds' arithmetic, lane by lane: 8 lanes of 4 products each, scaled and added per block, summed
- * in the order hsum() uses, so every build gives bit-identical results (tested). */
-static inline void block_lanes(const int32_t *w, const int8_t *x, float scale, float *acc) {
-    for (int l = 0; l < 8; l++) {
-        const int32_t lane = w[4 * l] * x[4 * l] + w[4 * l + 1] * x[4 * l + 1] + w[4 * l + 2] * x[4 * l + 2] +
-                             w[4 * l + 3] * x[4 * l + 3];
-        acc[l] = acc[l] + scale * (float)lane;
+    if (is_q5(kind)) {
+        const uint8_t *qh = gb + (has_min(kind) ? 32 : 16);
+        for (int j = 0; j < 8; j++) w[j] = _mm256_or_si256(w[j], fifth_bits(qh + 4 * j));
     }
 }
 
-static inline float hsum_lanes(const float *a) {
-    const float s0 = a[0] + a[4], s1 = a[1] + a[5], s2 = a[2] + a[6], s3 = a[3] + a[7];
-    return (s0 + s2) + (s1 + s3);
+/* sum_k code_k x_k over the block for the 8 rows, plus init (exact int32). x: one row's 32 int8 activations. */
+INLINE __m256i group_isum(const int kind, const __m256i *w, const int8_t *x, __m256i init) {
+#if defined(LLMLAB_AVX2)
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (kind == Q8_0) { /* |w| x sign(x, w): one pair sum per 16 bits fits (2 * 128 * 127), so madd each */
+        __m256i a = init, c = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j += 2) {
+            a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w[j], w[j]),
+                                                                           _mm256_sign_epi8(bcast4(x + 4 * j), w[j])), ones));
+            c = _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w[j + 1], w[j + 1]),
+                                                                           _mm256_sign_epi8(bcast4(x + 4 * j + 4), w[j + 1])), ones));
+        }
+        return _mm256_add_epi32(a, c);
+    }
+    /* 16-bit sums: Q4 pairs are at most 2 * 15 * 127, eight of them fit; Q5 pairs 2 * 31 * 127, four fit */
+    __m256i p[8];
+    for (int j = 0; j < 8; j++) p[j] = _mm256_maddubs_epi16(w[j], bcast4(x + 4 * j));
+    const __m256i lo = _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3]));
+    const __m256i hi = _mm256_add_epi16(_mm256_add_epi16(p[4], p[5]), _mm256_add_epi16(p[6], p[7]));
+    if (is_q5(kind))
+        return _mm256_add_epi32(init, _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, ones)));
+    return _mm256_add_epi32(init, _mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones));
+#else
+    __m256i a = init, c = _mm256_setzero_si256();
+    for (int j = 0; j < 8; j += 2) {
+#if defined(LLMLAB_AVX512VNNI)
+        a = _mm256_dpbusd_epi32(a, w[j], bcast4(x + 4 * j));
+        c = _mm256_dpbusd_epi32(c, w[j + 1], bcast4(x + 4 * j + 4));
+#else
+        a = _mm256_dpbusd_avx_epi32(a, w[j], bcast4(x + 4 * j));
+        c = _mm256_dpbusd_avx_epi32(c, w[j + 1], bcast4(x + 4 * j + 4));
+#endif
+    }
+    return _mm256_add_epi32(a, c);
+#endif
 }
 
-static inline void tile(const int kind, const int R, const uint8_t *wrow, int64_t nb, int64_t bbytes,
-                        const int8_t *q, const float *d, const float *s, int64_t M, int64_t m0, float *y,
-                        int64_t ldy, int accumulate) {
-    float acc[2][ROW_TILE][8] = {{{0}}}, off[2][ROW_TILE] = {{0}};
+/* The integer correction per unit of xsum: the zero point, and on the VNNI builds Q8_0's +128 shift. */
+INLINE int32_t xsum_factor(const int kind) {
+#if defined(LLMLAB_AVX2)
+    return -zero_point(kind);
+#else
+    return kind == Q8_0 ? -128 : -zero_point(kind);
+#endif
+}
+
+/* One group (8 output rows, rg its repacked blocks) times R activation rows m0..m0+R-1. */
+INLINE void group_tile(const int kind, const int R, const uint8_t *rg, int64_t nb, const int8_t *q, const float *d,
+                       const float *s, const int32_t *xs, int64_t M, int64_t m0, float *y, int64_t ldy, int cnt,
+                       int accumulate) {
+    const int64_t gbytes = NR * block_bytes(kind);
+    const int32_t f = xsum_factor(kind);
+    __m256 acc[RT];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const int odd = (int)(b & 1);
-        int32_t w[QK];
-        float dw, c;
-        unpack_block(kind, wrow + b * bbytes, w, &dw, &c);
+        const uint8_t *gb = rg + b * gbytes;
+        __m256i w[8];
+        load_weights(kind, gb, w);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gb));
+        const __m256 mw = has_min(kind) ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16)))
+                                        : _mm256_setzero_ps();
         for (int r = 0; r < R; r++) {
-            block_lanes(w, q + ((m0 + r) * nb + b) * QK, dw * d[b * M + m0 + r], acc[odd][r]);
-            off[odd][r] += c * s[b * M + m0 + r];
+            const int64_t m = m0 + r;
+            const __m256i init = f ? _mm256_set1_epi32(f * xs[b * M + m]) : _mm256_setzero_si256();
+            const __m256i isum = group_isum(kind, w, q + (m * nb + b) * QK, init);
+            const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(d[b * M + m]));
+            acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), scale));
+            if (has_min(kind)) acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(mw, _mm256_set1_ps(s[b * M + m])));
         }
     }
     for (int r = 0; r < R; r++) {
-        float sum[8];
-        for (int l = 0; l < 8; l++) sum[l] = acc[0][r][l] + acc[1][r][l];
-        float *out = y + (m0 + r) * ldy;
-        const float v = hsum_lanes(sum) + off[0][r] + off[1][r];
-        *out = accumulate ? *out + v : v;
+        float v[NR];
+        _mm256_storeu_ps(v, acc[r]);
+        store_lanes(v, y + (m0 + r) * ldy, cnt, accumulate);
     }
+}
+#else
+#define INLINE static inline
+
+/* The x86 builds' arithmetic lane by lane (exact integer sums, then the same float operations in the same order),
+ * so every build gives bit-identical results (tested). */
+static inline void group_tile(const int kind, const int R, const uint8_t *rg, int64_t nb, const int8_t *q,
+                              const float *d, const float *s, const int32_t *xs, int64_t M, int64_t m0, float *y,
+                              int64_t ldy, int cnt, int accumulate) {
+    const int64_t gbytes = NR * block_bytes(kind), qo = qs_offset(kind);
+    const int z = zero_point(kind), hm = has_min(kind), q5 = is_q5(kind);
+    float acc[RT][NR] = {{0}};
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = rg + b * gbytes;
+        int32_t w[NR][QK]; /* row n's codes (signed for Q8_0) */
+        float dw[NR], mw[NR];
+        for (int n = 0; n < NR; n++) {
+            dw[n] = half_to_float(gb + 2 * n);
+            mw[n] = hm ? half_to_float(gb + 16 + 2 * n) : 0.0f;
+        }
+        for (int j = 0; j < 8; j++) {
+            uint32_t qh = 0;
+            if (q5) memcpy(&qh, gb + (hm ? 32 : 16) + 4 * j, 4);
+            for (int n = 0; n < NR; n++)
+                for (int i = 0; i < 4; i++) {
+                    int32_t c;
+                    if (kind == Q8_0) {
+                        c = (int8_t)gb[qo + 32 * j + 4 * n + i];
+                    } else {
+                        const uint8_t byte = gb[qo + 32 * (j % 4) + 4 * n + i];
+                        c = j < 4 ? (byte & 0x0F) : (byte >> 4);
+                        if (q5) c |= (int32_t)((qh >> (4 * n + i)) & 1) << 4;
+                    }
+                    w[n][4 * j + i] = c;
+                }
+        }
+        for (int r = 0; r < R; r++) {
+            const int64_t m = m0 + r;
+            const int8_t *x = q + (m * nb + b) * QK;
+            const float dx = d[b * M + m], sx = s[b * M + m];
+            for (int n = 0; n < NR; n++) {
+                int32_t isum = -z * xs[b * M + m];
+                for (int k = 0; k < QK; k++) isum += w[n][k] * x[k];
+                const float scale = dw[n] * dx;
+                acc[r][n] = acc[r][n] + (float)isum * scale;
+                if (hm) acc[r][n] = acc[r][n] + mw[n] * sx;
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) store_lanes(acc[r], y + (m0 + r) * ldy, cnt, accumulate);
 }
 #endif
 
 /* ---- matrices ------------------------------------------------------------------------------------------ */
 
-/* One weight row times every row of x, ROW_TILE rows at a time; kind and tile size are constants in each
- * instantiation, so the accumulators stay in registers. */
-#define TILE_CASE(KIND)                                                                                       \
-    case KIND:                                                                                                \
-        for (; m0 + ROW_TILE <= M; m0 += ROW_TILE) tile(KIND, ROW_TILE, wrow, nb, bb, q, d, s, M, m0, y, ldy, acc); \
-        switch (M - m0) {                                                                                     \
-        case 3: tile(KIND, 3, wrow, nb, bb, q, d, s, M, m0, y, ldy, acc); break;                              \
-        case 2: tile(KIND, 2, wrow, nb, bb, q, d, s, M, m0, y, ldy, acc); break;                              \
-        case 1: tile(KIND, 1, wrow, nb, bb, q, d, s, M, m0, y, ldy, acc); break;                              \
-        }                                                                                                     \
+/* One group times every row of x, RT rows at a time; kind and tile size are constants in each instantiation, so
+ * the accumulators stay in registers. */
+#define GROUP_CASE(KIND)                                                                                       \
+    case KIND:                                                                                                 \
+        for (; m0 + RT <= M; m0 += RT) group_tile(KIND, RT, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc);     \
+        switch (M - m0) {                                                                                      \
+        case 3: group_tile(KIND, 3, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                      \
+        case 2: group_tile(KIND, 2, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                      \
+        case 1: group_tile(KIND, 1, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                      \
+        }                                                                                                      \
         break;
 
-static void row_times_x(int kind, const uint8_t *wrow, int64_t nb, const int8_t *q, const float *d, const float *s,
-                        int64_t M, float *y, int64_t ldy, int acc) {
-    const int64_t bb = block_bytes(kind);
+static void group_times_x(int kind, const uint8_t *rg, int64_t nb, const int8_t *q, const float *d, const float *s,
+                          const int32_t *xs, int64_t M, float *y, int64_t ldy, int cnt, int acc) {
     int64_t m0 = 0;
     switch (kind) {
-        TILE_CASE(Q4_0)
-        TILE_CASE(Q4_1)
-        TILE_CASE(Q5_0)
-        TILE_CASE(Q5_1)
-        TILE_CASE(Q8_0)
+        GROUP_CASE(Q4_0)
+        GROUP_CASE(Q4_1)
+        GROUP_CASE(Q5_0)
+        GROUP_CASE(Q5_1)
+        GROUP_CASE(Q8_0)
     }
 }
 
-/* Several matrices sharing one quantized input: matrix j (kinds[j], w[j], N[j] rows) writes columns
- * [sum N[<j], sum N[<=j]) of y (M, ldy). With ``accumulate``, y += instead of y =. Returns 0, or < 0 for a
- * bad kind or K. */
+/* Several repacked matrices sharing one quantized input: matrix j (kinds[j], w[j] from qrepack, N[j] rows) writes
+ * columns [sum N[<j], sum N[<=j]) of y (M, ldy). With ``accumulate``, y += instead of y =. Groups of 8 output rows
+ * are split across threads (one parallel region per call). Returns 0, or < 0 for a bad kind or K. */
 int qgemm_multi(int nmat, const int *kinds, const uint8_t *const *w, const int64_t *N, const int8_t *q,
                 const float *d, const float *s, int64_t M, int64_t K, float *y, int64_t ldy, int accumulate,
                 int nthreads) {
     if (K % QK || nmat < 1 || nmat > 8) return -1;
-    int64_t total = 0, first[9];
-    for (int j = 0; j < nmat; j++) {
+    int64_t groups = 0, first[9], col[9];
+    for (int j = 0, c = 0; j < nmat; j++) {
         if (!block_bytes(kinds[j])) return -2;
-        first[j] = total;
-        total += N[j];
+        first[j] = groups, col[j] = c;
+        groups += (N[j] + NR - 1) / NR;
+        c += (int)N[j];
     }
-    first[nmat] = total;
+    first[nmat] = groups;
     const int64_t nb = K / QK;
-#ifdef HAVE_PAIR
-    if (M == 1) { /* decoding one sequence: weight rows in pairs */
+    int32_t *xs = (int32_t *)malloc(sizeof(int32_t) * M * nb);
+    if (!xs) return -3;
+    block_sums(q, M, nb, xs);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t p = 0; p < (total + 1) / 2; p++) {
-            const int64_t n = 2 * p;
-            int j = 0;
-            while (n >= first[j + 1]) j++;
-            const int64_t rb = nb * block_bytes(kinds[j]);
-            const uint8_t *wrow = w[j] + (n - first[j]) * rb;
-            if (n + 1 < first[j + 1]) {
-                pair_times_x(kinds[j], wrow, wrow + rb, nb, q, d, s, y + n, accumulate);
-            } else { /* the last row of a matrix with an odd count: alone, and the next matrix's first too */
-                row_times_x(kinds[j], wrow, nb, q, d, s, 1, y + n, ldy, accumulate);
-                if (n + 1 < total)
-                    row_times_x(kinds[j + 1], w[j + 1], nb, q, d, s, 1, y + n + 1, ldy, accumulate);
-            }
-        }
-        return 0;
-    }
-#endif
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < total; n++) {
+    for (int64_t g = 0; g < groups; g++) {
         int j = 0;
-        while (n >= first[j + 1]) j++;
-        const uint8_t *wrow = w[j] + (n - first[j]) * nb * block_bytes(kinds[j]);
-        row_times_x(kinds[j], wrow, nb, q, d, s, M, y + n, ldy, accumulate);
+        while (g >= first[j + 1]) j++;
+        const int64_t n0 = (g - first[j]) * NR, left = N[j] - n0;
+        const uint8_t *rg = w[j] + (g - first[j]) * nb * NR * block_bytes(kinds[j]);
+        group_times_x(kinds[j], rg, nb, q, d, s, xs, M, y + col[j] + n0, ldy, left < NR ? (int)left : NR,
+                      accumulate);
     }
+    free(xs);
     return 0;
 }
 
-/* y (M, N) = x (M, K) @ W^T for one packed matrix: quantize x, then the integer product. */
-int qlinear(int kind, const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int nthreads) {
+/* y (M, N) = x (M, K) @ W^T for one repacked matrix (qrepack): quantize x, then the integer product. */
+int qlinear_repacked(int kind, const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
+                     int nthreads) {
     if (K % QK) return -1;
     int8_t *q = (int8_t *)malloc((size_t)(M * K));
     float *d = (float *)malloc(sizeof(float) * M * (K / QK)), *s = (float *)malloc(sizeof(float) * M * (K / QK));
-    if (!q || !d || !s) {
-        free(q), free(d), free(s);
-        return -3;
+    int rc = -3;
+    if (q && d && s) {
+        quantize_rows(x, K, NULL, 0.0f, M, K, q, d, s, nthreads);
+        rc = qgemm_multi(1, &kind, &w, &N, q, d, s, M, K, y, N, 0, nthreads);
     }
-    quantize_rows(x, K, NULL, 0.0f, M, K, q, d, s, nthreads);
-    const int rc = qgemm_multi(1, &kind, &w, &N, q, d, s, M, K, y, N, 0, nthreads);
     free(q), free(d), free(s);
+    return rc;
+}
+
+/* The same from GGML blocks (w (N, K / 32 * block bytes)): repacked into a temporary first. */
+int qlinear(int kind, const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int nthreads) {
+    if (K % QK || !block_bytes(kind)) return -1;
+    uint8_t *r = (uint8_t *)malloc((size_t)qrepack_bytes(kind, N, K));
+    if (!r) return -3;
+    int rc = qrepack(kind, w, N, K, r);
+    if (!rc) rc = qlinear_repacked(kind, x, r, y, M, N, K, nthreads);
+    free(r);
     return rc;
 }

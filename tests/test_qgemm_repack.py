@@ -1,0 +1,142 @@
+"""The repacked multi-row int8 GEMM (nn/csrc/qgemm.c qrepack + group tiles): the interleaved layout against a
+hand-written NumPy repack, every build bit-identical to the portable C for 1..512 rows, a row's bits independent of
+the rows sharing its call (batched = solo), and the repacked copy following in-place writes to the blocks. The
+product itself is checked against the dequantized float32 product in test_qgemm.py."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+
+from llmlab.nn.cpu_kernels import CSRC, build_kernel, find_compiler, runnable_variants
+from llmlab.nn.ggml_quants import dequantize, q8_activations
+from llmlab.nn.packed_linear import LINEAR_ARGTYPES, REPACK_ARGTYPES, PackedLinear, kernel
+from tests.test_qgemm import TYPES, _packed
+
+BLOCK = {8: 34, 2: 18, 3: 20, 6: 22, 7: 24}
+
+
+@pytest.fixture(scope="module")
+def libs():
+    """Every variant this CPU runs, built once (the shared kernel cache): {variant: ctypes library}."""
+    if find_compiler() is None:
+        pytest.skip("no C compiler")
+    out = {}
+    for v in runnable_variants():
+        build = build_kernel(CSRC / "qgemm.c", "qlinear", LINEAR_ARGTYPES, v)
+        assert build.fn is not None, build.status
+        lib = build.lib
+        lib.qlinear_repacked.restype, lib.qlinear_repacked.argtypes = ctypes.c_int, LINEAR_ARGTYPES
+        lib.qrepack.restype, lib.qrepack.argtypes = ctypes.c_int, REPACK_ARGTYPES
+        lib.qrepack_bytes.restype = ctypes.c_int64
+        lib.qrepack_bytes.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        out[v] = lib
+    return out
+
+
+def _repack(lib, tid: int, raw: torch.Tensor, K: int) -> torch.Tensor:
+    N = raw.shape[0]
+    out = torch.empty(lib.qrepack_bytes(tid, N, K), dtype=torch.uint8)
+    assert lib.qrepack(tid, raw.data_ptr(), N, K, out.data_ptr()) == 0
+    return out
+
+
+def _numpy_repack(tid: int, raw: np.ndarray, K: int) -> np.ndarray:
+    """The layout written out by hand: group-blocks (g, b) of d[8] | m[8] | qh[8] u32 | qs, chunk j of row n at
+    bytes 4n..4n+3 of vector j (Q8_0) or of vector j % 4 (Q4/Q5 nibbles); bit 4n + i of qh[j] = bit 4j + i."""
+    bb, nb = BLOCK[tid], K // 32
+    N = raw.shape[0]
+    G = -(-N // 8)
+    blocks = np.zeros((G * 8, nb, bb), np.uint8)
+    blocks[:N] = raw.reshape(N, nb, bb)
+    hm, q5 = tid in (3, 7), tid in (6, 7)
+    out = []
+    for g in range(G):
+        for b in range(nb):
+            rows = blocks[g * 8:(g + 1) * 8, b]  # (8, bb)
+            parts = [rows[:, 0:2].reshape(-1)]
+            if hm:
+                parts.append(rows[:, 2:4].reshape(-1))
+            at = 2 + 2 * hm
+            if q5:
+                qh = rows[:, at:at + 4].copy().view("<u4").reshape(8)
+                words = np.zeros(8, "<u4")
+                for j in range(8):
+                    for n in range(8):
+                        words[j] |= ((int(qh[n]) >> (4 * j)) & 0xF) << (4 * n)
+                parts.append(words.view(np.uint8))
+                at += 4
+            qs = rows[:, at:]  # (8, 16 or 32)
+            for j in range(qs.shape[1] // 4):
+                parts.append(qs[:, 4 * j:4 * j + 4].reshape(-1))
+            out.append(np.concatenate(parts))
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("name", list(TYPES))
+def test_the_interleaved_layout_is_the_hand_written_one(libs, name):
+    tid = TYPES[name]
+    raw = _packed(name, 13, 96)  # 13 rows: one full group and a padded one
+    got = _repack(next(iter(libs.values())), tid, raw, 96).numpy()
+    np.testing.assert_array_equal(got, _numpy_repack(tid, raw.numpy(), 96))
+
+
+@pytest.mark.parametrize("name", list(TYPES))
+def test_every_build_gives_the_portable_bits_and_a_row_the_same_bits_alone(libs, name):
+    """For 1, 2, 5, 8, 33 and 512 rows, K = 160 (not a multiple of 256), 97 outputs (odd), 1 and 2 threads: every
+    variant's output equals the portable C's bit for bit, and row i of a batch equals row i computed alone."""
+    tid, K, N = TYPES[name], 160, 97
+    raw = _packed(name, N, K, seed=1)
+    w = dequantize(raw.reshape(-1), tid, N * K).reshape(N, K)
+    torch.manual_seed(0)
+    x = torch.randn(512, K)
+    x[:, 3] *= 30
+    packs = {v: _repack(lib, tid, raw, K) for v, lib in libs.items()}
+    for rows in (1, 2, 5, 8, 33, 512):
+        xr = x[:rows].contiguous()
+        expected = q8_activations(xr) @ w.T
+        outs = {}
+        for v, lib in libs.items():
+            for threads in (1, 2):
+                y = torch.empty(rows, N)
+                assert lib.qlinear_repacked(tid, xr.data_ptr(), packs[v].data_ptr(), y.data_ptr(), rows, N, K,
+                                            threads) == 0
+                outs[v, threads] = y
+        ref = outs["portable", 1]
+        assert ((ref - expected).abs().max() / expected.abs().max()).item() < 2e-6
+        for key, y in outs.items():
+            assert torch.equal(y, ref), (key, rows)
+    best = next(iter(libs))
+    alone = torch.empty(1, N)
+    for i in (0, 6, 31):
+        xi = x[i:i + 1].contiguous()
+        rc = libs[best].qlinear_repacked(tid, xi.data_ptr(), packs[best].data_ptr(), alone.data_ptr(), 1, N, K, 1)
+        assert rc == 0
+        assert torch.equal(alone[0], outs[best, 2][i]), i
+
+
+def test_the_layer_repacks_again_after_an_in_place_write():
+    if kernel("int8") is None:
+        pytest.skip("no int8 kernel here")
+    a, b = _packed("Q4_1", 24, 64, seed=2), _packed("Q4_1", 24, 64, seed=3)
+    layer = PackedLinear(a.reshape(-1), 3, 64, 24)
+    x = torch.randn(3, 64)
+    first = layer(x)
+    assert torch.equal(layer(x), first)  # the cached copy
+    with torch.no_grad():
+        layer.packed.copy_(b)  # as load_state_dict does
+    expected = q8_activations(x) @ layer.dequantized().T
+    got = layer(x)
+    assert not torch.equal(got, first)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 2e-6
+
+
+def test_a_bad_kind_or_width_is_refused(libs):
+    lib = next(iter(libs.values()))
+    out = torch.empty(1024, dtype=torch.uint8)
+    raw = _packed("Q8_0", 8, 64)
+    assert lib.qrepack(5, raw.data_ptr(), 8, 64, out.data_ptr()) == -1
+    assert lib.qrepack(8, raw.data_ptr(), 8, 48, out.data_ptr()) == -1
