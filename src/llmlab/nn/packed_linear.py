@@ -47,7 +47,7 @@ FLOAT_TYPES = (8, 2, 3)  # the types the float-activation GEMV reads (Q8_0, Q4_0
 GEMV_MAX_ROWS = 64  # the float GEMV's limit; beyond it that impl dequantizes + F.linear
 # Beyond this many rows the int8 kernel hands over to dequantize + F.linear. The repacked int8 tiles beat it at 512
 # rows on both CPU kinds' builds (AVX512-VNNI machine, 1 thread: gate 576->1536 4.9 vs 17.0 ms, its avx2 build 6.3 ms;
-# benchmarks/kernels.py).
+# benchmarks/int8_kernels.py).
 INT8_MAX_ROWS = 512
 DEQUANT_CHUNK = 1 << 21  # weights dequantized at once by the F.linear path (8 MB of float32 temporaries)
 IMPLS = ("int8", "float", "reference")

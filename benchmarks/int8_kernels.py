@@ -4,7 +4,7 @@ SmolLM2-135M's layer shapes with random Q4_1 / Q8_0 weights, for 1 / 8 / 64 / 51
 of a SmolLM2-135M-shaped model (random weights, Q4_1 blocks, head Q8_0) through the native C step per variant.
 Also checks that every variant gives bit-identical outputs. Medians of --runs.
 
-    python benchmarks/kernels.py [--runs 20] [--threads 0]
+    python benchmarks/int8_kernels.py [--runs 20] [--threads 0]
 """
 
 from __future__ import annotations
