@@ -14,7 +14,8 @@ greedy exact match and reward, and the KL of sampled replies to the SFT referenc
 the ppo summary's estimates; 0 for SFT itself). Time and peak RSS are those of the row's commands (DPO: the
 sampling of its pairs plus its training). With the verifier the greedy reward is the exact match; the
 sampled column is the mean reward of temperature-1 replies, the quantity PPO and GRPO maximise. Writes
-``results.json`` and ``results.md`` in ``--out`` and the PPO / GRPO rollout curves as one PNG (``--png``).
+``results.json``, ``results.md`` and the PPO / GRPO rollout curves (``curves.png``) in ``--docs``; the runs
+go to ``--out``.
 
     python benchmarks/alignment_table.py                     # the README table (about an hour on one thread)
     python benchmarks/alignment_table.py --reuse             # go on after an interruption: finished stages stay
@@ -95,12 +96,12 @@ def main() -> None:
     p.add_argument("--pairs", choices=("on-policy", "task"), default="on-policy",
                    help="DPO pairs: sampled from the SFT model and ranked by the verifier, or the task's built-in "
                         "exact-vs-near-miss pairs (default: on-policy)")
-    p.add_argument("--pair-prompts", type=int, default=128,
-                   help="training prompts sampled for DPO pairs (or built-in pairs drawn) (default: 128)")
+    p.add_argument("--pair-prompts", type=int, default=96,
+                   help="training prompts sampled for DPO pairs (or built-in pairs drawn) (default: 96)")
     p.add_argument("--k", type=int, default=4, help="replies sampled per prompt for a DPO pair (default: 4)")
-    p.add_argument("--dpo-steps", type=int, default=40, help="llmlab dpo steps of 8 pairs (default: 40)")
-    p.add_argument("--rl-steps", type=int, default=80,
-                   help="llmlab ppo / grpo minibatch steps of 8 replies (default: 80)")
+    p.add_argument("--dpo-steps", type=int, default=20, help="llmlab dpo steps of 8 pairs (default: 20)")
+    p.add_argument("--rl-steps", type=int, default=32,
+                   help="llmlab ppo / grpo minibatch steps of 8 replies (default: 32)")
     p.add_argument("--rollout-batch", type=int, default=16, help="replies per PPO / GRPO rollout (default: 16)")
     p.add_argument("--group-size", type=int, default=4, help="GRPO replies per prompt (default: 4)")
     p.add_argument("--kl-coef", type=float, default=0.05, help="PPO / GRPO KL coefficient (default: 0.05)")
@@ -111,10 +112,9 @@ def main() -> None:
     p.add_argument("--extra", default="", help="flags added to every training command, e.g. '--batch-size 2' "
                                                "(default: none)")
     p.add_argument("--threads", type=int, default=1, help="threads of every command and of the scoring (default: 1)")
-    p.add_argument("--out", default="runs/alignment", help="runs, results.json and results.md (default: "
-                                                            "runs/alignment)")
-    p.add_argument("--png", default="docs/alignment_curves.png", help="the PPO / GRPO curves (default: "
-                                                                       "docs/alignment_curves.png)")
+    p.add_argument("--out", default="runs/alignment", help="the runs' parent folder (default: runs/alignment)")
+    p.add_argument("--docs", default="docs/alignment", help="where results.json, results.md and curves.png go "
+                                                            "(default: docs/alignment)")
     p.add_argument("--reuse", action="store_true", help="keep the stages a previous run finished (default: off)")
     p.add_argument("--in-process", action="store_true",
                    help="run the commands in this process (the tests; peak RSS is then cumulative) (default: off)")
@@ -125,9 +125,9 @@ def main() -> None:
     extra = args.extra.split()
     common = ["--task", args.task, "--no-progress", *extra]
     tokens = ["--max-new-tokens", str(args.max_new_tokens)]
-    flags = speed_flags()
+    flags, load_start = speed_flags(), os.getloadavg()
     print(f"{args.model} on {args.task}; Python {platform.python_version()}; torch {torch.__version__}; "
-          f"{args.threads} thread(s); CPU flags: {flags}; load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"{args.threads} thread(s); CPU flags: {flags}; load average {load_start[0]:.1f}", flush=True)
 
     def stage(name, argv):
         return run_stage(name, argv, out, args.in_process, args.reuse, args.threads)
@@ -172,18 +172,20 @@ def main() -> None:
               f"KL {m['kl']:.3f} / {m['kl_k3']:.3f} (scored in {time.perf_counter() - t0:.0f} s)", flush=True)
     records = {name: [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
                for name in ("ppo", "grpo")}
-    png = Path(args.png)
-    png.parent.mkdir(parents=True, exist_ok=True)
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    png = docs / "curves.png"
     plot_rl_curves({"PPO": records["ppo"], "GRPO": records["grpo"]}, png,
                    f"SFT → PPO / GRPO on {args.task} ({args.model}), rollouts of {args.rollout_batch}")
     meta = {"model": args.model, "task": args.task, "cpu_flags": flags, "threads": args.threads,
-            "load_average_end": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
+            "load_average_start": load_start, "load_average_end": os.getloadavg(),
+            "python": platform.python_version(), "torch": torch.__version__,
             "argv": sys.argv[1:], "timing": timing}
-    write_text_atomic(out / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    write_text_atomic(docs / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     table = markdown(rows)
-    write_text_atomic(out / "results.md", table)
+    write_text_atomic(docs / "results.md", table)
     print(f"\nCPU flags: {flags}; load average at the end {os.getloadavg()[0]:.1f}\n\n{table}")
-    print(f"wrote {out}/results.json, results.md, {png}", file=sys.stderr)
+    print(f"wrote {docs}/results.json, results.md, curves.png", file=sys.stderr)
 
 
 if __name__ == "__main__":

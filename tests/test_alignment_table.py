@@ -18,13 +18,13 @@ def test_alignment_table_runs_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch
     spec = importlib.util.spec_from_file_location("alignment_table", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out, png = tmp_path / "runs", tmp_path / "curves.png"
+    out, docs = tmp_path / "runs", tmp_path / "docs"
     monkeypatch.setattr(sys, "argv", [
         str(SCRIPT), "--model", str(tiny_folder), "--sft-steps", "1", "--pairs", "task", "--pair-prompts", "4",
         "--dpo-steps", "1", "--rl-steps", "2", "--rollout-batch", "4", "--group-size", "2", "--max-new-tokens", "3",
-        "--eval-examples", "2", "--extra", "--batch-size 2", "--out", str(out), "--png", str(png), "--in-process"])
+        "--eval-examples", "2", "--extra", "--batch-size 2", "--out", str(out), "--docs", str(docs), "--in-process"])
     mod.main()
-    res = json.loads((out / "results.json").read_text())
+    res = json.loads((docs / "results.json").read_text())
     assert [r["label"] for r in res["rows"]] == ["SFT (LoRA)", "SFT → DPO (task pairs)", "SFT → PPO",
                                                  "SFT → GRPO"]
     sft, *aligned = res["rows"]
@@ -34,10 +34,16 @@ def test_alignment_table_runs_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch
         assert r["seconds"] > 0 and r["peak_rss_mb"] > 0
     assert aligned[0]["heldout"]["kl_k3"] > 0  # DPO's LoRA moved the policy off the SFT reference (PPO and GRPO
     # get no reward from a random model: no advantage, no move)
-    assert png.stat().st_size > 0 and (out / "results.md").read_text().count("| SFT") == 4
+    assert (docs / "curves.png").stat().st_size > 0 and (docs / "results.md").read_text().count("| SFT") == 4
     assert json.loads((out / "ppo" / "summary.json").read_text())["steps"] == 2
     # --reuse: every finished stage is kept, the rows are scored again
     before = (out / "sft" / "stage.json").read_text()
     monkeypatch.setattr(sys, "argv", [*sys.argv, "--reuse"])
     mod.main()
     assert (out / "sft" / "stage.json").read_text() == before
+
+
+def test_readme_has_the_table_command():
+    """The README's RLHF table line is the script with its defaults (the test above runs that code path)."""
+    readme = (SCRIPT.parents[1] / "README.md").read_text()
+    assert any(x.split("#")[0].strip() == "python benchmarks/alignment_table.py" for x in readme.splitlines())
