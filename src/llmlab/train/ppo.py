@@ -446,13 +446,29 @@ class PPOTask(SFTTask):
                 "sampled_reward": float(r["scores"].mean())}
 
 
+@torch.no_grad()
+def heldout_metrics(loaded, task: str, n: int, seed: int, max_new_tokens: int = 16) -> dict:
+    """``PPOTask.evaluate`` outside a run: greedy exact match and reward on ``n`` held-out ``task`` prompts, and
+    the k1 / k3 KL of sampled replies to the same model with LoRA switched off (0 for a model without LoRA).
+    A run loaded with ``load_model`` is its base plus its adapter, so the reference is the base it trained on."""
+    task_def = get_task(task)
+    examples = {"train": [], "val": task_def.examples("heldout", n, seed)}
+    prompts, stops, reward_fn = task_prompts_and_reward(loaded, task_def, examples)
+    cfg = PPOConfig(task=task, eval_examples=n, max_new_tokens=max_new_tokens, rollout_batch=1)
+    model = PolicyValue(loaded.model, loaded.config.dim, value_head=False).eval()
+    return PPOTask(model, loaded, prompts, reward_fn, cfg, seed, pad_id_of(loaded.tokenizer), stops, 1).evaluate(seed)
+
+
 # ---- the command ----------------------------------------------------------------------------------------
 
 
-def plot_rl_curves(records: list[dict], path: Path, title: str) -> None:
-    """Rollout reward, KL to the reference and accuracy against step (PNG)."""
-    train_rows = [r for r in records if r.get("kind") == "train" and "reward" in r]
-    if not train_rows:
+def plot_rl_curves(runs: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Rollout reward, KL to the reference and accuracy against step (PNG), one line per run (label ->
+    its ``metrics.jsonl`` records)."""
+    runs = {label: [r for r in records if r.get("kind") == "train" and "reward" in r]
+            for label, records in runs.items()}
+    runs = {label: rows for label, rows in runs.items() if rows}
+    if not runs:
         return
     import matplotlib
 
@@ -460,17 +476,38 @@ def plot_rl_curves(records: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    steps = [r["step"] for r in train_rows]
     for ax, key, label in zip(axes, ("reward", "kl", "accuracy"),
                               ("rollout reward (mean score)", "KL to the reference (nats / reply)",
                                "rollout exact match")):
-        ax.plot(steps, [r[key] for r in train_rows], marker=".")
+        for name, rows in runs.items():
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label=name)
         ax.set_xlabel("step")
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
+    if len(runs) > 1:
+        axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     save_png(fig, path)
+
+
+def task_prompts_and_reward(loaded, task_def, examples: dict[str, list], rm=None
+                            ) -> tuple[dict[str, list[list[int]]], set[int], RewardFn]:
+    """The chat-rendered prompt ids of each split's examples, the stop ids, and the reward function: the task's
+    verifier (1 exact, else 0) or the reward model ``rm`` on prompt + reply; both give (scores, correct)."""
+    tok, template = loaded.tokenizer, chat_template_of(loaded)
+    prompts = {s: [tok.encode(template.render([{"role": "user", "content": e.prompt}], add_generation_prompt=True))
+                   for e in exs] for s, exs in examples.items()}
+    stops = chat_stop_ids(loaded.config, tok)
+
+    def reward_fn(split, idx, replies):
+        texts = [tok.decode([t for t in r if t not in stops], skip_special=True) for r in replies]
+        correct = torch.tensor([float(task_def.score(t, examples[split][i].answer)) for i, t in zip(idx, texts)])
+        if rm is None:
+            return correct, correct
+        return rm([prompts[split][i] + r for i, r in zip(idx, replies)]), correct
+
+    return prompts, stops, reward_fn
 
 
 def run_ppo(cfg: PPOConfig, tcfg: PPOTrainConfig) -> dict:
@@ -486,26 +523,17 @@ def run_ppo(cfg: PPOConfig, tcfg: PPOTrainConfig) -> dict:
     loaded = load_model(cfg.model, packed=False)
     if not loaded.config.is_causal or loaded.tokenizer is None:
         raise LlmlabError(f"{cfg.model}: PPO needs a causal language model with a tokenizer")
-    tok, template = loaded.tokenizer, chat_template_of(loaded)
+    tok = loaded.tokenizer
     rm = load_reward_model(cfg.reward_model, tok) if cfg.reward_model else None
     if lora_modules(loaded.model):  # an sft run: its LoRA folded in, the SFT model is start and reference
         remove_lora_(loaded.model, merge=True)
     examples = {"train": task_def.examples("train", cfg.prompts, tcfg.seed),
                 "val": task_def.examples("heldout", cfg.eval_examples, tcfg.seed) if cfg.eval_examples else []}
-    prompts = {s: [tok.encode(template.render([{"role": "user", "content": e.prompt}], add_generation_prompt=True))
-                   for e in exs] for s, exs in examples.items()}
+    prompts, stops, reward_fn = task_prompts_and_reward(loaded, task_def, examples, rm)
     longest = max(len(p) for ps in prompts.values() for p in ps)
     if longest + cfg.max_new_tokens > loaded.config.max_seq_len:
         raise LlmlabError(f"a prompt of {longest} tokens + --max-new-tokens {cfg.max_new_tokens} exceeds the "
                           f"model's {loaded.config.max_seq_len}-token context: lower --max-new-tokens")
-    stops = chat_stop_ids(loaded.config, tok)
-
-    def reward_fn(split, idx, replies):
-        texts = [tok.decode([t for t in r if t not in stops], skip_special=True) for r in replies]
-        correct = torch.tensor([float(task_def.score(t, examples[split][i].answer)) for i, t in zip(idx, texts)])
-        if rm is None:
-            return correct, correct
-        return rm([prompts[split][i] + r for i, r in zip(idx, replies)]), correct
 
     fingerprint = base_fingerprint(loaded.model, loaded.config, tok)
     sft_cfg = cfg.sft_config()
@@ -534,7 +562,7 @@ def run_ppo(cfg: PPOConfig, tcfg: PPOTrainConfig) -> dict:
     import resource
 
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    plot_rl_curves(records, run_dir / "rl_curves.png", f"{cfg.algo} on {cfg.task}: {cfg.model}")
+    plot_rl_curves({cfg.algo: records}, run_dir / "rl_curves.png", f"{cfg.algo} on {cfg.task}: {cfg.model}")
     summary = {"algo": cfg.algo, "model": cfg.model, "task": cfg.task, "reward_model": cfg.reward_model or None,
                "steps": result.step, "stopped": result.stopped, "rollouts": math.ceil(result.step /
                                                                                       task.steps_per_iteration),
