@@ -94,15 +94,18 @@ def run_program(source: str, limits: Limits = Limits()) -> Outcome:
                                     start_new_session=True)
         os.close(write_end)
         write_end = -1
+        wall = False
         try:
             code = proc.wait(timeout=limits.timeout_s)
-            timed_out = code == -signal.SIGXCPU
+            # SIGXCPU at the CPU limit; SIGKILL at its hard value (a second later, or at once on some kernels)
+            timed_out = code == -signal.SIGXCPU or (code == -signal.SIGKILL
+                                                    and time.perf_counter() - t0 >= limits.cpu_s)
         except subprocess.TimeoutExpired:
-            timed_out = True
+            timed_out = wall = True
         _kill_group(proc)  # the child, and anything it left behind
         seconds = time.perf_counter() - t0
         if timed_out:
-            why = "CPU limit" if proc.returncode == -signal.SIGXCPU else "wall-clock limit"
+            why = "wall-clock limit" if wall else "CPU limit"
             return Outcome("timed out", f"{why} ({limits.cpu_s if why == 'CPU limit' else limits.timeout_s} s)",
                            seconds)
         report = _read_status(read_end)

@@ -5,7 +5,7 @@ working folder the parent made (the cwd). Standard library only: under ``-I`` ll
 
 In order, before the program's first line runs:
 
-1. resource limits, soft = hard (``RLIMIT_CPU``, ``RLIMIT_AS``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``,
+1. resource limits, soft = hard (``RLIMIT_CPU``: hard = soft + 1 s, ``RLIMIT_AS``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``,
    ``RLIMIT_NPROC``, ``RLIMIT_CORE`` 0). Python ignores SIGXFSZ, so a write past the file-size limit raises
    ``OSError: File too large``; SIGXCPU kills the process (the parent reports "timed out").
 2. a network namespace of its own (``unshare(CLONE_NEWNET)``, as root, else with a user namespace) when the kernel
@@ -49,7 +49,9 @@ def set_limits(limits: dict) -> None:
     for name, value in (("RLIMIT_CPU", limits["cpu_s"]), ("RLIMIT_AS", limits["memory_bytes"]),
                         ("RLIMIT_FSIZE", limits["file_bytes"]), ("RLIMIT_NOFILE", limits["open_files"]),
                         ("RLIMIT_NPROC", limits["processes"]), ("RLIMIT_CORE", 0)):
-        resource.setrlimit(getattr(resource, name), (value, value))
+        # the CPU limit's hard value one second later: SIGXCPU (soft) comes first; with soft = hard the kernel
+        # may send SIGKILL instead, and a program that ignores SIGXCPU gets SIGKILL a second later anyway
+        resource.setrlimit(getattr(resource, name), (value, value + 1 if name == "RLIMIT_CPU" else value))
 
 
 def own_network() -> bool:
