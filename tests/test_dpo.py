@@ -270,7 +270,9 @@ def test_cli_on_a_file_end_to_end_and_resume(tiny_folder, tmp_path, capsys):  # 
     assert set(s["val_pairs"]) == {"loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy"}
     train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert all({"loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy"} <= set(t) for t in train)
-    assert math.isclose(train[0]["loss"], math.log(2), rel_tol=1e-5) and train[0]["margin"] == 0.0
+    # the first step's policy is the reference (equal up to the kernels' rounding: exactly 0 on the CPU, ~2e-7 on a
+    # GPU whose training forward may pick other matmul algorithms than the no-grad reference pass)
+    assert math.isclose(train[0]["loss"], math.log(2), rel_tol=1e-5) and abs(train[0]["margin"]) < 1e-5
     assert (run / "adapter" / "adapter_config.json").exists() and (run / "reference_logps.safetensors").exists()
     from llmlab.api import load
 

@@ -211,7 +211,8 @@ def test_kl_of_the_rollout_code_matches_the_exact_kl():
 
 def _target_prob(model):
     with torch.no_grad():
-        return float(model.lm(torch.tensor([PROMPT]))[0, -1].softmax(-1)[TARGET])
+        device = next(model.parameters()).device  # training moves the model to a GPU where there is one
+        return float(model.lm(torch.tensor([PROMPT], device=device))[0, -1].softmax(-1)[TARGET])
 
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])

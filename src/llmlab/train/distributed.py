@@ -73,11 +73,15 @@ def wrap(model: nn.Module, world: World, parallel: str) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # the run's own device type: without a mesh, fully_shard picks CUDA whenever a GPU is visible, also for
+    # --device cpu (then rank 1 of two asks for a second GPU a one-GPU machine does not have)
+    mesh = init_device_mesh(world.device.type, (world.world_size,))
     for block in transformer_blocks(model):
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 

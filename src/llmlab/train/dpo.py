@@ -274,7 +274,7 @@ class DPOTask(SFTTask):
 
             with torch.no_grad(), lora_disabled(self.model):
                 ref_chosen, ref_rejected = sequence_logps(model, batch).chunk(2)
-        n_chosen, n_rejected = batch.chunk()
+        n_chosen, n_rejected = (n.to(chosen.device) for n in batch.chunk())
         losses, r_w, r_l = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.cfg.beta, loss=self.cfg.loss,
                                     label_smoothing=self.cfg.label_smoothing, chosen_tokens=n_chosen,
                                     rejected_tokens=n_rejected)

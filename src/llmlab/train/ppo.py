@@ -313,7 +313,9 @@ class PPOTask(SFTTask):
 
     def _replies(self, split: str, idx: list[int], greedy: bool, seed: int) -> list[list[int]]:
         lm = self.model.lm
-        with torch.random.fork_rng(devices=[]):  # the samples do not move the run's RNG stream
+        device = next(lm.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the samples do not move
+            # the run's RNG streams
             torch.manual_seed(seed)
             done = generate(lm, [self.prompts[split][i] for i in idx], self.cfg.max_new_tokens,
                             SamplingParams(temperature=0.0 if greedy else 1.0), stop_ids=self.stop_ids)
@@ -333,6 +335,8 @@ class PPOTask(SFTTask):
         was = self.model.training
         self.model.eval()
         ids, labels = self._grid(split, idx, replies)
+        device = next(self.model.parameters()).device
+        ids, labels = ids.to(device), labels.to(device)  # the rollout lives where the model does
         logps, values = self.model(ids, labels)
         with lora_disabled(self.model):
             ref_logps, _ = self.model(ids, labels)
