@@ -36,7 +36,8 @@ P = 3
 
 @pytest.fixture(scope="module")
 def hf_folders(tmp_path_factory):
-    """Per task a tiny random transformers BertFor* (dim 32, 2 layers, 4 heads, 160 positions) saved with MiniLM's tokenizer."""
+    """Per task a tiny random transformers BertFor* (dim 32, 2 layers, 4 heads, 160 positions) saved with MiniLM's
+    tokenizer."""
     transformers = need("transformers")
     src = embedded_path("all-minilm-l6-v2")
     out = {}

@@ -57,7 +57,7 @@ from llmlab.text.tasks import TextTask, docstring_task
 from llmlab.train.loop import TrainConfig, TrainResult, train
 
 METHODS = ("full", "lora", "qlora", "adapter", "prompt", "prefix")
-DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "qlora": 1e-3, "adapter": 1e-3, "prompt": 3e-2, "prefix": 1e-2}
+DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "qlora": 1e-3, "adapter": 1e-3, "prompt": 1e-2, "prefix": 1e-2}
 IGNORE = -100
 HEAD_WEIGHTS = "head.safetensors"  # the head (full) or every trainable tensor (lora) inside a checkpoint
 
@@ -397,7 +397,7 @@ def apply_method_(model: BertWithHead, cfg: HeadConfig) -> int:
     layers first quantized to NF4 (double quantization, block 64), then the same LoRA; adapter: bottleneck
     adapters + every LayerNorm + the head; prompt / prefix: the virtual tokens + the head. Returns the count of
     trainable parameters."""
-    if cfg.method in ("adapter", *VIRTUAL_METHODS) and (model.virtual is not None or bottleneck_modules(model)):
+    if model.virtual is not None or bottleneck_modules(model):  # a folder with llmlab_peft.*: nothing stacks on it
         raise LlmlabError(f"--model {cfg.model} already carries trained adapter / prompt / prefix tensors: start "
                           "from the plain encoder (or its BertFor* folder without llmlab_peft.*)")
     if cfg.method in ("lora", "qlora"):
