@@ -168,11 +168,14 @@ def test_adapter_equals_the_paper_formula_on_transformers_bert(task, hf_folders)
 
 @pytest.mark.parametrize("method", ["adapter", "prompt", "prefix"])
 def test_saved_folder_round_trip(method, hf_folders, tmp_path):
-    """save_head writes the task folder + llmlab_peft.*; load_head applies them: equal logits. transformers reads
-    the folder without them (the base + head)."""
+    """Trainable counts; save_head writes the task folder + llmlab_peft.*, load_head applies them: equal logits;
+    a folder with them refuses another method. (The CLI runs of each method are the README commands' test in
+    tests/test_bert_tasks.py.)"""
     folder, _ = hf_folders["ner"]
     loaded, ours, labels = load_head(str(folder), "ner")
-    apply_method_(ours, HeadConfig(task="ner", method=method, num_virtual_tokens=P, adapter_dim=4))
+    n = apply_method_(ours, HeadConfig(task="ner", method=method, num_virtual_tokens=P, adapter_dim=4))
+    assert n == {"adapter": 4 * (4 * 32 + 4 + 32 * 4 + 32) + 5 * 2 * 32 + 3 * 33,  # adapters, 5 LayerNorms, head
+                 "prompt": P * 32 + 3 * 33, "prefix": P * 2 * 2 * 32 + 3 * 33}[method]
     with torch.no_grad():
         for p in ours.parameters():
             if p.requires_grad:
@@ -211,25 +214,6 @@ def ner_data(tmp_path_factory):
     path.write_text("".join(json.dumps({"tokens": [name, "Lovelace", "left", "early"],
                                         "tags": ["B-PER", "I-PER", "O", "O"]}) + "\n" for name in NAMES))
     return str(path)
-
-
-@pytest.mark.parametrize("method", ["adapter", "prompt", "prefix"])
-def test_cli_trains_and_saves(method, hf_folders, ner_data, tmp_path, capsys):
-    """``llmlab head --method M``: trainable count, two steps, RUN/model with llmlab_peft.*, load_head reads it."""
-    from llmlab.cli import main
-
-    folder, _ = hf_folders["ner"]
-    out = tmp_path / method
-    assert main(["head", "--task", "ner", "--data", ner_data, "--model", str(folder), "--method", method,
-                 "--num-virtual-tokens", str(P), "--adapter-dim", "4", "--max-tokens", "32", "--out", str(out),
-                 "--steps", "2", "--batch-size", "4", "--no-progress", "--threads", "1"]) == 0
-    trainable = {"adapter": 4 * (4 * 32 + 4 + 32 * 4 + 32) + 5 * 2 * 32 + 3 * 33,  # adapters, 5 norms, head
-                 "prompt": P * 32 + 3 * 33, "prefix": P * 2 * 2 * 32 + 3 * 33}[method]
-    assert "held-out f1" in capsys.readouterr().out
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["trainable_parameters"] == trainable and summary["steps"] == 2
-    _, model, _ = load_head(str(out / "model"), "ner")
-    assert (model.virtual is not None) == (method != "adapter")
 
 
 def test_bad_flag_is_one_line_exit_2_in_a_subprocess(hf_folders, tmp_path):
