@@ -2213,12 +2213,14 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("head", help="fine-tune a BERT encoder with a task head: classify, ner (BIO tags) or qa "
                                     "(answer spans); held-out accuracy / entity F1 / SQuAD EM and F1 before and after",
-                       description="Task heads on a BERT encoder (all-minilm-l6-v2 by default), fine-tuned in full or "
-                                   "with LoRA through the training loop. Built-in tasks: classify (which standard-"
+                       description="Task heads on a BERT encoder (all-minilm-l6-v2 by default), fine-tuned in full, "
+                                   "with LoRA / QLoRA, Houlsby adapters, prompt or prefix tuning through the training "
+                                   "loop. Built-in tasks: classify (which standard-"
                                    "library module a docstring is from), ner (generated sentences: PER, LOC, ORG, "
                                    "MOD), qa (questions on the Python help topics, long contexts read in sliding "
                                    "windows); or --data FILE. The result, RUN/model, is a transformers "
-                                   "BertFor{SequenceClassification,TokenClassification,QuestionAnswering} folder.")
+                                   "BertFor{SequenceClassification,TokenClassification,QuestionAnswering} folder; "
+                                   "adapter / prompt / prefix add llmlab_peft.* to it, which only llmlab reads.")
     s.add_argument("--threads", type=_threads, default=0, metavar="N",
                    help="CPU threads for PyTorch; 0 = one per physical core (default: 0)")
     if wanted("head"):

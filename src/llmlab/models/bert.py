@@ -4,6 +4,11 @@ arXiv:1810.04805), post-LayerNorm: x = norm(x + attn(x)); x = norm(x + mlp(x)).
 Sentence embeddings as in Sentence-BERT (Reimers & Gurevych 2019, arXiv:1908.10084): mean of the
 token states over the attention mask (all-MiniLM-L6-v2's pooling) or the [CLS] state, then L2-normalised.
 
+Prompt and prefix tuning (``models/bert_prompt.py``) come in through ``forward``'s ``prompt`` (P, dim): embeddings
+in front of the tokens', at positions 0..P-1 with token type 0, their P output rows kept; and ``prefix``: per layer
+keys and values (H, P, D) in front of the attention's own, the real tokens at positions P.. -- both as Hugging Face
+peft feeds a transformers BERT (inputs_embeds; past_key_values).
+
 Parameter names: ``embed_tokens``, ``embed_positions``, ``embed_token_types``, ``embed_norm``,
 ``layers.N.self_attn.{q,k,v,o}_proj``, ``layers.N.attn_norm``, ``layers.N.mlp.{up,down}_proj``,
 ``layers.N.mlp_norm``, ``pooler``. forward: input_ids (B, T) -> hidden states (B, T, dim).
@@ -18,6 +23,7 @@ from torch import nn
 from llmlab.models.config import ModelConfig
 from llmlab.nn.attention import Attention
 from llmlab.nn.mlp import GeluMLP
+from llmlab.nn.prompt_tuning import PrefixKV
 
 
 class EncoderBlock(nn.Module):
@@ -29,8 +35,8 @@ class EncoderBlock(nn.Module):
         self.mlp = GeluMLP(cfg.dim, cfg.ffn_dim, bias=True, approximate="none")
         self.mlp_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
-    def forward(self, x, key_mask):
-        x = self.attn_norm(x + self.self_attn(x, key_mask=key_mask))
+    def forward(self, x, key_mask, prefix=None, layer: int = 0, start: int = 0):
+        x = self.attn_norm(x + self.self_attn(x, key_mask=key_mask, cache=prefix, layer=layer, start=start))
         return self.mlp_norm(x + self.mlp(x))
 
 
@@ -56,16 +62,28 @@ class BertModel(nn.Module):
             block.self_attn.impl = impl
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, *, prompt: torch.Tensor | None = None,
+                prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Hidden states (B, T, dim); with ``prompt`` (P, dim) (B, P+T, dim), the virtual rows first. ``prefix``:
+        per layer (k, v), each (H, P, D)."""
         B, T = input_ids.shape
-        if self.config.max_seq_len < T:
-            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        pos = torch.arange(T, device=input_ids.device)[None]  # (1, T)
+        P = prompt.shape[0] if prompt is not None else prefix[0][0].shape[1] if prefix else 0
+        if self.config.max_seq_len < P + T:
+            raise ValueError(f"sequence of {T} tokens{f' + {P} virtual' if P else ''} exceeds "
+                             f"max_seq_len={self.config.max_seq_len}")
         types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-        x = self.embed_tokens(input_ids) + self.embed_positions(pos) + self.embed_token_types(types)
-        x = self.embed_norm(x)  # (B, T, dim)
-        for block in self.layers:
-            x = block(x, attention_mask)
+        x = self.embed_tokens(input_ids)  # (B, T, dim)
+        if prompt is not None:  # Lester et al.: the virtual tokens are the first P inputs (type 0, positions 0..P-1)
+            x = torch.cat([prompt.to(x.dtype).expand(B, P, -1), x], dim=1)  # (B, P+T, dim)
+            types = torch.cat([types.new_zeros(B, P), types], dim=1)
+        first = P if prefix else 0  # prefix tuning: the real tokens come after the P cached positions
+        pos = torch.arange(first, first + x.shape[1], device=input_ids.device)[None]  # (1, P+T | T)
+        if attention_mask is not None and P:
+            attention_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)  # (B, P+T)
+        x = self.embed_norm(x + self.embed_positions(pos) + self.embed_token_types(types))
+        kv = PrefixKV(prefix, B) if prefix else None
+        for i, block in enumerate(self.layers):
+            x = block(x, attention_mask, kv, i, first)
         return x
 
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:

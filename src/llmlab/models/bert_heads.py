@@ -8,6 +8,10 @@ The layers and names are Hugging Face's ``BertForSequenceClassification`` (``cla
 transformers saved loads with equal logits (``formats/bert_heads.py``; tests/test_bert_tasks.py). Dropout is left
 out: the models here run deterministically, in training too.
 
+With prompt or prefix tuning (``models/bert_prompt.py``) ``virtual`` holds the trained virtual tokens; the
+encoder's output then has P leading virtual rows (prompt tuning), which classification pools from (position 0, as
+peft) and the token-level heads drop.
+
 Shapes: input_ids, attention_mask (B, T) -> classify (B, C); ner (B, T, C); qa start, end (B, T) each, stacked as
 (B, T, 2).
 """
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from llmlab.models.bert import BertModel
+from llmlab.models.bert_prompt import BertVirtualTokens
 
 TASKS = ("classify", "ner", "qa")
 HF_ARCHITECTURES = {"classify": "BertForSequenceClassification", "ner": "BertForTokenClassification",
@@ -39,6 +44,7 @@ class BertWithHead(nn.Module):
         nn.init.normal_(head.weight, std=0.02)
         nn.init.zeros_(head.bias)
         setattr(self, HEAD_NAMES[task], head)
+        self.virtual: BertVirtualTokens | None = None  # prompt / prefix tuning's trained tokens
 
     @property
     def head(self) -> nn.Linear:
@@ -46,7 +52,9 @@ class BertWithHead(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, dim)
+        extra = self.virtual.encoder_inputs() if self.virtual is not None else {}
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, **extra)  # (B, [P+]T, dim)
         if self.task == "classify":
             return self.head(self.bert.pooled(hidden))  # (B, C)
+        hidden = hidden[:, hidden.shape[1] - input_ids.shape[1]:]  # (B, T, dim): the real tokens' rows
         return self.head(hidden)  # ner: (B, T, C); qa: (B, T, 2) = start, end scores

@@ -143,6 +143,13 @@ def bottleneck_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors without the adapters, under the names it has unadapted (``<path>.base_layer.weight``
+    -> ``<path>.weight``): what a plain folder of the base model holds."""
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()
+            if ".adapter_down." not in k and ".adapter_up." not in k}
+
+
 def load_bottleneck_state_dict_(model: nn.Module, sd: dict[str, torch.Tensor], where: str = "adapter") -> None:
     """Copy adapter tensors into the model's bottleneck adapters: the same keys, every shape equal."""
     copy_adapter_tensors_(bottleneck_state_dict(model), sd, where, "bottleneck", "bottleneck dim")

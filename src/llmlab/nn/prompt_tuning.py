@@ -29,7 +29,7 @@ for prompt tuning's first chunk, P query rows that see only the virtual tokens).
 mask, positions restarting per example) gives each example the virtual tokens at 0..P-1 and itself from P on:
 the same as separate forwards (tested), although SFT with these methods uses one example per row.
 
-Training without a cache (prefix tuning) passes the prefix as a per-call ``_PrefixKV`` whose ``update``
+Training without a cache (prefix tuning) passes the prefix as a per-call ``PrefixKV`` whose ``update``
 concatenates instead of writing in place, so the gradient reaches the prefix and nothing is stored.
 
 Shapes: input_ids (B, T) -> logits (B, T, V) or hidden (B, T, dim); prompt (P, dim); prefix per layer
@@ -183,7 +183,7 @@ class PromptTunedLM(_VirtualTokenLM):
         return hidden if return_hidden else base.lm_head(hidden)
 
 
-class _PrefixKV:
+class PrefixKV:
     """A stand-in KV cache for one forward without a cache: ``update`` returns the layer's prefix followed by
     the new keys/values, (B, H_kv, P+T, D), by concatenation (autograd reaches the prefix; nothing is kept)."""
 
@@ -195,6 +195,15 @@ class _PrefixKV:
         B = k.shape[0]
         return (torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2),
                 torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2))
+
+
+def split_prefix(flat: torch.Tensor, n_layers: int, n_kv_heads: int, head_dim: int
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """peft's flat prefix (P, n_layers * 2 * H_kv * D) -> per layer (k, v), each (H_kv, P, D)."""
+    P = flat.shape[0]
+    kv = flat.view(P, n_layers * 2, n_kv_heads, head_dim)  # (P, 2L, H_kv, D)
+    kv = kv.permute(1, 2, 0, 3)  # (2L, H_kv, P, D): index 2l is layer l's keys, 2l+1 its values
+    return [(kv[2 * i], kv[2 * i + 1]) for i in range(n_layers)]
 
 
 class PrefixTunedLM(_VirtualTokenLM):
@@ -226,10 +235,7 @@ class PrefixTunedLM(_VirtualTokenLM):
     def prefix_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (k, v), each (H_kv, P, D)."""
         cfg = self.base_model.config
-        P = self.num_virtual_tokens
-        kv = self.flat_prefix().view(P, cfg.n_layers * 2, cfg.n_kv_heads, cfg.head_dim)  # (P, 2L, H_kv, D)
-        kv = kv.permute(1, 2, 0, 3)  # (2L, H_kv, P, D): index 2l is layer l's keys, 2l+1 its values
-        return [(kv[2 * i], kv[2 * i + 1]) for i in range(cfg.n_layers)]
+        return split_prefix(self.flat_prefix(), cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
 
     @torch.no_grad()
     def new_cache(self, batch: int, max_len: int | None = None) -> StaticKVCache:
@@ -247,7 +253,7 @@ class PrefixTunedLM(_VirtualTokenLM):
         B, T = input_ids.shape
         P = self.num_virtual_tokens
         start, position_ids = self._coords(input_ids, cache, start, position_ids)
-        kv = cache if cache is not None else _PrefixKV(self.prefix_kv(), B)
+        kv = cache if cache is not None else PrefixKV(self.prefix_kv(), B)
         mask = _extend_mask(attention_mask, P, virtual_queries=False)
         out = self.base_model(input_ids, cache=kv, start=start + P, attention_mask=mask,
                               position_ids=position_ids + P, return_hidden=return_hidden)  # (B, T, V | dim)

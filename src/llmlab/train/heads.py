@@ -2,7 +2,12 @@
 question answering (Devlin et al. 2018, "BERT: Pre-training of Deep Bidirectional Transformers for Language
 Understanding", arXiv:1810.04805, section 4), fully, with LoRA (Hu et al. 2021, arXiv:2106.09685) on the
 encoder's linear layers, or with QLoRA (Dettmers et al. 2023, arXiv:2305.14314: the same LoRA over a frozen NF4
-base, ``nn/qlora.py``), while the new head trains in full (peft's ``modules_to_save``).
+base, ``nn/qlora.py``), with Houlsby bottleneck adapters (Houlsby et al. 2019, arXiv:1902.00751: after each
+layer's attention output and feed-forward output projection, before the residual add and LayerNorm -- BERT's
+``attention.output.dense`` and ``output.dense``, llmlab's ``self_attn.o_proj`` and ``mlp.down_proj`` --
+``nn/bottleneck.py``; the layer norms train too), or with prompt or prefix tuning (Lester et al. 2021,
+arXiv:2104.08691; Li & Liang 2021, arXiv:2101.00190; placed as peft does for BERT, ``models/bert_prompt.py``),
+while the new head trains in full (peft's ``modules_to_save``).
 
 - classify: cross-entropy of the pooled [CLS] logits (B, C) against each text's label.
 - ner: cross-entropy of each word's *first* word piece (B, T, C); the other pieces, [CLS], [SEP] and padding are
@@ -17,7 +22,9 @@ base, ``nn/qlora.py``), while the new head trains in full (peft's ``modules_to_s
 ``HeadTask`` hands the loss to the one training loop (``train/loop.py``): each step takes rows of the training
 units (texts, sentences or windows) in an order fixed by (seed, epoch); the validation loss is the test split's.
 The result is a transformers task folder (``formats/bert_heads.py``; LoRA merged into the weights; QLoRA's merged
-into the dequantized NF4 base, W = dequant(NF4(W0)) + (alpha / r) B A, as peft's merge of a 4-bit model).
+into the dequantized NF4 base, W = dequant(NF4(W0)) + (alpha / r) B A, as peft's merge of a 4-bit model). Adapters,
+prompts and prefixes do not merge: the folder then also holds their tensors (``llmlab_peft.*``), which
+``load_head`` applies and transformers does not read.
 """
 
 from __future__ import annotations
@@ -37,13 +44,20 @@ from llmlab.formats.bert_heads import load_head, save_head
 from llmlab.formats.load import DEFAULT_EMBED
 from llmlab.infer.embed import tokenize_batch
 from llmlab.models.bert_heads import TASKS, BertWithHead
+from llmlab.models.bert_prompt import VIRTUAL_METHODS, BertVirtualTokens
+from llmlab.nn.bottleneck import (
+    BottleneckConfig,
+    apply_bottleneck_,
+    bottleneck_modules,
+    mark_only_bottleneck_trainable_,
+)
 from llmlab.text.span_metrics import entity_scores, squad_scores
 from llmlab.text.span_tasks import QASet, TaggedSentences, ner_task, qa_task, read_qa, read_tagged
 from llmlab.text.tasks import TextTask, docstring_task
 from llmlab.train.loop import TrainConfig, TrainResult, train
 
-METHODS = ("full", "lora", "qlora")
-DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "qlora": 1e-3}
+METHODS = ("full", "lora", "qlora", "adapter", "prompt", "prefix")
+DEFAULT_LR = {"full": 1e-4, "lora": 1e-3, "qlora": 1e-3, "adapter": 1e-3, "prompt": 1e-2, "prefix": 1e-2}
 IGNORE = -100
 HEAD_WEIGHTS = "head.safetensors"  # the head (full) or every trainable tensor (lora) inside a checkpoint
 
@@ -58,7 +72,12 @@ class HeadConfig:
                 "and labels are kept)"})
     method: str = field(default="lora", metadata={"help": "full: every weight; lora: low-rank updates on the "
                                                           "encoder, the head in full; qlora: the same LoRA on the "
-                                                          "encoder's linear layers stored frozen in 4-bit NF4",
+                                                          "encoder's linear layers stored frozen in 4-bit NF4; "
+                                                          "adapter: Houlsby bottleneck adapters after each "
+                                                          "attention and feed-forward output, + layer norms; "
+                                                          "prompt: learned input embeddings in front; prefix: "
+                                                          "learned keys / values in front in every attention "
+                                                          "(the last three with the head)",
                                                   "choices": METHODS})
     out: str = field(default="runs/head", metadata={"help": "run folder; the fine-tuned model goes to OUT/model"})
     data: str = field(default="", metadata={
@@ -74,6 +93,10 @@ class HeadConfig:
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
     lora_targets: str = field(default="all-linear", metadata={
         "help": "encoder modules LoRA wraps: all-linear, comma-separated names (q_proj,v_proj) or a regex"})
+    adapter_dim: int = field(default=64, metadata={"help": "adapter: the bottleneck width"})
+    num_virtual_tokens: int = field(default=20, metadata={
+        "help": "prompt / prefix: learned virtual tokens in front (they take positions: --max-tokens + this must "
+                "fit the encoder's position table)"})
     eval_batch: int = field(default=32, metadata={"help": "rows per forward pass when scoring"})
     resume: bool = field(default=True, metadata={"help": "resume from the newest complete checkpoint in --out"})
 
@@ -86,8 +109,11 @@ class HeadConfig:
             raise LlmlabError(f"--max-tokens must be >= 8, got {self.max_tokens}")
         if self.task == "qa" and not 0 <= self.stride < self.max_tokens // 2:
             raise LlmlabError(f"--stride {self.stride}: give 0..{self.max_tokens // 2 - 1} (under half a window)")
-        if self.max_answer_tokens < 1 or self.lora_r < 1 or self.eval_batch < 1:
-            raise LlmlabError("--max-answer-tokens, --lora-r and --eval-batch must be >= 1")
+        if self.max_answer_tokens < 1 or self.lora_r < 1 or self.eval_batch < 1 or self.adapter_dim < 1:
+            raise LlmlabError("--max-answer-tokens, --lora-r, --adapter-dim and --eval-batch must be >= 1")
+        if self.num_virtual_tokens < 1:
+            raise LlmlabError(f"--num-virtual-tokens {self.num_virtual_tokens}: give 1 or more (the prompt / prefix "
+                              "length; default 20)")
         return self
 
 
@@ -368,8 +394,12 @@ class HeadTask:
 
 def apply_method_(model: BertWithHead, cfg: HeadConfig) -> int:
     """full: everything trains; lora: LoRA on the encoder's linear layers, the head in full; qlora: those linear
-    layers first quantized to NF4 (double quantization, block 64), then the same LoRA. Returns the count of
+    layers first quantized to NF4 (double quantization, block 64), then the same LoRA; adapter: bottleneck
+    adapters + every LayerNorm + the head; prompt / prefix: the virtual tokens + the head. Returns the count of
     trainable parameters."""
+    if model.virtual is not None or bottleneck_modules(model):  # a folder with llmlab_peft.*: nothing stacks on it
+        raise LlmlabError(f"--model {cfg.model} already carries trained adapter / prompt / prefix tensors: start "
+                          "from the plain encoder (or its BertFor* folder without llmlab_peft.*)")
     if cfg.method in ("lora", "qlora"):
         from llmlab.nn.lora import LoRAConfig, apply_lora_, mark_only_lora_trainable_
 
@@ -383,6 +413,16 @@ def apply_method_(model: BertWithHead, cfg: HeadConfig) -> int:
             else cfg.lora_targets
         apply_lora_(model.bert, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=targets))
         mark_only_lora_trainable_(model)
+        model.head.requires_grad_(True)
+    elif cfg.method == "adapter":
+        apply_bottleneck_(model.bert, BottleneckConfig(dim=cfg.adapter_dim))
+        mark_only_bottleneck_trainable_(model)  # the adapters and every LayerNorm, as Houlsby et al.
+        model.head.requires_grad_(True)
+    elif cfg.method in VIRTUAL_METHODS:
+        device = next(model.parameters()).device
+        model.virtual = BertVirtualTokens(model.bert.config, cfg.method, cfg.num_virtual_tokens).to(device)
+        model.requires_grad_(False)
+        model.virtual.requires_grad_(True)
         model.head.requires_grad_(True)
     else:
         model.requires_grad_(True)
@@ -411,6 +451,9 @@ def run_head(cfg: HeadConfig, tcfg: HeadTrainConfig) -> dict:
     loaded, model, labels = load_head(loaded, cfg.task, data.labels if cfg.task != "qa" else None)
     if cfg.max_tokens > loaded.config.max_seq_len:
         raise LlmlabError(f"--max-tokens {cfg.max_tokens} is more than the model's {loaded.config.max_seq_len}")
+    if cfg.method in VIRTUAL_METHODS and cfg.max_tokens + cfg.num_virtual_tokens > loaded.config.max_seq_len:
+        raise LlmlabError(f"--max-tokens {cfg.max_tokens} + --num-virtual-tokens {cfg.num_virtual_tokens} positions "
+                          f"is more than the model's {loaded.config.max_seq_len}: lower one of them")
     pad_id = tokenizer.pad_id
     t0 = time.perf_counter()
     before = evaluate(model, data, pad_id, cfg)
