@@ -77,8 +77,10 @@ def peer_module():
     """auto_gptq.quantization, or None with the reason printed."""
     spec = importlib.util.find_spec("auto_gptq")
     if spec is None:
-        print("\npeer: missing (auto_gptq is not installed; `pip install --no-deps auto-gptq` brings its CPU-capable "
-              "GPTQ class; gptqmodel needs torch>=2.14.1): llmlab's time alone")
+        print("\npeer: missing (auto_gptq is not installed; `pip install --no-deps --target .peers auto-gptq` and "
+              "PYTHONPATH=.peers bring its CPU-capable GPTQ class — a separate folder because its 0.7.1 wheel also "
+              "installs a top-level `tests` package that hides llmlab's tests.conftest; gptqmodel needs "
+              "torch>=2.14.1): llmlab's time alone")
         return None
     folder = Path(spec.submodule_search_locations[0]) / "quantization"
     sub = importlib.util.spec_from_file_location("_auto_gptq_quantization", folder / "__init__.py",
