@@ -78,6 +78,26 @@ def _chunk_logits(xc: torch.Tensor, wr: torch.Tensor, bias: torch.Tensor | None,
     return logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under autocast
 
 
+def _grad_buffers(x, weight, bias, want_x: bool, want_w: bool, want_b: bool) -> tuple:
+    """Empty gradients of x (N, D), weight (V, D) and bias (V,) (None where not wanted); the weight's and the
+    bias's accumulate in float32 (float64 for float64 weights)."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    return (torch.empty_like(x) if want_x else None,
+            torch.zeros(weight.shape, dtype=acc, device=x.device) if want_w else None,
+            torch.zeros(weight.shape[0], dtype=acc, device=x.device) if want_b and bias is not None else None)
+
+
+def _add_chunk_grads(g: torch.Tensor, xc: torch.Tensor, wr: torch.Tensor, i: int, grads: tuple, rnd) -> None:
+    """g (n, V), the gradient at the logits of rows [i, i + n) with inputs xc (n, D): into ``grads``."""
+    grad_x, grad_w, grad_b = grads
+    if grad_x is not None:
+        grad_x[i:i + g.shape[0]] = rnd(torch.mm(g, wr))  # (n, D)
+    if grad_w is not None:
+        grad_w += rnd(torch.mm(g.t(), xc))  # (V, D)
+    if grad_b is not None:
+        grad_b += g.sum(0)
+
+
 def _emulation_and_rounding():
     """The active emulated-bf16 mode (or None), a context pausing it, and the rounding it stands for."""
     emulated = active_emulation()
@@ -118,12 +138,7 @@ class _LinearCrossEntropyRows(torch.autograd.Function):
                     None, None, None, None, None)
         x, weight, bias, target = ctx.saved_tensors
         label_smoothing, chunk_rows, emulated = ctx.args
-        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        want_b = bias is not None and ctx.needs_input_grad[2]
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_x = torch.empty_like(x) if want_x else None  # (N, D)
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if want_w else None  # (V, D)
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if want_b else None  # (V,)
+        grads = _grad_buffers(x, weight, bias, *ctx.needs_input_grad[:3])
 
         def rnd(t):
             return t if emulated is None else round_to(t, emulated.dtype)
@@ -137,12 +152,8 @@ class _LinearCrossEntropyRows(torch.autograd.Function):
                 _, g = _chunk_loss_and_grad(_chunk_logits(xc, wr, bias, rnd), target[i:i + chunk_rows],
                                             label_smoothing, 1.0, True)
                 g = rnd(g.mul_(grad_out[i:i + chunk_rows, None]))  # (n, V): d total / d logits
-                if want_x:
-                    grad_x[i:i + chunk_rows] = rnd(torch.mm(g, wr))  # (n, D)
-                if want_w:
-                    grad_w += rnd(torch.mm(g.t(), xc))  # (V, D)
-                if want_b:
-                    grad_b += g.sum(0)
+                _add_chunk_grads(g, xc, wr, i, grads, rnd)
+        grad_x, grad_w, grad_b = grads
         return (grad_x, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
 
@@ -156,10 +167,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_b = bias is not None and ctx.needs_input_grad[2]
         want = want_x or want_w or want_b  # False under no_grad (evaluation): the loss alone
-        acc = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for float64 weights
-        grad_x = torch.empty_like(x) if want_x else None  # (N, D)
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if want_w else None  # (V, D)
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if want_b else None  # (V,)
+        grads = _grad_buffers(x, weight, bias, want_x, want_w, want_b)  # (N, D), (V, D), (V,) or None
         # Emulated bf16 (nn/autocast.py) rounds every operand and result of every product; here x, the weight
         # and each chunk's gradient are rounded once and the mode is paused, which gives the same numbers with
         # fewer passes (the gradient takes part in two products, the weight in two per chunk).
@@ -174,15 +182,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 losses.append(loss)
                 if g is None:
                     continue
-                g = rnd(g)  # (n, V): d loss / d logits
-                if want_x:
-                    grad_x[i:i + chunk_rows] = rnd(torch.mm(g, wr))  # (n, D)
-                if want_w:
-                    grad_w += rnd(torch.mm(g.t(), xc))  # (V, D)
-                if want_b:
-                    grad_b += g.sum(0)
+                _add_chunk_grads(rnd(g), xc, wr, i, grads, rnd)  # g (n, V): d loss / d logits
         total = torch.cat(losses).sum() * scale
-        ctx.save_for_backward(grad_x, grad_w, grad_b)
+        ctx.save_for_backward(*grads)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
 
