@@ -29,16 +29,15 @@ under no grad, every step: no storage, one extra forward per step. Both give the
 (LoRA's B starts at zero), as TRL does with ``precompute_ref_log_probs`` or a PEFT model without ``ref_model``.
 
 One forward per micro-batch, the prompt once per pair: chosen and rejected share their prompt (and any common
-start of the replies), and under causal attention its hidden states are the same in both sequences, so each
-pair is one row ``common part + rest of chosen + rest of rejected`` (``SharedPrompt``): each rest attends to the
-common part and to itself, with position ids restarting after the common part, so every target's hidden
-state is the one of its own sequence (prefix sharing, as in Hydra / "shared-prefix" DPO batching; the same
-numbers up to float rounding, tested). With short replies after a long prompt (chat data) this nearly halves
-the tokens the blocks see, and the activations kept for the backward pass (most of a LoRA step's memory)
-with them. Tokens after a sequence's last target are dropped (nothing reads them). The output head runs only
-on the reply positions (``sft_loss``'s trick) and through ``nn/linear_ce.py``'s chunked head, so no (N, vocab)
-logits are held. log pi(y|x) is the sum of the reply tokens' log-probabilities, the end-of-turn token
-included.
+start of the replies), and under causal attention its hidden states are the same in both sequences, so each pair
+is one row ``common part + rest of chosen + rest of rejected`` (``SharedPrompt``): each rest attends to the
+common part and to itself, with position ids restarting after the common part, so every target's hidden state is
+the one of its own sequence (the same numbers up to float rounding, tested against the plain rows). With short
+replies after a long prompt (chat data) this nearly halves the tokens the blocks see, and the activations kept
+for the backward pass (most of a LoRA step's memory) with them. Tokens after a sequence's last target are dropped
+(nothing reads them). The output head runs only on the reply positions (``sft_loss``'s trick) and through
+``nn/linear_ce.py``'s chunked head, so no (N, vocab) logits are held. log pi(y|x) is the sum of the reply tokens'
+log-probabilities, the end-of-turn token included.
 
 ``llmlab dpo`` with no flags: LoRA on SmolLM2-135M-Instruct, pairs from the built-in ``addition`` task (chosen
 = the exact answer, rejected = a near miss, ``data/preferences.py``), held-out exact match before and after
