@@ -21,8 +21,9 @@ Variants (each in its own subprocess, so peak RSS is its own), as each side runs
 TRL's gradient checkpointing (on by default) is turned off, as llmlab's is off by default: both store
 activations. The step is ``trainer.compute_loss`` + backward + AdamW, TRL's own loss with the batch TRL's
 collator would build (the Trainer's loop around it is left out on purpose, so the loss path is compared).
-Step time: median over ``--steps`` steps after ``--warmup``. Peak RSS: ``ru_maxrss`` of the subprocess (load +
-training) and the training-only peak (``VmHWM`` reset once the models are loaded and the reference stored).
+Step time: median over ``--steps`` steps after ``--warmup``. Peak RSS: the subprocess's own ``VmHWM``
+(load + training; not ``ru_maxrss``, which Linux carries over from the driver through ``execve``) and the
+training-only peak (``VmHWM`` reset once the models are loaded and the reference stored).
 
     nice python benchmarks/dpo.py [--steps 5] [--warmup 1] [--pairs 4] [--threads 2] [--variants lora,full]
 """

@@ -19,8 +19,9 @@ Variants (each in its own subprocess, so peak RSS is its own):
 - ``llmlab packed 8-bit AdamW``: ``build_adamw(..., eight_bit=True)``.
 
 Step time is the median over ``--steps`` steps after ``--warmup``; tok/s counts all row tokens (B x T).
-Peak RSS: ``ru_maxrss`` of the subprocess (load + training), and the training-only peak (``VmHWM`` after
-resetting it through ``/proc/self/clear_refs`` once the model is loaded, where the kernel allows it).
+Peak RSS: the subprocess's own ``VmHWM`` (load + training; ``ru_maxrss`` would include the driver's), and the
+training-only peak (``VmHWM`` after resetting it through ``/proc/self/clear_refs`` once the model is loaded,
+where the kernel allows it).
 
     nice python benchmarks/finetune.py [--steps 5] [--warmup 2] [--threads 2] [--bases fp32,nf4,packed]
 """
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -183,10 +183,15 @@ def worker(args) -> None:
 
 
 def measure_and_report(step, args, **extra) -> None:
-    """Worker side: time ``step`` and print one RESULT line (times, first loss, peak RSS, training peak)."""
+    """Worker side: time ``step`` and print one RESULT line (times, first loss, peak RSS, training peak).
+
+    The peak RSS is this process's own VmHWM (loading, then training), not ``ru_maxrss``: Linux carries
+    ``ru_maxrss`` over ``execve``, so a worker's would be at least the driver's peak at the time it started the
+    worker (measured: a driver holding 1.5 GB gives a fresh ``python -c`` child ru_maxrss 1.5 GB, VmHWM 11 MB)."""
+    load_peak = vm_hwm_mb()
     reset = rss_reset()
     times, first = time_steps(step, args.warmup, args.steps)
-    out = {"times": times, "loss": first, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    out = {"times": times, "loss": first, "maxrss_mb": max(load_peak, vm_hwm_mb()),
            "train_peak_mb": vm_hwm_mb() if reset else None, **extra}
     print("RESULT " + json.dumps(out), flush=True)
 

@@ -100,6 +100,74 @@ def test_sequence_logps_equal_the_full_logits_formula():
         assert math.isclose(float(ours[row]), expected, rel_tol=1e-10)
 
 
+def _shared_prompt_pairs():
+    """The addition pairs, plus one whose chosen reply is the start of the rejected one ("12" / "123": after the
+    cut at the last target, chosen is a prefix of rejected) and one with different first reply tokens."""
+    from llmlab.data.preferences import PreferencePair
+
+    pairs, tok = _tiny_pairs(3)
+    template = ChatTemplate(CHATML)
+    for i, (c, r) in enumerate((("12", "123"), ("teal", "a cat"))):
+        raw = PreferencePair([{"role": "user", "content": "Say a thing."}], [{"role": "assistant", "content": c}],
+                             [{"role": "assistant", "content": r}], f"pair {i}")
+        pairs.append(tokenize_pair(raw, tok, template, 128)[0])
+    return pairs, tok
+
+
+@pytest.mark.parametrize("arch, method, tol", [("gpt2", "full", 1e-10), ("gpt2", "lora", 1e-10),
+                                               ("llama", "full", 2e-6)])
+def test_shared_prompt_logps_and_gradients_equal_the_plain_rows(arch, method, tol):
+    """The packed rows (each prompt once, train/dpo.py's SharedPrompt) give the log-probabilities and the
+    gradients of the plain (2B, T) rows, in float64: with every weight training (the tied head's gradient
+    recomputed by the chunked head) and with LoRA (a frozen head). The packed rows hold fewer tokens. GPT-2
+    (learned positions) agrees to float64 rounding; Llama's RoPE angles are computed in float32 (nn/rope.py),
+    where the vectorised and the scalar cos / sin differ in the last bit, so a position placed at another offset
+    of the row (the rejected rest) rounds differently: float32-sized differences there."""
+    from dataclasses import replace
+
+    from llmlab.models.decoder import DecoderLM
+    from llmlab.nn.lora import LoRAConfig, apply_lora_, mark_only_lora_trainable_
+    from test_sft import tiny_config
+
+    pairs, tok = _shared_prompt_pairs()
+    torch.manual_seed(0)
+    model = DecoderLM(tiny_config() if arch == "llama" else replace(tiny_config(), arch="gpt2", n_kv_heads=4)).double()
+    if method == "lora":
+        apply_lora_(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+        mark_only_lora_trainable_(model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    batch = pair_batch(pairs, tok.eos_id)
+    plain = type(batch)(batch.input_ids, batch.labels)  # no SharedPrompt: the (2B, T) rows
+    assert batch.shared.input_ids.numel() < 0.75 * batch.input_ids.numel()
+    weights = torch.linspace(-2, 3, 2 * len(pairs), dtype=torch.float64)  # a different gradient per sequence
+    results = []
+    for b in (batch, plain):
+        lp = sequence_logps(model, b)  # (2B,)
+        params = [p for p in model.parameters() if p.requires_grad]
+        results.append((lp.detach(), torch.autograd.grad((lp * weights).sum(), params)))
+    (ours, g_ours), (want, g_want) = results
+    torch.testing.assert_close(ours, want, rtol=tol, atol=tol)
+    assert len(g_ours) == len(g_want) > 0
+    for a, c in zip(g_ours, g_want):
+        torch.testing.assert_close(a, c, rtol=tol, atol=tol * float(c.abs().max()))
+
+
+def test_shared_prompt_longer_than_the_context_falls_back_to_plain_rows():
+    """A packed row longer than the model's context would stop the forward: those batches run as plain rows."""
+    pairs, tok = _tiny_pairs()  # a pair whose replies differ from the first token: its packed row is the longest
+    model = _tiny_model()
+    batch = pair_batch(pairs, tok.eos_id)
+    want = sequence_logps(model, batch)
+    model.config.max_seq_len = batch.input_ids.shape[1]
+    assert batch.shared.input_ids.shape[1] > model.config.max_seq_len
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        model(batch.shared.input_ids)
+    torch.testing.assert_close(sequence_logps(model, batch), want, rtol=1e-12, atol=1e-12)
+
+
 def test_stored_reference_equals_the_adapter_off_reference():
     """With LoRA, the precomputed log-probabilities and the base with LoRA switched off give the same loss at
     every step (the reference is the start), and the loss starts at log 2 (the policy is the reference)."""

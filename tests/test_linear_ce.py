@@ -1,6 +1,7 @@
 """The fused, chunked output head + cross-entropy equals the plain ``F.cross_entropy(F.linear(...))``: value and
 gradients, exactly in float64, to bf16 rounding under autocast (native and emulated), with ignored rows, label
-smoothing, a bias, a tied weight, and under no_grad."""
+smoothing, a bias, a tied weight, and under no_grad; the per-row losses (``reduction="none"``, minus the
+targets' log-probabilities) with a per-row incoming gradient, for a frozen and for a trainable weight."""
 
 from __future__ import annotations
 
@@ -34,6 +35,49 @@ def test_float64_equals_plain(label_smoothing, reduction, chunk_rows):
     g_want = torch.autograd.grad(want * 2.5, (x, w, b))
     for a, c in zip(g_got, g_want):
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("chunk_rows", [37, 0])
+@pytest.mark.parametrize("trainable", ["x", "x,w,b"])
+def test_rows_float64_equal_plain(label_smoothing, chunk_rows, trainable):
+    """Per-row losses and the gradients of a weighted sum of them (DPO's use: a different incoming gradient per
+    row): "x" is a frozen head (gradients formed in the forward), "x,w,b" a trainable one (recomputed)."""
+    x, w, b, y = _data(torch.float64)
+    w.requires_grad_("w" in trainable)
+    b.requires_grad_("b" in trainable)
+    got = linear_cross_entropy(x, w, y, b, label_smoothing=label_smoothing, reduction="none", chunk_rows=chunk_rows)
+    want = plain_linear_cross_entropy(x, w, y, b, label_smoothing=label_smoothing, reduction="none")
+    assert got.shape == (x.shape[0],) and float(got[::7].detach().abs().max()) == 0.0  # ignored rows: 0
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(x.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    inputs = [t for t in (x, w, b) if t.requires_grad]
+    for a, c in zip(torch.autograd.grad((got * weights).sum(), inputs),
+                    torch.autograd.grad((want * weights).sum(), inputs)):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["emulated", "native"])
+def test_rows_bf16_autocast_match_plain_under_the_same_autocast(mode):
+    """The recomputing backward runs its products under the forward's autocast / rounding."""
+    x, w, _, y = _data(torch.float32, N=64, D=64, V=500, bias=False)
+    weights = torch.randn(x.shape[0], generator=torch.Generator().manual_seed(3))
+
+    def ctx():
+        return EmulatedAutocast(torch.bfloat16) if mode == "emulated" else torch.autocast("cpu", dtype=torch.bfloat16)
+
+    with ctx():
+        got = linear_cross_entropy(x, w, y, reduction="none", chunk_rows=16)
+        want = plain_linear_cross_entropy(x, w, y, reduction="none")
+        g_got = torch.autograd.grad((got * weights).sum(), (x, w))
+        g_want = torch.autograd.grad((want * weights).sum(), (x, w))
+    fp32 = plain_linear_cross_entropy(x, w, y, reduction="none")
+    g_fp32 = torch.autograd.grad((fp32 * weights).sum(), (x, w))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert float((got - fp32).detach().abs().max()) > 1e-5  # bf16 rounding really happened
+    for a, c, f in zip(g_got, g_want, g_fp32):
+        err, bf16 = float((a - c).abs().max()), float((f - c).abs().max())
+        assert err <= 0.5 * bf16, (err, bf16)
 
 
 def test_plain_reference_is_pytorch_cross_entropy():
@@ -100,7 +144,7 @@ def test_all_rows_ignored_is_zero_with_zero_gradients():
 
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(label_smoothing=1.0), "label_smoothing must be in"),
-    (dict(reduction="none"), "reduction must be"),
+    (dict(reduction="max"), "reduction must be"),
 ])
 def test_bad_arguments(kwargs, needle):
     x, w, b, y = _data(torch.float32)
