@@ -133,3 +133,17 @@ def test_bad_settings(packed):
         speculative_generate(packed, [1, 2], 4, NgramDrafter(), gamma=0)
     with pytest.raises(ValueError, match="fills the context"):
         speculative_generate(packed, list(range(128)), 4, NgramDrafter())
+
+
+def test_real_model_quotes_with_accepted_drafts(smollm_path):
+    """SmolLM2-135M on the packed path quoting a sentence: prompt lookup's drafts are accepted, same text as greedy."""
+    from llmlab.api import load
+
+    llm = load(smollm_path, packed=True)
+    assert llm.model.native_step is not None
+    text = "The lighthouse stood at the edge of the cliff for more than two hundred years."
+    ids = llm.tokenizer.encode(llm.render_chat("Quote the following sentence exactly:\n\n" + text))
+    plain = generate(llm.model, [ids], 16)[0].ids
+    out, stats = speculative_generate(llm.model, ids, 16, NgramDrafter(), gamma=8)
+    assert out == plain
+    assert stats.accepted >= 8 and stats.target_calls <= 6, stats
