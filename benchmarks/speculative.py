@@ -104,6 +104,8 @@ def main() -> int:
     ap.add_argument("--prompts", default=",".join(PROMPTS),
                     help=f"comma-separated subset of: {', '.join(PROMPTS)} (default: all)")
     ap.add_argument("--no-layer-skip", action="store_true", help="skip the layer-skip draft (default: measured)")
+    ap.add_argument("--cost-reps", type=int, default=15,
+                    help="calls per row count in the verification-cost table (default: 15)")
     args = ap.parse_args()
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
@@ -118,7 +120,7 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown prompt(s) {unknown}; choose from {list(PROMPTS)}")
 
-    cost = verification_cost(model, 200)
+    cost = verification_cost(model, 200, reps=args.cost_reps)
     one = cost[1][0]
     print("\none target call of k rows at position 200 (blocks + head, CPU ms; in one-row steps):")
     for k, (ms, head) in cost.items():

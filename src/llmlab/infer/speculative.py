@@ -10,8 +10,17 @@ output distribution exactly the target's (tested statistically). Drafters:
 
 - ``ModelDrafter``: any model with the same vocabulary (a smaller model, a quantized or layer-skipped
   copy), run autoregressively on its own KV cache;
-- ``NgramDrafter``: prompt lookup (Saxena 2023): find the latest earlier occurrence of the last n tokens
-  and propose what followed it. No model at all; q is one-hot.
+- ``NgramDrafter``: prompt lookup (Saxena 2023, "Prompt Lookup Decoding"): find the earlier occurrence of the
+  sequence's tail with the longest match (up to ``max_ngram`` tokens) and propose what followed it. No model at
+  all; q is one-hot.
+
+One target call per iteration: the last emitted token (not yet in the cache) and its k drafts go through the model
+together, 1 + k rows, so a verification is one call of the native C step (``models/native_step.py``; a row's
+numbers do not depend on the rows beside it, so greedy stays token-identical) and k = 0 is exactly a plain decode
+step. The draft length adapts (``DraftLength``): with a per-token acceptance rate a, k drafts yield
+(1 - a^(k+1)) / (1 - a) tokens per call (Leviathan et al., eq. 1) for about 1 + c k decode steps of work (c: one
+verification row against a one-row step, ~0.35 on the packed path), so k is the best ratio over [0, gamma] and
+speculation falls back to plain steps where drafts are being rejected.
 
 Rolling back rejected tokens is free with a static KV cache: only ``cache.length`` moves back, the stale
 slots are overwritten later and never read (attention reads positions < length + new tokens).
@@ -138,7 +147,8 @@ class DraftLength:
         return best_k
 
 
-PROBE = 8  # plain steps before a drafter that costs time is tried again (its acceptance is only seen when checked)
+PROBE = 8  # plain steps before a drafter that costs time is tried again (its acceptance is only seen when checked);
+#             doubled after each probe that is rejected
 
 
 @torch.inference_mode()
@@ -170,7 +180,7 @@ def speculative_generate(model, prompt: list[int], max_new_tokens: int, drafter,
     length = DraftLength(gamma, row_cost, getattr(drafter, "cost_per_token", 0.0)) if adaptive else None
     free_draft = getattr(drafter, "cost_per_token", 0.0) == 0.0
     hint: int | None = None  # a free drafter's first proposal when it was not checked (k = 0): compared for free
-    plain_steps = 0
+    plain_steps, probe_every = 0, PROBE
 
     def emit(tok: int) -> bool:
         out.append(tok)
@@ -191,9 +201,9 @@ def speculative_generate(model, prompt: list[int], max_new_tokens: int, drafter,
         base = len(seq) - 1
         room = budget - len(out)
         k = min(gamma, room - 1) if length is None else min(length.next(), room - 1)
-        if length is not None and not free_draft:  # a costly drafter is tried again after PROBE plain steps
+        if length is not None and not free_draft:  # a costly drafter is tried again after probe_every plain steps
             plain_steps = plain_steps + 1 if k == 0 else 0
-            if plain_steps > PROBE:
+            if plain_steps > probe_every:
                 k, plain_steps = min(1, room - 1), 0
         draft, q = [], None
         if k > 0:
@@ -220,6 +230,7 @@ def speculative_generate(model, prompt: list[int], max_new_tokens: int, drafter,
         stats.accepted += n_ok
         if length is not None and draft:
             length.observe(n_ok, n_ok < len(draft))
+            probe_every = PROBE if n_ok else 2 * probe_every  # a failed probe: wait twice as long for the next
         for d in draft[:n_ok]:
             if emit(d):
                 finished = True
