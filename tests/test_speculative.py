@@ -126,7 +126,8 @@ def test_ngram_drafter_prefers_the_longest_match():
     seq = [4, 1, 2, 3, 9, 0, 1, 2, 3, 7, 4, 1, 2, 3]
     # (4, 1, 2, 3) matched at 0..3 (followed by 9) beats the more recent (1, 2, 3) at 6..8 (followed by 7)
     assert NgramDrafter().propose(seq, 3, GREEDY)[0] == [9, 0, 1]
-    assert NgramDrafter(max_ngram=3).propose(seq, 2, GREEDY)[0] == [7, 4]  # equally long: the most recent
+    assert NgramDrafter(max_ngram=3).propose(seq, 2, GREEDY)[0] == [7, 4]  # capped at 3: the most recent
+    assert NgramDrafter().propose([5, 1, 2, 9, 6, 1, 2, 7, 8, 1, 2], 2, GREEDY)[0] == [7, 8]  # a tie: the most recent
     assert NgramDrafter(min_ngram=5).propose(seq, 2, GREEDY)[0] == []
     assert NgramDrafter().propose([5, 6], 4, GREEDY)[0] == []
 
