@@ -100,7 +100,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="timed runs per measurement, after one warm-up (default: 3)")
     ap.add_argument("--threads", type=int, default=0, help="torch / C kernel threads; 0 = physical cores (default: 0)")
     ap.add_argument("--new-tokens", type=int, default=160, help="most tokens to generate per prompt (default: 160)")
-    ap.add_argument("--gamma", type=int, default=8, help="most draft tokens per step (default: 8)")
+    ap.add_argument("--gamma", type=int, default=16, help="most draft tokens per step (default: 16)")
     ap.add_argument("--prompts", default=",".join(PROMPTS),
                     help=f"comma-separated subset of: {', '.join(PROMPTS)} (default: all)")
     ap.add_argument("--no-layer-skip", action="store_true", help="skip the layer-skip draft (default: measured)")

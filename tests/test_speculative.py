@@ -154,4 +154,4 @@ def test_benchmark_command_on_the_real_model():
     assert len(rows) == 2 and all(row[-1] == "True" for row in rows), r.stdout
     accepted, drafted = map(int, rows[0][6].split("/"))  # quote a paragraph ngram adaptive TOKENS ACC/DRAFTED
     assert accepted >= 16 and accepted == drafted, r.stdout
-    assert r.stdout.strip().splitlines()[-1].lstrip().startswith("ngram fixed 8:")
+    assert r.stdout.strip().splitlines()[-1].lstrip().startswith("ngram fixed 16:")
