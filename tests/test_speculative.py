@@ -98,7 +98,11 @@ def test_layer_skip_draft_gets_its_own_native_step(packed):
     assert len(draft.native_step.structs) == 2
     # the target's step refuses the draft (other layers, a smaller cache) instead of writing past its cache
     x = torch.zeros(1, 1, 64)
-    assert not packed.native_step.accepts(draft, x, draft.new_cache(1, 8), None)
+    with torch.inference_mode():  # (with a gradient it refuses anyway)
+        assert not packed.native_step.accepts(draft, x, draft.new_cache(1, 8), None)
+        assert not packed.native_step.accepts(draft, x, packed.new_cache(1, 8), None)  # other modules, same depth
+        assert not packed.native_step.accepts(packed, x, draft.new_cache(1, 8), None)  # a cache of 2 layers, not 3
+        assert packed.native_step.accepts(packed, x, packed.new_cache(1, 8), None)
     prompt = _prompt()
     out, stats = speculative_generate(packed, prompt, 30, ModelDrafter(draft, 80), gamma=3)
     assert out == generate(packed, [prompt], 30)[0].ids
