@@ -39,7 +39,7 @@ class DecodeOptions:
     length_penalty: float = 1.0  # beam score = log-probability / length ** length_penalty
     no_repeat_ngram_size: int = 0  # beam search never repeats an n-gram of this size; 0 = off
     speculative: str | None = None  # "ngram" (prompt lookup), "layer-skip", or a draft model source
-    draft_tokens: int = 4  # draft tokens per speculative step
+    draft_tokens: int = 16  # most draft tokens per speculative step (fewer while drafts are rejected)
     ignore_eos: bool = False  # do not stop at end-of-sequence / end-of-turn tokens
     truncate: bool = False  # keep the end of a prompt longer than the context instead of failing
     repetition_guard: RepetitionGuard | None = None  # end a row whose tail repeats one block (plain decoding)

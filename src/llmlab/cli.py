@@ -81,7 +81,8 @@ def _add_decode_flags(p: argparse.ArgumentParser, default_max: int, chat: bool =
     p.add_argument("--speculative", default=None, metavar="DRAFT",
                    help="speculative decoding with 'ngram' (prompt lookup), 'layer-skip', or a draft model path "
                         "sharing the tokenizer (default: off)")
-    p.add_argument("--draft-tokens", type=int, default=4, help="draft tokens per speculative step (default: 4)")
+    p.add_argument("--draft-tokens", type=int, default=16,
+                   help="most draft tokens per speculative step, fewer while drafts are rejected (default: 16)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at end-of-sequence tokens, e.g. for benchmarks (default: off)")
     p.add_argument("--truncate", action="store_true",

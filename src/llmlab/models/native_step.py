@@ -149,8 +149,9 @@ class NativeStep:
     def accepts(self, model: nn.Module, x: torch.Tensor, cache, attention_mask: torch.Tensor | None) -> bool:
         B, T = x.shape[:2]
         return (not torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu"
+                and model._modules is self.watch[0][0]  # not a shallow copy with other layers (a layer-skip draft)
                 and type(cache) is StaticKVCache and cache.k.dtype == torch.float32 and cache.k.shape[1] == B
-                and cache.k.is_contiguous()
+                and cache.k.shape[0] == len(self.structs) and cache.k.is_contiguous()
                 and (attention_mask is None or attention_mask.dim() == 2)
                 and self.unchanged(model))
 
