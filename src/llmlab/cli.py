@@ -1346,16 +1346,18 @@ def cmd_kg_eval(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import time
+
     from llmlab.common import pick_device, pick_dtype
     from llmlab.dataclass_io import from_args
     from llmlab.eval.harness import EvalConfig, format_table, run_eval
 
     device = pick_device(args.device)
-    result = run_eval(args.models, from_args(EvalConfig, args),
-                      load_kwargs={"dtype": pick_dtype(args.dtype, device), "device": device})
+    cfg = from_args(EvalConfig, args)
+    cfg.output = cfg.output or str(Path("runs") / "eval" / time.strftime("%Y%m%d-%H%M%S.json", time.gmtime()))
+    result = run_eval(args.models, cfg, load_kwargs={"dtype": pick_dtype(args.dtype, device), "device": device})
     print(format_table(result))
-    if args.output:
-        print(f"llmlab: wrote {args.output}", file=sys.stderr)
+    print(f"llmlab: wrote {cfg.output} and {Path(cfg.output).with_suffix('.md')}", file=sys.stderr)
     return 0
 
 
@@ -2262,15 +2264,17 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_distill)
 
     s = sub.add_parser("eval", help="evaluate language models and encoders: perplexity, multiple choice, generation, "
-                                    "retrieval, STS; one table (and --output JSON)",
+                                    "retrieval, STS; one table, saved as JSON and Markdown",
                        description="Evaluate models on built-in tasks (no download) or local JSONL files. With no "
                                    "MODEL: SmolLM2-135M-Instruct on heldout-ppl, stdlib-mc, addition and "
-                                   "all-MiniLM-L6-v2 on retrieval.")
+                                   "all-MiniLM-L6-v2 on retrieval. The table is printed and saved with the settings "
+                                   "and machine: runs/eval/<UTC time>.json and .md unless --output names the file.")
     s.add_argument("models", nargs="*", metavar="MODEL",
                    help="models to evaluate: " + MODEL_HELP.replace(" (default: smollm2-135m-instruct)", "")
                         + " (default: both embedded models, each on its kind's tasks)")
     s.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights/activations dtype (default: float32)")
+                   help="weights/activations dtype of the scored tasks (perplexity, multiple choice, encoders; "
+                        "generation too with --no-packed) (default: float32)")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
     s.add_argument("--threads", type=_threads, default=0, metavar="N",
                    help="CPU threads for PyTorch; 0 = one per physical core (default: 0)")
