@@ -304,21 +304,6 @@ def tiny_encoder(tmp_path_factory):
     return str(folder)
 
 
-@pytest.fixture
-def small_retrieval_set(monkeypatch):
-    """The built-in retrieval set cut to 12 queries and their documents plus 30 distractors (embedding its 1,700
-    documents is the slow part, and test_retrieval.py tests the set itself)."""
-    import llmlab.text.retrieval_set as rs
-
-    full = rs.builtin_test_set()
-    qids = list(full.queries)[:12]
-    docs = {d for q in qids for d in full.relevant[q]} | set(list(full.corpus)[-30:])
-    small = rs.RetrievalSet({q: full.queries[q] for q in qids}, {d: full.corpus[d] for d in full.corpus if d in docs},
-                            {q: full.relevant[q] for q in qids})
-    monkeypatch.setattr(rs, "builtin_test_set", lambda: small)
-    return small
-
-
 def test_encoder_tasks(tiny_encoder, tmp_path, small_retrieval_set):
     from llmlab.eval.retrieval import evaluate_model
 

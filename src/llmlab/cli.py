@@ -2584,12 +2584,15 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)  # the top level has no valued options
-    args = build_parser({command} if command else set()).parse_args(argv)
-    if command == "serve":
-        # The engine thread shares the cores with the HTTP event loop (and often the client): idle OpenMP
+    if command in ("serve", "eval"):
+        # serve: the engine thread shares the cores with the HTTP event loop (and often the client): idle OpenMP
         # workers should sleep rather than spin. Measured by benchmarks/serve.py on 2 cores: +14% tok/s at 1
-        # stream, +26% at 32. libgomp reads this once, when torch loads; a user's own setting wins.
+        # stream, +26% at 32. eval: on a shared machine spinning workers wait for descheduled ones; 2 threads
+        # on 2 busy cores (load 5-8) took 40 s for 30 stdlib-mc items and 84 s for 16 addition replies, 8 s and
+        # 13 s with passive waits (README, Evaluation). libgomp reads this once, when torch loads (parsing the
+        # eval flags imports it); a user's own setting wins.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser({command} if command else set()).parse_args(argv)
     from llmlab.common import LlmlabError  # imports torch: only once a command runs
 
     if getattr(args, "threads", None) is not None:
