@@ -132,3 +132,18 @@ def tiny_chat(smollm_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_chat") / "model"
     write_loaded(Loaded(model, cfg, tok, g.metadata.get("tokenizer.chat_template"), str(out), "preset"), out)
     return out
+
+
+@pytest.fixture
+def small_retrieval_set(monkeypatch):
+    """The built-in retrieval set cut to 12 queries and their documents plus 30 distractors (embedding its 1,700
+    documents is the slow part, and test_retrieval.py tests the set itself)."""
+    import llmlab.text.retrieval_set as rs
+
+    full = rs.builtin_test_set()
+    qids = list(full.queries)[:12]
+    docs = {d for q in qids for d in full.relevant[q]} | set(list(full.corpus)[-30:])
+    small = rs.RetrievalSet({q: full.queries[q] for q in qids}, {d: full.corpus[d] for d in full.corpus if d in docs},
+                            {q: full.relevant[q] for q in qids})
+    monkeypatch.setattr(rs, "builtin_test_set", lambda: small)
+    return small

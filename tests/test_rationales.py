@@ -202,7 +202,7 @@ README_LINES = [
     f"{SFT} --task letter_count --task-examples 64 --out runs/cotd-a",
     f"{SFT} data/cot-tool.jsonl --out runs/cotd-b",
     f"{SFT} data/icl.jsonl --out runs/cotd-c",
-    "llmlab eval runs/cotd-b/model --tasks letter_count --limit 50 --max-new-tokens 48 --threads 1",
+    "llmlab eval runs/cotd-b/model --tasks letter_count --limit 50 --max-new-tokens 48 --threads 1 --no-packed",
 ]
 
 

@@ -1347,16 +1347,18 @@ def cmd_kg_eval(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import time
+
     from llmlab.common import pick_device, pick_dtype
     from llmlab.dataclass_io import from_args
     from llmlab.eval.harness import EvalConfig, format_table, run_eval
 
     device = pick_device(args.device)
-    result = run_eval(args.models, from_args(EvalConfig, args),
-                      load_kwargs={"dtype": pick_dtype(args.dtype, device), "device": device})
+    cfg = from_args(EvalConfig, args)
+    cfg.output = cfg.output or str(Path("runs") / "eval" / time.strftime("%Y%m%d-%H%M%S.json", time.gmtime()))
+    result = run_eval(args.models, cfg, load_kwargs={"dtype": pick_dtype(args.dtype, device), "device": device})
     print(format_table(result))
-    if args.output:
-        print(f"llmlab: wrote {args.output}", file=sys.stderr)
+    print(f"llmlab: wrote {cfg.output} and {Path(cfg.output).with_suffix('.md')}", file=sys.stderr)
     return 0
 
 
@@ -2265,15 +2267,17 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_distill)
 
     s = sub.add_parser("eval", help="evaluate language models and encoders: perplexity, multiple choice, generation, "
-                                    "retrieval, STS; one table (and --output JSON)",
+                                    "retrieval, STS; one table, saved as JSON and Markdown",
                        description="Evaluate models on built-in tasks (no download) or local JSONL files. With no "
                                    "MODEL: SmolLM2-135M-Instruct on heldout-ppl, stdlib-mc, addition and "
-                                   "all-MiniLM-L6-v2 on retrieval.")
+                                   "all-MiniLM-L6-v2 on retrieval. The table is printed and saved with the settings "
+                                   "and machine: runs/eval/<UTC time>.json and .md unless --output names the file.")
     s.add_argument("models", nargs="*", metavar="MODEL",
                    help="models to evaluate: " + MODEL_HELP.replace(" (default: smollm2-135m-instruct)", "")
                         + " (default: both embedded models, each on its kind's tasks)")
     s.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights/activations dtype (default: float32)")
+                   help="weights/activations dtype of the scored tasks (perplexity, multiple choice, encoders; "
+                        "generation too with --no-packed) (default: float32)")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
     s.add_argument("--threads", type=_threads, default=0, metavar="N",
                    help="CPU threads for PyTorch; 0 = one per physical core (default: 0)")
@@ -2583,12 +2587,15 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)  # the top level has no valued options
-    args = build_parser({command} if command else set()).parse_args(argv)
-    if command == "serve":
-        # The engine thread shares the cores with the HTTP event loop (and often the client): idle OpenMP
+    if command in ("serve", "eval"):
+        # serve: the engine thread shares the cores with the HTTP event loop (and often the client): idle OpenMP
         # workers should sleep rather than spin. Measured by benchmarks/serve.py on 2 cores: +14% tok/s at 1
-        # stream, +26% at 32. libgomp reads this once, when torch loads; a user's own setting wins.
+        # stream, +26% at 32. eval: on a shared machine spinning workers wait for descheduled ones; 2 threads
+        # on 2 busy cores (load 5-8) took 40 s for 30 stdlib-mc items and 84 s for 16 addition replies, 8 s and
+        # 13 s with passive waits (README, Evaluation). libgomp reads this once, when torch loads (parsing the
+        # eval flags imports it); a user's own setting wins.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser({command} if command else set()).parse_args(argv)
     from llmlab.common import LlmlabError  # imports torch: only once a command runs
 
     if getattr(args, "threads", None) is not None:

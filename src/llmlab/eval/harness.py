@@ -22,6 +22,14 @@ Per task kind (``eval/tasks.py`` names the tasks):
   the cosine similarity against the gold scores.
 
 Few-shot examples are drawn with a fixed seed per item (``tasks.fewshot``), so a run is reproducible.
+
+Weights per task (the table's ``weights`` column): the scored tasks (perplexity, multiple choice) run the model as
+loaded (``--dtype``, float32 by default: for a GGUF file its blocks dequantized), so their numbers are the reference
+ones. On a CPU, the generation tasks (generate-until, code) run a second copy loaded with ``packed=True``
+(``nn/packed_linear.py``: the GGUF's own blocks, Q8_0 for other models; int8 dot products on 8-bit activations and
+the decode step in C, ``models/native_step.py``): a few times faster per token; the activations' rounding can
+change a greedy token now and then (README, Evaluation). Encoders embed in ``encoder_precision`` (``auto``: bf16
+matrix products on a CPU with bf16 units, ``infer/embed.embed_dtype``).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -40,6 +49,7 @@ from llmlab.eval import tasks as T
 from llmlab.eval import text_metrics as M
 from llmlab.eval.loglik import check_scorer, loglikelihoods
 from llmlab.eval.perplexity import perplexity
+from llmlab.infer.embed import PRECISIONS, embed_dtype
 
 COT_SUFFIX = "\nThink step by step, then give the final answer on a last line that starts with \"Answer:\"."
 DEFAULT_LIMITS = {"choice": 100, "generate": 40, "code": 0, "retrieval": 0, "sts": 0, "perplexity": 0}  # 0 = all
@@ -77,7 +87,16 @@ class EvalConfig:
         "help": "humaneval: wall-clock seconds (and CPU seconds) per executed sample"})
     ppl_tokens: int = field(default=2048, metadata={"help": "tokens scored by perplexity tasks; 0 = the whole text"})
     window: int = field(default=512, metadata={"help": "perplexity window (= stride: windows do not overlap)"})
-    output: str = field(default="", metadata={"help": "write the results as JSON to this file (atomically)"})
+    packed: bool = field(default=True, metadata={
+        "help": "on a CPU, generation tasks (generate-until, humaneval) run on packed weights with int8 kernels and "
+                "the decode step in C (a GGUF's own blocks, Q8_0 for other models); perplexity and multiple choice "
+                "keep the --dtype weights; --no-packed: every task on the --dtype weights"})
+    encoder_precision: str = field(default="auto", metadata={
+        "help": "encoder tasks' matrix products: auto (bfloat16 on a CPU with bf16 units, else float32), float32 "
+                "or bfloat16", "choices": list(PRECISIONS)})
+    output: str = field(default="", metadata={
+        "help": "write the results as JSON to this file and the table as Markdown beside it (.md), atomically; "
+                "empty: llmlab eval writes runs/eval/<UTC time>.json and .md"})
 
     def validate(self) -> EvalConfig:
         for name in ("num_fewshot", "max_new_tokens", "ppl_tokens"):
@@ -99,6 +118,12 @@ class EvalConfig:
             raise LlmlabError(f"--exec-timeout must be > 0 seconds, got {self.exec_timeout}")
         if self.window < 2:
             raise LlmlabError(f"--window must be >= 2 tokens, got {self.window}")
+        if self.encoder_precision not in PRECISIONS:
+            raise LlmlabError(f"--encoder-precision must be one of {', '.join(PRECISIONS)}, got "
+                              f"{self.encoder_precision!r}")
+        if self.output and Path(self.output).suffix == ".md":
+            raise LlmlabError(f"--output {self.output}: name the JSON file (e.g. results.json); the Markdown table "
+                              "goes beside it as .md")
         return self
 
     def limit_for(self, kind: str) -> int:
@@ -238,7 +263,7 @@ def run_retrieval(loaded, spec: T.TaskSpec, cfg: EvalConfig) -> tuple[dict, int,
         qids = list(rset.queries)[:limit]
         rset = RetrievalSet({q: rset.queries[q] for q in qids}, rset.corpus, {q: rset.relevant[q] for q in qids})
     m = evaluate_model(loaded.model.eval(), loaded.tokenizer, rset, [loaded.config.dim],
-                       batch_size=2 * cfg.batch_size)[loaded.config.dim]
+                       batch_size=2 * cfg.batch_size, precision=cfg.encoder_precision)[loaded.config.dim]
     return ({k: m[k] for k in ("ndcg@10", "recall@10", "mrr@10")}, len(rset.queries),
             {"documents": len(rset.corpus)})
 
@@ -248,8 +273,8 @@ def run_sts(loaded, spec: T.TaskSpec, cfg: EvalConfig) -> tuple[dict, int, dict]
 
     _check_encoder(loaded, spec)
     pairs = _cut(T.sts_pairs(spec), cfg.limit_for("sts"))
-    a = embed_texts(loaded.model.eval(), loaded.tokenizer, [p[0] for p in pairs], batch_size=2 * cfg.batch_size)
-    b = embed_texts(loaded.model.eval(), loaded.tokenizer, [p[1] for p in pairs], batch_size=2 * cfg.batch_size)
+    a, b = (embed_texts(loaded.model.eval(), loaded.tokenizer, [p[i] for p in pairs], batch_size=2 * cfg.batch_size,
+                        precision=cfg.encoder_precision) for i in (0, 1))  # (N, dim) each
     cosine = (a * b).sum(-1)  # (N,): the embeddings are unit vectors
     return {"spearman": 100.0 * M.spearman(cosine, torch.tensor([p[2] for p in pairs]))}, len(pairs), {}
 
@@ -260,6 +285,26 @@ def run_code(loaded, spec: T.TaskSpec, cfg: EvalConfig) -> tuple[dict, int, dict
 
 RUNNERS = {"perplexity": run_perplexity, "choice": run_choice, "generate": run_generate, "code": run_code,
            "retrieval": run_retrieval, "sts": run_sts}
+GENERATING = ("generate", "code")  # the kinds that decode: on the packed copy with --packed
+
+
+def weights_of(loaded, cfg: EvalConfig) -> str:
+    """What a task's numbers came from: "float32" (the dtype as loaded), "packed Q4_1+Q8_0, int8" (the GGML types
+    of the packed layers and their kernel), or for an encoder "float32, bfloat16 matmuls" (the autocast dtype)."""
+    from llmlab.nn.ggml_quants import type_name
+    from llmlab.nn.packed_linear import PackedLinear
+
+    param = next(loaded.model.parameters())
+    packed = {m for m in loaded.model.modules() if isinstance(m, PackedLinear)}
+    if packed:
+        types = "+".join(sorted({type_name(m.ggml_type) for m in packed}))
+        return f"packed {types}, {'/'.join(sorted({m.impl for m in packed}))}"
+    dtype = str(param.dtype).removeprefix("torch.")
+    if not loaded.config.is_causal:
+        products = str(embed_dtype(cfg.encoder_precision, param.device)).removeprefix("torch.")
+        if products != dtype:
+            return f"{dtype}, {products} matmuls"
+    return dtype
 
 
 # ---- the whole run ------------------------------------------------------------------------------------------
@@ -299,8 +344,14 @@ def run_eval(models: list[str], cfg: EvalConfig, *, load_kwargs: dict | None = N
         if loaded.tokenizer is None:
             raise LlmlabError(f"{source}: has no tokenizer; evaluate a model file or folder that brings one")
         loaded.model.eval()
-        plan.append((source, loaded, tasks_for(loaded, specs, explicit)))
-    for _, _, run_specs in plan:  # read every file before the first task runs: a bad line fails fast
+        run_specs = tasks_for(loaded, specs, explicit)
+        generator = loaded
+        if cfg.packed and any(s.kind in GENERATING for s in run_specs) and \
+                next(loaded.model.parameters()).device.type == "cpu":
+            generator = load_model(source, **{**(load_kwargs or {}), "dtype": torch.float32, "packed": True})
+            generator.model.eval()
+        plan.append((source, loaded, generator, run_specs))
+    for *_, run_specs in plan:  # read every file before the first task runs: a bad line fails fast
         for s in run_specs:
             if s.kind == "choice" and s.path:
                 T.choice_items(s)
@@ -313,14 +364,16 @@ def run_eval(models: list[str], cfg: EvalConfig, *, load_kwargs: dict | None = N
             elif s.kind == "code":
                 humaneval.load_problems()
     rows = []
-    for source, loaded, run_specs in plan:
+    for source, loaded, generator, run_specs in plan:
         for spec in run_specs:
+            model = generator if spec.kind in GENERATING else loaded
             t0 = time.perf_counter()
-            metrics, n, settings = RUNNERS[spec.kind](loaded, spec, cfg)
+            metrics, n, settings = RUNNERS[spec.kind](model, spec, cfg)
             seconds = time.perf_counter() - t0
             details = settings.pop("details", None)  # per-item records (humaneval): JSON only, not the table
             rows.append({"model": source, "task": spec.name, "kind": spec.kind, "n": n,
-                         "seconds": round(seconds, 2), "metrics": metrics, "settings": settings,
+                         "seconds": round(seconds, 2), "metrics": metrics,
+                         "settings": {**settings, "weights": weights_of(model, cfg)},
                          **({"details": details} if details is not None else {})})
             log(f"llmlab eval: {source} {spec.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
                 + f" (n {n}, {seconds:.1f} s)")
@@ -330,14 +383,16 @@ def run_eval(models: list[str], cfg: EvalConfig, *, load_kwargs: dict | None = N
               "results": rows}
     if cfg.output:
         write_text_atomic(cfg.output, json.dumps(result, indent=2) + "\n")
+        write_text_atomic(Path(cfg.output).with_suffix(".md"), format_table(result) + "\n")
     return result
 
 
 def format_table(result: dict) -> str:
     """A Markdown table: one row per (model, task), the metrics in one cell; n counts items (tokens for perplexity,
     queries for retrieval)."""
-    lines = ["| model | task | n | metrics | seconds |", "|---|---|---:|---|---:|"]
+    lines = ["| model | task | n | metrics | weights | seconds |", "|---|---|---:|---|---|---:|"]
     for r in result["results"]:
         metrics = ", ".join(f"{k} {v:.4f}" if abs(v) < 10 else f"{k} {v:.2f}" for k, v in r["metrics"].items())
-        lines.append(f"| {r['model']} | {r['task']} | {r['n']} | {metrics} | {r['seconds']:.1f} |")
+        weights = r["settings"].get("weights", "")
+        lines.append(f"| {r['model']} | {r['task']} | {r['n']} | {metrics} | {weights} | {r['seconds']:.1f} |")
     return "\n".join(lines)

@@ -98,14 +98,15 @@ def evaluate_embeddings(query_emb: torch.Tensor, corpus_emb: torch.Tensor, rset:
 
 
 def evaluate_model(model, tokenizer, rset: RetrievalSet, dims: list[int], *, pooling: str = "mean",
-                   batch_size: int = 32, max_tokens: int = MAX_TOKENS,
-                   ks: dict[str, tuple[int, ...]] = DEFAULT_KS) -> dict[int, dict[str, float]]:
-    """Embed the queries and the corpus once, score the truncations to each of ``dims`` -> {dim: metrics}."""
+                   batch_size: int = 32, max_tokens: int = MAX_TOKENS, ks: dict[str, tuple[int, ...]] = DEFAULT_KS,
+                   precision: str = "float32") -> dict[int, dict[str, float]]:
+    """Embed the queries and the corpus once (``precision``: ``infer/embed.embed_texts``), score the truncations to
+    each of ``dims`` -> {dim: metrics}."""
     check_set(rset)
     full = model.config.dim
     for dim in dims:
         check_dim(dim, full)
-    kw = dict(batch_size=batch_size, pooling=pooling, max_tokens=max_tokens)
+    kw = dict(batch_size=batch_size, pooling=pooling, max_tokens=max_tokens, precision=precision)
     q = embed_texts(model, tokenizer, list(rset.queries.values()), **kw)
     d = embed_texts(model, tokenizer, list(rset.corpus.values()), **kw)
     return {dim: evaluate_embeddings(truncate(q, dim), truncate(d, dim), rset, ks) for dim in dims}
