@@ -14,7 +14,9 @@ Language Models", arXiv:2310.05736) keeps the tokens a small LM finds surprising
   and the tokens with ``s_i > gamma_j`` are kept, ``gamma_j`` set so the window keeps the ratio
   ``tau = target / sum L_kept`` of its tokens (here: exactly the top ``round(tau * n)`` surprisals, counted per
   document so every document meets its ratio). The kept tokens are then run through the model again at their new
-  positions, so the next window is conditioned on the compressed prefix.
+  positions, so the next window is conditioned on the compressed prefix. (Here: at the front of the next window's
+  forward, so each window costs one forward; the kept tokens before a window's first dropped one are already in
+  the cache at their final positions and are not run again.)
 - *distribution alignment* (section 3.3: instruction-tuning the small LM on the target LLM's outputs) is not done:
   here the compressor and the answering model are the same SmolLM2, already aligned.
 
@@ -23,7 +25,8 @@ Context Scenarios via Prompt Compression", arXiv:2310.06839) makes each step que
 
 - *coarse-grained ranking* (Eq. 2): document ``k``'s score is ``r_k = mean_i log p(x_que,i | x_doc_k)``, the
   question followed by the restrictive statement "We can get the answer to this question in the given documents."
-  (``infer/rag.question_loglik``); documents are kept best first within the budget;
+  (one forward of document + blank line + question + statement from position 0, as the package's
+  ``get_condition_ppl(..., "after")``); documents are kept best first within the budget;
 - *fine-grained contrastive perplexity* (Eq. 3): ``s_i = -log p(x_i | x_<i) + log p(x_i | x_que, x_<i)``, the
   gain the question brings to each token (a second KV cache holds question + compressed prefix);
 - *document reordering* (section 4.2): the kept documents in rank order, most relevant first;
@@ -37,6 +40,15 @@ token ``i`` when the surprisal of token ``i + 1`` passes it (``need_idx = concat
 aligns ``loss[i]``, the loss of token ``i + 1``, with token ``i``), where Eq. 5 and this module use token ``i``'s
 own; and it compresses the blank lines between documents, which are kept here. So the kept tokens differ; the
 benchmark reports how much the two compressed prompts overlap and the answer accuracy of each.
+
+Speed (issue 16; ``benchmarks/lingua.py``): every forward's cost is its rows, so rows are not spent twice. The
+documents' ranking forwards run batched (right-padded, at most an eighth padding) from position 0, and the first
+kept document's forward (its cache row and hidden states; for LongLLMLingua the document + blank line before the
+question) is the start of the plain stream's cache, so the first window runs only the tokens after it; the output
+head (a fifth of SmolLM2's weights) runs only on rows whose next token is scored, and a surprisal is
+``logsumexp(logits) - logit`` without a (T, V) log-softmax. Same scores as recomputing (tested to 1e-5). The
+compressor computes in what it was loaded with: ``fast_compute()`` picks the packed int8 path (the GGUF's own
+Q8_0 blocks, the decoder blocks in C) where its kernel builds, else bf16 where the CPU has bf16 units, else fp32.
 
 Shapes: a window (1, T) int64 -> hidden (1, T, dim) -> log-probs (T, V) -> surprisals (T,).
 """
