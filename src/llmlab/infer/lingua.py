@@ -260,7 +260,8 @@ class _Stream:
                     a[:, 0, :, :n] = b[:, seed.row, :, :n]
                 m = min(n, len(text) - 1)  # tokens 1..m are predicted by the seed's rows 0..m-1
                 rest = surprisals(self.head, seed.hidden[len(seed.known):m], text[len(seed.known) + 1:m + 1])
-                self.known = torch.cat([torch.tensor([float("inf")]), seed.known[:m], rest])  # (m + 1,)
+                inf = torch.tensor([float("inf")], device=rest.device)
+                self.known = torch.cat([inf, seed.known[:m].to(rest.device), rest])  # (m + 1,)
                 self.seeded = n
 
     @torch.inference_mode()
