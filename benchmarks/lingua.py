@@ -4,14 +4,17 @@ exported with ``llmlab convert`` to a Hugging Face folder, the same prompts (the
 eval/needle.py: instruction + help-topic documents + question) and the same ratio.
 
 For each method and each prompt: the compression's wall time (median over prompts, after one warm-up), the ratio
-reached, and whether SmolLM2 (llmlab, greedy) answers the needle from the compressed prompt; the overlap of the two
-compressed prompts (tokens in common / tokens of the longer). Ratios (package seconds / llmlab seconds) print last.
+reached, and whether SmolLM2 (llmlab fp32, greedy, 32 tokens) answers the needle from the compressed prompt; the
+overlap of the two compressed prompts (tokens in common / tokens of the longer). llmlab's compressor computes in
+``--compute`` (auto: int8 on the GGUF's Q8_0 blocks where the kernel builds, ``infer/lingua.fast_compute``); unless
+it is fp32, the fp32 path compresses too (untimed), for its accuracy and its overlap with the fast path.
+Ratios (package seconds / llmlab seconds) print last.
 
 The package calls ``tiktoken.encoding_for_model("gpt-3.5-turbo")`` when it starts, which downloads the encoding; to
 run offline its token counter is replaced by the compressor's own tokenizer (it only counts the tokens it reports
 as origin_tokens / compressed_tokens; the budget and the selection use the model's tokenizer either way).
 
-    python benchmarks/lingua.py [--items 8] [--docs 3] [--chars 300] [--ratio 0.5] [--threads 1]
+    python benchmarks/lingua.py [--items 8] [--docs 3] [--chars 300] [--ratio 0.5] [--threads 1] [--compute auto]
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from llmlab.api import load
 from llmlab.eval.needle import INSTRUCTION, needle_set
 from llmlab.formats.convert import convert
-from llmlab.infer.lingua import compress
+from llmlab.infer.lingua import COMPUTES, compress, fast_compute, load_options
 from llmlab.nn.cpu_kernels import cpu_description
 
 PACKAGE_ARGS = {  # the package's settings for each method (its README's LongLLMLingua recipe; ours mirror them)
@@ -73,14 +76,19 @@ def main() -> None:
                                       ("--methods", str, "llmlingua,longllmlingua", "methods compared"),
                                       ("--threads", int, 1, "torch threads for both")]:
         ap.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
+    ap.add_argument("--compute", default="auto", choices=COMPUTES,
+                    help="llmlab compressor's arithmetic; auto: int8 where the kernel builds (default: auto)")
     args = ap.parse_args()
+    compute = fast_compute() if args.compute == "auto" else args.compute
     import llmlingua
 
     torch.set_num_threads(args.threads)
 
     print(f"# {cpu_description()}; torch {torch.__version__}, {args.threads} thread(s); llmlingua "
-          f"{getattr(llmlingua, '__version__', '?')}; {args.items} prompts x {args.docs} documents, ratio {args.ratio}")
-    llm = load("smollm2-135m-instruct")
+          f"{getattr(llmlingua, '__version__', '?')}; {args.items} prompts x {args.docs} documents, "
+          f"ratio {args.ratio}; llmlab compressor {compute}")
+    llm = load("smollm2-135m-instruct")  # fp32: answers every compressed prompt, and the fp32 compressor
+    fast = llm if compute == "fp32" else load("smollm2-135m-instruct", **load_options(compute))
     items = needle_set(args.items + 1, docs=args.docs, chars=args.chars)  # the first is the warm-up
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "smollm2-hf"
@@ -88,13 +96,14 @@ def main() -> None:
         peer = package_compressor(folder)
         speedups = {}
         for method in args.methods.split(","):
+            who_all = ("llmlingua", "llmlab") + (() if fast is llm else ("llmlab-fp32",))
             times = {"llmlab": [], "llmlingua": []}
-            right = {"llmlab": 0, "llmlingua": 0}
-            reached = {"llmlab": [], "llmlingua": []}
-            agree = []
+            right = dict.fromkeys(who_all, 0)
+            reached = {w: [] for w in who_all}
+            agree, same = [], []
             for n, item in enumerate(items):
                 t = time.perf_counter()
-                ours = compress(llm.model, llm.tokenizer, item.documents, args.ratio, question=item.question,
+                ours = compress(fast.model, fast.tokenizer, item.documents, args.ratio, question=item.question,
                                 instruction=INSTRUCTION, method=method)
                 t_ours = time.perf_counter() - t
                 t = time.perf_counter()
@@ -105,19 +114,29 @@ def main() -> None:
                     continue
                 times["llmlab"].append(t_ours)
                 times["llmlingua"].append(t_theirs)
+                texts = {"llmlab": ours.text, "llmlingua": theirs["compressed_prompt"]}
                 reached["llmlab"].append(ours.ratio)
                 reached["llmlingua"].append(theirs["compressed_tokens"] / max(1, theirs["origin_tokens"]))
+                if fast is not llm:
+                    ref = compress(llm.model, llm.tokenizer, item.documents, args.ratio, question=item.question,
+                                   instruction=INSTRUCTION, method=method)
+                    texts["llmlab-fp32"] = ref.text
+                    reached["llmlab-fp32"].append(ref.ratio)
+                    same.append(overlap(llm.tokenizer, ours.text, ref.text))
                 agree.append(overlap(llm.tokenizer, ours.text, theirs["compressed_prompt"]))
-                for who, text in (("llmlab", ours.text), ("llmlingua", theirs["compressed_prompt"])):
+                for who, text in texts.items():
                     reply = llm.chat([{"role": "user", "content": text}], max_new_tokens=32)
                     right[who] += item.answer in reply
-            for who in ("llmlingua", "llmlab"):
-                print(f"{method:14s} {who:10s} median {statistics.median(times[who]):7.3f} s/prompt  ratio reached "
-                      f"{statistics.mean(reached[who]):.2f}  accuracy {right[who]}/{len(items) - 1}")
+            for who in who_all:
+                timing = f"median {statistics.median(times[who]):7.3f} s/prompt" if who in times else " " * 24
+                print(f"{method:14s} {who:11s} {timing}  ratio reached {statistics.mean(reached[who]):.2f}  "
+                      f"accuracy {right[who]}/{len(items) - 1}")
             print(f"{method:14s} token overlap of the two compressed prompts: {statistics.mean(agree):.2f}")
+            if same:
+                print(f"{method:14s} token overlap of llmlab {compute} and llmlab fp32: {statistics.mean(same):.2f}")
             speedups[method] = statistics.median(times["llmlingua"]) / statistics.median(times["llmlab"])
     for method, s in speedups.items():
-        print(f"speedup {method}: {s:.2f}x (llmlingua package / llmlab, median seconds per prompt)")
+        print(f"speedup {method}: {s:.2f}x (llmlingua package fp32 / llmlab {compute}, median seconds per prompt)")
 
 
 if __name__ == "__main__":

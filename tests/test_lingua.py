@@ -214,3 +214,105 @@ def test_real_smollm2_keeps_the_needle(smollm):
     # the needle's paragraph alone survives the coarse step and its sentence the fine one; the number's first digit
     # does not (its surprisal is as high with the question as without, so its contrast is small): "... is 821"
     assert c.order == [1] and "The access code of the while section is" in c.text and c.ratio < 0.8
+
+
+# --- the fast paths (issue 16): one forward per window, reused ranking forwards, int8 / bf16 compressors ---------
+
+def packed_copy(model):
+    """The model on Q8_0 blocks through the int8 kernels and the C decoder blocks (as ``load(packed=True)``)."""
+    import copy
+
+    from llmlab.models.native_step import enable_native_step_
+    from llmlab.nn.packed_linear import pack_linears_q8_0_
+
+    m = pack_linears_q8_0_(copy.deepcopy(model))
+    enable_native_step_(m)
+    return m
+
+
+@pytest.fixture(scope="module")
+def peaked_lm():
+    """A Llama with whole Q8_0 blocks (dim 64, FFN 128, vocab 512), weights drawn wider than at init so its
+    surprisals spread (std 0.46 nats against 0.17, fewer near-ties), and its int8 copy."""
+    from dataclasses import replace
+
+    from llmlab.models.registry import build_model, get_preset
+
+    torch.manual_seed(3)
+    model = build_model(replace(get_preset("llama-tiny"), ffn_dim=128)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    return model, packed_copy(model)
+
+
+def recomputed(model, ids: list[int], a: int) -> torch.Tensor:
+    """-log p(ids[i] | ids[:i]) for i >= a from one forward of ``ids`` from position 0 (inf for i = 0), with a
+    fresh cache so the int8 model runs the same C blocks as its streams."""
+    logp = window_logprobs(model, ids, model.new_cache(1, max_len=len(ids)), 0)  # (T, V)
+    return torch.tensor([float("inf") if i == 0 else -float(logp[i - 1, ids[i]]) for i in range(a, len(ids))])
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_stream_reuse_gives_the_recomputed_scores(peaked_lm, kind):
+    """_Stream's cache reuse (kept tokens run at the front of the next window, a kept lead left in place, a seeded
+    start from another forward) against a whole forward of prefix + compressed text + window, to 1e-5."""
+    from llmlab.infer.lingua import _Stream, run_alone
+
+    model = peaked_lm[kind == "int8"]
+    g = torch.Generator().manual_seed(5)
+    text = torch.randint(3, 512, (70,), generator=g).tolist()
+    masks = [[True] * 4 + [False] + [True] * 6, [False] * 11, [True] * 11, [True, False] * 5 + [True]]
+    seeds = run_alone(model, [text[:30] + [9, 9, 9], text[:5]])
+    for prefix, seed in [([], None), ([7, 8, 2], None), ([], seeds[0]), ([], seeds[1])]:
+        stream = _Stream(model, prefix, len(text), seed, text)
+        done = list(prefix)
+        for j, a in enumerate(range(0, len(text), 11)):
+            window, keep = text[a:a + 11], masks[j % len(masks)][:len(text[a:a + 11])]
+            got = stream.surprisals(window)
+            want = recomputed(model, done + window, len(done))
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"{kind} {prefix} seed {seed is not None}")
+            stream.keep(window, keep)
+            done += [t for t, k in zip(window, keep) if k]
+
+
+def test_ranking_forwards_batched_equal_alone(peaked_lm):
+    """Padded batches (lengths within an eighth) give each document's perplexity and Eq. 2 score as its own
+    forward does, to 1e-5."""
+    from llmlab.infer.lingua import perplexity_scores, question_scores, run_alone
+
+    model = peaked_lm[0]
+    g = torch.Generator().manual_seed(6)
+    docs = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (40, 37, 12, 39, 1)]
+    assert len({id(r.cache) for r in run_alone(model, docs)}) == 3  # 40+39+37 batched; 12 and 1 alone
+    ppl, _ = perplexity_scores(model, docs)
+    want = [float(recomputed(model, d, 1).mean()) if len(d) > 1 else 0.0 for d in docs]
+    assert ppl == pytest.approx(want, abs=1e-5)
+    sep, q = [1, 2], [7, 8, 9, 10]
+    got, _ = question_scores(model, docs, sep, q)
+    want = [-float(recomputed(model, d + sep + q, len(d + sep)).mean()) for d in docs]
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_fast_compressors_select_like_fp32(peaked_lm):
+    """The int8 (Q8_0 blocks, C blocks) and bf16 compressors keep nearly the tokens the fp32 one keeps: at least
+    90% of the kept positions in common (measured 0.97-1.00 on this model), and the same documents."""
+    import copy
+
+    from llmlab.infer.lingua import COMPUTES, fast_compute, load_options
+
+    fp32, int8 = peaked_lm
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(7)
+    docs = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (60, 45, 70)]
+    for method_q in (None, [7, 8, 9, 10, 2]):
+        ref = compress_tokens(fp32, docs, [0.5, 0.3, 0.6], 50, [1, 2], method_q)
+        for model in (int8, bf16):
+            got = compress_tokens(model, docs, [0.5, 0.3, 0.6], 50, [1, 2], method_q)
+            common = sum(len(set(a) & set(b)) for a, b in zip(got, ref))
+            assert common >= 0.9 * sum(len(b) for b in ref), (method_q, common)
+    assert fast_compute() in COMPUTES[1:] and load_options("fp32") == {"packed": False, "dtype": "float32"}
+    assert load_options("int8")["packed"] and load_options("bf16")["dtype"] == "bfloat16"
+    with pytest.raises(LlmlabError, match="--compute 'gpu': choose one of auto, int8, bf16, fp32"):
+        load_options("gpu")

@@ -1788,7 +1788,7 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
                         "retrieved sources (default: off)")
     s.add_argument("--max-new-tokens", type=int, default=32, help="with --eval: answer length in tokens (default: 32)")
     s.add_argument("--model", default=None, help=MODEL_HELP)
-    _add_load_flags(s, packed_default=False)
+    _add_load_flags(s, packed_default=True)  # the compressor's fast path (infer/lingua.fast_compute)
     s.set_defaults(func=cmd_compress_prompt)
     s = sub.add_parser("detect", help="is a text machine-generated? likelihood, log-rank, entropy and "
                                       "Fast-DetectGPT's curvature under a causal LM, or their ROC-AUC on a built-in "

@@ -14,7 +14,9 @@ Language Models", arXiv:2310.05736) keeps the tokens a small LM finds surprising
   and the tokens with ``s_i > gamma_j`` are kept, ``gamma_j`` set so the window keeps the ratio
   ``tau = target / sum L_kept`` of its tokens (here: exactly the top ``round(tau * n)`` surprisals, counted per
   document so every document meets its ratio). The kept tokens are then run through the model again at their new
-  positions, so the next window is conditioned on the compressed prefix.
+  positions, so the next window is conditioned on the compressed prefix. (Here: at the front of the next window's
+  forward, so each window costs one forward; the kept tokens before a window's first dropped one are already in
+  the cache at their final positions and are not run again.)
 - *distribution alignment* (section 3.3: instruction-tuning the small LM on the target LLM's outputs) is not done:
   here the compressor and the answering model are the same SmolLM2, already aligned.
 
@@ -23,7 +25,8 @@ Context Scenarios via Prompt Compression", arXiv:2310.06839) makes each step que
 
 - *coarse-grained ranking* (Eq. 2): document ``k``'s score is ``r_k = mean_i log p(x_que,i | x_doc_k)``, the
   question followed by the restrictive statement "We can get the answer to this question in the given documents."
-  (``infer/rag.question_loglik``); documents are kept best first within the budget;
+  (one forward of document + blank line + question + statement from position 0, as the package's
+  ``get_condition_ppl(..., "after")``); documents are kept best first within the budget;
 - *fine-grained contrastive perplexity* (Eq. 3): ``s_i = -log p(x_i | x_<i) + log p(x_i | x_que, x_<i)``, the
   gain the question brings to each token (a second KV cache holds question + compressed prefix);
 - *document reordering* (section 4.2): the kept documents in rank order, most relevant first;
@@ -38,6 +41,15 @@ aligns ``loss[i]``, the loss of token ``i + 1``, with token ``i``), where Eq. 5 
 own; and it compresses the blank lines between documents, which are kept here. So the kept tokens differ; the
 benchmark reports how much the two compressed prompts overlap and the answer accuracy of each.
 
+Speed (issue 16; ``benchmarks/lingua.py``): every forward's cost is its rows, so rows are not spent twice. The
+documents' ranking forwards run batched (right-padded, at most an eighth padding) from position 0, and the first
+kept document's forward (its cache row and hidden states; for LongLLMLingua the document + blank line before the
+question) is the start of the plain stream's cache, so the first window runs only the tokens after it; the output
+head (a fifth of SmolLM2's weights) runs only on rows whose next token is scored, and a surprisal is
+``logsumexp(logits) - logit`` without a (T, V) log-softmax. Same scores as recomputing (tested to 1e-5). The
+compressor computes in what it was loaded with: ``fast_compute()`` picks the packed int8 path (the GGUF's own
+Q8_0 blocks, the decoder blocks in C) where its kernel builds, else bf16 where the CPU has bf16 units, else fp32.
+
 Shapes: a window (1, T) int64 -> hidden (1, T, dim) -> log-probs (T, V) -> surprisals (T,).
 """
 
@@ -48,9 +60,10 @@ from dataclasses import dataclass, field
 import torch
 
 from llmlab.common import LlmlabError
-from llmlab.infer.rag import Source, question_loglik
+from llmlab.infer.rag import Source
 
 METHODS = ("llmlingua", "longllmlingua")
+COMPUTES = ("auto", "int8", "bf16", "fp32")  # the compressor's arithmetic: see fast_compute
 RESTRICTIVE = " We can get the answer to this question in the given documents."  # LongLLMLingua's Eq. 2 suffix
 SEPARATOR = "\n\n"  # between instruction, documents and question, as the llmlingua package joins them
 
@@ -76,6 +89,27 @@ class Compressed:
                 "documents": self.order}
 
 
+def fast_compute() -> str:
+    """The compressor's fastest path on this CPU: "int8" where the packed int8 kernel builds (the GGUF's own Q8_0
+    blocks, ``nn/packed_linear.py``, and the decoder blocks in C, ``models/native_step.py``: AVX512-VNNI or
+    AVX2 builds, ``nn/cpu_kernels.py``), else "bf16" where oneDNN has bf16 matmuls, else "fp32"."""
+    from llmlab.nn.autocast import cpu_has_native
+    from llmlab.nn.packed_linear import kernel
+
+    if kernel("int8") is not None:
+        return "int8"
+    return "bf16" if cpu_has_native(torch.bfloat16) else "fp32"
+
+
+def load_options(compute: str = "auto") -> dict:
+    """``llmlab.load`` keyword arguments for a compressor computing in ``compute`` (COMPUTES; "auto":
+    ``fast_compute()``)."""
+    if compute not in COMPUTES:
+        raise LlmlabError(f"--compute {compute!r}: choose one of {', '.join(COMPUTES)}")
+    compute = fast_compute() if compute == "auto" else compute
+    return {"packed": compute == "int8", "dtype": "bfloat16" if compute == "bf16" else "float32"}
+
+
 def check_ratio(ratio: float, flag: str = "--ratio") -> None:
     if not 0 < ratio <= 1:
         raise LlmlabError(f"{flag} {ratio}: give the fraction of the prompt's tokens to keep, in (0, 1] (e.g. 0.5)")
@@ -95,16 +129,90 @@ def window_logprobs(model, ids: list[int], cache=None, start: int = 0, last: boo
     return logits.float().log_softmax(-1)
 
 
-def perplexity_scores(model, docs: list[list[int]]) -> list[float]:
-    """Mean surprisal (log perplexity) of each document on its own; a one-token document scores 0."""
-    out = []
-    for ids in docs:
-        if len(ids) < 2:
-            out.append(0.0)
-            continue
-        logp = window_logprobs(model, ids)  # (T, V)
-        out.append(float(-logp[:-1].gather(-1, torch.tensor(ids[1:], device=logp.device)[:, None]).mean()))
+@torch.inference_mode()
+def surprisals(head, hidden: torch.Tensor, targets: list[int]) -> torch.Tensor:
+    """-log p(targets[i] | row i) for hidden rows (R, dim) -> (R,): the output head on these rows only, and
+    ``logsumexp - logit`` instead of a (R, V) log-softmax. ``head`` None: the rows are already logits."""
+    logits = (hidden if head is None else head(hidden)).float()  # (R, V)
+    picked = logits.gather(-1, torch.tensor(targets, dtype=torch.long, device=logits.device)[:, None])[:, 0]  # (R,)
+    return logits.logsumexp(-1) - picked
+
+
+def _head(model):
+    return getattr(model, "lm_head", None)
+
+
+@torch.inference_mode()
+def _hidden(model, x: torch.Tensor, cache, start: int) -> torch.Tensor:
+    """x (B, T) at positions [start, start + T) after ``cache`` -> final-norm hidden states (B, T, dim), or the
+    logits (B, T, V) for a model without a separate ``lm_head``."""
+    if _head(model) is None:
+        return model(x, cache=cache, start=start)
+    return model(x, cache=cache, start=start, return_hidden=True)
+
+
+@dataclass
+class Ranked:
+    """One sequence of the coarse ranking, run alone from position 0: ``ids`` (T,), its row in ``cache`` (a
+    batch's StaticKVCache, positions [0, T)), final hidden states (T, dim) and the surprisals computed so far
+    of tokens 1..len(known) (``known[i]`` is token i + 1's)."""
+    ids: list[int]
+    cache: object
+    row: int
+    hidden: torch.Tensor
+    known: torch.Tensor
+
+
+@torch.inference_mode()
+def run_alone(model, seqs: list[list[int]], max_rows: int = 512) -> list[Ranked]:
+    """Each sequence through the model on its own, batched: longest first, as many per forward as fit
+    ``max_rows`` rows (B * T_max) with at most an eighth of them padding (right-padded: causal attention keeps
+    the padding out of the real rows; on the CPU a padded row costs as much as a real one)."""
+    out: list[Ranked | None] = [None] * len(seqs)
+    todo = sorted(range(len(seqs)), key=lambda k: -len(seqs[k]))
+    while todo:
+        width, group = len(seqs[todo[0]]), todo[:1]
+        for k in todo[1:]:  # join while the batch fits and padding stays under an eighth of its rows
+            rows = (len(group) + 1) * width
+            if rows > max_rows or 8 * (rows - len(seqs[k]) - sum(len(seqs[g]) for g in group)) > rows:
+                break
+            group.append(k)
+        todo = todo[len(group):]
+        device = next(model.parameters()).device
+        x = torch.tensor([seqs[k] + [seqs[k][-1]] * (width - len(seqs[k])) for k in group], device=device)  # (B, T)
+        cache = model.new_cache(len(group), max_len=width)
+        hidden = _hidden(model, x, cache, 0)  # (B, T, dim)
+        for b, k in enumerate(group):
+            out[k] = Ranked(seqs[k], cache, b, hidden[b, :len(seqs[k])], torch.empty(0))
     return out
+
+
+@torch.inference_mode()
+def perplexity_scores(model, docs: list[list[int]]) -> tuple[list[float], list[Ranked]]:
+    """Mean surprisal (log perplexity) of each document on its own (a one-token document scores 0), and the
+    forwards (each document's token surprisals in ``known``)."""
+    runs = run_alone(model, docs)
+    scores = []
+    for ids, r in zip(docs, runs):
+        r.known = surprisals(_head(model), r.hidden[:-1], ids[1:]) if len(ids) > 1 else torch.empty(0)
+        scores.append(float(r.known.mean()) if len(ids) > 1 else 0.0)
+    return scores, runs
+
+
+@torch.inference_mode()
+def question_scores(model, docs: list[list[int]], sep: list[int], question: list[int]) -> tuple[list[float],
+                                                                                                 list[Ranked]]:
+    """LongLLMLingua's Eq. 2 for each document: mean log p(question tokens | document, separator), one forward of
+    document + separator + question each (the document cut from the left to fit the context); the head runs on
+    the question's rows only."""
+    limit = model.config.max_seq_len
+    seqs = [(d + sep)[-max(1, limit - len(question)):] + question for d in docs]
+    runs = run_alone(model, seqs)
+    scores = []
+    for seq, r in zip(seqs, runs):
+        a = len(seq) - len(question)  # the first question token
+        scores.append(-float(surprisals(_head(model), r.hidden[a - 1:-1], question).mean()))
+    return scores, runs
 
 
 def dynamic_offsets(n: int, delta: float) -> list[float]:
@@ -125,37 +233,83 @@ def select_documents(lengths: list[int], scores: list[float], budget: float) -> 
 
 
 class _Stream:
-    """A KV cache holding ``prefix`` + the compressed text so far, and the log-probs after its last token."""
+    """A KV cache holding ``prefix`` + the compressed text so far, one forward per window.
 
-    def __init__(self, model, prefix: list[int], capacity: int):
-        self.model = model
+    Final tokens (the prefix, a window's kept tokens) are not run when they are chosen: they wait in ``pending``
+    and go through the model at the front of the next window's forward, at their positions in the compressed
+    text (Eq. 5's condition on the compressed prefix), the window's trial tokens after them. A window's kept
+    tokens that precede its first dropped one are already in the cache at their final positions with their final
+    context, so they are not run again. Optionally ``seed``: a cache already holding the text's first tokens
+    (``Ranked``: the coarse step's forward of the first document)."""
+
+    @torch.inference_mode()
+    def __init__(self, model, prefix: list[int], capacity: int, seed: Ranked | None = None, text: list[int] = ()):
+        self.model, self.head = model, _head(model)
         self.cache = model.new_cache(1, max_len=len(prefix) + capacity + 1)
-        self.length, self.last = 0, None
-        if prefix:
-            self.extend(prefix)
+        self.length = 0  # final tokens in the cache
+        self.pending = list(prefix)  # final tokens not run yet
+        self.tail = None  # the last final token
+        self.known = None  # (T,) surprisals of the text's first tokens, from ``seed``
+        self.cached = 0  # how many of the last window's tokens the cache holds at their trial positions
+        if seed is not None and not prefix:
+            n = 0  # the text's tokens the seed's forward ran, from position 0
+            while n < min(len(text), len(seed.ids)) and text[n] == seed.ids[n]:
+                n += 1
+            if n:
+                for a, b in ((self.cache.k, seed.cache.k), (self.cache.v, seed.cache.v)):
+                    a[:, 0, :, :n] = b[:, seed.row, :, :n]
+                m = min(n, len(text) - 1)  # tokens 1..m are predicted by the seed's rows 0..m-1
+                rest = surprisals(self.head, seed.hidden[len(seed.known):m], text[len(seed.known) + 1:m + 1])
+                inf = torch.tensor([float("inf")], device=rest.device)
+                self.known = torch.cat([inf, seed.known[:m].to(rest.device), rest])  # (m + 1,)
+                self.seeded = n
 
+    @torch.inference_mode()
     def surprisals(self, window: list[int]) -> torch.Tensor:
         """-log p of each window token given the stream (inf for the first token of an empty stream), (T,)."""
-        logp = window_logprobs(self.model, window, self.cache, self.length)  # (T, V)
-        ids = torch.tensor(window, device=logp.device)
-        s = torch.empty(len(window), device=logp.device)
-        s[0] = float("inf") if self.last is None else -self.last[window[0]]
-        s[1:] = -logp[:-1].gather(-1, ids[1:, None])[:, 0]
-        return s
+        if self.known is not None:  # the first window, seeded: the known scores, then the rest run after the seed
+            known, self.known = self.known, None
+            if len(window) <= len(known):
+                self.cached = min(len(window), self.seeded)
+                return known[:len(window)]
+            a = len(known) - 1  # == self.seeded: run from the first token the seed did not
+            x = torch.tensor([window[a:]], device=self.cache.k.device)
+            hidden = _hidden(self.model, x, self.cache, a)[0]  # (T - a, dim)
+            self.cached = len(window)
+            return torch.cat([known, surprisals(self.head, hidden[:-1], window[a + 1:])])
+        run, start = self.pending, self.length
+        if not run and self.tail is not None:
+            run, start = [self.tail], self.length - 1  # its row predicts the window's first token (same entry)
+        x = torch.tensor([run + window], device=self.cache.k.device)
+        hidden = _hidden(self.model, x, self.cache, start)[0]  # (P + T, dim)
+        self.length, self.pending, self.cached = start + len(run), [], len(window)
+        P = len(run)
+        if P:
+            return surprisals(self.head, hidden[P - 1:-1], window)
+        first = torch.tensor([float("inf")], device=hidden.device)
+        return torch.cat([first, surprisals(self.head, hidden[:-1], window[1:])])
 
-    def extend(self, kept: list[int]) -> None:
-        """Append tokens at the next positions (overwriting the window's trial entries)."""
-        if kept:
-            self.last = window_logprobs(self.model, kept, self.cache, self.length, last=True)[0]
-            self.length += len(kept)
+    def keep(self, window: list[int], kept: list[bool]) -> None:
+        """The window's kept tokens become final: the ones before its first dropped token are in the cache
+        already; the rest wait for the next forward."""
+        j = 0
+        while j < min(len(window), self.cached) and kept[j]:
+            j += 1
+        self.length += j
+        self.pending = [t for t, k in zip(window[j:], kept[j:]) if k]
+        final = self.pending or window[:j]
+        if final:
+            self.tail = final[-1]
 
 
 @torch.inference_mode()
 def compress_tokens(model, docs: list[list[int]], ratios: list[float], window: int = 200,
-                    separator: list[int] | None = None, question: list[int] | None = None) -> list[list[int]]:
+                    separator: list[int] | None = None, question: list[int] | None = None,
+                    seed: Ranked | None = None) -> list[list[int]]:
     """Iterative token-level compression of the documents (already in prompt order, each with its own ratio): the
     positions kept in each. ``separator`` tokens between documents are kept and conditioned on; with ``question``
-    the score is LongLLMLingua's contrastive surprisal."""
+    the score is LongLLMLingua's contrastive surprisal. ``seed``: a forward from position 0 whose ids begin like
+    the text (the coarse step's run of the first document), reused as the start of the plain stream's cache."""
     if window < 1:
         raise LlmlabError(f"--window {window}: give at least 1 token per compression window")
     separator = separator or []
@@ -164,13 +318,14 @@ def compress_tokens(model, docs: list[list[int]], ratios: list[float], window: i
         if k and separator:
             seq += [(t, -1, 0) for t in separator]
         seq += [(t, k, i) for i, t in enumerate(ids)]
-    plain = _Stream(model, [], len(seq))
+    text = [t for t, _, _ in seq]
+    plain = _Stream(model, [], len(seq), seed, text)
     cond = _Stream(model, question, len(seq)) if question else None
     kept: list[list[int]] = [[] for _ in docs]
     seen, taken = [0] * len(docs), [0] * len(docs)
     for a in range(0, len(seq), window):
         part = seq[a:a + window]
-        tokens = [t for t, _, _ in part]
+        tokens = text[a:a + window]
         score = plain.surprisals(tokens)  # (T,)
         if cond is not None:
             score = score - cond.surprisals(tokens)  # Eq. 3: the question's gain, +inf where plain has no context
@@ -183,13 +338,12 @@ def compress_tokens(model, docs: list[list[int]], ratios: list[float], window: i
             for r in best:
                 keep[r] = True
             taken[k] += n
-        survivors = [part[r] for r in range(len(part)) if keep[r]]
-        for _, k, i in survivors:
-            if k >= 0:
+        for r, (_, k, i) in enumerate(part):
+            if keep[r] and k >= 0:
                 kept[k].append(i)
         for stream in (plain, cond):
             if stream is not None:
-                stream.extend([t for t, _, _ in survivors])
+                stream.keep(tokens, keep)
     return kept
 
 
@@ -230,22 +384,24 @@ def compress(model, tokenizer, documents: list[str] | str, ratio: float = 0.5, *
                           "split it into parts, or compress its documents in several calls")
     lengths = [len(x) for x in ids]
     target = max(0.0, ratio * (i_len + len(q_ids) + sum(lengths)) - i_len - len(q_ids))
-    order = list(range(len(ids)))
+    order, seed = list(range(len(ids))), None
     if len(ids) > 1:
         if long:
-            scores = question_loglik(model, tokenizer, question + RESTRICTIVE, documents, max_tokens=limit)
+            restrictive = tokenizer.encode(question + RESTRICTIVE, add_bos=False)
+            scores, runs = question_scores(model, ids, sep, restrictive)
         else:
-            scores = perplexity_scores(model, ids)
+            scores, runs = perplexity_scores(model, ids)
         ranked = select_documents(lengths, scores, target + slack)
         order = ranked if reorder else sorted(ranked)
         rank = {k: r for r, k in enumerate(ranked)}
         offsets = dynamic_offsets(len(ranked), delta)
+        seed = runs[order[0]]  # its forward is the start of the plain stream's
     else:
         rank, offsets = {0: 0}, [0.0]
     tau = min(1.0, target / max(1, sum(lengths[k] for k in order)))
     ratios = [min(1.0, max(0.0, tau + offsets[rank[k]])) for k in order]
     kept = compress_tokens(model, [ids[k] for k in order], ratios, window, sep,
-                           (q_ids + sep) if long else None)
+                           (q_ids + sep) if long else None, seed)
     texts = [tokenizer.decode([ids[k][i] for i in pos]).strip() for k, pos in zip(order, kept)]
     text = SEPARATOR.join([t for t in (instruction, *texts, question) if t])
     return Compressed(text, texts, order, origin_tokens, len(tokenizer.encode(text, add_bos=False)), kept)
