@@ -60,9 +60,9 @@ VAL_PAIRS = 16  # llmlab dpo's default: the last pairs of a file are its validat
 # the dev-split search (--tune): each candidate overrides these defaults of main()'s flags
 # (run in rounds: the first candidate of every method, then the second, ...; tuning.json is rewritten after each)
 GRID = {
-    "dpo": [{"dpo_lr": 5e-5}, {"dpo_lr": 1e-4}],
-    "ppo": [{"rl_lr": 3e-5}, {"rl_lr": 1e-4}],
-    "grpo": [{"rl_lr": 3e-5}, {"rl_lr": 1e-4}],
+    "dpo": [{"dpo_lr": 1e-4}, {"dpo_lr": 5e-5}],
+    "ppo": [{"rl_lr": 1e-4}, {"rl_lr": 3e-5}],
+    "grpo": [{"rl_lr": 1e-4}, {"rl_lr": 3e-5}],
 }
 
 
@@ -126,25 +126,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="base model (default: smollm2-135m-instruct)")
     p.add_argument("--task", default="addition", help="built-in verifiable task (default: addition)")
-    p.add_argument("--sft-steps", type=int, default=24, help="llmlab sft steps of 8 packed rows (default: 24)")
+    p.add_argument("--sft-steps", type=int, default=50, help="llmlab sft steps of 8 packed rows (default: 50)")
     p.add_argument("--pairs", choices=("on-policy", "task"), default="on-policy",
                    help="DPO pairs: sampled from the SFT model and ranked by the verifier, or the task's built-in "
                         "exact-vs-near-miss pairs (default: on-policy)")
-    p.add_argument("--pair-prompts", type=int, default=320,
-                   help="training prompts sampled for DPO pairs (or built-in pairs drawn) (default: 320)")
+    p.add_argument("--pair-prompts", type=int, default=192,
+                   help="training prompts sampled for DPO pairs (or built-in pairs drawn) (default: 192)")
     p.add_argument("--k", type=int, default=4, help="replies sampled per prompt for a DPO pair (default: 4)")
     p.add_argument("--dpo-epochs", type=float, default=1.0,
                    help="passes over the DPO training pairs (steps of 8 pairs = epochs x pairs / 8, rounded up) "
                         "(default: 1)")
-    p.add_argument("--dpo-lr", type=float, default=5e-5, help="DPO learning rate (default: 5e-05)")
+    p.add_argument("--dpo-lr", type=float, default=1e-4, help="DPO learning rate (default: 0.0001)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (default: 0.1)")
-    p.add_argument("--rl-steps", type=int, default=32,
-                   help="llmlab ppo / grpo minibatch steps of 8 replies (default: 32)")
+    p.add_argument("--rl-steps", type=int, default=24,
+                   help="llmlab ppo / grpo minibatch steps of 8 replies (default: 24)")
     p.add_argument("--rollout-batch", type=int, default=16, help="replies per PPO / GRPO rollout (default: 16)")
     p.add_argument("--ppo-epochs", type=int, default=1, help="PPO / GRPO passes over each rollout (default: 1)")
     p.add_argument("--group-size", type=int, default=4, help="GRPO replies per prompt (default: 4)")
     p.add_argument("--kl-coef", type=float, default=0.05, help="PPO / GRPO KL coefficient (default: 0.05)")
-    p.add_argument("--rl-lr", type=float, default=3e-5, help="PPO / GRPO learning rate (default: 3e-05)")
+    p.add_argument("--rl-lr", type=float, default=1e-4, help="PPO / GRPO learning rate (default: 0.0001)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="reply tokens, everywhere (default: 16)")
     p.add_argument("--eval-examples", type=int, default=50, help="held-out prompts each row is scored on "
                                                                  "(default: 50, llmlab sft's)")
