@@ -60,9 +60,10 @@ VAL_PAIRS = 16  # llmlab dpo's default: the last pairs of a file are its validat
 # the dev-split search (--tune): each candidate overrides these defaults of main()'s flags
 # (run in rounds: the first candidate of every method, then the second, ...; tuning.json is rewritten after each)
 GRID = {
-    "dpo": [{"dpo_lr": 1e-4}, {"dpo_lr": 5e-5}],
+    "dpo": [{"pair_prompts": 192, "dpo_lr": 1e-4, "dpo_epochs": 1},
+            {"pair_prompts": 384, "dpo_lr": 5e-5, "dpo_epochs": 2}],
     "ppo": [{"rl_lr": 1e-4}, {"rl_lr": 3e-5}],
-    "grpo": [{"rl_lr": 1e-4}, {"rl_lr": 3e-5}],
+    "grpo": [{"grpo_lr": 1e-4}, {"grpo_lr": 3e-5}],
 }
 
 
@@ -130,13 +131,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs", choices=("on-policy", "task"), default="on-policy",
                    help="DPO pairs: sampled from the SFT model and ranked by the verifier, or the task's built-in "
                         "exact-vs-near-miss pairs (default: on-policy)")
-    p.add_argument("--pair-prompts", type=int, default=192,
-                   help="training prompts sampled for DPO pairs (or built-in pairs drawn) (default: 192)")
+    p.add_argument("--pair-prompts", type=int, default=384,
+                   help="training prompts sampled for DPO pairs (or built-in pairs drawn) (default: 384)")
     p.add_argument("--k", type=int, default=4, help="replies sampled per prompt for a DPO pair (default: 4)")
-    p.add_argument("--dpo-epochs", type=float, default=1.0,
+    p.add_argument("--dpo-epochs", type=float, default=2.0,
                    help="passes over the DPO training pairs (steps of 8 pairs = epochs x pairs / 8, rounded up) "
-                        "(default: 1)")
-    p.add_argument("--dpo-lr", type=float, default=1e-4, help="DPO learning rate (default: 0.0001)")
+                        "(default: 2)")
+    p.add_argument("--dpo-lr", type=float, default=5e-5, help="DPO learning rate (default: 5e-05)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (default: 0.1)")
     p.add_argument("--rl-steps", type=int, default=24,
                    help="llmlab ppo / grpo minibatch steps of 8 replies (default: 24)")
@@ -144,7 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ppo-epochs", type=int, default=1, help="PPO / GRPO passes over each rollout (default: 1)")
     p.add_argument("--group-size", type=int, default=4, help="GRPO replies per prompt (default: 4)")
     p.add_argument("--kl-coef", type=float, default=0.05, help="PPO / GRPO KL coefficient (default: 0.05)")
-    p.add_argument("--rl-lr", type=float, default=1e-4, help="PPO / GRPO learning rate (default: 0.0001)")
+    p.add_argument("--rl-lr", type=float, default=1e-4, help="PPO learning rate (default: 0.0001)")
+    p.add_argument("--grpo-lr", type=float, default=3e-5, help="GRPO learning rate (default: 3e-05)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="reply tokens, everywhere (default: 16)")
     p.add_argument("--eval-examples", type=int, default=50, help="held-out prompts each row is scored on "
                                                                  "(default: 50, llmlab sft's)")
@@ -188,11 +190,16 @@ def dev_examples(task: str, n: int, pair_prompts: int) -> list:
 
 
 def dpo_tag(a: argparse.Namespace) -> str:
-    return f"dpo-lr{a.dpo_lr:g}-beta{a.beta:g}-ep{a.dpo_epochs:g}"
+    pairs = f"p{a.pair_prompts}x{a.k}" if a.pairs == "on-policy" else f"task{a.pair_prompts}"
+    return f"dpo-{pairs}-lr{a.dpo_lr:g}-beta{a.beta:g}-ep{a.dpo_epochs:g}"
+
+
+def rl_lr(algo: str, a: argparse.Namespace) -> float:
+    return a.grpo_lr if algo == "grpo" else a.rl_lr
 
 
 def rl_tag(algo: str, a: argparse.Namespace) -> str:
-    return f"{algo}-lr{a.rl_lr:g}-kl{a.kl_coef:g}-ep{a.ppo_epochs}-s{a.rl_steps}x{a.rollout_batch}"
+    return f"{algo}-lr{rl_lr(algo, a):g}-kl{a.kl_coef:g}-ep{a.ppo_epochs}-s{a.rl_steps}x{a.rollout_batch}"
 
 
 class Stages:
@@ -239,7 +246,7 @@ class Stages:
         grpo = ["--algo", "grpo", "--group-size", str(a.group_size)] if algo == "grpo" else []
         self.stage(tag, ["ppo", *grpo, "--out", str(self.out / tag), "--model", str(self.merged), "--steps",
                          str(a.rl_steps), "--rollout-batch", str(a.rollout_batch), "--ppo-epochs", str(a.ppo_epochs),
-                         "--kl-coef", str(a.kl_coef), "--lr", str(a.rl_lr), *self.tokens, "--eval-examples", "0",
+                         "--kl-coef", str(a.kl_coef), "--lr", str(rl_lr(algo, a)), *self.tokens, "--eval-examples", "0",
                          "--no-resume", *self.common])
         return tag
 
@@ -259,8 +266,16 @@ def tune(st: Stages, docs: Path, meta: dict) -> None:
     match (ties: the sampled dev reward)."""
     a = st.args
     seconds = sum(st.timing[s]["seconds"] for s in st.sft())
-    rows = [{"method": "sft", "tag": "sft (the start)", "run": str(st.merged), "dev": st.score(st.merged, "dev"),
-             "seconds": seconds}]
+    # --reuse: a run the previous search scored keeps its dev score (the same run, the same dev prompts)
+    earlier = json.loads((docs / "tuning.json").read_text())["rows"] if a.reuse and (docs / "tuning.json").is_file() \
+        else []
+    scored = {(r["run"], r["tag"]): r["dev"] for r in earlier}
+
+    def dev_score(folder: Path, tag: str) -> dict:
+        return scored.get((str(folder), tag)) or st.score(folder, "dev")
+
+    rows = [{"method": "sft", "tag": "sft (the start)", "run": str(st.merged),
+             "dev": dev_score(st.merged, "sft (the start)"), "seconds": seconds}]
     print(f"  sft: dev exact match {100 * rows[0]['dev']['accuracy']:.0f}%", flush=True)
     best: dict[str, str] = {}
     for round_ in range(max(len(c) for c in GRID.values())):
@@ -274,7 +289,7 @@ def tune(st: Stages, docs: Path, meta: dict) -> None:
             else:
                 tag = st.rl(method, c)
                 stages = [tag]
-            m = st.score(st.out / tag, "dev")
+            m = dev_score(st.out / tag, tag)
             rows.append({"method": method, "tag": tag, "overrides": overrides, "run": str(st.out / tag), "dev": m,
                          "seconds": sum(st.timing[s]["seconds"] for s in stages)})
             print(f"  {tag}: dev exact match {100 * m['accuracy']:.0f}%, sampled reward {m['sampled_reward']:.2f}, "
@@ -327,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     png = docs / "curves.png"
     plot_rl_curves({"PPO": records[ppo], "GRPO": records[grpo]}, png,
                    f"SFT → PPO / GRPO on {args.task} ({args.model}), rollouts of {args.rollout_batch}, "
-                   f"lr {args.rl_lr:g}")
+                   f"lr {args.rl_lr:g} / {args.grpo_lr:g}")
     meta = {**meta, "load_average_end": os.getloadavg(), "timing": st.timing}
     write_text_atomic(docs / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     table = markdown(rows)

@@ -37,16 +37,19 @@ def test_alignment_table_runs_on_a_tiny_model(table, tiny_folder, tmp_path, monk
     tuned = json.loads((docs / "tuning.json").read_text())
     assert [r["method"] for r in tuned["rows"]] == ["sft", "dpo", "ppo", "grpo", "dpo"]  # in rounds
     assert all(set(r["dev"]) >= {"accuracy", "sampled_reward", "kl", "kl_k3"} for r in tuned["rows"])
-    assert tuned["rows"][1]["tag"] == "dpo-lr0.0001-beta0.5-ep1" and set(tuned["best"]) == {"dpo", "ppo", "grpo"}
+    assert tuned["rows"][1]["tag"] == "dpo-task4-lr5e-05-beta0.5-ep1"
+    assert set(tuned["best"]) == {"dpo", "ppo", "grpo"}
     assert (docs / "tuning.md").read_text().count("| dpo |") == 2 and not (docs / "results.json").exists()
-    dpo_stage = (out / "dpo-lr0.0001-beta0.1-ep1" / "stage.json").read_text()
+    dpo_stage = (out / "dpo-task4-lr5e-05-beta0.1-ep1" / "stage.json").read_text()
+    table.main([*argv, "--tune"])  # again: every run reused, and so its dev score
+    assert json.loads((docs / "tuning.json").read_text())["rows"] == tuned["rows"]
 
     # the table: the defaults' runs are the search's (reused), every row scored on held-out and dev prompts
     table.main(argv)
     res = json.loads((docs / "results.json").read_text())
     assert [r["label"] for r in res["rows"]] == ["SFT (LoRA)", "SFT → DPO (task pairs)", "SFT → PPO",
                                                  "SFT → GRPO"]
-    assert (out / "dpo-lr0.0001-beta0.1-ep1" / "stage.json").read_text() == dpo_stage
+    assert (out / "dpo-task4-lr5e-05-beta0.1-ep1" / "stage.json").read_text() == dpo_stage
     sft, *aligned = res["rows"]
     assert sft["heldout"]["kl"] == 0.0 and sft["heldout"]["kl_k3"] == 0.0  # the reference is the SFT model
     assert sft["dev"] == tuned["rows"][0]["dev"]  # one scorer, the same dev prompts
