@@ -17,14 +17,24 @@ sampled column is the mean reward of temperature-1 replies, the quantity PPO and
 ``results.json``, ``results.md`` and the PPO / GRPO rollout curves (``curves.png``) in ``--docs``; the runs
 go to ``--out``.
 
+The dev split. The hyper-parameters (the defaults below) were chosen on ``--dev-examples`` prompts of the
+task's *training* side (``data/tasks.py``'s hash split; drawn with seed ``DEV_SEED``, less every prompt the
+stages train on: ``dev_examples``), never on the held-out questions the table reports. ``--tune`` runs the
+candidates of ``GRID`` (DPO, PPO and GRPO from the same SFT model, one pairs file for every DPO candidate)
+and scores each on the dev split only: ``tuning.json`` / ``tuning.md`` in ``--docs``. Each run's folder is
+named by its hyper-parameters, so the table run with ``--reuse`` takes the search's finished run of the
+candidate the defaults are (and its dev score for the table's dev column; ``-`` when there is none).
+
     python benchmarks/alignment_table.py                     # the README table (about an hour on one thread)
     python benchmarks/alignment_table.py --reuse             # go on after an interruption: finished stages stay
+    python benchmarks/alignment_table.py --tune --reuse      # the dev-split search that chose the defaults
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -35,12 +45,26 @@ from pathlib import Path
 
 import torch
 
-from llmlab.common import write_text_atomic
+from llmlab.common import LlmlabError, write_text_atomic
+from llmlab.data.sft import SFTDataConfig
+from llmlab.data.tasks import get_task
 from llmlab.formats.load import load_model
 from llmlab.nn.cpu_kernels import speed_flags
-from llmlab.train.ppo import heldout_metrics, plot_rl_curves
+from llmlab.train.loop import TrainConfig
+from llmlab.train.ppo import PPOConfig, heldout_metrics, plot_rl_curves
 
 STAGE_FILE = "stage.json"  # wall seconds and peak RSS of a finished stage, in its folder
+DEV_SEED = 2  # the dev prompts' draw from the training split (sft and preferences draw with 0, ppo with 1337)
+HELDOUT_SEED = 1337  # the held-out prompts' draw (llmlab sft / dpo / ppo's own held-out scoring)
+VAL_PAIRS = 16  # llmlab dpo's default: the last pairs of a file are its validation pairs
+# the dev-split search (--tune): each candidate overrides these defaults of main()'s flags
+# (run in rounds: the first candidate of every method, then the second, ...; tuning.json is rewritten after each)
+GRID = {
+    "dpo": [{"pair_prompts": 192, "dpo_lr": 1e-4, "dpo_epochs": 1},
+            {"pair_prompts": 384, "dpo_lr": 5e-5, "dpo_epochs": 2}],
+    "ppo": [{"rl_lr": 1e-4}, {"rl_lr": 3e-5}],
+    "grpo": [{"grpo_lr": 1e-4}, {"grpo_lr": 3e-5}],
+}
 
 
 def run_stage(name: str, argv: list[str], out: Path, in_process: bool, reuse: bool, threads: int) -> dict:
@@ -79,36 +103,58 @@ def run_stage(name: str, argv: list[str], out: Path, in_process: bool, reuse: bo
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| method | held-out exact match (greedy) | reward, sampled (T=1) | KL to SFT k1 / k3 (nats/reply) | "
-             "time | peak RSS |", "|---|---|---|---|---|---|"]
+             "dev exact match | time | peak RSS |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["heldout"]
+        dev = "-" if r["dev"] is None else f"{100 * r['dev']['accuracy']:.0f}%"
         lines.append(f"| {r['label']} | {100 * m['accuracy']:.0f}% | {m['sampled_reward']:.2f} | "
-                     f"{m['kl']:.2f} / {m['kl_k3']:.2f} | {r['seconds'] / 60:.1f} min | "
+                     f"{m['kl']:.2f} / {m['kl_k3']:.2f} | {dev} | {r['seconds'] / 60:.1f} min | "
                      f"{r['peak_rss_mb'] / 1024:.2f} GB |")
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def tuning_markdown(rows: list[dict], n_dev: int) -> str:
+    lines = [f"| method | hyper-parameters | dev exact match (greedy, {n_dev} prompts) | dev reward, sampled (T=1) | "
+             "dev KL to SFT k1 / k3 | time |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["dev"]
+        lines.append(f"| {r['method']} | {r['tag']} | {100 * m['accuracy']:.0f}% | {m['sampled_reward']:.2f} | "
+                     f"{m['kl']:.2f} / {m['kl_k3']:.2f} | {r['seconds'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="base model (default: smollm2-135m-instruct)")
     p.add_argument("--task", default="addition", help="built-in verifiable task (default: addition)")
-    p.add_argument("--sft-steps", type=int, default=55, help="llmlab sft steps of 8 packed rows (default: 55)")
+    p.add_argument("--sft-steps", type=int, default=50, help="llmlab sft steps of 8 packed rows (default: 50)")
     p.add_argument("--pairs", choices=("on-policy", "task"), default="on-policy",
                    help="DPO pairs: sampled from the SFT model and ranked by the verifier, or the task's built-in "
                         "exact-vs-near-miss pairs (default: on-policy)")
-    p.add_argument("--pair-prompts", type=int, default=96,
-                   help="training prompts sampled for DPO pairs (or built-in pairs drawn) (default: 96)")
+    p.add_argument("--pair-prompts", type=int, default=384,
+                   help="training prompts sampled for DPO pairs (or built-in pairs drawn) (default: 384)")
     p.add_argument("--k", type=int, default=4, help="replies sampled per prompt for a DPO pair (default: 4)")
-    p.add_argument("--dpo-steps", type=int, default=20, help="llmlab dpo steps of 8 pairs (default: 20)")
-    p.add_argument("--rl-steps", type=int, default=32,
-                   help="llmlab ppo / grpo minibatch steps of 8 replies (default: 32)")
+    p.add_argument("--dpo-epochs", type=float, default=2.0,
+                   help="passes over the DPO training pairs (steps of 8 pairs = epochs x pairs / 8, rounded up) "
+                        "(default: 2)")
+    p.add_argument("--dpo-lr", type=float, default=5e-5, help="DPO learning rate (default: 5e-05)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta (default: 0.1)")
+    p.add_argument("--rl-steps", type=int, default=24,
+                   help="llmlab ppo / grpo minibatch steps of 8 replies (default: 24)")
     p.add_argument("--rollout-batch", type=int, default=16, help="replies per PPO / GRPO rollout (default: 16)")
+    p.add_argument("--ppo-epochs", type=int, default=1, help="PPO / GRPO passes over each rollout (default: 1)")
     p.add_argument("--group-size", type=int, default=4, help="GRPO replies per prompt (default: 4)")
     p.add_argument("--kl-coef", type=float, default=0.05, help="PPO / GRPO KL coefficient (default: 0.05)")
-    p.add_argument("--rl-lr", type=float, default=3e-4, help="PPO / GRPO learning rate (default: 3e-4)")
+    p.add_argument("--rl-lr", type=float, default=1e-4, help="PPO learning rate (default: 0.0001)")
+    p.add_argument("--grpo-lr", type=float, default=3e-5, help="GRPO learning rate (default: 3e-05)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="reply tokens, everywhere (default: 16)")
     p.add_argument("--eval-examples", type=int, default=50, help="held-out prompts each row is scored on "
                                                                  "(default: 50, llmlab sft's)")
+    p.add_argument("--dev-examples", type=int, default=50,
+                   help="dev prompts (training side of the task, seed DEV_SEED) for --tune and the table's dev "
+                        "column (default: 50)")
+    p.add_argument("--tune", action="store_true",
+                   help="run the GRID candidates and score them on the dev split only (default: off)")
     p.add_argument("--extra", default="", help="flags added to every training command, e.g. '--batch-size 2' "
                                                "(default: none)")
     p.add_argument("--threads", type=int, default=1, help="threads of every command and of the scoring (default: 1)")
@@ -118,69 +164,186 @@ def main() -> None:
     p.add_argument("--reuse", action="store_true", help="keep the stages a previous run finished (default: off)")
     p.add_argument("--in-process", action="store_true",
                    help="run the commands in this process (the tests; peak RSS is then cumulative) (default: off)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.dev_examples < 1 or args.eval_examples < 1:
+        p.error(f"--dev-examples and --eval-examples must be >= 1, got {args.dev_examples} and {args.eval_examples}")
+    return args
+
+
+def trained_prompts(task: str, pair_prompts: int) -> set[str]:
+    """Every training-side prompt a default stage draws: llmlab sft's task examples and the preference prompts
+    (one seeded draw, the smaller a prefix of the larger), llmlab ppo's prompts."""
+    t, data, rl = get_task(task), SFTDataConfig(), PPOConfig()
+    return ({e.prompt for e in t.examples("train", max(data.task_examples, pair_prompts), data.seed)}
+            | {e.prompt for e in t.examples("train", rl.prompts, TrainConfig().seed)})
+
+
+def dev_examples(task: str, n: int, pair_prompts: int) -> list:
+    """The dev split: ``n`` training-side examples drawn with ``DEV_SEED``, minus any a stage trains on (two-digit
+    sums repeat across draws)."""
+    seen = trained_prompts(task, pair_prompts)
+    dev = [e for e in get_task(task).examples("train", 3 * n, DEV_SEED) if e.prompt not in seen][:n]
+    if len(dev) < n:
+        raise LlmlabError(f"only {len(dev)} dev prompts of {task} left apart from the training prompts: lower "
+                          "--dev-examples")
+    return dev
+
+
+def dpo_tag(a: argparse.Namespace) -> str:
+    pairs = f"p{a.pair_prompts}x{a.k}" if a.pairs == "on-policy" else f"task{a.pair_prompts}"
+    return f"dpo-{pairs}-lr{a.dpo_lr:g}-beta{a.beta:g}-ep{a.dpo_epochs:g}"
+
+
+def rl_lr(algo: str, a: argparse.Namespace) -> float:
+    return a.grpo_lr if algo == "grpo" else a.rl_lr
+
+
+def rl_tag(algo: str, a: argparse.Namespace) -> str:
+    return f"{algo}-lr{rl_lr(algo, a):g}-kl{a.kl_coef:g}-ep{a.ppo_epochs}-s{a.rl_steps}x{a.rollout_batch}"
+
+
+class Stages:
+    """The commands of one table (or search), each a ``run_stage`` in a folder named by its hyper-parameters."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.out, self.timing = args, Path(args.out).resolve(), {}
+        self.common = ["--task", args.task, "--no-progress", *args.extra.split()]
+        self.tokens = ["--max-new-tokens", str(args.max_new_tokens)]
+        self.merged = self.out / "sft-merged"
+
+    def stage(self, name: str, argv: list[str]) -> dict:
+        a = self.args
+        self.timing[name] = run_stage(name, argv, self.out, a.in_process, a.reuse, a.threads)
+        return self.timing[name]
+
+    def sft(self) -> list[str]:
+        a, sft = self.args, self.out / "sft"
+        self.stage("sft", ["sft", "--model", a.model, "--out", str(sft), "--steps", str(a.sft_steps), "--eval-tokens",
+                           str(a.max_new_tokens), "--eval-examples", "0", "--no-resume", *self.common])
+        self.stage("merge", ["merge", str(sft), "--out", str(self.merged), "--force"])
+        return ["sft", "merge"]
+
+    def dpo(self, a: argparse.Namespace) -> tuple[str, list[str]]:
+        """The pairs (sampled once per --pair-prompts / --k) and one DPO run; (run folder name, its stages)."""
+        data, stages, n_train = [], [], a.pair_prompts
+        if a.pairs == "on-policy":
+            name = f"preferences-{a.pair_prompts}x{a.k}"
+            prefs = self.out / name / "pairs.jsonl"
+            self.stage(name, ["data", "preferences", "--model", str(self.merged), "--task", a.task, "--prompts",
+                              str(a.pair_prompts), "--k", str(a.k), *self.tokens, "--out", str(prefs), "--force",
+                              "--threads", str(a.threads)])
+            data, stages = [str(prefs)], [name]
+            n_train = max(1, sum(1 for x in prefs.read_text().splitlines() if x.strip()) - VAL_PAIRS)
+        steps = max(1, math.ceil(a.dpo_epochs * n_train / 8))
+        tag = dpo_tag(a)
+        self.stage(tag, ["dpo", *data, "--model", str(self.merged), "--out", str(self.out / tag), "--steps",
+                         str(steps), "--pairs", str(a.pair_prompts), "--lr", str(a.dpo_lr), "--beta", str(a.beta),
+                         "--eval-examples", "0", "--no-resume", *self.common])
+        return tag, [*stages, tag]
+
+    def rl(self, algo: str, a: argparse.Namespace) -> str:
+        tag = rl_tag(algo, a)
+        grpo = ["--algo", "grpo", "--group-size", str(a.group_size)] if algo == "grpo" else []
+        self.stage(tag, ["ppo", *grpo, "--out", str(self.out / tag), "--model", str(self.merged), "--steps",
+                         str(a.rl_steps), "--rollout-batch", str(a.rollout_batch), "--ppo-epochs", str(a.ppo_epochs),
+                         "--kl-coef", str(a.kl_coef), "--lr", str(rl_lr(algo, a)), *self.tokens, "--eval-examples", "0",
+                         "--no-resume", *self.common])
+        return tag
+
+    def score(self, folder: Path, split: str) -> dict:
+        """One function for every row: ``heldout_metrics`` on the held-out prompts or on the dev prompts."""
+        a = self.args
+        dev = dev_examples(a.task, a.dev_examples, a.pair_prompts) if split == "dev" else None
+        loaded = load_model(str(folder))
+        m = heldout_metrics(loaded, a.task, a.eval_examples, seed=HELDOUT_SEED, max_new_tokens=a.max_new_tokens,
+                            examples=dev)
+        del loaded
+        return m
+
+
+def tune(st: Stages, docs: Path, meta: dict) -> None:
+    """Every GRID candidate from the one SFT model, scored on the dev split; the best per method by dev exact
+    match (ties: the sampled dev reward)."""
+    a = st.args
+    seconds = sum(st.timing[s]["seconds"] for s in st.sft())
+    # --reuse: a run the previous search scored keeps its dev score (the same run, the same dev prompts)
+    earlier = json.loads((docs / "tuning.json").read_text())["rows"] if a.reuse and (docs / "tuning.json").is_file() \
+        else []
+    scored = {(r["run"], r["tag"]): r["dev"] for r in earlier}
+
+    def dev_score(folder: Path, tag: str) -> dict:
+        return scored.get((str(folder), tag)) or st.score(folder, "dev")
+
+    rows = [{"method": "sft", "tag": "sft (the start)", "run": str(st.merged),
+             "dev": dev_score(st.merged, "sft (the start)"), "seconds": seconds}]
+    print(f"  sft: dev exact match {100 * rows[0]['dev']['accuracy']:.0f}%", flush=True)
+    best: dict[str, str] = {}
+    for round_ in range(max(len(c) for c in GRID.values())):
+        for method, candidates in GRID.items():
+            if round_ >= len(candidates):
+                continue
+            overrides = candidates[round_]
+            c = argparse.Namespace(**{**vars(a), **overrides})
+            if method == "dpo":
+                tag, stages = st.dpo(c)
+            else:
+                tag = st.rl(method, c)
+                stages = [tag]
+            m = dev_score(st.out / tag, tag)
+            rows.append({"method": method, "tag": tag, "overrides": overrides, "run": str(st.out / tag), "dev": m,
+                         "seconds": sum(st.timing[s]["seconds"] for s in stages)})
+            print(f"  {tag}: dev exact match {100 * m['accuracy']:.0f}%, sampled reward {m['sampled_reward']:.2f}, "
+                  f"KL {m['kl']:.2f} / {m['kl_k3']:.2f}", flush=True)
+            best = {method: max((r for r in rows if r["method"] == method),
+                                key=lambda r: (r["dev"]["accuracy"], r["dev"]["sampled_reward"]))["tag"]
+                    for method in GRID if any(r["method"] == method for r in rows)}
+            write_text_atomic(docs / "tuning.json", json.dumps({"meta": {**meta, "load_average_end": os.getloadavg()},
+                                                               "rows": rows, "best": best}, indent=2) + "\n")
+            write_text_atomic(docs / "tuning.md", tuning_markdown(rows, a.dev_examples))
+    print(f"\n{tuning_markdown(rows, a.dev_examples)}\nbest on the dev split: {best}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    extra = args.extra.split()
-    common = ["--task", args.task, "--no-progress", *extra]
-    tokens = ["--max-new-tokens", str(args.max_new_tokens)]
+    st = Stages(args)
+    st.out.mkdir(parents=True, exist_ok=True)
     flags, load_start = speed_flags(), os.getloadavg()
     print(f"{args.model} on {args.task}; Python {platform.python_version()}; torch {torch.__version__}; "
           f"{args.threads} thread(s); CPU flags: {flags}; load average {load_start[0]:.1f}", flush=True)
-
-    def stage(name, argv):
-        return run_stage(name, argv, out, args.in_process, args.reuse, args.threads)
-
-    sft = out / "sft"
-    merged = out / "sft-merged"
-    timing = {"sft": stage("sft", ["sft", "--model", args.model, "--out", str(sft), "--steps", str(args.sft_steps),
-                                   "--eval-tokens", str(args.max_new_tokens), "--eval-examples", "0", "--no-resume",
-                                   *common])}
-    timing["merge"] = stage("merge", ["merge", str(sft), "--out", str(merged), "--force"])
-    dpo_data: list[str] = []
-    if args.pairs == "on-policy":
-        prefs = out / "preferences" / "pairs.jsonl"
-        timing["preferences"] = stage("preferences", [
-            "data", "preferences", "--model", str(merged), "--task", args.task, "--prompts", str(args.pair_prompts),
-            "--k", str(args.k), *tokens, "--out", str(prefs), "--force", "--threads", str(args.threads)])
-        dpo_data = [str(prefs)]
-    timing["dpo"] = stage("dpo", ["dpo", *dpo_data, "--model", str(merged), "--out", str(out / "dpo"), "--steps",
-                                  str(args.dpo_steps), "--pairs", str(args.pair_prompts), "--eval-examples", "0",
-                                  "--no-resume", *common])
-    rl = ["--model", str(merged), "--steps", str(args.rl_steps), "--rollout-batch", str(args.rollout_batch),
-          "--kl-coef", str(args.kl_coef), "--lr", str(args.rl_lr), *tokens, "--eval-examples", "0", "--no-resume",
-          *common]
-    timing["ppo"] = stage("ppo", ["ppo", "--out", str(out / "ppo"), *rl])
-    timing["grpo"] = stage("grpo", ["ppo", "--algo", "grpo", "--group-size", str(args.group_size), "--out",
-                                    str(out / "grpo"), *rl])
-
-    # every row scored by one function, on the same held-out prompts, against the merged SFT model
-    rows = []
-    for label, folder, stages in [("SFT (LoRA)", merged, ["sft", "merge"]),
-                                  (f"SFT → DPO ({args.pairs} pairs)", out / "dpo",
-                                   ["preferences", "dpo"] if args.pairs == "on-policy" else ["dpo"]),
-                                  ("SFT → PPO", out / "ppo", ["ppo"]), ("SFT → GRPO", out / "grpo", ["grpo"])]:
-        t0 = time.perf_counter()
-        loaded = load_model(str(folder))
-        m = heldout_metrics(loaded, args.task, args.eval_examples, seed=1337, max_new_tokens=args.max_new_tokens)
-        del loaded
-        rows.append({"label": label, "run": str(folder), "heldout": m,
-                     "seconds": sum(timing[s]["seconds"] for s in stages),
-                     "peak_rss_mb": max(timing[s]["peak_rss_mb"] for s in stages)})
-        print(f"  {label}: exact match {100 * m['accuracy']:.0f}%, sampled reward {m['sampled_reward']:.2f}, "
-              f"KL {m['kl']:.3f} / {m['kl_k3']:.3f} (scored in {time.perf_counter() - t0:.0f} s)", flush=True)
-    records = {name: [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
-               for name in ("ppo", "grpo")}
+    meta = {"model": args.model, "task": args.task, "cpu_flags": flags, "threads": args.threads,
+            "load_average_start": load_start, "python": platform.python_version(), "torch": torch.__version__,
+            "argv": sys.argv[1:] if argv is None else argv, "dev_seed": DEV_SEED, "heldout_seed": HELDOUT_SEED}
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
+    if args.tune:
+        return tune(st, docs, meta)
+
+    sft_stages = st.sft()
+    dpo, dpo_stages = st.dpo(args)
+    ppo, grpo = st.rl("ppo", args), st.rl("grpo", args)
+    # every row scored by one function, on the same held-out (and dev) prompts, against the merged SFT model
+    tuned = json.loads((docs / "tuning.json").read_text()) if (docs / "tuning.json").is_file() else {"rows": []}
+    dev_of = {r["run"]: r["dev"] for r in tuned["rows"]}  # the dev scores of the search's runs, when reused
+    rows = []
+    for label, folder, stages in [("SFT (LoRA)", st.merged, sft_stages),
+                                  (f"SFT → DPO ({args.pairs} pairs)", st.out / dpo, dpo_stages),
+                                  ("SFT → PPO", st.out / ppo, [ppo]), ("SFT → GRPO", st.out / grpo, [grpo])]:
+        t0 = time.perf_counter()
+        m, dev = st.score(folder, "heldout"), dev_of.get(str(folder))
+        rows.append({"label": label, "run": str(folder), "heldout": m, "dev": dev,
+                     "seconds": sum(st.timing[s]["seconds"] for s in stages),
+                     "peak_rss_mb": max(st.timing[s]["peak_rss_mb"] for s in stages)})
+        print(f"  {label}: exact match {100 * m['accuracy']:.0f}%, sampled reward "
+              f"{m['sampled_reward']:.2f}, KL {m['kl']:.3f} / {m['kl_k3']:.3f} (scored in "
+              f"{time.perf_counter() - t0:.0f} s)", flush=True)
+    records = {name: [json.loads(x) for x in (st.out / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
+               for name in (ppo, grpo)}
     png = docs / "curves.png"
-    plot_rl_curves({"PPO": records["ppo"], "GRPO": records["grpo"]}, png,
-                   f"SFT → PPO / GRPO on {args.task} ({args.model}), rollouts of {args.rollout_batch}")
-    meta = {"model": args.model, "task": args.task, "cpu_flags": flags, "threads": args.threads,
-            "load_average_start": load_start, "load_average_end": os.getloadavg(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "argv": sys.argv[1:], "timing": timing}
+    plot_rl_curves({"PPO": records[ppo], "GRPO": records[grpo]}, png,
+                   f"SFT → PPO / GRPO on {args.task} ({args.model}), rollouts of {args.rollout_batch}, "
+                   f"lr {args.rl_lr:g} / {args.grpo_lr:g}")
+    meta = {**meta, "load_average_end": os.getloadavg(), "timing": st.timing}
     write_text_atomic(docs / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     table = markdown(rows)
     write_text_atomic(docs / "results.md", table)

@@ -1,49 +1,87 @@
-"""benchmarks/alignment_table.py (the README's RLHF results table): its code path (sft, merge, dpo on the task's
-pairs, ppo, grpo, the one held-out scorer, the curves, --reuse) on the tiny random chat model with tiny budgets, in
-this process. The on-policy pairs are left out: a random model samples no right answer, so no pair."""
+"""benchmarks/alignment_table.py (the README's RLHF results table): its code path (sft, merge, the dev-split
+search --tune, dpo on the task's pairs, ppo, grpo, the one scorer on held-out and dev prompts, the curves,
+--reuse) on the tiny random chat model with tiny budgets, in this process. The on-policy pairs are left out: a
+random model samples no right answer, so no pair."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
+import pytest
+
+from llmlab.data.tasks import get_task
 from test_sft import tiny_folder, tiny_tokenizer  # noqa: F401  (tiny_folder: a fixture)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "alignment_table.py"
 
 
-def test_alignment_table_runs_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch):  # noqa: F811
+@pytest.fixture(scope="module")
+def table():
     spec = importlib.util.spec_from_file_location("alignment_table", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_alignment_table_runs_on_a_tiny_model(table, tiny_folder, tmp_path, monkeypatch):  # noqa: F811
     out, docs = tmp_path / "runs", tmp_path / "docs"
-    monkeypatch.setattr(sys, "argv", [
-        str(SCRIPT), "--model", str(tiny_folder), "--sft-steps", "1", "--pairs", "task", "--pair-prompts", "4",
-        "--dpo-steps", "1", "--rl-steps", "2", "--rollout-batch", "4", "--group-size", "2", "--max-new-tokens", "3",
-        "--eval-examples", "2", "--extra", "--batch-size 2", "--out", str(out), "--docs", str(docs), "--in-process"])
-    mod.main()
+    argv = ["--model", str(tiny_folder), "--sft-steps", "1", "--pairs", "task", "--pair-prompts", "4",
+            "--dpo-epochs", "1", "--rl-steps", "2", "--rollout-batch", "4", "--group-size", "2",
+            "--max-new-tokens", "3", "--eval-examples", "2", "--dev-examples", "3", "--extra", "--batch-size 2",
+            "--out", str(out), "--docs", str(docs), "--in-process", "--reuse"]
+    # the search first: two DPO candidates (the second the defaults), one PPO and one GRPO (the defaults)
+    monkeypatch.setattr(table, "GRID", {"dpo": [{"beta": 0.5}, {}], "ppo": [{}], "grpo": [{}]})
+    table.main([*argv, "--tune"])
+    tuned = json.loads((docs / "tuning.json").read_text())
+    assert [r["method"] for r in tuned["rows"]] == ["sft", "dpo", "ppo", "grpo", "dpo"]  # in rounds
+    assert all(set(r["dev"]) >= {"accuracy", "sampled_reward", "kl", "kl_k3"} for r in tuned["rows"])
+    assert tuned["rows"][1]["tag"] == "dpo-task4-lr5e-05-beta0.5-ep1"
+    assert set(tuned["best"]) == {"dpo", "ppo", "grpo"}
+    assert (docs / "tuning.md").read_text().count("| dpo |") == 2 and not (docs / "results.json").exists()
+    dpo_stage = (out / "dpo-task4-lr5e-05-beta0.1-ep1" / "stage.json").read_text()
+    table.main([*argv, "--tune"])  # again: every run reused, and so its dev score
+    assert json.loads((docs / "tuning.json").read_text())["rows"] == tuned["rows"]
+
+    # the table: the defaults' runs are the search's (reused), every row scored on held-out and dev prompts
+    table.main(argv)
     res = json.loads((docs / "results.json").read_text())
     assert [r["label"] for r in res["rows"]] == ["SFT (LoRA)", "SFT → DPO (task pairs)", "SFT → PPO",
                                                  "SFT → GRPO"]
+    assert (out / "dpo-task4-lr5e-05-beta0.1-ep1" / "stage.json").read_text() == dpo_stage
     sft, *aligned = res["rows"]
     assert sft["heldout"]["kl"] == 0.0 and sft["heldout"]["kl_k3"] == 0.0  # the reference is the SFT model
+    assert sft["dev"] == tuned["rows"][0]["dev"]  # one scorer, the same dev prompts
     for r in res["rows"]:
         assert set(r["heldout"]) >= {"accuracy", "reward", "kl", "kl_k3", "sampled_reward"}
         assert r["seconds"] > 0 and r["peak_rss_mb"] > 0
     assert aligned[0]["heldout"]["kl_k3"] > 0  # DPO's LoRA moved the policy off the SFT reference (PPO and GRPO
     # get no reward from a random model: no advantage, no move)
     assert (docs / "curves.png").stat().st_size > 0 and (docs / "results.md").read_text().count("| SFT") == 4
-    assert json.loads((out / "ppo" / "summary.json").read_text())["steps"] == 2
-    # --reuse: every finished stage is kept, the rows are scored again
-    before = (out / "sft" / "stage.json").read_text()
-    monkeypatch.setattr(sys, "argv", [*sys.argv, "--reuse"])
-    mod.main()
-    assert (out / "sft" / "stage.json").read_text() == before
+    ppo = out / "ppo-lr0.0001-kl0.05-ep1-s2x4"
+    assert json.loads((ppo / "summary.json").read_text())["steps"] == 2
+    assert json.loads((ppo / "sft_config.json").read_text())["ppo"]["ppo_epochs"] == 1
+
+
+def test_dev_prompts_are_training_side_and_unseen_in_training(table):
+    """The dev split: training-side questions (never a held-out one), none of them among the prompts the
+    default stages train on (sft and preferences draw with seed 0, ppo with 1337, the largest draws here)."""
+    task = get_task("addition")
+    dev = {e.prompt for e in table.dev_examples("addition", 100, 320)}
+    assert len(dev) == 100 and all(task.split_of(p) == "train" for p in dev)
+    trained = {e.prompt for seed, n in ((0, 1000), (0, 320), (1337, 256)) for e in task.examples("train", n, seed)}
+    assert not dev & trained  # (the plain seed-2 draw of 100 shares some two-digit sums with them)
+    assert dev & {e.prompt for e in task.examples("train", 300, table.DEV_SEED)} == dev
+    assert not dev & {e.prompt for e in task.examples("heldout", 50, table.HELDOUT_SEED)}
+    with pytest.raises(SystemExit) as stop:  # argparse's one line, exit 2
+        table.parse_args(["--dev-examples", "0"])
+    assert stop.value.code == 2
 
 
 def test_readme_has_the_table_command():
-    """The README's RLHF table line is the script with its defaults (the test above runs that code path)."""
-    readme = (SCRIPT.parents[1] / "README.md").read_text()
-    assert any(x.split("#")[0].strip() == "python benchmarks/alignment_table.py" for x in readme.splitlines())
+    """The README's RLHF table lines are the script with its defaults, and the dev-split search (the test above
+    runs both code paths)."""
+    lines = {x.split("#")[0].strip() for x in (SCRIPT.parents[1] / "README.md").read_text().splitlines()}
+    script = "python benchmarks/alignment_table.py"
+    assert {f"{script} --reuse", f"{script} --tune --reuse"} <= lines

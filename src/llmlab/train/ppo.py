@@ -451,12 +451,14 @@ class PPOTask(SFTTask):
 
 
 @torch.no_grad()
-def heldout_metrics(loaded, task: str, n: int, seed: int, max_new_tokens: int = 16) -> dict:
+def heldout_metrics(loaded, task: str, n: int, seed: int, max_new_tokens: int = 16, examples: list | None = None
+                    ) -> dict:
     """``PPOTask.evaluate`` outside a run: greedy exact match and reward on ``n`` held-out ``task`` prompts, and
     the k1 / k3 KL of sampled replies to the same model with LoRA switched off (0 for a model without LoRA).
-    A run loaded with ``load_model`` is its base plus its adapter, so the reference is the base it trained on."""
+    A run loaded with ``load_model`` is its base plus its adapter, so the reference is the base it trained on.
+    ``examples``: these ``task`` examples scored instead (a dev split for tuning), ``n`` ignored."""
     task_def = get_task(task)
-    examples = {"train": [], "val": task_def.examples("heldout", n, seed)}
+    examples = {"train": [], "val": task_def.examples("heldout", n, seed) if examples is None else list(examples)}
     prompts, stops, reward_fn = task_prompts_and_reward(loaded, task_def, examples)
     cfg = PPOConfig(task=task, eval_examples=n, max_new_tokens=max_new_tokens, rollout_batch=1)
     model = PolicyValue(loaded.model, loaded.config.dim, value_head=False).eval()
