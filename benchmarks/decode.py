@@ -4,7 +4,8 @@ are printed last, with the CPU flags that matter.
 
 - batch-1 tok/s (prompt included, as llama.cpp's generate) and decode-only tok/s (the marginal rate between
   1 and 129 new tokens): the packed path (native C step, int8 kernels), its eager blocks, the float-activation
-  kernel, the fp32 reference, transformers (fp32 eager), llama-cpp-python (same GGUF, if installed);
+  kernel, the two-level int8 kernels (``--packed-kernel int8x2``, also batch 8 and prefill), the fp32
+  reference, transformers (fp32 eager), llama-cpp-python (same GGUF, if installed);
 - batch-8 total tok/s and 32 concurrent sequences total tok/s;
 - 512-token prefill tok/s (logits of the last position, as llama.cpp's eval);
 - n-gram speculative decoding vs plain greedy on the packed path, on an input-grounded prompt (same output);
@@ -129,6 +130,10 @@ def main() -> int:
     rates(rows, "llmlab packed float-kernel", lambda n: generate(model, [p128], n), N, R)
     set_impl_(model, "int8")
     model.native_step = native
+    x2 = load(packed=True, packed_kernel="int8x2").model  # two Q8 rows per activation row: the quality option
+    rates(rows, "llmlab packed int8x2", lambda n: generate(x2, [p128], n), N, R)
+    rows["llmlab packed int8x2 b8"] = 8 * N / median_time(lambda: generate(x2, [p128] * 8, N), R)
+    rows["llmlab packed int8x2 prefill512"] = 512 / median_time(lambda: prefill_last(x2, p512), R)
 
     rates(rows, "llmlab fp32", lambda n: generate(ref.model, [p128], n), N, R)
     rows["llmlab fp32 b8"] = 8 * N / median_time(lambda: generate(ref.model, [p128] * 8, N), R)
@@ -205,6 +210,10 @@ def main() -> int:
                        ("llmlab packed b8", "transformers b8"), ("llmlab packed b32", "llama.cpp decode"),
                        ("llmlab packed prefill512", "transformers prefill512"),
                        ("llmlab fp32 prefill512", "llama.cpp prefill512"),
+                       ("llmlab packed int8x2 b1", "llama.cpp b1"), ("llmlab packed int8x2 decode", "llama.cpp decode"),
+                       ("llmlab packed int8x2 prefill512", "llama.cpp prefill512"),
+                       ("llmlab packed int8x2 decode", "llmlab packed decode"),
+                       ("llmlab packed int8x2 b8", "llmlab packed b8"),
                        ("llmlab packed decode", "llmlab packed eager-blocks decode")):
         if peer in rows and ours in rows:
             print(f"  {ours} / {peer}: {rows[ours] / rows[peer]:.2f}x")

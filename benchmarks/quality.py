@@ -5,7 +5,8 @@ the reference, top-1 agreement >= 99%.
 
 The text is teacher-forced through the KV cache in chunks of --chunk tokens, so the kernels used while
 decoding are what is measured: the native C step (up to 64 rows a call), the eager blocks on the int8
-kernel, the float-activation kernel (up to 64 rows), each CPU variant of the int8 kernel this machine runs.
+kernel, both again with two-level activations (``--packed-kernel int8x2``), the float-activation kernel (up to
+64 rows), each CPU variant of the int8 kernel this machine runs.
 
     python benchmarks/quality.py [--tokens 512] [--chunk 32]
 """
@@ -69,6 +70,10 @@ def main() -> None:
     row(f"packed int8, native C step ({best_variant()})", logits_of(packed, ids, args.chunk))
     packed.model.native_step = None
     row(f"packed int8, eager blocks ({best_variant()})", logits_of(packed, ids, args.chunk))
+    x2 = load(packed=True, packed_kernel="int8x2")
+    row(f"packed int8x2, native C step ({best_variant()})", logits_of(x2, ids, args.chunk))
+    x2.model.native_step = None
+    row(f"packed int8x2, eager blocks ({best_variant()})", logits_of(x2, ids, args.chunk))
     for variant in runnable_variants()[1:]:  # the other builds this CPU runs, e.g. avx2 and portable
         os.environ["LLMLAB_CPU_VARIANT"] = variant
         kernel_build.cache_clear()

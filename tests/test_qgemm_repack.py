@@ -1,7 +1,8 @@
 """The repacked multi-row int8 GEMM (nn/csrc/qgemm.c qrepack + group tiles): the interleaved layout against a
 hand-written NumPy repack, every build bit-identical to the portable C for 1..512 rows, a row's bits independent of
-the rows sharing its call (batched = solo), and the repacked copy following in-place writes to the blocks. The
-product itself is checked against the dequantized float32 product in test_qgemm.py."""
+the rows sharing its call (batched = solo), for one and two Q8 rows per activation row (``int8`` / ``int8x2``), and
+the repacked copy following in-place writes to the blocks. The product itself is checked against the dequantized
+float32 product in test_qgemm.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from llmlab.nn.cpu_kernels import CSRC, build_kernel, find_compiler, runnable_variants
 from llmlab.nn.ggml_quants import dequantize, q8_activations
-from llmlab.nn.packed_linear import LINEAR_ARGTYPES, REPACK_ARGTYPES, PackedLinear, kernel
+from llmlab.nn.packed_linear import LINEAR_ARGTYPES, REPACK_ARGTYPES, REPACKED_ARGTYPES, PackedLinear, kernel
 from tests.test_qgemm import TYPES, _packed
 
 BLOCK = {8: 34, 2: 18, 3: 20, 6: 22, 7: 24}
@@ -29,7 +30,7 @@ def libs():
         build = build_kernel(CSRC / "qgemm.c", "qlinear", LINEAR_ARGTYPES, v)
         assert build.fn is not None, build.status
         lib = build.lib
-        lib.qlinear_repacked.restype, lib.qlinear_repacked.argtypes = ctypes.c_int, LINEAR_ARGTYPES
+        lib.qlinear_repacked.restype, lib.qlinear_repacked.argtypes = ctypes.c_int, REPACKED_ARGTYPES
         lib.qrepack.restype, lib.qrepack.argtypes = ctypes.c_int, REPACK_ARGTYPES
         lib.qrepack_bytes.restype = ctypes.c_int64
         lib.qrepack_bytes.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -84,8 +85,15 @@ def test_the_interleaved_layout_is_the_hand_written_one(libs, name):
     np.testing.assert_array_equal(got, _numpy_repack(tid, raw.numpy(), 96))
 
 
+def _two_level(x: torch.Tensor) -> torch.Tensor:
+    """What two Q8 rows per activation row multiply: the blocks of x plus the blocks of their rounding error."""
+    first = q8_activations(x)
+    return first + q8_activations(x - first)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
 @pytest.mark.parametrize("name", list(TYPES))
-def test_every_build_gives_the_portable_bits_and_a_row_the_same_bits_alone(libs, name):
+def test_every_build_gives_the_portable_bits_and_a_row_the_same_bits_alone(libs, name, levels):
     """For 1, 2, 5, 8, 33 and 512 rows, K = 160 (not a multiple of 256), 97 outputs (odd), 1 and 2 threads: every
     variant's output equals the portable C's bit for bit, and row i of a batch equals row i computed alone."""
     tid, K, N = TYPES[name], 160, 97
@@ -97,13 +105,13 @@ def test_every_build_gives_the_portable_bits_and_a_row_the_same_bits_alone(libs,
     packs = {v: _repack(lib, tid, raw, K) for v, lib in libs.items()}
     for rows in (1, 2, 5, 8, 33, 512):
         xr = x[:rows].contiguous()
-        expected = q8_activations(xr) @ w.T
+        expected = (q8_activations(xr) if levels == 1 else _two_level(xr)) @ w.T
         outs = {}
         for v, lib in libs.items():
             for threads in (1, 2):
                 y = torch.empty(rows, N)
                 assert lib.qlinear_repacked(tid, xr.data_ptr(), packs[v].data_ptr(), y.data_ptr(), rows, N, K,
-                                            threads) == 0
+                                            threads, levels) == 0
                 outs[v, threads] = y
         ref = outs["portable", 1]
         assert ((ref - expected).abs().max() / expected.abs().max()).item() < 2e-6
@@ -113,7 +121,8 @@ def test_every_build_gives_the_portable_bits_and_a_row_the_same_bits_alone(libs,
     alone = torch.empty(1, N)
     for i in (0, 6, 31):
         xi = x[i:i + 1].contiguous()
-        rc = libs[best].qlinear_repacked(tid, xi.data_ptr(), packs[best].data_ptr(), alone.data_ptr(), 1, N, K, 1)
+        rc = libs[best].qlinear_repacked(tid, xi.data_ptr(), packs[best].data_ptr(), alone.data_ptr(), 1, N, K, 1,
+                                         levels)
         assert rc == 0
         assert torch.equal(alone[0], outs[best, 2][i]), i
 
@@ -140,3 +149,25 @@ def test_a_bad_kind_or_width_is_refused(libs):
     raw = _packed("Q8_0", 8, 64)
     assert lib.qrepack(5, raw.data_ptr(), 8, 64, out.data_ptr()) == -1
     assert lib.qrepack(8, raw.data_ptr(), 8, 48, out.data_ptr()) == -1
+    y = torch.empty(1, 8)
+    x = torch.randn(1, 64)
+    packed = _repack(lib, 8, raw, 64)
+    assert lib.qlinear_repacked(8, x.data_ptr(), packed.data_ptr(), y.data_ptr(), 1, 8, 64, 1, 3) == -4
+
+
+def test_two_levels_keep_the_small_values_beside_a_massive_one():
+    """A massive activation (SmolLM2's residual stream has values ~100x the rest) leaves its block's other 31 values
+    a few steps of its scale with one Q8 row; the second row (the rounding error) restores them: the layer's error
+    against the exact float product falls by more than 100x."""
+    if kernel("int8") is None:
+        pytest.skip("no int8 kernel here")
+    raw = _packed("Q4_1", 64, 256, seed=4)
+    torch.manual_seed(1)
+    x = torch.randn(6, 256)
+    x[:, 7] = 300.0  # one massive value in the first block of every row
+    one = PackedLinear(raw.reshape(-1), 3, 256, 64, impl="int8")
+    two = PackedLinear(raw.reshape(-1), 3, 256, 64, impl="int8x2")
+    exact = x @ one.dequantized().T
+    err1, err2 = ((layer(x) - exact).abs().max().item() for layer in (one, two))
+    assert err2 < err1 / 100, (err1, err2)
+    assert torch.allclose(two(x[2:3]), two(x)[2:3], rtol=0, atol=0)  # a row alone: the same bits

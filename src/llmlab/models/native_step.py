@@ -5,12 +5,13 @@ At batch 1 a 30-layer model spends as long in PyTorch's per-op overhead as in it
 whole block (RMSNorm fused with the activations' Q8 quantization, Q/K/V in one integer GEMV, RoPE, the
 KV-cache write, GQA attention, the output projection and residual, RMSNorm, gate and up in one GEMV,
 SwiGLU, the down projection and residual) on the same packed blocks and integer kernels as
-``PackedLinear(impl="int8")``; the final norm is fused into the head's quantization too.
+``PackedLinear(impl="int8")`` (or ``"int8x2"``: two Q8 rows per activation row, ``LlamaBlock.act_levels``); the
+final norm is fused into the head's quantization too.
 
 ``DecoderLM.forward`` hands its blocks to the native step when ``NativeStep.accepts`` the call: no
 gradient, float32 on CPU, a ``StaticKVCache``, an optional (B, S) key mask, and every block still made of the
-PackedLinears (impl ``int8``, no bias) the step was built from: a LoRA wrapper, another ``impl`` or a replaced
-layer sends the call back to the eager blocks, which stay the reference (tested: logits within 1e-3 of the
+PackedLinears (one integer impl for all, no bias) the step was built from: a LoRA wrapper, another ``impl`` or a
+replaced layer sends the call back to the eager blocks, which stay the reference (tested: logits within 1e-3 of the
 eager int8 blocks, the same greedy text on the real model). Prefill runs here too, in chunks of
 ``CHUNK_ROWS`` rows through every layer (each chunk's queries find the earlier chunks' keys in the cache):
 a row's numbers depend only on its own inputs and the cache, never on how many rows share a call, so a
@@ -34,7 +35,7 @@ from llmlab.nn.cpu_kernels import CSRC, KernelBuild, best_variant, build_kernel
 from llmlab.nn.kv_cache import StaticKVCache
 from llmlab.nn.mlp import SwiGLU
 from llmlab.nn.norm import RMSNorm
-from llmlab.nn.packed_linear import PackedLinear, kernel_status, tensor_version
+from llmlab.nn.packed_linear import ACT_LEVELS, PackedLinear, kernel_status, tensor_version
 from llmlab.nn.packed_linear import kernel as packed_kernel
 
 CHUNK_ROWS = 128  # rows (B * T) per C call; a longer input goes in chunks of whole positions (chunked prefill)
@@ -51,13 +52,13 @@ class LlamaBlockC(ctypes.Structure):
                 ("kind_down", _INT), ("w_down", _PTR),
                 ("attn_norm", _PTR), ("ffn_norm", _PTR),
                 ("dim", _I64), ("n_heads", _I64), ("n_kv_heads", _I64), ("head_dim", _I64), ("ffn_dim", _I64),
-                ("eps", ctypes.c_float)]
+                ("eps", ctypes.c_float), ("act_levels", _INT)]
 
 
 # llama_block(w, x, B, T, cos, sin, k_cache, v_cache, max_len, start, key_mask, mask_stride, nthreads)
 BLOCK_ARGTYPES = [ctypes.POINTER(LlamaBlockC), _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _INT]
-# norm_qlinear(kind, x, norm, eps, w, y, M, N, K, nthreads)
-HEAD_ARGTYPES = [_INT, _PTR, _PTR, ctypes.c_float, _PTR, _PTR, _I64, _I64, _I64, _INT]
+# norm_qlinear(kind, x, norm, eps, w, y, M, N, K, nthreads, levels)
+HEAD_ARGTYPES = [_INT, _PTR, _PTR, ctypes.c_float, _PTR, _PTR, _I64, _I64, _I64, _INT, _INT]
 
 
 @lru_cache(maxsize=1)
@@ -77,7 +78,8 @@ def _parts(block: nn.Module) -> tuple | None:
         return None
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     norms = (block.input_layernorm, block.post_attention_layernorm)
-    if not all(type(m) is PackedLinear and m.impl == "int8" and m.bias is None for m in linears):
+    if not all(type(m) is PackedLinear and m.impl == linears[0].impl in ACT_LEVELS and m.bias is None
+               for m in linears):
         return None
     if not all(type(n) is RMSNorm for n in norms):
         return None
@@ -90,7 +92,8 @@ class NativeStep:
     def __init__(self, model: nn.Module, build: KernelBuild):
         cfg = model.config
         self.fn, self.head_fn = build.fn, build.lib.norm_qlinear
-        self.linears: list[PackedLinear] = []  # every block's seven, checked for impl "int8" on each call
+        self.linears: list[PackedLinear] = []  # every block's seven, checked for impl ``self.impl`` on each call
+        self.impl = model.layers[0].self_attn.q_proj.impl  # "int8" or "int8x2", the same in every block
         self.structs: list[LlamaBlockC] = []
         for block in model.layers:
             parts = _parts(block)
@@ -107,7 +110,9 @@ class NativeStep:
             s.kind_down, s.w_down = down.ggml_type, down.repacked().data_ptr()
             s.attn_norm, s.ffn_norm = n1.weight.data_ptr(), n2.weight.data_ptr()
             s.dim, s.n_heads, s.n_kv_heads, s.head_dim = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-            s.ffn_dim, s.eps = cfg.ffn_dim, n1.eps
+            s.ffn_dim, s.eps, s.act_levels = cfg.ffn_dim, n1.eps, ACT_LEVELS[self.impl]
+            if q.impl != self.impl:
+                raise ValueError("the blocks' packed linears mix integer impls")
             self.linears.extend(parts[:7])
             self.structs.append(s)
         self.head = (model.norm, model.lm_head, getattr(model.lm_head, "packed", None), model.norm.weight)
@@ -140,10 +145,10 @@ class NativeStep:
         return None
 
     def unchanged(self, model: nn.Module) -> bool:
-        """The blocks are the modules (and tensors) the structs point into, still int8. Reads the modules'
-        own dicts (``_modules``, ``_parameters``, ``_buffers``), not attributes: ~50 µs for 30 blocks
+        """The blocks are the modules (and tensors) the structs point into, still of impl ``self.impl``. Reads the
+        modules' own dicts (``_modules``, ``_parameters``, ``_buffers``), not attributes: ~50 µs for 30 blocks
         instead of ~1.4 ms through ``nn.Module.__getattr__``."""
-        return (all(d.get(k) is v for d, k, v in self.watch) and all(m.impl == "int8" for m in self.linears)
+        return (all(d.get(k) is v for d, k, v in self.watch) and all(m.impl == self.impl for m in self.linears)
                 and all(tensor_version(t) == v for t, v in self.versions))
 
     def accepts(self, model: nn.Module, x: torch.Tensor, cache, attention_mask: torch.Tensor | None) -> bool:
@@ -189,12 +194,12 @@ class NativeStep:
         norm, head = model.norm, model.lm_head
         now = (norm, head, getattr(head, "packed", None), getattr(norm, "weight", None))
         if any(a is not b for a, b in zip(now, self.head, strict=True)) or type(head) is not PackedLinear \
-                or head.impl != "int8" or head.bias is not None:
+                or head.impl not in ACT_LEVELS or head.bias is not None:
             return None
         B, T, D = x.shape
         y = torch.empty(B, T, head.out_features)
         rc = self.head_fn(head.ggml_type, x.data_ptr(), norm.weight.data_ptr(), norm.eps, head.repacked().data_ptr(),
-                          y.data_ptr(), B * T, head.out_features, D, torch.get_num_threads())
+                          y.data_ptr(), B * T, head.out_features, D, torch.get_num_threads(), ACT_LEVELS[head.impl])
         if rc != 0:
             raise RuntimeError(f"norm_qlinear failed with code {rc}")
         return y
@@ -209,7 +214,7 @@ def enable_native_step_(model: nn.Module) -> str:
     if cfg.head_dim % 2 or any(n % 32 for n in (cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_dim)):
         return "eager step: widths are not multiples of 32"
     if any(_parts(b) is None for b in model.layers):
-        return "eager step: not every block is packed int8 linears without bias and RMSNorm"
+        return "eager step: not every block is packed integer (int8 / int8x2) linears without bias and RMSNorm"
     build = kernel_build()
     if build.fn is None:
         return f"eager step: {build.status}"

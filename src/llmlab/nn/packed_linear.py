@@ -13,6 +13,10 @@ Batch-1 decoding is memory-bound: every weight is read once per token. SmolLM2-1
   (batched decoding of many streams, speculative verification, chunked prefill); a longer input goes to
   dequantize + ``F.linear``. The activations' rounding moves logits slightly (``benchmarks/quality.py``:
   perplexity within 0.5% of the reference, the top token the same at 97% of positions);
+- ``"int8x2"``: the same kernel on two Q8 rows per activation row, the blocks of x and of their rounding error
+  (``quantize_rows``' levels), so the activations keep about 15 bits: the top token the same at 99.8% of
+  positions, for the extra integer arithmetic of a second row on the same weight reads (``benchmarks/quality.py``,
+  ``benchmarks/decode.py --packed-kernel int8x2``);
 - ``"float"``: ``csrc/ggml_gemv.c`` (AVX2 + FMA + F16C) expands each block to floats in registers and
   multiplies float activations: the dequantized product up to summation order, for up to
   ``GEMV_MAX_ROWS`` rows;
@@ -50,21 +54,25 @@ GEMV_MAX_ROWS = 64  # the float GEMV's limit; beyond it that impl dequantizes + 
 # benchmarks/int8_kernels.py).
 INT8_MAX_ROWS = 512
 DEQUANT_CHUNK = 1 << 21  # weights dequantized at once by the F.linear path (8 MB of float32 temporaries)
-IMPLS = ("int8", "float", "reference")
+IMPLS = ("int8", "int8x2", "float", "reference")
+ACT_LEVELS = {"int8": 1, "int8x2": 2}  # the integer impls: Q8 rows per activation row (qgemm.c quantize_rows)
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 # qlinear(kind, x, w, y, M, N, K, nthreads) and ggml_gemv(...): the same signature
 LINEAR_ARGTYPES = [ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
+# qlinear_repacked(kind, x, w, y, M, N, K, nthreads, levels)
+REPACKED_ARGTYPES = LINEAR_ARGTYPES + [ctypes.c_int]
 REPACK_ARGTYPES = [ctypes.c_int, _PTR, _I64, _I64, _PTR]  # qrepack(kind, w, N, K, out)
 
 
 @cache
 def kernel_build(impl: str = "int8") -> KernelBuild:
-    """The kernel of ``impl`` in this process, built once. A failed compile is warned about once, in one line."""
-    if impl == "int8":
+    """The kernel of ``impl`` in this process, built once (``"int8"`` for both integer impls). A failed compile is
+    warned about once, in one line."""
+    if impl in ACT_LEVELS:
         build = build_kernel(CSRC / "qgemm.c", "qlinear", LINEAR_ARGTYPES, best_variant())
         if build.fn is not None:
-            build.lib.qlinear_repacked.restype, build.lib.qlinear_repacked.argtypes = ctypes.c_int, LINEAR_ARGTYPES
+            build.lib.qlinear_repacked.restype, build.lib.qlinear_repacked.argtypes = ctypes.c_int, REPACKED_ARGTYPES
             build.lib.qrepack.restype, build.lib.qrepack.argtypes = ctypes.c_int, REPACK_ARGTYPES
             build.lib.qrepack_bytes.restype, build.lib.qrepack_bytes.argtypes = _I64, [ctypes.c_int, _I64, _I64]
     else:
@@ -76,7 +84,7 @@ def kernel_build(impl: str = "int8") -> KernelBuild:
 
 def kernel(impl: str = "int8"):
     """The compiled kernel of ``impl`` (ctypes function), or None when it cannot be built or run here."""
-    return kernel_build(impl).fn if impl in ("int8", "float") else None
+    return kernel_build("int8" if impl in ACT_LEVELS else impl).fn if impl != "reference" else None
 
 
 def kernel_status() -> str:
@@ -164,7 +172,7 @@ class PackedLinear(nn.Module):
         fn = kernel(self.impl) if self.impl != "reference" and x2.device.type == "cpu" else None
         if self.impl == "float" and (x2.shape[0] > GEMV_MAX_ROWS or self.ggml_type not in FLOAT_TYPES):
             fn = None
-        if self.impl == "int8" and x2.shape[0] > INT8_MAX_ROWS:
+        if self.impl in ACT_LEVELS and x2.shape[0] > INT8_MAX_ROWS:
             fn = None
         if fn is None:
             chunks = self.row_chunks()
@@ -176,10 +184,11 @@ class PackedLinear(nn.Module):
             return y
         y = torch.empty(x2.shape[0], self.out_features)
         w = self.packed
-        if self.impl == "int8":  # the kernel reads the interleaved copy
+        args = (x2.shape[0], self.out_features, self.in_features, torch.get_num_threads())
+        if self.impl in ACT_LEVELS:  # the kernel reads the interleaved copy
             fn, w = kernel_build("int8").lib.qlinear_repacked, self.repacked()
-        rc = fn(self.ggml_type, x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.shape[0],
-                self.out_features, self.in_features, torch.get_num_threads())
+            args += (ACT_LEVELS[self.impl],)
+        rc = fn(self.ggml_type, x2.data_ptr(), w.data_ptr(), y.data_ptr(), *args)
         if rc != 0:
             raise RuntimeError(f"packed {self.impl} kernel failed with code {rc}")
         return y

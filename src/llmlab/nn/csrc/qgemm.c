@@ -96,12 +96,18 @@ static inline void quantize_block(const float *x, int8_t *q, float *d, float *s)
     *s = dd * (float)sum;
 }
 
-/* x (M, K), rows ldx apart -> q (M, K) int8, d and s (K/32, M): block-major, so a tile's rows have their
- * scales side by side. With ``norm`` (K floats), each row is first RMS-normalised (Zhang & Sennrich 2019) and
- * multiplied by norm: the layer's RMSNorm fused into the quantization. */
-void quantize_rows(const float *x, int64_t ldx, const float *norm, float eps, int64_t M, int64_t K, int8_t *q,
-                   float *d, float *s, int nthreads) {
-    const int64_t nb = K / QK;
+/* x (M, K), rows ldx apart -> q (levels * M, K) int8, d and s (K/32, levels * M): block-major, so a tile's rows
+ * have their scales side by side. With ``norm`` (K floats), each row is first RMS-normalised (Zhang & Sennrich
+ * 2019) and multiplied by norm: the layer's RMSNorm fused into the quantization.
+ *
+ * levels = 1: row m -> Q8 row m (llama.cpp's Q8_1: 8 bits in blocks of 32, so one large value in a block leaves
+ * the small ones a few steps of its scale). levels = 2: row m -> Q8 rows 2m and 2m + 1, the blocks of x and the
+ * blocks of their rounding error e = x - d q (each quantized the same way), so x = d1 q1 + d2 q2 up to e's own
+ * rounding (about 2^-14 of the block's largest value): the product with W is the sum of the two rows' integer
+ * products (qgemm_levels), twice the arithmetic on the same weight reads. */
+void quantize_rows(const float *x, int64_t ldx, const float *norm, float eps, int64_t M, int64_t K, int levels,
+                   int8_t *q, float *d, float *s, int nthreads) {
+    const int64_t nb = K / QK, R = (int64_t)levels * M;
 #pragma omp parallel num_threads(M >= 8 ? nthreads : 1)
     {
         float *tmp = norm ? (float *)malloc(sizeof(float) * K) : NULL;
@@ -115,8 +121,17 @@ void quantize_rows(const float *x, int64_t ldx, const float *norm, float eps, in
                 for (int64_t k = 0; k < K; k++) tmp[k] = norm[k] * (xm[k] * r);
                 xm = tmp;
             }
-            for (int64_t b = 0; b < nb; b++)
-                quantize_block(xm + b * QK, q + m * K + b * QK, d + b * M + m, s + b * M + m);
+            const int64_t r0 = m * levels;
+            for (int64_t b = 0; b < nb; b++) {
+                int8_t *q0 = q + r0 * K + b * QK;
+                quantize_block(xm + b * QK, q0, d + b * R + r0, s + b * R + r0);
+                if (levels == 2) {
+                    float e[QK];
+                    const float d0 = d[b * R + r0];
+                    for (int i = 0; i < QK; i++) e[i] = xm[b * QK + i] - d0 * (float)q0[i];
+                    quantize_block(e, q0 + K, d + b * R + r0 + 1, s + b * R + r0 + 1);
+                }
+            }
         }
         free(tmp);
     }
@@ -442,16 +457,45 @@ int qgemm_multi(int nmat, const int *kinds, const uint8_t *const *w, const int64
     return 0;
 }
 
-/* y (M, N) = x (M, K) @ W^T for one repacked matrix (qrepack): quantize x, then the integer product. */
+/* qgemm_multi on activations quantized with ``levels`` Q8 rows per row of x (quantize_rows): with 2 levels the
+ * 2M rows' products go to a temporary and each pair is summed, y[m] (+)= t[2m] + t[2m + 1]. */
+int qgemm_levels(int nmat, const int *kinds, const uint8_t *const *w, const int64_t *N, const int8_t *q,
+                 const float *d, const float *s, int levels, int64_t M, int64_t K, float *y, int64_t ldy,
+                 int accumulate, int nthreads) {
+    if (levels == 1) return qgemm_multi(nmat, kinds, w, N, q, d, s, M, K, y, ldy, accumulate, nthreads);
+    if (levels != 2 || nmat < 1 || nmat > 8) return -4;
+    int64_t cols = 0;
+    for (int j = 0; j < nmat; j++) cols += N[j];
+    float *t = (float *)malloc(sizeof(float) * 2 * M * cols);
+    if (!t) return -3;
+    const int rc = qgemm_multi(nmat, kinds, w, N, q, d, s, 2 * M, K, t, cols, 0, nthreads);
+    if (!rc) {
+        for (int64_t m = 0; m < M; m++) {
+            const float *t0 = t + 2 * m * cols, *t1 = t0 + cols;
+            float *ym = y + m * ldy;
+            if (accumulate)
+                for (int64_t c = 0; c < cols; c++) ym[c] += t0[c] + t1[c];
+            else
+                for (int64_t c = 0; c < cols; c++) ym[c] = t0[c] + t1[c];
+        }
+    }
+    free(t);
+    return rc;
+}
+
+/* y (M, N) = x (M, K) @ W^T for one repacked matrix (qrepack): quantize x (``levels`` Q8 rows per row: 1 or 2,
+ * quantize_rows), then the integer product. */
 int qlinear_repacked(int kind, const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
-                     int nthreads) {
+                     int nthreads, int levels) {
     if (K % QK) return -1;
-    int8_t *q = (int8_t *)malloc((size_t)(M * K));
-    float *d = (float *)malloc(sizeof(float) * M * (K / QK)), *s = (float *)malloc(sizeof(float) * M * (K / QK));
+    if (levels != 1 && levels != 2) return -4;
+    const int64_t R = levels * M;
+    int8_t *q = (int8_t *)malloc((size_t)(R * K));
+    float *d = (float *)malloc(sizeof(float) * R * (K / QK)), *s = (float *)malloc(sizeof(float) * R * (K / QK));
     int rc = -3;
     if (q && d && s) {
-        quantize_rows(x, K, NULL, 0.0f, M, K, q, d, s, nthreads);
-        rc = qgemm_multi(1, &kind, &w, &N, q, d, s, M, K, y, N, 0, nthreads);
+        quantize_rows(x, K, NULL, 0.0f, M, K, levels, q, d, s, nthreads);
+        rc = qgemm_levels(1, &kind, &w, &N, q, d, s, levels, M, K, y, N, 0, nthreads);
     }
     free(q), free(d), free(s);
     return rc;
@@ -463,7 +507,7 @@ int qlinear(int kind, const float *x, const uint8_t *w, float *y, int64_t M, int
     uint8_t *r = (uint8_t *)malloc((size_t)qrepack_bytes(kind, N, K));
     if (!r) return -3;
     int rc = qrepack(kind, w, N, K, r);
-    if (!rc) rc = qlinear_repacked(kind, x, r, y, M, N, K, nthreads);
+    if (!rc) rc = qlinear_repacked(kind, x, r, y, M, N, K, nthreads, 1);
     free(r);
     return rc;
 }
