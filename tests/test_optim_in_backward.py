@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
+import signal
 from pathlib import Path
 
 import pytest
@@ -83,13 +82,9 @@ def test_a_non_finite_gradient_leaves_its_parameter_and_shows_in_the_norm():
 
 # ---- through the loop: llmlab dpo --method full --------------------------------------------------------------
 
-
-def _dpo(capsys, out: Path, *args) -> tuple[int, str]:
-    from llmlab.cli import main
-
-    code = main(["dpo", "--method", "full", "--out", str(out), "--lr", "3e-3", "--batch-size", "2", "--pairs", "4",
-                 "--val-pairs", "0", "--eval-examples", "0", "--grad-clip", "0", "--no-progress", *args])
-    return code, capsys.readouterr().err
+README_LINE = "llmlab dpo --method full --optimizer-in-backward --grad-clip 0"
+BUDGET = ["--lr", "3e-3", "--batch-size", "2", "--pairs", "4", "--val-pairs", "0", "--eval-examples", "0",
+          "--steps", "3", "--warmup", "1", "--save-every", "2", "--no-progress"]
 
 
 def _train_records(run: Path) -> list[dict]:
@@ -100,37 +95,65 @@ def _final(run: Path) -> dict[str, torch.Tensor]:
     return ckpt.load_model_state(ckpt.list_checkpoints(run / "checkpoints")[0])[1]
 
 
-def test_loop_in_backward_equals_plain_steps_schedule_and_checkpoint(tiny_folder, tmp_path, capsys):  # noqa: F811
-    """Four DPO steps under a warmup + cosine schedule: the same losses, learning rates and final weights as the
-    plain AdamW step (no clipping either side), and the checkpoint holds the same AdamW moments."""
-    common = ["--model", str(tiny_folder), "--steps", "4", "--warmup", "2", "--save-every", "0"]
-    assert _dpo(capsys, tmp_path / "plain", *common)[0] == 0
-    code, err = _dpo(capsys, tmp_path / "fused", *common, "--optimizer-in-backward")
-    assert code == 0, err[-2000:]
-    plain, fused = _train_records(tmp_path / "plain"), _train_records(tmp_path / "fused")
-    assert [r["lr"] for r in fused] == [lr_at(s, lr=3e-3, warmup=2, total=4) for s in range(4)]
+@pytest.fixture(scope="module")
+def runs(tiny_folder, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
+    """Three DPO steps (warmup 1 + cosine) on the tiny model: the README's line with a small budget ("fused"), the
+    same without --optimizer-in-backward ("plain", --grad-clip 0 too), and the README's line stopped by SIGTERM
+    during step 2, then run again ("resumed")."""
+    from llmlab.cli import main
+    from llmlab.train.dpo import DPOTask
+
+    root = tmp_path_factory.mktemp("inbwd")
+    line = README_LINE.split()[1:]
+    out = {name: root / name for name in ("plain", "fused", "resumed")}
+    assert main([*[a for a in line if a != "--optimizer-in-backward"], "--model", str(tiny_folder), "--out",
+                 str(out["plain"]), *BUDGET]) == 0
+    assert main([*line, "--model", str(tiny_folder), "--out", str(out["fused"]), *BUDGET]) == 0
+    loss = DPOTask.loss
+
+    def stop_in_step_2(self, model, step, *args, **kw):  # a user's Ctrl-C / SIGTERM during the second step
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return loss(self, model, step, *args, **kw)
+
+    DPOTask.loss = stop_in_step_2
+    try:
+        assert main([*line, "--model", str(tiny_folder), "--out", str(out["resumed"]), *BUDGET]) == 130
+    finally:
+        DPOTask.loss = loss
+    assert [r["step"] for r in _train_records(out["resumed"])] == [1, 2]
+    assert main([*line, "--model", str(tiny_folder), "--out", str(out["resumed"]), *BUDGET]) == 0
+    return out
+
+
+def test_readme_line_is_this():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert any(x.split("#")[0].strip() == README_LINE for x in readme.splitlines())
+
+
+def test_loop_in_backward_equals_plain_steps_with_the_schedule(runs):
+    """The same losses, learning rates (warmup + cosine) and final weights as the plain AdamW step, no clipping
+    either side, and the checkpoint holds the same AdamW moments under the same parameter names."""
+    plain, fused = _train_records(runs["plain"]), _train_records(runs["fused"])
+    assert [r["lr"] for r in fused] == [lr_at(s, lr=3e-3, warmup=1, total=3) for s in range(3)]
     assert [r["loss"] for r in fused] == [r["loss"] for r in plain]
     assert [r["grad_norm"] for r in fused] == pytest.approx([r["grad_norm"] for r in plain], rel=1e-5)
-    a, b = _final(tmp_path / "plain"), _final(tmp_path / "fused")
+    a, b = _final(runs["plain"]), _final(runs["fused"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = (ckpt.load_training_state(ckpt.list_checkpoints(tmp_path / r / "checkpoints")[0])["optimizer"]["state"]
+    sa, sb = (ckpt.load_training_state(ckpt.list_checkpoints(runs[r] / "checkpoints")[0])["optimizer"]["state"]
               for r in ("plain", "fused"))
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+    assert json.loads((runs["fused"] / "train_config.json").read_text())["optimizer_in_backward"] is True
+    assert json.loads((runs["fused"] / "summary.json").read_text())["saved"]
 
 
-def test_loop_in_backward_resumes_exactly(tiny_folder, tmp_path, capsys):  # noqa: F811
-    """Two steps, then the same command with --steps 4 resuming from the step-2 checkpoint: the losses and
-    weights of four uninterrupted steps (constant schedule, so the step count does not move the learning rate)."""
-    common = ["--model", str(tiny_folder), "--schedule", "constant", "--warmup", "0", "--save-every", "2",
-              "--optimizer-in-backward"]
-    assert _dpo(capsys, tmp_path / "whole", *common, "--steps", "4")[0] == 0
-    assert _dpo(capsys, tmp_path / "resumed", *common, "--steps", "2")[0] == 0
-    code, err = _dpo(capsys, tmp_path / "resumed", *common, "--steps", "4")
-    assert code == 0, err[-2000:]
-    whole, resumed = _train_records(tmp_path / "whole"), _train_records(tmp_path / "resumed")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+def test_loop_in_backward_resumes_exactly(runs):
+    """Stopped during step 2 (checkpoint on the way out), run again: the uninterrupted run's losses and weights
+    (the learning rate set after loading the optimizer state reaches it: step 3's differs from step 2's)."""
+    whole, resumed = _train_records(runs["fused"]), _train_records(runs["resumed"])
+    assert [r["step"] for r in resumed] == [1, 2, 3]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]
-    a, b = _final(tmp_path / "whole"), _final(tmp_path / "resumed")
+    a, b = _final(runs["fused"]), _final(runs["resumed"])
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -149,9 +172,12 @@ def test_refused_combinations(flags, message):
     TrainConfig(optimizer_in_backward=True, grad_clip=0.0, micro_batch=8, batch_size=8).validate()  # no accumulation
 
 
-def test_cli_refusal_is_one_line_exit_2(tmp_path):
-    """As a user runs it: the default --grad-clip 1.0 with the flag stops before loading anything."""
-    r = subprocess.run([sys.executable, "-m", "llmlab", "dpo", "--method", "full", "--optimizer-in-backward",
-                        "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
-    assert r.stderr.startswith("llmlab: error: --optimizer-in-backward cannot clip") and "--grad-clip 0" in r.stderr
+def test_cli_refusal_is_one_line_exit_2(tmp_path, capsys):
+    """As a user runs it: the default --grad-clip 1.0 with the flag stops before loading anything (the process
+    level, exit 2 with no traceback, is tests/test_dpo.py's test_cli_process_bad_input_no_traceback)."""
+    from llmlab.cli import main
+
+    code = main(["dpo", "--method", "full", "--optimizer-in-backward", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err[-2000:]
+    assert err.startswith("llmlab: error: --optimizer-in-backward cannot clip") and "--grad-clip 0" in err

@@ -54,14 +54,12 @@ class OptimizerInBackward:
 
     def __init__(self, groups: list[dict], make: Callable[[list[dict]], torch.optim.Optimizer]):
         self.optimizers: list[torch.optim.Optimizer] = []
-        self.param_groups: list[dict] = []
         self._sq_norm = 0.0  # sum of squared gradient norms this step (float64 on the host)
         self._handles = []
         for group in groups:
             for p in group["params"]:
                 opt = make([{**group, "params": [p]}])
                 self.optimizers.append(opt)
-                self.param_groups += opt.param_groups
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook(opt)))
 
     def _hook(self, opt: torch.optim.Optimizer):
@@ -72,6 +70,12 @@ class OptimizerInBackward:
                 opt.step()
             p.grad = None
         return step_and_free
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """Every per-parameter optimizer's group, read afresh: ``load_state_dict`` replaces the group dicts, so a
+        list kept from construction would take the loop's learning rate and reach no optimizer after a resume."""
+        return [g for opt in self.optimizers for g in opt.param_groups]
 
     def pop_grad_norm(self) -> float:
         """The L2 norm over every gradient stepped since the last call (what ``clip_grad_norm_`` returns)."""
