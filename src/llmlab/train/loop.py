@@ -113,7 +113,7 @@ class TrainConfig:
         return self
 
     def _check_in_backward(self) -> None:
-        """The combinations where a step fused into backward would not be the plain step (train/optim_in_backward.py)."""
+        """Where a step fused into backward would not be the plain step (train/optim_in_backward.py)."""
         why = "each weight is updated as soon as its own gradient is ready"
         if self.grad_clip > 0:
             raise LlmlabError(f"--optimizer-in-backward cannot clip the global gradient norm ({why}, before the "
