@@ -16,7 +16,13 @@ Variants (each in its own subprocess, so peak RSS is its own), as each side runs
   training (``train/dpo.py``); its one-time cost is printed apart (seconds per pair);
 - ``trl full``: ``DPOTrainer`` full fine-tuning, no ``ref_model``: TRL loads a second copy of the model as the
   reference and runs it every step;
-- ``llmlab full``: full fine-tuning, reference precomputed: one model in memory.
+- ``llmlab full``: full fine-tuning, reference precomputed: one model in memory;
+- ``llmlab full-inbwd``: the same with ``--optimizer-in-backward`` (``train/optim_in_backward.py``): each
+  weight's AdamW update runs during backward and its gradient is freed, so the gradients never all exist at
+  once. Compared with ``trl full`` (run once for both full rows).
+
+Neither side clips the gradient norm: TRL's ``max_grad_norm`` (1.0 by default) is applied by the Trainer's loop,
+which this step leaves out, so the fused row is like for like.
 
 TRL's gradient checkpointing (on by default) is turned off, as llmlab's is off by default: both store
 activations. The step is ``trainer.compute_loss`` + backward + AdamW, TRL's own loss with the batch TRL's
@@ -25,7 +31,7 @@ Step time: median over ``--steps`` steps after ``--warmup``. Peak RSS: the subpr
 (load + training; not ``ru_maxrss``, which Linux carries over from the driver through ``execve``) and the
 training-only peak (``VmHWM`` reset once the models are loaded and the reference stored).
 
-    nice python benchmarks/dpo.py [--steps 5] [--warmup 1] [--pairs 4] [--threads 2] [--variants lora,full]
+    nice python benchmarks/dpo.py [--steps 5] [--warmup 1] [--pairs 4] [--threads 2] [--variants lora,full,full-inbwd]
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from llmlab.nn.cpu_kernels import cpu_description
 
 BETA = 0.1
 LR = {"lora": 5e-4, "full": 5e-5}
+VARIANTS = ("lora", "full", "full-inbwd")  # full-inbwd: full fine-tuning, llmlab's optimizer step in backward
 R, ALPHA = 16, 32.0
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -120,7 +127,7 @@ def setup_trl(workdir: Path, data: dict, method: str):
     return step, None
 
 
-def setup_llmlab(data: dict, method: str):
+def setup_llmlab(data: dict, method: str, in_backward: bool):
     import time
 
     from llmlab.formats.load import load_model
@@ -137,7 +144,8 @@ def setup_llmlab(data: dict, method: str):
     per_pair = (time.perf_counter() - t) / len(pairs)
     task = DPOTask(model, loaded, {"train": pairs}, ref, cfg, 0, data["pad_id"])
     model.train()
-    opt = build_adamw(model, LR[method], 0.0, (0.9, 0.95))
+    # in backward: the hooks step each weight inside loss.backward(); opt.step() and zero_grad() find nothing left
+    opt = build_adamw(model, LR[method], 0.0, (0.9, 0.95), in_backward=in_backward)
     n = len(pairs)
     state = {"step": 0}
 
@@ -158,7 +166,8 @@ def worker(args) -> None:
     workdir = Path(args.workdir)
     data = torch.load(workdir / "pairs.pt")
     v = json.loads(args.worker)
-    step, per_pair = (setup_trl(workdir, data, v["method"]) if v["side"] == "trl" else setup_llmlab(data, v["method"]))
+    step, per_pair = (setup_trl(workdir, data, v["method"]) if v["side"] == "trl"
+                      else setup_llmlab(data, v["method"], v.get("in_backward", False)))
     measure_and_report(step, args, ref_s_per_pair=per_pair)
 
 
@@ -168,7 +177,7 @@ def run_variant(name: str, variant: dict, args, workdir: Path) -> dict | None:
         return None
     train = f"{r['train_peak_mb']:>6.0f}" if r["train_peak_mb"] is not None else "     ?"
     ref = f"   reference stored: {r['ref_s_per_pair']:.3f} s/pair once" if r["ref_s_per_pair"] is not None else ""
-    print(f"{name:<14} {r['step']:>7.3f} s {r['maxrss_mb']:>7.0f} MB {train} MB   loss {r['loss']:.6f}   "
+    print(f"{name:<18} {r['step']:>7.3f} s {r['maxrss_mb']:>7.0f} MB {train} MB   loss {r['loss']:.6f}   "
           f"(steps: {', '.join(f'{t:.2f}' for t in r['times'])}){ref}", flush=True)
     return r
 
@@ -180,15 +189,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides (default: 2)")
     p.add_argument("--pairs", type=int, default=4, help="preference pairs per step (default: 4)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence at most (default: 128)")
-    p.add_argument("--variants", default="lora,full", help="lora, full or both (default: lora,full)")
+    p.add_argument("--variants", default="lora,full", help="comma-separated: lora, full, full-inbwd (llmlab's "
+                   "optimizer step fused into backward, against TRL's full run) (default: lora,full)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
     methods = [m.strip() for m in args.variants.split(",") if m.strip()]
-    if not methods or set(methods) - {"lora", "full"}:
-        sys.exit(f"--variants {args.variants}: use lora, full or lora,full")
+    if not methods or set(methods) - set(VARIANTS):
+        sys.exit(f"--variants {args.variants}: use a comma-separated list of {', '.join(VARIANTS)}")
     args.warmup = max(1, args.warmup)
     print(f"CPU: {cpu_description()}")
     print(f"load average before: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}; torch "
@@ -207,14 +217,15 @@ def main() -> None:
         print(f"peer: trl {trl.__version__}, peft {peft.__version__}")
     variants = {}
     for m in methods:
+        base = m.split("-")[0]  # full-inbwd is measured against TRL's full run
         if have_trl:
-            variants[f"trl {m}"] = dict(side="trl", method=m)
-        variants[f"llmlab {m}"] = dict(side="llmlab", method=m)
+            variants[f"trl {base}"] = dict(side="trl", method=base)
+        variants[f"llmlab {m}"] = dict(side="llmlab", method=base, in_backward=m.endswith("-inbwd"))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         prepare(workdir, args.pairs, args.seq)
-        print(f"{'variant':<14} {'step':>9} {'peak RSS':>10} {'train pk':>9}")
+        print(f"{'variant':<18} {'step':>9} {'peak RSS':>10} {'train pk':>9}")
         for name, variant in variants.items():
             r = run_variant(name, variant, args, workdir)
             if r is not None:
@@ -222,7 +233,7 @@ def main() -> None:
     print(f"load average after: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     print("ratios (llmlab vs TRL: step-time speedup, peak RSS ratio, training-peak ratio):")
     for m in methods:
-        ours, peer = results.get(f"llmlab {m}"), results.get(f"trl {m}")
+        ours, peer = results.get(f"llmlab {m}"), results.get(f"trl {m.split('-')[0]}")
         if ours is None or peer is None:
             print(f"  {m}: no ratio ({'TRL' if peer is None else 'llmlab'} did not run)")
             continue

@@ -7,6 +7,9 @@ One optimizer step:
         with autocast(dtype): loss = task.loss(model, step, rows) / accum;  backward
     unscale (fp16), clip the global gradient norm, check loss and norm are finite, AdamW step
 
+- ``optimizer_in_backward``: each parameter's AdamW update runs during backward as soon as its gradient is
+  complete, and the gradient is freed (``train/optim_in_backward.py``): the same step without clipping,
+  accumulation, fp16 scaling or more than one process (those are refused).
 - Gradient accumulation: global batch = micro_batch x accum x world_size rows; DDP syncs only on the
   last micro-batch.
 - Mixed precision: bf16 or fp16 autocast (fp16 with dynamic loss scaling, Micikevicius et al. 2018,
@@ -45,6 +48,7 @@ from llmlab.nn.autocast import autocast, cpu_has_native
 from llmlab.train import distributed as dist_
 from llmlab.train.html_report import write_run_report
 from llmlab.train.optim import OPTIMIZERS, SCHEDULES, build_adamw, lr_at
+from llmlab.train.optim_in_backward import OptimizerInBackward
 from llmlab.train.report import Metrics, plot_curves
 
 
@@ -84,6 +88,10 @@ class TrainConfig:
     optimizer: str = field(default="adamw", metadata={
         "help": "adamw (fp32 moments, 8 bytes of state per parameter) or adamw8bit (blockwise 8-bit moments, "
                 "about 2 bytes; train/adamw8bit.py)", "choices": OPTIMIZERS})
+    optimizer_in_backward: bool = field(default=False, metadata={
+        "help": "update each weight during backward as soon as its gradient is ready and free the gradient, so "
+                "the gradients never all exist at once (the same update; needs --grad-clip 0, no gradient "
+                "accumulation, one process; train/optim_in_backward.py)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, mps or auto"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -100,7 +108,25 @@ class TrainConfig:
             raise LlmlabError("--keep-checkpoints, --eval-batches and --log-every must be >= 1")
         if self.optimizer not in OPTIMIZERS:
             raise LlmlabError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer_in_backward:
+            self._check_in_backward()
         return self
+
+    def _check_in_backward(self) -> None:
+        """Where a step fused into backward would not be the plain step (train/optim_in_backward.py)."""
+        why = "each weight is updated as soon as its own gradient is ready"
+        if self.grad_clip > 0:
+            raise LlmlabError(f"--optimizer-in-backward cannot clip the global gradient norm ({why}, before the "
+                              "norm over all of them is known): add --grad-clip 0")
+        if self.micro_batch and self.micro_batch < self.batch_size:
+            raise LlmlabError(f"--optimizer-in-backward cannot accumulate gradients over micro-batches ({why}): "
+                              f"drop --micro-batch {self.micro_batch} or --optimizer-in-backward")
+        if self.on_nan == "skip":
+            raise LlmlabError(f"--optimizer-in-backward cannot skip a step after a non-finite gradient ({why}, "
+                              "so earlier ones are already updated): use --on-nan stop")
+        if self.dtype == "float16":
+            raise LlmlabError(f"--optimizer-in-backward cannot check float16 loss scaling over all gradients first "
+                              f"({why}): use --dtype bfloat16 or float32")
 
 
 class Task(Protocol):
@@ -200,7 +226,7 @@ class _Run:
     accum: int  # micro-batches per optimizer step
     wrapped: nn.Module  # the model under DDP / FSDP (or the model itself on one process)
     forward_model: nn.Module  # ``wrapped``, compiled with --compile (unless the task compiled its loss)
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | OptimizerInBackward
     scaler: torch.amp.GradScaler
     metrics: Metrics
     checkpointed_blocks: int = 0
@@ -253,8 +279,11 @@ def _setup(task: Task, cfg: TrainConfig, run_dir: Path) -> _Run:
     wrapped = dist_.wrap(model, world, cfg.parallel)
     if cfg.optimizer == "adamw8bit" and world.distributed and cfg.parallel == "fsdp":
         raise LlmlabError("--optimizer adamw8bit does not take FSDP-sharded parameters yet: use --parallel ddp")
+    if cfg.optimizer_in_backward and (world.distributed or per_rank_rows != micro):
+        raise LlmlabError("--optimizer-in-backward runs on one process without gradient accumulation (DDP / FSDP "
+                          "average each gradient after its update would have used it): drop it under torchrun")
     optimizer = build_adamw(wrapped, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                            eight_bit=cfg.optimizer == "adamw8bit")
+                            eight_bit=cfg.optimizer == "adamw8bit", in_backward=cfg.optimizer_in_backward)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     forward_model = wrapped
     if cfg.compile:  # a task may compile its forward + loss as one graph; otherwise the model alone
@@ -282,7 +311,7 @@ def _resume(run: _Run, resume: bool) -> None:
     _, core = ckpt.load_model_state(found)
     extras = {name: ckpt.safetensors.load(found / name) for name in run.task.extra_files()}
     state = ckpt.load_training_state(found)
-    dist_.load_full_state(run.wrapped, run.optimizer, run.task.join_state(core, extras), state["optimizer"])
+    dist_.load_full_state(run.wrapped, _optimizers(run), run.task.join_state(core, extras), state["optimizer"])
     if state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
@@ -293,10 +322,17 @@ def _resume(run: _Run, resume: bool) -> None:
     run.say(f"resuming from {found} (step {run.step})")
 
 
+def _optimizers(run: _Run):
+    """What torch.distributed.checkpoint saves and loads: the optimizer, or the per-parameter ones of
+    --optimizer-in-backward (keyed by parameter name either way)."""
+    return run.optimizer.optimizers if isinstance(run.optimizer, OptimizerInBackward) else run.optimizer
+
+
 def _train_step(run: _Run, params: list[nn.Parameter]) -> dict:
     """One optimizer step (see the module docstring); returns its metrics record. A non-finite loss or
     gradient stops the run (``on_nan="stop"``) or skips the update (``"skip"``)."""
     cfg, world, optimizer, scaler = run.cfg, run.world, run.optimizer, run.scaler
+    in_backward = isinstance(optimizer, OptimizerInBackward)
     step = run.step
     lr = lr_at(step, lr=cfg.lr, warmup=cfg.warmup, total=cfg.steps, schedule=cfg.schedule,
                min_lr_ratio=cfg.min_lr_ratio)
@@ -310,12 +346,17 @@ def _train_step(run: _Run, params: list[nn.Parameter]) -> dict:
         with (contextlib.nullcontext() if sync else run.wrapped.no_sync()), autocast(run.device, cfg.dtype):
             loss, n_tok = run.task.loss(run.forward_model, step, first_row, run.micro, cfg.batch_size)
             loss = loss / run.accum
-        scaler.scale(loss).backward()
         step_loss += float(loss.detach())
         step_tokens += n_tok
-    scaler.unscale_(optimizer)
-    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        if in_backward and not math.isfinite(step_loss):
+            break  # its backward would update the weights: no step at all
+        scaler.scale(loss).backward()
+    if in_backward:  # the weights were updated during backward (optimizer.step() does nothing)
+        gnorm = optimizer.pop_grad_norm()
+    else:
+        scaler.unscale_(optimizer)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
     step_loss = dist_.all_mean(step_loss, world)
     # With fp16 loss scaling an inf gradient is expected now and then: the scaler skips that step itself.
     finite = math.isfinite(step_loss) and (math.isfinite(gnorm) or scaler.is_enabled())
@@ -325,7 +366,8 @@ def _train_step(run: _Run, params: list[nn.Parameter]) -> dict:
             where = f"; the last good checkpoint is {run.last_ckpt}" if run.last_ckpt else ""
             raise LlmlabError(f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient'} at "
                               f"step {step + 1} (loss {step_loss}, grad norm {gnorm}){where}: lower "
-                              "--lr, use --dtype bfloat16, or --on-nan skip")
+                              "--lr, use --dtype bfloat16, or --on-nan skip"
+                              + (" (without --optimizer-in-backward)" if in_backward else ""))
         run.skipped_steps += 1
         if world.is_main:
             log.warning("step %d: non-finite loss or gradient, step skipped", step + 1)
@@ -365,7 +407,7 @@ def _evaluate(run: _Run) -> float:
 def _save(run: _Run) -> Path | None:
     """Checkpoint the current step (model, optimizer, scaler, RNG, counters); every process takes part
     in gathering the state, rank 0 writes it. Returns the folder (None on other ranks)."""
-    msd, osd = dist_.full_state(run.wrapped, run.optimizer)
+    msd, osd = dist_.full_state(run.wrapped, _optimizers(run))
     path = None
     if run.world.is_main:
         core, extras = run.task.split_state(msd)
@@ -440,6 +482,8 @@ def train(task: Task, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = T
                     _save(run)
         finally:
             bar.close()
+            if isinstance(run.optimizer, OptimizerInBackward):
+                run.optimizer.remove_hooks()  # the model outlives the run (evaluation, saving, a later run)
     if stopped == "done" or stopped == "time limit":
         _evaluate(run)
     _save(run)

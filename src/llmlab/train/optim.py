@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from llmlab.train.adamw8bit import AdamW8bit
+from llmlab.train.optim_in_backward import OptimizerInBackward
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -32,18 +33,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
-                eps: float = 1e-8, eight_bit: bool = False) -> torch.optim.Optimizer:
+                eps: float = 1e-8, eight_bit: bool = False,
+                in_backward: bool = False) -> torch.optim.Optimizer | OptimizerInBackward:
     """AdamW over the trainable parameters; the fused kernel (one pass over each parameter, its gradient and
     moments) when every parameter is on one CUDA or CPU device: on 2 CPU cores it updates GPT-2 6L/384's 30M
     parameters about 8x faster than PyTorch's default per-parameter loop there, the same update up to float
     rounding. transformers' Trainer defaults to the same kernel (``adamw_torch_fused``). ``eight_bit``: the same
-    update with blockwise 8-bit moments (``train/adamw8bit.py``)."""
+    update with blockwise 8-bit moments (``train/adamw8bit.py``). ``in_backward``: the same optimizer, one per
+    parameter, stepped during backward as each gradient is complete (``train/optim_in_backward.py``)."""
     groups = param_groups(model, weight_decay)
     if eight_bit:
-        return AdamW8bit(groups, lr=lr, betas=betas, eps=eps)
-    devices = {p.device.type for g in groups for p in g["params"]}
-    fused = len(devices) == 1 and devices <= {"cuda", "cpu"}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if fused else None)
+        def make(gs):
+            return AdamW8bit(gs, lr=lr, betas=betas, eps=eps)
+    else:
+        devices = {p.device.type for g in groups for p in g["params"]}
+        fused = len(devices) == 1 and devices <= {"cuda", "cpu"}
+
+        def make(gs):
+            return torch.optim.AdamW(gs, lr=lr, betas=betas, eps=eps, fused=True if fused else None)
+    return OptimizerInBackward(groups, make) if in_backward else make(groups)
 
 
 def lr_at(step: int, *, lr: float, warmup: int, total: int, schedule: str = "cosine",
