@@ -1,5 +1,7 @@
-"""The MiniLLM claim measured: do students distilled with reverse KL write fewer hallucinated continuations than
-students distilled with forward KL? (``eval/hallucination.py`` defines the two measures.)
+"""The MiniLLM claim measured: hallucinated continuations of reverse-KL vs forward-KL distilled students.
+
+Do students distilled with reverse KL write fewer hallucinated continuations than students distilled with forward
+KL? (``eval/hallucination.py`` defines the two measures.)
 
 Trains one student per ``--losses`` entry with ``llmlab distill`` (the same student preset, initialisation, data
 order and budget; a run folder that already holds ``model/`` is reused), then each student -- and the teacher
@@ -10,7 +12,7 @@ the mean teacher surprisal (nats/token); the share of written names (identifiers
 prompt, the true continuation nor Python's keywords and builtins; and the held-out perplexity. Medians over the
 seeds, each seed's value in the JSON. Last line: U of reverse-kl / U of kd (sampled). Single thread.
 
-    python benchmarks/distill_hallucination.py --steps 50 --out runs/hallucination
+    python benchmarks/distill_hallucination.py --steps 40 --out runs/hallucination
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,25 +30,31 @@ import torch
 LOSSES = "kd,reverse-kl,gkd,ce"
 
 
+@dataclass
+class Options:
+    teacher: str = field(default="smollm2-135m-instruct", metadata={"help": "teacher"})
+    student: str = field(default="smollm2-tiny", metadata={"help": "student preset or folder"})
+    data: str = field(default="data/stdlib-smollm2", metadata={
+        "help": "token shards in the teacher's tokenizer (prepared from the stdlib if missing)"})
+    losses: str = field(default=LOSSES, metadata={"help": "comma-separated distill losses"})
+    steps: int = field(default=40, metadata={"help": "training steps of every student"})
+    batch_size: int = field(default=4, metadata={"help": "windows per step"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per training window"})
+    out: str = field(default="runs/hallucination", metadata={"help": "folder of the run folders and the JSON"})
+    prompts: int = field(default=24, metadata={"help": "held-out windows to continue"})
+    prompt_tokens: int = field(default=96, metadata={"help": "tokens of each prompt"})
+    gen_tokens: int = field(default=32, metadata={
+        "help": "tokens of each continuation, measured and (reverse-kl, gkd) trained on"})
+    seeds: str = field(default="1,2,3", metadata={"help": "sampling seeds, comma-separated"})
+    epsilon: float = field(default=1e-3, metadata={"help": "teacher-probability threshold of U"})
+    threads: int = field(default=1, metadata={"help": "torch threads"})
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    from llmlab.dataclass_io import add_flags
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", default="smollm2-135m-instruct", help="teacher (default: smollm2-135m-instruct)")
-    ap.add_argument("--student", default="smollm2-tiny", help="student preset (default: smollm2-tiny)")
-    ap.add_argument("--data", default="data/stdlib-smollm2",
-                    help="token shards in the teacher's tokenizer (default: data/stdlib-smollm2, prepared if missing)")
-    ap.add_argument("--losses", default=LOSSES, help=f"comma-separated distill losses (default: {LOSSES})")
-    ap.add_argument("--steps", type=int, default=50, help="training steps of every student (default: 50)")
-    ap.add_argument("--batch-size", type=int, default=4, help="windows per step (default: 4)")
-    ap.add_argument("--seq-len", type=int, default=128, help="tokens per training window (default: 128)")
-    ap.add_argument("--out", default="runs/hallucination", help="folder of the run folders (default: "
-                                                                "runs/hallucination)")
-    ap.add_argument("--prompts", type=int, default=24, help="held-out windows to continue (default: 24)")
-    ap.add_argument("--prompt-tokens", type=int, default=96, help="tokens of each prompt (default: 96)")
-    ap.add_argument("--gen-tokens", type=int, default=32,
-                    help="tokens of each continuation, measured and (reverse-kl, gkd) trained on (default: 32)")
-    ap.add_argument("--seeds", default="1,2,3", help="sampling seeds, comma-separated (default: 1,2,3)")
-    ap.add_argument("--epsilon", type=float, default=1e-3, help="teacher-probability threshold (default: 1e-3)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    add_flags(ap, Options)
     return ap.parse_args(argv)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,7 @@ def _script():
     spec = importlib.util.spec_from_file_location("distill_hallucination", ROOT / "benchmarks" /
                                                   "distill_hallucination.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
