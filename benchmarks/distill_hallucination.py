@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> None:
     models["teacher (itself)"] = (teacher.model, None)
     rows, t1 = [], time.perf_counter()
     for name, (model, summary) in models.items():
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
         for m in measure(model, teacher.model, teacher.tokenizer, prompts, refs, seeds, args.epsilon):
             rows.append({"model": name, "mode": m.mode, "unsupported": m.unsupported, "surprisal": m.surprisal,
                          "ungrounded": m.ungrounded, "per_seed": m.per_seed, "tokens": m.tokens, "names": m.names,
@@ -135,8 +136,9 @@ def run(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         ppl = f"{r['val_ppl']:.1f}" if r["val_ppl"] is not None else "-"
+        names = f"{100 * r['ungrounded']:.1f}%" if r["names"] else "-"
         print(f"| {r['model']} | {r['mode']} | {100 * r['unsupported']:.1f}% | {r['surprisal']:.2f} | "
-              f"{100 * r['ungrounded']:.1f}% ({r['names']} names) | {ppl} |")
+              f"{names} ({r['names']} names) | {ppl} |")
     out = Path(args.out) / "hallucination.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")

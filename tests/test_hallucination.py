@@ -35,27 +35,33 @@ class Bigram(nn.Module):
 
 
 def _teacher_table(V=6):
-    """Every context: mass on tokens 0..2 only (the rest get 1e-6 together): tokens 3..5 are the void region."""
+    """After token i the teacher puts its mass on i, i+1, i+2 (mod 6) and 1e-6 on the other three together: those
+    three are the void region, a different one in each context."""
     p = torch.full((V, V), 1e-6 / 3)
-    p[:, :3] = (1 - 1e-6) * torch.tensor([0.5, 0.3, 0.2])
+    for i in range(V):
+        p[i, [i, (i + 1) % V, (i + 2) % V]] = (1 - 1e-6) * torch.tensor([0.5, 0.3, 0.2])
     return p.log()
 
 
 def test_a_student_with_mass_where_the_teacher_has_none_scores_higher():
-    """Hand-made distributions: a mode-seeking student (a sharpened teacher) samples only supported tokens, U = 0;
-    a covering student (uniform over 6 tokens, what forward KL pushes towards) writes the void half of the time:
-    U is the student's mass on {p_T < eps} = 0.5, up to sampling noise over 6,000 tokens; teacher_logprobs reads
-    the teacher's table at each sampled (previous, next) pair."""
-    teacher = Bigram(_teacher_table())
+    """Hand-made distributions: a mode-seeking student (the teacher sharpened, p_T^2 renormalised) samples only
+    supported tokens, U = 0; a covering student (uniform over 6 tokens, what forward KL pushes towards) writes the
+    void half of the time: U is the student's mass on {p_T < eps} = 0.5, up to sampling noise over 6,000 tokens;
+    teacher_logprobs reads the teacher's table at each (previous, sampled) pair."""
+    table = _teacher_table()
+    teacher = Bigram(table)
     g = torch.Generator().manual_seed(0)
     prompts = torch.zeros(200, 1, dtype=torch.long)  # (B, P = 1)
-    students = {"mode-seeking": torch.tensor([0.7, 0.3, 0.0, 0.0, 0.0, 0.0]), "covering": torch.full((6,), 1 / 6)}
     u = {}
-    for name, p in students.items():
-        cont = torch.multinomial(p, 200 * 30, replacement=True, generator=g).view(200, 30)  # (B, G)
+    for name in ("mode-seeking", "covering"):
+        prev, cont = prompts[:, 0], []
+        for _ in range(30):
+            p = (2 * table[prev]).softmax(-1) if name == "mode-seeking" else torch.full((200, 6), 1 / 6)  # (B, V)
+            prev = torch.multinomial(p, 1, generator=g)[:, 0]
+            cont.append(prev)
+        cont = torch.stack(cont, 1)  # (B, G)
         lp = H.teacher_logprobs(teacher, prompts, cont, batch=64)  # (B, G)
-        prev = torch.cat([prompts, cont[:, :-1]], 1)
-        torch.testing.assert_close(lp, _teacher_table()[prev, cont])
+        torch.testing.assert_close(lp, table[torch.cat([prompts, cont[:, :-1]], 1), cont])
         u[name] = H.unsupported_share(lp.reshape(-1))
     assert u["mode-seeking"] == 0.0
     assert u["covering"] == pytest.approx(0.5, abs=0.03)
