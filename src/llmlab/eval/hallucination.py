@@ -18,8 +18,8 @@ by sampling at temperature 1 (several seeds) and greedily.
     KL(q_theta || p) + H(q_theta) over the student's own continuations.
 
 (b) **Ungrounded names**: in the decoded continuation, the identifiers and numbers (``NAME``) that appear neither
-    in the prompt, nor in the reference continuation (the text's true next G tokens), nor among Python's keywords
-    and builtins, as a share of all the names the continuation writes. A name continuing the prompt's last word
+    in the prompt, nor in the reference continuation (the text's true next G tokens), nor among Python's keywords,
+    builtins, ``self`` and ``cls``, as a share of all the names the continuation writes. A name continuing the prompt's last word
     counts as the whole word; a name the token budget cut off (touching the end of the text) is not counted.
 
 Shapes: prompts (B, P) int64; continuations (B, G); teacher hidden states (B, P + G, D) -> the G rows that
