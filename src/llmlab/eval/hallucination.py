@@ -19,8 +19,9 @@ by sampling at temperature 1 (several seeds) and greedily.
 
 (b) **Ungrounded names**: in the decoded continuation, the identifiers and numbers (``NAME``) that appear neither
     in the prompt, nor in the reference continuation (the text's true next G tokens), nor among Python's keywords,
-    builtins, ``self`` and ``cls``, as a share of all the names the continuation writes. A name continuing the prompt's last word
-    counts as the whole word; a name the token budget cut off (touching the end of the text) is not counted.
+    builtins, ``self`` and ``cls``, as a share of all the names the continuation writes. A name continuing the
+    prompt's last word counts as the whole word; a name the token budget cut off (touching the end of the text) is
+    not counted.
 
 Shapes: prompts (B, P) int64; continuations (B, G); teacher hidden states (B, P + G, D) -> the G rows that
 predicted each continuation token -> surprisals (B, G).
