@@ -17,8 +17,8 @@ from llmlab.cli import main
 from llmlab.common import LlmlabError
 from llmlab.formats.convert import write_loaded
 from llmlab.formats.load import load_model
-from llmlab.infer.embed import embed_texts
 from llmlab.formats.st_modules import read_projection
+from llmlab.infer.embed import embed_texts
 from llmlab.train.pca_rotation import attach_pca_projection_, pca_axes, pca_projection
 
 TEXTS = [f"Return the {w} of item {i} in the {c}." for i, (w, c) in enumerate(
@@ -122,7 +122,8 @@ def test_training_with_a_pca_projection_saves_the_trained_projection(tmp_path, t
                                   + [p.document for p in train_pairs], max_tokens=16)
     trained = read_projection(Path(s["saved"]), 32)
     assert trained is not None and (trained.weight - init.weight).abs().max() > 1e-4  # trained with the encoder
-    assert (trained.weight - init.weight).abs().max() < 0.1  # ... starting from the PCA rotation
+    # ... starting from the PCA rotation (the top axes: the tail's near-equal variances leave its axes unstable)
+    assert (trained.weight[:8] - init.weight[:8]).abs().max() < 0.05
 
 
 def test_bad_input(projected, tmp_path, tiny_encoder, capsys):
@@ -151,3 +152,21 @@ def test_bad_input(projected, tmp_path, tiny_encoder, capsys):
     assert main(["embed", "train", "--model", tiny_encoder, "--pairs", str(tiny_pairs), "--projection", "pca",
                  "--matryoshka-dims", "32,8", "--eval-dims", "32", "--out", str(tmp_path / "r")]) == 2
     assert "PCA of 8 texts for a 32-d encoder" in capsys.readouterr().err
+
+
+def test_eval_with_a_pca_rotation_keeps_the_full_size_scores(tmp_path, tiny_encoder, capsys):
+    """``embed eval --projection pca``: the rotation (b = 0) leaves every full-size cosine, so every full-size
+    metric, as it was; only the truncations change."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("".join(json.dumps({"id": f"q{i}", "query": TEXTS[i].split(" of ")[0] + TEXTS[i][-9:],
+                                           "relevant": [f"d{i}"]}) + "\n" for i in range(0, 42, 3)))
+    scores = {}
+    for projection in ("none", "pca"):
+        assert main(["embed", "eval", "--model", tiny_encoder, "--queries", str(queries), "--corpus", str(corpus),
+                     "--dims", "32,4", "--max-tokens", "8", "--projection", projection, "--json"]) == 0
+        scores[projection] = json.loads(capsys.readouterr().out)
+    for metric, value in scores["none"]["32"].items():
+        assert scores["pca"]["32"][metric] == pytest.approx(value, abs=1e-6), metric
+    assert scores["pca"]["4"] != scores["none"]["4"]

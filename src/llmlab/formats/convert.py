@@ -39,9 +39,9 @@ def write_loaded(loaded: Loaded, output: Path, *, dtype: str = "float32", qtype:
     ``quant_spec``: the model's quantized layers and scheme (``formats/quantized.py``; float tensors in
     ``dtype``); ``lowrank_spec``: the model's factored layers (``formats/lowrank.py``); ``extra_files``: more text
     files for the folder (a report). An encoder with a projection after pooling is a folder with
-    sentence-transformers' modules (``formats/st_modules``; ``pooling`` is the Pooling module it records). Without ``quant_spec`` a model's quantized layers are written dequantized,
-    except into a GGUF where their values are a GGML type: those layers keep their own blocks (``gguf_tensors``)
-    and ``qtype`` types the rest."""
+    sentence-transformers' modules (``formats/st_modules``; ``pooling`` is the Pooling module it records).
+    Without ``quant_spec`` a model's quantized layers are written dequantized, except into a GGUF where their
+    values are a GGML type: those layers keep their own blocks (``gguf_tensors``) and ``qtype`` types the rest."""
     cfg, tok = loaded.config, loaded.tokenizer
     sd, own = dict(loaded.model.state_dict()), {}
     if lowrank_spec is not None and output.suffix == ".gguf":

@@ -95,8 +95,8 @@ class BertModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True,
               pooling: str = "mean"):
-        """Pooled sentence embeddings (B, dim), through ``projection`` if set, L2-normalised by default. A batch without padding runs attention
-        without a mask (SDPA's unmasked kernel)."""
+        """Pooled sentence embeddings (B, dim), through ``projection`` if set, L2-normalised by default. A batch
+        without padding runs attention without a mask (SDPA's unmasked kernel)."""
         key_mask = None if bool(attention_mask.all()) else attention_mask
         emb = pool(self(input_ids, key_mask), attention_mask, pooling)  # (B, dim)
         if self.projection is not None:

@@ -1,9 +1,9 @@
-"""An orthogonal rotation of the pooled embedding, initialised from PCA, so its first m coordinates hold the most
-variance before Matryoshka truncation.
+"""An orthogonal rotation of the pooled embedding, initialised from PCA, so its first m coordinates hold the
+most variance before Matryoshka truncation.
 
 PCA (Pearson 1901; Hotelling 1933) of the pooled embeddings x_1..x_N (N, D) of a corpus: the covariance
 
-    mu = mean_i x_i,    C = (1 / (N - 1)) sum_i (x_i - mu)(x_i - mu)^T = V diag(lambda) V^T,  lambda_1 >= ... >= lambda_D
+    mu = mean_i x_i,  C = (1 / (N - 1)) sum_i (x_i - mu)(x_i - mu)^T = V diag(lambda) V^T,  lambda_1 >= ... >= lambda_D
 
 and the projection y = W x + b with W = V^T (D, D): row k is the k-th principal axis, so coordinate k of y has
 variance lambda_k, and the first m coordinates are the top-m components -- the best rank-m linear reconstruction
