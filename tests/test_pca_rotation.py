@@ -96,13 +96,12 @@ def test_sentence_transformers_loads_the_folder_and_gives_the_same_vectors(proje
     need("sentence_transformers")
     from sentence_transformers import SentenceTransformer
 
-    _, folder = projected
+    loaded, folder = projected
     st = SentenceTransformer(str(folder), device="cpu")
     st.max_seq_length = 16
     assert type(st[2]).__name__ == "Dense"
     ref = st.encode(TEXTS[:8], convert_to_tensor=True, normalize_embeddings=True).float()
-    again = load_model(str(folder))
-    ours = embed_texts(again.model.eval(), again.tokenizer, TEXTS[:8], max_tokens=16)
+    ours = embed_texts(loaded.model.eval(), loaded.tokenizer, TEXTS[:8], max_tokens=16)  # the model in memory
     torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5)
 
 
