@@ -152,20 +152,3 @@ def test_bad_input(projected, tmp_path, tiny_encoder, capsys):
                  "--matryoshka-dims", "32,8", "--eval-dims", "32", "--out", str(tmp_path / "r")]) == 2
     assert "PCA of 8 texts for a 32-d encoder" in capsys.readouterr().err
 
-
-def test_eval_with_a_pca_rotation_keeps_the_full_size_scores(tmp_path, tiny_encoder, capsys):
-    """``embed eval --projection pca``: the rotation (b = 0) leaves every full-size cosine, so every full-size
-    metric, as it was; only the truncations change."""
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
-    queries = tmp_path / "q.jsonl"
-    queries.write_text("".join(json.dumps({"id": f"q{i}", "query": TEXTS[i].split(" of ")[0] + TEXTS[i][-9:],
-                                           "relevant": [f"d{i}"]}) + "\n" for i in range(0, 42, 3)))
-    scores = {}
-    for projection in ("none", "pca"):
-        assert main(["embed", "eval", "--model", tiny_encoder, "--queries", str(queries), "--corpus", str(corpus),
-                     "--dims", "32,4", "--max-tokens", "8", "--projection", projection, "--json"]) == 0
-        scores[projection] = json.loads(capsys.readouterr().out)
-    for metric, value in scores["none"]["32"].items():
-        assert scores["pca"]["32"][metric] == pytest.approx(value, abs=1e-6), metric
-    assert scores["pca"]["4"] != scores["none"]["4"]
