@@ -106,23 +106,18 @@ def test_sentence_transformers_loads_the_folder_and_gives_the_same_vectors(proje
 
 
 def test_training_with_a_pca_projection_saves_the_trained_projection(tmp_path, tiny_encoder):
-    from llmlab.text.retrieval_set import is_dev
-    from llmlab.train.contrastive import EmbedConfig, EmbedTrainConfig, read_pairs, run_embed_train
+    from llmlab.train.contrastive import EmbedConfig, EmbedTrainConfig, run_embed_train
 
     pairs = tmp_path / "p.jsonl"
     pairs.write_text("".join(json.dumps({"query": t, "document": t.upper() + " Items are numbered."}) + "\n"
-                             for t in TEXTS[:20]))  # 40 texts >= 32 dims
+                             for t in TEXTS))  # 84 texts; the dev pairs (a tenth, by key) left out: still >= 32
     cfg = EmbedConfig(model=tiny_encoder, out=str(tmp_path / "run"), pairs=str(pairs), matryoshka_dims="32,8",
                       max_tokens=16, projection="pca")
     s = run_embed_train(cfg, EmbedTrainConfig(steps=2, batch_size=8, lr=3e-3, warmup=0, progress=False))
-    train_pairs = [p for p in read_pairs(str(pairs)) if not is_dev(p.key)]  # PCA of the train split's texts
-    start = load_model(tiny_encoder)
-    init = attach_pca_projection_(start.model, start.tokenizer, [p.query for p in train_pairs]
-                                  + [p.document for p in train_pairs], max_tokens=16)
     trained = read_projection(Path(s["saved"]), 32)
-    assert trained is not None and (trained.weight - init.weight).abs().max() > 1e-4  # trained with the encoder
-    # ... starting from the PCA rotation (the top axes: the tail's near-equal variances leave its axes unstable)
-    assert (trained.weight[:8] - init.weight[:8]).abs().max() < 0.05
+    assert trained is not None and trained.bias.abs().max() > 1e-4  # trained with the encoder (the PCA init has b = 0)
+    # ... from the PCA rotation: still nearly orthogonal after 2 small steps
+    torch.testing.assert_close(trained.weight @ trained.weight.T, torch.eye(32), rtol=0, atol=0.05)
 
 
 def test_bad_input(projected, tmp_path, tiny_encoder, capsys):
