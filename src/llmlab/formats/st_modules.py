@@ -65,6 +65,8 @@ def read_projection(folder: Path, dim: int) -> nn.Linear | None:
     sub = folder / dense[0].get("path", DENSE_DIR)
     cfg = read_json(sub / "config.json", missing=f"{sub}: no config.json for the Dense module")
     where = f"{sub}/config.json"
+    if not isinstance(cfg, dict):
+        raise LlmlabError(f"{where}: not a JSON object: write the Dense module's config as sentence-transformers does")
     if cfg.get("activation_function", IDENTITY) != IDENTITY:
         raise LlmlabError(f"{where}: activation {cfg.get('activation_function')!r}: llmlab reads a Dense module "
                           f"with {IDENTITY} only (a linear projection)")
