@@ -1002,8 +1002,11 @@ def cmd_vectors_plot(args) -> int:
     return 0
 
 
-def _score_encoders(models: dict[str, str], dims_text: str, pooling: str, max_tokens: int, rset=None) -> dict:
-    """{name: model source} -> {name: {dim: retrieval metrics}} on ``rset`` (default: the built-in test set)."""
+def _score_encoders(models: dict[str, str], dims_text: str, pooling: str, max_tokens: int, rset=None,
+                    projection: str = "none") -> dict:
+    """{name: model source} -> {name: {dim: retrieval metrics}} on ``rset`` (default: the built-in test set).
+    ``projection="pca"``: each model first gets the PCA rotation of the built-in train split's texts
+    (``train/pca_rotation.py``), no training."""
     from llmlab.common import LlmlabError
     from llmlab.eval.retrieval import evaluate_model
     from llmlab.formats.load import load_model
@@ -1019,6 +1022,13 @@ def _score_encoders(models: dict[str, str], dims_text: str, pooling: str, max_to
         dims = parse_dims(dims_text, loaded.config.dim)
         if max_tokens < 3 or max_tokens > loaded.config.max_seq_len:
             raise LlmlabError(f"--max-tokens {max_tokens}: give 3..{loaded.config.max_seq_len}")
+        if projection == "pca":
+            from llmlab.text.retrieval_set import builtin_split, is_dev
+            from llmlab.train.pca_rotation import attach_pca_projection_
+
+            train = [p for p in builtin_split()[0] if not is_dev(p.key)]
+            attach_pca_projection_(loaded.model, loaded.tokenizer, [p.query for p in train]
+                                   + [p.document for p in train], pooling=pooling, max_tokens=max_tokens)
         results[name] = evaluate_model(loaded.model.eval(), loaded.tokenizer, rset, dims, pooling=pooling,
                                        max_tokens=max_tokens)
     return results
@@ -1060,7 +1070,8 @@ def cmd_embed_eval(args) -> int:
     if (args.queries is None) != (args.corpus is None):
         raise LlmlabError("give both --queries and --corpus, or neither (the built-in set, --split)")
     rset = read_retrieval_files(args.queries, args.corpus) if args.queries else SPLITS[args.split]()
-    results = _score_encoders({args.model: args.model}, args.dims, args.pooling, args.max_tokens, rset)
+    results = _score_encoders({args.model: args.model}, args.dims, args.pooling, args.max_tokens, rset,
+                              args.projection)
     if args.json:
         print(json.dumps({str(d): m for d, m in results[args.model].items()}, indent=2))
     else:
@@ -2474,6 +2485,10 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
                         help="token states -> sentence vector: the mean over the mask, or the [CLS] state "
                              "(default: mean)")
     e_eval.add_argument("--max-tokens", type=int, default=64, help="tokens per text (default: 64)")
+    e_eval.add_argument("--projection", default="none", choices=["none", "pca"],
+                        help="pca: score the model after the PCA rotation of the built-in train split's texts "
+                             "(first coordinates = top components; no training), a baseline for truncation "
+                             "(default: none)")
     e_eval.add_argument("--json", action="store_true", help="print JSON (default: off)")
     e_eval.set_defaults(func=cmd_embed_eval)
     e_distill = esub.add_parser("distill", help="distil the encoder into a smaller one (TinyBERT, DistilBERT's "

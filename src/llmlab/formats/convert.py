@@ -19,6 +19,7 @@ from llmlab.formats.gguf_model import write_model_gguf
 from llmlab.formats.load import Loaded, load_model
 from llmlab.formats.lowrank import write_lowrank
 from llmlab.formats.quantized import gguf_tensors, write_quantized
+from llmlab.formats.st_modules import projection_state, write_projection
 from llmlab.tokenizer.bpe import ByteBPE
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -32,14 +33,15 @@ def convert(source: str, output: Path, *, dtype: str = "float32", qtype: str = "
 
 def write_loaded(loaded: Loaded, output: Path, *, dtype: str = "float32", qtype: str = "F16",
                  name: str | None = None, quant_spec: dict | None = None, lowrank_spec: dict | None = None,
-                 extra_files: dict[str, str] | None = None) -> None:
+                 extra_files: dict[str, str] | None = None, pooling: str = "mean") -> None:
     """Write a loaded model (plain linear layers) as a GGUF file (``output`` ends in .gguf) or an HF folder,
     atomically, replacing what is there. ``name``: the GGUF's general.name (default: the source's stem).
     ``quant_spec``: the model's quantized layers and scheme (``formats/quantized.py``; float tensors in
     ``dtype``); ``lowrank_spec``: the model's factored layers (``formats/lowrank.py``); ``extra_files``: more text
-    files for the folder (a report). Without ``quant_spec`` a model's quantized layers are written dequantized,
-    except into a GGUF where their values are a GGML type: those layers keep their own blocks (``gguf_tensors``)
-    and ``qtype`` types the rest."""
+    files for the folder (a report). An encoder with a projection after pooling is a folder with
+    sentence-transformers' modules (``formats/st_modules``; ``pooling`` is the Pooling module it records).
+    Without ``quant_spec`` a model's quantized layers are written dequantized, except into a GGUF where their
+    values are a GGML type: those layers keep their own blocks (``gguf_tensors``) and ``qtype`` types the rest."""
     cfg, tok = loaded.config, loaded.tokenizer
     sd, own = dict(loaded.model.state_dict()), {}
     if lowrank_spec is not None and output.suffix == ".gguf":
@@ -47,6 +49,10 @@ def write_loaded(loaded: Loaded, output: Path, *, dtype: str = "float32", qtype:
     if quant_spec is None and lowrank_spec is None:
         # quantized layers (a quantized folder, a packed model) as float weights + own blocks
         sd, own = gguf_tensors(loaded.model)
+    sd, proj = projection_state(sd)
+    if proj and (output.suffix == ".gguf" or quant_spec is not None or lowrank_spec is not None):
+        raise LlmlabError(f"{output}: an encoder with a projection (a Dense module) is written as a plain float "
+                          "folder: give a folder path and no quantization or low-rank spec")
     if output.suffix == ".gguf":
         write_model_gguf(output, cfg, sd, tok, loaded.chat_template, qtype=qtype,
                          name=name or Path(loaded.source).stem, own_blocks=own)
@@ -74,6 +80,8 @@ def write_loaded(loaded: Loaded, output: Path, *, dtype: str = "float32", qtype:
         else:
             write_quantized(tmp, loaded.model, cfg, quant_spec, float_dtype=_DTYPES[dtype], tokenizer_json=tok_json,
                             tokenizer_config=tok_cfg)
+        if proj:
+            write_projection(tmp, proj, pooling)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
         src = Path(loaded.source)

@@ -30,6 +30,7 @@ from llmlab.formats.gguf_model import (
 )
 from llmlab.formats.lowrank import load_lowrank, lowrank_config
 from llmlab.formats.quantized import load_quantized, pack_quantized_, quant_config
+from llmlab.formats.st_modules import read_projection
 from llmlab.models.config import ModelConfig
 from llmlab.models.native_step import enable_native_step_
 from llmlab.models.registry import PRESETS, build_model, get_preset, skip_init
@@ -216,6 +217,8 @@ def _load_folder(folder: Path, attn_impl: str, use_tokenizers_lib: bool) -> Load
         sd = hf.state_from_hf(cfg, hf_sd, str(folder))
         sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
         model = model_from_state(cfg, sd, attn_impl, str(folder))
+    if cfg.arch == "bert":  # a sentence-transformers Dense module after pooling (formats/st_modules.py)
+        model.projection = read_projection(folder, cfg.dim)
     tok = load_tokenizer_json(folder, use_tokenizers_lib) if (folder / "tokenizer.json").exists() else None
     gen = read_json(folder / "generation_config.json")
     return Loaded(model, cfg, tok, chat_template_from_config(folder), str(folder), "hf", dict(types),

@@ -56,6 +56,9 @@ class BertModel(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
+        # optional Linear(dim, dim) after pooling, sentence-transformers' Dense (train/pca_rotation.py,
+        # formats/st_modules.py); None = the pooled vector as it is
+        self.projection: nn.Linear | None = None
 
     def set_attn_impl(self, impl: str) -> None:
         for block in self.layers:
@@ -92,10 +95,12 @@ class BertModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True,
               pooling: str = "mean"):
-        """Pooled sentence embeddings (B, dim), L2-normalised by default. A batch without padding runs attention
-        without a mask (SDPA's unmasked kernel)."""
+        """Pooled sentence embeddings (B, dim), through ``projection`` if set, L2-normalised by default. A batch
+        without padding runs attention without a mask (SDPA's unmasked kernel)."""
         key_mask = None if bool(attention_mask.all()) else attention_mask
-        emb = pool(self(input_ids, key_mask), attention_mask, pooling)
+        emb = pool(self(input_ids, key_mask), attention_mask, pooling)  # (B, dim)
+        if self.projection is not None:
+            emb = self.projection(emb)  # (B, dim)
         return F.normalize(emb, p=2, dim=-1) if normalize else emb
 
 

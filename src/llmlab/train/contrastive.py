@@ -14,7 +14,8 @@ weights c_m: L_MRL = sum_m c_m L(a[:, :m], p[:, :m]). The encoder runs once; onl
 Both equal sentence-transformers' ``MultipleNegativesRankingLoss`` (scale 20, cosine) and ``MatryoshkaLoss`` in
 value and gradient (tests/test_retrieval.py). ``PairTask`` hands them to the one training loop (``train/loop.py``):
 each step draws a batch of (query, document) pairs from the built-in set's train split (``text/retrieval_set.py``),
-or from a JSONL file of pairs, in an order fixed by (seed, step).
+or from a JSONL file of pairs, in an order fixed by (seed, step). ``--projection pca`` puts a trainable rotation
+between pooling and the truncations, initialised by PCA (``train/pca_rotation.py``).
 """
 
 from __future__ import annotations
@@ -32,13 +33,17 @@ from torch import nn
 from llmlab.common import LlmlabError, human_count, read_jsonl_objects, seed_everything, write_text_atomic
 from llmlab.dataclass_io import to_dict
 from llmlab.formats.load import DEFAULT_EMBED, load_model
+from llmlab.formats.st_modules import projection_state
 from llmlab.infer.embed import MAX_TOKENS, check_texts, embed_batch, parse_dims
 from llmlab.models.bert import POOLINGS
 from llmlab.text.retrieval_set import Pair, builtin_split, is_dev
 from llmlab.train.loop import TrainConfig, TrainResult, train
+from llmlab.train.pca_rotation import attach_pca_projection_
 
 LOSSES = ("matryoshka", "mnrl")
+PROJECTIONS = ("none", "pca")
 MATRYOSHKA_DIMS = "384,256,128,64,32"
+PROJ_FILE = "projection.safetensors"  # a checkpoint's --projection tensors
 
 
 def mnrl_loss(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None,
@@ -74,6 +79,10 @@ class EmbedConfig:
         "help": "loss weight of each --matryoshka-dims size, in the same order; empty = 1 each (the paper's)"})
     scale: float = field(default=20.0, metadata={"help": "similarity scale (1 / temperature) of the softmax"})
     pooling: str = field(default="mean", metadata={"help": "token states -> sentence vector", "choices": POOLINGS})
+    projection: str = field(default="none", metadata={
+        "help": "none, or pca: a dim x dim Linear after pooling, initialised as the PCA rotation of the train "
+                "texts' embeddings (first coordinates = top components), trained with the encoder; saved as "
+                "sentence-transformers' Dense module", "choices": PROJECTIONS})
     max_tokens: int = field(default=MAX_TOKENS, metadata={"help": "tokens per text in training and evaluation"})
     pairs: str = field(default="", metadata={
         "help": "a JSONL file of {\"query\": ..., \"document\": ...} pairs to train on; empty = the built-in train "
@@ -83,6 +92,8 @@ class EmbedConfig:
     def validate(self) -> EmbedConfig:
         if self.loss not in LOSSES:
             raise LlmlabError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.projection not in PROJECTIONS:
+            raise LlmlabError(f"--projection must be one of {', '.join(PROJECTIONS)}, got {self.projection!r}")
         if self.pooling not in POOLINGS:
             raise LlmlabError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if not self.scale > 0:
@@ -183,13 +194,14 @@ class PairTask:
         return loss, len(batch)
 
     def split_state(self, sd):
-        return dict(sd), {}
+        core, proj = projection_state(sd)  # a --projection's tensors go to their own file
+        return core, ({PROJ_FILE: proj} if proj else {})
 
     def join_state(self, core, extras):
-        return dict(core)
+        return {**core, **{f"projection.{k}": v for k, v in extras.get(PROJ_FILE, {}).items()}}
 
     def extra_files(self):
-        return []
+        return [PROJ_FILE] if self.model.projection is not None else []
 
     def aux_stats(self) -> dict:
         return {}
@@ -218,6 +230,9 @@ def run_embed_train(ecfg: EmbedConfig, tcfg: EmbedTrainConfig) -> dict:
     if len(pairs["val"]) < 2:  # a small pairs file: the validation loss is then a training loss
         pairs = {"train": source, "val": source}
     model = loaded.model.train()
+    if ecfg.projection == "pca":
+        texts = [p.query for p in pairs["train"]] + [p.document for p in pairs["train"]]
+        attach_pca_projection_(model, loaded.tokenizer, texts, pooling=ecfg.pooling, max_tokens=ecfg.max_tokens)
     task = PairTask(model, loaded.config, loaded.tokenizer, pairs, ecfg, dims, tcfg.seed)
     run_dir = Path(ecfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +246,7 @@ def run_embed_train(ecfg: EmbedConfig, tcfg: EmbedTrainConfig) -> dict:
     saved = None
     if result.stopped != "interrupted":
         saved = run_dir / "model"
-        write_loaded(dataclasses.replace(loaded, model=model.eval()), saved)
+        write_loaded(dataclasses.replace(loaded, model=model.eval()), saved, pooling=ecfg.pooling)
     summary = {"model": ecfg.model, "loss": ecfg.loss, "dims": dims, "steps": result.step, "stopped": result.stopped,
                "train_pairs": len(pairs["train"]), "train_loss": result.train_loss, "val_loss": result.val_loss,
                "train_seconds": result.seconds, "total_seconds": time.perf_counter() - t0,
