@@ -298,6 +298,11 @@ def test_train_on_a_pairs_file_moves_the_loss(tmp_path, tiny_encoder):
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])["loss"]
     assert s["dims"] == [32, 8] and s["train_loss"] < first, (first, s)
     assert Path(s["saved"], "config.json").exists() and Path(s["saved"], "tokenizer.json").exists()
+    # more steps on the same folder resume from its last checkpoint (the unused tanh pooler is frozen: a trainable
+    # parameter without a gradient has no optimizer state to resume)
+    s = run_embed_train(cfg, EmbedTrainConfig(steps=8, batch_size=8, lr=3e-3, warmup=0, progress=False))
+    steps = [json.loads(line).get("step") for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert s["steps"] == 8 and 8 in steps and steps.count(1) == 1, steps  # steps 1-6 not run again
 
 
 def test_cli_bad_input_exits_2(tmp_path, tiny_encoder, capsys):

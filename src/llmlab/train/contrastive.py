@@ -230,6 +230,10 @@ def run_embed_train(ecfg: EmbedConfig, tcfg: EmbedTrainConfig) -> dict:
     if len(pairs["val"]) < 2:  # a small pairs file: the validation loss is then a training loss
         pairs = {"train": source, "val": source}
     model = loaded.model.train()
+    # BERT's tanh pooler is not part of a sentence embedding (mean / CLS pooling): left trainable it would get no
+    # gradient, hence no optimizer state, and resuming the run would find that state missing
+    if hasattr(model, "pooler"):
+        model.pooler.requires_grad_(False)
     if ecfg.projection == "pca":
         texts = [p.query for p in pairs["train"]] + [p.document for p in pairs["train"]]
         attach_pca_projection_(model, loaded.tokenizer, texts, pooling=ecfg.pooling, max_tokens=ecfg.max_tokens)
