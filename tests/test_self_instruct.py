@@ -314,3 +314,26 @@ def test_output_is_what_llmlab_sft_reads(tmp_path):
         [{"role": "user", "content": "Translate the word into German.\n\ndog"},
          {"role": "assistant", "content": "Hund"}],
         [{"role": "user", "content": "List two prime numbers."}, {"role": "assistant", "content": "2 and 3"}]]
+
+
+def test_text_completer_counts_generating_samples(tiny_chat):
+    """serve/offline.TextCompleter on the tiny model: n samples per prompt count as n generating until each ends
+    (self_instruct's --in-flight counts these); a stop id ends a sample early, while its siblings go on."""
+    from llmlab.api import load
+    from llmlab.infer.sample import SamplingParams
+    from llmlab.serve.engine import Engine, EngineConfig
+    from llmlab.serve.offline import TextCompleter
+
+    llm = load(tiny_chat)
+    engine = Engine(llm.model, EngineConfig(max_num_seqs=8, max_batched_tokens=256))
+    stop = set(range(0, llm.config.vocab_size, 5))  # a fifth of the vocabulary stops: samples end at different steps
+    completer = TextCompleter(engine, llm.tokenizer, SamplingParams(temperature=1.0), 12, stop)
+    completer.submit("Say hi.", 3, seed=1)
+    completer.submit("Say bye.", 3, seed=2)
+    assert (completer.pending, completer.generating) == (2, 6)
+    seen, done = set(), []
+    while completer.pending:
+        done += completer.step()
+        seen.add(completer.generating)
+    assert completer.generating == 0 and [len(c.texts) for c in done] == [3, 3]
+    assert any(0 < g < 6 and g % 3 for g in seen)  # a sample ended while its siblings went on: counted alone
