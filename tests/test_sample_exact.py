@@ -221,3 +221,19 @@ def test_top_p_fast_path_matches_transformers_on_a_large_vocabulary():
             assert torch.equal(got.isinf(), expected.isinf()), (scale, q)
             paths.append(int(got.isfinite().sum(-1).max()))
     assert min(paths) <= sample.TOP_P_CANDIDATES[0] < max(paths) and max(paths) > sample.TOP_P_CANDIDATES[-1]
+
+
+def test_top_p_benchmark_readme_command():
+    """The README's `python benchmarks/top_p.py` with a tiny budget: real SmolLM2 logits, the same masks as
+    transformers (asserted inside), a speedup line printed last."""
+    need("transformers")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    assert "`python benchmarks/top_p.py`" in (root / "README.md").read_text(encoding="utf-8")
+    r = subprocess.run([sys.executable, "benchmarks/top_p.py", "--runs", "2"], cwd=root, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1].startswith("speedup: ")

@@ -292,6 +292,8 @@ def test_cli_bad_input(tmp_path, capsys):
              "seeds.jsonl:2: missing field 'instances'"),
             (("self-instruct", "--out", str(tmp_path / "exists.jsonl")), "exists.jsonl already exists: pass --force"),
             (("self-instruct", "--examples", "0", "--out", missing), "--examples must be >= 1"),
+            (("self-instruct", "--samples", "0", "--out", missing), "--samples must be >= 1"),
+            (("self-instruct", "--samples", "65", "--out", missing), "--samples must be at most 64"),
             (("preferences", "--k", "1"), "--k 1: a pair needs at least 2 samples"),
             (("preferences", "--out", str(tmp_path / "exists.jsonl")), "exists.jsonl already exists: pass --force"),
             (("preferences", str(tmp_path / "prompts.jsonl"), "--out", missing), "prompts from files have no verifier"),

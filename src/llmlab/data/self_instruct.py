@@ -68,6 +68,7 @@ from llmlab.common import LlmlabError, atomic_path, read_jsonl_objects
 from llmlab.text.rouge import f_measure, lcs_length, rouge_tokens
 
 SEEDS = Path(__file__).with_name("self_instruct_seeds.jsonl")
+MAX_SAMPLES = 64  # the engine's max_num_seqs in the data commands (cli: _text_completer)
 BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
              "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
 _BLACKLIST = re.compile(r"\b(" + "|".join(map(re.escape, BLACKLIST)) + r")\b", re.IGNORECASE)
@@ -289,13 +290,13 @@ class SelfInstructConfig:
         "help": "completions sampled from each prompt (the engine's n: they share its KV blocks, so its prefill "
                 "is paid once)"})
     in_flight: int = field(default=32, metadata={
-        "help": "completions generating at once (the engine's batch): prompts in flight x --samples"})
+        "help": "completions generating at once (the engine's batch; a prompt's --samples count until each "
+                "ends)"})
     max_new_tokens: int = field(default=128, metadata={
         "help": "token budget of each completion (a task: median 34 tokens, 9 in 10 under 70, SmolLM2-135M)"})
     one_task: bool = field(default=True, metadata={
-        "help": "end each completion at the first '###' it writes: one task per completion, each with fresh "
-                "demonstrations, none cut by the budget (--no-one-task: Alpaca's many tasks per completion, "
-                "run to the budget)"})
+        "help": "end each completion at the first '###' it writes: one task per completion, none cut by the "
+                "budget (--no-one-task: Alpaca's many tasks per completion, run to the budget)"})
     temperature: float = field(default=0.7, metadata={
         "help": "sampling temperature (Self-Instruct's 0.7; Alpaca's 1.0 derails a 135M model)"})
     top_p: float = field(default=0.9, metadata={"help": "nucleus sampling mass"})
@@ -310,6 +311,8 @@ class SelfInstructConfig:
         for name in ("examples", "num_prompt_instructions", "samples", "in_flight", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise LlmlabError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.samples > MAX_SAMPLES:
+            raise LlmlabError(f"--samples must be at most {MAX_SAMPLES} (the engine's sequences), got {self.samples}")
         if not 0 <= self.machine_demos < self.num_prompt_instructions:
             raise LlmlabError(f"--machine-demos must be in [0, --num-prompt-instructions), got {self.machine_demos}")
         if not 0 < self.rouge_threshold <= 1:
