@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
@@ -18,6 +17,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 from llmlab.api import load
 from llmlab.infer.sample import SamplingParams, warp
 from llmlab.nn.cpu_kernels import cpu_description
+from paged_attention import median_times  # noqa: E402  (this folder's script: python benchmarks/top_p.py)
 
 PROMPTS = ["1. Instruction: Give three tips for staying healthy.\n1. Output:\n", "The capital of France is",
            "def fibonacci(n):\n", "Write a haiku about the sea.", "###\n4. Instruction:"]
@@ -34,24 +34,19 @@ def main() -> None:
         rows = [llm.model(torch.tensor([llm.tokenizer.encode(p)]))[0, -1:].float() for p in PROMPTS]  # (1, V) each
     p = SamplingParams(temperature=0.7, top_p=0.9)
     ids = torch.zeros(1, 1, dtype=torch.long)
-    peer_times, ours_times, kept = [], [], []
+
+    def peer(row: torch.Tensor) -> torch.Tensor:
+        return TopPLogitsWarper(p.top_p)(ids, TemperatureLogitsWarper(p.temperature)(ids, row.clone()))
+
+    per_row = []  # (peer s, llmlab s) per row, medians over --runs interleaved calls
     for row in rows:
-        expected = TopPLogitsWarper(p.top_p)(ids, TemperatureLogitsWarper(p.temperature)(ids, row.clone()))
-        got = warp(row, p)
-        assert torch.equal(got.isinf(), expected.isinf())
-        kept.append(int(got.isfinite().sum()))
-        for _ in range(args.runs):
-            t = time.perf_counter()
-            TopPLogitsWarper(p.top_p)(ids, TemperatureLogitsWarper(p.temperature)(ids, row.clone()))
-            peer_times.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            warp(row, p)
-            ours_times.append(time.perf_counter() - t)
-    print(f"{cpu_description()}; {len(rows)} rows x {args.runs} runs, {args.threads} thread(s); "
-          f"nucleus sizes {kept}")
-    peer, mine = statistics.median(peer_times), statistics.median(ours_times)
-    print(f"transformers TopPLogitsWarper: {peer * 1e3:.3f} ms per row; llmlab warp: {mine * 1e3:.3f} ms per row")
-    print(f"speedup: {peer / mine:.1f}x")
+        assert torch.equal(warp(row, p).isinf(), peer(row).isinf())
+        per_row.append(median_times([lambda r=row: peer(r), lambda r=row: warp(r, p)], args.runs))
+    sizes = [int(warp(row, p).isfinite().sum()) for row in rows]
+    ms = [statistics.median(t[i] for t in per_row) * 1e3 for i in (0, 1)]
+    print(f"{cpu_description()}; {len(rows)} rows x {args.runs} runs, {args.threads} thread(s); nucleus sizes {sizes}")
+    print(f"median over rows: transformers TopPLogitsWarper {ms[0]:.3f} ms per row, llmlab warp {ms[1]:.3f} ms")
+    print(f"speedup: {ms[0] / ms[1]:.1f}x")
 
 
 if __name__ == "__main__":
