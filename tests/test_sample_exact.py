@@ -200,3 +200,40 @@ def test_chat_sampling_layers_defaults_recommended_and_overrides():
 def test_top_p_of_one_is_off_even_for_tokens_of_probability_zero():
     logits = torch.tensor([[0.0, -200.0, -1e4]])  # softmax underflows to exactly 0 for the last two
     assert torch.equal(warp(logits, SamplingParams(temperature=1.0, top_p=1.0)), logits)
+
+
+def test_top_p_fast_path_matches_transformers_on_a_large_vocabulary():
+    """The top-k fast path of ``_top_p`` (nucleus inside the 64 or 1,024 most likely tokens) and its sort
+    fallback (a flat row) give transformers' nucleus on SmolLM2-sized logits, peaked to flat."""
+    need("transformers")
+    from transformers.generation import logits_process as lp
+
+    from llmlab.infer import sample
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    paths = []
+    for scale in (0.5, 3.0, 12.0):  # 0.5: the nucleus spans most of the vocabulary (the sort)
+        logits = torch.randn(2, 49152, generator=gen) * scale
+        for q in (0.5, 0.9):
+            expected = lp.TopPLogitsWarper(q)(ids, logits.clone())
+            got = warp(logits, SamplingParams(temperature=1.0, top_p=q))
+            assert torch.equal(got.isinf(), expected.isinf()), (scale, q)
+            paths.append(int(got.isfinite().sum(-1).max()))
+    assert min(paths) <= sample.TOP_P_CANDIDATES[0] < max(paths) and max(paths) > sample.TOP_P_CANDIDATES[-1]
+
+
+def test_top_p_benchmark_readme_command():
+    """The README's `python benchmarks/top_p.py` with a tiny budget: real SmolLM2 logits, the same masks as
+    transformers (asserted inside), a speedup line printed last."""
+    need("transformers")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    assert "`python benchmarks/top_p.py`" in (root / "README.md").read_text(encoding="utf-8")
+    r = subprocess.run([sys.executable, "benchmarks/top_p.py", "--runs", "2"], cwd=root, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1].startswith("speedup: ")

@@ -117,7 +117,8 @@ def test_novelty_equals_rouge_score():
 def test_prompt_and_parse_round_trip():
     demos = [Task("Give the opposite of the word.", "hot", "cold"), Task("Name a color of the sky.", "", "blue")]
     prompt = encode_prompt(demos)
-    assert prompt.endswith("###\n3. Instruction:") and "2. Input:\n<noinput>\n" in prompt
+    assert prompt.endswith("###\n3. Instruction:") and "1. Input:\nhot\n" in prompt
+    assert "2. Instruction: Name a color of the sky.\n2. Output:\nblue\n" in prompt  # no input: no Input field
     completion = (" Translate the word into German.\n3. Input:\ndog\n3. Output:\nHund\n###\n"
                   "4. Instruction: List two prime numbers.\n4. Input:\n<noinput>\n4. Output:\n2 and 3\n###\n"
                   "5. Instruction: this section has no output field\n###\n"
@@ -133,6 +134,37 @@ def test_prompt_and_parse_round_trip():
                                 "\n2+2\n1. Output: 4\n###\n4. Output: x\n4. Instruction: y\n###\nhi\n5. Instruction:"
                                 " z\n5. Output: w\n", 2, cut=False)
     assert tasks == [Task("Name a sour fruit.", "", "lemon"), Task("Add 2 and 2.", "2+2", "4")] and bad == 2
+
+
+def test_parse_tasks_written_without_separators():
+    """A small model often starts the next task without '###': each whole task before a new Instruction field is
+    read; a section that is not a whole task is still rejected as a whole (not re-read as anything else)."""
+    text = (" Find the largest number.\n4. Input:\n3, 9, 2\n4. Output: 9\n"
+            "5. Instruction: Give the plural of the word.\n5. Output:\nmice\n"
+            "6. Instruction: Name a planet with rings.\n6. Output:\nSat")
+    tasks, bad = parse_response(text, 3, cut=True)
+    assert tasks == [Task("Find the largest number.", "3, 9, 2", "9"), Task("Give the plural of the word.", "", "mice")]
+    assert bad == 1  # the cut third task
+    tasks, bad = parse_response(text, 3, cut=False)
+    assert len(tasks) == 3 and bad == 0
+    # not whole tasks before the next Instruction field: no split, one rejected section each
+    for text in (" Explain a cipher.\n4. Input:\nA cipher hides text.\n5. Instruction: Name a color.\n5. Output: red",
+                 "\n1. Instruction: Say hi twice.\n1. Output: hi hi",  # an empty instruction, then another
+                 " Name a fruit.\n4. Input: x\n4. Input: y\n5. Instruction: Say a word.\n5. Output: z",
+                 "\nhi\n5. Instruction: Name two colors.\n5. Output: red, blue"):  # text before the fields
+        tasks, bad = parse_response(text, 3, cut=False)
+        assert (tasks, bad) == ([], 1), text
+    # one task per completion: the stop ids end it at the tokenizer's '###' tokens, which the parser splits at
+    from llmlab.data.self_instruct import section_stop_ids
+
+    class Tok:
+        vocab_size = 6
+        texts = ["a", "###", " ###", "####\n", "#", "##"]
+
+        def decode(self, ids):
+            return "".join(self.texts[i] for i in ids)
+
+    assert section_stop_ids(Tok()) == {1, 2, 3}
 
 
 def test_seed_tasks_and_bad_seed_files(tmp_path):
@@ -227,10 +259,10 @@ def test_cli_end_to_end_tiny_readme_lines(tiny_chat, tiny_reward, tmp_path):
     tiny = ["--model", str(tiny_chat), "--threads", "1"]  # one thread: the test machine is shared
     # self-instruct: a random model writes nothing parsable; every completion is counted, nothing written
     r = run_cli(*shlex.split(lines[0])[2:], *tiny, "--examples", "2", "--max-prompts", "3", "--max-new-tokens", "8",
-                "--in-flight", "2", "--no-progress", cwd=tmp_path)
+                "--samples", "2", "--in-flight", "2", "--no-progress", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert "no example passed the filters: 0 kept of 3 candidates from 3 completions" in r.stderr
-    assert "unparsable 3" in r.stderr and not list(tmp_path.glob("data/*.jsonl"))
+    assert "no example passed the filters: 0 kept of 6 candidates from 6 completions of 3 prompts" in r.stderr
+    assert "unparsable 6" in r.stderr and not list(tmp_path.glob("data/*.jsonl"))
     # preferences with the verifier: the random model is never right, so every prompt is a tie and no file
     r = run_cli(*shlex.split(lines[1])[2:], *tiny, "--prompts", "2", "--max-new-tokens", "4", cwd=tmp_path)
     assert r.returncode == 2 and "no pairs: 0 pairs from 2 prompts x 4 samples; 2 prompts without a pair" in r.stderr
@@ -260,6 +292,8 @@ def test_cli_bad_input(tmp_path, capsys):
              "seeds.jsonl:2: missing field 'instances'"),
             (("self-instruct", "--out", str(tmp_path / "exists.jsonl")), "exists.jsonl already exists: pass --force"),
             (("self-instruct", "--examples", "0", "--out", missing), "--examples must be >= 1"),
+            (("self-instruct", "--samples", "0", "--out", missing), "--samples must be >= 1"),
+            (("self-instruct", "--samples", "65", "--out", missing), "--samples must be at most 64"),
             (("preferences", "--k", "1"), "--k 1: a pair needs at least 2 samples"),
             (("preferences", "--out", str(tmp_path / "exists.jsonl")), "exists.jsonl already exists: pass --force"),
             (("preferences", str(tmp_path / "prompts.jsonl"), "--out", missing), "prompts from files have no verifier"),
@@ -282,3 +316,26 @@ def test_output_is_what_llmlab_sft_reads(tmp_path):
         [{"role": "user", "content": "Translate the word into German.\n\ndog"},
          {"role": "assistant", "content": "Hund"}],
         [{"role": "user", "content": "List two prime numbers."}, {"role": "assistant", "content": "2 and 3"}]]
+
+
+def test_text_completer_counts_generating_samples(tiny_chat):
+    """serve/offline.TextCompleter on the tiny model: n samples per prompt count as n generating until each ends
+    (self_instruct's --in-flight counts these); a stop id ends a sample early, while its siblings go on."""
+    from llmlab.api import load
+    from llmlab.infer.sample import SamplingParams
+    from llmlab.serve.engine import Engine, EngineConfig
+    from llmlab.serve.offline import TextCompleter
+
+    llm = load(tiny_chat)
+    engine = Engine(llm.model, EngineConfig(max_num_seqs=8, max_batched_tokens=256))
+    stop = set(range(0, llm.config.vocab_size, 5))  # a fifth of the vocabulary stops: samples end at different steps
+    completer = TextCompleter(engine, llm.tokenizer, SamplingParams(temperature=1.0), 12, stop)
+    completer.submit("Say hi.", 3, seed=1)
+    completer.submit("Say bye.", 3, seed=2)
+    assert (completer.pending, completer.generating) == (2, 6)
+    seen, done = set(), []
+    while completer.pending:
+        done += completer.step()
+        seen.add(completer.generating)
+    assert completer.generating == 0 and [len(c.texts) for c in done] == [3, 3]
+    assert any(0 < g < 6 and g % 3 for g in seen)  # a sample ended while its siblings went on: counted alone

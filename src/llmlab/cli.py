@@ -703,12 +703,21 @@ def cmd_data_self_instruct(args) -> int:
     from tqdm import tqdm
 
     from llmlab.common import LlmlabError
-    from llmlab.data.self_instruct import SelfInstructConfig, read_seed_tasks, self_instruct, write_jsonl
+    from llmlab.data.self_instruct import (
+        SelfInstructConfig,
+        read_seed_tasks,
+        section_stop_ids,
+        self_instruct,
+        write_jsonl,
+    )
     from llmlab.dataclass_io import from_args
 
     cfg = from_args(SelfInstructConfig, args).validate()
     seeds = read_seed_tasks(cfg.seeds or None)
-    llm, completer = _text_completer(args, cfg.max_new_tokens, ban_stop=True)
+    llm, completer = _text_completer(args, cfg.max_new_tokens, max_n=cfg.samples, ban_stop=True)
+    if cfg.one_task:
+        completer.stop_ids |= section_stop_ids(llm.tokenizer)
+
     def show(n: int, stats) -> None:
         bar.set_postfix(completions=stats.prompts, candidates=stats.candidates, refresh=False)
         bar.update(n - bar.n)
@@ -719,8 +728,10 @@ def cmd_data_self_instruct(args) -> int:
         raise LlmlabError(f"no example passed the filters: {stats.summary()}; raise --max-minutes or "
                           "--max-new-tokens, or use a larger --model")
     write_jsonl(cfg.out, [t.record() for t in kept])
-    print(json.dumps({"kept": stats.kept, "candidates": stats.candidates, "completions": stats.prompts,
-                      "tokens": stats.tokens, "rejected": stats.rejected, "seconds": round(stats.seconds, 1),
+    print(json.dumps({"kept": stats.kept, "candidates": stats.candidates, "completions": stats.completions,
+                      "prompts": stats.prompts,
+                      "tokens": stats.tokens, "prompt_tokens": completer.engine.stats().prompt_tokens,
+                      "rejected": stats.rejected, "seconds": round(stats.seconds, 1),
                       "cpu_seconds": round(stats.cpu_seconds, 1), "stopped": stats.stopped, "out": cfg.out}))
     print(f"llmlab: {stats.summary()} -> {cfg.out}", file=sys.stderr)
     return 0
@@ -2603,13 +2614,13 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)  # the top level has no valued options
-    if command in ("serve", "eval"):
+    if command in ("serve", "eval", "data"):
         # serve: the engine thread shares the cores with the HTTP event loop (and often the client): idle OpenMP
         # workers should sleep rather than spin. Measured by benchmarks/serve.py on 2 cores: +14% tok/s at 1
         # stream, +26% at 32. eval: on a shared machine spinning workers wait for descheduled ones; 2 threads
         # on 2 busy cores (load 5-8) took 40 s for 30 stdlib-mc items and 84 s for 16 addition replies, 8 s and
-        # 13 s with passive waits (README, Evaluation). libgomp reads this once, when torch loads (parsing the
-        # eval flags imports it); a user's own setting wins.
+        # 13 s with passive waits (README, Evaluation). data: the same engine loop (self-instruct, preferences).
+        # libgomp reads this once, when torch loads (parsing the eval flags imports it); a user's own setting wins.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser({command} if command else set()).parse_args(argv)
     from llmlab.common import LlmlabError  # imports torch: only once a command runs

@@ -9,7 +9,15 @@ every instruction already in the pool below 0.7 (section 2.3):
 
 Stanford Alpaca (Taori et al. 2023) writes instruction, input and output in one completion; this module does the
 same (``encode_prompt``: a header, ``num_prompt_instructions`` numbered demonstrations separated by ``###``,
-then ``N. Instruction:`` for the model to continue; ``parse_response`` reads back every complete task).
+an Input field only where the task has an input, then ``N. Instruction:`` for the model to continue;
+``parse_response`` reads back every complete task).
+
+**Cost.** On a CPU the decode steps are the cost (a 135M model: ~85% of the CPU time), so the loop spends them
+only on tasks that can pass: by default (``one_task``) a completion ends at the first ``###`` token it writes
+(``section_stop_ids``), so it holds one task, never one cut by the token budget, and later tasks never drift
+into repeating earlier ones (what Alpaca's 20-tasks-per-completion form does on a small model); each prompt is
+sampled ``samples`` times (the engine's ``n``: the prompt's prefill is computed once for all of them, and the
+samples differ by temperature sampling, as Alpaca's tasks of one prompt share its demonstrations).
 
 **Seed tasks** are Self-Instruct's format, one JSON object per line: ``{"id", "name", "instruction",
 "instances": [{"input", "output"}], "is_classification"}`` (``instruction`` and the first instance's ``output``
@@ -21,7 +29,9 @@ generated tasks (Self-Instruct: 6 human + 2 machine of 8; here 2 seeds + 1 gener
 
 - ``unparsable``: a ``###`` section that is not numbered Instruction, Input, Output fields (Input may be missing),
   or the last section of a completion cut by the token budget (``finish_reason == "length"``; the end-of-turn ids
-  are banned, as Alpaca bans <|endoftext|>, so every completion runs to the budget);
+  are banned, as Alpaca bans <|endoftext|>, so a completion ends at ``###`` or the budget); a section is also
+  split before an ``N. Instruction:`` that follows a whole task (the model skipped the ``###``), never
+  otherwise;
 - instruction heuristics (section 2.3 and the authors' ``bootstrap_instructions.py``, Alpaca's
   ``generate_instruction.py``): ``too_short`` (<= 3 words), ``too_long`` (> 150 words), ``blacklist`` (a word
   a text model cannot act on: image, graph, picture, file, map, draw, plot, go to, video, audio, music,
@@ -58,6 +68,7 @@ from llmlab.common import LlmlabError, atomic_path, read_jsonl_objects
 from llmlab.text.rouge import f_measure, lcs_length, rouge_tokens
 
 SEEDS = Path(__file__).with_name("self_instruct_seeds.jsonl")
+MAX_SAMPLES = 64  # the engine's max_num_seqs in the data commands (cli: _text_completer)
 BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
              "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
 _BLACKLIST = re.compile(r"\b(" + "|".join(map(re.escape, BLACKLIST)) + r")\b", re.IGNORECASE)
@@ -115,31 +126,56 @@ def encode_prompt(demos: list[Task]) -> str:
     """Alpaca's prompt: the header, each demonstration numbered between ``###`` lines, then the next number."""
     out = [HEADER]
     for i, t in enumerate(demos, 1):
-        out.append(f"###\n{i}. Instruction: {t.instruction.rstrip(':')}\n{i}. Input:\n{t.input or '<noinput>'}\n"
-                   f"{i}. Output:\n{t.output}\n")
+        inp = f"{i}. Input:\n{t.input}\n" if t.input else ""
+        out.append(f"###\n{i}. Instruction: {t.instruction.rstrip(':')}\n{inp}{i}. Output:\n{t.output}\n")
     out.append(f"###\n{len(demos) + 1}. Instruction:")
     return "".join(out)
 
 
 _FIELD = re.compile(r"(?:^|\n)\s*\d+\s*\.\s*(Instruction|Input|Output)\s*:")
+SECTION = "###"
+
+
+def section_stop_ids(tokenizer) -> set[int]:
+    """The ids of every token whose text contains ``###`` (SmolLM2: ``###``, `` ###``, ``####``, ...): as stop
+    ids they end a completion where its first task ends (``one_task``)."""
+    return {i for i in range(tokenizer.vocab_size) if SECTION in tokenizer.decode([i])}
+
+
+def _fields(section: str) -> tuple[str, list[str], list[str]]:
+    """A section -> (text before its first numbered field, field names, stripped values)."""
+    parts = _FIELD.split(section)  # [before, name, value, name, value, ...]
+    return parts[0], parts[1::2], [v.strip() for v in parts[2::2]]
+
+
+def _tasks_in(section: str) -> list[str]:
+    """A ``###`` section split before each Instruction field that follows a whole task (Instruction ...
+    Output, nothing before it): a small model often starts the next task without writing ``###`` (``...5.
+    Output: 10\n6. Instruction: ...``). Anything else stays one section, parsed or rejected as a whole."""
+    pieces, start = [], 0
+    for m in _FIELD.finditer(section):
+        if m.group(1) == "Instruction" and m.start() > start:
+            before, names, _ = _fields(section[start:m.start()])
+            if not before.strip() and names[:1] == ["Instruction"] and "Output" in names:
+                pieces.append(section[start:m.start()])
+                start = m.start()
+    return [*pieces, section[start:]]
 
 
 def parse_response(text: str, n_demos: int, cut: bool) -> tuple[list[Task], int]:
     """The tasks a completion of ``encode_prompt`` wrote -> (tasks, sections that did not parse). Sections are
-    split at ``###``; one parses when its numbered fields are Instruction, Input, Output in that order, or
-    Instruction, Output (no input: small models often skip ``<noinput>``), whatever the numbers. ``cut``: the
-    completion ended at the token budget, so its last section is unfinished and dropped (counted)."""
-    sections = f"{n_demos + 1}. Instruction:{text}".split("###")
+    split at ``###`` and before each further ``N. Instruction:`` (``_tasks_in``); one parses when its numbered
+    fields are Instruction, Input, Output in that order, or Instruction, Output (no input: small models often
+    skip ``<noinput>``), whatever the numbers. ``cut``: the completion ended at the token budget, so its last
+    section is unfinished and dropped (counted)."""
+    sections = [t for s in f"{n_demos + 1}. Instruction:{text}".split(SECTION) if s.strip() for t in _tasks_in(s)]
     tasks, bad = [], 0
     for k, section in enumerate(sections):
-        if not section.strip():
-            continue
         if k == len(sections) - 1 and cut:
             bad += 1
             continue
-        parts = _FIELD.split(section)  # [before, name, value, name, value, ...]
-        names, values = parts[1::2], [v.strip() for v in parts[2::2]]
-        if parts[0].strip() or names not in (["Instruction", "Input", "Output"], ["Instruction", "Output"]):
+        before, names, values = _fields(section)
+        if before.strip() or names not in (["Instruction", "Input", "Output"], ["Instruction", "Output"]):
             bad += 1
             continue
         inp = values[1] if len(values) == 3 else ""
@@ -229,6 +265,7 @@ class Completer(Protocol):
     """What the loop needs from a model (``serve/offline.py``'s ``TextCompleter`` over the engine)."""
 
     pending: int
+    generating: int  # samples not finished yet (pending requests x n, less those done)
 
     def submit(self, text: str, n: int = 1, seed: int | None = None) -> int: ...
 
@@ -245,12 +282,21 @@ class SelfInstructConfig:
     examples: int = field(default=200, metadata={"help": "stop after this many kept examples"})
     max_minutes: float = field(default=15.0, metadata={"help": "stop after this many minutes even if short"})
     max_prompts: int = field(default=0, metadata={
-        "help": "stop after this many completions even if short; 0 = no limit"})
+        "help": "stop after this many prompts even if short; 0 = no limit"})
     num_prompt_instructions: int = field(default=3, metadata={"help": "demonstrations per prompt"})
     machine_demos: int = field(default=1, metadata={
         "help": "of the demonstrations, how many come from generated tasks once there are some"})
-    in_flight: int = field(default=16, metadata={"help": "prompts generating at once (the engine's batch)"})
-    max_new_tokens: int = field(default=256, metadata={"help": "token budget of each completion"})
+    samples: int = field(default=4, metadata={
+        "help": "completions sampled from each prompt (the engine's n: they share its KV blocks, so its prefill "
+                "is paid once)"})
+    in_flight: int = field(default=32, metadata={
+        "help": "completions generating at once (the engine's batch; a prompt's --samples count until each "
+                "ends)"})
+    max_new_tokens: int = field(default=128, metadata={
+        "help": "token budget of each completion (a task: median 34 tokens, 9 in 10 under 70, SmolLM2-135M)"})
+    one_task: bool = field(default=True, metadata={
+        "help": "end each completion at the first '###' it writes: one task per completion, none cut by the "
+                "budget (--no-one-task: Alpaca's many tasks per completion, run to the budget)"})
     temperature: float = field(default=0.7, metadata={
         "help": "sampling temperature (Self-Instruct's 0.7; Alpaca's 1.0 derails a 135M model)"})
     top_p: float = field(default=0.9, metadata={"help": "nucleus sampling mass"})
@@ -262,9 +308,11 @@ class SelfInstructConfig:
     def validate(self) -> SelfInstructConfig:
         if self.max_prompts < 0:
             raise LlmlabError(f"--max-prompts must be >= 0, got {self.max_prompts}")
-        for name in ("examples", "num_prompt_instructions", "in_flight", "max_new_tokens"):
+        for name in ("examples", "num_prompt_instructions", "samples", "in_flight", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise LlmlabError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.samples > MAX_SAMPLES:
+            raise LlmlabError(f"--samples must be at most {MAX_SAMPLES} (the engine's sequences), got {self.samples}")
         if not 0 <= self.machine_demos < self.num_prompt_instructions:
             raise LlmlabError(f"--machine-demos must be in [0, --num-prompt-instructions), got {self.machine_demos}")
         if not 0 < self.rouge_threshold <= 1:
@@ -278,7 +326,8 @@ class SelfInstructConfig:
 
 @dataclass
 class SelfInstructStats:
-    prompts: int = 0  # completions read
+    prompts: int = 0  # prompts whose completions were read
+    completions: int = 0  # completions read (prompts x samples)
     tokens: int = 0  # tokens generated
     candidates: int = 0  # sections seen (parsed or not)
     kept: int = 0
@@ -289,7 +338,8 @@ class SelfInstructStats:
 
     def summary(self) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in self.rejected.items() if v)
-        return (f"{self.kept} kept of {self.candidates} candidates from {self.prompts} completions "
+        return (f"{self.kept} kept of {self.candidates} candidates from {self.completions} completions of "
+                f"{self.prompts} prompts "
                 f"({self.tokens} tokens) in {self.seconds:.0f} s ({self.cpu_seconds:.0f} CPU s); "
                 f"rejected: {counts or 'none'}")
 
@@ -307,9 +357,10 @@ def judge(task: Task, pool: NoveltyPool) -> str | None:
 def self_instruct(cfg: SelfInstructConfig, completer: Completer, seeds: list[Task],
                   on_update: Callable[[int, SelfInstructStats], None] | None = None
                   ) -> tuple[list[Task], SelfInstructStats]:
-    """Keep ``cfg.in_flight`` prompts generating; as each completion ends, parse, filter and pool its tasks and
-    submit a fresh prompt built from the current pool; stop at ``cfg.examples`` kept, ``cfg.max_minutes`` or
-    ``cfg.max_prompts`` completions. ``on_update(kept, stats)`` runs after each completion (a progress bar)."""
+    """Keep ``cfg.in_flight`` completions generating (``cfg.samples`` per prompt); as a prompt's completions
+    end, parse, filter and pool their tasks and submit a fresh prompt built from the current pool; stop at
+    ``cfg.examples`` kept, ``cfg.max_minutes`` or ``cfg.max_prompts`` prompts. ``on_update(kept, stats)`` runs
+    after each prompt (a progress bar)."""
     if len(seeds) < cfg.num_prompt_instructions:
         raise LlmlabError(f"{len(seeds)} seed tasks for --num-prompt-instructions {cfg.num_prompt_instructions}: "
                           "give more seed tasks or lower it")
@@ -329,24 +380,26 @@ def self_instruct(cfg: SelfInstructConfig, completer: Completer, seeds: list[Tas
         machine = rng.sample(kept, min(cfg.machine_demos, len(kept)))
         demos = machine + rng.sample(seeds, n_demo - len(machine))
         rng.shuffle(demos)
-        completer.submit(encode_prompt(demos), 1, rng.randrange(2**31))
+        completer.submit(encode_prompt(demos), cfg.samples, rng.randrange(2**31))
 
     while len(kept) < cfg.examples and time.perf_counter() < deadline and stats.prompts < budget:
-        while completer.pending < cfg.in_flight and submitted < budget:
+        while completer.generating < cfg.in_flight and submitted < budget:
             submit()
         for c in completer.step():
             stats.prompts += 1
             stats.tokens += c.tokens
-            tasks, bad = parse_response(c.texts[0], n_demo, c.finish_reasons[0] == "length")
-            stats.candidates += len(tasks) + bad
-            stats.rejected["unparsable"] += bad
-            for task in tasks:
-                reason = judge(task, pool)
-                if reason:
-                    stats.rejected[reason] += 1
-                elif len(kept) < cfg.examples:
-                    kept.append(task)
-                    pool.add(task.instruction)
+            for text, reason in zip(c.texts, c.finish_reasons):
+                stats.completions += 1
+                tasks, bad = parse_response(text, n_demo, reason == "length")
+                stats.candidates += len(tasks) + bad
+                stats.rejected["unparsable"] += bad
+                for task in tasks:
+                    why = judge(task, pool)
+                    if why:
+                        stats.rejected[why] += 1
+                    elif len(kept) < cfg.examples:
+                        kept.append(task)
+                        pool.add(task.instruction)
             if on_update:
                 on_update(len(kept), stats)
     stats.kept = len(kept)

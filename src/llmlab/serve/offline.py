@@ -42,6 +42,12 @@ class TextCompleter:
         """Requests submitted and not yet returned by ``step``."""
         return len(self._open)
 
+    @property
+    def generating(self) -> int:
+        """Samples still generating: with n > 1 a request stays pending until its last sample ends, and its
+        finished samples no longer use the batch, so a caller keeping the engine full counts these."""
+        return sum(r == "" for _, _, reasons in self._open.values() for r in reasons)
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
