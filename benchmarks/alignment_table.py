@@ -28,13 +28,14 @@ candidates of ``GRID`` (DPO, PPO and GRPO from the same SFT model, one pairs fil
 and scores each on the dev split only: ``tuning.json`` / ``tuning.md`` in ``--docs``. Each run's folder is
 named by its hyper-parameters, so the table run with ``--reuse`` takes the search's finished run of the
 candidate the defaults are (and its dev score). The search ran PPO and GRPO at 24 steps (12 rollouts); the
-table's defaults run them 4 times longer at the learning rates it chose (``--rl-steps 96``).
+table's defaults run them 3 times longer at the learning rates it chose (``--rl-steps 72``).
 
     python benchmarks/alignment_table.py                     # the README table (about an hour on one thread)
     python benchmarks/alignment_table.py --reuse             # go on after an interruption: finished stages stay
     python benchmarks/alignment_table.py --tune --reuse      # the dev-split search that chose the defaults
     python benchmarks/alignment_table.py --reuse --only ppo  # one row's stages and its score (PPO and GRPO can
                                                              # then run as two processes at once, after SFT)
+    python benchmarks/alignment_table.py --reuse --rows ppo,grpo  # a table of SFT, PPO and GRPO only
 
 With ``--reuse`` an interrupted DPO / PPO / GRPO stage resumes from its newest checkpoint (its folder is named by
 its hyper-parameters, steps included, so it is the same run; a PPO checkpoint holds its rollout); the stage's
@@ -176,9 +177,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: 2)")
     p.add_argument("--dpo-lr", type=float, default=5e-5, help="DPO learning rate (default: 5e-05)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (default: 0.1)")
-    p.add_argument("--rl-steps", type=int, default=96,
+    p.add_argument("--rl-steps", type=int, default=72,
                    help="llmlab ppo / grpo minibatch steps of 8 replies: 2 per rollout of 16 at 1 epoch "
-                        "(default: 96, 48 rollouts)")
+                        "(default: 72, 36 rollouts)")
     p.add_argument("--rollout-batch", type=int, default=16, help="replies per PPO / GRPO rollout (default: 16)")
     p.add_argument("--ppo-epochs", type=int, default=1, help="PPO / GRPO passes over each rollout (default: 1)")
     p.add_argument("--group-size", type=int, default=4, help="GRPO replies per prompt (default: 4)")
@@ -195,6 +196,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", choices=ROWS, default=None,
                    help="run one row's stages (SFT's first, reused with --reuse) and score it on the held-out "
                         "prompts, no table: rows can run as separate processes (default: every row, the table)")
+    p.add_argument("--rows", type=lambda x: [r for r in x.split(",") if r], default=list(ROWS[1:]),
+                   help="the table's rows after SFT (its first row, the base of the gains), comma-separated of "
+                        "dpo, ppo, grpo (default: dpo,ppo,grpo)")
     p.add_argument("--tune", action="store_true",
                    help="run the GRID candidates and score them on the dev split only (default: off)")
     p.add_argument("--extra", default="", help="flags added to every training command, e.g. '--batch-size 2' "
@@ -207,6 +211,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--in-process", action="store_true",
                    help="run the commands in this process (the tests; peak RSS is then cumulative) (default: off)")
     args = p.parse_args(argv)
+    if not args.rows or not set(args.rows) <= set(ROWS[1:]) or len(set(args.rows)) < len(args.rows):
+        p.error(f"--rows takes distinct names of dpo, ppo, grpo, got {','.join(args.rows) or 'none'}")
     if args.dev_examples < 1 or args.eval_examples < 1:
         p.error(f"--dev-examples and --eval-examples must be >= 1, got {args.dev_examples} and {args.eval_examples}")
     return args
@@ -388,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         tag = st.rl(method, args)
         return f"SFT → {method.upper()}", st.out / tag, [tag]
 
-    planned = [run_row(m) for m in ([args.only] if args.only else ROWS)]
+    planned = [run_row(m) for m in ([args.only] if args.only else ["sft", *args.rows])]
     # every row scored by one function, on the same held-out and dev prompts, against the merged SFT model (a run
     # the search scored on the dev prompts keeps that score: scores.json)
     rows = []
@@ -405,11 +411,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{time.perf_counter() - t0:.0f} s)", flush=True)
     if args.only:
         return
-    ppo, grpo = rl_tag("ppo", args), rl_tag("grpo", args)
-    records = {name: [json.loads(x) for x in (st.out / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
-               for name in (ppo, grpo)}
+    records = {algo.upper(): [json.loads(x) for x in (st.out / rl_tag(algo, args) / "metrics.jsonl").read_text()
+                              .splitlines() if x.strip()] for algo in ("ppo", "grpo") if algo in args.rows}
     png = docs / "curves.png"
-    plot_rl_curves({"PPO": records[ppo], "GRPO": records[grpo]}, png,
+    plot_rl_curves(records, png,
                    f"SFT → PPO / GRPO on {args.task} ({args.model}), {args.rl_steps} steps, rollouts of "
                    f"{args.rollout_batch}, lr {args.rl_lr:g} / {args.grpo_lr:g}")
     meta = {**meta, "load_average_end": os.getloadavg(), "timing": st.timing}

@@ -80,6 +80,12 @@ def test_alignment_table_runs_on_a_tiny_model(table, tiny_folder, tmp_path, monk
     grpo = out / "grpo-lr3e-05-kl0.05-ep1-s4x4g2"
     assert json.loads((grpo / "summary.json").read_text())["steps"] == 4
     assert json.loads((docs / "results.json").read_text()) == res
+    table.main([*only[:-4], "--rl-steps", "4", "--rows", "grpo"])  # a table of SFT and this GRPO: all reused
+    assert [r["label"] for r in json.loads((docs / "results.json").read_text())["rows"]] == ["SFT (LoRA)",
+                                                                                            "SFT → GRPO"]
+    with pytest.raises(SystemExit) as stop:
+        table.parse_args(["--rows", "ppo,sft"])
+    assert stop.value.code == 2
     (grpo / "stage.json").unlink()
     table.main(only)
     assert json.loads((grpo / "stage.json").read_text())["resumed"] is True
