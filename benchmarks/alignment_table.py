@@ -133,6 +133,30 @@ def paired_gain(base: list[int], other: list[int]) -> tuple[float, float]:
     return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
 
 
+def rollout_trend(records: list[dict], steps_per_rollout: int) -> dict | None:
+    """Did the rollout reward rise? Each rollout's mean score (``metrics.jsonl``'s train lines: one per step, the
+    rollout's numbers on each of its steps), the mean over the first and the last third of the rollouts, their
+    difference and its standard error (the rollouts' spread within each third: sqrt(s1^2 / n1 + s3^2 / n3));
+    None for fewer than 6 rollouts."""
+    per = {}
+    for r in records:
+        if r.get("kind") == "train" and "reward" in r:
+            per.setdefault((r["step"] - 1) // steps_per_rollout, r["reward"])
+    rewards = [per[k] for k in sorted(per)]
+    third = len(rewards) // 3
+    if third < 2:
+        return None
+    first, last = rewards[:third], rewards[-third:]
+
+    def mean_var(x):
+        m = sum(x) / len(x)
+        return m, sum((v - m) ** 2 for v in x) / (len(x) - 1)
+
+    (m1, v1), (m3, v3) = mean_var(first), mean_var(last)
+    return {"rollouts": len(rewards), "per_third": third, "first_third": m1, "last_third": m3, "gain": m3 - m1,
+            "gain_se": math.sqrt(v1 / third + v3 / third)}
+
+
 def markdown(rows: list[dict]) -> str:
     """The table; the first row (SFT) is the base of the paired gains."""
     n = len(rows[0]["heldout"]["correct"])
@@ -411,15 +435,24 @@ def main(argv: list[str] | None = None) -> None:
               f"{time.perf_counter() - t0:.0f} s)", flush=True)
     if args.only:
         return
-    records = {algo.upper(): [json.loads(x) for x in (st.out / rl_tag(algo, args) / "metrics.jsonl").read_text()
-                              .splitlines() if x.strip()] for algo in ("ppo", "grpo") if algo in args.rows}
+    records = {algo: [json.loads(x) for x in (st.out / rl_tag(algo, args) / "metrics.jsonl").read_text().splitlines()
+                      if x.strip()] for algo in ("ppo", "grpo") if algo in args.rows}
     png = docs / "curves.png"
-    plot_rl_curves(records, png,
+    plot_rl_curves({algo.upper(): rec for algo, rec in records.items()}, png,
                    f"SFT → PPO / GRPO on {args.task} ({args.model}), {args.rl_steps} steps, rollouts of "
                    f"{args.rollout_batch}, lr {args.rl_lr:g} / {args.grpo_lr:g}")
+    trends = {}
+    for algo, rec in records.items():
+        cfg = json.loads((st.out / rl_tag(algo, args) / "sft_config.json").read_text())
+        trends[algo] = rollout_trend(rec, cfg["ppo"]["ppo_epochs"] * cfg["ppo"]["rollout_batch"] //
+                                     cfg["train"]["batch_size"])
+    notes = "".join(f"- {algo.upper()} rollout reward, first vs last third of its {t['rollouts']} rollouts: "
+                    f"{t['first_third']:.3f} -> {t['last_third']:.3f} ({t['gain']:+.3f} ± {t['gain_se']:.3f})\n"
+                    for algo, t in trends.items() if t)
     meta = {**meta, "load_average_end": os.getloadavg(), "timing": st.timing}
-    write_text_atomic(docs / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    table = markdown(rows)
+    write_text_atomic(docs / "results.json", json.dumps({"meta": meta, "rows": rows, "rollout_trends": trends},
+                                                       indent=2) + "\n")
+    table = markdown(rows) + (f"\n{notes}" if notes else "")
     write_text_atomic(docs / "results.md", table)
     print(f"\nCPU flags: {flags}; load average at the end {os.getloadavg()[0]:.1f}\n\n{table}")
     print(f"wrote {docs}/results.json, results.md, curves.png", file=sys.stderr)

@@ -72,6 +72,7 @@ def test_alignment_table_runs_on_a_tiny_model(table, tiny_folder, tmp_path, monk
     assert json.loads((ppo / "sft_config.json").read_text())["ppo"]["ppo_epochs"] == 1
     table_md = (docs / "results.md").read_text()
     assert "(greedy, 2) ± SE" in table_md and "| SFT (LoRA) | 0.0% ± 0.0 | - |" in table_md
+    assert res["rollout_trends"] == {"ppo": None, "grpo": None}  # 1 rollout each: too few for a trend
 
     # --only: one row's run and its scores, no table; its stage interrupted (no stage.json) goes on from its
     # checkpoints; a model trained again (newer files) is scored again, an unchanged one read back
@@ -113,6 +114,19 @@ def test_standard_errors_against_hand_values_and_scipy(table):
     assert mean / se == pytest.approx(stats.ttest_rel(other, base).statistic)
     with pytest.raises(LlmlabError, match="same questions"):
         table.paired_gain([1, 0], [1, 0, 1])
+
+
+def test_rollout_trend_by_hand(table):
+    """Six rollouts of 2 steps each (a train line per step, the rollout's reward on both): first third 0.1, 0.3,
+    last third 0.5, 0.5 -> +0.3, SE sqrt(0.02 / 2 + 0 / 2) = 0.1; other lines ignored; under 6 rollouts: None."""
+    rewards = [0.1, 0.3, 0.2, 0.9, 0.5, 0.5]
+    records = [{"kind": "setup", "step": 0}] + [{"kind": "train", "step": s, "reward": rewards[(s - 1) // 2]}
+                                                for s in range(1, 13)] + [{"kind": "eval", "step": 12}]
+    t = table.rollout_trend(records, 2)
+    assert t["rollouts"] == 6 and t["per_third"] == 2
+    assert (t["first_third"], t["last_third"]) == pytest.approx((0.2, 0.5))
+    assert (t["gain"], t["gain_se"]) == pytest.approx((0.3, 0.1))
+    assert table.rollout_trend(records[:11], 2) is None
 
 
 def test_dev_prompts_are_training_side_and_unseen_in_training(table):
