@@ -11,8 +11,12 @@ The stages, each its own ``llmlab`` process (so its peak RSS is its own), on one
 
 Every row is then scored here by one function (``train/ppo.heldout_metrics``) on the same held-out prompts:
 greedy exact match and reward, and the KL of sampled replies to the SFT reference (k1 and k3, nats per reply,
-the ppo summary's estimates; 0 for SFT itself). Time and peak RSS are those of the row's commands (DPO: the
-sampling of its pairs plus its training). With the verifier the greedy reward is the exact match; the
+the ppo summary's estimates; 0 for SFT itself). The exact match comes with its binomial standard error,
+sqrt(p (1 - p) / n), and each method's gain over SFT with the *paired* standard error of the per-question
+differences (the same questions for every row: sd(d) / sqrt(n), the normal approximation behind McNemar's test).
+A row's scores are kept in its folder (``scores.json``, keyed by the prompts and the model files' sizes and
+times), so ``--reuse`` does not score a finished row twice. Time and peak RSS are those of the row's commands
+(DPO: the sampling of its pairs plus its training). With the verifier the greedy reward is the exact match; the
 sampled column is the mean reward of temperature-1 replies, the quantity PPO and GRPO maximise. Writes
 ``results.json``, ``results.md`` and the PPO / GRPO rollout curves (``curves.png``) in ``--docs``; the runs
 go to ``--out``.
@@ -23,11 +27,19 @@ stages train on: ``dev_examples``), never on the held-out questions the table re
 candidates of ``GRID`` (DPO, PPO and GRPO from the same SFT model, one pairs file for every DPO candidate)
 and scores each on the dev split only: ``tuning.json`` / ``tuning.md`` in ``--docs``. Each run's folder is
 named by its hyper-parameters, so the table run with ``--reuse`` takes the search's finished run of the
-candidate the defaults are (and its dev score for the table's dev column; ``-`` when there is none).
+candidate the defaults are (and its dev score). The search ran PPO and GRPO at 24 steps (12 rollouts); the
+table's defaults run them 3 times longer at the learning rates it chose (``--rl-steps 72``).
 
     python benchmarks/alignment_table.py                     # the README table (about an hour on one thread)
     python benchmarks/alignment_table.py --reuse             # go on after an interruption: finished stages stay
     python benchmarks/alignment_table.py --tune --reuse      # the dev-split search that chose the defaults
+    python benchmarks/alignment_table.py --reuse --only ppo  # one row's stages and its score (PPO and GRPO can
+                                                             # then run as two processes at once, after SFT)
+    python benchmarks/alignment_table.py --reuse --rows ppo,grpo  # a table of SFT, PPO and GRPO only
+
+With ``--reuse`` an interrupted DPO / PPO / GRPO stage resumes from its newest checkpoint (its folder is named by
+its hyper-parameters, steps included, so it is the same run; a PPO checkpoint holds its rollout); the stage's
+time is then its last piece's, marked "resumed" in ``stage.json`` and the table.
 """
 
 from __future__ import annotations
@@ -54,6 +66,8 @@ from llmlab.train.loop import TrainConfig
 from llmlab.train.ppo import PPOConfig, heldout_metrics, plot_rl_curves
 
 STAGE_FILE = "stage.json"  # wall seconds and peak RSS of a finished stage, in its folder
+SCORES_FILE = "scores.json"  # a scored model folder's heldout_metrics, by prompts and model-file fingerprint
+ROWS = ("sft", "dpo", "ppo", "grpo")
 DEV_SEED = 2  # the dev prompts' draw from the training split (sft and preferences draw with 0, ppo with 1337)
 HELDOUT_SEED = 1337  # the held-out prompts' draw (llmlab sft / dpo / ppo's own held-out scoring)
 VAL_PAIRS = 16  # llmlab dpo's default: the last pairs of a file are its validation pairs
@@ -62,8 +76,8 @@ VAL_PAIRS = 16  # llmlab dpo's default: the last pairs of a file are its validat
 GRID = {
     "dpo": [{"pair_prompts": 192, "dpo_lr": 1e-4, "dpo_epochs": 1},
             {"pair_prompts": 384, "dpo_lr": 5e-5, "dpo_epochs": 2}],
-    "ppo": [{"rl_lr": 1e-4}, {"rl_lr": 3e-5}],
-    "grpo": [{"grpo_lr": 1e-4}, {"grpo_lr": 3e-5}],
+    "ppo": [{"rl_lr": 1e-4, "rl_steps": 24}, {"rl_lr": 3e-5, "rl_steps": 24}],
+    "grpo": [{"grpo_lr": 1e-4, "rl_steps": 24}, {"grpo_lr": 3e-5, "rl_steps": 24}],
 }
 
 
@@ -77,6 +91,7 @@ def run_stage(name: str, argv: list[str], out: Path, in_process: bool, reuse: bo
         print(f"{name}: reused ({record})", flush=True)
         return json.loads(record.read_text())
     folder.mkdir(parents=True, exist_ok=True)
+    resumed = "--no-resume" not in argv and any(folder.glob("checkpoints/*"))  # an earlier piece's checkpoints
     print("$ llmlab", " ".join(argv), flush=True)
     t0 = time.perf_counter()
     if in_process:
@@ -95,20 +110,67 @@ def run_stage(name: str, argv: list[str], out: Path, in_process: bool, reuse: bo
     if code != 0:
         log = "" if in_process else (folder / "log.txt").read_text()[-2000:]
         sys.exit(f"{name}: llmlab {' '.join(argv)} exited {code}\n{log}")
-    stage = {"argv": argv, "seconds": wall, "peak_rss_mb": peak}
+    stage = {"argv": argv, "seconds": wall, "peak_rss_mb": peak, **({"resumed": True} if resumed else {})}
     write_text_atomic(record, json.dumps(stage, indent=2) + "\n")
     print(f"  {name}: {wall / 60:.1f} min, peak RSS {peak:.0f} MB", flush=True)
     return stage
 
 
+def binomial_se(p: float, n: int) -> float:
+    """The standard error of an accuracy ``p`` measured on ``n`` independent questions: sqrt(p (1 - p) / n)."""
+    return math.sqrt(p * (1 - p) / n)
+
+
+def paired_gain(base: list[int], other: list[int]) -> tuple[float, float]:
+    """``other``'s exact match minus ``base``'s on the same questions (0/1 each, in one order), and its paired
+    standard error: d_i = other_i - base_i, sd(d) / sqrt(n) (unbiased sd; the normal approximation behind
+    McNemar's test: only the questions the two answer differently move it)."""
+    n = len(base)
+    if n != len(other) or n < 2:
+        raise LlmlabError(f"a paired comparison needs the same questions, at least 2: got {n} and {len(other)}")
+    d = [b - a for a, b in zip(base, other)]
+    mean = sum(d) / n
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+
+
+def rollout_trend(records: list[dict], steps_per_rollout: int) -> dict | None:
+    """Did the rollout reward rise? Each rollout's mean score (``metrics.jsonl``'s train lines: one per step, the
+    rollout's numbers on each of its steps), the mean over the first and the last third of the rollouts, their
+    difference and its standard error (the rollouts' spread within each third: sqrt(s1^2 / n1 + s3^2 / n3));
+    None for fewer than 6 rollouts."""
+    per = {}
+    for r in records:
+        if r.get("kind") == "train" and "reward" in r:
+            per.setdefault((r["step"] - 1) // steps_per_rollout, r["reward"])
+    rewards = [per[k] for k in sorted(per)]
+    third = len(rewards) // 3
+    if third < 2:
+        return None
+    first, last = rewards[:third], rewards[-third:]
+
+    def mean_var(x):
+        m = sum(x) / len(x)
+        return m, sum((v - m) ** 2 for v in x) / (len(x) - 1)
+
+    (m1, v1), (m3, v3) = mean_var(first), mean_var(last)
+    return {"rollouts": len(rewards), "per_third": third, "first_third": m1, "last_third": m3, "gain": m3 - m1,
+            "gain_se": math.sqrt(v1 / third + v3 / third)}
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| method | held-out exact match (greedy) | reward, sampled (T=1) | KL to SFT k1 / k3 (nats/reply) | "
-             "dev exact match | time | peak RSS |", "|---|---|---|---|---|---|---|"]
+    """The table; the first row (SFT) is the base of the paired gains."""
+    n = len(rows[0]["heldout"]["correct"])
+    lines = [f"| method | held-out exact match (greedy, {n}) ± SE | gain over SFT ± paired SE (points) | "
+             "reward, sampled (T=1) | KL to SFT k1 / k3 (nats/reply) | dev exact match | time | peak RSS |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["heldout"]
-        dev = "-" if r["dev"] is None else f"{100 * r['dev']['accuracy']:.0f}%"
-        lines.append(f"| {r['label']} | {100 * m['accuracy']:.0f}% | {m['sampled_reward']:.2f} | "
-                     f"{m['kl']:.2f} / {m['kl_k3']:.2f} | {dev} | {r['seconds'] / 60:.1f} min | "
+        dev = f"{100 * r['dev']['accuracy']:.0f}%"
+        gain = "-" if r is rows[0] else "{:+.1f} ± {:.1f}".format(
+            *(100 * x for x in paired_gain(rows[0]["heldout"]["correct"], m["correct"])))
+        lines.append(f"| {r['label']} | {100 * m['accuracy']:.1f}% ± {100 * binomial_se(m['accuracy'], n):.1f} | "
+                     f"{gain} | {m['sampled_reward']:.2f} | {m['kl']:.2f} / {m['kl_k3']:.2f} | {dev} | "
+                     f"{r['seconds'] / 60:.1f} min{' (resumed)' if r.get('resumed') else ''} | "
                      f"{r['peak_rss_mb'] / 1024:.2f} GB |")
     return "\n".join(lines) + "\n"
 
@@ -139,8 +201,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: 2)")
     p.add_argument("--dpo-lr", type=float, default=5e-5, help="DPO learning rate (default: 5e-05)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (default: 0.1)")
-    p.add_argument("--rl-steps", type=int, default=24,
-                   help="llmlab ppo / grpo minibatch steps of 8 replies (default: 24)")
+    p.add_argument("--rl-steps", type=int, default=72,
+                   help="llmlab ppo / grpo minibatch steps of 8 replies: 2 per rollout of 16 at 1 epoch "
+                        "(default: 72, 36 rollouts)")
     p.add_argument("--rollout-batch", type=int, default=16, help="replies per PPO / GRPO rollout (default: 16)")
     p.add_argument("--ppo-epochs", type=int, default=1, help="PPO / GRPO passes over each rollout (default: 1)")
     p.add_argument("--group-size", type=int, default=4, help="GRPO replies per prompt (default: 4)")
@@ -148,11 +211,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rl-lr", type=float, default=1e-4, help="PPO learning rate (default: 0.0001)")
     p.add_argument("--grpo-lr", type=float, default=3e-5, help="GRPO learning rate (default: 3e-05)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="reply tokens, everywhere (default: 16)")
-    p.add_argument("--eval-examples", type=int, default=50, help="held-out prompts each row is scored on "
-                                                                 "(default: 50, llmlab sft's)")
+    p.add_argument("--eval-examples", type=int, default=200,
+                   help="held-out prompts each row is scored on (seed HELDOUT_SEED; the first 50 are llmlab sft's "
+                        "50) (default: 200)")
     p.add_argument("--dev-examples", type=int, default=50,
                    help="dev prompts (training side of the task, seed DEV_SEED) for --tune and the table's dev "
                         "column (default: 50)")
+    p.add_argument("--only", choices=ROWS, default=None,
+                   help="run one row's stages (SFT's first, reused with --reuse) and score it on the held-out "
+                        "prompts, no table: rows can run as separate processes (default: every row, the table)")
+    p.add_argument("--rows", type=lambda x: [r for r in x.split(",") if r], default=list(ROWS[1:]),
+                   help="the table's rows after SFT (its first row, the base of the gains), comma-separated of "
+                        "dpo, ppo, grpo (default: dpo,ppo,grpo)")
     p.add_argument("--tune", action="store_true",
                    help="run the GRID candidates and score them on the dev split only (default: off)")
     p.add_argument("--extra", default="", help="flags added to every training command, e.g. '--batch-size 2' "
@@ -165,6 +235,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--in-process", action="store_true",
                    help="run the commands in this process (the tests; peak RSS is then cumulative) (default: off)")
     args = p.parse_args(argv)
+    if not args.rows or not set(args.rows) <= set(ROWS[1:]) or len(set(args.rows)) < len(args.rows):
+        p.error(f"--rows takes distinct names of dpo, ppo, grpo, got {','.join(args.rows) or 'none'}")
     if args.dev_examples < 1 or args.eval_examples < 1:
         p.error(f"--dev-examples and --eval-examples must be >= 1, got {args.dev_examples} and {args.eval_examples}")
     return args
@@ -199,7 +271,14 @@ def rl_lr(algo: str, a: argparse.Namespace) -> float:
 
 
 def rl_tag(algo: str, a: argparse.Namespace) -> str:
-    return f"{algo}-lr{rl_lr(algo, a):g}-kl{a.kl_coef:g}-ep{a.ppo_epochs}-s{a.rl_steps}x{a.rollout_batch}"
+    group = f"g{a.group_size}" if algo == "grpo" else ""
+    return f"{algo}-lr{rl_lr(algo, a):g}-kl{a.kl_coef:g}-ep{a.ppo_epochs}-s{a.rl_steps}x{a.rollout_batch}{group}"
+
+
+def model_fingerprint(folder: Path) -> list:
+    """(path, size, mtime_ns) of every weights file under a model or run folder: changes when it is trained again."""
+    return [[str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns]
+            for f in sorted(folder.rglob("*")) if f.suffix in (".safetensors", ".gguf", ".bin") and f.is_file()]
 
 
 class Stages:
@@ -210,6 +289,8 @@ class Stages:
         self.common = ["--task", args.task, "--no-progress", *args.extra.split()]
         self.tokens = ["--max-new-tokens", str(args.max_new_tokens)]
         self.merged = self.out / "sft-merged"
+        # --reuse: an interrupted DPO / PPO / GRPO run goes on from its checkpoints (its folder names its settings)
+        self.resume = [] if args.reuse else ["--no-resume"]
 
     def stage(self, name: str, argv: list[str]) -> dict:
         a = self.args
@@ -238,7 +319,7 @@ class Stages:
         tag = dpo_tag(a)
         self.stage(tag, ["dpo", *data, "--model", str(self.merged), "--out", str(self.out / tag), "--steps",
                          str(steps), "--pairs", str(a.pair_prompts), "--lr", str(a.dpo_lr), "--beta", str(a.beta),
-                         "--eval-examples", "0", "--no-resume", *self.common])
+                         "--eval-examples", "0", *self.resume, *self.common])
         return tag, [*stages, tag]
 
     def rl(self, algo: str, a: argparse.Namespace) -> str:
@@ -247,17 +328,27 @@ class Stages:
         self.stage(tag, ["ppo", *grpo, "--out", str(self.out / tag), "--model", str(self.merged), "--steps",
                          str(a.rl_steps), "--rollout-batch", str(a.rollout_batch), "--ppo-epochs", str(a.ppo_epochs),
                          "--kl-coef", str(a.kl_coef), "--lr", str(rl_lr(algo, a)), *self.tokens, "--eval-examples", "0",
-                         "--no-resume", *self.common])
+                         *self.resume, *self.common])
         return tag
 
     def score(self, folder: Path, split: str) -> dict:
-        """One function for every row: ``heldout_metrics`` on the held-out prompts or on the dev prompts."""
+        """One function for every row: ``heldout_metrics`` on the held-out prompts or on the dev prompts; kept in
+        ``folder/scores.json`` under the prompts' key and the model files' fingerprint (``--reuse``: read back)."""
         a = self.args
+        key = (f"{a.task}/heldout/{a.eval_examples}/seed{HELDOUT_SEED}" if split == "heldout" else
+               f"{a.task}/dev/{a.dev_examples}/seed{DEV_SEED}/minus{a.pair_prompts}") + f"/tokens{a.max_new_tokens}"
+        file, fingerprint = folder / SCORES_FILE, model_fingerprint(folder)
+        kept = json.loads(file.read_text()) if file.is_file() else {}
+        if a.reuse and kept.get(key, {}).get("fingerprint") == fingerprint:
+            print(f"  {folder.name}: {split} score reused ({file})", flush=True)
+            return kept[key]["metrics"]
         dev = dev_examples(a.task, a.dev_examples, a.pair_prompts) if split == "dev" else None
         loaded = load_model(str(folder))
         m = heldout_metrics(loaded, a.task, a.eval_examples, seed=HELDOUT_SEED, max_new_tokens=a.max_new_tokens,
                             examples=dev)
         del loaded
+        kept = json.loads(file.read_text()) if file.is_file() else {}  # another process may have added a key
+        write_text_atomic(file, json.dumps({**kept, key: {"fingerprint": fingerprint, "metrics": m}}) + "\n")
         return m
 
 
@@ -266,13 +357,9 @@ def tune(st: Stages, docs: Path, meta: dict) -> None:
     match (ties: the sampled dev reward)."""
     a = st.args
     seconds = sum(st.timing[s]["seconds"] for s in st.sft())
-    # --reuse: a run the previous search scored keeps its dev score (the same run, the same dev prompts)
-    earlier = json.loads((docs / "tuning.json").read_text())["rows"] if a.reuse and (docs / "tuning.json").is_file() \
-        else []
-    scored = {(r["run"], r["tag"]): r["dev"] for r in earlier}
 
-    def dev_score(folder: Path, tag: str) -> dict:
-        return scored.get((str(folder), tag)) or st.score(folder, "dev")
+    def dev_score(folder: Path, tag: str) -> dict:  # --reuse: a run scored before keeps its score (scores.json)
+        return st.score(folder, "dev")
 
     rows = [{"method": "sft", "tag": "sft (the start)", "run": str(st.merged),
              "dev": dev_score(st.merged, "sft (the start)"), "seconds": seconds}]
@@ -320,32 +407,52 @@ def main(argv: list[str] | None = None) -> None:
         return tune(st, docs, meta)
 
     sft_stages = st.sft()
-    dpo, dpo_stages = st.dpo(args)
-    ppo, grpo = st.rl("ppo", args), st.rl("grpo", args)
-    # every row scored by one function, on the same held-out (and dev) prompts, against the merged SFT model
-    tuned = json.loads((docs / "tuning.json").read_text()) if (docs / "tuning.json").is_file() else {"rows": []}
-    dev_of = {r["run"]: r["dev"] for r in tuned["rows"]}  # the dev scores of the search's runs, when reused
+
+    def run_row(method: str) -> tuple[str, Path, list[str]]:
+        """A row's stages (SFT's already run): its label, the model folder scored, its stages' names."""
+        if method == "sft":
+            return "SFT (LoRA)", st.merged, sft_stages
+        if method == "dpo":
+            tag, stages = st.dpo(args)
+            return f"SFT → DPO ({args.pairs} pairs)", st.out / tag, stages
+        tag = st.rl(method, args)
+        return f"SFT → {method.upper()}", st.out / tag, [tag]
+
+    planned = [run_row(m) for m in ([args.only] if args.only else ["sft", *args.rows])]
+    # every row scored by one function, on the same held-out and dev prompts, against the merged SFT model (a run
+    # the search scored on the dev prompts keeps that score: scores.json)
     rows = []
-    for label, folder, stages in [("SFT (LoRA)", st.merged, sft_stages),
-                                  (f"SFT → DPO ({args.pairs} pairs)", st.out / dpo, dpo_stages),
-                                  ("SFT → PPO", st.out / ppo, [ppo]), ("SFT → GRPO", st.out / grpo, [grpo])]:
+    for label, folder, stages in planned:
         t0 = time.perf_counter()
-        m, dev = st.score(folder, "heldout"), dev_of.get(str(folder))
+        m, dev = st.score(folder, "heldout"), st.score(folder, "dev")
         rows.append({"label": label, "run": str(folder), "heldout": m, "dev": dev,
                      "seconds": sum(st.timing[s]["seconds"] for s in stages),
-                     "peak_rss_mb": max(st.timing[s]["peak_rss_mb"] for s in stages)})
-        print(f"  {label}: exact match {100 * m['accuracy']:.0f}%, sampled reward "
+                     "peak_rss_mb": max(st.timing[s]["peak_rss_mb"] for s in stages),
+                     "resumed": any(st.timing[s].get("resumed", False) for s in stages)})
+        se = binomial_se(m["accuracy"], len(m["correct"]))
+        print(f"  {label}: exact match {100 * m['accuracy']:.1f}% ± {100 * se:.1f}, sampled reward "
               f"{m['sampled_reward']:.2f}, KL {m['kl']:.3f} / {m['kl_k3']:.3f} (scored in "
               f"{time.perf_counter() - t0:.0f} s)", flush=True)
-    records = {name: [json.loads(x) for x in (st.out / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
-               for name in (ppo, grpo)}
+    if args.only:
+        return
+    records = {algo: [json.loads(x) for x in (st.out / rl_tag(algo, args) / "metrics.jsonl").read_text().splitlines()
+                      if x.strip()] for algo in ("ppo", "grpo") if algo in args.rows}
     png = docs / "curves.png"
-    plot_rl_curves({"PPO": records[ppo], "GRPO": records[grpo]}, png,
-                   f"SFT → PPO / GRPO on {args.task} ({args.model}), rollouts of {args.rollout_batch}, "
-                   f"lr {args.rl_lr:g} / {args.grpo_lr:g}")
+    plot_rl_curves({algo.upper(): rec for algo, rec in records.items()}, png,
+                   f"SFT → PPO / GRPO on {args.task} ({args.model}), {args.rl_steps} steps, rollouts of "
+                   f"{args.rollout_batch}, lr {args.rl_lr:g} / {args.grpo_lr:g}")
+    trends = {}
+    for algo, rec in records.items():
+        cfg = json.loads((st.out / rl_tag(algo, args) / "sft_config.json").read_text())
+        trends[algo] = rollout_trend(rec, cfg["ppo"]["ppo_epochs"] * cfg["ppo"]["rollout_batch"] //
+                                     cfg["train"]["batch_size"])
+    notes = "".join(f"- {algo.upper()} rollout reward, first vs last third of its {t['rollouts']} rollouts: "
+                    f"{t['first_third']:.3f} -> {t['last_third']:.3f} ({t['gain']:+.3f} ± {t['gain_se']:.3f})\n"
+                    for algo, t in trends.items() if t)
     meta = {**meta, "load_average_end": os.getloadavg(), "timing": st.timing}
-    write_text_atomic(docs / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    table = markdown(rows)
+    write_text_atomic(docs / "results.json", json.dumps({"meta": meta, "rows": rows, "rollout_trends": trends},
+                                                       indent=2) + "\n")
+    table = markdown(rows) + (f"\n{notes}" if notes else "")
     write_text_atomic(docs / "results.md", table)
     print(f"\nCPU flags: {flags}; load average at the end {os.getloadavg()[0]:.1f}\n\n{table}")
     print(f"wrote {docs}/results.json, results.md, curves.png", file=sys.stderr)

@@ -433,9 +433,10 @@ class PPOTask(SFTTask):
     # -- held-out metrics
 
     @torch.no_grad()
-    def evaluate(self, seed: int) -> dict:
+    def evaluate(self, seed: int, per_prompt: bool = False) -> dict:
         """Held-out: greedy replies -> mean reward and accuracy; sampled replies -> KL to the reference (k1 and
-        k3 per-reply sums, means over the prompts)."""
+        k3 per-reply sums, means over the prompts). ``per_prompt``: also "correct", each prompt's greedy exact
+        match (0 or 1, in prompt order: paired comparisons of two models on the same prompts)."""
         idx = list(range(len(self.prompts["val"])))
         if not idx:
             return {}
@@ -447,7 +448,8 @@ class PPOTask(SFTTask):
         return {"reward": float(scores.float().mean()), "accuracy": float(correct.float().mean()),
                 "kl": float((kl_estimate(r["old_logps"], r["ref_logps"], "k1") * mask).sum(1).mean()),
                 "kl_k3": float((kl_estimate(r["old_logps"], r["ref_logps"], "k3") * mask).sum(1).mean()),
-                "sampled_reward": float(r["scores"].mean())}
+                "sampled_reward": float(r["scores"].mean()),
+                **({"correct": [int(c) for c in correct.tolist()]} if per_prompt else {})}
 
 
 @torch.no_grad()
@@ -456,13 +458,15 @@ def heldout_metrics(loaded, task: str, n: int, seed: int, max_new_tokens: int = 
     """``PPOTask.evaluate`` outside a run: greedy exact match and reward on ``n`` held-out ``task`` prompts, and
     the k1 / k3 KL of sampled replies to the same model with LoRA switched off (0 for a model without LoRA).
     A run loaded with ``load_model`` is its base plus its adapter, so the reference is the base it trained on.
-    ``examples``: these ``task`` examples scored instead (a dev split for tuning), ``n`` ignored."""
+    ``examples``: these ``task`` examples scored instead (a dev split for tuning), ``n`` ignored. The result also
+    has "correct": each prompt's greedy exact match (0 or 1), in the order of the prompts."""
     task_def = get_task(task)
     examples = {"train": [], "val": task_def.examples("heldout", n, seed) if examples is None else list(examples)}
     prompts, stops, reward_fn = task_prompts_and_reward(loaded, task_def, examples)
     cfg = PPOConfig(task=task, eval_examples=n, max_new_tokens=max_new_tokens, rollout_batch=1)
     model = PolicyValue(loaded.model, loaded.config.dim, value_head=False).eval()
-    return PPOTask(model, loaded, prompts, reward_fn, cfg, seed, pad_id_of(loaded.tokenizer), stops, 1).evaluate(seed)
+    scorer = PPOTask(model, loaded, prompts, reward_fn, cfg, seed, pad_id_of(loaded.tokenizer), stops, 1)
+    return scorer.evaluate(seed, per_prompt=True)
 
 
 # ---- the command ----------------------------------------------------------------------------------------
