@@ -270,8 +270,8 @@ def load(source: str | Path | None = None, *, dtype: str = "float32", device: st
     models) through ``packed_kernel``: ``"int8"`` (the default: integer dot products on Q8-quantized
     activations, and the whole decode step in C, ``llmlab.models.native_step``; perplexity within 0.5% of the
     reference, the top token the reference's at 97% of positions), ``"int8x2"`` (the same kernels on two 8-bit
-    rows per activation row, x and its rounding error: the top token the reference's at 99.8%), ``"float"``
-    (float activations: logits within ~1e-4 of the reference path) or
+    rows per activation row, x and its rounding error: the top token the reference's at 100% of the quality
+    benchmark's positions), ``"float"`` (float activations: logits within ~1e-4 of the reference path) or
     ``"reference"`` (dequantize + ``F.linear``). See ``llmlab.nn.packed_linear``.
     ``use_tokenizers_lib`` lets ``encode_batch`` go through Hugging Face ``tokenizers`` when installed."""
     if packed_kernel not in IMPLS:

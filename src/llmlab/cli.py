@@ -44,7 +44,8 @@ def _add_load_flags(p: argparse.ArgumentParser, packed_default: bool = False) ->
     p.add_argument("--packed-kernel", default="int8", choices=["int8", "int8x2", "float", "reference"],
                    help="with --packed: int8 = integer dot products on 8-bit activations and the decode step in C "
                         "(fastest; the reference's top token at 97%% of positions), int8x2 = the same on two 8-bit "
-                        "rows per activation, x and its rounding error (99.8%%, slower), float = float activations "
+                        "rows per activation, x and its rounding error (100%% on the quality benchmark, slower), "
+                        "float = float activations "
                         "(the reference's numbers to ~1e-4), reference = dequantize + matmul (default: int8)")
     p.add_argument("--threads", type=_threads, default=0, metavar="N",
                    help="CPU threads for PyTorch and the C kernels; 0 = one per physical core (default: 0)")

@@ -14,9 +14,9 @@ Batch-1 decoding is memory-bound: every weight is read once per token. SmolLM2-1
   dequantize + ``F.linear``. The activations' rounding moves logits slightly (``benchmarks/quality.py``:
   perplexity within 0.5% of the reference, the top token the same at 97% of positions);
 - ``"int8x2"``: the same kernel on two Q8 rows per activation row, the blocks of x and of their rounding error
-  (``quantize_rows``' levels), so the activations keep about 15 bits: the top token the same at 99.8% of
-  positions, for the extra integer arithmetic of a second row on the same weight reads (``benchmarks/quality.py``,
-  ``benchmarks/decode.py --packed-kernel int8x2``);
+  (``quantize_rows``' levels), so the activations keep about 15 bits: the top token the same at 100% of the 512
+  positions, for the extra integer arithmetic of a second row on the same weight reads (``benchmarks/quality.py``;
+  ``benchmarks/decode.py`` times both);
 - ``"float"``: ``csrc/ggml_gemv.c`` (AVX2 + FMA + F16C) expands each block to floats in registers and
   multiplies float activations: the dequantized product up to summation order, for up to
   ``GEMV_MAX_ROWS`` rows;
