@@ -126,6 +126,32 @@ def test_each_loss_is_its_formula(tiny_teacher):
     assert val.item() == pytest.approx(0.0, abs=1e-6)  # the same model: the validation 1 - cos is 0
 
 
+def test_a_teacher_with_a_projection_after_pooling(tiny_teacher):
+    """A teacher with a Dense module after pooling (``embed train --projection pca``): the block-subset student
+    gets a copy of it, and the embed term compares the two models' embeddings as ``embed`` makes them, each
+    through its own projection (1 - cos by hand); the whole teacher as student scores 0."""
+    import copy
+    import dataclasses
+
+    from llmlab.train.contrastive import epoch_rows
+
+    model = copy.deepcopy(tiny_teacher.model)
+    torch.manual_seed(0)
+    model.projection = torch.nn.Linear(32, 32, bias=False)  # not orthogonal: cosines change through it
+    teacher = dataclasses.replace(tiny_teacher, model=model)
+    task = _task(teacher, "embed", layers="1")
+    student = task.model.bert
+    assert student.projection is not model.projection
+    assert torch.equal(student.projection.weight, model.projection.weight)
+    loss, _ = task.loss(task.model, 0, 0, 4, 4)
+    texts = epoch_rows(task.texts["train"], task.seed, "train", 0, 0, 4, 4)
+    tok = teacher.tokenizer
+    by_hand = 1 - F.cosine_similarity(_embedding(student, tok, texts), _embedding(model, tok, texts)).mean()
+    assert loss.item() == pytest.approx(by_hand.item(), abs=1e-6)
+    task = _task(teacher, "embed", layers="0,1")
+    assert task.loss(task.model, 0, 0, 4, 4)[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
 def test_distilbert_triple_loss_as_distilberts_code(tiny_teacher):
     """Each term as DistilBERT's training code writes it (``distiller.py``): KLDivLoss(batchmean) of the log-softmax
     student against the softmax teacher at temperature 2, times 4; cross-entropy at the masked positions;

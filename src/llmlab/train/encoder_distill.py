@@ -44,6 +44,7 @@ Shapes: texts (B,) -> ids, mask (B, T); hidden states (B, T, D); attention score
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -156,13 +157,15 @@ def layer_subset(teacher: Loaded, layers: list[int]) -> Loaded:
     cfg = dataclasses.replace(teacher.config, n_layers=len(layers), extra=dict(teacher.config.extra))
     sd = {}
     for k, v in teacher.model.state_dict().items():
-        if not k.startswith("layers."):
+        if not k.startswith(("layers.", "projection.")):
             sd[k] = v.detach().clone()
     for i, j in enumerate(layers):
         prefix = f"layers.{j}."
         sd.update({f"layers.{i}.{k[len(prefix):]}": v.detach().clone()
                    for k, v in teacher.model.state_dict().items() if k.startswith(prefix)})
     model = model_from_state(cfg, sd, where=f"{teacher.source} blocks {layers}")
+    if teacher.model.projection is not None:  # a Dense module after pooling (--projection pca): copied too
+        model.projection = copy.deepcopy(teacher.model.projection)
     return dataclasses.replace(teacher, model=model, config=cfg)
 
 
@@ -245,7 +248,12 @@ class EncoderDistillTask:
         self._last: dict = {}
 
     def _embedding(self, hidden: torch.Tensor, mask: torch.Tensor, student: bool) -> torch.Tensor:
+        """The sentence embedding as ``BertModel.embed`` makes it, before normalisation: mean pooling, then the
+        model's projection after pooling if it has one; the student's is then mapped to the teacher's width."""
         e = pool(hidden.float(), mask)  # (B, D)
+        model = self.model.bert if student else self.teacher
+        if model.projection is not None:
+            e = model.projection(e)  # (B, D)
         return self.model.to_teacher(e) if student else e
 
     def loss(self, model, step, first_row, rows, total_rows, split="train"):
