@@ -10,12 +10,12 @@ from the CPU's features (``/proc/cpuinfo`` flags), best first:
     portable    plain C, no intrinsics (the compiler vectorises what it can: SSE2, NEON on ARM)
 
 so one install is fast on an AVX2 laptop and an AVX-512 server. Every build compiles with
-``-ffp-contract=off`` (no multiply-add fused behind the source's back), so the variants' float arithmetic is
-the same sequence of IEEE operations and their results are bit-identical (tested). ``LLMLAB_CPU_VARIANT=avx2`` (or any
-name above) caps the choice, as if the CPU had nothing better: ``portable`` simulates a CPU without AVX2
-(kernels that need AVX2 then report the reference path). A missing compiler or a failed compile never
-raises: ``KernelBuild.status`` says, in one line with the compiler's own message, why the PyTorch
-reference path runs instead.
+``-ffp-contract=off`` (no multiply-add fused behind the source's back) and ``-fno-trapping-math``, so the
+variants' float arithmetic is the same sequence of IEEE operations and their results are bit-identical (tested).
+``LLMLAB_CPU_VARIANT=avx2`` (or any name above) caps the choice, as if the CPU had nothing better:
+``portable`` simulates a CPU without AVX2 (kernels that need AVX2 then report the reference path). A missing
+compiler or a failed compile never raises: ``KernelBuild.status`` says, in one line with the compiler's own
+message, why the PyTorch reference path runs instead.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ from llmlab.common import log
 
 CSRC = Path(__file__).with_name("csrc")
 
+# Every build: -O3; no multiply-add fused behind the source's back; and FP operations may be executed where the
+# source guards them (no trapping math: results are the same, only FP exception flags could differ), so loops
+# with a select such as the softmax's "-inf -> 0" vectorise on AVX2 and SSE2 too, not only with AVX-512 masks.
+BASE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math")
 _X86 = ("-mavx2", "-mfma", "-mf16c")
 # variant -> (the /proc/cpuinfo flags it needs, its compiler flags); best first
 VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -153,7 +157,7 @@ def build_kernel(src: Path, symbol: str, argtypes: list, variant: str = "avx2",
     for dep in sorted(CSRC.glob("*.[ch]")):
         if dep.resolve() != src.resolve():
             digest.update(dep.read_bytes())
-    digest.update(" ".join(VARIANTS[variant][1]).encode())
+    digest.update(" ".join((*BASE_FLAGS, *VARIANTS[variant][1])).encode())
     if cache_dir is None:
         cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmlab" / "kernels"
     lib = cache_dir / f"{src.stem}-{variant}-{digest.hexdigest()[:16]}.so"
@@ -162,7 +166,7 @@ def build_kernel(src: Path, symbol: str, argtypes: list, variant: str = "avx2",
         cache_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
         os.close(fd)
-        cmd = [cc, "-O3", "-ffp-contract=off", *VARIANTS[variant][1], "-I", str(CSRC), "-fopenmp", "-shared",
+        cmd = [cc, *BASE_FLAGS, *VARIANTS[variant][1], "-I", str(CSRC), "-fopenmp", "-shared",
                "-fPIC", "-o", tmp, str(src), "-lm"]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True)

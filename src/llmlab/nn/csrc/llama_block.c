@@ -56,6 +56,41 @@ static inline void rope(float *v, const float *cos, const float *sin, int64_t D)
     }
 }
 
+/* e^x for the softmax and SiLU in plain C that every build vectorises (glibc's expf is one call per element),
+ * computed in double and rounded once, so it is the correctly rounded float e^x but for the rare argument whose
+ * e^x lies within ~1e-11 (relative) of a rounding boundary: x = n ln2 + r, n = round(x / ln2) (the 1.5 * 2^52
+ * trick: n lands in the low mantissa bits, no float-to-int conversion), |r| <= ln2 / 2; e^r by its Taylor series
+ * to r^11 / 11! (truncation below 1e-15); 2^n put into the exponent field. x is clamped to [-104, 89], where the
+ * float result is 0 (or a denormal) below and inf above anyway; NaN stays NaN. The same IEEE operations in the
+ * same order in every build, so the builds agree bit for bit. */
+static inline float exp_poly(float xf) {
+    double x = xf;
+    x = x < -104.0 ? -104.0 : x;
+    x = x > 89.0 ? 89.0 : x;
+    const double magic = 6755399441055744.0; /* 1.5 * 2^52 */
+    const double t = x * 1.4426950408889634 + magic;
+    const double n = t - magic;
+    int64_t ti;
+    memcpy(&ti, &t, 8);
+    const double r = x - n * 0.6931471805599453;
+    double p = 1.0 / 39916800.0; /* 1/11! */
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    const int64_t bits = (ti - 0x4338000000000000LL + 1023) << 52; /* 2^n */
+    double scale;
+    memcpy(&scale, &bits, 8);
+    return (float)(p * scale);
+}
+
 /* <a, b> over n floats (n % 8 == 0 is not required) in 8 independent lanes summed pairwise: the compiler
  * vectorises it without reassociating, so every build gives the same bits. */
 static inline float dot(const float *a, const float *b, int64_t n) {
@@ -67,6 +102,74 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     for (; i < n; i++) tail = tail + a[i] * b[i];
     return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7])) + tail;
 }
+
+#if defined(__AVX__)
+/* 8 floats as one value (GCC / Clang vector extensions): lane-wise IEEE operations, the same results as the
+ * portable loops below, with the accumulators held in registers (a float array indexed in a loop may live on
+ * the stack). */
+typedef float f8 __attribute__((vector_size(32)));
+
+static inline f8 load8(const float *p) {
+    f8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* dot(a, b_k) for the 4 rows b_k = b + k ldb, each summed exactly as dot() sums it (the same 8 lanes, then the
+ * same pairwise order: the same bits); four independent chains of additions, so their latencies overlap. */
+static inline void dot4(const float *a, const float *b, int64_t ldb, int64_t n, float *out) {
+    f8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const f8 x = load8(a + i);
+        a0 = a0 + x * load8(b + i); /* two roundings: -ffp-contract=off, no FMA */
+        a1 = a1 + x * load8(b + ldb + i);
+        a2 = a2 + x * load8(b + 2 * ldb + i);
+        a3 = a3 + x * load8(b + 3 * ldb + i);
+    }
+    const f8 acc[4] = {a0, a1, a2, a3};
+    for (int k = 0; k < 4; k++) {
+        float tail = 0.0f;
+        for (int64_t t = i; t < n; t++) tail = tail + a[t] * b[k * ldb + t];
+        const f8 v = acc[k];
+        out[k] = ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])) + tail;
+    }
+}
+
+/* out (D) = sum_s w[s] V[s] (V rows D apart), each column summed in key order from 0 (as the loop below), keys
+ * with w[s] = 0 skipped; 64 columns at a time in eight accumulators. */
+static inline void weighted_values(const float *w, const float *V, int64_t S, int64_t D, float *out) {
+    int64_t i0 = 0;
+    for (; i0 + 64 <= D; i0 += 64) {
+        f8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+        for (int64_t s = 0; s < S; s++) {
+            if (w[s] == 0.0f) continue;
+            const f8 ws = {w[s], w[s], w[s], w[s], w[s], w[s], w[s], w[s]};
+            const float *v = V + s * D + i0;
+            a0 = a0 + ws * load8(v), a1 = a1 + ws * load8(v + 8), a2 = a2 + ws * load8(v + 16);
+            a3 = a3 + ws * load8(v + 24), a4 = a4 + ws * load8(v + 32), a5 = a5 + ws * load8(v + 40);
+            a6 = a6 + ws * load8(v + 48), a7 = a7 + ws * load8(v + 56);
+        }
+        const f8 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+        memcpy(out + i0, acc, sizeof acc);
+    }
+    for (int64_t i = i0; i < D; i++) out[i] = 0.0f;
+    for (int64_t s = 0; s < S; s++)
+        if (w[s] != 0.0f)
+            for (int64_t i = i0; i < D; i++) out[i] += w[s] * V[s * D + i];
+}
+#else
+static inline void dot4(const float *a, const float *b, int64_t ldb, int64_t n, float *out) {
+    for (int k = 0; k < 4; k++) out[k] = dot(a, b + k * ldb, n);
+}
+
+static inline void weighted_values(const float *w, const float *V, int64_t S, int64_t D, float *out) {
+    for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
+    for (int64_t s = 0; s < S; s++)
+        if (w[s] != 0.0f)
+            for (int64_t i = 0; i < D; i++) out[i] += w[s] * V[s * D + i];
+}
+#endif
 
 #define QROWS 4 /* query positions per work item: with the heads of one KV group they share each K/V load */
 
@@ -104,36 +207,35 @@ static void attention(const LlamaBlock *w, const float *qkv, float *out, int64_t
                         sum[j] = 0.0f;
                     }
                     const int64_t last = start + t0 + nt - 1;
-                    for (int64_t s = 0; s <= last; s++) {
-                        const float *ks = K + s * D;
-                        const int pad = km && !km[s];
+                    for (int64_t s0 = 0; s0 <= last; s0 += 4) { /* 4 keys at a time */
+                        const int64_t ns = last + 1 - s0 < 4 ? last + 1 - s0 : 4;
                         for (int64_t j = 0; j < nq; j++) {
-                            float *pj = p + j * S;
-                            if (s > pos[j]) continue;
-                            if (pad && s != pos[j]) { /* padding; a query always sees itself */
-                                pj[s] = -INFINITY;
-                                continue;
+                            float *pj = p + j * S, sc[4];
+                            if (s0 > pos[j]) continue;
+                            if (ns == 4)
+                                dot4(qv[j], K + s0 * D, D, D, sc);
+                            else
+                                for (int64_t k = 0; k < ns; k++) sc[k] = dot(qv[j], K + (s0 + k) * D, D);
+                            for (int64_t k = 0, s = s0; k < ns && s <= pos[j]; k++, s++) {
+                                if (km && !km[s] && s != pos[j]) { /* padding; a query always sees itself */
+                                    pj[s] = -INFINITY;
+                                    continue;
+                                }
+                                pj[s] = sc[k] * scale;
+                                mx[j] = pj[s] > mx[j] ? pj[s] : mx[j]; /* fmaxf would be a library call */
                             }
-                            pj[s] = dot(qv[j], ks, D) * scale;
-                            mx[j] = pj[s] > mx[j] ? pj[s] : mx[j]; /* fmaxf would be a library call */
                         }
                     }
                     for (int64_t j = 0; j < nq; j++) {
                         float *pj = p + j * S;
-                        for (int64_t s = 0; s <= pos[j]; s++) {
-                            pj[s] = pj[s] == -INFINITY ? 0.0f : expf(pj[s] - mx[j]);
-                            sum[j] += pj[s];
+                        const float m = mx[j];
+                        for (int64_t s = 0; s <= pos[j]; s++) { /* no reduction, no branch: vectorised */
+                            const float e = exp_poly(pj[s] - m);
+                            pj[s] = pj[s] == -INFINITY ? 0.0f : e;
                         }
-                        for (int64_t i = 0; i < D; i++) ov[j][i] = 0.0f;
-                    }
-                    for (int64_t s = 0; s <= last; s++) {
-                        const float *vs = V + s * D;
-                        for (int64_t j = 0; j < nq; j++) {
-                            if (s > pos[j]) continue;
-                            const float ps = p[j * S + s] / sum[j];
-                            if (ps != 0.0f)
-                                for (int64_t i = 0; i < D; i++) ov[j][i] += ps * vs[i];
-                        }
+                        for (int64_t s = 0; s <= pos[j]; s++) sum[j] += pj[s];
+                        for (int64_t s = 0; s <= pos[j]; s++) pj[s] = pj[s] / sum[j];
+                        weighted_values(pj, V, pos[j] + 1, D, ov[j]);
                     }
                 }
         free(p), free(qv), free(ov), free(pos), free(mx), free(sum);
@@ -181,7 +283,7 @@ int llama_block(const LlamaBlock *w, float *x, int64_t B, int64_t T, const float
     if (rc) goto done;
     for (int64_t row = 0; row < M; row++) {
         float *g = gu + row * 2 * F; /* gate in [0, F), up in [F, 2F): h written over the gate */
-        for (int64_t i = 0; i < F; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * g[F + i];
+        for (int64_t i = 0; i < F; i++) g[i] = g[i] / (1.0f + exp_poly(-g[i])) * g[F + i];
     }
     quantize_rows(gu, 2 * F, NULL, 0.0f, M, F, L, hf.q, hf.d, hf.s, nthreads); /* the F columns of h */
     rc = qgemm_levels(1, &w->kind_down, &w->w_down, &dim, hf.q, hf.d, hf.s, L, M, F, x, dim, 1, nthreads);
