@@ -80,8 +80,9 @@ class DistillConfig:
                 "llmlab prune or llmlab lowrank)"})
     loss: str = field(default="kd", metadata={
         "help": "kd: forward KL at --temperature (Hinton); reverse-kl: KL(student || teacher) on the student's own "
-                "samples (MiniLLM's single-step term); minillm: MiniLLM's full objective (single-step + policy-gradient "
-                "term through later tokens, teacher-mixed sampling, length normalisation); gkd: generalized JSD, on-policy with probability --lmbda; "
+                "samples (MiniLLM's single-step term); minillm: MiniLLM's full objective (single-step + "
+                "policy-gradient term through later tokens, teacher-mixed sampling, length normalisation); gkd: "
+                "generalized JSD, on-policy with probability --lmbda; "
                 "hidden: kd + projected hidden-state MSE (TinyBERT); ce: no teacher, the from-scratch baseline",
         "choices": LOSSES})
     data: str = field(default=DEFAULT_DATA, metadata={
