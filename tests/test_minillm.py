@@ -183,7 +183,8 @@ def test_mixed_sampler_matches_a_loop_without_cache(parts):  # noqa: F811
 def test_distill_minillm_step_is_the_formula(parts):  # noqa: F811
     """One training batch of --loss minillm: the teacher-mixed continuation after the window's prefix, the loss
     recomputed from the two models' logits at the positions that predicted the sampled tokens, the metrics, the
-    --ce-weight term on the data window, gradients reaching the student. The loss's samples are redrawn here from (seed, step, row): exact resume."""
+    --ce-weight term on the data window, gradients reaching the student. The loss's samples are redrawn here
+    from (seed, step, row): exact resume."""
     import torch.nn.functional as F
 
     teacher, shards = parts
