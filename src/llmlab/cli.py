@@ -2281,8 +2281,8 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
                                    "SmolLM2's vocabulary) learns from SmolLM2-135M-Instruct by forward KL on the "
                                    "Python stdlib tokenized with the teacher's tokenizer (data/stdlib-smollm2, "
                                    "prepared if missing); held-out perplexity in RUN/summary.md. --loss ce trains the "
-                                   "same student on the same tokens without a teacher; --loss minillm is MiniLLM's policy-gradient "
-                                   "objective on teacher-mixed samples.")
+                                   "same student on the same tokens without a teacher; --loss minillm is MiniLLM's "
+                                   "policy-gradient objective on teacher-mixed samples.")
     if wanted("distill"):
         from llmlab.dataclass_io import add_flags
         from llmlab.train.distill import DistillConfig, DistillTrainConfig
