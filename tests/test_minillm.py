@@ -1,9 +1,9 @@
 """MiniLLM's full objective (train/minillm.py): the estimator's expected gradient against the exact gradient of
 the sequence-level KL(q || p), by enumerating every continuation of a tiny vocabulary (V = 3, T = 1..3) with
 logit tables for student and teacher, in float64; the per-token importance weights' bias by hand at T = 2; the
-reward-to-go, length normalisation and weights by hand; the teacher-mixed sampler against a plain loop without
-a KV cache; the loss inside ``llmlab distill`` recomputed from the two models, its samples seeded for exact
-resume (test_distill.py resumes an on-policy run through the loop); bad input."""
+reward-to-go, length normalisation and weights by hand; bad parameters. On tiny models inside ``llmlab distill``
+(test_distill.py, sharing its fixtures): the teacher-mixed sampler against a loop without a KV cache, a training
+step recomputed from the two models, bad flags."""
 
 from __future__ import annotations
 
@@ -153,68 +153,3 @@ def test_loss_value_terms_and_reduction_to_reverse_kl():
 def test_bad_parameters(call, message):
     with pytest.raises(LlmlabError, match=message):
         call()
-
-
-# ---- inside llmlab distill, on tiny models with SmolLM2's tokenizer --------------------------------------------------
-
-from tests.test_distill import _task, parts  # noqa: E402,F401  (the module-scoped fixture: tiny teacher + shards)
-
-
-def test_mixed_sampler_matches_a_loop_without_cache(parts):  # noqa: F811
-    """sample_mixed (both models on KV caches) draws the same tokens as full forwards of the growing sequence with
-    the same seeded generator."""
-    from llmlab.infer.generate import prefill_logits
-    from llmlab.train.minillm import sample_mixed
-
-    teacher, shards = parts
-    task, tcfg = _task(parts, "minillm")
-    student = task.model.student.eval()
-    x, _ = shards.batch(0, 2, 32, seed=tcfg.seed)
-    prefix = x[:, :12]
-    got = sample_mixed(student, teacher.model, prefix, 4, 0.4, torch.Generator().manual_seed(7))
-    g, seq = torch.Generator().manual_seed(7), prefix
-    with torch.no_grad():
-        for _ in range(4):  # the last position's logits of the whole sequence, no cache
-            mix = 0.6 * prefill_logits(student, seq).softmax(-1) + 0.4 * prefill_logits(teacher.model, seq).softmax(-1)
-            seq = torch.cat([seq, torch.multinomial(mix, 1, generator=g)], dim=1)
-    assert torch.equal(got, seq) and torch.equal(got[:, :12], prefix)
-
-
-def test_distill_minillm_step_is_the_formula(parts):  # noqa: F811
-    """One training batch of --loss minillm: the teacher-mixed continuation after the window's prefix, the loss
-    recomputed from the two models' logits at the positions that predicted the sampled tokens, the metrics, the
-    --ce-weight term on the data window, gradients reaching the student. The loss's samples are redrawn here
-    from (seed, step, row): exact resume."""
-    import torch.nn.functional as F
-
-    teacher, shards = parts
-    task, tcfg = _task(parts, "minillm", ce_weight=0.5)
-    value, n = task.loss(task.model, 0, 0, 2, 2)
-    value.backward()
-    x, y = shards.batch(0, 2, 32, seed=tcfg.seed)
-    student = task.model.student
-    stats = task.aux_stats()
-    with torch.no_grad():
-        xs = task.sample_continuations(x, 0, 0)
-        assert torch.equal(xs[:, :24], x[:, :24]) and not torch.equal(xs, x)
-        terms = minillm_loss(student(xs)[:, 23:31], teacher.model(xs)[:, 23:31], xs[:, 24:], 0.2, True, "token")
-        ce = F.cross_entropy(student(x).reshape(-1, 49152), y.reshape(-1))
-    assert stats["on_policy"] and stats["distill"] == pytest.approx(terms.loss.item(), rel=1e-4)
-    assert stats["single_step"] == pytest.approx(terms.single, rel=1e-4)
-    assert stats["long_term"] == pytest.approx(terms.long, rel=1e-3, abs=1e-6)
-    assert stats["reward"] == pytest.approx(terms.reward, rel=1e-4) and stats["weight_max"] > 0
-    assert value.item() == pytest.approx(terms.loss.item() + 0.5 * ce.item(), rel=1e-4) and n == 64
-    assert student.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--loss", "minillm", "--teacher-mix", "1"], "--teacher-mix 1.0 is outside [0, 1)"),
-    (["--loss", "minillm", "--temperature", "2"], "--temperature 2 with --loss minillm"),
-])
-def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, args, message):
-    from llmlab.cli import main
-
-    code = main(["distill", *args, "--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err and message in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "run").exists()
