@@ -202,7 +202,8 @@ def test_distill_minillm_step_is_the_formula(parts):
     with torch.no_grad():
         xs = task.sample_continuations(x, 0, 0)
         assert torch.equal(xs[:, :24], x[:, :24]) and not torch.equal(xs, x)
-        terms = M.minillm_loss(student(xs)[:, 23:31], teacher.model(xs)[:, 23:31], xs[:, 24:], 0.2, True, "token")
+        terms = M.minillm_loss(student(xs)[:, 23:31], teacher.model(xs)[:, 23:31], xs[:, 24:], 0.2, True, "token",
+                               baseline=True)
         ce = F.cross_entropy(student(x).reshape(-1, 49152), y.reshape(-1))
     assert stats["on_policy"] and stats["distill"] == pytest.approx(terms.loss.item(), rel=1e-4)
     assert stats["single_step"] == pytest.approx(terms.single, rel=1e-4)

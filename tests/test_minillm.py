@@ -1,9 +1,10 @@
 """MiniLLM's full objective (train/minillm.py): the estimator's expected gradient against the exact gradient of
 the sequence-level KL(q || p), by enumerating every continuation of a tiny vocabulary (V = 3, T = 1..3) with
 logit tables for student and teacher, in float64; the per-token importance weights' bias by hand at T = 2; the
-reward-to-go, length normalisation and weights by hand; bad parameters. On tiny models inside ``llmlab distill``
-(test_distill.py, sharing its fixtures): the teacher-mixed sampler against a loop without a KV cache, a training
-step recomputed from the two models, bad flags."""
+leave-one-out baseline unbiased over every pair of continuations; the reward-to-go, length normalisation,
+weights and baseline by hand; bad parameters. On tiny models inside ``llmlab distill`` (test_distill.py, sharing
+its fixtures): the teacher-mixed sampler against a loop without a KV cache, a training step recomputed from the
+two models, bad flags."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from llmlab.common import LlmlabError
-from llmlab.train.minillm import importance_weights, minillm_loss, rewards_to_go
+from llmlab.train.minillm import importance_weights, leave_one_out, minillm_loss, rewards_to_go
 
 V = 3
 
@@ -118,6 +119,26 @@ def test_per_token_weights_exact_at_one_token_and_their_bias_by_hand_at_two():
     assert bias > 1e-3  # the approximation is biased for T > 1
 
 
+@pytest.mark.parametrize("alpha", [0.3])
+def test_leave_one_out_baseline_keeps_the_estimator_unbiased(alpha):
+    """Two rows, T = 2, every pair of continuations: with the baseline (each row's R_{t+1} minus the other row's) the
+    expected gradient is still 2 x grad KL(q || p) (sequence weights when alpha > 0)."""
+    T = 2
+    student, teacher, index = _tables(T, seed=21)
+    want = 2 * exact_kl_grad(student, teacher, index, T)
+    seqs = list(itertools.product(range(V), repeat=T))
+    total = torch.zeros_like(student)
+    for a, b in itertools.product(seqs, seqs):
+        s = torch.stack([_logits(student, index, a), _logits(student, index, b)])  # (2, T, V)
+        t = torch.stack([_logits(teacher, index, a), _logits(teacher, index, b)])
+        with torch.no_grad():
+            mix = alpha * t.softmax(-1) + (1 - alpha) * s.softmax(-1)  # (2, T, V)
+            prob = math.prod(float(mix[i, n, y[n]]) for i, y in enumerate((a, b)) for n in range(T))
+        loss = 2 * T * minillm_loss(s, t, torch.tensor([a, b]), alpha, False, "sequence", baseline=True).loss
+        total += prob * torch.autograd.grad(loss, student)[0]
+    torch.testing.assert_close(total, want, rtol=0, atol=1e-10)
+
+
 def test_rewards_to_go_and_weights_by_hand():
     r = torch.tensor([[1.0, 2.0, 3.0, -4.0]], dtype=torch.float64)
     assert rewards_to_go(r, False).tolist() == [[1.0, -1.0, -4.0, 0.0]]  # R_{t+1} = sum of the later rewards
@@ -128,6 +149,9 @@ def test_rewards_to_go_and_weights_by_hand():
     torch.testing.assert_close(w, torch.tensor([[0.5 / 0.45, 0.1 / 0.26]]))
     torch.testing.assert_close(importance_weights(lq, lp, 0.2, "sequence"), torch.full((1, 2), 0.5 / 0.45 * 0.1 / 0.26))
     assert importance_weights(lq, lp, 0.0, "token").tolist() == [[1.0, 1.0]]
+    future = torch.tensor([[1.0, 2.0], [3.0, -2.0], [5.0, 0.0]])
+    assert leave_one_out(future).tolist() == [[4.0, -1.0], [3.0, 1.0], [2.0, 0.0]]  # the other rows' mean
+    assert leave_one_out(future[:1]).tolist() == [[0.0, 0.0]]
 
 
 def test_loss_value_terms_and_reduction_to_reverse_kl():

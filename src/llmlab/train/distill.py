@@ -108,6 +108,9 @@ class DistillConfig:
         "help": "minillm: importance weights of the mixed samples: token (the paper's per-token ratio p_S / "
                 "mixture) or sequence (the product over the continuation: unbiased, high variance)",
         "choices": minillm.IMPORTANCE})
+    baseline: bool = field(default=True, metadata={
+        "help": "minillm: subtract from each row's long-term reward the mean of the other rows' at the same position "
+                "(leave-one-out; unbiased, lower variance)"})
     hidden_weight: float = field(default=1.0, metadata={"help": "hidden: weight of the hidden-state term"})
     keep_zeros: bool = field(default=True, metadata={
         "help": "student weights that are exactly zero at the start (a pruned model) stay zero"})
@@ -301,7 +304,7 @@ class DistillTask:
             loss = losses.reverse_kl(s, t, cfg.temperature)
         elif cfg.loss == "minillm":
             terms = minillm.minillm_loss(logits[:, first:last], t_logits[:, first:last], x[:, first + 1:],
-                                         cfg.teacher_mix, cfg.length_norm, cfg.importance)
+                                         cfg.teacher_mix, cfg.length_norm, cfg.importance, cfg.baseline)
             loss = terms.loss
             stats.update(single_step=terms.single, long_term=terms.long, reward=terms.reward,
                          weight_mean=terms.weight_mean, weight_min=terms.weight_min, weight_max=terms.weight_max)

@@ -25,9 +25,16 @@ has zero mean (``E_{y_t ~ q}[grad log q_theta(y_t)] = 0``), and is dropped here.
   ``w_t = q_theta(y_t | y_<t, x) / p~(y_t | y_<t, x)`` (``importance="token"``, the default), which is biased
   for T > 1 (``tests/test_minillm.py`` computes the bias by hand for T = 2).
 
+- a baseline (``baseline``): from each row's R_{t+1} the mean of the other rows' R_{t+1} at the same position is
+  subtracted (leave-one-out, as RLOO, Ahmadian et al. 2024, arXiv:2402.14740; the authors' code whitens the
+  advantages over the batch instead). It is independent of the row's own sample, so the estimator stays unbiased
+  (``E[w_t b grad log q_theta(y_t)] = b E_q[grad log q_theta] = 0``) and its variance falls: without it every
+  reward is negative early on (the student is far from the teacher) and the long-term term mostly pushes down
+  whatever was sampled.
+
 Not built: the paper's PPO-style ratio clipping (each sample here updates the student once, so the ratio is 1
-and clipping never acts) and reward whitening (a baseline). The optional pretraining loss L_PT is
-``--ce-weight`` on the data windows (``train/distill.py``).
+and clipping never acts). The optional pretraining loss L_PT is ``--ce-weight`` on the data windows
+(``train/distill.py``).
 
 Shapes: logits (B, N, V) at the N positions that predicted the sampled tokens, tokens (B, N).
 """
@@ -74,6 +81,14 @@ def rewards_to_go(r: torch.Tensor, length_norm: bool) -> torch.Tensor:
     return later / count
 
 
+def leave_one_out(future: torch.Tensor) -> torch.Tensor:
+    """The baseline b (B, N) of each row: the mean of the other rows' values at the same position (0 for B = 1)."""
+    B = future.shape[0]
+    if B < 2:
+        return torch.zeros_like(future)
+    return (future.sum(0, keepdim=True) - future) / (B - 1)
+
+
 def importance_weights(log_q: torch.Tensor, log_p: torch.Tensor, alpha: float, importance: str) -> torch.Tensor:
     """The sampled tokens' weights (B, N) from log q_theta(y_t), log p(y_t) (B, N): ``token``: w_t = q / p~ with
     p~ = alpha p + (1 - alpha) q; ``sequence``: the product of every w_t of the row, at every position."""
@@ -90,9 +105,11 @@ def importance_weights(log_q: torch.Tensor, log_p: torch.Tensor, alpha: float, i
 
 
 def minillm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor,
-                 alpha: float = 0.2, length_norm: bool = True, importance: str = "token") -> MiniLLMTerms:
+                 alpha: float = 0.2, length_norm: bool = True, importance: str = "token",
+                 baseline: bool = False) -> MiniLLMTerms:
     """The MiniLLM surrogate on sampled continuations: mean over positions of
-    ``w_t KL(q_t || p_t) - w_t sg(R_{t+1}) log q_theta(y_t)``; student_logits (B, N, V) carry the gradient,
+    ``w_t KL(q_t || p_t) - w_t sg(R_{t+1} - b_t) log q_theta(y_t)`` (b_t the leave-one-out baseline with
+    ``baseline``, else 0); student_logits (B, N, V) carry the gradient,
     teacher_logits (B, N, V) none, tokens (B, N) the sampled ids (position n's logits predicted tokens[:, n])."""
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float32, or float64 when given
     log_q = F.log_softmax(student_logits.to(dtype), dim=-1)  # (B, N, V)
@@ -101,6 +118,8 @@ def minillm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tok
     lp = log_p.gather(-1, tokens[..., None]).squeeze(-1)  # (B, N): log p(y_t)
     r = lp - lq.detach()  # (B, N): r_t
     future = rewards_to_go(r, length_norm)  # (B, N): R_{t+1} (normalised)
+    if baseline:
+        future = future - leave_one_out(future)
     w = importance_weights(lq.detach(), lp, alpha, importance)  # (B, N)
     kl = (log_q.exp() * (log_q - log_p)).sum(-1)  # (B, N): KL(q_t || p_t), the single-step term
     single = w * kl
