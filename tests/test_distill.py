@@ -176,10 +176,10 @@ def test_mixed_sampler_matches_a_loop_without_cache(parts):
     student = task.model.student.eval()
     x, _ = shards.batch(0, 2, 32, seed=tcfg.seed)
     prefix = x[:, :12]
-    got = sample_mixed(student, teacher.model, prefix, 4, 0.4, torch.Generator().manual_seed(7))
+    got = sample_mixed(student, teacher.model, prefix, 3, 0.4, torch.Generator().manual_seed(7))
     g, seq = torch.Generator().manual_seed(7), prefix
     with torch.no_grad():
-        for _ in range(4):  # the last position's logits of the whole sequence, no cache
+        for _ in range(3):  # the last position's logits of the whole sequence, no cache
             mix = 0.6 * prefill_logits(student, seq).softmax(-1) + 0.4 * prefill_logits(teacher.model, seq).softmax(-1)
             seq = torch.cat([seq, torch.multinomial(mix, 1, generator=g)], dim=1)
     assert torch.equal(got, seq) and torch.equal(got[:, :12], prefix)

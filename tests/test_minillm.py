@@ -52,17 +52,16 @@ def exact_kl_grad(student, teacher, index, T):
 def expected_estimator_grad(student, teacher, index, T, alpha, length_norm=False, importance="token"):
     """sum_y p~(y) grad(T x minillm_loss(y)): the estimator's gradient averaged over every continuation weighted
     by its probability under the sampling distribution p~ = alpha p + (1 - alpha) q (per token)."""
-    total = torch.zeros_like(student)
+    total = 0.0  # sum_y p~(y) x surrogate(y), p~(y) a constant: its gradient is the expectation's
     for y in itertools.product(range(V), repeat=T):
         s, t = _logits(student, index, y), _logits(teacher, index, y)  # (T, V)
         with torch.no_grad():
             mix = alpha * t.softmax(-1) + (1 - alpha) * s.softmax(-1)  # (T, V)
             prob = math.prod(float(mix[n, tok]) for n, tok in enumerate(y))
         tokens = torch.tensor([y])
-        loss = T * minillm_loss(s[None], t[None], tokens, alpha, length_norm, importance).loss  # the sum over t
-        (g,) = torch.autograd.grad(loss, student)
-        total += prob * g
-    return total
+        total = total + prob * T * minillm_loss(s[None], t[None], tokens, alpha, length_norm, importance).loss
+    (g,) = torch.autograd.grad(total, student)  # T x the mean over positions = the sum over t
+    return g
 
 
 @pytest.mark.parametrize("T", [1, 2, 3])
@@ -127,7 +126,7 @@ def test_leave_one_out_baseline_keeps_the_estimator_unbiased(alpha):
     student, teacher, index = _tables(T, seed=21)
     want = 2 * exact_kl_grad(student, teacher, index, T)
     seqs = list(itertools.product(range(V), repeat=T))
-    total = torch.zeros_like(student)
+    total = 0.0
     for a, b in itertools.product(seqs, seqs):
         s = torch.stack([_logits(student, index, a), _logits(student, index, b)])  # (2, T, V)
         t = torch.stack([_logits(teacher, index, a), _logits(teacher, index, b)])
@@ -135,8 +134,8 @@ def test_leave_one_out_baseline_keeps_the_estimator_unbiased(alpha):
             mix = alpha * t.softmax(-1) + (1 - alpha) * s.softmax(-1)  # (2, T, V)
             prob = math.prod(float(mix[i, n, y[n]]) for i, y in enumerate((a, b)) for n in range(T))
         loss = 2 * T * minillm_loss(s, t, torch.tensor([a, b]), alpha, False, "sequence", baseline=True).loss
-        total += prob * torch.autograd.grad(loss, student)[0]
-    torch.testing.assert_close(total, want, rtol=0, atol=1e-10)
+        total = total + prob * loss
+    torch.testing.assert_close(torch.autograd.grad(total, student)[0], want, rtol=0, atol=1e-10)
 
 
 def test_rewards_to_go_and_weights_by_hand():
