@@ -1,7 +1,8 @@
 """The MiniLLM claim measured: hallucinated continuations of reverse-KL vs forward-KL distilled students.
 
 Do students distilled with reverse KL write fewer hallucinated continuations than students distilled with forward
-KL? (``eval/hallucination.py`` defines the two measures.)
+KL? (``eval/hallucination.py`` defines the two measures.) ``minillm`` is MiniLLM's full objective, ``reverse-kl``
+its single-step term alone.
 
 Trains one student per ``--losses`` entry with ``llmlab distill`` (the same student preset, initialisation, data
 order and budget; a run folder that already holds ``model/`` is reused), then each student -- and the teacher
@@ -10,7 +11,8 @@ tokens each) for ``--gen-tokens`` tokens, sampled at temperature 1 with every ``
 Printed per model and mode: U, the share of continuation tokens the teacher gives probability < ``--epsilon``;
 the mean teacher surprisal (nats/token); the share of written names (identifiers, numbers) found neither in the
 prompt, the true continuation nor Python's keywords and builtins; and the held-out perplexity. Medians over the
-seeds, each seed's value in the JSON. Last line: U of reverse-kl / U of kd (sampled). Single thread.
+seeds, each seed's value in the JSON. Last lines: U of reverse-kl (and minillm) / U of kd (sampled). Single
+thread.
 
     python benchmarks/distill_hallucination.py --steps 40 --out runs/hallucination
 """
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-LOSSES = "kd,reverse-kl,gkd,ce"
+LOSSES = "kd,reverse-kl,minillm,gkd,ce"
 
 
 @dataclass
@@ -44,7 +46,7 @@ class Options:
     prompts: int = field(default=24, metadata={"help": "held-out windows to continue"})
     prompt_tokens: int = field(default=96, metadata={"help": "tokens of each prompt"})
     gen_tokens: int = field(default=32, metadata={
-        "help": "tokens of each continuation, measured and (reverse-kl, gkd) trained on"})
+        "help": "tokens of each continuation, measured and (reverse-kl, minillm, gkd) trained on"})
     seeds: str = field(default="1,2,3", metadata={"help": "sampling seeds, comma-separated"})
     epsilon: float = field(default=1e-3, metadata={"help": "teacher-probability threshold of U"})
     threads: int = field(default=1, metadata={"help": "torch threads"})
@@ -143,9 +145,10 @@ def run(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     u = {r["model"]: r["unsupported"] for r in rows if r["mode"] == "sampled"}
-    if "kd" in u and "reverse-kl" in u:
-        ratio = u["reverse-kl"] / u["kd"] if u["kd"] else float("nan")
-        print(f"ratio U(reverse-kl) / U(kd), sampled: {ratio:.2f}")
+    for loss in ("minillm", "reverse-kl"):
+        if "kd" in u and loss in u:
+            ratio = u[loss] / u["kd"] if u["kd"] else float("nan")
+            print(f"ratio U({loss}) / U(kd), sampled: {ratio:.2f}")
 
 
 if __name__ == "__main__":

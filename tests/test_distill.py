@@ -1,7 +1,8 @@
 """llmlab distill: the KD losses against hand-computed values and ``F.kl_div``'s conventions, the gradient of
 Hinton's tau^2 loss, bad input (one line, exit 2), short runs of every loss on tiny models with SmolLM2's
-tokenizer (resume, a pruned student keeping its zeros), and the README's lines. Parity of GKD's generalized JSD
-with TRL: test_distill_parity.py."""
+tokenizer (resume, a pruned student keeping its zeros; MiniLLM's teacher-mixed sampler and training step), and the
+README's lines. Parity of GKD's generalized JSD with TRL: test_distill_parity.py; MiniLLM's estimator:
+test_minillm.py."""
 
 from __future__ import annotations
 
@@ -164,6 +165,54 @@ def test_each_loss_is_its_formula_on_the_right_positions(parts, loss):
         assert all(p.weight.shape == (64, 32) and p.weight.grad.abs().sum() > 0 for p in task.model.proj)
 
 
+def test_mixed_sampler_matches_a_loop_without_cache(parts):
+    """sample_mixed (both models on KV caches) draws the same tokens as full forwards of the growing sequence with
+    the same seeded generator."""
+    from llmlab.infer.generate import prefill_logits
+    from llmlab.train.minillm import sample_mixed
+
+    teacher, shards = parts
+    task, tcfg = _task(parts, "minillm")
+    student = task.model.student.eval()
+    x, _ = shards.batch(0, 2, 32, seed=tcfg.seed)
+    prefix = x[:, :12]
+    got = sample_mixed(student, teacher.model, prefix, 3, 0.4, torch.Generator().manual_seed(7))
+    g, seq = torch.Generator().manual_seed(7), prefix
+    with torch.no_grad():
+        for _ in range(3):  # the last position's logits of the whole sequence, no cache
+            mix = 0.6 * prefill_logits(student, seq).softmax(-1) + 0.4 * prefill_logits(teacher.model, seq).softmax(-1)
+            seq = torch.cat([seq, torch.multinomial(mix, 1, generator=g)], dim=1)
+    assert torch.equal(got, seq) and torch.equal(got[:, :12], prefix)
+
+
+def test_distill_minillm_step_is_the_formula(parts):
+    """One training batch of --loss minillm: the teacher-mixed continuation after the window's prefix, the loss
+    recomputed from the two models' logits at the positions that predicted the sampled tokens, the metrics, the
+    --ce-weight term on the data window, gradients reaching the student. The loss's samples are redrawn here
+    from (seed, step, row): exact resume."""
+    from llmlab.train import minillm as M
+
+    teacher, shards = parts
+    task, tcfg = _task(parts, "minillm", ce_weight=0.5)
+    value, n = task.loss(task.model, 0, 0, 2, 2)
+    value.backward()
+    x, y = shards.batch(0, 2, 32, seed=tcfg.seed)
+    student = task.model.student
+    stats = task.aux_stats()
+    with torch.no_grad():
+        xs = task.sample_continuations(x, 0, 0)
+        assert torch.equal(xs[:, :24], x[:, :24]) and not torch.equal(xs, x)
+        terms = M.minillm_loss(student(xs)[:, 23:31], teacher.model(xs)[:, 23:31], xs[:, 24:], 0.2, True, "token",
+                               baseline=True)
+        ce = F.cross_entropy(student(x).reshape(-1, 49152), y.reshape(-1))
+    assert stats["on_policy"] and stats["distill"] == pytest.approx(terms.loss.item(), rel=1e-4)
+    assert stats["single_step"] == pytest.approx(terms.single, rel=1e-4)
+    assert stats["long_term"] == pytest.approx(terms.long, rel=1e-3, abs=1e-6)
+    assert stats["reward"] == pytest.approx(terms.reward, rel=1e-4) and stats["weight_max"] > 0
+    assert value.item() == pytest.approx(terms.loss.item() + 0.5 * ce.item(), rel=1e-4) and n == 64
+    assert student.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
 def test_gkd_trains_and_resumes_exactly(parts, tmp_path):
     """Through the training loop: the loss falls; removing the last checkpoint and training again resumes at step
     2 and gives the uninterrupted run's losses (the batches, the student's samples and the on-policy coin are
@@ -247,6 +296,8 @@ def _main(capsys, *args) -> tuple[int, str, str]:
     (["--loss", "gkd", "--lmbda", "2"], "--lmbda 2.0 is outside [0, 1]"),
     (["--loss", "reverse-kl", "--gen-tokens", "32", "--seq-len", "32"], "--gen-tokens 32 must be smaller than "
                                                                         "--seq-len 32"),
+    (["--loss", "minillm", "--teacher-mix", "1"], "--teacher-mix 1.0 is outside [0, 1)"),
+    (["--loss", "minillm", "--temperature", "2"], "--temperature 2 with --loss minillm"),
     (["--teacher", "TINY", "--student", "llama-tiny"], "has a vocabulary of 512 tokens, the teacher 49152: teacher "
                                                        "and student must share the tokenizer"),
 ])

@@ -2275,13 +2275,14 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
         add_flags(s, DPOTrainConfig)
     s.set_defaults(func=cmd_dpo)
 
-    s = sub.add_parser("distill", help="train a smaller student on a teacher's distributions: KD, reverse KL "
-                                       "(MiniLLM), GKD, hidden-state matching (TinyBERT)",
+    s = sub.add_parser("distill", help="train a smaller student on a teacher's distributions: KD, reverse KL, "
+                                       "MiniLLM, GKD, hidden-state matching (TinyBERT)",
                        description="Knowledge distillation. With no flags: the smollm2-tiny preset (4 blocks x 256, "
                                    "SmolLM2's vocabulary) learns from SmolLM2-135M-Instruct by forward KL on the "
                                    "Python stdlib tokenized with the teacher's tokenizer (data/stdlib-smollm2, "
                                    "prepared if missing); held-out perplexity in RUN/summary.md. --loss ce trains the "
-                                   "same student on the same tokens without a teacher.")
+                                   "same student on the same tokens without a teacher; --loss minillm is MiniLLM's "
+                                   "policy-gradient objective on teacher-mixed samples.")
     if wanted("distill"):
         from llmlab.dataclass_io import add_flags
         from llmlab.train.distill import DistillConfig, DistillTrainConfig

@@ -8,9 +8,11 @@ kd             Hinton et al. 2015 (arXiv:1503.02531): tau^2 KL(p_T^tau || p_S^ta
                windows, plus ``--ce-weight`` x next-token cross-entropy on the data (the hard labels)
 reverse-kl     MiniLLM (Gu et al. 2023, arXiv:2306.08543), reduced to its single-step term: the student samples a
                continuation of ``--gen-tokens`` tokens after each window's prefix, and the loss is the exact
-               per-position KL(p_S || p_T) over the vocabulary at the sampled positions. The policy-gradient
-               term through later tokens (the long-term reward), teacher-mixed sampling and MiniLLM's
-               length normalisation are left out.
+               per-position KL(p_S || p_T) over the vocabulary at the sampled positions (the ablation of minillm)
+minillm        MiniLLM's full objective (``train/minillm.py``): the continuation is sampled from the mixture
+               ``--teacher-mix`` alpha p_T + (1 - alpha) p_S, and the loss is the single-step term plus the
+               policy-gradient term through later tokens (REINFORCE on the later tokens' rewards log p_T - log
+               p_S, ``--length-norm``: their mean), both weighted by the importance weights p_S / mixture
 gkd            GKD (Agarwal et al. 2023, arXiv:2306.13649): generalized JSD(``--beta``); with probability
                ``--lmbda`` a step trains on the student's own sampled continuations (on-policy, loss on the
                sampled positions), otherwise on the data windows (every position), TRL's per-batch choice
@@ -58,11 +60,12 @@ from llmlab.formats.lowrank import lowrank_config
 from llmlab.infer.generate import generate
 from llmlab.infer.sample import SamplingParams
 from llmlab.train import distill_losses as losses
+from llmlab.train import minillm
 from llmlab.train.loop import TrainConfig, TrainResult, train
 from llmlab.train.report import write_summary
 
-LOSSES = ("kd", "reverse-kl", "gkd", "hidden", "ce")
-ON_POLICY = ("reverse-kl", "gkd")
+LOSSES = ("kd", "reverse-kl", "minillm", "gkd", "hidden", "ce")
+ON_POLICY = ("reverse-kl", "minillm", "gkd")
 DEFAULT_DATA = "data/stdlib-smollm2"
 STUDENT_FILE = "student.safetensors"  # the student's tensors inside a checkpoint
 PROJ_FILE = "projections.safetensors"  # the hidden loss's W_m
@@ -77,7 +80,9 @@ class DistillConfig:
                 "llmlab prune or llmlab lowrank)"})
     loss: str = field(default="kd", metadata={
         "help": "kd: forward KL at --temperature (Hinton); reverse-kl: KL(student || teacher) on the student's own "
-                "samples (MiniLLM's single-step term); gkd: generalized JSD, on-policy with probability --lmbda; "
+                "samples (MiniLLM's single-step term); minillm: MiniLLM's full objective (single-step + "
+                "policy-gradient term through later tokens, teacher-mixed sampling, length normalisation); gkd: "
+                "generalized JSD, on-policy with probability --lmbda; "
                 "hidden: kd + projected hidden-state MSE (TinyBERT); ce: no teacher, the from-scratch baseline",
         "choices": LOSSES})
     data: str = field(default=DEFAULT_DATA, metadata={
@@ -86,12 +91,26 @@ class DistillConfig:
     out: str = field(default="runs/distill", metadata={"help": "run folder (resumes when it has checkpoints)"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of both distributions (> 0)"})
     ce_weight: float = field(default=0.0, metadata={
-        "help": "kd / hidden: weight of the next-token cross-entropy on the data added to the distillation loss"})
+        "help": "kd / hidden / minillm: weight of the next-token cross-entropy on the data windows added to the "
+                "distillation loss (minillm: the paper's pretraining loss L_PT)"})
     beta: float = field(default=0.5, metadata={"help": "gkd: JSD interpolation in [0, 1] (0 forward KL, 1 reverse KL)"})
     lmbda: float = field(default=0.5, metadata={
         "help": "gkd: probability that a step trains on the student's own samples, in [0, 1]"})
     gen_tokens: int = field(default=32, metadata={
-        "help": "reverse-kl / gkd on-policy: tokens the student samples after the first seq_len - N of a window"})
+        "help": "reverse-kl / minillm / gkd on-policy: tokens the student samples after the first seq_len - N of a "
+                "window"})
+    teacher_mix: float = field(default=0.2, metadata={
+        "help": "minillm: the teacher's share alpha of the sampling mixture alpha p_T + (1 - alpha) p_S, in [0, 1) "
+                "(0.2 in the paper; 0 samples from the student alone)"})
+    length_norm: bool = field(default=True, metadata={
+        "help": "minillm: the long-term reward is the mean, not the sum, of the later tokens' rewards"})
+    importance: str = field(default="token", metadata={
+        "help": "minillm: importance weights of the mixed samples: token (the paper's per-token ratio p_S / "
+                "mixture) or sequence (the product over the continuation: unbiased, high variance)",
+        "choices": minillm.IMPORTANCE})
+    baseline: bool = field(default=True, metadata={
+        "help": "minillm: subtract from each row's long-term reward the mean of the other rows' at the same position "
+                "(leave-one-out; unbiased, lower variance)"})
     hidden_weight: float = field(default=1.0, metadata={"help": "hidden: weight of the hidden-state term"})
     keep_zeros: bool = field(default=True, metadata={
         "help": "student weights that are exactly zero at the start (a pruned model) stay zero"})
@@ -102,6 +121,12 @@ class DistillConfig:
             raise LlmlabError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}")
         losses.check_temperature(self.temperature)
         losses.check_beta(self.beta)
+        minillm.check_alpha(self.teacher_mix)
+        if self.importance not in minillm.IMPORTANCE:
+            raise LlmlabError(f"--importance {self.importance!r}: use one of {', '.join(minillm.IMPORTANCE)}")
+        if self.loss == "minillm" and self.temperature != 1.0:
+            raise LlmlabError(f"--temperature {self.temperature:g} with --loss minillm: MiniLLM samples and scores at "
+                              "temperature 1; drop --temperature")
         if not 0.0 <= self.lmbda <= 1.0:
             raise LlmlabError(f"--lmbda {self.lmbda} is outside [0, 1]: it is the probability of an on-policy step")
         if self.gen_tokens < 1:
@@ -214,8 +239,8 @@ class DistillTask:
     # ---- the batch ----
 
     def on_policy(self, step: int) -> bool:
-        """reverse-kl: every step; gkd: with probability lmbda, a function of (seed, step) for exact resume."""
-        if self.cfg.loss == "reverse-kl":
+        """reverse-kl, minillm: every step; gkd: with probability lmbda, a function of (seed, step) for exact resume."""
+        if self.cfg.loss in ("reverse-kl", "minillm"):
             return True
         if self.cfg.loss != "gkd":
             return False
@@ -225,14 +250,18 @@ class DistillTask:
     @torch.no_grad()
     def sample_continuations(self, x: torch.Tensor, step: int, first_row: int) -> torch.Tensor:
         """Each window's first T - gen_tokens ids, then the student's own continuation sampled at temperature
-        1 (seeded by seed, step and row: the same on resume), (B, T)."""
+        1 (minillm: from the teacher-mixed distribution), seeded by seed, step and row: the same on resume, (B, T)."""
         student = self.model.student
         keep = self.seq_len - self.cfg.gen_tokens
+        seed = self.seed * 1_000_003 + step * 1009 + first_row
         was = student.training
         student.eval()
         try:
+            if self.cfg.loss == "minillm" and self.cfg.teacher_mix > 0:  # MiniLLM: from alpha p_T + (1 - alpha) p_S
+                return minillm.sample_mixed(student, self.teacher, x[:, :keep], self.cfg.gen_tokens,
+                                            self.cfg.teacher_mix, torch.Generator(x.device).manual_seed(seed))
             done = generate(student, x[:, :keep].tolist(), self.cfg.gen_tokens,
-                            SamplingParams(temperature=1.0, seed=self.seed * 1_000_003 + step * 1009 + first_row))
+                            SamplingParams(temperature=1.0, seed=seed))
         finally:
             student.train(was)
         rows = [list(p) + c.ids for p, c in zip(x[:, :keep].tolist(), done)]
@@ -251,6 +280,7 @@ class DistillTask:
             return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)), x.numel()
         on_policy = self.on_policy(step)
         first = 0  # the first scored position
+        data = x  # the window itself (minillm's --ce-weight term)
         if on_policy:
             x = self.sample_continuations(x, step, first_row)
             first = self.seq_len - cfg.gen_tokens - 1  # the logits that predicted the first sampled token
@@ -272,6 +302,12 @@ class DistillTask:
             loss = losses.forward_kl(s, t, cfg.temperature)
         elif cfg.loss == "reverse-kl":
             loss = losses.reverse_kl(s, t, cfg.temperature)
+        elif cfg.loss == "minillm":
+            terms = minillm.minillm_loss(logits[:, first:last], t_logits[:, first:last], x[:, first + 1:],
+                                         cfg.teacher_mix, cfg.length_norm, cfg.importance, cfg.baseline)
+            loss = terms.loss
+            stats.update(single_step=terms.single, long_term=terms.long, reward=terms.reward,
+                         weight_mean=terms.weight_mean, weight_min=terms.weight_min, weight_max=terms.weight_max)
         else:
             loss = losses.generalized_jsd(s, t, cfg.beta, cfg.temperature)
         stats["distill"] = float(loss.detach())
@@ -280,8 +316,9 @@ class DistillTask:
             hidden = torch.stack(terms).mean()
             stats["hidden"] = float(hidden.detach())
             loss = loss + cfg.hidden_weight * hidden
-        if cfg.ce_weight and not on_policy:
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        if cfg.ce_weight and (not on_policy or cfg.loss == "minillm"):  # minillm: the paper's L_PT on the window
+            data_logits = logits if not on_policy else model(data)[0]  # (B, T, V)
+            ce = F.cross_entropy(data_logits.float().reshape(-1, data_logits.shape[-1]), y.reshape(-1))
             stats["ce"] = float(ce.detach())
             loss = loss + cfg.ce_weight * ce
         self._last = stats
