@@ -91,7 +91,7 @@ def _plain_copy(model):
 
 @pytest.fixture(scope="module")
 def batch():
-    pairs, tok = _tiny_pairs(4)
+    pairs, tok = _tiny_pairs(2)
     return pair_batch(pairs, tok.eos_id)
 
 
@@ -242,9 +242,8 @@ def test_swiglu_keeps_gate_and_up_only():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_rmsnorm_gradients_are_autograds_and_it_keeps_x_only(dtype):
-    """The module's output is the plain expression's to the bit; its gradients autograd's to float32 rounding
-    (both compute in float32: the module normalises in float32 whatever the input; bf16 inputs: one bf16
-    rounding step); of the (..., dim) tensors it keeps x, where autograd keeps x and x / rms."""
+    """The module's output and gradients are the plain expression's (autograd's) to the bit; of the (..., dim)
+    tensors it keeps x, where autograd keeps x and x / rms."""
     g = torch.Generator().manual_seed(0)
     norm = RMSNorm(64)
     with torch.no_grad():
@@ -258,8 +257,6 @@ def test_rmsnorm_gradients_are_autograds_and_it_keeps_x_only(dtype):
 
     y = norm(x)
     assert torch.equal(y, plain())
-    tol = dict(rtol=1.6e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
     for o, r in zip(torch.autograd.grad(y, (x, norm.weight), up), torch.autograd.grad(plain(), (x, norm.weight), up)):
-        assert o.dtype == r.dtype
-        torch.testing.assert_close(o, r, **tol)
+        assert o.dtype == r.dtype and torch.equal(o, r)
     assert _saved(lambda: norm(x), 64, norm) == 1 and _saved(plain, 64, norm) == 2

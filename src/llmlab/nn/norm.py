@@ -7,7 +7,9 @@ x, r and x_hat, and the next layer keeps y): with g = dL/dy and g_hat = g * w,
 
     dL/dw = sum over rows of g * x_hat,   dL/dx = r (g_hat - x_hat mean(g_hat * x_hat)),
 
-one (..., dim) tensor fewer per norm (SmolLM2-135M's DPO step: 60 norms x (232 tokens, 576) in float32, 32 MB).
+computed as autograd's nodes compute it, step by step (dL/dx = g_hat r + (-r^3 / 2) sum(g_hat x) 2x / dim), so
+the gradients are autograd's to the bit in float32, bfloat16 and float64 (tested): one (..., dim) tensor fewer
+per norm (SmolLM2-135M's DPO step: 60 norms x (232 tokens, 576) in float32, 32 MB).
 Outside autograd and under ``torch.compile`` it is the plain expression.
 
 LayerNorm is torch's own ``nn.LayerNorm``. Shapes: (..., dim) -> (..., dim).
@@ -35,16 +37,18 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # (..., dim)
+        # The steps of autograd's own nodes, in their order and precision, so the gradients are the same bits:
+        # y = w * z, z = x_hat.to(dtype), x_hat = h * r, r = rsqrt(m + eps), m = mean(h^2), h = x.float().
         x, weight, r = ctx.saved_tensors
-        x_hat = x.float() * r  # (..., dim) recomputed
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad * x_hat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)  # (dim,)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            g_hat = (grad * weight).float()  # (..., dim)
-            grad_x = g_hat.sub_(x_hat * (g_hat * x_hat).mean(-1, keepdim=True)).mul_(r).to(x.dtype)
-        return grad_x, grad_w, None
+        h = x.float()
+        z = (h * r).to(x.dtype)  # (..., dim): x_hat, recomputed
+        grad_w = (grad * z).sum_to_size(weight.shape).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        if not ctx.needs_input_grad[0]:
+            return None, grad_w, None
+        grad_x_hat = (grad * weight).to(z.dtype).float()  # (..., dim)
+        grad_m = (-0.5 * (grad_x_hat * h).sum(-1, keepdim=True)) * r.pow(3)  # (..., 1): through r
+        grad_h = grad_x_hat * r + grad_m.expand_as(h) / h.shape[-1] * (2 * h)  # through x_hat, through m
+        return grad_h.to(x.dtype), grad_w, None
 
 
 class RMSNorm(nn.Module):

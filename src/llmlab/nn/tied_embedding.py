@@ -44,10 +44,14 @@ import torch.nn.functional as F
 
 
 def _owned(t: torch.Tensor) -> bool:
-    """True when nothing but the caller references ``t`` and its memory, so writing into it is unseen."""
-    # _use_count: references to the tensor; _storage_Use_Count: to its memory, + 1 for the storage object asked
-    return (t.is_contiguous() and not t.requires_grad and t._use_count() == 1
-            and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2)
+    """True when nothing but the caller references ``t`` and its memory, so writing into it is unseen (False
+    where this torch cannot say: the rows are then added out of place)."""
+    tensor_refs, storage_refs = getattr(t, "_use_count", None), getattr(torch._C, "_storage_Use_Count", None)
+    if tensor_refs is None or storage_refs is None:
+        return False
+    # references to the tensor; to its memory, + 1 for the storage object asked
+    return (t.is_contiguous() and not t.requires_grad and tensor_refs() == 1
+            and storage_refs(t.untyped_storage()._cdata) == 2)
 
 
 class _TiedLookup(torch.autograd.Function):
