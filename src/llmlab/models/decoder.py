@@ -9,12 +9,15 @@ parts are injected, not subclassed (docs/architecture.md, "Compose, don't inheri
 Parameter names follow Hugging Face Llama without the ``model.`` prefix: ``embed_tokens``,
 ``layers.N.self_attn.{q,k,v,o}_proj``, ``layers.N.mlp.{gate,up,down}_proj``, ``norm``, ``lm_head``.
 
-forward: input_ids (B, T) -> logits (B, T, vocab) (or hidden states (B, T, dim)).
+forward: input_ids (B, T) -> logits (B, T, vocab) (or hidden states (B, T, dim)). With tied embeddings the
+lookup and the head share one gradient tensor (``nn/tied_embedding.py``): a caller that applies the head itself
+asks for the head's weight with ``return_head_weight`` and uses it in place of ``lm_head.weight``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llmlab.models.config import ModelConfig
@@ -24,6 +27,7 @@ from llmlab.nn.mlp import make_mlp
 from llmlab.nn.moe import MoEFeedForward
 from llmlab.nn.norm import make_norm
 from llmlab.nn.rope import RotaryEmbedding
+from llmlab.nn.tied_embedding import tied_lookup
 
 
 class DecoderBlock(nn.Module):
@@ -70,6 +74,17 @@ class DecoderLM(nn.Module):
         self.apply(self._init_weights)
         self.native_step = None  # models/native_step.py: the blocks in C on packed weights, where enabled
 
+    def _embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """input_ids (B, T) -> the embeddings (B, T, dim) and the weight the head applies (None: ``lm_head`` as it
+        is). A plain table tied to a plain head, with no hooks on either, goes through ``tied_lookup``."""
+        e, head = self.embed_tokens, self.lm_head
+        if (type(e) is nn.Embedding and type(head) is nn.Linear and head.weight is e.weight and head.bias is None
+                and e.padding_idx is None and e.max_norm is None and not e.sparse and not e.scale_grad_by_freq
+                and not (e._forward_hooks or e._forward_pre_hooks or head._forward_hooks or head._forward_pre_hooks)):
+            x, weight = tied_lookup(e.weight, input_ids)
+            return x, None if weight is e.weight else weight  # the table itself outside autograd
+        return e(input_ids), None
+
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
@@ -91,12 +106,21 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None, *, cache: StaticKVCache | None = None, start: int | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                return_hidden: bool = False, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                return_hidden: bool = False, inputs_embeds: torch.Tensor | None = None,
+                return_head_weight: bool = False):
         """input_ids (B, T); with ``cache`` the tokens sit at positions [start, start+T) (default: the
         cache's current length) and the cache advances. ``attention_mask`` (B, S) marks real keys, or is a
         (B, T, S) per-query mask (packed rows, with ``position_ids`` restarting per example).
-        ``inputs_embeds`` (B, T, dim) replaces the token embeddings (``input_ids`` None): prompt tuning."""
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, dim)
+        ``inputs_embeds`` (B, T, dim) replaces the token embeddings (``input_ids`` None): prompt tuning.
+        ``return_head_weight`` (with ``return_hidden``): (hidden, the head's weight (V, dim)) for a caller that
+        applies the head itself: under autograd with a tied table, the view of ``nn/tied_embedding.py`` (use it,
+        not ``lm_head.weight``, and the two gradients meet in place); else ``lm_head.weight`` (None for a head
+        that is not a plain linear layer)."""
+        head_weight = None
+        if inputs_embeds is None:
+            x, head_weight = self._embed(input_ids)  # (B, T, dim), (V, dim) or None
+        else:
+            x = inputs_embeds  # (B, T, dim)
         B, T = x.shape[:2]
         paged = getattr(cache, "owns_attention", False)  # a PagedBatch: positions come per token
         if start is None:
@@ -123,4 +147,9 @@ class DecoderLM(nn.Module):
             if cache is not None and not paged:
                 cache.length = start + T
         x = self.norm(x)
-        return x if return_hidden else self.lm_head(x)  # (B, T, V)
+        if return_hidden:
+            if not return_head_weight:
+                return x
+            plain = type(self.lm_head) is nn.Linear
+            return x, head_weight if head_weight is not None else self.lm_head.weight if plain else None
+        return self.lm_head(x) if head_weight is None else F.linear(x, head_weight)  # (B, T, V)

@@ -87,13 +87,18 @@ def _grad_buffers(x, weight, bias, want_x: bool, want_w: bool, want_b: bool) -> 
             torch.zeros(weight.shape[0], dtype=acc, device=x.device) if want_b and bias is not None else None)
 
 
-def _add_chunk_grads(g: torch.Tensor, xc: torch.Tensor, wr: torch.Tensor, i: int, grads: tuple, rnd) -> None:
-    """g (n, V), the gradient at the logits of rows [i, i + n) with inputs xc (n, D): into ``grads``."""
+def _add_chunk_grads(g: torch.Tensor, xc: torch.Tensor, wr: torch.Tensor, i: int, grads: tuple, rnd,
+                     rounding: bool) -> None:
+    """g (n, V), the gradient at the logits of rows [i, i + n) with inputs xc (n, D): into ``grads``.
+    ``rounding``: emulated bf16 is on (``rnd`` rounds)."""
     grad_x, grad_w, grad_b = grads
     if grad_x is not None:
         grad_x[i:i + g.shape[0]] = rnd(torch.mm(g, wr))  # (n, D)
     if grad_w is not None:
-        grad_w += rnd(torch.mm(g.t(), xc))  # (V, D)
+        if rounding or torch.is_autocast_enabled(g.device.type) or not g.dtype == xc.dtype == grad_w.dtype:
+            grad_w += rnd(torch.mm(g.t(), xc))  # (V, D): the product rounded (or cast) before it is added
+        else:  # (V, D) += (V, n) @ (n, D) in place: no (V, D) product beside the buffer (113 MB for SmolLM2)
+            grad_w.addmm_(g.t(), xc)
     if grad_b is not None:
         grad_b += g.sum(0)
 
@@ -152,7 +157,7 @@ class _LinearCrossEntropyRows(torch.autograd.Function):
                 _, g = _chunk_loss_and_grad(_chunk_logits(xc, wr, bias, rnd), target[i:i + chunk_rows],
                                             label_smoothing, 1.0, True)
                 g = rnd(g.mul_(grad_out[i:i + chunk_rows, None]))  # (n, V): d total / d logits
-                _add_chunk_grads(g, xc, wr, i, grads, rnd)
+                _add_chunk_grads(g, xc, wr, i, grads, rnd, emulated is not None)
         grad_x, grad_w, grad_b = grads
         return (grad_x, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
@@ -182,7 +187,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 losses.append(loss)
                 if g is None:
                     continue
-                _add_chunk_grads(rnd(g), xc, wr, i, grads, rnd)  # g (n, V): d loss / d logits
+                _add_chunk_grads(rnd(g), xc, wr, i, grads, rnd, emulated is not None)  # g (n, V): d loss / d logits
         total = torch.cat(losses).sum() * scale
         ctx.save_for_backward(*grads)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)

@@ -265,19 +265,22 @@ def target_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
     has_target = (labels != IGNORE).any(0)  # (T,)
     keep = int(has_target.nonzero().max()) + 1
     ids, labels = ids[:, :keep], labels[:, :keep]  # (B, keep): nothing after the last target matters
-    hidden = model(ids, return_hidden=True)  # (B, keep, D), plain causal attention
+    hidden, weight = model(ids, return_hidden=True, return_head_weight=True)  # (B, keep, D), plain causal attention
     sel = labels != IGNORE  # (B, keep)
     h = hidden[sel]  # (N, D)
-    return head_logps(model, h, labels[sel]), sel, h  # (N,): the head only where there is a target
+    return head_logps(model, h, labels[sel], weight), sel, h  # (N,): the head only where there is a target
 
 
-def head_logps(model: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def head_logps(model: nn.Module, h: torch.Tensor, targets: torch.Tensor,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
     """log p(target) (N,) from the hidden states h (N, D): float32 (float64 for a float64 model). A plain linear
-    head goes through the chunked ``linear_cross_entropy`` (no (N, vocab) logits held), any other head (a
-    quantized or adapted one) through its full logits."""
+    head goes through the chunked ``linear_cross_entropy`` (no (N, vocab) logits held), with ``weight`` (the
+    forward's ``return_head_weight``: a tied table's gradients then meet in place) in place of its own; any other
+    head (a quantized or adapted one) through its full logits."""
     head = output_head(model)
     if type(head) is nn.Linear:
-        return -linear_cross_entropy(h, head.weight, targets, head.bias, reduction="none", chunk_rows=256)
+        w = head.weight if weight is None else weight  # (V, D)
+        return -linear_cross_entropy(h, w, targets, head.bias, reduction="none", chunk_rows=256)
     logits = head(h)  # (N, V)
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return -F.cross_entropy(logits.to(dtype), targets, reduction="none")
@@ -295,9 +298,9 @@ def sequence_logps(model: nn.Module, batch: PairBatch) -> torch.Tensor:
     else:
         device = next(model.parameters()).device
         sp = SharedPrompt(*(getattr(sp, f).to(device) for f in SharedPrompt.__dataclass_fields__))
-        hidden = model(sp.input_ids, attention_mask=sp.attention_mask, position_ids=sp.position_ids,
-                       return_hidden=True)  # (B, S, D)
-        token_logps, seqs = head_logps(model, hidden[sp.rows, sp.cols], sp.targets), sp.seqs  # (N,), (N,)
+        hidden, weight = model(sp.input_ids, attention_mask=sp.attention_mask, position_ids=sp.position_ids,
+                               return_hidden=True, return_head_weight=True)  # (B, S, D), (V, D)
+        token_logps, seqs = head_logps(model, hidden[sp.rows, sp.cols], sp.targets, weight), sp.seqs  # (N,), (N,)
     return torch.zeros(batch.input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device).index_add(
         0, seqs, token_logps)  # (2B,)
 
