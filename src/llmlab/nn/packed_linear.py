@@ -54,14 +54,17 @@ GEMV_MAX_ROWS = 64  # the float GEMV's limit; beyond it that impl dequantizes + 
 # benchmarks/int8_kernels.py).
 INT8_MAX_ROWS = 512
 DEQUANT_CHUNK = 1 << 21  # weights dequantized at once by the F.linear path (8 MB of float32 temporaries)
-IMPLS = ("int8", "int8x2", "float", "reference")
-ACT_LEVELS = {"int8": 1, "int8x2": 2}  # the integer impls: Q8 rows per activation row (qgemm.c quantize_rows)
+IMPLS = ("int8r", "int8", "int8x2", "float", "reference")
+# A block of activations gets a residual Q8 block (int8r) when max|x| > RESIDUAL_T * mean|x| (benchmarks/quality.py)
+RESIDUAL_T = 6.0
+# the integer impls -> qgemm.c quantize_rows' ``resid``: no residual blocks, one for every block, or for the flagged
+ACT_RESIDUAL = {"int8": -1.0, "int8x2": 0.0, "int8r": RESIDUAL_T}
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 # qlinear(kind, x, w, y, M, N, K, nthreads) and ggml_gemv(...): the same signature
 LINEAR_ARGTYPES = [ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
-# qlinear_repacked(kind, x, w, y, M, N, K, nthreads, levels)
-REPACKED_ARGTYPES = LINEAR_ARGTYPES + [ctypes.c_int]
+# qlinear_repacked(kind, x, w, y, M, N, K, nthreads, resid)
+REPACKED_ARGTYPES = LINEAR_ARGTYPES + [ctypes.c_float]
 REPACK_ARGTYPES = [ctypes.c_int, _PTR, _I64, _I64, _PTR]  # qrepack(kind, w, N, K, out)
 
 
@@ -69,7 +72,7 @@ REPACK_ARGTYPES = [ctypes.c_int, _PTR, _I64, _I64, _PTR]  # qrepack(kind, w, N, 
 def kernel_build(impl: str = "int8") -> KernelBuild:
     """The kernel of ``impl`` in this process, built once (``"int8"`` for both integer impls). A failed compile is
     warned about once, in one line."""
-    if impl in ACT_LEVELS:
+    if impl in ACT_RESIDUAL:
         build = build_kernel(CSRC / "qgemm.c", "qlinear", LINEAR_ARGTYPES, best_variant())
         if build.fn is not None:
             build.lib.qlinear_repacked.restype, build.lib.qlinear_repacked.argtypes = ctypes.c_int, REPACKED_ARGTYPES
@@ -84,7 +87,7 @@ def kernel_build(impl: str = "int8") -> KernelBuild:
 
 def kernel(impl: str = "int8"):
     """The compiled kernel of ``impl`` (ctypes function), or None when it cannot be built or run here."""
-    return kernel_build("int8" if impl in ACT_LEVELS else impl).fn if impl != "reference" else None
+    return kernel_build("int8" if impl in ACT_RESIDUAL else impl).fn if impl != "reference" else None
 
 
 def kernel_status() -> str:
@@ -172,7 +175,7 @@ class PackedLinear(nn.Module):
         fn = kernel(self.impl) if self.impl != "reference" and x2.device.type == "cpu" else None
         if self.impl == "float" and (x2.shape[0] > GEMV_MAX_ROWS or self.ggml_type not in FLOAT_TYPES):
             fn = None
-        if self.impl in ACT_LEVELS and x2.shape[0] > INT8_MAX_ROWS:
+        if self.impl in ACT_RESIDUAL and x2.shape[0] > INT8_MAX_ROWS:
             fn = None
         if fn is None:
             chunks = self.row_chunks()
@@ -185,9 +188,9 @@ class PackedLinear(nn.Module):
         y = torch.empty(x2.shape[0], self.out_features)
         w = self.packed
         args = (x2.shape[0], self.out_features, self.in_features, torch.get_num_threads())
-        if self.impl in ACT_LEVELS:  # the kernel reads the interleaved copy
+        if self.impl in ACT_RESIDUAL:  # the kernel reads the interleaved copy
             fn, w = kernel_build("int8").lib.qlinear_repacked, self.repacked()
-            args += (ACT_LEVELS[self.impl],)
+            args += (ACT_RESIDUAL[self.impl],)
         rc = fn(self.ggml_type, x2.data_ptr(), w.data_ptr(), y.data_ptr(), *args)
         if rc != 0:
             raise RuntimeError(f"packed {self.impl} kernel failed with code {rc}")
