@@ -5,7 +5,7 @@ At batch 1 a 30-layer model spends as long in PyTorch's per-op overhead as in it
 whole block (RMSNorm fused with the activations' Q8 quantization, Q/K/V in one integer GEMV, RoPE, the
 KV-cache write, GQA attention, the output projection and residual, RMSNorm, gate and up in one GEMV,
 SwiGLU, the down projection and residual) on the same packed blocks and integer kernels as
-``PackedLinear(impl="int8")`` (or ``"int8x2"``: two Q8 rows per activation row, ``LlamaBlock.act_levels``); the
+``PackedLinear(impl="int8")`` (or ``"int8r"`` / ``"int8x2"``: residual Q8 blocks, ``LlamaBlock.act_resid``); the
 final norm is fused into the head's quantization too.
 
 ``DecoderLM.forward`` hands its blocks to the native step when ``NativeStep.accepts`` the call: no
@@ -93,7 +93,7 @@ class NativeStep:
         cfg = model.config
         self.fn, self.head_fn = build.fn, build.lib.norm_qlinear
         self.linears: list[PackedLinear] = []  # every block's seven, checked for impl ``self.impl`` on each call
-        self.impl = model.layers[0].self_attn.q_proj.impl  # "int8" or "int8x2", the same in every block
+        self.impl = model.layers[0].self_attn.q_proj.impl  # "int8", "int8r" or "int8x2", the same in every block
         self.structs: list[LlamaBlockC] = []
         for block in model.layers:
             parts = _parts(block)
@@ -214,7 +214,7 @@ def enable_native_step_(model: nn.Module) -> str:
     if cfg.head_dim % 2 or any(n % 32 for n in (cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_dim)):
         return "eager step: widths are not multiples of 32"
     if any(_parts(b) is None for b in model.layers):
-        return "eager step: not every block is packed integer (int8 / int8x2) linears without bias and RMSNorm"
+        return "eager step: not every block is packed integer (int8 / int8r / int8x2) linears without bias and RMSNorm"
     build = kernel_build()
     if build.fn is None:
         return f"eager step: {build.status}"
