@@ -42,7 +42,8 @@ def main() -> int:
         packed_linear.ACT_RESIDUAL["int8r"] = t  # read when the native step is built
         paths[f"int8r T={t:g}"] = load(packed=True, packed_kernel="int8r").model
     packed_linear.ACT_RESIDUAL["int8r"] = packed_linear.RESIDUAL_T
-    paths = {"int8": load(packed=True, packed_kernel="int8").model, **paths, "int8x2": load(packed=True, packed_kernel="int8x2").model}
+    paths = {"int8": load(packed=True, packed_kernel="int8").model, **paths,
+             "int8x2": load(packed=True, packed_kernel="int8x2").model}
     llm = load(packed=True)
     ids = llm.tokenizer.encode(inspect.getsource(json))
     work = {}
