@@ -3,8 +3,9 @@ tokens (EOS ignored), median of N runs. llmlab and the peers run in the same pro
 are printed last, with the CPU flags that matter.
 
 - batch-1 tok/s (prompt included, as llama.cpp's generate) and decode-only tok/s (the marginal rate between
-  1 and 129 new tokens): the packed path (native C step, int8 kernels), its eager blocks, the float-activation
-  kernel, the two-level int8 kernels (``--packed-kernel int8x2``, also batch 8 and prefill), the fp32
+  1 and 129 new tokens): the packed path (native C step, the default int8r kernels), its eager blocks, the
+  float-activation kernel, the int8 kernels without residual blocks (``--packed-kernel int8``) and with one for
+  every block (``int8x2``), both also at batch 8 and prefill, the fp32
   reference, transformers (fp32 eager), llama-cpp-python (same GGUF, if installed);
 - batch-8 total tok/s and 32 concurrent sequences total tok/s;
 - 512-token prefill tok/s (logits of the last position, as llama.cpp's eval);
@@ -128,9 +129,13 @@ def main() -> int:
     same_as_eager = same_as_eager == generate(model, [p128], 32)[0].ids
     set_impl_(model, "float")
     rates(rows, "llmlab packed float-kernel", lambda n: generate(model, [p128], n), N, R)
-    set_impl_(model, "int8")
+    set_impl_(model, "int8r")  # the default, as loaded
     model.native_step = native
-    x2 = load(packed=True, packed_kernel="int8x2").model  # two Q8 rows per activation row: the quality option
+    i8 = load(packed=True, packed_kernel="int8").model  # no residual blocks: llama.cpp's arithmetic, the fastest
+    rates(rows, "llmlab packed int8", lambda n: generate(i8, [p128], n), N, R)
+    rows["llmlab packed int8 b8"] = 8 * N / median_time(lambda: generate(i8, [p128] * 8, N), R)
+    rows["llmlab packed int8 prefill512"] = 512 / median_time(lambda: prefill_last(i8, p512), R)
+    x2 = load(packed=True, packed_kernel="int8x2").model  # a residual Q8 block for every block
     rates(rows, "llmlab packed int8x2", lambda n: generate(x2, [p128], n), N, R)
     rows["llmlab packed int8x2 b8"] = 8 * N / median_time(lambda: generate(x2, [p128] * 8, N), R)
     rows["llmlab packed int8x2 prefill512"] = 512 / median_time(lambda: prefill_last(x2, p512), R)
@@ -212,6 +217,9 @@ def main() -> int:
                        ("llmlab fp32 prefill512", "llama.cpp prefill512"),
                        ("llmlab packed int8x2 b1", "llama.cpp b1"), ("llmlab packed int8x2 decode", "llama.cpp decode"),
                        ("llmlab packed int8x2 prefill512", "llama.cpp prefill512"),
+                       ("llmlab packed decode", "llmlab packed int8 decode"),
+                       ("llmlab packed b8", "llmlab packed int8 b8"),
+                       ("llmlab packed prefill512", "llmlab packed int8 prefill512"),
                        ("llmlab packed int8x2 decode", "llmlab packed decode"),
                        ("llmlab packed int8x2 b8", "llmlab packed b8"),
                        ("llmlab packed decode", "llmlab packed eager-blocks decode")):

@@ -102,10 +102,10 @@ def test_convert_refuses_to_overwrite_and_roundtrips(tmp_path, minilm_path):
 
 @pytest.mark.slow
 def test_chat_reads_piped_turns_and_commands(smollm_path):
-    # --packed-kernel int8x2: the reference's greedy reply ("The capital of France is Paris.") from the C step with
-    # two Q8 rows per activation; the int8 kernel's first token is a near-tie that flips to "L'Étoile, ...", exactly
-    # as llama.cpp's greedy reply on this GGUF.
-    proc = run("chat", "--greedy", "--max-new-tokens", "20", "--packed-kernel", "int8x2",
+    # The default --packed-kernel int8r: the reference's greedy reply ("The capital of France is Paris.") from the C
+    # step with residual Q8 blocks where a block has an outlier; --packed-kernel int8's first token is a near-tie
+    # that flips to "L'Étoile, ...", exactly as llama.cpp's greedy reply on this GGUF.
+    proc = run("chat", "--greedy", "--max-new-tokens", "20",
                stdin="What is the capital of France?\n/reset\n/bogus\nWhat is the capital of Italy?\n/exit\n")
     assert proc.returncode == 0, proc.stderr
     out = [line for line in proc.stdout.splitlines() if line.strip()]

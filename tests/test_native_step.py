@@ -54,7 +54,7 @@ def _calls(model, monkeypatch) -> list[int]:
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("impl", ["int8", "int8x2"])
+@pytest.mark.parametrize("impl", ["int8", "int8r", "int8x2"])
 def test_steps_match_the_eager_blocks(monkeypatch, impl):
     """Prefill chunks and decode steps, with and without a key mask: logits within 1e-3 of the eager blocks of the
     same integer impl (one or two Q8 rows per activation row)."""
@@ -75,15 +75,26 @@ def test_steps_match_the_eager_blocks(monkeypatch, impl):
 
     (a, ca), (b, cb) = _both(model, run)
     assert calls, "the native step never ran"
-    assert (a - b).abs().max() < 1e-3 * b.abs().max()
+    if impl == "int8r":  # a last-bit difference in the norms can flip a block's outlier flag, so one path alone
+        # adds that block's residual (about one int8 rounding step of the block): a few positions move by ~5e-3, the
+        # rest agree to float rounding; a wrong residual moves every position by O(1)
+        per_position = ((a - b).abs().amax(-1) / b.abs().max()).flatten()
+        assert per_position.max() < 1e-2 and per_position.median() < 1e-5, per_position
+    else:
+        assert (a - b).abs().max() < 1e-3 * b.abs().max()
     # int8x2's second row quantizes the first one's rounding error (~1/254 of a block's scale), so the eager and C
     # paths' last-bit differences in the norms flip some of its int8 values: ~1e-4 of the cache's scale, not 1e-6
     tol = 1e-4 if impl == "int8" else 2e-4 * cb.k.abs().max().item()
-    assert torch.allclose(ca.k, cb.k, atol=tol) and torch.allclose(ca.v, cb.v, atol=tol)
+    if impl == "int8r":  # as the logits: per (sequence, position), over layers, heads and dims
+        for x, y in ((ca.k, cb.k), (ca.v, cb.v)):
+            per_position = ((x - y).abs().amax((0, 2, 4)) / y.abs().max()).flatten()  # (B * S)
+            assert per_position.max() < 1e-2 and per_position.median() < 1e-5, per_position
+    else:
+        assert torch.allclose(ca.k, cb.k, atol=tol) and torch.allclose(ca.v, cb.v, atol=tol)
     assert ca.length == cb.length == 24
 
 
-@pytest.mark.parametrize("impl", ["int8", "int8x2"])
+@pytest.mark.parametrize("impl", ["int8", "int8r", "int8x2"])
 def test_generate_batched_equals_solo(monkeypatch, impl):
     """A row gives the same bits alone or in a ragged batch (the kernels' sums do not depend on the batch), so
     the same text; the eager comparison is the test above (a random model's near-ties would make text flaky)."""

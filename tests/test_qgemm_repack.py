@@ -1,6 +1,7 @@
 """The repacked multi-row int8 GEMM (nn/csrc/qgemm.c qrepack + group tiles): the interleaved layout against a
 hand-written NumPy repack, every build bit-identical to the portable C for 1..512 rows, a row's bits independent of
-the rows sharing its call (batched = solo), for one and two Q8 rows per activation row (``int8`` / ``int8x2``), and
+the rows sharing its call (batched = solo), for one Q8 row per activation row and with residual blocks (every block:
+``int8x2``, the blocks with an outlier: ``int8r``), the residual firing only where a block has an outlier, and
 the repacked copy following in-place writes to the blocks. The product itself is checked against the dequantized
 float32 product in test_qgemm.py."""
 
@@ -13,8 +14,16 @@ import pytest
 import torch
 
 from llmlab.nn.cpu_kernels import CSRC, build_kernel, find_compiler, runnable_variants
-from llmlab.nn.ggml_quants import dequantize, q8_activations
-from llmlab.nn.packed_linear import LINEAR_ARGTYPES, REPACK_ARGTYPES, REPACKED_ARGTYPES, PackedLinear, kernel
+from llmlab.nn.ggml_quants import dequantize, q8_activations, q8r_activations
+from llmlab.nn.packed_linear import (
+    ACT_RESIDUAL,
+    LINEAR_ARGTYPES,
+    REPACK_ARGTYPES,
+    REPACKED_ARGTYPES,
+    RESIDUAL_T,
+    PackedLinear,
+    kernel,
+)
 from tests.test_qgemm import TYPES, _packed
 
 BLOCK = {8: 34, 2: 18, 3: 20, 6: 22, 7: 24}
@@ -85,33 +94,30 @@ def test_the_interleaved_layout_is_the_hand_written_one(libs, name):
     np.testing.assert_array_equal(got, _numpy_repack(tid, raw.numpy(), 96))
 
 
-def _two_level(x: torch.Tensor) -> torch.Tensor:
-    """What two Q8 rows per activation row multiply: the blocks of x plus the blocks of their rounding error."""
-    first = q8_activations(x)
-    return first + q8_activations(x - first)
-
-
-@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("impl", ["int8", "int8x2", "int8r"])
 @pytest.mark.parametrize("name", list(TYPES))
-def test_every_build_gives_the_portable_bits_and_a_row_the_same_bits_alone(libs, name, levels):
+def test_every_build_gives_the_portable_bits_and_a_row_the_same_bits_alone(libs, name, impl):
     """For 1, 2, 5, 8, 33 and 512 rows, K = 160 (not a multiple of 256), 97 outputs (odd), 1 and 2 threads: every
-    variant's output equals the portable C's bit for bit, and row i of a batch equals row i computed alone."""
+    variant's output equals the portable C's bit for bit, and row i of a batch equals row i computed alone. Outliers
+    in column 3 of every row and column 70 of every third: int8r's tiles mix rows with and without residuals."""
+    resid = ACT_RESIDUAL[impl]
     tid, K, N = TYPES[name], 160, 97
     raw = _packed(name, N, K, seed=1)
     w = dequantize(raw.reshape(-1), tid, N * K).reshape(N, K)
     torch.manual_seed(0)
     x = torch.randn(512, K)
     x[:, 3] *= 30
+    x[::3, 70] *= 12
     packs = {v: _repack(lib, tid, raw, K) for v, lib in libs.items()}
     for rows in (1, 2, 5, 8, 33, 512):
         xr = x[:rows].contiguous()
-        expected = (q8_activations(xr) if levels == 1 else _two_level(xr)) @ w.T
+        expected = q8r_activations(xr, resid) @ w.T
         outs = {}
         for v, lib in libs.items():
             for threads in (1, 2):
                 y = torch.empty(rows, N)
                 assert lib.qlinear_repacked(tid, xr.data_ptr(), packs[v].data_ptr(), y.data_ptr(), rows, N, K,
-                                            threads, levels) == 0
+                                            threads, resid) == 0
                 outs[v, threads] = y
         ref = outs["portable", 1]
         assert ((ref - expected).abs().max() / expected.abs().max()).item() < 2e-6
@@ -122,7 +128,7 @@ def test_every_build_gives_the_portable_bits_and_a_row_the_same_bits_alone(libs,
     for i in (0, 6, 31):
         xi = x[i:i + 1].contiguous()
         rc = libs[best].qlinear_repacked(tid, xi.data_ptr(), packs[best].data_ptr(), alone.data_ptr(), 1, N, K, 1,
-                                         levels)
+                                         resid)
         assert rc == 0
         assert torch.equal(alone[0], outs[best, 2][i]), i
 
@@ -152,7 +158,7 @@ def test_a_bad_kind_or_width_is_refused(libs):
     y = torch.empty(1, 8)
     x = torch.randn(1, 64)
     packed = _repack(lib, 8, raw, 64)
-    assert lib.qlinear_repacked(8, x.data_ptr(), packed.data_ptr(), y.data_ptr(), 1, 8, 64, 1, 3) == -4
+    assert lib.qlinear_repacked(8, x.data_ptr(), packed.data_ptr(), y.data_ptr(), 1, 8, 64, 1, float("nan")) == -4
 
 
 def test_two_levels_keep_the_small_values_beside_a_massive_one():
@@ -171,3 +177,31 @@ def test_two_levels_keep_the_small_values_beside_a_massive_one():
     err1, err2 = ((layer(x) - exact).abs().max().item() for layer in (one, two))
     assert err2 < err1 / 100, (err1, err2)
     assert torch.allclose(two(x[2:3]), two(x)[2:3], rtol=0, atol=0)  # a row alone: the same bits
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "Q8_0"])
+def test_the_residual_fires_only_in_a_block_with_an_outlier(libs, name):
+    """int8r, every build: a planted outlier (40x the rest) in block 0 of a row makes the error against the exact
+    float product fall >= 10x below int8's; blocks without one (uniform values, max/mean about 2 < RESIDUAL_T) take
+    no residual, so a row without outliers gives exactly int8's bits."""
+    tid, K, N = TYPES[name], 128, 40
+    raw = _packed(name, N, K, seed=5)
+    w = dequantize(raw.reshape(-1), tid, N * K).reshape(N, K)
+    torch.manual_seed(2)
+    x = torch.rand(6, K) * 2 - 1  # no outliers
+    spiked = x.clone()
+    spiked[:, 5] = 40.0
+    assert (q8r_activations(spiked, RESIDUAL_T) != q8_activations(spiked)).any()
+    for v, lib in libs.items():
+        packed = _repack(lib, tid, raw, K)
+
+        def run(xr, resid, lib=lib, packed=packed):
+            y = torch.empty(xr.shape[0], N)
+            assert lib.qlinear_repacked(tid, xr.data_ptr(), packed.data_ptr(), y.data_ptr(), xr.shape[0], N, K, 1,
+                                        resid) == 0
+            return y
+
+        assert torch.equal(run(x, RESIDUAL_T), run(x, -1.0)), v
+        exact = spiked @ w.T
+        err8, err8r = ((run(spiked, r) - exact).abs().max().item() for r in (-1.0, RESIDUAL_T))
+        assert err8r * 10 <= err8, (v, err8, err8r)

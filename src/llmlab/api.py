@@ -263,16 +263,16 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 def load(source: str | Path | None = None, *, dtype: str = "float32", device: str = "cpu",
          attn_impl: str = "sdpa", use_tokenizers_lib: bool = True, packed: bool = False,
-         packed_kernel: str = "int8") -> LLM:
+         packed_kernel: str = "int8r") -> LLM:
     """A path (GGUF file or HF folder), a preset name, an embedded model name, or None for SmolLM2.
 
     ``packed=True`` runs the linear layers on packed GGML blocks (the GGUF's own, or Q8_0 for other
-    models) through ``packed_kernel``: ``"int8"`` (the default: integer dot products on Q8-quantized
-    activations, and the whole decode step in C, ``llmlab.models.native_step``; perplexity within 0.5% of the
-    reference, the top token the reference's at 97% of positions), ``"int8x2"`` (the same kernels on two 8-bit
-    rows per activation row, x and its rounding error: the top token the reference's at 100% of the quality
-    benchmark's positions), ``"float"`` (float activations: logits within ~1e-4 of the reference path) or
-    ``"reference"`` (dequantize + ``F.linear``). See ``llmlab.nn.packed_linear``.
+    models) through ``packed_kernel``: ``"int8r"`` (the default: integer dot products on Q8-quantized
+    activations plus a residual Q8 block where a block has an outlier, and the whole decode step in C,
+    ``llmlab.models.native_step``; perplexity within 0.2% of the reference, the top token the reference's at
+    99.4% of positions), ``"int8"`` (llama.cpp's arithmetic, no residual: the fastest, 97.5%, +0.6% perplexity),
+    ``"int8x2"`` (a residual for every block: 100%), ``"float"`` (float activations: logits within ~1e-4 of the
+    reference path) or ``"reference"`` (dequantize + ``F.linear``). See ``llmlab.nn.packed_linear``.
     ``use_tokenizers_lib`` lets ``encode_batch`` go through Hugging Face ``tokenizers`` when installed."""
     if packed_kernel not in IMPLS:
         raise LlmlabError(f"packed_kernel must be one of {', '.join(IMPLS)}, not {packed_kernel!r}")
@@ -287,7 +287,7 @@ def load(source: str | Path | None = None, *, dtype: str = "float32", device: st
         torch_dtype = torch.float32
     loaded = loader.load_model(source, dtype=torch_dtype, device=dev, attn_impl=attn_impl,
                                use_tokenizers_lib=use_tokenizers_lib, packed=packed)
-    if packed and packed_kernel == "int8x2":
+    if packed and packed_kernel in ("int8x2", "int8r"):
         set_impl_(loaded.model, packed_kernel)
         loaded.native_step = enable_native_step_(loaded.model)  # the C step runs either integer impl
     elif packed and packed_kernel != "int8":

@@ -5,7 +5,7 @@ At batch 1 a 30-layer model spends as long in PyTorch's per-op overhead as in it
 whole block (RMSNorm fused with the activations' Q8 quantization, Q/K/V in one integer GEMV, RoPE, the
 KV-cache write, GQA attention, the output projection and residual, RMSNorm, gate and up in one GEMV,
 SwiGLU, the down projection and residual) on the same packed blocks and integer kernels as
-``PackedLinear(impl="int8")`` (or ``"int8x2"``: two Q8 rows per activation row, ``LlamaBlock.act_levels``); the
+``PackedLinear(impl="int8")`` (or ``"int8r"`` / ``"int8x2"``: residual Q8 blocks, ``LlamaBlock.act_resid``); the
 final norm is fused into the head's quantization too.
 
 ``DecoderLM.forward`` hands its blocks to the native step when ``NativeStep.accepts`` the call: no
@@ -35,7 +35,7 @@ from llmlab.nn.cpu_kernels import CSRC, KernelBuild, best_variant, build_kernel
 from llmlab.nn.kv_cache import StaticKVCache
 from llmlab.nn.mlp import SwiGLU
 from llmlab.nn.norm import RMSNorm
-from llmlab.nn.packed_linear import ACT_LEVELS, PackedLinear, kernel_status, tensor_version
+from llmlab.nn.packed_linear import ACT_RESIDUAL, PackedLinear, kernel_status, tensor_version
 from llmlab.nn.packed_linear import kernel as packed_kernel
 
 CHUNK_ROWS = 128  # rows (B * T) per C call; a longer input goes in chunks of whole positions (chunked prefill)
@@ -52,13 +52,13 @@ class LlamaBlockC(ctypes.Structure):
                 ("kind_down", _INT), ("w_down", _PTR),
                 ("attn_norm", _PTR), ("ffn_norm", _PTR),
                 ("dim", _I64), ("n_heads", _I64), ("n_kv_heads", _I64), ("head_dim", _I64), ("ffn_dim", _I64),
-                ("eps", ctypes.c_float), ("act_levels", _INT)]
+                ("eps", ctypes.c_float), ("act_resid", ctypes.c_float)]
 
 
 # llama_block(w, x, B, T, cos, sin, k_cache, v_cache, max_len, start, key_mask, mask_stride, nthreads)
 BLOCK_ARGTYPES = [ctypes.POINTER(LlamaBlockC), _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _INT]
-# norm_qlinear(kind, x, norm, eps, w, y, M, N, K, nthreads, levels)
-HEAD_ARGTYPES = [_INT, _PTR, _PTR, ctypes.c_float, _PTR, _PTR, _I64, _I64, _I64, _INT, _INT]
+# norm_qlinear(kind, x, norm, eps, w, y, M, N, K, nthreads, resid)
+HEAD_ARGTYPES = [_INT, _PTR, _PTR, ctypes.c_float, _PTR, _PTR, _I64, _I64, _I64, _INT, ctypes.c_float]
 
 
 @lru_cache(maxsize=1)
@@ -78,7 +78,7 @@ def _parts(block: nn.Module) -> tuple | None:
         return None
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     norms = (block.input_layernorm, block.post_attention_layernorm)
-    if not all(type(m) is PackedLinear and m.impl == linears[0].impl in ACT_LEVELS and m.bias is None
+    if not all(type(m) is PackedLinear and m.impl == linears[0].impl in ACT_RESIDUAL and m.bias is None
                for m in linears):
         return None
     if not all(type(n) is RMSNorm for n in norms):
@@ -93,7 +93,7 @@ class NativeStep:
         cfg = model.config
         self.fn, self.head_fn = build.fn, build.lib.norm_qlinear
         self.linears: list[PackedLinear] = []  # every block's seven, checked for impl ``self.impl`` on each call
-        self.impl = model.layers[0].self_attn.q_proj.impl  # "int8" or "int8x2", the same in every block
+        self.impl = model.layers[0].self_attn.q_proj.impl  # "int8", "int8r" or "int8x2", the same in every block
         self.structs: list[LlamaBlockC] = []
         for block in model.layers:
             parts = _parts(block)
@@ -110,7 +110,7 @@ class NativeStep:
             s.kind_down, s.w_down = down.ggml_type, down.repacked().data_ptr()
             s.attn_norm, s.ffn_norm = n1.weight.data_ptr(), n2.weight.data_ptr()
             s.dim, s.n_heads, s.n_kv_heads, s.head_dim = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-            s.ffn_dim, s.eps, s.act_levels = cfg.ffn_dim, n1.eps, ACT_LEVELS[self.impl]
+            s.ffn_dim, s.eps, s.act_resid = cfg.ffn_dim, n1.eps, ACT_RESIDUAL[self.impl]
             if q.impl != self.impl:
                 raise ValueError("the blocks' packed linears mix integer impls")
             self.linears.extend(parts[:7])
@@ -194,12 +194,12 @@ class NativeStep:
         norm, head = model.norm, model.lm_head
         now = (norm, head, getattr(head, "packed", None), getattr(norm, "weight", None))
         if any(a is not b for a, b in zip(now, self.head, strict=True)) or type(head) is not PackedLinear \
-                or head.impl not in ACT_LEVELS or head.bias is not None:
+                or head.impl not in ACT_RESIDUAL or head.bias is not None:
             return None
         B, T, D = x.shape
         y = torch.empty(B, T, head.out_features)
         rc = self.head_fn(head.ggml_type, x.data_ptr(), norm.weight.data_ptr(), norm.eps, head.repacked().data_ptr(),
-                          y.data_ptr(), B * T, head.out_features, D, torch.get_num_threads(), ACT_LEVELS[head.impl])
+                          y.data_ptr(), B * T, head.out_features, D, torch.get_num_threads(), ACT_RESIDUAL[head.impl])
         if rc != 0:
             raise RuntimeError(f"norm_qlinear failed with code {rc}")
         return y
@@ -214,7 +214,7 @@ def enable_native_step_(model: nn.Module) -> str:
     if cfg.head_dim % 2 or any(n % 32 for n in (cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_dim)):
         return "eager step: widths are not multiples of 32"
     if any(_parts(b) is None for b in model.layers):
-        return "eager step: not every block is packed integer (int8 / int8x2) linears without bias and RMSNorm"
+        return "eager step: not every block is packed integer (int8 / int8r / int8x2) linears without bias and RMSNorm"
     build = kernel_build()
     if build.fn is None:
         return f"eager step: {build.status}"

@@ -220,3 +220,18 @@ def q8_activations(x: torch.Tensor) -> torch.Tensor:
     v = blocks * inv
     q = torch.trunc(v + torch.where(v >= 0, 0.5, -0.5))
     return (q * d).reshape(x.shape)
+
+
+def q8r_activations(x: torch.Tensor, resid: float) -> torch.Tensor:
+    """float (.., K) -> what the integer kernels multiply with residual blocks (``csrc/qgemm.c`` quantize_rows):
+    q8_activations(x) plus, in each block whose codes q have ``resid * sum|q| < 127 * 32`` (max|x| above ``resid``
+    times mean|x|; every block for resid = 0, none for resid < 0), q8_activations of its rounding error."""
+    first = q8_activations(x)
+    if resid < 0:
+        return first
+    blocks = x.float().reshape(-1, 32)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127.0  # (blocks, 1)
+    codes = torch.where(d == 0, torch.zeros_like(blocks), first.reshape(-1, 32) / d).round()  # exact integers
+    flagged = resid * codes.abs().sum(dim=1, keepdim=True) < 127.0 * 32
+    second = q8_activations(x - first).reshape(-1, 32) * flagged
+    return first + second.reshape(x.shape)

@@ -4,19 +4,23 @@ Batch-1 decoding is memory-bound: every weight is read once per token. SmolLM2-1
 540 MB a token; its GGUF's packed Q4_1 blocks are 84 MB. Three ways to multiply (``impl``), which agree
 (tested):
 
-- ``"int8"`` (the default): ``csrc/qgemm.c`` quantizes the activations once per call to Q8 blocks (32 int8
+- ``"int8"``: ``csrc/qgemm.c`` quantizes the activations once per call to Q8 blocks (32 int8
   values and a scale, as llama.cpp) and multiplies them with the weight blocks in integer arithmetic
   (vpmaddubsw on AVX2, vpdpbusd on AVX-VNNI / AVX512-VNNI, plain C elsewhere; the build is chosen from
   the CPU's features, ``nn/cpu_kernels.py``) on a copy of the blocks repacked once (``PackedLinear.repacked``:
   8 output rows interleaved, so one broadcast of 4 activation bytes feeds 8 outputs and each unpacked weight
   vector serves a tile of 4 rows; the copy is as large as the blocks). Up to ``INT8_MAX_ROWS`` rows a call
   (batched decoding of many streams, speculative verification, chunked prefill); a longer input goes to
-  dequantize + ``F.linear``. The activations' rounding moves logits slightly (``benchmarks/quality.py``:
-  perplexity within 0.5% of the reference, the top token the same at 97% of positions);
-- ``"int8x2"``: the same kernel on two Q8 rows per activation row, the blocks of x and of their rounding error
-  (``quantize_rows``' levels), so the activations keep about 15 bits: the top token the same at 100% of the 512
-  positions, for the extra integer arithmetic of a second row on the same weight reads (``benchmarks/quality.py``;
-  ``benchmarks/decode.py`` times both);
+  dequantize + ``F.linear``. The activations' rounding moves logits slightly: one large value in a block (an
+  outlier feature, Dettmers et al. 2022, arXiv:2208.07339) leaves the block's other values a few steps of its
+  scale (``benchmarks/quality.py``, 1164 tokens: perplexity +0.6%, the top token the same at 97.5% of positions);
+- ``"int8r"`` (the default of ``api.load`` and the CLI): the same kernel plus, for each block of activations with
+  an outlier (max|x| > ``RESIDUAL_T`` mean|x|), a second Q8 block holding its rounding error, multiplied in the
+  same tile with the weights already unpacked (``quantize_rows`` / ``group_tile``), so only the flagged share of
+  the integer work is added and no weight is read twice: perplexity +0.1%, the top token the same at 99.4%
+  (T = 4 chosen by the sweep in ``benchmarks/quality.py``; costs in ``benchmarks/int8r_cost.py``);
+- ``"int8x2"``: the residual for every block, so the activations keep about 15 bits: the top token the same at
+  100% of the positions, for about 1.5x int8's integer work at batch 8 and more;
 - ``"float"``: ``csrc/ggml_gemv.c`` (AVX2 + FMA + F16C) expands each block to floats in registers and
   multiplies float activations: the dequantized product up to summation order, for up to
   ``GEMV_MAX_ROWS`` rows;
@@ -54,14 +58,17 @@ GEMV_MAX_ROWS = 64  # the float GEMV's limit; beyond it that impl dequantizes + 
 # benchmarks/int8_kernels.py).
 INT8_MAX_ROWS = 512
 DEQUANT_CHUNK = 1 << 21  # weights dequantized at once by the F.linear path (8 MB of float32 temporaries)
-IMPLS = ("int8", "int8x2", "float", "reference")
-ACT_LEVELS = {"int8": 1, "int8x2": 2}  # the integer impls: Q8 rows per activation row (qgemm.c quantize_rows)
+IMPLS = ("int8r", "int8", "int8x2", "float", "reference")
+# A block of activations gets a residual Q8 block (int8r) when max|x| > RESIDUAL_T * mean|x| (benchmarks/quality.py)
+RESIDUAL_T = 4.0
+# the integer impls -> qgemm.c quantize_rows' ``resid``: no residual blocks, one for every block, or for the flagged
+ACT_RESIDUAL = {"int8": -1.0, "int8x2": 0.0, "int8r": RESIDUAL_T}
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 # qlinear(kind, x, w, y, M, N, K, nthreads) and ggml_gemv(...): the same signature
 LINEAR_ARGTYPES = [ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
-# qlinear_repacked(kind, x, w, y, M, N, K, nthreads, levels)
-REPACKED_ARGTYPES = LINEAR_ARGTYPES + [ctypes.c_int]
+# qlinear_repacked(kind, x, w, y, M, N, K, nthreads, resid)
+REPACKED_ARGTYPES = LINEAR_ARGTYPES + [ctypes.c_float]
 REPACK_ARGTYPES = [ctypes.c_int, _PTR, _I64, _I64, _PTR]  # qrepack(kind, w, N, K, out)
 
 
@@ -69,7 +76,7 @@ REPACK_ARGTYPES = [ctypes.c_int, _PTR, _I64, _I64, _PTR]  # qrepack(kind, w, N, 
 def kernel_build(impl: str = "int8") -> KernelBuild:
     """The kernel of ``impl`` in this process, built once (``"int8"`` for both integer impls). A failed compile is
     warned about once, in one line."""
-    if impl in ACT_LEVELS:
+    if impl in ACT_RESIDUAL:
         build = build_kernel(CSRC / "qgemm.c", "qlinear", LINEAR_ARGTYPES, best_variant())
         if build.fn is not None:
             build.lib.qlinear_repacked.restype, build.lib.qlinear_repacked.argtypes = ctypes.c_int, REPACKED_ARGTYPES
@@ -84,7 +91,7 @@ def kernel_build(impl: str = "int8") -> KernelBuild:
 
 def kernel(impl: str = "int8"):
     """The compiled kernel of ``impl`` (ctypes function), or None when it cannot be built or run here."""
-    return kernel_build("int8" if impl in ACT_LEVELS else impl).fn if impl != "reference" else None
+    return kernel_build("int8" if impl in ACT_RESIDUAL else impl).fn if impl != "reference" else None
 
 
 def kernel_status() -> str:
@@ -172,7 +179,7 @@ class PackedLinear(nn.Module):
         fn = kernel(self.impl) if self.impl != "reference" and x2.device.type == "cpu" else None
         if self.impl == "float" and (x2.shape[0] > GEMV_MAX_ROWS or self.ggml_type not in FLOAT_TYPES):
             fn = None
-        if self.impl in ACT_LEVELS and x2.shape[0] > INT8_MAX_ROWS:
+        if self.impl in ACT_RESIDUAL and x2.shape[0] > INT8_MAX_ROWS:
             fn = None
         if fn is None:
             chunks = self.row_chunks()
@@ -185,9 +192,9 @@ class PackedLinear(nn.Module):
         y = torch.empty(x2.shape[0], self.out_features)
         w = self.packed
         args = (x2.shape[0], self.out_features, self.in_features, torch.get_num_threads())
-        if self.impl in ACT_LEVELS:  # the kernel reads the interleaved copy
+        if self.impl in ACT_RESIDUAL:  # the kernel reads the interleaved copy
             fn, w = kernel_build("int8").lib.qlinear_repacked, self.repacked()
-            args += (ACT_LEVELS[self.impl],)
+            args += (ACT_RESIDUAL[self.impl],)
         rc = fn(self.ggml_type, x2.data_ptr(), w.data_ptr(), y.data_ptr(), *args)
         if rc != 0:
             raise RuntimeError(f"packed {self.impl} kernel failed with code {rc}")

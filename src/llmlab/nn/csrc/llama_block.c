@@ -29,7 +29,8 @@ typedef struct {
     const float *attn_norm, *ffn_norm;
     int64_t dim, n_heads, n_kv_heads, head_dim, ffn_dim;
     float eps;
-    int act_levels; /* Q8 rows per activation row: 1 (llama.cpp's Q8_1) or 2 (plus its rounding error), quantize_rows */
+    float act_resid; /* residual Q8 blocks: < 0 none (llama.cpp's Q8_1), 0 every block, T where max|x| > T mean|x|
+                        (quantize_rows) */
 } LlamaBlock;
 
 typedef struct { /* Q8 blocks of M rows of K values */
@@ -247,9 +248,10 @@ int llama_block(const LlamaBlock *w, float *x, int64_t B, int64_t T, const float
                 int64_t mask_stride, int nthreads) {
     const int64_t M = B * T, dim = w->dim, H = w->n_heads, Hkv = w->n_kv_heads, D = w->head_dim;
     const int64_t F = w->ffn_dim, width = (H + 2 * Hkv) * D;
-    const int L = w->act_levels;
+    const float resid = w->act_resid;
+    const int res = resid >= 0.0f, L = res ? 2 : 1; /* Q8 rows allocated per activation row */
     if (start + T > max_len) return -10;
-    if (L != 1 && L != 2) return -4;
+    if (resid != resid) return -4;
     QRows hx = {0}, ha = {0}, hf = {0};
     float *qkv = (float *)malloc(sizeof(float) * M * width);
     float *att = (float *)malloc(sizeof(float) * M * H * D);
@@ -258,8 +260,8 @@ int llama_block(const LlamaBlock *w, float *x, int64_t B, int64_t T, const float
     if (!qkv || !att || !gu || !qrows_alloc(&hx, L * M, dim) || !qrows_alloc(&ha, L * M, H * D) || !qrows_alloc(&hf, L * M, F))
         goto done;
 
-    quantize_rows(x, dim, w->attn_norm, w->eps, M, dim, L, hx.q, hx.d, hx.s, nthreads);
-    rc = qgemm_levels(w->n_qkv, w->kinds_qkv, w->w_qkv, w->rows_qkv, hx.q, hx.d, hx.s, L, M, dim, qkv, width, 0,
+    quantize_rows(x, dim, w->attn_norm, w->eps, M, dim, resid, hx.q, hx.d, hx.s, nthreads);
+    rc = qgemm_multi(w->n_qkv, w->kinds_qkv, w->w_qkv, w->rows_qkv, hx.q, hx.d, hx.s, res, M, dim, qkv, width, 0,
                       nthreads);
     if (rc) goto done;
     for (int64_t row = 0; row < M; row++) {
@@ -273,20 +275,20 @@ int llama_block(const LlamaBlock *w, float *x, int64_t B, int64_t T, const float
         }
     }
     attention(w, qkv, att, B, T, k_cache, v_cache, max_len, start, key_mask, mask_stride, nthreads);
-    quantize_rows(att, H * D, NULL, 0.0f, M, H * D, L, ha.q, ha.d, ha.s, nthreads);
-    rc = qgemm_levels(1, &w->kind_o, &w->w_o, &dim, ha.q, ha.d, ha.s, L, M, H * D, x, dim, 1, nthreads);
+    quantize_rows(att, H * D, NULL, 0.0f, M, H * D, resid, ha.q, ha.d, ha.s, nthreads);
+    rc = qgemm_multi(1, &w->kind_o, &w->w_o, &dim, ha.q, ha.d, ha.s, res, M, H * D, x, dim, 1, nthreads);
     if (rc) goto done;
 
-    quantize_rows(x, dim, w->ffn_norm, w->eps, M, dim, L, hx.q, hx.d, hx.s, nthreads);
-    rc = qgemm_levels(w->n_up, w->kinds_up, w->w_up, w->rows_up, hx.q, hx.d, hx.s, L, M, dim, gu, 2 * F, 0,
+    quantize_rows(x, dim, w->ffn_norm, w->eps, M, dim, resid, hx.q, hx.d, hx.s, nthreads);
+    rc = qgemm_multi(w->n_up, w->kinds_up, w->w_up, w->rows_up, hx.q, hx.d, hx.s, res, M, dim, gu, 2 * F, 0,
                       nthreads);
     if (rc) goto done;
     for (int64_t row = 0; row < M; row++) {
         float *g = gu + row * 2 * F; /* gate in [0, F), up in [F, 2F): h written over the gate */
         for (int64_t i = 0; i < F; i++) g[i] = g[i] / (1.0f + exp_poly(-g[i])) * g[F + i];
     }
-    quantize_rows(gu, 2 * F, NULL, 0.0f, M, F, L, hf.q, hf.d, hf.s, nthreads); /* the F columns of h */
-    rc = qgemm_levels(1, &w->kind_down, &w->w_down, &dim, hf.q, hf.d, hf.s, L, M, F, x, dim, 1, nthreads);
+    quantize_rows(gu, 2 * F, NULL, 0.0f, M, F, resid, hf.q, hf.d, hf.s, nthreads); /* the F columns of h */
+    rc = qgemm_multi(1, &w->kind_down, &w->w_down, &dim, hf.q, hf.d, hf.s, res, M, F, x, dim, 1, nthreads);
 done:
     free(qkv), free(att), free(gu);
     qrows_free(&hx), qrows_free(&ha), qrows_free(&hf);
@@ -295,13 +297,14 @@ done:
 
 /* logits (M, N) = rmsnorm(x) @ W^T: the final norm fused into the head's quantization. */
 int norm_qlinear(int kind, const float *x, const float *norm, float eps, const uint8_t *w, float *y, int64_t M,
-                 int64_t N, int64_t K, int nthreads, int levels) {
+                 int64_t N, int64_t K, int nthreads, float resid) {
     QRows h;
     int rc = -3;
-    if (levels != 1 && levels != 2) return -4;
-    if (qrows_alloc(&h, levels * M, K)) {
-        quantize_rows(x, K, norm, eps, M, K, levels, h.q, h.d, h.s, nthreads);
-        rc = qgemm_levels(1, &kind, &w, &N, h.q, h.d, h.s, levels, M, K, y, N, 0, nthreads);
+    if (resid != resid) return -4;
+    const int res = resid >= 0.0f;
+    if (qrows_alloc(&h, (res ? 2 : 1) * M, K)) {
+        quantize_rows(x, K, norm, eps, M, K, resid, h.q, h.d, h.s, nthreads);
+        rc = qgemm_multi(1, &kind, &w, &N, h.q, h.d, h.s, res, M, K, y, N, 0, nthreads);
     }
     qrows_free(&h);
     return rc;

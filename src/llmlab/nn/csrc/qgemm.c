@@ -77,37 +77,47 @@ static inline float half_to_float(const uint8_t *p) {
 
 /* ---- activations: float rows -> Q8 blocks ---------------------------------------------------------- */
 
-/* One block of 32 floats -> 32 int8 (round half away from zero, as llama.cpp), scale d and s = d*sum(q). */
-static inline void quantize_block(const float *x, int8_t *q, float *d, float *s) {
+/* One block of 32 floats -> 32 int8 (round half away from zero, as llama.cpp), scale d and s = d*sum(q).
+ * Returns sum |q|. */
+static inline int quantize_block(const float *x, int8_t *q, float *d, float *s) {
     float amax = 0.0f;
     for (int i = 0; i < QK; i++) { /* not fmaxf: a library call where NaN rules keep it from being maxps */
         const float a = fabsf(x[i]);
         amax = a > amax ? a : amax;
     }
     const float dd = amax / 127.0f, id = dd ? 1.0f / dd : 0.0f;
-    int sum = 0;
+    int sum = 0, asum = 0;
     for (int i = 0; i < QK; i++) {
         const float v = x[i] * id;
         const int r = (int)(v + (v >= 0.0f ? 0.5f : -0.5f)); /* |v| <= 127: no overflow */
         q[i] = (int8_t)r;
         sum += r;
+        asum += r < 0 ? -r : r;
     }
     *d = dd;
     *s = dd * (float)sum;
+    return asum;
 }
 
-/* x (M, K), rows ldx apart -> q (levels * M, K) int8, d and s (K/32, levels * M): block-major, so a tile's rows
- * have their scales side by side. With ``norm`` (K floats), each row is first RMS-normalised (Zhang & Sennrich
- * 2019) and multiplied by norm: the layer's RMSNorm fused into the quantization.
+/* x (M, K), rows ldx apart -> Q8 blocks: q (M, K) int8, d and s (K/32, M), block-major so a tile's rows have their
+ * scales side by side. With ``norm`` (K floats), each row is first RMS-normalised (Zhang & Sennrich 2019) and
+ * multiplied by norm: the layer's RMSNorm fused into the quantization.
  *
- * levels = 1: row m -> Q8 row m (llama.cpp's Q8_1: 8 bits in blocks of 32, so one large value in a block leaves
- * the small ones a few steps of its scale). levels = 2: row m -> Q8 rows 2m and 2m + 1, the blocks of x and the
- * blocks of their rounding error e = x - d q (each quantized the same way), so x = d1 q1 + d2 q2 up to e's own
- * rounding (about 2^-14 of the block's largest value): the product with W is the sum of the two rows' integer
- * products (qgemm_levels), twice the arithmetic on the same weight reads. */
-void quantize_rows(const float *x, int64_t ldx, const float *norm, float eps, int64_t M, int64_t K, int levels,
+ * One Q8 row per row is llama.cpp's Q8_1: 8 bits in blocks of 32, so one large value in a block (an outlier
+ * feature, Dettmers et al. 2022, "LLM.int8()", arXiv:2208.07339) leaves the small ones a few steps of its scale.
+ * With ``resid`` >= 0 a second, residual Q8 row follows: q (M, K) at q + M K, d and s (K/32, M) at d + M K/32 and
+ * s + M K/32. Its block b is the block of the rounding error e = x - d q, quantized the same way, so that
+ * x = d q + d2 q2 up to e's own rounding (about 2^-14 of the block's largest value), but only where the block has
+ * an outlier:
+ *
+ *   flagged  <=>  max|x| > resid * mean|x|,  taken on the codes:  resid * sum|q| < 127 * 32
+ *
+ * (q's largest code is 127), else d2 = s2 = 0 and q2 = 0: the GEMM skips a residual block whose d2 is 0. resid = 0
+ * flags every block (int8x2); resid < 0 writes no residual rows (int8). The kernels' extra work is the flagged
+ * share of the integer dots, on the weights already unpacked for the first row (group_tile). */
+void quantize_rows(const float *x, int64_t ldx, const float *norm, float eps, int64_t M, int64_t K, float resid,
                    int8_t *q, float *d, float *s, int nthreads) {
-    const int64_t nb = K / QK, R = (int64_t)levels * M;
+    const int64_t nb = K / QK;
 #pragma omp parallel num_threads(M >= 8 ? nthreads : 1)
     {
         float *tmp = norm ? (float *)malloc(sizeof(float) * K) : NULL;
@@ -121,15 +131,20 @@ void quantize_rows(const float *x, int64_t ldx, const float *norm, float eps, in
                 for (int64_t k = 0; k < K; k++) tmp[k] = norm[k] * (xm[k] * r);
                 xm = tmp;
             }
-            const int64_t r0 = m * levels;
             for (int64_t b = 0; b < nb; b++) {
-                int8_t *q0 = q + r0 * K + b * QK;
-                quantize_block(xm + b * QK, q0, d + b * R + r0, s + b * R + r0);
-                if (levels == 2) {
+                int8_t *q0 = q + m * K + b * QK;
+                const int asum = quantize_block(xm + b * QK, q0, d + b * M + m, s + b * M + m);
+                if (resid < 0.0f) continue;
+                int8_t *q2 = q0 + M * K;
+                float *d2 = d + nb * M + b * M + m, *s2 = s + nb * M + b * M + m;
+                if (resid * (float)asum < 127.0f * QK) {
                     float e[QK];
-                    const float d0 = d[b * R + r0];
+                    const float d0 = d[b * M + m];
                     for (int i = 0; i < QK; i++) e[i] = xm[b * QK + i] - d0 * (float)q0[i];
-                    quantize_block(e, q0 + K, d + b * R + r0 + 1, s + b * R + r0 + 1);
+                    quantize_block(e, q2, d2, s2);
+                } else {
+                    memset(q2, 0, QK);
+                    *d2 = *s2 = 0.0f;
                 }
             }
         }
@@ -154,6 +169,10 @@ void quantize_rows(const float *x, int64_t ldx, const float *norm, float eps, in
  * Every output is then, per block b and row m (exact integers, then IEEE floats in this order in every build):
  *   isum = sum_k code_k x_k - z xsum      (z = 8 for Q4_0, 16 for Q5_0, else 0; xsum = sum_k x_k)
  *   acc  = acc + (float)isum * (dw * dx)  [ acc = acc + mw * sx   for Q4_1, Q5_1 ]
+ * and, where the row's residual block is written (d2 != 0, quantize_rows), right after it with the same unpacked
+ * weights:
+ *   isum2 = sum_k code_k x2_k - z xsum2
+ *   acc  = acc + (float)isum2 * (dw * d2) [ acc = acc + mw * s2   for Q4_1, Q5_1 ]
  * so a row gives the same bits alone, in a tile of any size, in any build, with any thread count. */
 
 #define NR 8   /* output rows per group */
@@ -317,10 +336,11 @@ INLINE int32_t xsum_factor(const int kind) {
 #endif
 }
 
-/* One group (8 output rows, rg its repacked blocks) times R activation rows m0..m0+R-1. */
-INLINE void group_tile(const int kind, const int R, const uint8_t *rg, int64_t nb, const int8_t *q, const float *d,
-                       const float *s, const int32_t *xs, int64_t M, int64_t m0, float *y, int64_t ldy, int cnt,
-                       int accumulate) {
+/* One group (8 output rows, rg its repacked blocks) times R activation rows m0..m0+R-1; with ``res`` each row's
+ * flagged residual blocks too (q, d, s, xs then hold M residual rows after the M rows, quantize_rows). */
+INLINE void group_tile(const int kind, const int R, const int res, const uint8_t *rg, int64_t nb, const int8_t *q,
+                       const float *d, const float *s, const int32_t *xs, int64_t M, int64_t m0, float *y,
+                       int64_t ldy, int cnt, int accumulate) {
     const int64_t gbytes = NR * block_bytes(kind);
     const int32_t f = xsum_factor(kind);
     __m256 acc[RT];
@@ -339,6 +359,17 @@ INLINE void group_tile(const int kind, const int R, const uint8_t *rg, int64_t n
             const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(d[b * M + m]));
             acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), scale));
             if (has_min(kind)) acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(mw, _mm256_set1_ps(s[b * M + m])));
+            if (res) {
+                const int64_t i2 = nb * M + b * M + m; /* the residual block's scales and sum */
+                const float d2 = d[i2];
+                if (d2 != 0.0f) {
+                    const __m256i init2 = f ? _mm256_set1_epi32(f * xs[i2]) : _mm256_setzero_si256();
+                    const __m256i isum2 = group_isum(kind, w, q + ((M + m) * nb + b) * QK, init2);
+                    const __m256 scale2 = _mm256_mul_ps(dw, _mm256_set1_ps(d2));
+                    acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(_mm256_cvtepi32_ps(isum2), scale2));
+                    if (has_min(kind)) acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(mw, _mm256_set1_ps(s[i2])));
+                }
+            }
         }
     }
     for (int r = 0; r < R; r++) {
@@ -352,9 +383,9 @@ INLINE void group_tile(const int kind, const int R, const uint8_t *rg, int64_t n
 
 /* The x86 builds' arithmetic lane by lane (exact integer sums, then the same float operations in the same order),
  * so every build gives bit-identical results (tested). */
-static inline void group_tile(const int kind, const int R, const uint8_t *rg, int64_t nb, const int8_t *q,
-                              const float *d, const float *s, const int32_t *xs, int64_t M, int64_t m0, float *y,
-                              int64_t ldy, int cnt, int accumulate) {
+static inline void group_tile(const int kind, const int R, const int res, const uint8_t *rg, int64_t nb,
+                              const int8_t *q, const float *d, const float *s, const int32_t *xs, int64_t M,
+                              int64_t m0, float *y, int64_t ldy, int cnt, int accumulate) {
     const int64_t gbytes = NR * block_bytes(kind), qo = qs_offset(kind);
     const int z = zero_point(kind), hm = has_min(kind), q5 = is_q5(kind);
     float acc[RT][NR] = {{0}};
@@ -393,6 +424,18 @@ static inline void group_tile(const int kind, const int R, const uint8_t *rg, in
                 acc[r][n] = acc[r][n] + (float)isum * scale;
                 if (hm) acc[r][n] = acc[r][n] + mw[n] * sx;
             }
+            if (!res) continue;
+            const int64_t i2 = nb * M + b * M + m; /* the residual block's scales and sum */
+            const float d2 = d[i2], s2 = s[i2];
+            if (d2 == 0.0f) continue;
+            const int8_t *x2 = q + ((M + m) * nb + b) * QK;
+            for (int n = 0; n < NR; n++) {
+                int32_t isum2 = -z * xs[i2];
+                for (int k = 0; k < QK; k++) isum2 += w[n][k] * x2[k];
+                const float scale2 = dw[n] * d2;
+                acc[r][n] = acc[r][n] + (float)isum2 * scale2;
+                if (hm) acc[r][n] = acc[r][n] + mw[n] * s2;
+            }
         }
     }
     for (int r = 0; r < R; r++) store_lanes(acc[r], y + (m0 + r) * ldy, cnt, accumulate);
@@ -401,20 +444,26 @@ static inline void group_tile(const int kind, const int R, const uint8_t *rg, in
 
 /* ---- matrices ------------------------------------------------------------------------------------------ */
 
-/* One group times every row of x, RT rows at a time; kind and tile size are constants in each instantiation, so
- * the accumulators stay in registers. */
+/* One group times every row of x, RT rows at a time; kind, tile size and ``res`` are constants in each
+ * instantiation, so the accumulators stay in registers and int8 (no residual rows) pays nothing for the option. */
+#define TILES(KIND, RES)                                                                                       \
+    for (; m0 + RT <= M; m0 += RT) group_tile(KIND, RT, RES, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc);    \
+    switch (M - m0) {                                                                                          \
+    case 3: group_tile(KIND, 3, RES, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                     \
+    case 2: group_tile(KIND, 2, RES, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                     \
+    case 1: group_tile(KIND, 1, RES, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                     \
+    }
 #define GROUP_CASE(KIND)                                                                                       \
     case KIND:                                                                                                 \
-        for (; m0 + RT <= M; m0 += RT) group_tile(KIND, RT, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc);     \
-        switch (M - m0) {                                                                                      \
-        case 3: group_tile(KIND, 3, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                      \
-        case 2: group_tile(KIND, 2, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                      \
-        case 1: group_tile(KIND, 1, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                      \
+        if (res) {                                                                                             \
+            TILES(KIND, 1)                                                                                     \
+        } else {                                                                                               \
+            TILES(KIND, 0)                                                                                     \
         }                                                                                                      \
         break;
 
-static void group_times_x(int kind, const uint8_t *rg, int64_t nb, const int8_t *q, const float *d, const float *s,
-                          const int32_t *xs, int64_t M, float *y, int64_t ldy, int cnt, int acc) {
+static void group_times_x(int kind, int res, const uint8_t *rg, int64_t nb, const int8_t *q, const float *d,
+                          const float *s, const int32_t *xs, int64_t M, float *y, int64_t ldy, int cnt, int acc) {
     int64_t m0 = 0;
     switch (kind) {
         GROUP_CASE(Q4_0)
@@ -426,11 +475,12 @@ static void group_times_x(int kind, const uint8_t *rg, int64_t nb, const int8_t 
 }
 
 /* Several repacked matrices sharing one quantized input: matrix j (kinds[j], w[j] from qrepack, N[j] rows) writes
- * columns [sum N[<j], sum N[<=j]) of y (M, ldy). With ``accumulate``, y += instead of y =. Groups of 8 output rows
- * are split across threads (one parallel region per call). Returns 0, or < 0 for a bad kind or K. */
+ * columns [sum N[<j], sum N[<=j]) of y (M, ldy). With ``accumulate``, y += instead of y =. With ``res``, q, d and s
+ * hold M residual rows after the M rows (quantize_rows with resid >= 0). Groups of 8 output rows are split across
+ * threads (one parallel region per call). Returns 0, or < 0 for a bad kind or K. */
 int qgemm_multi(int nmat, const int *kinds, const uint8_t *const *w, const int64_t *N, const int8_t *q,
-                const float *d, const float *s, int64_t M, int64_t K, float *y, int64_t ldy, int accumulate,
-                int nthreads) {
+                const float *d, const float *s, int res, int64_t M, int64_t K, float *y, int64_t ldy,
+                int accumulate, int nthreads) {
     if (K % QK || nmat < 1 || nmat > 8) return -1;
     int64_t groups = 0, first[9], col[9];
     for (int j = 0, c = 0; j < nmat; j++) {
@@ -441,61 +491,37 @@ int qgemm_multi(int nmat, const int *kinds, const uint8_t *const *w, const int64
     }
     first[nmat] = groups;
     const int64_t nb = K / QK;
-    int32_t *xs = (int32_t *)malloc(sizeof(int32_t) * M * nb);
+    int32_t *xs = (int32_t *)malloc(sizeof(int32_t) * (res ? 2 : 1) * M * nb);
     if (!xs) return -3;
     block_sums(q, M, nb, xs);
+    if (res) block_sums(q + M * K, M, nb, xs + M * nb);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t g = 0; g < groups; g++) {
         int j = 0;
         while (g >= first[j + 1]) j++;
         const int64_t n0 = (g - first[j]) * NR, left = N[j] - n0;
         const uint8_t *rg = w[j] + (g - first[j]) * nb * NR * block_bytes(kinds[j]);
-        group_times_x(kinds[j], rg, nb, q, d, s, xs, M, y + col[j] + n0, ldy, left < NR ? (int)left : NR,
+        group_times_x(kinds[j], res, rg, nb, q, d, s, xs, M, y + col[j] + n0, ldy, left < NR ? (int)left : NR,
                       accumulate);
     }
     free(xs);
     return 0;
 }
 
-/* qgemm_multi on activations quantized with ``levels`` Q8 rows per row of x (quantize_rows): with 2 levels the
- * 2M rows' products go to a temporary and each pair is summed, y[m] (+)= t[2m] + t[2m + 1]. */
-int qgemm_levels(int nmat, const int *kinds, const uint8_t *const *w, const int64_t *N, const int8_t *q,
-                 const float *d, const float *s, int levels, int64_t M, int64_t K, float *y, int64_t ldy,
-                 int accumulate, int nthreads) {
-    if (levels == 1) return qgemm_multi(nmat, kinds, w, N, q, d, s, M, K, y, ldy, accumulate, nthreads);
-    if (levels != 2 || nmat < 1 || nmat > 8) return -4;
-    int64_t cols = 0;
-    for (int j = 0; j < nmat; j++) cols += N[j];
-    float *t = (float *)malloc(sizeof(float) * 2 * M * cols);
-    if (!t) return -3;
-    const int rc = qgemm_multi(nmat, kinds, w, N, q, d, s, 2 * M, K, t, cols, 0, nthreads);
-    if (!rc) {
-        for (int64_t m = 0; m < M; m++) {
-            const float *t0 = t + 2 * m * cols, *t1 = t0 + cols;
-            float *ym = y + m * ldy;
-            if (accumulate)
-                for (int64_t c = 0; c < cols; c++) ym[c] += t0[c] + t1[c];
-            else
-                for (int64_t c = 0; c < cols; c++) ym[c] = t0[c] + t1[c];
-        }
-    }
-    free(t);
-    return rc;
-}
-
-/* y (M, N) = x (M, K) @ W^T for one repacked matrix (qrepack): quantize x (``levels`` Q8 rows per row: 1 or 2,
- * quantize_rows), then the integer product. */
+/* y (M, N) = x (M, K) @ W^T for one repacked matrix (qrepack): quantize x (with residual blocks where ``resid``
+ * >= 0 flags them, quantize_rows), then the integer product. */
 int qlinear_repacked(int kind, const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
-                     int nthreads, int levels) {
+                     int nthreads, float resid) {
     if (K % QK) return -1;
-    if (levels != 1 && levels != 2) return -4;
-    const int64_t R = levels * M;
+    if (resid != resid) return -4; /* NaN */
+    const int res = resid >= 0.0f;
+    const int64_t R = (res ? 2 : 1) * M;
     int8_t *q = (int8_t *)malloc((size_t)(R * K));
     float *d = (float *)malloc(sizeof(float) * R * (K / QK)), *s = (float *)malloc(sizeof(float) * R * (K / QK));
     int rc = -3;
     if (q && d && s) {
-        quantize_rows(x, K, NULL, 0.0f, M, K, levels, q, d, s, nthreads);
-        rc = qgemm_levels(1, &kind, &w, &N, q, d, s, levels, M, K, y, N, 0, nthreads);
+        quantize_rows(x, K, NULL, 0.0f, M, K, resid, q, d, s, nthreads);
+        rc = qgemm_multi(1, &kind, &w, &N, q, d, s, res, M, K, y, N, 0, nthreads);
     }
     free(q), free(d), free(s);
     return rc;
@@ -507,7 +533,7 @@ int qlinear(int kind, const float *x, const uint8_t *w, float *y, int64_t M, int
     uint8_t *r = (uint8_t *)malloc((size_t)qrepack_bytes(kind, N, K));
     if (!r) return -3;
     int rc = qrepack(kind, w, N, K, r);
-    if (!rc) rc = qlinear_repacked(kind, x, r, y, M, N, K, nthreads, 1);
+    if (!rc) rc = qlinear_repacked(kind, x, r, y, M, N, K, nthreads, -1.0f);
     free(r);
     return rc;
 }
