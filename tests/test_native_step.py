@@ -183,9 +183,24 @@ def test_smollm2_native_step(smollm, smollm_path):
     ids = [tok.encode(p) for p in prompts]
     # up to the end of the turn, as chat does: past <|im_end|> the model rambles through near-ties, where one
     # flipped int8 rounding picks the other word (seen on an AVX512-VNNI machine, 20 tokens into the ramble)
+    # and even before it, a near-tie can go either way: the C step's e^x and sums round differently from torch's
+    # (seen: "def fibonacci" 22 tokens in, the two candidates 0.01 logit apart). So the texts must agree, or part
+    # where the reference's own two candidates are within 0.05 logit; a wrong step parts early and by far more.
     stops = chat_stop_ids(model.config, tok)
     native, eager = _both(model, lambda: [generate(model, [i], 24, stop_ids=stops)[0].ids for i in ids])
-    assert native == eager
+    for prompt, a, b in zip(ids, native, eager):
+        if a == b:
+            continue
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert k >= 8 and k < min(len(a), len(b)), (k, a, b)
+        with torch.inference_mode():
+            step, model.native_step = model.native_step, None
+            try:
+                logits = model(torch.tensor([prompt + b[:k]]))[0, -1]  # the eager reference's
+            finally:
+                model.native_step = step
+        assert abs(logits[a[k]] - logits[b[k]]).item() < 0.05, (k, a, b)
+    assert sum(a == b for a, b in zip(native, eager)) >= 2
     text = torch.tensor([tok.encode(inspect.getdoc(json))[:200]])  # the quality benchmark's text
 
     @torch.inference_mode()
