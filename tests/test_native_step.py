@@ -4,6 +4,7 @@ same packed int8 layers: the eager model is the reference, the C step must give 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -228,3 +229,44 @@ def test_a_float_head_stays_in_pytorch():
     model.native_step = None
     want = model(ids, cache=model.new_cache(1, 8))
     assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (1, 1)])  # head_dim 16 (scalar tails), 64 (the 64-column value sums)
+def test_every_cpu_build_gives_the_same_bits(monkeypatch, heads):
+    """The C step's attention (four keys per score pass, values summed in vector registers, the polynomial e^x)
+    does the same IEEE operations in every build: prefill chunks with a padded row, then decode steps, give
+    bit-identical logits on each variant this CPU runs, down to the portable C."""
+    from llmlab.models import native_step
+    from llmlab.nn import packed_linear
+    from llmlab.nn.cpu_kernels import runnable_variants
+
+    global TINY
+    variants, tiny = runnable_variants(), TINY
+    if len(variants) < 2:
+        pytest.skip(f"this CPU runs one kernel variant only ({variants})")
+    ids = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    mask[1, :3] = False
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    outs = []
+    try:
+        TINY = dataclasses.replace(tiny, n_heads=heads[0], n_kv_heads=heads[1], head_dim=tiny.dim // heads[0])
+        for v in variants:
+            monkeypatch.setenv("LLMLAB_CPU_VARIANT", v)
+            native_step.kernel_build.cache_clear()
+            packed_linear.kernel_build.cache_clear()
+            model = _tiny()
+            cache = model.new_cache(2, 32)
+            with torch.inference_mode():
+                got = [model(ids[:, :13], cache=cache, attention_mask=mask[:, :13], position_ids=pos[:, :13])]
+                for t in range(13, 21):
+                    got.append(model(ids[:, t:t + 1], cache=cache, attention_mask=mask[:, :t + 1],
+                                     position_ids=pos[:, t:t + 1]))
+            outs.append(torch.cat(got, 1))
+    finally:
+        TINY = tiny
+        monkeypatch.delenv("LLMLAB_CPU_VARIANT")
+        native_step.kernel_build.cache_clear()
+        packed_linear.kernel_build.cache_clear()
+    for v, out in zip(variants[1:], outs[1:]):
+        assert torch.equal(out, outs[0]), (variants[0], v)
