@@ -230,6 +230,28 @@ def packed_copy(model):
     return m
 
 
+def test_no_ranking_forwards_when_every_document_fits(tiny):
+    """LLMLingua keeps every document, in order, when the budget holds all of them but the shortest whatever
+    their perplexities: then no ranking forward runs (fewer rows), and the kept tokens equal those of the ranked
+    path, where the first document's ranking forward only seeds the stream's cache."""
+    from llmlab.infer.lingua import SEPARATOR, perplexity_scores
+
+    m, tok = tiny.model, tiny.tokenizer
+    docs = paragraphs(TEXT)
+    ids = [tok.encode(d, add_bos=False) for d in docs]
+    rows = []
+    hook = m.register_forward_hook(lambda mod, args, out: rows.append(args[0].numel()))
+    try:
+        got = compress(m, tok, docs, 0.5, window=32, slack=10**6)
+        skipped = sum(rows)
+        rows.clear()
+        _, runs = perplexity_scores(m, ids)
+        want = compress_tokens(m, ids, [0.5] * len(ids), 32, tok.encode(SEPARATOR, add_bos=False), seed=runs[0])
+    finally:
+        hook.remove()
+    assert got.order == list(range(len(docs))) and got.kept == want and skipped < sum(rows)
+
+
 @pytest.fixture(scope="module")
 def peaked_lm():
     """A Llama with whole Q8_0 blocks (dim 64, FFN 128, vocab 512), weights drawn wider than at init so its
@@ -313,6 +335,8 @@ def test_fast_compressors_select_like_fp32(peaked_lm):
             common = sum(len(set(a) & set(b)) for a, b in zip(got, ref))
             assert common >= 0.9 * sum(len(b) for b in ref), (method_q, common)
     assert fast_compute() in COMPUTES[1:] and load_options("fp32") == {"packed": False, "dtype": "float32"}
-    assert load_options("int8")["packed"] and load_options("bf16")["dtype"] == "bfloat16"
-    with pytest.raises(LlmlabError, match="--compute 'gpu': choose one of auto, int8, bf16, fp32"):
+    assert load_options("int8") == {"packed": True, "packed_kernel": "int8", "dtype": "float32"}
+    assert load_options("int8r")["packed_kernel"] == "int8r"
+    assert load_options("bf16")["dtype"] == "bfloat16"
+    with pytest.raises(LlmlabError, match="--compute 'gpu': choose one of auto, int8, int8r, bf16, fp32"):
         load_options("gpu")

@@ -33,7 +33,7 @@ def _threads(text: str) -> int:
     return n
 
 
-def _add_load_flags(p: argparse.ArgumentParser, packed_default: bool = False) -> None:
+def _add_load_flags(p: argparse.ArgumentParser, packed_default: bool = False, kernel_default: str = "int8r") -> None:
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights/activations dtype (default: float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
@@ -41,13 +41,14 @@ def _add_load_flags(p: argparse.ArgumentParser, packed_default: bool = False) ->
                    help="CPU decode on packed GGML weights (the GGUF's Q8_0/Q4_0/Q4_1 blocks; Q8_0 for other "
                         "models); --no-packed runs the float32 reference path "
                         f"(default: {'on' if packed_default else 'off'})")
-    p.add_argument("--packed-kernel", default="int8r", choices=["int8r", "int8", "int8x2", "float", "reference"],
+    p.add_argument("--packed-kernel", default=kernel_default, choices=["int8r", "int8", "int8x2", "float", "reference"],
                    help="with --packed: int8r = integer dot products on 8-bit activations, plus a second 8-bit "
                         "block (the rounding error) where a block has an outlier, and the decode step in C (the "
                         "reference's top token at 99.4%% of positions, perplexity within 0.2%%), int8 = the same "
                         "without the residual, llama.cpp's arithmetic (fastest at batch; 97.5%%), int8x2 = a "
                         "residual for every block (100%%, slower), float = float activations "
-                        "(the reference's numbers to ~1e-4), reference = dequantize + matmul (default: int8r)")
+                        "(the reference's numbers to ~1e-4), reference = dequantize + matmul "
+                        f"(default: {kernel_default})")
     p.add_argument("--threads", type=_threads, default=0, metavar="N",
                    help="CPU threads for PyTorch and the C kernels; 0 = one per physical core (default: 0)")
     # Deprecated spellings of --packed / --no-packed (llmlab 0.1 called it --fast); hidden from --help.
@@ -1813,7 +1814,7 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
                         "retrieved sources (default: off)")
     s.add_argument("--max-new-tokens", type=int, default=32, help="with --eval: answer length in tokens (default: 32)")
     s.add_argument("--model", default=None, help=MODEL_HELP)
-    _add_load_flags(s, packed_default=True)  # the compressor's fast path (infer/lingua.fast_compute)
+    _add_load_flags(s, packed_default=True, kernel_default="int8")  # the compressor's fast path (lingua.fast_compute)
     s.set_defaults(func=cmd_compress_prompt)
     s = sub.add_parser("detect", help="is a text machine-generated? likelihood, log-rank, entropy and "
                                       "Fast-DetectGPT's curvature under a causal LM, or their ROC-AUC on a built-in "
