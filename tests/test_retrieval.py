@@ -368,8 +368,14 @@ def _readme_embed_commands() -> list[str]:
 
 
 @pytest.mark.slow
-def test_readme_embed_commands_as_written(tmp_path, monkeypatch, capsys, tiny_encoder):
-    """Each README command, with a tiny random encoder in place of MiniLM and a budget of one step."""
+def test_readme_embed_commands_as_written(tmp_path, monkeypatch, capsys, tiny_encoder, small_retrieval_set):
+    """Each README command, with a tiny random encoder in place of MiniLM, a budget of one step, and the built-in
+    test set cut to 12 queries (for --split / --eval-split dev too: scoring 1,700 documents twice per command was
+    most of the time; test_builtin_set_is_fixed_split_and_large_enough tests the sets themselves)."""
+    import llmlab.text.retrieval_set as rs
+
+    for split in ("test", "dev"):
+        monkeypatch.setitem(rs.SPLITS, split, lambda: small_retrieval_set)
     monkeypatch.chdir(tmp_path)
     commands = [c for c in _readme_embed_commands() if c.split()[2] != "distill"]  # tests/test_encoder_distill.py
     assert {c.split()[2] for c in commands} == {"train", "eval"}

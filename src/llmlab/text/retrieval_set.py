@@ -72,8 +72,14 @@ def split_first_sentence(doc: str) -> tuple[str, str]:
 
 def docstring_pairs(modules: tuple[str, ...] = MODULES) -> list[Pair]:
     """Every usable (query, document) pair of ``modules``, in the order ``clean_docstrings`` lists them."""
+    return pairs_of_docstrings(clean_docstrings(tuple(modules)))
+
+
+def pairs_of_docstrings(rows) -> list[Pair]:
+    """(module, qualified name, docstring) rows -> their usable pairs, in order (the filters of the module
+    docstring)."""
     pairs = []
-    for _, qualname, doc in clean_docstrings(tuple(modules)):
+    for _, qualname, doc in rows:
         query, rest = split_first_sentence(doc)
         if len(query.split()) >= MIN_QUERY_WORDS and len(rest.split()) >= MIN_DOC_WORDS:
             pairs.append(Pair(qualname, query, rest))

@@ -14,7 +14,8 @@ weights c_m: L_MRL = sum_m c_m L(a[:, :m], p[:, :m]). The encoder runs once; onl
 Both equal sentence-transformers' ``MultipleNegativesRankingLoss`` (scale 20, cosine) and ``MatryoshkaLoss`` in
 value and gradient (tests/test_retrieval.py). ``PairTask`` hands them to the one training loop (``train/loop.py``):
 each step draws a batch of (query, document) pairs from the built-in set's train split (``text/retrieval_set.py``),
-or from a JSONL file of pairs, in an order fixed by (seed, step). ``--projection pca`` puts a trainable rotation
+with ``--extra-pairs`` more of the same kind (``text/extra_pairs.py``), or from a JSONL file of pairs, in an order
+fixed by (seed, step). ``--projection pca`` puts a trainable rotation
 between pooling and the truncations, initialised by PCA (``train/pca_rotation.py``).
 """
 
@@ -36,6 +37,7 @@ from llmlab.formats.load import DEFAULT_EMBED, load_model
 from llmlab.formats.st_modules import projection_state
 from llmlab.infer.embed import MAX_TOKENS, check_texts, embed_batch, parse_dims
 from llmlab.models.bert import POOLINGS
+from llmlab.text.extra_pairs import SOURCES, extra_train_pairs, source_modules
 from llmlab.text.retrieval_set import Pair, builtin_split, is_dev
 from llmlab.train.loop import TrainConfig, TrainResult, train
 from llmlab.train.pca_rotation import attach_pca_projection_
@@ -87,6 +89,10 @@ class EmbedConfig:
     pairs: str = field(default="", metadata={
         "help": "a JSONL file of {\"query\": ..., \"document\": ...} pairs to train on; empty = the built-in train "
                 "split"})
+    extra_pairs: str = field(default="none", metadata={
+        "help": "more training pairs of the built-in kind, none of them a dev or test text: stdlib (docstrings of "
+                "the standard-library modules the built-in set does not read) or stdlib+torch (and torch's); "
+                "none = the built-in train split alone", "choices": SOURCES})
     resume: bool = field(default=True, metadata={"help": "resume from the newest complete checkpoint in --out"})
 
     def validate(self) -> EmbedConfig:
@@ -98,6 +104,11 @@ class EmbedConfig:
             raise LlmlabError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if not self.scale > 0:
             raise LlmlabError(f"--scale must be > 0, got {self.scale}")
+        if self.extra_pairs not in SOURCES:
+            raise LlmlabError(f"--extra-pairs must be one of {', '.join(SOURCES)}, got {self.extra_pairs!r}")
+        if self.pairs and self.extra_pairs != "none":
+            raise LlmlabError("--extra-pairs adds to the built-in train split, not to a --pairs file: give one of "
+                              "them")
         if self.max_tokens < 3:
             raise LlmlabError(f"--max-tokens must be >= 3 ([CLS], a token, [SEP]), got {self.max_tokens}")
         return self
@@ -225,8 +236,13 @@ def run_embed_train(ecfg: EmbedConfig, tcfg: EmbedTrainConfig) -> dict:
     dims = parse_dims(ecfg.matryoshka_dims, full, "--matryoshka-dims") if ecfg.loss == "matryoshka" else [full]
     if ecfg.max_tokens > loaded.config.max_seq_len:
         raise LlmlabError(f"--max-tokens {ecfg.max_tokens} is more than the model's {loaded.config.max_seq_len}")
-    pairs = {"train": [p for p in source if not is_dev(p.key)],
+    extra, dropped = extra_train_pairs(source_modules(ecfg.extra_pairs))  # never in dev or test: all train
+    pairs = {"train": [p for p in source if not is_dev(p.key)] + extra,
              "val": [p for p in source if is_dev(p.key)]}
+    if extra:
+        print(f"llmlab: --extra-pairs {ecfg.extra_pairs}: {len(extra)} pairs added ({dropped['read']} read; "
+              f"dropped as possible leaks: " + ", ".join(f"{dropped[r]} {r}" for r in dropped if r != "read") + ")",
+              flush=True)
     if len(pairs["val"]) < 2:  # a small pairs file: the validation loss is then a training loss
         pairs = {"train": source, "val": source}
     model = loaded.model.train()
@@ -252,7 +268,9 @@ def run_embed_train(ecfg: EmbedConfig, tcfg: EmbedTrainConfig) -> dict:
         saved = run_dir / "model"
         write_loaded(dataclasses.replace(loaded, model=model.eval()), saved, pooling=ecfg.pooling)
     summary = {"model": ecfg.model, "loss": ecfg.loss, "dims": dims, "steps": result.step, "stopped": result.stopped,
-               "train_pairs": len(pairs["train"]), "train_loss": result.train_loss, "val_loss": result.val_loss,
+               "train_pairs": len(pairs["train"]),
+               "extra_pairs": {"source": ecfg.extra_pairs, "added": len(extra), **dropped},
+               "train_loss": result.train_loss, "val_loss": result.val_loss,
                "train_seconds": result.seconds, "total_seconds": time.perf_counter() - t0,
                "saved": str(saved) if saved else None}
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
