@@ -15,6 +15,18 @@ seeds, each seed's value in the JSON. Last lines: U of reverse-kl (and minillm) 
 thread.
 
     python benchmarks/distill_hallucination.py --steps 40 --out runs/hallucination
+
+``--student FOLDER`` starts every loss from one trained student instead (MiniLLM's setting: the paper starts from
+a fine-tuned student), e.g. the kd run's, for the same extra steps; ``--seed`` then picks windows and samples its
+first run did not see:
+
+    python benchmarks/distill_hallucination.py --student runs/hallucination/kd/model --losses kd,reverse-kl,minillm \
+        --steps 120 --seed 2 --out runs/hallucination-continued
+
+``--whiten`` trains minillm with its long-term rewards whitened over the batch, as the authors' code does:
+
+    python benchmarks/distill_hallucination.py --student runs/hallucination/kd/model --losses minillm --whiten \
+        --steps 120 --seed 2 --out runs/hallucination-whitened
 """
 
 from __future__ import annotations
@@ -49,6 +61,12 @@ class Options:
         "help": "tokens of each continuation, measured and (reverse-kl, minillm, gkd) trained on"})
     seeds: str = field(default="1,2,3", metadata={"help": "sampling seeds, comma-separated"})
     epsilon: float = field(default=1e-3, metadata={"help": "teacher-probability threshold of U"})
+    seed: int = field(default=1337, metadata={
+        "help": "seed of the students' initialisation, training windows and on-policy samples (continuing a trained "
+                "--student, a new seed trains on windows its first run did not see)"})
+    whiten: bool = field(default=False, metadata={
+        "help": "minillm: whiten its long-term rewards over the batch, as the authors' code does (llmlab distill "
+                "--whiten)"})
     threads: int = field(default=1, metadata={"help": "torch threads"})
 
 
@@ -70,9 +88,9 @@ def train_students(args, losses: list[str]) -> dict[str, dict]:
             summaries[loss] = json.loads((run / "summary.json").read_text())
             continue
         cfg = DistillConfig(teacher=args.teacher, student=args.student, loss=loss, data=args.data, out=str(run),
-                            gen_tokens=args.gen_tokens)
+                            gen_tokens=args.gen_tokens, whiten=args.whiten and loss == "minillm")
         tcfg = DistillTrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                                  progress=False, device="cpu")
+                                  seed=args.seed, progress=False, device="cpu")
         summaries[loss] = run_distill(cfg, tcfg)
     return summaries
 
@@ -94,6 +112,7 @@ def run(args: argparse.Namespace) -> None:
     from llmlab.data.shards import TokenShards
     from llmlab.eval.hallucination import measure
     from llmlab.formats.load import load_model
+    from llmlab.models.registry import PRESETS
     from llmlab.nn.cpu_kernels import cpu_description
     from llmlab.train.distill import LOSSES as KNOWN
 
@@ -109,6 +128,14 @@ def run(args: argparse.Namespace) -> None:
     for flag in ("prompts", "prompt_tokens", "gen_tokens", "steps"):
         if getattr(args, flag) < 1:
             raise LlmlabError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.whiten and "minillm" not in losses:
+        raise LlmlabError(f"--whiten acts on minillm only, and --losses {args.losses!r} lacks it: add minillm or "
+                          "drop --whiten")
+    if args.seed < 0:
+        raise LlmlabError(f"--seed must be >= 0, got {args.seed}")
+    if args.student not in PRESETS and not Path(args.student).exists():
+        raise LlmlabError(f"--student {args.student}: no such folder or preset; a trained student to continue is "
+                          "e.g. runs/hallucination/kd/model (from --losses kd --out runs/hallucination)")
     t0 = time.perf_counter()
     summaries = train_students(args, losses)
     train_s = time.perf_counter() - t0
@@ -131,7 +158,8 @@ def run(args: argparse.Namespace) -> None:
                          "val_ppl": summary["val_ppl"] if summary else None})
     print(f"{cpu_description()}; load average {os.getloadavg()[0]:.1f}; {args.threads} thread(s); training "
           f"{train_s / 60:.1f} min, measuring {(time.perf_counter() - t1) / 60:.1f} min")
-    print(f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens per student; {args.prompts} prompts x "
+    print(f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens per student from {args.student}, seed "
+          f"{args.seed}; {args.prompts} prompts x "
           f"{args.prompt_tokens} tokens, {args.gen_tokens} generated; sampled: T 1, seeds {args.seeds} (median); "
           f"epsilon {args.epsilon:g}")
     print("| student | decoding | teacher p < eps (U) | teacher surprisal (nats) | ungrounded names | held-out ppl |")

@@ -298,6 +298,7 @@ def _main(capsys, *args) -> tuple[int, str, str]:
                                                                         "--seq-len 32"),
     (["--loss", "minillm", "--teacher-mix", "1"], "--teacher-mix 1.0 is outside [0, 1)"),
     (["--loss", "minillm", "--temperature", "2"], "--temperature 2 with --loss minillm"),
+    (["--loss", "kd", "--whiten"], "--whiten with --loss kd: it whitens MiniLLM's long-term rewards"),
     (["--teacher", "TINY", "--student", "llama-tiny"], "has a vocabulary of 512 tokens, the teacher 49152: teacher "
                                                        "and student must share the tokenizer"),
 ])

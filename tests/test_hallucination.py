@@ -158,6 +158,13 @@ def small_shards(tiny_chat, tmp_path_factory):
     return out
 
 
+def _tiny_budget(tiny_chat, small_shards) -> list[str]:
+    """The README lines' budget cut: tiny_chat as the teacher, small shards, 2 x 24-token windows, 2 prompts of 8
+    tokens, 4 generated, one seed."""
+    return ["--teacher", str(tiny_chat), "--data", str(small_shards), "--batch-size", "2", "--seq-len", "24",
+            "--prompts", "2", "--prompt-tokens", "8", "--gen-tokens", "4", "--seeds", "1"]
+
+
 def test_readme_command_runs_with_a_tiny_budget(tiny_chat, small_shards, tmp_path, capsys):
     """The README's line (in-process), its budget cut (one step of 2 x 24 tokens, two of the losses, 2 prompts,
     4 tokens, one seed) and tiny models for SmolLM2 (teacher and student: tiny_chat): the losses train, the table
@@ -166,10 +173,9 @@ def test_readme_command_runs_with_a_tiny_budget(tiny_chat, small_shards, tmp_pat
     args = COMMAND.split()[2:]
     args[args.index("runs/hallucination")] = str(tmp_path / "runs")
     args[args.index("--steps") + 1] = "1"
-    budget = ["--teacher", str(tiny_chat), "--student", str(tiny_chat), "--data", str(small_shards), "--batch-size",
-              "2", "--seq-len", "24", "--prompts", "2", "--prompt-tokens", "8", "--gen-tokens", "4", "--seeds", "1"]
     bench = _script()
-    assert bench.main([*args, *budget, "--losses", "kd,reverse-kl"]) == 0
+    assert bench.main([*args, *_tiny_budget(tiny_chat, small_shards), "--student", str(tiny_chat), "--losses",
+                       "kd,reverse-kl"]) == 0
     out = capsys.readouterr().out
     assert "flags: " in out and out.strip().splitlines()[-1].startswith("ratio U(reverse-kl) / U(kd), sampled: ")
     rows = json.loads((tmp_path / "runs" / "hallucination.json").read_text())["rows"]
@@ -178,11 +184,58 @@ def test_readme_command_runs_with_a_tiny_budget(tiny_chat, small_shards, tmp_pat
     assert all(0 <= x["unsupported"] <= 1 and math.isfinite(x["surprisal"]) for x in rows)
 
 
+CONTINUED = ("python benchmarks/distill_hallucination.py --student runs/hallucination/kd/model --losses "
+             "kd,reverse-kl,minillm --steps 120 --seed 2 --out runs/hallucination-continued")
+
+
+def test_readme_continued_command_starts_every_student_from_the_given_one(tiny_chat, small_shards, tmp_path, capsys):
+    """The README's second line with the tiny budget (two of its losses), its --student a saved model folder
+    (tiny_chat, standing in for the kd run's): every loss starts from that folder (its summary names it), trains
+    with --seed 2 (its config says so) and is measured; the folder itself is not touched."""
+    assert CONTINUED in (ROOT / "README.md").read_text()
+    before = (tiny_chat / "model.safetensors").read_bytes()
+    args = CONTINUED.split()[2:]
+    args[args.index("runs/hallucination/kd/model")] = str(tiny_chat)
+    args[args.index("runs/hallucination-continued")] = str(tmp_path / "continued")
+    args[args.index("--steps") + 1] = "1"
+    args[args.index("kd,reverse-kl,minillm")] = "kd,minillm"  # the budget cut: reverse-kl trains as in the first line
+    assert _script().main([*args, *_tiny_budget(tiny_chat, small_shards)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ratio U(minillm) / U(kd), sampled: ")
+    for loss in ("kd", "minillm"):
+        run = tmp_path / "continued" / loss
+        assert json.loads((run / "summary.json").read_text())["student"] == str(tiny_chat)
+        assert json.loads((run / "distill_config.json").read_text())["train"]["seed"] == 2
+    rows = json.loads((tmp_path / "continued" / "hallucination.json").read_text())["rows"]
+    assert [x["model"] for x in rows] == [m for m in ("kd", "minillm", "teacher (itself)")
+                                          for _ in ("sampled", "greedy")]
+    assert (tiny_chat / "model.safetensors").read_bytes() == before
+
+
+WHITENED = ("python benchmarks/distill_hallucination.py --student runs/hallucination/kd/model --losses minillm "
+            "--whiten --steps 120 --seed 2 --out runs/hallucination-whitened")
+
+
+def test_readme_whitened_command_trains_minillm_with_whitened_rewards(tiny_chat, small_shards, tmp_path, capsys):
+    """The README's third line with the tiny budget: minillm's run config says whiten, and it is measured."""
+    assert WHITENED in (ROOT / "README.md").read_text()
+    args = WHITENED.split()[2:]
+    args[args.index("runs/hallucination/kd/model")] = str(tiny_chat)
+    args[args.index("runs/hallucination-whitened")] = str(tmp_path / "whitened")
+    args[args.index("--steps") + 1] = "1"
+    assert _script().main([*args, *_tiny_budget(tiny_chat, small_shards)]) == 0
+    assert json.loads((tmp_path / "whitened" / "minillm" / "distill_config.json").read_text())["whiten"] is True
+    rows = json.loads((tmp_path / "whitened" / "hallucination.json").read_text())["rows"]
+    assert [x["model"] for x in rows] == ["minillm"] * 2 + ["teacher (itself)"] * 2
+
+
 @pytest.mark.parametrize("args,message", [
     (["--losses", "kd,mse"], "--losses 'kd,mse': give comma-separated losses among"),
     (["--epsilon", "0"], "--epsilon 0.0: give a probability in (0, 1)"),
     (["--seeds", "a"], "--seeds 'a': give comma-separated integers"),
     (["--gen-tokens", "0"], "--gen-tokens must be >= 1, got 0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--losses", "kd", "--whiten"], "--whiten acts on minillm only, and --losses 'kd' lacks it"),
+    (["--student", "runs/nowhere/kd/model"], "--student runs/nowhere/kd/model: no such folder or preset"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert _script().main([*args, "--out", str(tmp_path / "runs")]) == 2

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from llmlab.common import LlmlabError
-from llmlab.train.minillm import importance_weights, leave_one_out, minillm_loss, rewards_to_go
+from llmlab.train.minillm import importance_weights, leave_one_out, minillm_loss, rewards_to_go, whiten
 
 V = 3
 
@@ -166,6 +166,26 @@ def test_loss_value_terms_and_reduction_to_reverse_kl():
     assert 0 < terms.weight_min <= terms.weight_mean <= terms.weight_max
     one = minillm_loss(s[:, :1], t[:, :1], tokens[:, :1], 0.0)
     assert one.long == 0.0 and one.loss.item() == pytest.approx(reverse_kl(s[:, 0], t[:, 0]).item(), rel=1e-6)
+
+
+def test_whitening_by_hand_and_in_the_loss():
+    """whiten: minus the mean over the batch, over the unbiased standard deviation (the authors' code's advantages);
+    in the loss it replaces R_{t+1} in the long-term term, the single-step term unchanged."""
+    future = torch.tensor([[1.0, 3.0], [5.0, 7.0]], dtype=torch.float64)  # mean 4, variance (9 + 1 + 1 + 9) / 3
+    want = torch.tensor([[-3.0, -1.0], [1.0, 3.0]], dtype=torch.float64) / math.sqrt(20 / 3 + 1e-8)
+    torch.testing.assert_close(whiten(future), want, rtol=0, atol=1e-12)
+    assert whiten(torch.tensor([[2.0]])).tolist() == [[0.0]]
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    tokens = torch.randint(0, 5, (2, 3))
+    lq = s.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)  # (2, 3)
+    r = t.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1) - lq
+    future = torch.stack([r[:, 1] + r[:, 2], r[:, 2], torch.zeros(2, dtype=torch.float64)], 1)  # R_{t+1}, no norm
+    a = (future - future.mean()) / (future.var() + 1e-8).sqrt()
+    plain = minillm_loss(s, t, tokens, 0.0, False, "token")
+    white = minillm_loss(s, t, tokens, 0.0, False, "token", whitened=True)
+    assert white.single == plain.single and white.long == pytest.approx(float(-(a * lq).mean()), rel=1e-12)
+    assert plain.long == pytest.approx(float(-(future * lq).mean()), rel=1e-12)
 
 
 @pytest.mark.parametrize("call,message", [

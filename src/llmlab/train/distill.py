@@ -111,6 +111,9 @@ class DistillConfig:
     baseline: bool = field(default=True, metadata={
         "help": "minillm: subtract from each row's long-term reward the mean of the other rows' at the same position "
                 "(leave-one-out; unbiased, lower variance)"})
+    whiten: bool = field(default=False, metadata={
+        "help": "minillm: whiten the long-term rewards over the batch (minus their mean, over their standard "
+                "deviation; after --baseline), as the authors' code does with its advantages"})
     hidden_weight: float = field(default=1.0, metadata={"help": "hidden: weight of the hidden-state term"})
     keep_zeros: bool = field(default=True, metadata={
         "help": "student weights that are exactly zero at the start (a pruned model) stay zero"})
@@ -127,6 +130,9 @@ class DistillConfig:
         if self.loss == "minillm" and self.temperature != 1.0:
             raise LlmlabError(f"--temperature {self.temperature:g} with --loss minillm: MiniLLM samples and scores at "
                               "temperature 1; drop --temperature")
+        if self.whiten and self.loss != "minillm":
+            raise LlmlabError(f"--whiten with --loss {self.loss}: it whitens MiniLLM's long-term rewards; use --loss "
+                              "minillm or drop --whiten")
         if not 0.0 <= self.lmbda <= 1.0:
             raise LlmlabError(f"--lmbda {self.lmbda} is outside [0, 1]: it is the probability of an on-policy step")
         if self.gen_tokens < 1:
@@ -304,7 +310,8 @@ class DistillTask:
             loss = losses.reverse_kl(s, t, cfg.temperature)
         elif cfg.loss == "minillm":
             terms = minillm.minillm_loss(logits[:, first:last], t_logits[:, first:last], x[:, first + 1:],
-                                         cfg.teacher_mix, cfg.length_norm, cfg.importance, cfg.baseline)
+                                         cfg.teacher_mix, cfg.length_norm, cfg.importance, cfg.baseline,
+                                         cfg.whiten)
             loss = terms.loss
             stats.update(single_step=terms.single, long_term=terms.long, reward=terms.reward,
                          weight_mean=terms.weight_mean, weight_min=terms.weight_min, weight_max=terms.weight_max)

@@ -31,6 +31,11 @@ has zero mean (``E_{y_t ~ q}[grad log q_theta(y_t)] = 0``), and is dropped here.
   (``E[w_t b grad log q_theta(y_t)] = b E_q[grad log q_theta] = 0``) and its variance falls: without it every
   reward is negative early on (the student is far from the teacher) and the long-term term mostly pushes down
   whatever was sampled.
+- whitening (``whiten``, off by default), as the authors' code treats its advantages: the long-term rewards
+  (after the baseline, when on) minus their mean over every position of the batch, over their standard deviation,
+  ``A = (R - mean(R)) / sqrt(var(R) + 1e-8)`` (unbiased variance over the B x N values). It fixes the long-term
+  term's scale at about one nat per token whatever the rewards' size; the batch mean includes the row's own
+  sample, so it is slightly biased (by 1 / (B N)).
 
 Not built: the paper's PPO-style ratio clipping (each sample here updates the student once, so the ratio is 1
 and clipping never acts). The optional pretraining loss L_PT is ``--ce-weight`` on the data windows
@@ -89,6 +94,15 @@ def leave_one_out(future: torch.Tensor) -> torch.Tensor:
     return (future.sum(0, keepdim=True) - future) / (B - 1)
 
 
+def whiten(future: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(future - mean) / sqrt(var + eps) over every value of future (B, N), var the unbiased variance -> (B, N);
+    a single value has no variance and whitens to 0."""
+    if future.numel() < 2:
+        return torch.zeros_like(future)
+    var, mean = torch.var_mean(future)
+    return (future - mean) * torch.rsqrt(var + eps)
+
+
 def importance_weights(log_q: torch.Tensor, log_p: torch.Tensor, alpha: float, importance: str) -> torch.Tensor:
     """The sampled tokens' weights (B, N) from log q_theta(y_t), log p(y_t) (B, N): ``token``: w_t = q / p~ with
     p~ = alpha p + (1 - alpha) q; ``sequence``: the product of every w_t of the row, at every position."""
@@ -106,10 +120,11 @@ def importance_weights(log_q: torch.Tensor, log_p: torch.Tensor, alpha: float, i
 
 def minillm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor,
                  alpha: float = 0.2, length_norm: bool = True, importance: str = "token",
-                 baseline: bool = False) -> MiniLLMTerms:
+                 baseline: bool = False, whitened: bool = False) -> MiniLLMTerms:
     """The MiniLLM surrogate on sampled continuations: mean over positions of
     ``w_t KL(q_t || p_t) - w_t sg(R_{t+1} - b_t) log q_theta(y_t)`` (b_t the leave-one-out baseline with
-    ``baseline``, else 0); student_logits (B, N, V) carry the gradient,
+    ``baseline``, else 0; with ``whitened`` the R_{t+1} - b_t are whitened over the batch); student_logits (B, N, V)
+    carry the gradient,
     teacher_logits (B, N, V) none, tokens (B, N) the sampled ids (position n's logits predicted tokens[:, n])."""
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float32, or float64 when given
     log_q = F.log_softmax(student_logits.to(dtype), dim=-1)  # (B, N, V)
@@ -120,6 +135,8 @@ def minillm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tok
     future = rewards_to_go(r, length_norm)  # (B, N): R_{t+1} (normalised)
     if baseline:
         future = future - leave_one_out(future)
+    if whitened:
+        future = whiten(future)
     w = importance_weights(lq.detach(), lp, alpha, importance)  # (B, N)
     kl = (log_q.exp() * (log_q - log_p)).sum(-1)  # (B, N): KL(q_t || p_t), the single-step term
     single = w * kl
