@@ -62,6 +62,16 @@ def rates(rows: dict, name: str, fn_gen, N: int, runs: int) -> None:
     rows[f"{name} decode"] = (N - 1) / max(t_full - t_one, 1e-9)
 
 
+def b32_rates(rows: dict, name: str, model, prompts: list[list[int]], N: int, runs: int) -> None:
+    """rows[name + ' b32']: 32 streams' new tokens per second, their prompts' prefill included; rows[name + ' b32
+    decode']: the same with the prefill left out (the marginal time of N - 1 more tokens each), like for like
+    with llama.cpp's single-stream decode rate."""
+    t_full = median_time(lambda: generate(model, prompts, N), runs)
+    t_one = median_time(lambda: generate(model, prompts, 1), runs)
+    rows[f"{name} b32"] = len(prompts) * N / t_full
+    rows[f"{name} b32 decode"] = len(prompts) * (N - 1) / max(t_full - t_one, 1e-9)
+
+
 def step_breakdown(model, ids: list[int], runs: int = 50) -> dict[str, float]:
     """ms per decode step: the whole generate step, the C blocks, the head; the rest is Python and sampling."""
     native = model.native_step
@@ -119,7 +129,7 @@ def main() -> int:
     rates(rows, "llmlab packed", lambda n: generate(model, [p128], n), N, R)
     rows["llmlab packed b8"] = 8 * N / median_time(lambda: generate(model, [p128] * 8, N), R)
     p32 = [prompt_ids(tok, 128)[i:i + 96] for i in range(32)]  # 32 different prompts of 96 tokens
-    rows["llmlab packed b32"] = 32 * N / median_time(lambda: generate(model, p32, N), max(1, R // 2))
+    b32_rates(rows, "llmlab packed", model, p32, N, max(1, R // 2))
     rows["llmlab packed prefill512"] = 512 / median_time(lambda: prefill_last(model, p512), R)
     breakdown = step_breakdown(model, p128)
     same_as_eager = generate(model, [p128], 32)[0].ids
@@ -134,6 +144,7 @@ def main() -> int:
     i8 = load(packed=True, packed_kernel="int8").model  # no residual blocks: llama.cpp's arithmetic, the fastest
     rates(rows, "llmlab packed int8", lambda n: generate(i8, [p128], n), N, R)
     rows["llmlab packed int8 b8"] = 8 * N / median_time(lambda: generate(i8, [p128] * 8, N), R)
+    b32_rates(rows, "llmlab packed int8", i8, p32, N, max(1, R // 2))
     rows["llmlab packed int8 prefill512"] = 512 / median_time(lambda: prefill_last(i8, p512), R)
     x2 = load(packed=True, packed_kernel="int8x2").model  # a residual Q8 block for every block
     rates(rows, "llmlab packed int8x2", lambda n: generate(x2, [p128], n), N, R)
@@ -213,6 +224,8 @@ def main() -> int:
                        ("llmlab packed prefill512", "llama.cpp prefill512"),
                        ("llmlab packed b1", "transformers b1"), ("llmlab packed decode", "transformers decode"),
                        ("llmlab packed b8", "transformers b8"), ("llmlab packed b32", "llama.cpp decode"),
+                       ("llmlab packed b32 decode", "llama.cpp decode"),
+                       ("llmlab packed int8 b32 decode", "llama.cpp decode"),
                        ("llmlab packed prefill512", "transformers prefill512"),
                        ("llmlab fp32 prefill512", "llama.cpp prefill512"),
                        ("llmlab packed int8x2 b1", "llama.cpp b1"), ("llmlab packed int8x2 decode", "llama.cpp decode"),
