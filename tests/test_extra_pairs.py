@@ -99,6 +99,12 @@ def test_real_subset_has_no_dev_or_test_text_and_is_the_same_in_a_fresh_process(
     assert fresh.stdout.strip() == here
 
 
+def test_none_starts_no_probe():
+    """--extra-pairs none, every embed run's default, lists no modules (no interpreter is started)."""
+    stdlib_modules.cache_clear()
+    assert source_modules("none") == () and stdlib_modules.cache_info().misses == 0
+
+
 def test_module_listing():
     names = stdlib_modules()
     assert names == tuple(sorted(names)) and {"json.decoder", "email.mime.text", "asyncio.events"} <= set(names)

@@ -50,10 +50,9 @@ question) is the start of the plain stream's cache, so the first window runs onl
 head (a fifth of SmolLM2's weights) runs only on rows whose next token is scored, and a surprisal is
 ``logsumexp(logits) - logit`` without a (T, V) log-softmax. Same scores as recomputing (tested to 1e-5). The
 compressor computes in what it was loaded with: ``fast_compute()`` picks the packed int8 path (the GGUF's own
-Q8_0 blocks, the decoder blocks in C; the plain int8 kernel: generation's default int8r, an option here, costs
-1.36x at prefill for its residual blocks, and keeps 0.997 / 0.971 of fp32's tokens for LLMLingua /
-LongLLMLingua against int8's 0.981 / 0.913) where its kernel builds, else bf16 where the CPU has bf16 units,
-else fp32.
+Q8_0 blocks, the decoder blocks in C; the plain int8 kernel: generation's default int8r, an option here, takes
+1.44x int8's time for its residual blocks, and keeps 1.00 / 0.97 of fp32's tokens for LLMLingua / LongLLMLingua
+against int8's 0.98 / 0.91) where its kernel builds, else bf16 where the CPU has bf16 units, else fp32.
 
 Shapes: a window (1, T) int64 -> hidden (1, T, dim) -> log-probs (T, V) -> surprisals (T,).
 """
@@ -112,7 +111,7 @@ def load_options(compute: str = "auto") -> dict:
     if compute not in COMPUTES:
         raise LlmlabError(f"--compute {compute!r}: choose one of {', '.join(COMPUTES)}")
     compute = fast_compute() if compute == "auto" else compute
-    if compute in ("int8", "int8r"):  # int8r: generation's residual blocks, 1.36x int8's time, closer to fp32
+    if compute in ("int8", "int8r"):  # int8r: generation's residual blocks, 1.44x int8's time, closer to fp32
         return {"packed": True, "packed_kernel": compute, "dtype": "float32"}
     return {"packed": False, "dtype": "bfloat16" if compute == "bf16" else "float32"}
 

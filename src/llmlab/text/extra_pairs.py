@@ -35,6 +35,7 @@ import subprocess
 import sys
 from collections import Counter
 
+from llmlab.common import LlmlabError
 from llmlab.text.retrieval_set import (
     MIN_DOC_WORDS,
     MODULES,
@@ -90,8 +91,6 @@ def stdlib_modules() -> tuple[str, ...]:
     r = subprocess.run([sys.executable, "-I", "-c", _PROBE, ",".join(SKIP)], capture_output=True, text=True,
                        timeout=300)
     if r.returncode:
-        from llmlab.common import LlmlabError
-
         raise LlmlabError(f"could not list the standard-library modules: "
                           f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
     return tuple(r.stdout.split())
@@ -152,10 +151,10 @@ def without_signature(doc: str) -> str:
 def source_modules(source: str) -> tuple[str, ...]:
     """The modules an ``--extra-pairs`` source reads: none, ``extra_modules()``, or those and ``TORCH_MODULES``."""
     if source not in SOURCES:
-        from llmlab.common import LlmlabError
-
         raise LlmlabError(f"--extra-pairs must be one of {', '.join(SOURCES)}, got {source!r}")
-    return {"none": (), "stdlib": extra_modules(), "stdlib+torch": extra_modules() + TORCH_MODULES}[source]
+    if source == "none":  # no probe subprocess: --extra-pairs none is every embed run's default
+        return ()
+    return extra_modules() + (TORCH_MODULES if source == "stdlib+torch" else ())
 
 
 @functools.lru_cache(maxsize=4)
