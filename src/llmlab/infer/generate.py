@@ -17,6 +17,7 @@ from llmlab.infer.repetition import RepetitionGuard
 from llmlab.infer.sample import SamplingParams, make_generator, select
 from llmlab.models.decoder import DecoderLM
 from llmlab.nn.autocast import upcast_matmuls
+from llmlab.nn.cpu_kernels import kernel_threads_for_native_step
 
 
 @dataclass
@@ -76,6 +77,7 @@ def prefill_logits(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
 
 
 @torch.inference_mode()
+@kernel_threads_for_native_step
 def generate(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams | None = None, *,
              stop_ids: set[int] | None = None, stop_strings: list[str] | None = None, tokenizer=None,
              on_token: Callable[[int, int], None] | None = None,

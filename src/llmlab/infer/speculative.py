@@ -37,6 +37,7 @@ import torch
 from llmlab.infer.generate import prefill_logits
 from llmlab.infer.sample import SamplingParams, sampling_probs
 from llmlab.models.native_step import enable_native_step_
+from llmlab.nn.cpu_kernels import kernel_threads_for_native_step
 
 
 @dataclass
@@ -152,6 +153,7 @@ PROBE = 8  # plain steps before a drafter that costs time is tried again (its ac
 
 
 @torch.inference_mode()
+@kernel_threads_for_native_step
 def speculative_generate(model, prompt: list[int], max_new_tokens: int, drafter, *, gamma: int = 4,
                          params: SamplingParams | None = None, stop_ids: set[int] | None = None,
                          on_token: Callable[[int], None] | None = None, adaptive: bool = True,

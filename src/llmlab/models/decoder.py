@@ -22,6 +22,7 @@ from torch import nn
 
 from llmlab.models.config import ModelConfig
 from llmlab.nn.attention import Attention
+from llmlab.nn.cpu_kernels import kernels_own_the_threads
 from llmlab.nn.kv_cache import StaticKVCache
 from llmlab.nn.mlp import make_mlp
 from llmlab.nn.moe import MoEFeedForward
@@ -116,40 +117,44 @@ class DecoderLM(nn.Module):
         applies the head itself: under autograd with a tied table, the view of ``nn/tied_embedding.py`` (use it,
         not ``lm_head.weight``, and the two gradients meet in place); else ``lm_head.weight`` (None for a head
         that is not a plain linear layer)."""
-        head_weight = None
-        if inputs_embeds is None:
-            x, head_weight = self._embed(input_ids)  # (B, T, dim), (V, dim) or None
-        else:
-            x = inputs_embeds  # (B, T, dim)
-        B, T = x.shape[:2]
-        paged = getattr(cache, "owns_attention", False)  # a PagedBatch: positions come per token
-        if start is None:
-            start = cache.length if cache is not None and not paged else 0
-        if not paged and start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)  # (B, T)
-        rope = None
-        if self.rotary is not None:
-            rope = self.rotary(position_ids, x.dtype)
-        else:
-            x = x + self.embed_positions(position_ids)
-        native = self.native_step
-        if native is not None and not paged and native.accepts(self, x, cache, attention_mask):
-            x = native.blocks(x, rope, cache, start, attention_mask)  # every block in C (models/native_step.py)
-            cache.length = start + T
-            logits = None if return_hidden else native.logits(self, x)  # final norm + head in C
-            if logits is not None:
-                return logits
-        else:
-            for i, block in enumerate(self.layers):
-                x = block(x, rope=rope, key_mask=attention_mask, cache=cache, layer=i, start=start)
-            if cache is not None and not paged:
+        # blocks in C (models/native_step.py; accepts() decides): the kernels get the threads, PyTorch's small ops
+        # (embedding, RoPE tables, copies) one, so PyTorch's idle OpenMP workers do not spin on the kernels' cores
+        native_likely = self.native_step is not None and not torch.is_grad_enabled() and type(cache) is StaticKVCache
+        with kernels_own_the_threads(native_likely):
+            head_weight = None
+            if inputs_embeds is None:
+                x, head_weight = self._embed(input_ids)  # (B, T, dim), (V, dim) or None
+            else:
+                x = inputs_embeds  # (B, T, dim)
+            B, T = x.shape[:2]
+            paged = getattr(cache, "owns_attention", False)  # a PagedBatch: positions come per token
+            if start is None:
+                start = cache.length if cache is not None and not paged else 0
+            if not paged and start + T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            if position_ids is None:
+                position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)  # (B, T)
+            rope = None
+            if self.rotary is not None:
+                rope = self.rotary(position_ids, x.dtype)
+            else:
+                x = x + self.embed_positions(position_ids)
+            native = self.native_step
+            if native is not None and not paged and native.accepts(self, x, cache, attention_mask):
+                x = native.blocks(x, rope, cache, start, attention_mask)  # every block in C (models/native_step.py)
                 cache.length = start + T
-        x = self.norm(x)
-        if return_hidden:
-            if not return_head_weight:
-                return x
-            plain = type(self.lm_head) is nn.Linear
-            return x, head_weight if head_weight is not None else self.lm_head.weight if plain else None
-        return self.lm_head(x) if head_weight is None else F.linear(x, head_weight)  # (B, T, V)
+                logits = None if return_hidden else native.logits(self, x)  # final norm + head in C
+                if logits is not None:
+                    return logits
+            else:
+                for i, block in enumerate(self.layers):
+                    x = block(x, rope=rope, key_mask=attention_mask, cache=cache, layer=i, start=start)
+                if cache is not None and not paged:
+                    cache.length = start + T
+            x = self.norm(x)
+            if return_hidden:
+                if not return_head_weight:
+                    return x
+                plain = type(self.lm_head) is nn.Linear
+                return x, head_weight if head_weight is not None else self.lm_head.weight if plain else None
+            return self.lm_head(x) if head_weight is None else F.linear(x, head_weight)  # (B, T, V)

@@ -31,7 +31,7 @@ from torch import nn
 
 from llmlab.models.decoder import DecoderBlock
 from llmlab.nn.attention import Attention
-from llmlab.nn.cpu_kernels import CSRC, KernelBuild, best_variant, build_kernel
+from llmlab.nn.cpu_kernels import CSRC, KernelBuild, best_variant, build_kernel, kernel_threads
 from llmlab.nn.kv_cache import StaticKVCache
 from llmlab.nn.mlp import SwiGLU
 from llmlab.nn.norm import RMSNorm
@@ -172,7 +172,7 @@ class NativeStep:
         mask_ptr, mask_stride = (None, 0) if mask is None else (mask.data_ptr(), mask.shape[1])
         k_step, v_step = cache.k.stride(0) * 4, cache.v.stride(0) * 4  # bytes per layer
         k0, v0 = cache.k.data_ptr(), cache.v.data_ptr()
-        threads = torch.get_num_threads()
+        threads = kernel_threads()
         step = max(1, CHUNK_ROWS // B)  # positions per chunk
         for t0 in range(0, T, step):
             t1 = min(T, t0 + step)
@@ -199,7 +199,7 @@ class NativeStep:
         B, T, D = x.shape
         y = torch.empty(B, T, head.out_features)
         rc = self.head_fn(head.ggml_type, x.data_ptr(), norm.weight.data_ptr(), norm.eps, head.repacked().data_ptr(),
-                          y.data_ptr(), B * T, head.out_features, D, torch.get_num_threads(), ACT_RESIDUAL[head.impl])
+                          y.data_ptr(), B * T, head.out_features, D, kernel_threads(), ACT_RESIDUAL[head.impl])
         if rc != 0:
             raise RuntimeError(f"norm_qlinear failed with code {rc}")
         return y

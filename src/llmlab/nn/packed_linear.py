@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmlab.common import log
-from llmlab.nn.cpu_kernels import CSRC, KernelBuild, best_variant, build_kernel
+from llmlab.nn.cpu_kernels import CSRC, KernelBuild, best_variant, build_kernel, kernel_threads
 from llmlab.nn.ggml_quants import GGML_TYPES, dequantize, quantize_q8_0
 
 BLOCK_BYTES = {8: 34, 2: 18, 3: 20, 6: 22, 7: 24}  # ggml type id -> bytes per 32 weights
@@ -191,7 +191,7 @@ class PackedLinear(nn.Module):
             return y
         y = torch.empty(x2.shape[0], self.out_features)
         w = self.packed
-        args = (x2.shape[0], self.out_features, self.in_features, torch.get_num_threads())
+        args = (x2.shape[0], self.out_features, self.in_features, kernel_threads())
         if self.impl in ACT_RESIDUAL:  # the kernel reads the interleaved copy
             fn, w = kernel_build("int8").lib.qlinear_repacked, self.repacked()
             args += (ACT_RESIDUAL[self.impl],)

@@ -7,8 +7,8 @@ from the block pool (PagedAttention: Kwon et al. 2023, arXiv:2309.06180).
 once and writes nothing but the output. Per (sequence, kv head) pair it scores the H / H_kv query heads
 that share the kv head against each key loaded once (AVX2/FMA), and keeps an online softmax (running
 max and sum, rescaled when the max grows: Milakov & Gimelshein 2018, arXiv:1805.02867) so no score row
-is stored; OpenMP spreads the pairs over threads. It equals the reference up to float32 summation order
-(tested in ``tests/test_paged_decode.py``).
+is stored; the kernels' thread pool (csrc/pool.h) spreads the pairs over threads. It equals the reference up
+to float32 summation order (tested in ``tests/test_paged_decode.py``).
 
 Built like ``nn/packed_linear.py``'s GEMV (system C compiler on first use, library cached by source hash,
 called through ctypes); where it cannot be built, ``paged_decode_kernel()`` is None and
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from llmlab.common import log
-from llmlab.nn.cpu_kernels import KernelBuild, build_kernel
+from llmlab.nn.cpu_kernels import KernelBuild, build_kernel, kernel_threads
 from llmlab.nn.paged_attention import paged_decode_reference
 
 _SRC = Path(__file__).with_name("csrc") / "paged_decode.c"
@@ -89,7 +89,7 @@ def _make(fn: Callable[..., int]) -> Callable[..., torch.Tensor]:
         n_blocks, hkv, bs, _ = k_layer.shape
         out = torch.empty_like(q)  # (n, H, D)
         rc = fn(q.data_ptr(), k_layer.data_ptr(), v_layer.data_ptr(), tables.data_ptr(), ctx_lens.data_ptr(),
-                out.data_ptr(), n, H, hkv, D, bs, n_blocks, tables.shape[1], float(scale), torch.get_num_threads())
+                out.data_ptr(), n, H, hkv, D, bs, n_blocks, tables.shape[1], float(scale), kernel_threads())
         if rc != 0:
             # refused before reading anything (a ctx_len of 0 or past the table, a block id outside the
             # pool): the reference gives its own answer or its own error for these

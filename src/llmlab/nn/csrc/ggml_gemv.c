@@ -9,13 +9,15 @@
  *   Q4_1: d * sum(q_i x_i) + m * sum(x_i)           (q 0..15)
  *
  * Low nibbles hold weights 0..15 of a block, high nibbles 16..31 (llama.cpp's layout).
- * Rows are split across threads with OpenMP. With several rows of x (batched decode, speculative
+ * Rows are split across threads (pool.h). With several rows of x (batched decode, speculative
  * verification), each block is expanded to 32 floats once and multiplied with every row of x.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "pool.h"
 
 static inline float f16(const uint8_t *p) {
     uint16_t h;
@@ -62,51 +64,56 @@ static inline void expand(int kind, const uint8_t *blk, __m256 w[4]) {
 #define MAX_ROWS 64
 
 /* kind: 8 = Q8_0, 2 = Q4_0, 3 = Q4_1 (ggml type ids) */
-int ggml_gemv(int kind, const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
-              int nthreads) {
-    if (K % 32) return -1;
-    const int64_t nb = K / 32;
-    const int64_t bbytes = kind == 8 ? 34 : kind == 2 ? 18 : kind == 3 ? 20 : 0;
-    if (!bbytes) return -2;
-    if (M > 1) {
-        if (M > MAX_ROWS) return -4;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            const uint8_t *row = w + n * nb * bbytes;
-            __m256 acc[MAX_ROWS];
-            for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
-            for (int64_t b = 0; b < nb; b++) {
-                __m256 wf[4];
-                expand(kind, row + b * bbytes, wf);
-                for (int64_t m = 0; m < M; m++) {
-                    const float *xb = x + m * K + b * 32;
-                    __m256 a = acc[m];
-                    a = _mm256_fmadd_ps(wf[0], _mm256_loadu_ps(xb), a);
-                    a = _mm256_fmadd_ps(wf[1], _mm256_loadu_ps(xb + 8), a);
-                    a = _mm256_fmadd_ps(wf[2], _mm256_loadu_ps(xb + 16), a);
-                    a = _mm256_fmadd_ps(wf[3], _mm256_loadu_ps(xb + 24), a);
-                    acc[m] = a;
-                }
-            }
-            for (int64_t m = 0; m < M; m++) y[m * N + n] = hsum(acc[m]);
-        }
-        return 0;
-    }
-    float *xsum = NULL; /* per (row of x, block) sums for the Q4 offset terms */
-    if (kind != 8) {
-        xsum = (float *)malloc(sizeof(float) * M * nb);
-        if (!xsum) return -3;
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t b = 0; b < nb; b++) {
+/* ggml_gemv's arguments, and the output columns [n0, n1) of it that one thread does */
+typedef struct {
+    int kind;
+    const float *x, *xsum;
+    const uint8_t *w;
+    float *y;
+    int64_t M, N, K, nb, bbytes;
+} Gemv;
+
+/* several rows of x: each block expanded to floats once, then used for every row */
+static void gemv_rows_expanded(void *arg, int64_t n0, int64_t n1, int tid) {
+    const Gemv *g = (const Gemv *)arg;
+    const int kind = g->kind;
+    const float *x = g->x;
+    const uint8_t *w = g->w;
+    float *y = g->y;
+    const int64_t M = g->M, N = g->N, K = g->K, nb = g->nb, bbytes = g->bbytes;
+    (void)tid;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w + n * nb * bbytes;
+        __m256 acc[MAX_ROWS];
+        for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            __m256 wf[4];
+            expand(kind, row + b * bbytes, wf);
+            for (int64_t m = 0; m < M; m++) {
                 const float *xb = x + m * K + b * 32;
-                __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
-                                         _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
-                xsum[m * nb + b] = hsum(s);
+                __m256 a = acc[m];
+                a = _mm256_fmadd_ps(wf[0], _mm256_loadu_ps(xb), a);
+                a = _mm256_fmadd_ps(wf[1], _mm256_loadu_ps(xb + 8), a);
+                a = _mm256_fmadd_ps(wf[2], _mm256_loadu_ps(xb + 16), a);
+                a = _mm256_fmadd_ps(wf[3], _mm256_loadu_ps(xb + 24), a);
+                acc[m] = a;
             }
+        }
+        for (int64_t m = 0; m < M; m++) y[m * N + n] = hsum(acc[m]);
     }
+}
+
+/* one row of x (or few): integer bytes times float activations, block by block */
+static void gemv_rows_blocks(void *arg, int64_t n0, int64_t n1, int tid) {
+    const Gemv *g = (const Gemv *)arg;
+    const int kind = g->kind;
+    const float *x = g->x, *xsum = g->xsum;
+    const uint8_t *w = g->w;
+    float *y = g->y;
+    const int64_t M = g->M, N = g->N, K = g->K, nb = g->nb, bbytes = g->bbytes;
     const __m128i low4 = _mm_set1_epi8(0x0F);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
+    (void)tid;
+    for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = w + n * nb * bbytes;
         for (int64_t m = 0; m < M; m++) {
             const float *xm = x + m * K;
@@ -139,6 +146,34 @@ int ggml_gemv(int kind, const float *x, const uint8_t *w, float *y, int64_t M, i
             y[m * N + n] = hsum(total) + offset;
         }
     }
+}
+
+int ggml_gemv(int kind, const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
+              int nthreads) {
+    if (K % 32) return -1;
+    const int64_t nb = K / 32;
+    const int64_t bbytes = kind == 8 ? 34 : kind == 2 ? 18 : kind == 3 ? 20 : 0;
+    if (!bbytes) return -2;
+    if (M > 1) {
+        if (M > MAX_ROWS) return -4;
+        Gemv a = {kind, x, NULL, w, y, M, N, K, nb, bbytes};
+        pool_for(N, nthreads, gemv_rows_expanded, &a);
+        return 0;
+    }
+    float *xsum = NULL; /* per (row of x, block) sums for the Q4 offset terms */
+    if (kind != 8) {
+        xsum = (float *)malloc(sizeof(float) * M * nb);
+        if (!xsum) return -3;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t b = 0; b < nb; b++) {
+                const float *xb = x + m * K + b * 32;
+                __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
+                                         _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
+                xsum[m * nb + b] = hsum(s);
+            }
+    }
+    Gemv a = {kind, x, xsum, w, y, M, N, K, nb, bbytes};
+    pool_for(N, nthreads, gemv_rows_blocks, &a);
     free(xsum);
     return 0;
 }

@@ -3,7 +3,7 @@
  * per-op overhead (models/native_step.py; the eager PyTorch block is the reference it is tested against).
  *
  *   h   = rmsnorm(x) -> Q8 blocks                       (fused with the quantization)
- *   qkv = h @ [Wq; Wk; Wv]^T                            (one parallel region over all three)
+ *   qkv = h @ [Wq; Wk; Wv]^T                            (one parallel loop over all three)
  *   q, k = rope(q), rope(k); cache[start + t] = k, v     (rotate-half layout, cos/sin from the caller)
  *   a   = softmax(q k^T / sqrt(D) + mask) v              (per row and head, causal, key mask)
  *   x  += a @ Wo^T
@@ -178,69 +178,86 @@ static inline void weighted_values(const float *w, const float *V, int64_t S, in
  * its rep * QROWS query vectors walk the keys together, so each key and value row is loaded once for all of
  * them. Each query's arithmetic (scores in key order, max, exp, sum, weighted values in key order) does not
  * depend on which others share its work item: the same bits alone, in a batch, or in another chunking. */
-static void attention(const LlamaBlock *w, const float *qkv, float *out, int64_t B, int64_t T, const float *kc,
-                      const float *vc, int64_t max_len, int64_t start, const uint8_t *key_mask,
-                      int64_t mask_stride, int nthreads) {
+typedef struct {
+    const LlamaBlock *w;
+    const float *qkv, *kc, *vc;
+    float *out;
+    int64_t B, T, max_len, start, mask_stride;
+    const uint8_t *key_mask;
+} Attention;
+
+/* The work items [i0, i1) of attention(), item = (b * Hkv + hk) * nqb + qb. */
+static void attention_items(void *arg, int64_t i0, int64_t i1, int tid) {
+    const Attention *a = (const Attention *)arg;
+    const LlamaBlock *w = a->w;
+    const float *qkv = a->qkv, *kc = a->kc, *vc = a->vc;
+    float *out = a->out;
+    const int64_t T = a->T, max_len = a->max_len, start = a->start, mask_stride = a->mask_stride;
+    const uint8_t *key_mask = a->key_mask;
     const int64_t H = w->n_heads, Hkv = w->n_kv_heads, D = w->head_dim, rep = H / Hkv;
     const int64_t width = (H + 2 * Hkv) * D, S = start + T, nqb = (T + QROWS - 1) / QROWS;
     const float scale = 1.0f / sqrtf((float)D);
-#pragma omp parallel num_threads(nthreads)
-    {
-        const int64_t most = QROWS * rep;
-        float *p = (float *)malloc(sizeof(float) * most * S); /* scores, then weights, per query */
-        const float **qv = (const float **)malloc(sizeof(float *) * most);
-        float **ov = (float **)malloc(sizeof(float *) * most);
-        int64_t *pos = (int64_t *)malloc(sizeof(int64_t) * most);
-        float *mx = (float *)malloc(sizeof(float) * most), *sum = (float *)malloc(sizeof(float) * most);
-#pragma omp for schedule(dynamic) collapse(3)
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t hk = 0; hk < Hkv; hk++)
-                for (int64_t qb = 0; qb < nqb; qb++) {
-                    const int64_t t0 = qb * QROWS, nt = T - t0 < QROWS ? T - t0 : QROWS, nq = nt * rep;
-                    const float *K = kc + (b * Hkv + hk) * max_len * D, *V = vc + (b * Hkv + hk) * max_len * D;
-                    const uint8_t *km = key_mask ? key_mask + b * mask_stride : NULL;
-                    for (int64_t j = 0; j < nq; j++) {
-                        const int64_t t = t0 + j / rep, h = hk * rep + j % rep;
-                        qv[j] = qkv + (b * T + t) * width + h * D;
-                        ov[j] = out + (b * T + t) * H * D + h * D;
-                        pos[j] = start + t;
-                        mx[j] = -INFINITY;
-                        sum[j] = 0.0f;
+    const int64_t most = QROWS * rep;
+    (void)tid;
+    float *p = (float *)malloc(sizeof(float) * most * S); /* scores, then weights, per query */
+    const float **qv = (const float **)malloc(sizeof(float *) * most);
+    float **ov = (float **)malloc(sizeof(float *) * most);
+    int64_t *pos = (int64_t *)malloc(sizeof(int64_t) * most);
+    float *mx = (float *)malloc(sizeof(float) * most), *sum = (float *)malloc(sizeof(float) * most);
+    for (int64_t item = i0; item < i1; item++) {
+        const int64_t b = item / (Hkv * nqb), hk = item / nqb % Hkv, qb = item % nqb;
+        const int64_t t0 = qb * QROWS, nt = T - t0 < QROWS ? T - t0 : QROWS, nq = nt * rep;
+        const float *K = kc + (b * Hkv + hk) * max_len * D, *V = vc + (b * Hkv + hk) * max_len * D;
+        const uint8_t *km = key_mask ? key_mask + b * mask_stride : NULL;
+        for (int64_t j = 0; j < nq; j++) {
+            const int64_t t = t0 + j / rep, h = hk * rep + j % rep;
+            qv[j] = qkv + (b * T + t) * width + h * D;
+            ov[j] = out + (b * T + t) * H * D + h * D;
+            pos[j] = start + t;
+            mx[j] = -INFINITY;
+            sum[j] = 0.0f;
+        }
+        const int64_t last = start + t0 + nt - 1;
+        for (int64_t s0 = 0; s0 <= last; s0 += 4) { /* 4 keys at a time */
+            const int64_t ns = last + 1 - s0 < 4 ? last + 1 - s0 : 4;
+            for (int64_t j = 0; j < nq; j++) {
+                float *pj = p + j * S, sc[4];
+                if (s0 > pos[j]) continue;
+                if (ns == 4)
+                    dot4(qv[j], K + s0 * D, D, D, sc);
+                else
+                    for (int64_t k = 0; k < ns; k++) sc[k] = dot(qv[j], K + (s0 + k) * D, D);
+                for (int64_t k = 0, s = s0; k < ns && s <= pos[j]; k++, s++) {
+                    if (km && !km[s] && s != pos[j]) { /* padding; a query always sees itself */
+                        pj[s] = -INFINITY;
+                        continue;
                     }
-                    const int64_t last = start + t0 + nt - 1;
-                    for (int64_t s0 = 0; s0 <= last; s0 += 4) { /* 4 keys at a time */
-                        const int64_t ns = last + 1 - s0 < 4 ? last + 1 - s0 : 4;
-                        for (int64_t j = 0; j < nq; j++) {
-                            float *pj = p + j * S, sc[4];
-                            if (s0 > pos[j]) continue;
-                            if (ns == 4)
-                                dot4(qv[j], K + s0 * D, D, D, sc);
-                            else
-                                for (int64_t k = 0; k < ns; k++) sc[k] = dot(qv[j], K + (s0 + k) * D, D);
-                            for (int64_t k = 0, s = s0; k < ns && s <= pos[j]; k++, s++) {
-                                if (km && !km[s] && s != pos[j]) { /* padding; a query always sees itself */
-                                    pj[s] = -INFINITY;
-                                    continue;
-                                }
-                                pj[s] = sc[k] * scale;
-                                mx[j] = pj[s] > mx[j] ? pj[s] : mx[j]; /* fmaxf would be a library call */
-                            }
-                        }
-                    }
-                    for (int64_t j = 0; j < nq; j++) {
-                        float *pj = p + j * S;
-                        const float m = mx[j];
-                        for (int64_t s = 0; s <= pos[j]; s++) { /* no reduction, no branch: vectorised */
-                            const float e = exp_poly(pj[s] - m);
-                            pj[s] = pj[s] == -INFINITY ? 0.0f : e;
-                        }
-                        for (int64_t s = 0; s <= pos[j]; s++) sum[j] += pj[s];
-                        for (int64_t s = 0; s <= pos[j]; s++) pj[s] = pj[s] / sum[j];
-                        weighted_values(pj, V, pos[j] + 1, D, ov[j]);
-                    }
+                    pj[s] = sc[k] * scale;
+                    mx[j] = pj[s] > mx[j] ? pj[s] : mx[j]; /* fmaxf would be a library call */
                 }
-        free(p), free(qv), free(ov), free(pos), free(mx), free(sum);
+            }
+        }
+        for (int64_t j = 0; j < nq; j++) {
+            float *pj = p + j * S;
+            const float m = mx[j];
+            for (int64_t s = 0; s <= pos[j]; s++) { /* no reduction, no branch: vectorised */
+                const float e = exp_poly(pj[s] - m);
+                pj[s] = pj[s] == -INFINITY ? 0.0f : e;
+            }
+            for (int64_t s = 0; s <= pos[j]; s++) sum[j] += pj[s];
+            for (int64_t s = 0; s <= pos[j]; s++) pj[s] = pj[s] / sum[j];
+            weighted_values(pj, V, pos[j] + 1, D, ov[j]);
+        }
     }
+    free(p), free(qv), free(ov), free(pos), free(mx), free(sum);
+}
+
+static void attention(const LlamaBlock *w, const float *qkv, float *out, int64_t B, int64_t T, const float *kc,
+                      const float *vc, int64_t max_len, int64_t start, const uint8_t *key_mask,
+                      int64_t mask_stride, int nthreads) {
+    Attention a = {w, qkv, kc, vc, out, B, T, max_len, start, mask_stride, key_mask};
+    const int64_t items = B * w->n_kv_heads * ((T + QROWS - 1) / QROWS);
+    pool_for_chunks(items, items, nthreads, attention_items, &a); /* one item a claim: later positions cost more */
 }
 
 int llama_block(const LlamaBlock *w, float *x, int64_t B, int64_t T, const float *cos, const float *sin,

@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "pool.h"
+
 #define TILE 64   /* keys scored before one softmax rescale: amortizes the rescale, fits L1 */
 #define GROUP 4   /* query heads that share a key load; their accumulators stay in registers */
 
@@ -222,6 +224,34 @@ static void attend_pair(const float *q, const float *k, const float *v, const in
     }
 }
 
+/* paged_decode's arguments, and the (sequence, kv head) pairs [p0, p1) of it that one thread does */
+typedef struct {
+    const float *q, *k, *v;
+    const int32_t *tables, *ctx_lens;
+    float *out;
+    int64_t H, Hkv, D, bs, max_blocks;
+    float scale;
+    int rep;
+    _Atomic int failed;
+} PagedPairs;
+
+static void paged_pairs(void *arg, int64_t p0, int64_t p1, int tid) {
+    PagedPairs *a = (PagedPairs *)arg;
+    const int64_t H = a->H, Hkv = a->Hkv, D = a->D, rep = a->rep;
+    (void)tid;
+    float *scratch = (float *)malloc(sizeof(float) * rep * (TILE + D + 2));
+    if (!scratch) {
+        atomic_store(&a->failed, 1);
+        return;
+    }
+    for (int64_t p = p0; p < p1; p++) {
+        const int64_t i = p / Hkv, g = p % Hkv;
+        attend_pair(a->q + (i * H + g * rep) * D, a->k, a->v, a->tables + i * a->max_blocks, a->ctx_lens[i], g,
+                    Hkv, a->bs, D, (int)rep, a->scale, a->out + (i * H + g * rep) * D, scratch);
+    }
+    free(scratch);
+}
+
 /* Returns 0, or a negative code for arguments it refuses (checked before any work, nothing written). */
 int paged_decode(const float *q, const float *k, const float *v, const int32_t *tables,
                  const int32_t *ctx_lens, float *out, int64_t n, int64_t H, int64_t Hkv, int64_t D,
@@ -238,30 +268,12 @@ int paged_decode(const float *q, const float *k, const float *v, const int32_t *
         }
     }
     const int rep = (int)(H / Hkv);
-    const int64_t pairs = n * Hkv;
-    const int64_t scratch_floats = (int64_t)rep * (TILE + D + 2);
-    int failed = 0;
-    /* A decode step for one short sequence is a few microseconds of work: waking the thread team
-     * costs as much, so small problems run on the calling thread. */
+    /* A decode step for one short sequence is a few microseconds of work: waking another thread costs as
+     * much, so small problems run on the calling thread. */
     int64_t work = 0;
     for (int64_t i = 0; i < n; i++) work += ctx_lens[i];
     work *= H * D;
-#pragma omp parallel num_threads(nthreads) if (work >= (1 << 17))
-    {
-        float *scratch = (float *)malloc(sizeof(float) * scratch_floats);
-        if (!scratch) {
-#pragma omp atomic write
-            failed = 1;
-        }
-        /* dynamic: context lengths differ between sequences, so pairs differ in cost */
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t p = 0; p < pairs; p++) {
-            if (!scratch) continue;
-            const int64_t i = p / Hkv, g = p % Hkv;
-            attend_pair(q + (i * H + g * rep) * D, k, v, tables + i * max_blocks, ctx_lens[i], g, Hkv, bs, D,
-                        rep, scale, out + (i * H + g * rep) * D, scratch);
-        }
-        free(scratch);
-    }
-    return failed ? -5 : 0;
+    PagedPairs a = {q, k, v, tables, ctx_lens, out, H, Hkv, D, bs, max_blocks, scale, rep, 0};
+    pool_for_chunks(n * Hkv, n * Hkv, work >= (1 << 17) ? nthreads : 1, paged_pairs, &a); /* lengths differ */
+    return atomic_load(&a.failed) ? -5 : 0;
 }

@@ -21,8 +21,8 @@
  * The weights are repacked once (qrepack, at load) so that 8 output rows' blocks are interleaved: one broadcast of 4
  * activation bytes feeds 8 output rows in one vpdpbusd / vpmaddubsw, each unpacked weight vector serves a tile of
  * up to RT rows of x (batched decode of many streams, speculative verification, chunked prefill), and the block's
- * float scaling is done for 8 outputs at once. Groups of 8 output rows are split across threads with OpenMP: one
- * parallel region per call, also for several matrices sharing one input (Q, K and V; gate and up), whose outputs
+ * float scaling is done for 8 outputs at once. Groups of 8 output rows are split across threads (pool.h): one
+ * parallel loop per call, also for several matrices sharing one input (Q, K and V; gate and up), whose outputs
  * are written side by side.
  *
  * Shapes: x (M, K) float32; w (N, K / 32 * block bytes) uint8 (GGML blocks; qrepack_bytes() repacked);
@@ -32,6 +32,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "pool.h"
 #if defined(LLMLAB_AVX2) || defined(LLMLAB_AVXVNNI) || defined(LLMLAB_AVX512VNNI)
 #include <immintrin.h>
 #define LLMLAB_X86 1
@@ -99,6 +101,52 @@ static inline int quantize_block(const float *x, int8_t *q, float *d, float *s) 
     return asum;
 }
 
+/* quantize_rows' arguments, and the rows [m0, m1) of it that one thread does */
+typedef struct {
+    const float *x, *norm;
+    int64_t ldx, M, K;
+    float eps, resid;
+    int8_t *q;
+    float *d, *s;
+} QuantizeRows;
+
+static void quantize_rows_range(void *arg, int64_t m0, int64_t m1, int tid) {
+    const QuantizeRows *a = (const QuantizeRows *)arg;
+    const int64_t K = a->K, M = a->M, nb = K / QK;
+    const float *norm = a->norm, resid = a->resid;
+    int8_t *q = a->q;
+    float *d = a->d, *s = a->s;
+    (void)tid;
+    float *tmp = norm ? (float *)malloc(sizeof(float) * K) : NULL;
+    for (int64_t m = m0; m < m1; m++) {
+        const float *xm = a->x + m * a->ldx;
+        if (tmp) {
+            float ss = 0.0f;
+            for (int64_t k = 0; k < K; k++) ss += xm[k] * xm[k];
+            const float r = 1.0f / sqrtf(ss / (float)K + a->eps);
+            for (int64_t k = 0; k < K; k++) tmp[k] = norm[k] * (xm[k] * r);
+            xm = tmp;
+        }
+        for (int64_t b = 0; b < nb; b++) {
+            int8_t *q0 = q + m * K + b * QK;
+            const int asum = quantize_block(xm + b * QK, q0, d + b * M + m, s + b * M + m);
+            if (resid < 0.0f) continue;
+            int8_t *q2 = q0 + M * K;
+            float *d2 = d + nb * M + b * M + m, *s2 = s + nb * M + b * M + m;
+            if (resid * (float)asum < 127.0f * QK) {
+                float e[QK];
+                const float d0 = d[b * M + m];
+                for (int i = 0; i < QK; i++) e[i] = xm[b * QK + i] - d0 * (float)q0[i];
+                quantize_block(e, q2, d2, s2);
+            } else {
+                memset(q2, 0, QK);
+                *d2 = *s2 = 0.0f;
+            }
+        }
+    }
+    free(tmp);
+}
+
 /* x (M, K), rows ldx apart -> Q8 blocks: q (M, K) int8, d and s (K/32, M), block-major so a tile's rows have their
  * scales side by side. With ``norm`` (K floats), each row is first RMS-normalised (Zhang & Sennrich 2019) and
  * multiplied by norm: the layer's RMSNorm fused into the quantization.
@@ -117,39 +165,8 @@ static inline int quantize_block(const float *x, int8_t *q, float *d, float *s) 
  * share of the integer dots, on the weights already unpacked for the first row (group_tile). */
 void quantize_rows(const float *x, int64_t ldx, const float *norm, float eps, int64_t M, int64_t K, float resid,
                    int8_t *q, float *d, float *s, int nthreads) {
-    const int64_t nb = K / QK;
-#pragma omp parallel num_threads(M >= 8 ? nthreads : 1)
-    {
-        float *tmp = norm ? (float *)malloc(sizeof(float) * K) : NULL;
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + m * ldx;
-            if (tmp) {
-                float ss = 0.0f;
-                for (int64_t k = 0; k < K; k++) ss += xm[k] * xm[k];
-                const float r = 1.0f / sqrtf(ss / (float)K + eps);
-                for (int64_t k = 0; k < K; k++) tmp[k] = norm[k] * (xm[k] * r);
-                xm = tmp;
-            }
-            for (int64_t b = 0; b < nb; b++) {
-                int8_t *q0 = q + m * K + b * QK;
-                const int asum = quantize_block(xm + b * QK, q0, d + b * M + m, s + b * M + m);
-                if (resid < 0.0f) continue;
-                int8_t *q2 = q0 + M * K;
-                float *d2 = d + nb * M + b * M + m, *s2 = s + nb * M + b * M + m;
-                if (resid * (float)asum < 127.0f * QK) {
-                    float e[QK];
-                    const float d0 = d[b * M + m];
-                    for (int i = 0; i < QK; i++) e[i] = xm[b * QK + i] - d0 * (float)q0[i];
-                    quantize_block(e, q2, d2, s2);
-                } else {
-                    memset(q2, 0, QK);
-                    *d2 = *s2 = 0.0f;
-                }
-            }
-        }
-        free(tmp);
-    }
+    QuantizeRows a = {x, norm, ldx, M, K, eps, resid, q, d, s};
+    pool_for(M, M >= 8 ? nthreads : 1, quantize_rows_range, &a);
 }
 
 /* ---- repacked weights: 8 output rows interleaved ------------------------------------------------------ */
@@ -474,10 +491,39 @@ static void group_times_x(int kind, int res, const uint8_t *rg, int64_t nb, cons
     }
 }
 
+/* qgemm_multi's arguments, and its groups [g0, g1) that one thread does */
+typedef struct {
+    int nmat;
+    const int *kinds;
+    const uint8_t *const *w;
+    const int64_t *N, *first, *col;
+    const int8_t *q;
+    const float *d, *s;
+    const int32_t *xs;
+    int res;
+    int64_t M, nb;
+    float *y;
+    int64_t ldy;
+    int accumulate;
+} QgemmGroups;
+
+static void qgemm_groups(void *arg, int64_t g0, int64_t g1, int tid) {
+    const QgemmGroups *a = (const QgemmGroups *)arg;
+    (void)tid;
+    for (int64_t g = g0; g < g1; g++) {
+        int j = 0;
+        while (g >= a->first[j + 1]) j++;
+        const int64_t n0 = (g - a->first[j]) * NR, left = a->N[j] - n0;
+        const uint8_t *rg = a->w[j] + (g - a->first[j]) * a->nb * NR * block_bytes(a->kinds[j]);
+        group_times_x(a->kinds[j], a->res, rg, a->nb, a->q, a->d, a->s, a->xs, a->M, a->y + a->col[j] + n0, a->ldy,
+                      left < NR ? (int)left : NR, a->accumulate);
+    }
+}
+
 /* Several repacked matrices sharing one quantized input: matrix j (kinds[j], w[j] from qrepack, N[j] rows) writes
  * columns [sum N[<j], sum N[<=j]) of y (M, ldy). With ``accumulate``, y += instead of y =. With ``res``, q, d and s
  * hold M residual rows after the M rows (quantize_rows with resid >= 0). Groups of 8 output rows are split across
- * threads (one parallel region per call). Returns 0, or < 0 for a bad kind or K. */
+ * threads (one parallel loop per call, pool.h). Returns 0, or < 0 for a bad kind or K. */
 int qgemm_multi(int nmat, const int *kinds, const uint8_t *const *w, const int64_t *N, const int8_t *q,
                 const float *d, const float *s, int res, int64_t M, int64_t K, float *y, int64_t ldy,
                 int accumulate, int nthreads) {
@@ -495,15 +541,8 @@ int qgemm_multi(int nmat, const int *kinds, const uint8_t *const *w, const int64
     if (!xs) return -3;
     block_sums(q, M, nb, xs);
     if (res) block_sums(q + M * K, M, nb, xs + M * nb);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t g = 0; g < groups; g++) {
-        int j = 0;
-        while (g >= first[j + 1]) j++;
-        const int64_t n0 = (g - first[j]) * NR, left = N[j] - n0;
-        const uint8_t *rg = w[j] + (g - first[j]) * nb * NR * block_bytes(kinds[j]);
-        group_times_x(kinds[j], res, rg, nb, q, d, s, xs, M, y + col[j] + n0, ldy, left < NR ? (int)left : NR,
-                      accumulate);
-    }
+    QgemmGroups a = {nmat, kinds, w, N, first, col, q, d, s, xs, res, M, nb, y, ldy, accumulate};
+    pool_for(groups, nthreads, qgemm_groups, &a);
     free(xs);
     return 0;
 }

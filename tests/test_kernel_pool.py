@@ -1,0 +1,163 @@
+"""The C kernels' thread pool (nn/csrc/pool.h) and who owns the threads (nn/cpu_kernels.kernels_own_the_threads):
+the same bits at any thread count, with several calling threads at once, beside busy processes, in a forked child;
+PyTorch's thread count restored however the loop ends."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from llmlab.infer.generate import generate
+from llmlab.nn import cpu_kernels
+from llmlab.nn.cpu_kernels import CSRC, build_kernel, find_compiler, kernel_threads, kernels_own_the_threads
+from llmlab.nn.packed_linear import LINEAR_ARGTYPES
+from tests.test_native_step import _tiny
+from tests.test_qgemm import _packed
+
+
+def _run(fn, kind: int, x: torch.Tensor, raw: torch.Tensor, threads: int) -> torch.Tensor:
+    """y = x @ W^T by the kernel, y filled with NaN first: a chunk no thread ran stays NaN."""
+    M, K = x.shape
+    y = torch.full((M, raw.shape[0]), float("nan"))
+    assert fn(kind, x.data_ptr(), raw.data_ptr(), y.data_ptr(), M, raw.shape[0], K, threads) == 0
+    return y
+
+
+@pytest.fixture(scope="module")
+def qlinear(tmp_path_factory):
+    if find_compiler() is None:
+        pytest.skip("no C compiler")
+    build = build_kernel(CSRC / "qgemm.c", "qlinear", LINEAR_ARGTYPES, cpu_kernels.best_variant(),
+                         tmp_path_factory.mktemp("kernels"))
+    assert build.fn is not None, build.status
+    return build.fn
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """A Q4_1 matrix of 300 outputs (38 groups of 8: chunks of unequal size) and 9 rows of x (quantize_rows runs
+    in parallel from 8 rows), and the one-thread product."""
+    raw = _packed("Q4_1", 300, 256, seed=3)
+    x = torch.randn(9, 256, generator=torch.Generator().manual_seed(1))
+    return raw, x
+
+
+def test_any_thread_count_gives_the_one_thread_bits(qlinear, problem):
+    raw, x = problem
+    want = _run(qlinear, 3, x, raw, 1)
+    for threads in (2, 3, 7, 64):  # 64: more threads than chunks of some loops, than cores
+        torch.testing.assert_close(_run(qlinear, 3, x, raw, threads), want, rtol=0, atol=0)
+
+
+def test_calls_from_several_threads_at_once(qlinear, problem):
+    """ctypes drops the GIL in the call: four Python threads use the kernel at once (one gets the pool, the others
+    run their loops alone), 25 calls each, each with its own input; every result is its one-thread product."""
+    raw, _ = problem
+    inputs = [torch.randn(9, 256, generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]
+    wants = [_run(qlinear, 3, x, raw, 1) for x in inputs]
+    bad: list[int] = []
+
+    def work(i: int) -> None:
+        for _ in range(25):
+            if not torch.equal(_run(qlinear, 3, inputs[i], raw, 2), wants[i]):
+                bad.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a kernel call hung"
+    assert bad == []
+
+
+def test_busy_processes_beside_it_change_no_bit(qlinear, problem):
+    """Two busy processes take the cores: workers come late or not at all; the caller does their chunks."""
+    raw, x = problem
+    want = _run(qlinear, 3, x, raw, 1)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for _ in range(200):
+            assert torch.equal(_run(qlinear, 3, x, raw, 2), want)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+
+
+def _child(conn, raw, x) -> None:
+    from llmlab.nn.cpu_kernels import CSRC, best_variant, build_kernel
+    from llmlab.nn.packed_linear import LINEAR_ARGTYPES
+
+    fn = build_kernel(CSRC / "qgemm.c", "qlinear", LINEAR_ARGTYPES, best_variant()).fn
+    conn.send(_run(fn, 3, x, raw, 2).numpy())  # numpy: a tensor would travel as shared memory
+
+
+def test_a_forked_child_runs_the_kernels(problem):
+    """After fork() the pool's workers are gone: the child's loops must neither hang nor change."""
+    if find_compiler() is None:
+        pytest.skip("no C compiler")
+    raw, x = problem
+    fn = build_kernel(CSRC / "qgemm.c", "qlinear", LINEAR_ARGTYPES, cpu_kernels.best_variant()).fn
+    want = _run(fn, 3, x, raw, 2)  # the parent's pool has started its workers
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_child, args=(child, raw, x))
+    proc.start()
+    got = parent.recv() if parent.poll(60) else None
+    proc.join(10)
+    if proc.is_alive():
+        proc.kill()
+    assert got is not None, "the forked child's kernel call hung"
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=0, atol=0)
+
+
+def test_kernels_own_the_threads_nests_and_restores():
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with kernels_own_the_threads():
+            assert torch.get_num_threads() == 1 and kernel_threads() == 3
+            with kernels_own_the_threads():
+                assert torch.get_num_threads() == 1 and kernel_threads() == 3
+            assert torch.get_num_threads() == 1 and kernel_threads() == 3
+        assert torch.get_num_threads() == 3 and kernel_threads() == 3
+        with pytest.raises(KeyError), kernels_own_the_threads():
+            raise KeyError("x")
+        assert torch.get_num_threads() == 3
+        with kernels_own_the_threads(enabled=False):
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.inference_mode()
+def test_generate_on_the_native_step_hands_the_threads_to_the_kernels(monkeypatch):
+    """Inside generate on a packed model with its C step, PyTorch runs on 1 thread and the kernels get the 2
+    PyTorch had; after it (also when it raises), PyTorch has 2 again. The tokens equal a 1-thread run's."""
+    model = _tiny()
+    seen: list[tuple[int, int]] = []
+    real = model.native_step.blocks
+
+    def spy(*a):
+        seen.append((torch.get_num_threads(), kernel_threads()))
+        return real(*a)
+
+    monkeypatch.setattr(model.native_step, "blocks", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out = generate(model, [[1, 2, 3, 4]], 6)
+        assert set(seen) == {(1, 2)} and torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            generate(model, [[]], 3)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert generate(model, [[1, 2, 3, 4]], 6)[0].ids == out[0].ids
+    finally:
+        torch.set_num_threads(before)
