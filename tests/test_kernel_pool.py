@@ -8,6 +8,7 @@ import multiprocessing
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +162,19 @@ def test_generate_on_the_native_step_hands_the_threads_to_the_kernels(monkeypatc
         assert generate(model, [[1, 2, 3, 4]], 6)[0].ids == out[0].ids
     finally:
         torch.set_num_threads(before)
+
+
+def test_contention_benchmark_command(smollm_path):
+    """The README's command (benchmarks/contention.py) with a small budget: every cell of llmlab's row measured, the
+    ratio line printed; bad flags exit 2 with one line."""
+    root = Path(__file__).resolve().parents[1]
+    script = str(root / "benchmarks" / "contention.py")
+    r = subprocess.run([sys.executable, script, "--runs", "1", "--new-tokens", "4", "--no-llama-cpp"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| llmlab |"))
+    cells = [float(c) for c in row.strip("| \n").split("|")[1:]]
+    assert len(cells) in (2, 4) and all(c > 0 for c in cells), r.stdout
+    assert "llama.cpp: skipped (--no-llama-cpp)" in r.stdout
+    bad = subprocess.run([sys.executable, script, "--busy", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--busy" in bad.stderr.strip().splitlines()[-1]

@@ -2,9 +2,9 @@
  *
  * Why not OpenMP. A `#pragma omp parallel` region ends in a barrier that waits for every thread of its team,
  * including one the OS has descheduled because another process wants its core. A decode step of SmolLM2-135M is
- * about 150 such regions of a few microseconds each, so on a 2-core machine shared with one busy process every
- * region waited for a scheduler time slice: 2 threads took 1.3 s per token where 1 thread took 6.5 ms
- * (benchmarks/contention.py).
+ * about 150 such regions of a few microseconds each, so on a 2-core machine beside a training process every region
+ * waited for a scheduler time slice: 2 threads took 1.5 s per token where 1 thread took 6.5 ms (README, "Threads on
+ * a shared machine"; benchmarks/contention.py).
  *
  * Here the calling thread works too, claiming chunks of the loop one at a time, and it waits only for chunks that
  * another thread has claimed and not yet finished. A worker that has not woken up claims nothing and so holds
@@ -16,11 +16,11 @@
  *                                            still holding an old generation cannot claim a chunk of the next
  *
  * Workers spin for POOL_SPIN_NS after a loop (a decode step's next loop starts microseconds later), then sleep on
- * a condition variable until the generation changes. Longer spins cost the caller on a shared machine: a spinning
- * worker is one more runnable thread, and the caller's core is then time-shared (50 us: 3.0 ms of C blocks per
- * decode step on a quiet 2-core machine, as OpenMP; beside one busy process 6.5 ms against 8.4 ms with 2 ms spins,
- * 4.0 ms with 1 thread). A loop started by a second calling thread while one runs, and every loop in a child after
- * fork(), runs serially on its caller. Each kernel library has its own pool (the header is included, not linked). */
+ * a condition variable until the generation changes. A spinning worker is one more runnable thread, so on a shared
+ * machine it time-shares the caller's core with the other process: a worker that finds itself preempted while
+ * spinning (a spin check POOL_PREEMPTED_NS late) sleeps right after each loop for POOL_SHARED_NS. A loop started by
+ * a second calling thread while one runs, and every loop in a child after fork(), runs serially on its caller. Each
+ * kernel library has its own pool (the header is included, not linked). */
 #ifndef LLMLAB_POOL_H
 #define LLMLAB_POOL_H
 
@@ -42,7 +42,7 @@
 typedef void (*pool_fn)(void *ctx, int64_t begin, int64_t end, int tid);
 
 #define POOL_MAX_THREADS 256
-#define POOL_CHUNKS_PER_THREAD 4 /* claims per thread and loop: more balance late threads better, each costs a contended CAS */
+#define POOL_CHUNKS_PER_THREAD 4 /* claims per thread and loop: more balance better, each is a contended CAS */
 #define POOL_SPIN_NS 2000000      /* 2 ms of spinning after a loop, about libgomp's default */
 #define POOL_PREEMPTED_NS 200000  /* a spin check this late: the OS took the core away from the worker */
 #define POOL_SHARED_NS 100000000  /* then no spinning for 100 ms: the core is wanted by another process */
