@@ -14,29 +14,17 @@ started, so using every core should cost little when a core is taken. The figure
 from __future__ import annotations
 
 import argparse
-import inspect
-import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
 import torch
 
+from decode import median_time, prompt_ids  # benchmarks/decode.py: the same prompt and timing
 from llmlab.api import load
 from llmlab.infer.generate import generate
 from llmlab.nn.cpu_kernels import physical_cores, speed_flags
-
-
-def median_time(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def ms_per_token(gen, n: int, runs: int) -> float:
@@ -96,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     cores = physical_cores()
     loaded = load("smollm2-135m-instruct", packed=True)
     model = loaded.model
-    ids = loaded.tokenizer.encode(inspect.getsource(json))[:128]
+    ids = prompt_ids(loaded.tokenizer, 128)
     print(f"SmolLM2-135M-Instruct, packed (default kernels); {cores} physical core(s); CPU flags: {speed_flags()}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
