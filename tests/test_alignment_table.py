@@ -144,10 +144,14 @@ def test_dev_prompts_are_training_side_and_unseen_in_training(table):
     assert stop.value.code == 2
 
 
-def test_readme_has_the_table_command():
+def test_readme_has_the_table_command(table):
     """The README's RLHF table lines are the script with its defaults, and the dev-split search (the test above
-    runs both code paths)."""
+    runs both code paths); every line of the script the README shows parses (the 500-question GRPO runs too)."""
     lines = {x.split("#")[0].strip() for x in (SCRIPT.parents[1] / "README.md").read_text().splitlines()}
     script = "python benchmarks/alignment_table.py"
     assert {f"{script} --reuse", f"{script} --tune --reuse", f"{script} --reuse --only ppo",
             f"{script} --reuse --only grpo"} <= lines
+    shown = [x for x in lines if x.startswith(script)]
+    assert any("--eval-examples 500" in x for x in shown)
+    for line in shown:
+        table.parse_args(line.split()[2:])
