@@ -8,6 +8,7 @@ import multiprocessing
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,40 @@ def test_contention_benchmark_command(smollm_path):
     assert "llama.cpp: skipped (--no-llama-cpp)" in r.stdout
     bad = subprocess.run([sys.executable, script, "--busy", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--busy" in bad.stderr.strip().splitlines()[-1]
+
+
+def _runnable_threads() -> int:
+    """Threads of this process the OS has running or ready to run (state R in /proc/self/task/*/stat)."""
+    n = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        n += stat[stat.rindex(")") + 2] == "R"
+    return n
+
+
+def test_a_smaller_loop_wakes_no_more_workers(qlinear, problem):
+    """After a 64-thread call started 63 workers, 2-thread calls wake one of them: the others stay asleep rather
+    than waking (and spinning) for every loop. Sampled from another thread while the calls run."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("no /proc")
+    raw, x = problem
+    _run(qlinear, 3, x, raw, 64)
+    time.sleep(0.1)  # their 2 ms of spinning over, the 63 workers sleep
+    stop, most = threading.Event(), []
+
+    def calls() -> None:
+        while not stop.is_set():
+            _run(qlinear, 3, x, raw, 2)
+
+    t = threading.Thread(target=calls)
+    t.start()
+    try:
+        for _ in range(200):
+            most.append(_runnable_threads())
+    finally:
+        stop.set()
+        t.join(timeout=60)
+    assert max(most) <= 4, most  # this sampling thread, the calling thread, worker 1 (and a straggler)

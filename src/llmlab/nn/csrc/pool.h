@@ -16,7 +16,7 @@
  *                                            still holding an old generation cannot claim a chunk of the next
  *
  * Workers spin for POOL_SPIN_NS after a loop (a decode step's next loop starts microseconds later), then sleep on
- * a condition variable until the generation changes. A spinning worker is one more runnable thread, so on a shared
+ * a condition variable of their own until a loop has room for them (a loop of fewer threads wakes no more). A spinning worker is one more runnable thread, so on a shared
  * machine it time-shares the caller's core with the other process: a worker that finds itself preempted while
  * spinning (a spin check POOL_PREEMPTED_NS late) sleeps right after each loop for POOL_SHARED_NS. A loop started by
  * a second calling thread while one runs, and every loop in a child after fork(), runs serially on its caller. Each
@@ -49,20 +49,21 @@ typedef void (*pool_fn)(void *ctx, int64_t begin, int64_t end, int tid);
 
 static struct {
     pthread_mutex_t lock; /* guards sleeping and starting workers */
-    pthread_cond_t wake;
     pthread_mutex_t busy; /* one loop at a time */
     int started;          /* workers started: thread ids 1..started */
     int atfork;           /* the fork handler is registered */
     _Alignas(64) _Atomic uint64_t ticket; /* claimed by every thread: a cache line of its own */
     _Alignas(64) _Atomic int64_t finished; /* chunks of the current loop done */
     _Alignas(64) char pad;
-    _Atomic int sleepers;
     /* the current loop, written by its caller before it publishes the generation */
     _Atomic(pool_fn) fn;
     _Atomic(void *) ctx;
     _Atomic int64_t n, chunk, nchunks;
     _Atomic int nthreads;
-} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .busy = PTHREAD_MUTEX_INITIALIZER};
+    /* each worker sleeps on its own condition, so a loop wakes only the workers it has room for */
+    pthread_cond_t wake[POOL_MAX_THREADS];
+    _Atomic int asleep[POOL_MAX_THREADS];
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .busy = PTHREAD_MUTEX_INITIALIZER};
 
 static int64_t pool_now_ns(void) {
     struct timespec t;
@@ -91,11 +92,12 @@ static int pool_run_one(uint64_t t, int tid) {
 static void *pool_worker(void *arg) {
     const int tid = (int)(intptr_t)arg;
     uint32_t seen = (uint32_t)(atomic_load(&pool.ticket) >> 32); /* the last generation with nothing left */
-    int64_t idle_since = pool_now_ns(), checked = idle_since, shared_until = 0;
+    int64_t idle_since = pool_now_ns(), checked = idle_since, shared_until = 0, spin_ns = 0;
     for (unsigned spins = 0;; spins++) {
         uint64_t t = atomic_load(&pool.ticket);
         uint32_t gen = (uint32_t)(t >> 32);
         if (gen != seen) {
+            const int invited = tid < atomic_load(&pool.nthreads);
             while (pool_run_one(t, tid)) {
                 t = atomic_load(&pool.ticket);
                 if ((uint32_t)(t >> 32) != gen) break;
@@ -103,17 +105,25 @@ static void *pool_worker(void *arg) {
             if ((uint32_t)(t >> 32) != gen) continue; /* a new loop already: take part in it */
             seen = gen;
             idle_since = checked = pool_now_ns();
+            spin_ns = invited ? POOL_SPIN_NS : 0; /* a loop with no room for this worker: back to sleep */
         }
         POOL_RELAX();
         if (spins & 255) continue;
         const int64_t now = pool_now_ns();
         if (now - checked > POOL_PREEMPTED_NS) shared_until = now + POOL_SHARED_NS;
         checked = now;
-        if (now - idle_since < (now < shared_until ? 0 : POOL_SPIN_NS)) continue;
+        if (now - idle_since < (now < shared_until ? 0 : spin_ns)) continue;
         pthread_mutex_lock(&pool.lock);
-        atomic_fetch_add(&pool.sleepers, 1);
-        while ((uint32_t)(atomic_load(&pool.ticket) >> 32) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-        atomic_fetch_sub(&pool.sleepers, 1);
+        atomic_store(&pool.asleep[tid], 1);
+        for (;;) { /* until a loop with room for this worker */
+            const uint64_t t2 = atomic_load(&pool.ticket);
+            if ((uint32_t)(t2 >> 32) != seen) {
+                if (tid < atomic_load(&pool.nthreads)) break;
+                seen = (uint32_t)(t2 >> 32);
+            }
+            pthread_cond_wait(&pool.wake[tid], &pool.lock);
+        }
+        atomic_store(&pool.asleep[tid], 0);
         pthread_mutex_unlock(&pool.lock);
         checked = pool_now_ns();
     }
@@ -124,9 +134,11 @@ static void *pool_worker(void *arg) {
 static void pool_after_fork_in_child(void) {
     pthread_mutex_init(&pool.lock, NULL);
     pthread_mutex_init(&pool.busy, NULL);
-    pthread_cond_init(&pool.wake, NULL);
+    for (int i = 1; i <= pool.started; i++) {
+        pthread_cond_init(&pool.wake[i], NULL);
+        atomic_store(&pool.asleep[i], 0);
+    }
     pool.started = 0;
-    atomic_store(&pool.sleepers, 0);
 }
 
 /* Start workers up to ids 1..want; the number started (fewer when the OS refuses a thread). */
@@ -137,6 +149,8 @@ static int pool_start(int want) {
     while (pool.started < want) {
         pthread_t th;
         pthread_attr_t attr;
+        pthread_cond_init(&pool.wake[pool.started + 1], NULL);
+        atomic_store(&pool.asleep[pool.started + 1], 0);
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
         const int rc = pthread_create(&th, &attr, pool_worker, (void *)(intptr_t)(pool.started + 1));
@@ -173,11 +187,14 @@ static void pool_for_chunks(int64_t n, int64_t nchunks, int nthreads, pool_fn fn
     atomic_store(&pool.finished, 0);
     const uint64_t gen = (atomic_load(&pool.ticket) >> 32) + 1;
     atomic_store(&pool.ticket, (gen & 0xFFFFFFFFu) << 32);
-    if (atomic_load(&pool.sleepers)) {
-        pthread_mutex_lock(&pool.lock);
-        pthread_cond_broadcast(&pool.wake);
-        pthread_mutex_unlock(&pool.lock);
-    }
+    int locked = 0;
+    for (int w = 1; w < nthreads; w++) /* wake the sleepers this loop has room for */
+        if (atomic_load(&pool.asleep[w])) {
+            if (!locked) pthread_mutex_lock(&pool.lock);
+            locked = 1;
+            pthread_cond_signal(&pool.wake[w]);
+        }
+    if (locked) pthread_mutex_unlock(&pool.lock);
     while (pool_run_one(atomic_load(&pool.ticket), 0)) {
     }
     while (atomic_load(&pool.finished) < nchunks) POOL_RELAX();
