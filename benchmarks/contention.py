@@ -14,6 +14,7 @@ started, so using every core should cost little when a core is taken. The figure
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -28,8 +29,14 @@ from llmlab.nn.cpu_kernels import physical_cores, speed_flags
 
 
 def ms_per_token(gen, n: int, runs: int) -> float:
-    """The marginal time of a new token: (time of n new tokens - time of 1) / (n - 1), in ms."""
-    return 1000 * (median_time(lambda: gen(n), runs) - median_time(lambda: gen(1), runs)) / (n - 1)
+    """The marginal time of a new token: (time of n new tokens - time of 1) / (n - 1), in ms; NaN when the noise
+    of the two timings outran the difference (too few --new-tokens or --runs on a loaded machine)."""
+    ms = 1000 * (median_time(lambda: gen(n), runs) - median_time(lambda: gen(1), runs)) / (n - 1)
+    return ms if ms > 0 else math.nan
+
+
+def cell(ms: float) -> str:
+    return "noise" if math.isnan(ms) else f"{ms:.2f}"
 
 
 def llama_cpp_maker(gguf: str, ids: list[int]):
@@ -107,15 +114,17 @@ def main(argv: list[str] | None = None) -> None:
                 gen = make(threads)
                 with Busy(busy):
                     rows[(name, condition, threads)] = ms_per_token(gen, args.new_tokens, args.runs)
-                print(f"{name:10s} {condition:8s} {threads} thread(s): {rows[(name, condition, threads)]:8.2f} "
+                print(f"{name:10s} {condition:8s} {threads} thread(s): {cell(rows[(name, condition, threads)]):>8s} "
                       f"ms/token (load average {os.getloadavg()[0]:.1f})", flush=True)
     print(f"\nms per new token, median of {args.runs}; {args.busy} busy process(es) beside it in the loaded columns")
     conditions = ("quiet", f"{args.busy} busy")
     print("| | " + " | ".join(f"{c}, {t} thread(s)" for c in conditions for t in sorted({1, cores})) + " |")
     print("|---|" + "---|" * (2 * len({1, cores})))
     for name in peers:
-        print(f"| {name} | " + " | ".join(f"{rows[(name, c, t)]:.2f}" for c in conditions
+        print(f"| {name} | " + " | ".join(cell(rows[(name, c, t)]) for c in conditions
                                           for t in sorted({1, cores})) + " |")
+    if any(math.isnan(v) for v in rows.values()):
+        print("noise: the timing noise outran the difference between n and 1 new tokens; raise --new-tokens or --runs")
     if cores > 1:
         for name in peers:
             busy = conditions[1]

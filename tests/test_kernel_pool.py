@@ -170,7 +170,7 @@ def test_contention_benchmark_command(smollm_path):
     ratio line printed; bad flags exit 2 with one line."""
     root = Path(__file__).resolve().parents[1]
     script = str(root / "benchmarks" / "contention.py")
-    r = subprocess.run([sys.executable, script, "--runs", "1", "--new-tokens", "4", "--no-llama-cpp"],
+    r = subprocess.run([sys.executable, script, "--runs", "1", "--new-tokens", "24", "--no-llama-cpp"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     row = next(line for line in r.stdout.splitlines() if line.startswith("| llmlab |"))
