@@ -201,6 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: 2)")
     p.add_argument("--dpo-lr", type=float, default=5e-5, help="DPO learning rate (default: 5e-05)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (default: 0.1)")
+    p.add_argument("--dpo-nll", type=float, default=0.0,
+                   help="llmlab dpo --nll-weight: RPO's NLL term on the chosen replies (default: 0, plain DPO)")
     p.add_argument("--rl-steps", type=int, default=72,
                    help="llmlab ppo / grpo minibatch steps of 8 replies: 2 per rollout of 16 at 1 epoch "
                         "(default: 72, 36 rollouts)")
@@ -263,7 +265,8 @@ def dev_examples(task: str, n: int, pair_prompts: int) -> list:
 
 def dpo_tag(a: argparse.Namespace) -> str:
     pairs = f"p{a.pair_prompts}x{a.k}" if a.pairs == "on-policy" else f"task{a.pair_prompts}"
-    return f"dpo-{pairs}-lr{a.dpo_lr:g}-beta{a.beta:g}-ep{a.dpo_epochs:g}"
+    nll = f"-nll{a.dpo_nll:g}" if a.dpo_nll else ""
+    return f"dpo-{pairs}-lr{a.dpo_lr:g}-beta{a.beta:g}-ep{a.dpo_epochs:g}{nll}"
 
 
 def rl_lr(algo: str, a: argparse.Namespace) -> float:
@@ -319,7 +322,7 @@ class Stages:
         tag = dpo_tag(a)
         self.stage(tag, ["dpo", *data, "--model", str(self.merged), "--out", str(self.out / tag), "--steps",
                          str(steps), "--pairs", str(a.pair_prompts), "--lr", str(a.dpo_lr), "--beta", str(a.beta),
-                         "--eval-examples", "0", *self.resume, *self.common])
+                         "--nll-weight", str(a.dpo_nll), "--eval-examples", "0", *self.resume, *self.common])
         return tag, [*stages, tag]
 
     def rl(self, algo: str, a: argparse.Namespace) -> str:
@@ -414,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
             return "SFT (LoRA)", st.merged, sft_stages
         if method == "dpo":
             tag, stages = st.dpo(args)
-            return f"SFT → DPO ({args.pairs} pairs)", st.out / tag, stages
+            nll = f", + NLL x {args.dpo_nll:g}" if args.dpo_nll else ""
+            return f"SFT → DPO ({args.pairs} pairs{nll})", st.out / tag, stages
         tag = st.rl(method, args)
         return f"SFT → {method.upper()}", st.out / tag, [tag]
 

@@ -71,6 +71,21 @@ def test_ipo_loss_is_azar_eq17_per_token():
         dpo_loss(pw, pl, rw, rl, beta=tau, loss="ipo")
 
 
+def test_nll_term_is_the_chosen_tokens_mean():
+    """RPO (Pang et al. 2024): alpha times the batch's mean NLL per chosen token, spread over the pairs so that
+    their mean is it; the rewards are DPO's."""
+    pw = torch.tensor([-3.0, -8.0, -1.5], dtype=torch.float64)
+    pl, rw, rl = pw - 1.0, pw + 0.2, pw - 0.4
+    nw = torch.tensor([2, 5, 1])
+    plain, r_w, _ = dpo_loss(pw, pl, rw, rl, beta=0.1)
+    alpha = 0.7
+    with_nll, r_w2, _ = dpo_loss(pw, pl, rw, rl, beta=0.1, nll_weight=alpha, chosen_tokens=nw)
+    assert math.isclose(float((with_nll - plain).mean()), alpha * 12.5 / 8, rel_tol=1e-12)  # (3 + 8 + 1.5) / 8 tokens
+    assert torch.equal(r_w, r_w2)
+    with pytest.raises(ValueError, match="token counts"):
+        dpo_loss(pw, pl, rw, rl, beta=0.1, nll_weight=alpha)
+
+
 # ---- log-probabilities and the reference -----------------------------------------------------------------
 
 
@@ -266,6 +281,7 @@ def test_prompt_over_the_context_is_an_error(tmp_path):
 def test_bad_config_values():
     for kwargs, message in [({"beta": 0.0}, "--beta"), ({"beta": -1.0}, "--beta"), ({"beta": float("nan")}, "--beta"),
                             ({"label_smoothing": 0.5}, "--label-smoothing"),
+                            ({"nll_weight": -0.1}, "--nll-weight"), ({"nll_weight": float("inf")}, "--nll-weight"),
                             ({"loss": "ipo", "label_smoothing": 0.1}, "--label-smoothing"),
                             ({"reference": "adapter-off", "method": "full"}, "adapter-off"),
                             ({"loss": "hinge"}, "--loss")]:
@@ -297,6 +313,7 @@ SMALL = ["--steps", "2", "--batch-size", "2", "--pairs", "8", "--val-pairs", "2"
     (["--beta", "0"], "--beta must be a positive number, got 0.0"),
     (["--beta", "-0.5"], "--beta must be a positive number"),
     (["--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5)"),
+    (["--nll-weight", "-1"], "--nll-weight must be a number >= 0, got -1.0"),
     (["--reference", "adapter-off", "--method", "full"], "--reference adapter-off needs LoRA"),
     (["--task", "no_such_task"], "no_such_task"),
     (["--seq-len", "8"], "no room for a reply in --seq-len 8"),
@@ -366,7 +383,7 @@ def test_training_raises_the_reward_accuracy(tiny_folder, tmp_path, capsys):  # 
 
 
 README_DPO = [[], ["--loss", "ipo", "--beta", "0.5"], ["--label-smoothing", "0.1", "--reference", "adapter-off"],
-              ["--method", "qlora", "--task", "reversal"]]
+              ["--nll-weight", "1"], ["--method", "qlora", "--task", "reversal"]]
 
 
 def test_readme_dpo_lines_are_these():

@@ -4,7 +4,8 @@ A tiny random Llama exists twice with the same weights: as a transformers model 
 (with a separate reference model) and as the llmlab model (with the reference log-probabilities precomputed
 and stored, llmlab's default). On the same pairs, the loss, the implicit rewards (TRL's logged means of
 chosen / rejected rewards, margins and accuracies) and every weight's gradient agree to 1e-6 for the sigmoid
-(DPO), label-smoothed (conservative DPO) and IPO losses. TRL >= 1.0 has no label smoothing in its sigmoid loss,
+(DPO), label-smoothed (conservative DPO) and IPO losses, and with RPO's NLL term added (``--nll-weight``: TRL's
+``loss_type=[..., "sft"]``, ``loss_weights=[1, alpha]``). TRL >= 1.0 has no label smoothing in its sigmoid loss,
 so conservative DPO is checked as TRL's sigmoid loss on the pairs, weighted 1 - eps, plus TRL's sigmoid loss on
 the swapped pairs, weighted eps (the definition: the label is flipped with probability eps). Skips when trl
 is missing (pip install -e '.[test]').
@@ -58,7 +59,7 @@ def _trl_batch(pairs, pad_id):
 
 
 def _trl_loss(trl, transformers, policy_hf, ref_hf, tmp_path, loss_type: str, beta: float, inputs, swapped=None,
-              eps: float = 0.0):
+              eps: float = 0.0, nll: float = 0.0):
     """TRL's loss (sigmoid / ipo; conservative DPO composed as in the module docstring), its backward into
     ``policy_hf``, and TRL's logged metrics of the unswapped batch."""
     from datasets import Dataset
@@ -68,7 +69,9 @@ def _trl_loss(trl, transformers, policy_hf, ref_hf, tmp_path, loss_type: str, be
                                                eos_token="<|im_end|>", pad_token="<|im_end|>")
     ds = Dataset.from_dict({"prompt": [p for p, _, _ in PROMPTS], "chosen": [c for _, c, _ in PROMPTS],
                             "rejected": [r for _, _, r in PROMPTS]})
-    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, loss_type=[loss_type], use_cpu=True, bf16=False,
+    types, weights = ([loss_type, "sft"], [1.0, nll]) if nll else ([loss_type], None)  # RPO: TRL's sft loss added
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, loss_type=types, loss_weights=weights,
+                         use_cpu=True, bf16=False,
                          fp16=False, report_to="none", precompute_ref_log_probs=False, gradient_checkpointing=False,
                          max_length=None)
     trainer = trl.DPOTrainer(model=policy_hf, ref_model=ref_hf, args=args, train_dataset=ds, processing_class=tok)
@@ -81,8 +84,10 @@ def _trl_loss(trl, transformers, policy_hf, ref_hf, tmp_path, loss_type: str, be
     return loss.detach(), metrics
 
 
-@pytest.mark.parametrize("loss_type, beta, eps", [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.2), ("ipo", 0.3, 0.0)])
-def test_loss_rewards_and_gradients_equal_trl(tmp_path, loss_type, beta, eps):
+@pytest.mark.parametrize("loss_type, beta, eps, nll", [("sigmoid", 0.1, 0.0, 0.0), ("sigmoid", 0.5, 0.2, 0.0),
+                                                       ("ipo", 0.3, 0.0, 0.0), ("sigmoid", 0.1, 0.0, 1.0),
+                                                       ("ipo", 0.3, 0.0, 0.5)])
+def test_loss_rewards_and_gradients_equal_trl(tmp_path, loss_type, beta, eps, nll):
     transformers = need("transformers")
     trl = need("trl")
     need("datasets")
@@ -97,7 +102,7 @@ def test_loss_rewards_and_gradients_equal_trl(tmp_path, loss_type, beta, eps):
 
     # llmlab: the reference log-probabilities precomputed and stored, then one loss on the policy
     stored = {"train": reference_logps(ref_ours, pairs, pad_id, "float32").double()}
-    cfg = DPOConfig(loss=loss_type, beta=beta, label_smoothing=eps, method="full")
+    cfg = DPOConfig(loss=loss_type, beta=beta, label_smoothing=eps, nll_weight=nll, method="full")
     task = DPOTask(policy_ours.requires_grad_(True), _Loaded(policy_ours.config), {"train": pairs}, stored, cfg, 0,
                    pad_id)
     losses, r_w, r_l, _ = task.pair_loss(policy_ours, list(range(len(pairs))))
@@ -109,7 +114,8 @@ def test_loss_rewards_and_gradients_equal_trl(tmp_path, loss_type, beta, eps):
     if eps:
         flipped = [type(p)(p.rejected, p.chosen, p.prompt_len, p.where) for p in pairs]
         swapped = _trl_batch(flipped, pad_id)
-    theirs, metrics = _trl_loss(trl, transformers, policy_hf, ref_hf, tmp_path, loss_type, beta, inputs, swapped, eps)
+    theirs, metrics = _trl_loss(trl, transformers, policy_hf, ref_hf, tmp_path, loss_type, beta, inputs, swapped, eps,
+                                nll)
 
     ours = ours.detach()
     assert ours.dtype == torch.float64 and abs(float(ours) - float(theirs)) <= 1e-6, (float(ours), float(theirs))

@@ -14,6 +14,11 @@ model or sampling. With the sequence log-probabilities of the policy and of a fr
     arXiv:2310.12036, eq. 17, tau = beta):
                               loss = (h' - 1 / (2 beta))^2, h' = h with each log-ratio divided by its
                               reply's token count (TRL's normalisation, confirmed by the IPO authors)
+    + NLL (RPO: Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv:2404.19733, eq. 3;
+    ``--nll-weight`` alpha):  loss += alpha * (-sum of log pi over the chosen replies' tokens / their count),
+                              the batch's token mean, as TRL's ``loss_type=["sigmoid", "sft"]`` with
+                              ``loss_weights=[1, alpha]``: DPO alone can lower log pi(y_w|x) as long as
+                              log pi(y_l|x) falls faster, which on reasoning tasks costs accuracy (the paper)
 
 The implicit rewards are r_w = beta (log pi(y_w|x) - log ref(y_w|x)) and r_l likewise; the metrics logged
 each step (``metrics.jsonl``, through the loop's ``aux_stats``) are the loss, ``rewards_chosen``,
@@ -103,6 +108,9 @@ class DPOConfig:
     beta: float = field(default=0.1, metadata={"help": "DPO's beta (IPO's tau): strength of the pull to the reference"})
     label_smoothing: float = field(default=0.0, metadata={
         "help": "conservative DPO: probability that a pair's label is flipped, in [0, 0.5); sigmoid loss only"})
+    nll_weight: float = field(default=0.0, metadata={
+        "help": "RPO: add this weight times the chosen replies' mean token negative log-likelihood to the loss "
+                "(Pang et al. 2024 use 1); 0 = plain DPO / IPO"})
     reference: str = field(default="precompute", metadata={
         "help": "precompute: reference log-probabilities computed once before training and stored; adapter-off: "
                 "the base with LoRA switched off, each step (lora / qlora)", "choices": REFERENCES})
@@ -129,6 +137,8 @@ class DPOConfig:
             raise LlmlabError(f"--beta must be a positive number, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise LlmlabError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not (self.nll_weight >= 0 and math.isfinite(self.nll_weight)):
+            raise LlmlabError(f"--nll-weight must be a number >= 0, got {self.nll_weight}")
         if self.label_smoothing and self.loss != "sigmoid":
             raise LlmlabError("--label-smoothing applies to --loss sigmoid (conservative DPO), not to ipo")
         for name, choices in (("method", METHODS), ("loss", LOSSES), ("reference", REFERENCES)):
@@ -170,9 +180,11 @@ class DPOTrainConfig(SFTTrainConfig):
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
              ref_rejected_logps: torch.Tensor, *, beta: float, loss: str = "sigmoid", label_smoothing: float = 0.0,
              chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None,
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             nll_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses (B,) and the implicit rewards of chosen and rejected (B,), detached (module docstring).
-    All inputs (B,): sequence log-probabilities; ``*_tokens`` the reply token counts (ipo only)."""
+    All inputs (B,): sequence log-probabilities; ``*_tokens`` the reply token counts (ipo and nll_weight > 0).
+    With ``nll_weight`` each pair carries its share of the batch's chosen-token mean NLL, -log pi(y_w|x) B / N
+    (N the batch's chosen tokens), so the mean over the pairs is the token mean."""
     chosen_ratio = chosen_logps - ref_chosen_logps  # (B,)
     rejected_ratio = rejected_logps - ref_rejected_logps  # (B,)
     if loss == "sigmoid":
@@ -185,6 +197,10 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise LlmlabError(f"unknown DPO loss {loss!r}: use one of {', '.join(LOSSES)}")
+    if nll_weight:
+        if chosen_tokens is None:
+            raise ValueError("the NLL term needs the chosen replies' token counts")
+        losses = losses - nll_weight * chosen_logps * (len(chosen_logps) / chosen_tokens.sum().clamp(min=1))
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
@@ -354,7 +370,7 @@ class DPOTask(SFTTask):
         n_chosen, n_rejected = (n.to(chosen.device) for n in batch.chunk())
         losses, r_w, r_l = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.cfg.beta, loss=self.cfg.loss,
                                     label_smoothing=self.cfg.label_smoothing, chosen_tokens=n_chosen,
-                                    rejected_tokens=n_rejected)
+                                    rejected_tokens=n_rejected, nll_weight=self.cfg.nll_weight)
         return losses, r_w, r_l, batch
 
     def loss(self, model, step, first_row, rows, total_rows, split="train"):
@@ -497,7 +513,7 @@ def run_dpo(cfg: DPOConfig, tcfg: DPOTrainConfig, paths: list[str] | None = None
 
     last = next((r for r in reversed(_read_metrics(run_dir)) if r.get("kind") == "train"), {})
     summary = {"method": cfg.method, "loss": cfg.loss, "beta": cfg.beta, "label_smoothing": cfg.label_smoothing,
-               "reference": cfg.reference, "model": cfg.model, "data": where, "task": scored, "steps": result.step,
+               "nll_weight": cfg.nll_weight, "reference": cfg.reference, "model": cfg.model, "data": where, "task": scored, "steps": result.step,
                "stopped": result.stopped, "pairs": len(train_pairs), "trainable_params": n_train,
                "total_params": n_total, "accuracy_before": before, "accuracy_after": after,
                "train_loss": result.train_loss, "val_loss": result.val_loss,
@@ -527,7 +543,8 @@ def _write_summary_md(run_dir: Path, s: dict, tcfg: DPOTrainConfig) -> None:
         return "n/a" if v is None else f"{100 * v:.1f}%"
 
     v = s["val_pairs"]
-    lines = [f"# DPO ({s['loss']}, beta {s['beta']:g}, label smoothing {s['label_smoothing']:g}): {s['method']} on "
+    lines = [f"# DPO ({s['loss']}, beta {s['beta']:g}, label smoothing {s['label_smoothing']:g}, "
+             f"NLL weight {s.get('nll_weight', 0.0):g}): {s['method']} on "
              f"{s['model']}", "",
              f"- data: {s['data']} ({s['pairs']} training pairs); reference: {s['reference']}",
              f"- steps: {s['steps']} ({s['stopped']}), {tcfg.batch_size} pairs per step, lr {tcfg.lr:g}, "
