@@ -513,7 +513,8 @@ def run_dpo(cfg: DPOConfig, tcfg: DPOTrainConfig, paths: list[str] | None = None
 
     last = next((r for r in reversed(_read_metrics(run_dir)) if r.get("kind") == "train"), {})
     summary = {"method": cfg.method, "loss": cfg.loss, "beta": cfg.beta, "label_smoothing": cfg.label_smoothing,
-               "nll_weight": cfg.nll_weight, "reference": cfg.reference, "model": cfg.model, "data": where, "task": scored, "steps": result.step,
+               "nll_weight": cfg.nll_weight, "reference": cfg.reference, "model": cfg.model, "data": where,
+               "task": scored, "steps": result.step,
                "stopped": result.stopped, "pairs": len(train_pairs), "trainable_params": n_train,
                "total_params": n_total, "accuracy_before": before, "accuracy_after": after,
                "train_loss": result.train_loss, "val_loss": result.val_loss,
