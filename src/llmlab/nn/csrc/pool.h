@@ -16,12 +16,11 @@
  *                                            still holding an old generation cannot claim a chunk of the next
  *
  * Workers spin for POOL_SPIN_NS after a loop (a decode step's next loop starts microseconds later), then sleep on
- * a condition variable of their own until a loop has room for them (a loop of fewer threads wakes no more). A
- * spinning worker is one more runnable thread, so on a shared machine it time-shares the caller's core with the
- * other process: a worker that finds itself preempted while spinning (a spin check POOL_PREEMPTED_NS late) sleeps
- * right after each loop for POOL_SHARED_NS. A loop started by a second calling thread while one runs runs serially
- * on its caller. A child after fork() has none of the parent's workers: its locks are re-initialised and its first
- * loop starts a pool of its own. Each kernel library has its own pool (the header is included, not linked). */
+ * a condition variable of their own until a loop has room for them (a loop of fewer threads wakes no more). A spinning worker is one more runnable thread, so on a shared
+ * machine it time-shares the caller's core with the other process: a worker that finds itself preempted while
+ * spinning (a spin check POOL_PREEMPTED_NS late) sleeps right after each loop for POOL_SHARED_NS. A loop started by
+ * a second calling thread while one runs, and every loop in a child after fork(), runs serially on its caller. Each
+ * kernel library has its own pool (the header is included, not linked). */
 #ifndef LLMLAB_POOL_H
 #define LLMLAB_POOL_H
 
