@@ -6,7 +6,8 @@ Why: a parallel region that ends in a barrier (OpenMP's, and llama.cpp's thread 
 including one the OS has descheduled for the busy process, once per region; a decode step has about 150 of them.
 llmlab's kernels use their own pool (nn/csrc/pool.h) whose calling thread claims the work a late thread has not
 started, so using every core should cost little when a core is taken. The figures are the marginal ms per new token
-(128 new tokens minus 1, a 128-token prompt), median of --runs, printed with the CPU flags and the load average.
+(--new-tokens minus 1, after a 128-token prompt; `noise` where the noise outran it), median of --runs, printed
+with the CPU flags and the load average.
 
     python benchmarks/contention.py [--runs 3] [--busy 1] [--new-tokens 64]
 """

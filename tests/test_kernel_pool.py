@@ -216,3 +216,19 @@ def test_a_smaller_loop_wakes_no_more_workers(qlinear, problem):
         stop.set()
         t.join(timeout=60)
     assert max(most) <= 4, most  # this sampling thread, the calling thread, worker 1 (and a straggler)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_back_to_back_loops_run_each_chunk_once(tmp_path, threads):
+    """tests/pool_stress.c: a million pairs of loops back to back, each item counted. A pool that lets a worker
+    holding the finished loop's ticket claim a chunk while the next loop is being set up runs chunks twice (or
+    returns before a chunk ends: the intermittent crash of a CI run) a few hundred times here."""
+    cc = find_compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    exe = tmp_path / "pool_stress"
+    subprocess.run([cc, "-O2", "-pthread", f"-I{CSRC}", str(Path(__file__).with_name("pool_stress.c")),
+                    "-o", str(exe)], check=True, capture_output=True)
+    run = subprocess.run([str(exe), "1000000", str(threads)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.startswith("loops 2000000 twice 0 missed 0 stale 0"), run.stdout

@@ -15,12 +15,21 @@
  *   ticket = generation << 32 | next chunk   one atomic word: a claim is a compare-and-swap on it, so a worker
  *                                            still holding an old generation cannot claim a chunk of the next
  *
+ * A claim reads the loop's values (fn, ctx, n, chunk, nchunks) before its compare-and-swap, so the ticket must
+ * change before the next loop overwrites them: a caller first closes the last loop (its chunk part set to
+ * POOL_CLOSED, more than any loop's chunks), then writes its values, then publishes the new generation. Without
+ * the close, a worker holding the finished loop's ticket (chunk part = its nchunks) could read the new loop's
+ * larger nchunks, win the compare-and-swap on the old ticket and run a chunk with a mix of both loops' values, or
+ * count a chunk into the new loop's `finished` so that its caller returns while a chunk still runs: the one
+ * crash this pool had (tests/pool_stress.c catches it in a second).
+ *
  * Workers spin for POOL_SPIN_NS after a loop (a decode step's next loop starts microseconds later), then sleep on
- * a condition variable of their own until a loop has room for them (a loop of fewer threads wakes no more). A spinning worker is one more runnable thread, so on a shared
- * machine it time-shares the caller's core with the other process: a worker that finds itself preempted while
- * spinning (a spin check POOL_PREEMPTED_NS late) sleeps right after each loop for POOL_SHARED_NS. A loop started by
- * a second calling thread while one runs, and every loop in a child after fork(), runs serially on its caller. Each
- * kernel library has its own pool (the header is included, not linked). */
+ * a condition variable of their own until a loop has room for them (a loop of fewer threads wakes no more). A
+ * spinning worker is one more runnable thread, so on a shared machine it time-shares the caller's core with the
+ * other process: a worker that finds itself preempted while spinning (a spin check POOL_PREEMPTED_NS late) sleeps
+ * right after each loop for POOL_SHARED_NS. A loop started by a second calling thread while one runs runs serially
+ * on its caller. A child after fork() has none of the parent's workers: its locks are re-initialised and its first
+ * loop starts a pool of its own. Each kernel library has its own pool (the header is included, not linked). */
 #ifndef LLMLAB_POOL_H
 #define LLMLAB_POOL_H
 
@@ -42,6 +51,8 @@
 typedef void (*pool_fn)(void *ctx, int64_t begin, int64_t end, int tid);
 
 #define POOL_MAX_THREADS 256
+#define POOL_CLOSED 0xFFFFFFFFu    /* a closed loop's chunk part: no loop has this many chunks */
+#define POOL_MAX_CHUNKS 0x7FFFFFFF
 #define POOL_CHUNKS_PER_THREAD 4 /* claims per thread and loop: more balance better, each is a contended CAS */
 #define POOL_SPIN_NS 2000000      /* 2 ms of spinning after a loop, about libgomp's default */
 #define POOL_PREEMPTED_NS 200000  /* a spin check this late: the OS took the core away from the worker */
@@ -176,8 +187,10 @@ static void pool_for_chunks(int64_t n, int64_t nchunks, int nthreads, pool_fn fn
     if (workers + 1 < nthreads) nthreads = workers + 1;
     if (nchunks > n) nchunks = n;
     if (nchunks < 1) nchunks = 1;
+    if (nchunks > POOL_MAX_CHUNKS) nchunks = POOL_MAX_CHUNKS;
     const int64_t chunk = (n + nchunks - 1) / nchunks;
     nchunks = (n + chunk - 1) / chunk;
+    atomic_fetch_or(&pool.ticket, POOL_CLOSED); /* close the last loop before its values are overwritten */
     atomic_store(&pool.fn, fn);
     atomic_store(&pool.ctx, ctx);
     atomic_store(&pool.n, n);
