@@ -4,6 +4,7 @@ PyTorch's thread count restored however the loop ends."""
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import subprocess
 import sys
@@ -161,6 +162,29 @@ def test_generate_on_the_native_step_hands_the_threads_to_the_kernels(monkeypatc
         assert torch.get_num_threads() == 2
         torch.set_num_threads(1)
         assert generate(model, [[1, 2, 3, 4]], 6)[0].ids == out[0].ids
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_forward_hands_the_threads_over_only_when_its_blocks_run_in_c():
+    """DecoderLM.forward gives PyTorch 1 thread (the kernels the 2 it had) when the C step takes the blocks, and
+    keeps PyTorch's 2 for any forward it does not: with a gradient, with no cache, or once a block was replaced
+    (``NativeStep.ready`` is False, the blocks run eagerly and their PyTorch ops need the threads)."""
+    model = _tiny()
+    seen: list[int] = []
+    model.embed_tokens.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    ids = torch.tensor([[1, 2, 3]])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            model(ids, cache=model.new_cache(1, 8))
+            model(ids)
+        model(ids, cache=model.new_cache(1, 8))  # with a gradient
+        model.layers[0].mlp = copy.deepcopy(model.layers[0].mlp)  # the step no longer points at the block
+        with torch.inference_mode():
+            model(ids, cache=model.new_cache(1, 8))
+        assert seen == [1, 2, 2, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 

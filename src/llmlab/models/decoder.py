@@ -117,17 +117,19 @@ class DecoderLM(nn.Module):
         applies the head itself: under autograd with a tied table, the view of ``nn/tied_embedding.py`` (use it,
         not ``lm_head.weight``, and the two gradients meet in place); else ``lm_head.weight`` (None for a head
         that is not a plain linear layer)."""
-        # blocks in C (models/native_step.py; accepts() decides): the kernels get the threads, PyTorch's small ops
-        # (embedding, RoPE tables, copies) one, so PyTorch's idle OpenMP workers do not spin on the kernels' cores
-        native_likely = self.native_step is not None and not torch.is_grad_enabled() and type(cache) is StaticKVCache
-        with kernels_own_the_threads(native_likely):
+        # blocks in C (models/native_step.py: ready() here, fits() once x exists): the kernels get the threads,
+        # PyTorch's small ops (embedding, RoPE tables, copies) one, so PyTorch's idle OpenMP workers do not spin on
+        # the kernels' cores; any other forward keeps PyTorch's threads
+        native = self.native_step
+        paged = getattr(cache, "owns_attention", False)  # a PagedBatch: positions come per token
+        native_ready = native is not None and not paged and native.ready(self, cache)
+        with kernels_own_the_threads(native_ready):
             head_weight = None
             if inputs_embeds is None:
                 x, head_weight = self._embed(input_ids)  # (B, T, dim), (V, dim) or None
             else:
                 x = inputs_embeds  # (B, T, dim)
             B, T = x.shape[:2]
-            paged = getattr(cache, "owns_attention", False)  # a PagedBatch: positions come per token
             if start is None:
                 start = cache.length if cache is not None and not paged else 0
             if not paged and start + T > self.config.max_seq_len:
@@ -139,8 +141,7 @@ class DecoderLM(nn.Module):
                 rope = self.rotary(position_ids, x.dtype)
             else:
                 x = x + self.embed_positions(position_ids)
-            native = self.native_step
-            if native is not None and not paged and native.accepts(self, x, cache, attention_mask):
+            if native_ready and native.fits(x, cache, attention_mask):
                 x = native.blocks(x, rope, cache, start, attention_mask)  # every block in C (models/native_step.py)
                 cache.length = start + T
                 logits = None if return_hidden else native.logits(self, x)  # final norm + head in C

@@ -151,14 +151,22 @@ class NativeStep:
         return (all(d.get(k) is v for d, k, v in self.watch) and all(m.impl == self.impl for m in self.linears)
                 and all(tensor_version(t) == v for t, v in self.versions))
 
-    def accepts(self, model: nn.Module, x: torch.Tensor, cache, attention_mask: torch.Tensor | None) -> bool:
-        B, T = x.shape[:2]
-        return (not torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu"
+    def ready(self, model: nn.Module, cache) -> bool:
+        """The model and cache half of ``accepts``, known before the forward embeds its input (DecoderLM.forward
+        hands the threads to the kernels on it)."""
+        return (not torch.is_grad_enabled()
                 and model._modules is self.watch[0][0]  # not a shallow copy with other layers (a layer-skip draft)
-                and type(cache) is StaticKVCache and cache.k.dtype == torch.float32 and cache.k.shape[1] == B
+                and type(cache) is StaticKVCache and cache.k.dtype == torch.float32
                 and cache.k.shape[0] == len(self.structs) and cache.k.is_contiguous()
-                and (attention_mask is None or attention_mask.dim() == 2)
                 and self.unchanged(model))
+
+    def fits(self, x: torch.Tensor, cache, attention_mask: torch.Tensor | None) -> bool:
+        """The input half of ``accepts``: float32 rows on the CPU, one cache row each, a (B, S) key mask or none."""
+        return (x.dtype == torch.float32 and x.device.type == "cpu" and cache.k.shape[1] == x.shape[0]
+                and (attention_mask is None or attention_mask.dim() == 2))
+
+    def accepts(self, model: nn.Module, x: torch.Tensor, cache, attention_mask: torch.Tensor | None) -> bool:
+        return self.ready(model, cache) and self.fits(x, cache, attention_mask)
 
     def blocks(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: StaticKVCache, start: int,
                attention_mask: torch.Tensor | None) -> torch.Tensor:
