@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llmlab.infer.generate import chat_stop_ids, generate
+from llmlab.infer.sample import SamplingParams
 from llmlab.models.config import ModelConfig
 from llmlab.models.native_step import enable_native_step_
 from llmlab.models.registry import build_model
@@ -105,6 +106,23 @@ def test_generate_batched_equals_solo(monkeypatch, impl):
     batched = [c.ids for c in generate(model, prompts, 16)]
     assert batched == [generate(model, [p], 16)[0].ids for p in prompts]
     assert calls
+
+
+def test_a_repeated_prompt_is_prefilled_once():
+    """GRPO's groups: prompts given several times are prefilled once each (2 rows here, not 5) and every copy
+    continues from the copied cache rows exactly as the prompt does alone, greedy and seeded."""
+    model = _tiny(2, "int8r")
+    rows = []
+    hook = model.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    a, b = [5, 9, 12], list(range(30, 50))
+    prompts = [a, b, a, a, b]
+    for params in (SamplingParams(), SamplingParams(temperature=0.9, seed=3)):
+        rows.clear()
+        got = [c.ids for c in generate(model, prompts, 16, params)]
+        assert rows[0] == 2 and set(rows[1:]) == {5}, rows  # the prefill, then 15 steps of every row
+        solo = {tuple(p): generate(model, [p], 16, params)[0].ids for p in (a, b)}
+        assert got == [solo[tuple(p)] for p in prompts]
+    hook.remove()
 
 
 @torch.inference_mode()

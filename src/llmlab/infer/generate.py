@@ -2,7 +2,8 @@
 
 Per step the model sees only the newest token (B, 1) and attends to the cached keys/values, so a step
 costs O(T) rather than re-running the O(T^2) prefix. Prompts of different lengths are left-padded; a
-key mask hides the padding and per-row positions start at 0, so every row gives the text it gives alone.
+key mask hides the padding and per-row positions start at 0, so every row gives the text it gives alone. A
+prompt given several times (GRPO's groups of replies, n samples) is prefilled once, its cache rows copied.
 Stops on EOS / end-of-turn ids, on stop strings (also when one spans several tokens), or on the budget.
 """
 
@@ -18,6 +19,7 @@ from llmlab.infer.sample import SamplingParams, make_generator, select
 from llmlab.models.decoder import DecoderLM
 from llmlab.nn.autocast import upcast_matmuls
 from llmlab.nn.cpu_kernels import kernel_threads_for_native_step
+from llmlab.nn.kv_cache import StaticKVCache
 
 
 @dataclass
@@ -49,6 +51,21 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
         ids[i, T - len(p):] = torch.tensor(p, device=device)
         mask[i, T - len(p):] = True
     return ids, mask
+
+
+def distinct_prompts(prompts: list[list[int]]) -> tuple[list[int], list[int]]:
+    """-> (the index of each distinct prompt's first occurrence, in order; for each prompt, the position of its
+    distinct prompt in that list)."""
+    seen: dict[tuple[int, ...], int] = {}
+    first: list[int] = []
+    rows = []
+    for i, p in enumerate(prompts):
+        key = tuple(p)
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(i)
+        rows.append(seen[key])
+    return first, rows
 
 
 def find_stop(text: str, stops: list[str] | None) -> int:
@@ -106,8 +123,19 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, params: Sampl
     full_mask = torch.cat([mask, torch.ones(B, budget, dtype=torch.bool, device=device)], dim=1)  # (B, T+budget)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): each row counts from 0
     cache = model.new_cache(B, T + budget)
-    logits = prefill_logits(model, ids, cache=cache, attention_mask=full_mask[:, :T] if ragged else None,
-                            position_ids=positions)  # (B, V)
+    first, rows = distinct_prompts(prompts)
+    if len(first) < B and isinstance(model, DecoderLM) and isinstance(cache, StaticKVCache):
+        # The same prompt several times (GRPO's groups, n samples of a prompt): each distinct prompt is prefilled
+        # once and its keys and values copied to every row that repeats it (vLLM's prefix caching, whole prompts).
+        u, r = torch.tensor(first, device=device), torch.tensor(rows, device=device)  # (U,), (B,)
+        head = model.new_cache(len(first), T + budget)
+        logits = prefill_logits(model, ids[u], cache=head, attention_mask=full_mask[u, :T] if ragged else None,
+                                position_ids=positions[u])[r]  # (B, V)
+        cache.copy_rows_from(head, r)
+        del head
+    else:
+        logits = prefill_logits(model, ids, cache=cache, attention_mask=full_mask[:, :T] if ragged else None,
+                                position_ids=positions)  # (B, V)
     next_pos = positions[:, -1:] + 1  # (B, 1)
 
     need_seen = params.repetition_penalty != 1.0

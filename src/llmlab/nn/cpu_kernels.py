@@ -127,7 +127,9 @@ def kernels_own_the_threads(enabled: bool = True) -> Iterator[None]:
     cores it made batch-8 decode steps 17.3 ms instead of 22.4 (PyTorch's idle OpenMP workers spin on the cores
     the kernels' pool wants), and beside one busy process 35 ms instead of 62 (an argmax over 8 x 49152 logits
     took 8 ms instead of 0.3, its parallel region waiting for a descheduled thread). Nests; the count comes back
-    when the outermost exits."""
+    when the outermost exits. PyTorch's thread count is process-wide: while any thread is inside, every thread's
+    PyTorch ops run on one (the server and the training loops run their models on one thread, so this is only
+    a cost to a program that trains in one thread while another generates)."""
     import torch
 
     if not enabled:

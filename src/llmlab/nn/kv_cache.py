@@ -31,3 +31,13 @@ class StaticKVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+    def copy_rows_from(self, other: StaticKVCache, rows: torch.Tensor) -> None:
+        """Sequence i of this cache := sequence ``rows[i]`` of ``other`` (its filled positions), and other's
+        length: one prefill shared by every copy of a prompt (``infer/generate``)."""
+        n = other.length
+        if n > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked to copy {n}")
+        self.k[:, :, :, :n] = other.k[:, rows, :, :n]  # (L, B, H_kv, n, D)
+        self.v[:, :, :, :n] = other.v[:, rows, :, :n]
+        self.length = n
