@@ -145,9 +145,7 @@ def beam_search(model, prompt: list[int], max_new_tokens: int, num_beams: int = 
     one = model.new_cache(1, P + budget)
     logits = model(torch.tensor([prompt], device=device), cache=one)[:, -1].expand(K, -1)  # (K, V)
     cache = model.new_cache(K, P + budget)
-    cache.k.copy_(one.k.expand_as(cache.k))
-    cache.v.copy_(one.v.expand_as(cache.v))
-    cache.length = P
+    cache.copy_rows_from(one, torch.zeros(K, dtype=torch.long, device=device))  # every beam: row 0's cache
 
     for t in range(budget):
         log_probs = torch.log_softmax(logits.float(), dim=-1)  # (K, V)

@@ -33,11 +33,11 @@ class StaticKVCache:
         self.length = 0
 
     def copy_rows_from(self, other: StaticKVCache, rows: torch.Tensor) -> None:
-        """Sequence i of this cache := sequence ``rows[i]`` of ``other`` (its filled positions), and other's
-        length: one prefill shared by every copy of a prompt (``infer/generate``)."""
-        n = other.length
-        if n > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions, asked to copy {n}")
-        self.k[:, :, :, :n] = other.k[:, rows, :, :n]  # (L, B, H_kv, n, D)
-        self.v[:, :, :, :n] = other.v[:, rows, :, :n]
-        self.length = n
+        """Sequence i of this cache := sequence ``rows[i]`` of ``other``, every position (a prefix-tuned model keeps
+        its virtual tokens in front of the real ones), and other's length: one prefill shared by every copy of a
+        prompt (``infer/generate``, ``infer/beam``)."""
+        if other.k.shape[2:] != self.k.shape[2:] or other.k.shape[0] != self.k.shape[0]:
+            raise ValueError(f"KV caches differ in shape: {tuple(other.k.shape)} and {tuple(self.k.shape)}")
+        self.k.copy_(other.k[:, rows])  # (L, B, H_kv, max_len, D)
+        self.v.copy_(other.v[:, rows])
+        self.length = other.length
