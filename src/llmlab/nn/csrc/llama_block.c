@@ -92,8 +92,12 @@ static inline float exp_poly(float xf) {
     return (float)(p * scale);
 }
 
-/* <a, b> over n floats (n % 8 == 0 is not required) in 8 independent lanes summed pairwise: the compiler
- * vectorises it without reassociating, so every build gives the same bits. */
+/* Eight lane sums added as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)): the order of the vector builds'
+ * horizontal-add tree (scores8), so every build gives the same bits. */
+static inline float lanes_sum(const float *l) { return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])); }
+
+/* <a, b> over n floats (n % 8 == 0 is not required): element i into lane i % 8 in order, the lanes added as
+ * lanes_sum, then the tail; the compiler vectorises the lanes without reassociating. */
 static inline float dot(const float *a, const float *b, int64_t n) {
     float lane[8] = {0};
     int64_t i = 0;
@@ -101,10 +105,21 @@ static inline float dot(const float *a, const float *b, int64_t n) {
         for (int l = 0; l < 8; l++) lane[l] = lane[l] + a[i + l] * b[i + l];
     float tail = 0.0f;
     for (; i < n; i++) tail = tail + a[i] * b[i];
-    return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7])) + tail;
+    return lanes_sum(lane) + tail;
 }
 
-#if defined(__AVX__)
+/* w[0] + ... + w[n - 1] in dot()'s order (lanes, lanes_sum, tail): vectorised, and the same bits everywhere. */
+static inline float sum_lanes(const float *w, int64_t n) {
+    float lane[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) lane[l] = lane[l] + w[i + l];
+    float tail = 0.0f;
+    for (; i < n; i++) tail = tail + w[i];
+    return lanes_sum(lane) + tail;
+}
+
+#if defined(LLMLAB_X86)
 /* 8 floats as one value (GCC / Clang vector extensions): lane-wise IEEE operations, the same results as the
  * portable loops below, with the accumulators held in registers (a float array indexed in a loop may live on
  * the stack). */
@@ -116,59 +131,76 @@ static inline f8 load8(const float *p) {
     return v;
 }
 
-/* dot(a, b_k) for the 4 rows b_k = b + k ldb, each summed exactly as dot() sums it (the same 8 lanes, then the
- * same pairwise order: the same bits); four independent chains of additions, so their latencies overlap. */
-static inline void dot4(const float *a, const float *b, int64_t ldb, int64_t n, float *out) {
-    f8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const f8 x = load8(a + i);
-        a0 = a0 + x * load8(b + i); /* two roundings: -ffp-contract=off, no FMA */
-        a1 = a1 + x * load8(b + ldb + i);
-        a2 = a2 + x * load8(b + 2 * ldb + i);
-        a3 = a3 + x * load8(b + 3 * ldb + i);
+/* dot(a, b_k) * scale for the 8 rows b_k = b + k ldb (n % 8 == 0), each summed exactly as dot() sums it: eight
+ * independent chains over the columns, then one horizontal-add tree for all eight (the lanes_sum order). */
+static inline void scores8(const float *a, const float *b, int64_t ldb, int64_t n, float scale, float *out) {
+    __m256 c[8];
+    for (int k = 0; k < 8; k++) c[k] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(a + i);
+        for (int k = 0; k < 8; k++) c[k] = _mm256_add_ps(c[k], _mm256_mul_ps(x, _mm256_loadu_ps(b + k * ldb + i)));
     }
-    const f8 acc[4] = {a0, a1, a2, a3};
-    for (int k = 0; k < 4; k++) {
-        float tail = 0.0f;
-        for (int64_t t = i; t < n; t++) tail = tail + a[t] * b[k * ldb + t];
-        const f8 v = acc[k];
-        out[k] = ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])) + tail;
-    }
+    /* hadd(p, q) = [p0+p1, p2+p3, q0+q1, q2+q3 | p4+p5, p6+p7, q4+q5, q6+q7]: two levels give each row's
+     * (l0+l1)+(l2+l3) in the low half and (l4+l5)+(l6+l7) in the high half */
+    const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(c[0], c[1]), _mm256_hadd_ps(c[2], c[3])); /* rows 0..3 */
+    const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(c[4], c[5]), _mm256_hadd_ps(c[6], c[7])); /* rows 4..7 */
+    const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+    _mm256_storeu_ps(out, _mm256_mul_ps(sum, _mm256_set1_ps(scale)));
 }
 
-/* out (D) = sum_s w[s] V[s] (V rows D apart), each column summed in key order from 0 (as the loop below), keys
- * with w[s] = 0 skipped; 64 columns at a time in eight accumulators. */
-static inline void weighted_values(const float *w, const float *V, int64_t S, int64_t D, float *out) {
+static inline f8 splat8(float x) { return (f8){x, x, x, x, x, x, x, x}; }
+
+/* oa (D) = sum_s wa[s] V[s] over the na keys, and ob likewise over nb keys when ob is not NULL (V rows D apart):
+ * each column summed in key order from 0 (the portable loop's order), 32 columns at a time, the two queries
+ * sharing each loaded V row. */
+static inline void weighted_values(const float *wa, int64_t na, float *oa, const float *wb, int64_t nb, float *ob,
+                                   const float *V, int64_t D) {
+    if (!ob) nb = 0;
+    const int64_t both = na < nb ? na : nb;
     int64_t i0 = 0;
-    for (; i0 + 64 <= D; i0 += 64) {
-        f8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
-        for (int64_t s = 0; s < S; s++) {
-            if (w[s] == 0.0f) continue;
-            const f8 ws = {w[s], w[s], w[s], w[s], w[s], w[s], w[s], w[s]};
+    for (; i0 + 32 <= D; i0 += 32) {
+        f8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+        for (int64_t s = 0; s < both; s++) {
             const float *v = V + s * D + i0;
-            a0 = a0 + ws * load8(v), a1 = a1 + ws * load8(v + 8), a2 = a2 + ws * load8(v + 16);
-            a3 = a3 + ws * load8(v + 24), a4 = a4 + ws * load8(v + 32), a5 = a5 + ws * load8(v + 40);
-            a6 = a6 + ws * load8(v + 48), a7 = a7 + ws * load8(v + 56);
+            const f8 x0 = load8(v), x1 = load8(v + 8), x2 = load8(v + 16), x3 = load8(v + 24);
+            const f8 u = splat8(wa[s]), t = splat8(wb[s]);
+            a0 = a0 + u * x0, a1 = a1 + u * x1, a2 = a2 + u * x2, a3 = a3 + u * x3;
+            b0 = b0 + t * x0, b1 = b1 + t * x1, b2 = b2 + t * x2, b3 = b3 + t * x3;
         }
-        const f8 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
-        memcpy(out + i0, acc, sizeof acc);
+        for (int64_t s = both; s < na; s++) {
+            const float *v = V + s * D + i0;
+            const f8 u = splat8(wa[s]);
+            a0 = a0 + u * load8(v), a1 = a1 + u * load8(v + 8), a2 = a2 + u * load8(v + 16), a3 = a3 + u * load8(v + 24);
+        }
+        for (int64_t s = both; s < nb; s++) {
+            const float *v = V + s * D + i0;
+            const f8 t = splat8(wb[s]);
+            b0 = b0 + t * load8(v), b1 = b1 + t * load8(v + 8), b2 = b2 + t * load8(v + 16), b3 = b3 + t * load8(v + 24);
+        }
+        const f8 ra[4] = {a0, a1, a2, a3}, rb[4] = {b0, b1, b2, b3};
+        memcpy(oa + i0, ra, sizeof ra);
+        if (ob) memcpy(ob + i0, rb, sizeof rb);
     }
-    for (int64_t i = i0; i < D; i++) out[i] = 0.0f;
-    for (int64_t s = 0; s < S; s++)
-        if (w[s] != 0.0f)
-            for (int64_t i = i0; i < D; i++) out[i] += w[s] * V[s * D + i];
+    for (int q = 0; q < (ob ? 2 : 1); q++) { /* the last D % 32 columns */
+        const float *w = q ? wb : wa;
+        float *o = q ? ob : oa;
+        const int64_t n = q ? nb : na;
+        for (int64_t i = i0; i < D; i++) o[i] = 0.0f;
+        for (int64_t s = 0; s < n; s++)
+            for (int64_t i = i0; i < D; i++) o[i] += w[s] * V[s * D + i];
+    }
 }
 #else
-static inline void dot4(const float *a, const float *b, int64_t ldb, int64_t n, float *out) {
-    for (int k = 0; k < 4; k++) out[k] = dot(a, b + k * ldb, n);
-}
-
-static inline void weighted_values(const float *w, const float *V, int64_t S, int64_t D, float *out) {
-    for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
-    for (int64_t s = 0; s < S; s++)
-        if (w[s] != 0.0f)
-            for (int64_t i = 0; i < D; i++) out[i] += w[s] * V[s * D + i];
+static inline void weighted_values(const float *wa, int64_t na, float *oa, const float *wb, int64_t nb, float *ob,
+                                   const float *V, int64_t D) {
+    for (int q = 0; q < (ob ? 2 : 1); q++) {
+        const float *w = q ? wb : wa;
+        float *o = q ? ob : oa;
+        const int64_t n = q ? nb : na;
+        for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
+        for (int64_t s = 0; s < n; s++)
+            for (int64_t i = 0; i < D; i++) o[i] += w[s] * V[s * D + i];
+    }
 }
 #endif
 
@@ -203,7 +235,6 @@ static void attention_items(void *arg, int64_t i0, int64_t i1, int tid) {
     const float **qv = (const float **)malloc(sizeof(float *) * most);
     float **ov = (float **)malloc(sizeof(float *) * most);
     int64_t *pos = (int64_t *)malloc(sizeof(int64_t) * most);
-    float *mx = (float *)malloc(sizeof(float) * most), *sum = (float *)malloc(sizeof(float) * most);
     for (int64_t item = i0; item < i1; item++) {
         const int64_t b = item / (Hkv * nqb), hk = item / nqb % Hkv, qb = item % nqb;
         const int64_t t0 = qb * QROWS, nt = T - t0 < QROWS ? T - t0 : QROWS, nq = nt * rep;
@@ -214,42 +245,41 @@ static void attention_items(void *arg, int64_t i0, int64_t i1, int tid) {
             qv[j] = qkv + (b * T + t) * width + h * D;
             ov[j] = out + (b * T + t) * H * D + h * D;
             pos[j] = start + t;
-            mx[j] = -INFINITY;
-            sum[j] = 0.0f;
         }
         const int64_t last = start + t0 + nt - 1;
-        for (int64_t s0 = 0; s0 <= last; s0 += 4) { /* 4 keys at a time */
-            const int64_t ns = last + 1 - s0 < 4 ? last + 1 - s0 : 4;
+        for (int64_t s0 = 0; s0 <= last; s0 += 8) { /* 8 keys at a time: loaded once for the item's queries */
+            const int64_t ns = last + 1 - s0 < 8 ? last + 1 - s0 : 8;
             for (int64_t j = 0; j < nq; j++) {
-                float *pj = p + j * S, sc[4];
+                float *pj = p + j * S;
                 if (s0 > pos[j]) continue;
-                if (ns == 4)
-                    dot4(qv[j], K + s0 * D, D, D, sc);
-                else
-                    for (int64_t k = 0; k < ns; k++) sc[k] = dot(qv[j], K + (s0 + k) * D, D);
-                for (int64_t k = 0, s = s0; k < ns && s <= pos[j]; k++, s++) {
-                    if (km && !km[s] && s != pos[j]) { /* padding; a query always sees itself */
-                        pj[s] = -INFINITY;
-                        continue;
-                    }
-                    pj[s] = sc[k] * scale;
-                    mx[j] = pj[s] > mx[j] ? pj[s] : mx[j]; /* fmaxf would be a library call */
+#if defined(LLMLAB_X86)
+                if (ns == 8 && D % 8 == 0) { /* keys past pos[j] get a score too: never read */
+                    scores8(qv[j], K + s0 * D, D, D, scale, pj + s0);
+                    continue;
                 }
+#endif
+                for (int64_t k = 0; k < ns; k++) pj[s0 + k] = dot(qv[j], K + (s0 + k) * D, D) * scale;
             }
         }
         for (int64_t j = 0; j < nq; j++) {
             float *pj = p + j * S;
-            const float m = mx[j];
-            for (int64_t s = 0; s <= pos[j]; s++) { /* no reduction, no branch: vectorised */
+            const int64_t n = pos[j] + 1;
+            if (km)
+                for (int64_t s = 0; s < n - 1; s++) pj[s] = km[s] ? pj[s] : -INFINITY; /* padding; a query sees itself */
+            float m = -INFINITY;
+            for (int64_t s = 0; s < n; s++) m = pj[s] > m ? pj[s] : m; /* a maximum: the same in any order */
+            for (int64_t s = 0; s < n; s++) { /* no reduction, no branch: vectorised */
                 const float e = exp_poly(pj[s] - m);
                 pj[s] = pj[s] == -INFINITY ? 0.0f : e;
             }
-            for (int64_t s = 0; s <= pos[j]; s++) sum[j] += pj[s];
-            for (int64_t s = 0; s <= pos[j]; s++) pj[s] = pj[s] / sum[j];
-            weighted_values(pj, V, pos[j] + 1, D, ov[j]);
+            const float total = sum_lanes(pj, n);
+            for (int64_t s = 0; s < n; s++) pj[s] = pj[s] / total;
         }
+        for (int64_t j = 0; j < nq; j += 2) /* two queries at a time share each V row */
+            weighted_values(p + j * S, pos[j] + 1, ov[j], p + (j + 1) * S, j + 1 < nq ? pos[j + 1] + 1 : 0,
+                            j + 1 < nq ? ov[j + 1] : NULL, V, D);
     }
-    free(p), free(qv), free(ov), free(pos), free(mx), free(sum);
+    free(p), free(qv), free(ov), free(pos);
 }
 
 static void attention(const LlamaBlock *w, const float *qkv, float *out, int64_t B, int64_t T, const float *kc,
