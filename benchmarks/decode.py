@@ -9,6 +9,8 @@ are printed last, with the CPU flags that matter.
   reference, transformers (fp32 eager), llama-cpp-python (same GGUF, if installed);
 - batch-8 total tok/s (one prompt 8 times, as transformers runs it: llmlab prefills it once; and 8 different
   prompts, ``b8 distinct``, 8 prefills) and 32 concurrent sequences total tok/s;
+- the default path again on a float16 KV cache (``kv16``: ``--kv-dtype float16``, llama.cpp's default cache type):
+  batch 1, 8 distinct prompts, 32 sequences;
 - 512-token prefill tok/s (logits of the last position, as llama.cpp's eval);
 - n-gram speculative decoding vs plain greedy on the packed path, on an input-grounded prompt (same output);
 - where the time of one packed decode step goes: the C blocks, the head, the rest (Python, sampling).
@@ -134,6 +136,11 @@ def main() -> int:
     p32 = [prompt_ids(tok, 128)[i:i + 96] for i in range(32)]  # 32 different prompts of 96 tokens
     b32_rates(rows, "llmlab packed", model, p32, N, max(1, R // 2))
     rows["llmlab packed prefill512"] = 512 / median_time(lambda: prefill_last(model, p512), R)
+    model.kv_cache_dtype = torch.float16  # --kv-dtype float16: a half cache, as llama.cpp's default
+    rates(rows, "llmlab packed kv16", lambda n: generate(model, [p128], n), N, R)
+    rows["llmlab packed kv16 b8 distinct"] = 8 * N / median_time(lambda: generate(model, p8, N), R)
+    b32_rates(rows, "llmlab packed kv16", model, p32, N, max(1, R // 2))
+    model.kv_cache_dtype = None  # back to the default float32 cache
     breakdown = step_breakdown(model, p128)
     same_as_eager = generate(model, [p128], 32)[0].ids
     native, model.native_step = model.native_step, None
@@ -230,6 +237,9 @@ def main() -> int:
                        ("llmlab packed b32", "llama.cpp decode"),
                        ("llmlab packed b32 decode", "llama.cpp decode"),
                        ("llmlab packed int8 b32 decode", "llama.cpp decode"),
+                       ("llmlab packed kv16 decode", "llama.cpp decode"),
+                       ("llmlab packed kv16 b8 distinct", "transformers b8"),
+                       ("llmlab packed kv16 b32 decode", "llama.cpp decode"),
                        ("llmlab packed prefill512", "transformers prefill512"),
                        ("llmlab fp32 prefill512", "llama.cpp prefill512"),
                        ("llmlab packed int8x2 b1", "llama.cpp b1"), ("llmlab packed int8x2 decode", "llama.cpp decode"),

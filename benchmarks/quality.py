@@ -7,8 +7,8 @@ The text is teacher-forced through the KV cache in chunks of --chunk tokens, so 
 decoding are what is measured: the native C step (up to 64 rows a call), the eager blocks on the int8
 kernel, both again with residual Q8 blocks for every block (``--packed-kernel int8x2``) and only for the blocks
 with an outlier (``int8r``, max|x| > T mean|x|, swept over --thresholds, with the share of blocks flagged per layer
-type on the eager blocks' inputs), the float-activation kernel (up to 64 rows), each CPU variant of the int8 kernel
-this machine runs.
+type on the eager blocks' inputs; the default one also on a float16 KV cache, ``--kv-dtype float16``), the
+float-activation kernel (up to 64 rows), each CPU variant of the int8 kernel this machine runs.
 
     python benchmarks/quality.py [--tokens 512] [--chunk 32] [--thresholds 3,4,6,8]
 """
@@ -120,6 +120,9 @@ def main() -> None:
         r = load(packed=True, packed_kernel="int8r")
         row(f"packed int8r T={t:g}, native C step ({best_variant()})", logits_of(r, ids, args.chunk))
         if t == RESIDUAL_T:
+            r.model.kv_cache_dtype = torch.float16  # --kv-dtype float16
+            row(f"packed int8r T={t:g}, native, float16 KV cache", logits_of(r, ids, args.chunk))
+            r.model.kv_cache_dtype = None
             r.model.native_step = None
             row(f"packed int8r T={t:g}, eager blocks ({best_variant()})", logits_of(r, ids, args.chunk))
     packed_linear.ACT_RESIDUAL["int8r"] = RESIDUAL_T

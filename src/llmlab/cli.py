@@ -33,7 +33,8 @@ def _threads(text: str) -> int:
     return n
 
 
-def _add_load_flags(p: argparse.ArgumentParser, packed_default: bool = False, kernel_default: str = "int8r") -> None:
+def _add_load_flags(p: argparse.ArgumentParser, packed_default: bool = False, kernel_default: str = "int8r",
+                    kv_flag: bool = True) -> None:
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights/activations dtype (default: float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
@@ -49,11 +50,22 @@ def _add_load_flags(p: argparse.ArgumentParser, packed_default: bool = False, ke
                         "residual for every block (100%%, slower), float = float activations "
                         "(the reference's numbers to ~1e-4), reference = dequantize + matmul "
                         f"(default: {kernel_default})")
+    if kv_flag:
+        p.add_argument("--kv-dtype", default="float32", choices=["float32", "float16"],
+                       help="the KV cache's dtype: float16 halves the bytes each decode step reads (llama.cpp's "
+                            "default; faster with many sequences or long contexts), float32 keeps the model's "
+                            "keys and values exactly (default: float32)")
     p.add_argument("--threads", type=_threads, default=0, metavar="N",
                    help="CPU threads for PyTorch and the C kernels; 0 = one per physical core (default: 0)")
     # Deprecated spellings of --packed / --no-packed (llmlab 0.1 called it --fast); hidden from --help.
     p.add_argument("--fast", dest="packed", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-fast", dest="packed", action="store_false", help=argparse.SUPPRESS)
+
+
+def _load_options(args) -> dict:
+    """``llmlab.load`` keyword arguments from the flags of ``_add_load_flags``."""
+    return dict(dtype=args.dtype, device=_device(args), packed=args.packed, packed_kernel=args.packed_kernel,
+                kv_dtype=getattr(args, "kv_dtype", "float32"))
 
 
 def _add_decode_flags(p: argparse.ArgumentParser, default_max: int, chat: bool = False) -> None:
@@ -106,8 +118,7 @@ def cmd_info(args) -> int:
     from llmlab.api import load
     from llmlab.nn.packed_linear import kernel_status
 
-    info = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
-                packed_kernel=args.packed_kernel).info()
+    info = load(args.model, **_load_options(args)).info()
     info["packed_kernel"] = kernel_status()  # which C kernel runs packed linears here, or why none does
     if args.json:
         print(json.dumps(info, indent=2))
@@ -147,7 +158,7 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise LlmlabError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     kwargs = _decode_kwargs(args)
-    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed, packed_kernel=args.packed_kernel)
+    llm = load(args.model, **_load_options(args))
     stream = args.stream and args.beams == 1
     text = llm.generate(prompt, args.max_new_tokens, raw=args.raw, on_text=_write if stream else None, **kwargs)
     if not stream:
@@ -168,7 +179,7 @@ def cmd_chat(args) -> int:
     from llmlab.infer.repetition import RepetitionGuard
     from llmlab.infer.sample import SamplingParams
 
-    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed, packed_kernel=args.packed_kernel)
+    llm = load(args.model, **_load_options(args))
     chosen = {f.name: getattr(args, f.name) for f in fields(SamplingParams) if hasattr(args, f.name)}
     kwargs = _decode_kwargs(args, llm.chat_sampling(greedy=args.greedy, **chosen))
     guard = RepetitionGuard() if args.repetition_guard else None
@@ -219,7 +230,7 @@ def cmd_explore(args) -> int:
         raise LlmlabError("--steps, --top and --beams must be >= 1")
     if not args.prompt:
         raise LlmlabError("the prompt is empty: give some text")
-    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed, packed_kernel=args.packed_kernel)
+    llm = load(args.model, **_load_options(args))
     if args.packed:
         from llmlab.nn.packed_linear import keep_dense_
 
@@ -362,8 +373,7 @@ def cmd_rag(args) -> int:
         check_ratio(args.compress, "--compress")
     index = _builtin_index(args.index, RAG_INDEX, lambda: builtin_documents(Path(RAG_DOCS)),
                            "the Python help topics")
-    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
-               packed_kernel=args.packed_kernel)
+    llm = load(args.model, **_load_options(args))
     if not llm.config.is_causal:
         raise LlmlabError("rag needs a chat model to answer; this model is an encoder")
     rerank = (lambda q, passages: question_loglik(llm.model, llm.tokenizer, q, passages)) if args.rerank else None
@@ -412,8 +422,7 @@ def cmd_compress_prompt(args) -> int:
         return _compress_eval(args)
     check_ratio(args.ratio)
     text = _text_argument(args, "the prompt")
-    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
-               packed_kernel=args.packed_kernel)
+    llm = load(args.model, **_load_options(args))
     documents = paragraphs(text) if args.split else [text]
     result = compress(llm.model, llm.tokenizer, documents, args.ratio, question=args.question,
                       instruction=args.instruction, method=args.method or "llmlingua", window=args.window)
@@ -438,8 +447,7 @@ def cmd_detect(args) -> int:
         raise LlmlabError(f"--prefix-tokens {args.prefix_tokens}: give at least 1")
     thresholds = dg.read_thresholds(args.thresholds) if args.thresholds else (
         dg.DEFAULT_THRESHOLDS if args.model in (None, "smollm2-135m-instruct") else {})
-    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
-               packed_kernel=args.packed_kernel)
+    llm = load(args.model, **_load_options(args))
     stats = dg.score_text(llm.model, llm.tokenizer, text, args.prefix_tokens)
     rows = dg.verdicts(stats, thresholds)
     if args.json:
@@ -470,8 +478,7 @@ def _detect_eval(args) -> int:
     if not args.temperature > 0 or not 0 < args.top_p <= 1:
         raise LlmlabError(f"--temperature {args.temperature}, --top-p {args.top_p}: give a temperature > 0 and "
                           "a top-p in (0, 1]")
-    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
-               packed_kernel=args.packed_kernel)
+    llm = load(args.model, **_load_options(args))
     check_scorer(llm.model, "llmlab detect --eval")
     cfg = dg.SampleConfig(args.prefix_tokens, args.new_tokens, args.temperature, args.top_p, args.seed)
     passages = dg.eval_passages(llm.tokenizer, args.n, cfg)
@@ -502,8 +509,7 @@ def _compress_eval(args) -> int:
             from None
     for r in ratios:
         check_ratio(r, "--ratios")
-    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
-               packed_kernel=args.packed_kernel)
+    llm = load(args.model, **_load_options(args))
     items = needle_set(args.limit, docs=args.docs, chars=args.chars)
     methods = [args.method] if args.method else ["llmlingua", "longllmlingua"]
     rows = evaluate(llm, items, ratios, methods, max_new_tokens=args.max_new_tokens, window=args.window)
@@ -688,7 +694,7 @@ def _text_completer(args, max_tokens: int, max_n: int = 8, ban_stop: bool = Fals
     from llmlab.serve.engine import Engine, EngineConfig
     from llmlab.serve.offline import TextCompleter
 
-    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed, packed_kernel=args.packed_kernel)
+    llm = load(args.model, **_load_options(args))
     if not llm.config.is_causal or llm.tokenizer is None or llm.chat_template is None:
         raise LlmlabError(f"{args.model}: needs a text-generating chat model with a tokenizer")
     if args.packed:
@@ -1269,8 +1275,7 @@ def _kg_llm(args):
     from llmlab.api import load
     from llmlab.common import LlmlabError
 
-    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed,
-               packed_kernel=args.packed_kernel)
+    llm = load(args.model, **_load_options(args))
     if not llm.config.is_causal:
         raise LlmlabError("kg needs a chat model; this model is an encoder")
     return llm
@@ -1498,7 +1503,7 @@ def cmd_serve(args) -> int:
     from llmlab.serve.http import create_app
 
     _check_serve_flags(args)
-    llm = load(args.model, dtype=args.dtype, device=_device(args), packed=args.packed, packed_kernel=args.packed_kernel)
+    llm = load(args.model, **_load_options(args))
     if args.packed:
         from llmlab.nn.packed_linear import keep_dense_
 
@@ -1696,7 +1701,7 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="describe a model: architecture, size, tokenizer, template")
     s.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     s.add_argument("--json", action="store_true", help="print JSON instead of a table (default: off)")
-    _add_load_flags(s)
+    _add_load_flags(s, kv_flag=False)
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("generate", help="continue a prompt (greedy by default); prints only the new text")
@@ -2610,7 +2615,7 @@ def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, seconds to let running requests finish before aborting them "
                         "(default: 30)")
-    _add_load_flags(s, packed_default=True)
+    _add_load_flags(s, packed_default=True, kv_flag=False)  # the server's paged cache has its own pool
     s.set_defaults(func=cmd_serve)
     return p
 

@@ -74,6 +74,7 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.apply(self._init_weights)
         self.native_step = None  # models/native_step.py: the blocks in C on packed weights, where enabled
+        self.kv_cache_dtype: torch.dtype | None = None  # new_cache's default (None: the weights' dtype)
 
     def _embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """input_ids (B, T) -> the embeddings (B, T, dim) and the weight the head applies (None: ``lm_head`` as it
@@ -99,11 +100,13 @@ class DecoderLM(nn.Module):
         for block in self.layers:
             block.self_attn.impl = impl
 
-    def new_cache(self, batch: int, max_len: int | None = None) -> StaticKVCache:
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> StaticKVCache:
+        """A StaticKVCache for ``batch`` sequences of up to ``max_len`` positions, in ``dtype`` (default:
+        ``kv_cache_dtype``, else the weights' dtype)."""
         p = self.embed_tokens.weight
         cfg = self.config
         return StaticKVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim,
-                             dtype=p.dtype, device=p.device)
+                             dtype=dtype or self.kv_cache_dtype or p.dtype, device=p.device)
 
     def forward(self, input_ids: torch.Tensor | None, *, cache: StaticKVCache | None = None, start: int | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,

@@ -55,8 +55,10 @@ class LlamaBlockC(ctypes.Structure):
                 ("eps", ctypes.c_float), ("act_resid", ctypes.c_float)]
 
 
-# llama_block(w, x, B, T, cos, sin, k_cache, v_cache, max_len, start, key_mask, mask_stride, nthreads)
-BLOCK_ARGTYPES = [ctypes.POINTER(LlamaBlockC), _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _INT]
+# llama_block(w, x, B, T, cos, sin, k_cache, v_cache, kv_half, max_len, start, key_mask, mask_stride, nthreads)
+BLOCK_ARGTYPES = [ctypes.POINTER(LlamaBlockC), _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _INT, _I64, _I64, _PTR, _I64,
+                  _INT]
+KV_DTYPES = (torch.float32, torch.float16)  # the caches the C blocks read and write
 # norm_qlinear(kind, x, norm, eps, w, y, M, N, K, nthreads, resid)
 HEAD_ARGTYPES = [_INT, _PTR, _PTR, ctypes.c_float, _PTR, _PTR, _I64, _I64, _I64, _INT, ctypes.c_float]
 
@@ -68,6 +70,8 @@ def kernel_build() -> KernelBuild:
     if build.fn is not None:
         head = build.lib.norm_qlinear
         head.restype, head.argtypes = ctypes.c_int, HEAD_ARGTYPES
+        build.lib.float_to_half_rows.restype = None
+        build.lib.float_to_half_rows.argtypes = [_PTR, _PTR, _I64]
     return build
 
 
@@ -156,7 +160,7 @@ class NativeStep:
         hands the threads to the kernels on it)."""
         return (not torch.is_grad_enabled()
                 and model._modules is self.watch[0][0]  # not a shallow copy with other layers (a layer-skip draft)
-                and type(cache) is StaticKVCache and cache.k.dtype == torch.float32
+                and type(cache) is StaticKVCache and cache.k.dtype in KV_DTYPES and cache.v.dtype == cache.k.dtype
                 and cache.k.shape[0] == len(self.structs) and cache.k.is_contiguous()
                 and self.unchanged(model))
 
@@ -178,7 +182,9 @@ class NativeStep:
         cos, sin = (r.float().expand(B, T, -1).contiguous() for r in rope)  # (B, T, head_dim)
         mask = None if attention_mask is None else attention_mask.to(torch.uint8).contiguous()  # (B, S)
         mask_ptr, mask_stride = (None, 0) if mask is None else (mask.data_ptr(), mask.shape[1])
-        k_step, v_step = cache.k.stride(0) * 4, cache.v.stride(0) * 4  # bytes per layer
+        k_step = cache.k.stride(0) * cache.k.element_size()  # bytes per layer
+        v_step = cache.v.stride(0) * cache.v.element_size()
+        half = int(cache.k.dtype == torch.float16)
         k0, v0 = cache.k.data_ptr(), cache.v.data_ptr()
         threads = kernel_threads()
         step = max(1, CHUNK_ROWS // B)  # positions per chunk
@@ -187,7 +193,7 @@ class NativeStep:
             xc, cc, sc = (t[:, t0:t1].contiguous() for t in (x, cos, sin))  # (B, t1 - t0, ...)
             for i, s in enumerate(self.structs):
                 rc = self.fn(ctypes.byref(s), xc.data_ptr(), B, t1 - t0, cc.data_ptr(), sc.data_ptr(),
-                             k0 + i * k_step, v0 + i * v_step, cache.max_len, start + t0, mask_ptr, mask_stride,
+                             k0 + i * k_step, v0 + i * v_step, half, cache.max_len, start + t0, mask_ptr, mask_stride,
                              threads)
                 if rc != 0:
                     raise RuntimeError(f"llama_block failed with code {rc} in layer {i}")

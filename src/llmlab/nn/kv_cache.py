@@ -25,9 +25,10 @@ class StaticKVCache:
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
-        self.k[layer, :, :, start:end] = k
+        self.k[layer, :, :, start:end] = k  # rounded to the cache's dtype (a float16 cache for float32 k, v)
         self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, H_kv, end, D)
+        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, H_kv, end, D)
+        return keys.to(k.dtype), values.to(v.dtype)  # read back exactly in the model's dtype
 
     def reset(self) -> None:
         self.length = 0

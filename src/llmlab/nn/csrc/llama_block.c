@@ -11,7 +11,9 @@
  *   x  += (silu(g) * u) @ Wdown^T
  *
  * Shapes: x (B*T, dim) float32, updated in place; cos, sin (B*T, head_dim); k_cache, v_cache this layer's
- * (B, n_kv_heads, max_len, head_dim); key_mask (B, mask_stride) uint8 or NULL (1 = a real key).
+ * (B, n_kv_heads, max_len, head_dim), float32, or IEEE half with ``kv_half`` (llama.cpp's default F16 cache: half
+ * the bytes that every decode step reads; written rounded to nearest even, as PyTorch's .to(float16), and read
+ * back exactly); key_mask (B, mask_stride) uint8 or NULL (1 = a real key).
  */
 #include "qgemm.c"
 
@@ -55,6 +57,45 @@ static inline void rope(float *v, const float *cos, const float *sin, int64_t D)
         v[i] = a * cos[i] - b * sin[i];
         v[i + h] = b * cos[i + h] + a * sin[i + h];
     }
+}
+
+/* float -> IEEE half, rounded to nearest even (overflow to inf, subnormals kept), as F16C's vcvtps2ph and
+ * PyTorch's .to(float16); the portable build's integer version gives the same bits (tested against PyTorch). */
+static inline uint16_t float_to_half(float f) {
+#ifdef LLMLAB_X86
+    return (uint16_t)_cvtss_sh(f, 0);
+#else
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);  /* NaN */
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* at or past 65520, halfway to 2^16: inf */
+    if (a >= 0x38800000u) {                                  /* a normal half: rebias, round off 13 bits */
+        uint32_t m = a - 0x38000000u;
+        m += 0xfffu + ((m >> 13) & 1u);
+        return (uint16_t)(sign | (m >> 13));
+    }
+    if (a <= 0x33000000u) return (uint16_t)sign; /* at most 2^-25, half the smallest subnormal: to zero (even) */
+    const uint32_t e = a >> 23, mant = (a & 0x7fffffu) | 0x800000u, shift = 126u - e; /* units of 2^-24 */
+    uint32_t q = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1u), halfway = 1u << (shift - 1u);
+    q += rem > halfway || (rem == halfway && (q & 1u));
+    return (uint16_t)(sign | q);
+#endif
+}
+
+/* n floats -> IEEE halves (the cache write); exported for the tests. */
+void float_to_half_rows(const float *x, uint16_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = float_to_half(x[i]);
+}
+
+/* n IEEE halves -> floats, exactly (the attention's reads of a half cache). */
+static inline void half_to_float_rows(const uint16_t *h, float *out, int64_t n) {
+    int64_t i = 0;
+#ifdef LLMLAB_X86
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < n; i++) out[i] = half_to_float((const uint8_t *)(h + i));
 }
 
 /* e^x for the softmax and SiLU in plain C that every build vectorises (glibc's expf is one call per element),
@@ -212,17 +253,19 @@ static inline void weighted_values(const float *wa, int64_t na, float *oa, const
  * depend on which others share its work item: the same bits alone, in a batch, or in another chunking. */
 typedef struct {
     const LlamaBlock *w;
-    const float *qkv, *kc, *vc;
+    const float *qkv;
+    const void *kc, *vc; /* float, or IEEE half with kv_half */
     float *out;
     int64_t B, T, max_len, start, mask_stride;
     const uint8_t *key_mask;
+    int kv_half;
 } Attention;
 
 /* The work items [i0, i1) of attention(), item = (b * Hkv + hk) * nqb + qb. */
 static void attention_items(void *arg, int64_t i0, int64_t i1, int tid) {
     const Attention *a = (const Attention *)arg;
     const LlamaBlock *w = a->w;
-    const float *qkv = a->qkv, *kc = a->kc, *vc = a->vc;
+    const float *qkv = a->qkv;
     float *out = a->out;
     const int64_t T = a->T, max_len = a->max_len, start = a->start, mask_stride = a->mask_stride;
     const uint8_t *key_mask = a->key_mask;
@@ -235,10 +278,20 @@ static void attention_items(void *arg, int64_t i0, int64_t i1, int tid) {
     const float **qv = (const float **)malloc(sizeof(float *) * most);
     float **ov = (float **)malloc(sizeof(float *) * most);
     int64_t *pos = (int64_t *)malloc(sizeof(int64_t) * most);
+    /* a half cache: the item's keys and values converted to floats once, for all its queries */
+    float *kbuf = a->kv_half ? (float *)malloc(sizeof(float) * S * D) : NULL;
+    float *vbuf = a->kv_half ? (float *)malloc(sizeof(float) * S * D) : NULL;
     for (int64_t item = i0; item < i1; item++) {
         const int64_t b = item / (Hkv * nqb), hk = item / nqb % Hkv, qb = item % nqb;
         const int64_t t0 = qb * QROWS, nt = T - t0 < QROWS ? T - t0 : QROWS, nq = nt * rep;
-        const float *K = kc + (b * Hkv + hk) * max_len * D, *V = vc + (b * Hkv + hk) * max_len * D;
+        const int64_t head = (b * Hkv + hk) * max_len * D, last = start + t0 + nt - 1; /* the item's last key */
+        const float *K = kbuf, *V = vbuf;
+        if (a->kv_half) {
+            half_to_float_rows((const uint16_t *)a->kc + head, kbuf, (last + 1) * D);
+            half_to_float_rows((const uint16_t *)a->vc + head, vbuf, (last + 1) * D);
+        } else {
+            K = (const float *)a->kc + head, V = (const float *)a->vc + head;
+        }
         const uint8_t *km = key_mask ? key_mask + b * mask_stride : NULL;
         for (int64_t j = 0; j < nq; j++) {
             const int64_t t = t0 + j / rep, h = hk * rep + j % rep;
@@ -246,7 +299,6 @@ static void attention_items(void *arg, int64_t i0, int64_t i1, int tid) {
             ov[j] = out + (b * T + t) * H * D + h * D;
             pos[j] = start + t;
         }
-        const int64_t last = start + t0 + nt - 1;
         for (int64_t s0 = 0; s0 <= last; s0 += 8) { /* 8 keys at a time: loaded once for the item's queries */
             const int64_t ns = last + 1 - s0 < 8 ? last + 1 - s0 : 8;
             for (int64_t j = 0; j < nq; j++) {
@@ -279,19 +331,19 @@ static void attention_items(void *arg, int64_t i0, int64_t i1, int tid) {
             weighted_values(p + j * S, pos[j] + 1, ov[j], p + (j + 1) * S, j + 1 < nq ? pos[j + 1] + 1 : 0,
                             j + 1 < nq ? ov[j + 1] : NULL, V, D);
     }
-    free(p), free(qv), free(ov), free(pos);
+    free(p), free(qv), free(ov), free(pos), free(kbuf), free(vbuf);
 }
 
-static void attention(const LlamaBlock *w, const float *qkv, float *out, int64_t B, int64_t T, const float *kc,
-                      const float *vc, int64_t max_len, int64_t start, const uint8_t *key_mask,
+static void attention(const LlamaBlock *w, const float *qkv, float *out, int64_t B, int64_t T, const void *kc,
+                      const void *vc, int kv_half, int64_t max_len, int64_t start, const uint8_t *key_mask,
                       int64_t mask_stride, int nthreads) {
-    Attention a = {w, qkv, kc, vc, out, B, T, max_len, start, mask_stride, key_mask};
+    Attention a = {w, qkv, kc, vc, out, B, T, max_len, start, mask_stride, key_mask, kv_half};
     const int64_t items = B * w->n_kv_heads * ((T + QROWS - 1) / QROWS);
     pool_for_chunks(items, items, nthreads, attention_items, &a); /* one item a claim: later positions cost more */
 }
 
 int llama_block(const LlamaBlock *w, float *x, int64_t B, int64_t T, const float *cos, const float *sin,
-                float *k_cache, float *v_cache, int64_t max_len, int64_t start, const uint8_t *key_mask,
+                void *k_cache, void *v_cache, int kv_half, int64_t max_len, int64_t start, const uint8_t *key_mask,
                 int64_t mask_stride, int nthreads) {
     const int64_t M = B * T, dim = w->dim, H = w->n_heads, Hkv = w->n_kv_heads, D = w->head_dim;
     const int64_t F = w->ffn_dim, width = (H + 2 * Hkv) * D;
@@ -317,11 +369,16 @@ int llama_block(const LlamaBlock *w, float *x, int64_t B, int64_t T, const float
         for (int64_t h = 0; h < H + Hkv; h++) rope(r + h * D, cos + row * D, sin + row * D, D);
         for (int64_t h = 0; h < Hkv; h++) {
             const int64_t at = ((b * Hkv + h) * max_len + pos) * D;
-            memcpy(k_cache + at, r + (H + h) * D, sizeof(float) * D);
-            memcpy(v_cache + at, r + (H + Hkv + h) * D, sizeof(float) * D);
+            if (kv_half) {
+                float_to_half_rows(r + (H + h) * D, (uint16_t *)k_cache + at, D);
+                float_to_half_rows(r + (H + Hkv + h) * D, (uint16_t *)v_cache + at, D);
+            } else {
+                memcpy((float *)k_cache + at, r + (H + h) * D, sizeof(float) * D);
+                memcpy((float *)v_cache + at, r + (H + Hkv + h) * D, sizeof(float) * D);
+            }
         }
     }
-    attention(w, qkv, att, B, T, k_cache, v_cache, max_len, start, key_mask, mask_stride, nthreads);
+    attention(w, qkv, att, B, T, k_cache, v_cache, kv_half, max_len, start, key_mask, mask_stride, nthreads);
     quantize_rows(att, H * D, NULL, 0.0f, M, H * D, resid, ha.q, ha.d, ha.s, nthreads);
     rc = qgemm_multi(1, &w->kind_o, &w->w_o, &dim, ha.q, ha.d, ha.s, res, M, H * D, x, dim, 1, nthreads);
     if (rc) goto done;
