@@ -272,7 +272,7 @@ def load(source: str | Path | None = None, *, dtype: str = "float32", device: st
     models) through ``packed_kernel``: ``"int8r"`` (the default: integer dot products on Q8-quantized
     activations plus a residual Q8 block where a block has an outlier, and the whole decode step in C,
     ``llmlab.models.native_step``; perplexity within 0.2% of the reference, the top token the reference's at
-    99.4% of positions), ``"int8"`` (llama.cpp's arithmetic, no residual: the fastest, 97.5%, +0.6% perplexity),
+    99.1-99.4% of positions), ``"int8"`` (llama.cpp's arithmetic, no residual: the fastest, 97.5%, +0.6% perplexity),
     ``"int8x2"`` (a residual for every block: 100%), ``"float"`` (float activations: logits within ~1e-4 of the
     reference path) or ``"reference"`` (dequantize + ``F.linear``). See ``llmlab.nn.packed_linear``.
     ``kv_dtype``: the KV caches ``model.new_cache`` makes, "float32" (default) or "float16" (half the bytes that

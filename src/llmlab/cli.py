@@ -45,7 +45,7 @@ def _add_load_flags(p: argparse.ArgumentParser, packed_default: bool = False, ke
     p.add_argument("--packed-kernel", default=kernel_default, choices=["int8r", "int8", "int8x2", "float", "reference"],
                    help="with --packed: int8r = integer dot products on 8-bit activations, plus a second 8-bit "
                         "block (the rounding error) where a block has an outlier, and the decode step in C (the "
-                        "reference's top token at 99.4%% of positions, perplexity within 0.2%%), int8 = the same "
+                        "reference's top token at 99.1-99.4%% of positions, perplexity within 0.2%%), int8 = the same "
                         "without the residual, llama.cpp's arithmetic (fastest at batch; 97.5%%), int8x2 = a "
                         "residual for every block (100%%, slower), float = float activations "
                         "(the reference's numbers to ~1e-4), reference = dequantize + matmul "

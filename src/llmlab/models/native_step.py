@@ -9,7 +9,8 @@ SwiGLU, the down projection and residual) on the same packed blocks and integer 
 final norm is fused into the head's quantization too.
 
 ``DecoderLM.forward`` hands its blocks to the native step when ``NativeStep.accepts`` the call: no
-gradient, float32 on CPU, a ``StaticKVCache``, an optional (B, S) key mask, and every block still made of the
+gradient, float32 on CPU, a ``StaticKVCache`` (float32, or float16: ``load(kv_dtype="float16")``, written
+rounded and read back exactly in C), an optional (B, S) key mask, and every block still made of the
 PackedLinears (one integer impl for all, no bias) the step was built from: a LoRA wrapper, another ``impl`` or a
 replaced layer sends the call back to the eager blocks, which stay the reference (tested: logits within 1e-3 of the
 eager int8 blocks, the same greedy text on the real model). Prefill runs here too, in chunks of

@@ -191,6 +191,19 @@ static inline void scores8(const float *a, const float *b, int64_t ldb, int64_t 
 
 static inline f8 splat8(float x) { return (f8){x, x, x, x, x, x, x, x}; }
 
+/* The largest of p[0..n): 8 lanes of maxps (maxps(a, m) = a > m ? a : m, the portable loop's select), then the
+ * lanes; a maximum does not depend on the order (but for the sign of a zero, which e^(x - m) does not see). */
+static inline float max_of(const float *p, int64_t n) {
+    __m256 v = _mm256_set1_ps(-INFINITY);
+    int64_t s = 0;
+    for (; s + 8 <= n; s += 8) v = _mm256_max_ps(_mm256_loadu_ps(p + s), v);
+    float lane[8], m = -INFINITY;
+    _mm256_storeu_ps(lane, v);
+    for (int l = 0; l < 8; l++) m = lane[l] > m ? lane[l] : m;
+    for (; s < n; s++) m = p[s] > m ? p[s] : m;
+    return m;
+}
+
 /* oa (D) = sum_s wa[s] V[s] over the na keys, and ob likewise over nb keys when ob is not NULL (V rows D apart):
  * each column summed in key order from 0 (the portable loop's order), 32 columns at a time, the two queries
  * sharing each loaded V row. */
@@ -232,6 +245,12 @@ static inline void weighted_values(const float *wa, int64_t na, float *oa, const
     }
 }
 #else
+static inline float max_of(const float *p, int64_t n) {
+    float m = -INFINITY;
+    for (int64_t s = 0; s < n; s++) m = p[s] > m ? p[s] : m;
+    return m;
+}
+
 static inline void weighted_values(const float *wa, int64_t na, float *oa, const float *wb, int64_t nb, float *ob,
                                    const float *V, int64_t D) {
     for (int q = 0; q < (ob ? 2 : 1); q++) {
@@ -318,8 +337,7 @@ static void attention_items(void *arg, int64_t i0, int64_t i1, int tid) {
             const int64_t n = pos[j] + 1;
             if (km)
                 for (int64_t s = 0; s < n - 1; s++) pj[s] = km[s] ? pj[s] : -INFINITY; /* padding; a query sees itself */
-            float m = -INFINITY;
-            for (int64_t s = 0; s < n; s++) m = pj[s] > m ? pj[s] : m; /* a maximum: the same in any order */
+            const float m = max_of(pj, n);
             for (int64_t s = 0; s < n; s++) { /* no reduction, no branch: vectorised */
                 const float e = exp_poly(pj[s] - m);
                 pj[s] = pj[s] == -INFINITY ? 0.0f : e;
