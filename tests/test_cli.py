@@ -67,6 +67,7 @@ def test_generate_reads_stdin_and_raw(smollm_path):
     (["info", "--dtype", "float8"], "invalid choice"),
     (["info", "--device", "tpu9"], "unknown device"),
     (["frobnicate"], "invalid choice"),
+    (["generate", "hi", "--kv-dtype", "bfloat16"], "invalid choice"),
 ])
 def test_usage_errors_exit_2_one_line(args, needle, smollm_path):
     proc = run(*args)
@@ -74,6 +75,15 @@ def test_usage_errors_exit_2_one_line(args, needle, smollm_path):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_kv_dtype(smollm_path, minilm_path):
+    """--kv-dtype float16 generates on the half cache; an encoder has no KV cache to set: one line, exit 2."""
+    proc = run("generate", "--raw", "--max-new-tokens", "6", "--kv-dtype", "float16", "The capital of France is")
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+    proc = run("generate", "hi", "--model", "all-minilm-l6-v2", "--kv-dtype", "float16")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc
+    assert len(proc.stderr.splitlines()) == 1 and "--kv-dtype float16" in proc.stderr, proc.stderr
 
 
 def test_prompt_longer_than_context(tmp_path):

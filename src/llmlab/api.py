@@ -263,6 +263,7 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 KV_DTYPES = {"float32": None, "float16": torch.float16}  # kv_dtype -> DecoderLM.kv_cache_dtype (None: the weights')
 
+
 def load(source: str | Path | None = None, *, dtype: str = "float32", device: str = "cpu",
          attn_impl: str = "sdpa", use_tokenizers_lib: bool = True, packed: bool = False,
          packed_kernel: str = "int8r", kv_dtype: str = "float32") -> LLM:
@@ -276,8 +277,9 @@ def load(source: str | Path | None = None, *, dtype: str = "float32", device: st
     ``"int8x2"`` (a residual for every block: 100%), ``"float"`` (float activations: logits within ~1e-4 of the
     reference path) or ``"reference"`` (dequantize + ``F.linear``). See ``llmlab.nn.packed_linear``.
     ``kv_dtype``: the KV caches ``model.new_cache`` makes, "float32" (default) or "float16" (half the bytes that
-    every decode step reads, as llama.cpp's default cache; the C step writes and reads it too: batch 32 decodes
-    faster, the logits move by about the keys' and values' half-precision rounding, README).
+    every decode step reads and holds, as llama.cpp's default cache; the C step writes and reads it too; the speed
+    gain at batch was not consistent in the README's runs, and the logits move by the keys' and values'
+    half-precision rounding).
     ``use_tokenizers_lib`` lets ``encode_batch`` go through Hugging Face ``tokenizers`` when installed."""
     if packed_kernel not in IMPLS:
         raise LlmlabError(f"packed_kernel must be one of {', '.join(IMPLS)}, not {packed_kernel!r}")

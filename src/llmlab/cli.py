@@ -52,9 +52,9 @@ def _add_load_flags(p: argparse.ArgumentParser, packed_default: bool = False, ke
                         f"(default: {kernel_default})")
     if kv_flag:
         p.add_argument("--kv-dtype", default="float32", choices=["float32", "float16"],
-                       help="the KV cache's dtype: float16 halves the bytes each decode step reads (llama.cpp's "
-                            "default; faster with many sequences or long contexts), float32 keeps the model's "
-                            "keys and values exactly (default: float32)")
+                       help="the KV cache's dtype: float16 halves the cache's memory and the bytes each decode step "
+                            "reads (llama.cpp's default; the README measures its speed and quality), float32 keeps "
+                            "the model's keys and values exactly (default: float32)")
     p.add_argument("--threads", type=_threads, default=0, metavar="N",
                    help="CPU threads for PyTorch and the C kernels; 0 = one per physical core (default: 0)")
     # Deprecated spellings of --packed / --no-packed (llmlab 0.1 called it --fast); hidden from --help.
