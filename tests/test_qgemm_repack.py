@@ -56,7 +56,8 @@ def _repack(lib, tid: int, raw: torch.Tensor, K: int) -> torch.Tensor:
 
 def _numpy_repack(tid: int, raw: np.ndarray, K: int) -> np.ndarray:
     """The layout written out by hand: group-blocks (g, b) of d[8] | m[8] | qh[8] u32 | qs, chunk j of row n at
-    bytes 4n..4n+3 of vector j (Q8_0) or of vector j % 4 (Q4/Q5 nibbles); bit 4n + i of qh[j] = bit 4j + i."""
+    bytes 4n..4n+3 of vector j (Q8_0) or of vector j % 4 (Q4/Q5 nibbles); bit 4n + i of qh[j] = bit 4j + i; groups
+    2p and 2p + 1 alternate block by block (0 of 2p, 0 of 2p + 1, 1 of 2p, ...), a last odd group alone."""
     bb, nb = BLOCK[tid], K // 32
     N = raw.shape[0]
     G = -(-N // 8)
@@ -64,25 +65,28 @@ def _numpy_repack(tid: int, raw: np.ndarray, K: int) -> np.ndarray:
     blocks[:N] = raw.reshape(N, nb, bb)
     hm, q5 = tid in (3, 7), tid in (6, 7)
     out = []
-    for g in range(G):
-        for b in range(nb):
-            rows = blocks[g * 8:(g + 1) * 8, b]  # (8, bb)
-            parts = [rows[:, 0:2].reshape(-1)]
-            if hm:
-                parts.append(rows[:, 2:4].reshape(-1))
-            at = 2 + 2 * hm
-            if q5:
-                qh = rows[:, at:at + 4].copy().view("<u4").reshape(8)
-                words = np.zeros(8, "<u4")
-                for j in range(8):
-                    for n in range(8):
-                        words[j] |= ((int(qh[n]) >> (4 * j)) & 0xF) << (4 * n)
-                parts.append(words.view(np.uint8))
-                at += 4
-            qs = rows[:, at:]  # (8, 16 or 32)
-            for j in range(qs.shape[1] // 4):
-                parts.append(qs[:, 4 * j:4 * j + 4].reshape(-1))
-            out.append(np.concatenate(parts))
+    order = []  # (g, b): pairs of groups alternate block by block; a last unpaired group runs alone
+    for p in range(0, G, 2):
+        pair = [g for g in (p, p + 1) if g < G]
+        order += [(g, b) for b in range(nb) for g in pair]
+    for g, b in order:
+        rows = blocks[g * 8:(g + 1) * 8, b]  # (8, bb)
+        parts = [rows[:, 0:2].reshape(-1)]
+        if hm:
+            parts.append(rows[:, 2:4].reshape(-1))
+        at = 2 + 2 * hm
+        if q5:
+            qh = rows[:, at:at + 4].copy().view("<u4").reshape(8)
+            words = np.zeros(8, "<u4")
+            for j in range(8):
+                for n in range(8):
+                    words[j] |= ((int(qh[n]) >> (4 * j)) & 0xF) << (4 * n)
+            parts.append(words.view(np.uint8))
+            at += 4
+        qs = rows[:, at:]  # (8, 16 or 32)
+        for j in range(qs.shape[1] // 4):
+            parts.append(qs[:, 4 * j:4 * j + 4].reshape(-1))
+        out.append(np.concatenate(parts))
     return np.concatenate(out)
 
 

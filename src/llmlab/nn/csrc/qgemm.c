@@ -16,14 +16,14 @@
  * little-endian u32, bit j for weight j.
  *
  * One source, several builds, chosen at run time from the CPU's features (nn/packed_linear.py):
- *   LLMLAB_AVX512VNNI  256-bit vpdpbusd (AVX512-VNNI + VL)     LLMLAB_AVXVNNI  256-bit vpdpbusd (AVX-VNNI)
+ *   LLMLAB_AVX512VNNI  512-bit vpdpbusd on pairs of groups     LLMLAB_AVXVNNI  256-bit vpdpbusd (AVX-VNNI)
  *   LLMLAB_AVX2        vpmaddubsw + vpmaddwd                   (none)          portable C, any CPU
  * The weights are repacked once (qrepack, at load) so that 8 output rows' blocks are interleaved: one broadcast of 4
  * activation bytes feeds 8 output rows in one vpdpbusd / vpmaddubsw, each unpacked weight vector serves a tile of
  * up to RT rows of x (batched decode of many streams, speculative verification, chunked prefill), and the block's
- * float scaling is done for 8 outputs at once. Groups of 8 output rows are split across threads (pool.h): one
- * parallel loop per call, also for several matrices sharing one input (Q, K and V; gate and up), whose outputs
- * are written side by side.
+ * float scaling is done for 8 outputs at once (16 in the AVX-512 build, which takes two groups at a time). Groups
+ * of 8 output rows are split across threads (pool.h): one parallel loop per call, also for several matrices sharing
+ * one input (Q, K and V; gate and up), whose outputs are written side by side.
  *
  * Shapes: x (M, K) float32; w (N, K / 32 * block bytes) uint8 (GGML blocks; qrepack_bytes() repacked);
  * y (M, ldy) float32, columns [0, N) written.
@@ -186,7 +186,8 @@ void quantize_rows(const float *x, int64_t ldx, const float *norm, float eps, in
 /* qrepack() regroups a matrix's blocks so that one 32-byte vector holds 4 consecutive weights of 8 output rows
  * (llama.cpp's interleaved "q4_0_8x8"-style repacks in ggml-cpu/repack.cpp, here with 4-byte chunks, the
  * operand of one vpdpbusd / vpmaddubsw against 4 broadcast activation bytes). Group g (output rows 8g..8g+7,
- * zero rows past N) and block b form one group-block of 8 * block_bytes bytes, group-major (g, b):
+ * zero rows past N) and block b form one group-block of 8 * block_bytes bytes, in pairs of groups whose blocks
+ * alternate (group_block):
  *
  *   d[8] f16 | m[8] f16 (Q4_1, Q5_1) | qh[8] u32 (Q5) | qs: Q4/Q5 4 x 32 bytes, Q8_0 8 x 32 bytes
  *
@@ -222,6 +223,15 @@ static int has_min(int kind) { return kind == Q4_1 || kind == Q5_1; }
 static int is_q5(int kind) { return kind == Q5_0 || kind == Q5_1; }
 
 /* The bytes of the repacked copy of an (N, K) matrix: whole groups of 8 rows. */
+/* The index of group g's block b among a repacked matrix's group-blocks (G groups, nb blocks a row): groups are
+ * paired, 2p and 2p + 1, and a pair's blocks alternate (block b of 2p, block b of 2p + 1, block b + 1 of 2p, ...),
+ * so the 512-bit build reads a pair as one stream (two streams a few KB apart had halved the memory bandwidth of a
+ * batch-1 step); a last, unpaired group (G odd) has its blocks in a row. */
+static inline int64_t group_block(int64_t g, int64_t b, int64_t nb, int64_t G) {
+    const int64_t width = g - g % 2 + 1 < G ? 2 : 1;
+    return (g - g % 2) * nb + b * width + g % 2;
+}
+
 int64_t qrepack_bytes(int kind, int64_t N, int64_t K) { return (N + NR - 1) / NR * NR * (K / QK) * block_bytes(kind); }
 
 /* w (N, K / 32 * block bytes) GGML blocks -> out (qrepack_bytes) in the interleaved layout above. */
@@ -229,9 +239,10 @@ int qrepack(int kind, const uint8_t *w, int64_t N, int64_t K, uint8_t *out) {
     const int64_t bb = block_bytes(kind), nb = K / QK, gbytes = NR * bb;
     if (!bb || K % QK) return -1;
     const int64_t qo = qs_offset(kind), hm = has_min(kind), q5 = is_q5(kind);
-    for (int64_t g = 0; g < (N + NR - 1) / NR; g++)
+    const int64_t G = (N + NR - 1) / NR;
+    for (int64_t g = 0; g < G; g++)
         for (int64_t b = 0; b < nb; b++) {
-            uint8_t *o = out + (g * nb + b) * gbytes;
+            uint8_t *o = out + group_block(g, b, nb, G) * gbytes;
             memset(o, 0, (size_t)gbytes);
             for (int n = 0; n < NR && g * NR + n < N; n++) {
                 const uint8_t *blk = w + ((g * NR + n) * nb + b) * bb;
@@ -367,15 +378,14 @@ INLINE int32_t xsum_factor(const int kind) {
 
 /* One group (8 output rows, rg its repacked blocks) times R activation rows m0..m0+R-1; with ``res`` each row's
  * flagged residual blocks too (q, d, s, xs then hold M residual rows after the M rows, quantize_rows). */
-INLINE void group_tile(const int kind, const int R, const int res, const uint8_t *rg, int64_t nb, const int8_t *q,
-                       const float *d, const float *s, const int32_t *xs, int64_t M, int64_t m0, float *y,
-                       int64_t ldy, int cnt, int accumulate) {
-    const int64_t gbytes = NR * block_bytes(kind);
+INLINE void group_tile(const int kind, const int R, const int res, const uint8_t *rg, int64_t stride, int64_t nb,
+                       const int8_t *q, const float *d, const float *s, const int32_t *xs, int64_t M, int64_t m0,
+                       float *y, int64_t ldy, int cnt, int accumulate) {
     const int32_t f = xsum_factor(kind);
     __m256 acc[RT];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *gb = rg + b * gbytes;
+        const uint8_t *gb = rg + b * stride;
         __m256i w[8];
         load_weights(kind, gb, w);
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gb));
@@ -407,19 +417,93 @@ INLINE void group_tile(const int kind, const int R, const int res, const uint8_t
         store_lanes(v, y + (m0 + r) * ldy, cnt, accumulate);
     }
 }
+
+#if defined(LLMLAB_AVX512VNNI)
+#define PAIRS 1 /* this build multiplies two groups at a time (group_pair_tile) */
+#define RT2 6   /* activation rows per pair tile */
+
+/* Two groups' 8-row vectors side by side: lanes 0-7 group g, lanes 8-15 group g + 1. */
+INLINE __m512i pair_i(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
+INLINE __m512 pair_halves(const uint8_t *a, const uint8_t *b) {
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a)),
+                                                   _mm_loadu_si128((const __m128i *)b), 1));
+}
+
+/* group_isum for 16 output rows: each broadcast of 4 activation bytes feeds both groups in one 512-bit vpdpbusd. */
+INLINE __m512i pair_isum(const __m512i *w, const int8_t *x, __m512i init) {
+    __m512i a = init, c = _mm512_setzero_si512();
+    for (int j = 0; j < 8; j += 2) {
+        int32_t v0, v1;
+        memcpy(&v0, x + 4 * j, 4);
+        memcpy(&v1, x + 4 * j + 4, 4);
+        a = _mm512_dpbusd_epi32(a, w[j], _mm512_set1_epi32(v0));
+        c = _mm512_dpbusd_epi32(c, w[j + 1], _mm512_set1_epi32(v1));
+    }
+    return _mm512_add_epi32(a, c);
+}
+
+/* group_tile for a pair of groups at once (rg: their alternating blocks, group_block; 8 rows and the next cnt1): the
+ * same operations lane by lane, in the same order, so the same bits; each activation broadcast, and each epilogue
+ * instruction, serves 16 outputs instead of 8. On Zen 4, which runs a 512-bit vpdpbusd at half the rate of a 256-bit
+ * one, this still took a 32-row Q4_1 product from 103 to 122 GMAC/s on one core: the broadcasts and the epilogue, not
+ * the dot products, had been the bound. */
+INLINE void group_pair_tile(const int kind, const int R, const int res, const uint8_t *rg, int64_t nb,
+                            const int8_t *q, const float *d, const float *s, const int32_t *xs, int64_t M, int64_t m0,
+                            float *y, int64_t ldy, int cnt1, int accumulate) {
+    const int64_t gbytes = NR * block_bytes(kind);
+    const int32_t f = xsum_factor(kind);
+    __m512 acc[RT2];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *ga = rg + 2 * b * gbytes, *gb = ga + gbytes; /* the pair's block b, side by side */
+        __m256i wa[8], wb[8];
+        __m512i w[8];
+        load_weights(kind, ga, wa);
+        load_weights(kind, gb, wb);
+        for (int j = 0; j < 8; j++) w[j] = pair_i(wa[j], wb[j]);
+        const __m512 dw = pair_halves(ga, gb);
+        const __m512 mw = has_min(kind) ? pair_halves(ga + 16, gb + 16) : _mm512_setzero_ps();
+        for (int r = 0; r < R; r++) {
+            const int64_t m = m0 + r;
+            const __m512i init = f ? _mm512_set1_epi32(f * xs[b * M + m]) : _mm512_setzero_si512();
+            const __m512i isum = pair_isum(w, q + (m * nb + b) * QK, init);
+            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(d[b * M + m]));
+            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), scale));
+            if (has_min(kind)) acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(mw, _mm512_set1_ps(s[b * M + m])));
+            if (res) {
+                const int64_t i2 = nb * M + b * M + m;
+                const float d2 = d[i2];
+                if (d2 != 0.0f) {
+                    const __m512i init2 = f ? _mm512_set1_epi32(f * xs[i2]) : _mm512_setzero_si512();
+                    const __m512i isum2 = pair_isum(w, q + ((M + m) * nb + b) * QK, init2);
+                    const __m512 scale2 = _mm512_mul_ps(dw, _mm512_set1_ps(d2));
+                    acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_cvtepi32_ps(isum2), scale2));
+                    if (has_min(kind)) acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(mw, _mm512_set1_ps(s[i2])));
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float v[2 * NR];
+        _mm512_storeu_ps(v, acc[r]);
+        store_lanes(v, y + (m0 + r) * ldy, NR, accumulate);
+        store_lanes(v + NR, y + (m0 + r) * ldy + NR, cnt1, accumulate);
+    }
+}
+#endif
 #else
 #define INLINE static inline
 
 /* The x86 builds' arithmetic lane by lane (exact integer sums, then the same float operations in the same order),
  * so every build gives bit-identical results (tested). */
-static inline void group_tile(const int kind, const int R, const int res, const uint8_t *rg, int64_t nb,
-                              const int8_t *q, const float *d, const float *s, const int32_t *xs, int64_t M,
-                              int64_t m0, float *y, int64_t ldy, int cnt, int accumulate) {
-    const int64_t gbytes = NR * block_bytes(kind), qo = qs_offset(kind);
+static inline void group_tile(const int kind, const int R, const int res, const uint8_t *rg, int64_t stride,
+                              int64_t nb, const int8_t *q, const float *d, const float *s, const int32_t *xs,
+                              int64_t M, int64_t m0, float *y, int64_t ldy, int cnt, int accumulate) {
+    const int64_t qo = qs_offset(kind);
     const int z = zero_point(kind), hm = has_min(kind), q5 = is_q5(kind);
     float acc[RT][NR] = {{0}};
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *gb = rg + b * gbytes;
+        const uint8_t *gb = rg + b * stride;
         int32_t w[NR][QK]; /* row n's codes (signed for Q8_0) */
         float dw[NR], mw[NR];
         for (int n = 0; n < NR; n++) {
@@ -476,11 +560,11 @@ static inline void group_tile(const int kind, const int R, const int res, const 
 /* One group times every row of x, RT rows at a time; kind, tile size and ``res`` are constants in each
  * instantiation, so the accumulators stay in registers and int8 (no residual rows) pays nothing for the option. */
 #define TILES(KIND, RES)                                                                                       \
-    for (; m0 + RT <= M; m0 += RT) group_tile(KIND, RT, RES, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc);    \
+    for (; m0 + RT <= M; m0 += RT) group_tile(KIND, RT, RES, rg, stride, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc);    \
     switch (M - m0) {                                                                                          \
-    case 3: group_tile(KIND, 3, RES, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                     \
-    case 2: group_tile(KIND, 2, RES, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                     \
-    case 1: group_tile(KIND, 1, RES, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                     \
+    case 3: group_tile(KIND, 3, RES, rg, stride, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                     \
+    case 2: group_tile(KIND, 2, RES, rg, stride, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                     \
+    case 1: group_tile(KIND, 1, RES, rg, stride, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                     \
     }
 #define GROUP_CASE(KIND)                                                                                       \
     case KIND:                                                                                                 \
@@ -491,8 +575,44 @@ static inline void group_tile(const int kind, const int R, const int res, const 
         }                                                                                                      \
         break;
 
-static void group_times_x(int kind, int res, const uint8_t *rg, int64_t nb, const int8_t *q, const float *d,
-                          const float *s, const int32_t *xs, int64_t M, float *y, int64_t ldy, int cnt, int acc) {
+#ifdef PAIRS
+#define PAIR_TILES(KIND, RES)                                                                                  \
+    for (; m0 + RT2 <= M; m0 += RT2) group_pair_tile(KIND, RT2, RES, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc);\
+    switch (M - m0) {                                                                                          \
+    case 5: group_pair_tile(KIND, 5, RES, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                \
+    case 4: group_pair_tile(KIND, 4, RES, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                \
+    case 3: group_pair_tile(KIND, 3, RES, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                \
+    case 2: group_pair_tile(KIND, 2, RES, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                \
+    case 1: group_pair_tile(KIND, 1, RES, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                \
+    }
+#define PAIR_CASE(KIND)                                                                                        \
+    case KIND:                                                                                                 \
+        if (res) {                                                                                             \
+            PAIR_TILES(KIND, 1)                                                                                \
+        } else {                                                                                               \
+            PAIR_TILES(KIND, 0)                                                                                \
+        }                                                                                                      \
+        break;
+
+/* A pair of groups of one matrix (rg: their alternating blocks, group_block; the second's cnt rows) times every row
+ * of x. */
+static void pair_times_x(int kind, int res, const uint8_t *rg, int64_t nb, const int8_t *q, const float *d,
+                         const float *s, const int32_t *xs, int64_t M, float *y, int64_t ldy, int cnt, int acc) {
+    int64_t m0 = 0;
+    switch (kind) {
+        PAIR_CASE(Q4_0)
+        PAIR_CASE(Q4_1)
+        PAIR_CASE(Q5_0)
+        PAIR_CASE(Q5_1)
+        PAIR_CASE(Q8_0)
+    }
+}
+#endif
+
+/* One group (rg: its block 0, the next ``stride`` bytes on) times every row of x. */
+static void group_times_x(int kind, int res, const uint8_t *rg, int64_t stride, int64_t nb, const int8_t *q,
+                          const float *d, const float *s, const int32_t *xs, int64_t M, float *y, int64_t ldy,
+                          int cnt, int acc) {
     int64_t m0 = 0;
     switch (kind) {
         GROUP_CASE(Q4_0)
@@ -525,10 +645,20 @@ static void qgemm_groups(void *arg, int64_t g0, int64_t g1, int tid) {
     for (int64_t g = g0; g < g1; g++) {
         int j = 0;
         while (g >= a->first[j + 1]) j++;
-        const int64_t n0 = (g - a->first[j]) * NR, left = a->N[j] - n0;
-        const uint8_t *rg = a->w[j] + (g - a->first[j]) * a->nb * NR * block_bytes(a->kinds[j]);
-        group_times_x(a->kinds[j], a->res, rg, a->nb, a->q, a->d, a->s, a->xs, a->M, a->y + a->col[j] + n0, a->ldy,
-                      left < NR ? (int)left : NR, a->accumulate);
+        const int64_t gl = g - a->first[j], G = a->first[j + 1] - a->first[j], n0 = gl * NR, left = a->N[j] - n0;
+        const int64_t gbytes = NR * block_bytes(a->kinds[j]);
+        const uint8_t *rg = a->w[j] + group_block(gl, 0, a->nb, G) * gbytes;
+#ifdef PAIRS
+        if (gl % 2 == 0 && gl + 1 < G && g + 1 < g1) { /* the pair's second group is this thread's too */
+            pair_times_x(a->kinds[j], a->res, rg, a->nb, a->q, a->d, a->s, a->xs, a->M, a->y + a->col[j] + n0,
+                         a->ldy, left - NR < NR ? (int)(left - NR) : NR, a->accumulate);
+            g++;
+            continue;
+        }
+#endif
+        const int64_t stride = (group_block(gl, 1, a->nb, G) - group_block(gl, 0, a->nb, G)) * gbytes;
+        group_times_x(a->kinds[j], a->res, rg, stride, a->nb, a->q, a->d, a->s, a->xs, a->M, a->y + a->col[j] + n0,
+                      a->ldy, left < NR ? (int)left : NR, a->accumulate);
     }
 }
 
