@@ -41,6 +41,7 @@ def libs():
         lib = build.lib
         lib.qlinear_repacked.restype, lib.qlinear_repacked.argtypes = ctypes.c_int, REPACKED_ARGTYPES
         lib.qrepack.restype, lib.qrepack.argtypes = ctypes.c_int, REPACK_ARGTYPES
+        lib.qrepack_paired.restype, lib.qrepack_paired.argtypes = ctypes.c_int, []
         lib.qrepack_bytes.restype = ctypes.c_int64
         lib.qrepack_bytes.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         out[v] = lib
@@ -54,10 +55,11 @@ def _repack(lib, tid: int, raw: torch.Tensor, K: int) -> torch.Tensor:
     return out
 
 
-def _numpy_repack(tid: int, raw: np.ndarray, K: int) -> np.ndarray:
+def _numpy_repack(tid: int, raw: np.ndarray, K: int, paired: bool) -> np.ndarray:
     """The layout written out by hand: group-blocks (g, b) of d[8] | m[8] | qh[8] u32 | qs, chunk j of row n at
-    bytes 4n..4n+3 of vector j (Q8_0) or of vector j % 4 (Q4/Q5 nibbles); bit 4n + i of qh[j] = bit 4j + i; groups
-    2p and 2p + 1 alternate block by block (0 of 2p, 0 of 2p + 1, 1 of 2p, ...), a last odd group alone."""
+    bytes 4n..4n+3 of vector j (Q8_0) or of vector j % 4 (Q4/Q5 nibbles); bit 4n + i of qh[j] = bit 4j + i;
+    group-major, or ``paired`` (the AVX-512 build): groups 2p and 2p + 1 alternate block by block (0 of 2p, 0 of
+    2p + 1, 1 of 2p, ...), a last odd group alone."""
     bb, nb = BLOCK[tid], K // 32
     N = raw.shape[0]
     G = -(-N // 8)
@@ -66,8 +68,8 @@ def _numpy_repack(tid: int, raw: np.ndarray, K: int) -> np.ndarray:
     hm, q5 = tid in (3, 7), tid in (6, 7)
     out = []
     order = []  # (g, b): pairs of groups alternate block by block; a last unpaired group runs alone
-    for p in range(0, G, 2):
-        pair = [g for g in (p, p + 1) if g < G]
+    for p in range(0, G, 2 if paired else 1):
+        pair = [g for g in (p, p + 1) if g < G] if paired else [p]
         order += [(g, b) for b in range(nb) for g in pair]
     for g, b in order:
         rows = blocks[g * 8:(g + 1) * 8, b]  # (8, bb)
@@ -93,9 +95,12 @@ def _numpy_repack(tid: int, raw: np.ndarray, K: int) -> np.ndarray:
 @pytest.mark.parametrize("name", list(TYPES))
 def test_the_interleaved_layout_is_the_hand_written_one(libs, name):
     tid = TYPES[name]
-    raw = _packed(name, 13, 96)  # 13 rows: one full group and a padded one
-    got = _repack(next(iter(libs.values())), tid, raw, 96).numpy()
-    np.testing.assert_array_equal(got, _numpy_repack(tid, raw.numpy(), 96))
+    for rows in (13, 40):  # one full group and a padded one; five groups: two pairs and a lone one
+        raw = _packed(name, rows, 96)
+        for v, lib in libs.items():
+            got = _repack(lib, tid, raw, 96).numpy()
+            assert lib.qrepack_paired() == (v == "avx512vnni")
+            np.testing.assert_array_equal(got, _numpy_repack(tid, raw.numpy(), 96, lib.qrepack_paired()))
 
 
 @pytest.mark.parametrize("impl", ["int8", "int8x2", "int8r"])

@@ -143,15 +143,18 @@ class PackedLinear(nn.Module):
         self.impl = impl
         self.dense: torch.Tensor | None = None  # float32 weight kept by keep_dense_ for many-row products
         self.dense_min_rows = 0
-        self._repacked: tuple[tuple[int, int], torch.Tensor] | None = None  # (packed's (pointer, version), copy)
+        # (packed's (pointer, version), the build's variant), copy
+        self._repacked: tuple[tuple[int, int, str], torch.Tensor] | None = None
 
     def repacked(self) -> torch.Tensor:
         """The int8 kernel's copy of the blocks, 8 output rows interleaved (``csrc/qgemm.c`` qrepack: the same
-        bytes, permuted), made on first use and again whenever ``packed`` is replaced or written in place (its
-        version counter). Needs the int8 kernel (``kernel("int8")`` not None)."""
-        key = (self.packed.data_ptr(), tensor_version(self.packed))
+        bytes, permuted; the AVX-512 build pairs groups of 8 rows, so each build repacks its own), made on first use
+        and again whenever ``packed`` is replaced or written in place (its version counter) or the kernel build
+        changes. Needs the int8 kernel (``kernel("int8")`` not None)."""
+        build = kernel_build("int8")
+        key = (self.packed.data_ptr(), tensor_version(self.packed), build.variant)
         if self._repacked is None or self._repacked[0] != key:
-            lib = kernel_build("int8").lib
+            lib = build.lib
             out = torch.empty(lib.qrepack_bytes(self.ggml_type, self.out_features, self.in_features), dtype=torch.uint8)
             rc = lib.qrepack(self.ggml_type, self.packed.data_ptr(), self.out_features, self.in_features,
                              out.data_ptr())

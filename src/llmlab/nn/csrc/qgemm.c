@@ -186,15 +186,15 @@ void quantize_rows(const float *x, int64_t ldx, const float *norm, float eps, in
 /* qrepack() regroups a matrix's blocks so that one 32-byte vector holds 4 consecutive weights of 8 output rows
  * (llama.cpp's interleaved "q4_0_8x8"-style repacks in ggml-cpu/repack.cpp, here with 4-byte chunks, the
  * operand of one vpdpbusd / vpmaddubsw against 4 broadcast activation bytes). Group g (output rows 8g..8g+7,
- * zero rows past N) and block b form one group-block of 8 * block_bytes bytes, in pairs of groups whose blocks
- * alternate (group_block):
+ * zero rows past N) and block b form one group-block of 8 * block_bytes bytes, group-major or in pairs of groups
+ * whose blocks alternate (the AVX-512 build; group_block):
  *
  *   d[8] f16 | m[8] f16 (Q4_1, Q5_1) | qh[8] u32 (Q5) | qs: Q4/Q5 4 x 32 bytes, Q8_0 8 x 32 bytes
  *
  * Chunk j (weights 4j..4j+3 of a block) of row n sits at bytes 4n..4n+3 of vector j (Q8_0), or in the low
  * nibbles (j < 4) / high nibbles (j >= 4) of vector j % 4 (Q4/Q5: the GGML byte i holds weights i and i + 16, so
  * this is a permutation of 4-byte pieces); bit 4n + i of qh[j] is weight 4j + i's fifth bit. The same size as
- * the GGML blocks; the layout is the same for every build.
+ * the GGML blocks.
  *
  * Every output is then, per block b and row m (exact integers, then IEEE floats in this order in every build):
  *   isum = sum_k code_k x_k - z xsum      (z = 8 for Q4_0, 16 for Q5_0, else 0; xsum = sum_k x_k)
@@ -223,13 +223,32 @@ static int has_min(int kind) { return kind == Q4_1 || kind == Q5_1; }
 static int is_q5(int kind) { return kind == Q5_0 || kind == Q5_1; }
 
 /* The bytes of the repacked copy of an (N, K) matrix: whole groups of 8 rows. */
-/* The index of group g's block b among a repacked matrix's group-blocks (G groups, nb blocks a row): groups are
- * paired, 2p and 2p + 1, and a pair's blocks alternate (block b of 2p, block b of 2p + 1, block b + 1 of 2p, ...),
- * so the 512-bit build reads a pair as one stream (two streams a few KB apart had halved the memory bandwidth of a
- * batch-1 step); a last, unpaired group (G odd) has its blocks in a row. */
+/* The index of group g's block b among a repacked matrix's group-blocks (G groups, nb blocks a row). Group-major
+ * (g, b), except in the AVX-512 build, which multiplies two groups at a time (group_pair_tile): there groups 2p and
+ * 2p + 1 alternate block by block (block b of 2p, block b of 2p + 1, block b + 1 of 2p, ...), so a pair is read as
+ * one stream (two streams a few KB apart had halved the memory bandwidth of a batch-1 step), and a last unpaired
+ * group (G odd) has its blocks in a row. (The other builds read the paired layout 15% slower at batch 1 on AVX2:
+ * each keeps its own; a copy is repacked by the build that multiplies it, PackedLinear.repacked.) */
+#if defined(LLMLAB_AVX512VNNI)
+#define PAIRS 1
+#endif
 static inline int64_t group_block(int64_t g, int64_t b, int64_t nb, int64_t G) {
+#ifdef PAIRS
     const int64_t width = g - g % 2 + 1 < G ? 2 : 1;
     return (g - g % 2) * nb + b * width + g % 2;
+#else
+    (void)G;
+    return g * nb + b;
+#endif
+}
+
+/* 1 where qrepack pairs groups (this build's layout, group_block), else 0. */
+int qrepack_paired(void) {
+#ifdef PAIRS
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 int64_t qrepack_bytes(int kind, int64_t N, int64_t K) { return (N + NR - 1) / NR * NR * (K / QK) * block_bytes(kind); }
@@ -419,8 +438,7 @@ INLINE void group_tile(const int kind, const int R, const int res, const uint8_t
 }
 
 #if defined(LLMLAB_AVX512VNNI)
-#define PAIRS 1 /* this build multiplies two groups at a time (group_pair_tile) */
-#define RT2 6   /* activation rows per pair tile */
+#define RT2 6 /* activation rows per pair tile */
 
 /* Two groups' 8-row vectors side by side: lanes 0-7 group g, lanes 8-15 group g + 1. */
 INLINE __m512i pair_i(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
