@@ -8,8 +8,9 @@ Batch-1 decoding is memory-bound: every weight is read once per token. SmolLM2-1
   values and a scale, as llama.cpp) and multiplies them with the weight blocks in integer arithmetic
   (vpmaddubsw on AVX2, vpdpbusd on AVX-VNNI / AVX512-VNNI, plain C elsewhere; the build is chosen from
   the CPU's features, ``nn/cpu_kernels.py``) on a copy of the blocks repacked once (``PackedLinear.repacked``:
-  8 output rows interleaved, so one broadcast of 4 activation bytes feeds 8 outputs and each unpacked weight
-  vector serves a tile of 4 rows; the copy is as large as the blocks). Up to ``INT8_MAX_ROWS`` rows a call
+  8 output rows interleaved, so one broadcast of 4 activation bytes feeds 8 outputs, 16 in the AVX-512 build, which
+  multiplies pairs of such groups, and each unpacked weight vector serves a tile of 4 to 6 rows; the copy is as large
+  as the blocks). Up to ``INT8_MAX_ROWS`` rows a call
   (batched decoding of many streams, speculative verification, chunked prefill); a longer input goes to
   dequantize + ``F.linear``. The activations' rounding moves logits slightly: one large value in a block (an
   outlier feature, Dettmers et al. 2022, arXiv:2208.07339) leaves the block's other values a few steps of its

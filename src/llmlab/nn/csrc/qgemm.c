@@ -462,9 +462,9 @@ INLINE __m512i pair_isum(const __m512i *w, const int8_t *x, __m512i init) {
 
 /* group_tile for a pair of groups at once (rg: their alternating blocks, group_block; 8 rows and the next cnt1): the
  * same operations lane by lane, in the same order, so the same bits; each activation broadcast, and each epilogue
- * instruction, serves 16 outputs instead of 8. On Zen 4, which runs a 512-bit vpdpbusd at half the rate of a 256-bit
- * one, this still took a 32-row Q4_1 product from 103 to 122 GMAC/s on one core: the broadcasts and the epilogue, not
- * the dot products, had been the bound. */
+ * instruction, serves 16 outputs instead of 8. On the AMD EPYC (Zen 4), which runs a 512-bit vpdpbusd at half the
+ * rate of a 256-bit one, this still took a 32-row Q4_1 product from 103 to 122-129 GMAC/s on one core: the
+ * broadcasts and the epilogue, not the dot products, had been the bound (README, "Pairs of groups"). */
 INLINE void group_pair_tile(const int kind, const int R, const int res, const uint8_t *rg, int64_t nb,
                             const int8_t *q, const float *d, const float *s, const int32_t *xs, int64_t M, int64_t m0,
                             float *y, int64_t ldy, int cnt1, int accumulate) {
@@ -578,18 +578,19 @@ static inline void group_tile(const int kind, const int R, const int res, const 
 /* One group times every row of x, RT rows at a time; kind, tile size and ``res`` are constants in each
  * instantiation, so the accumulators stay in registers and int8 (no residual rows) pays nothing for the option. */
 #define TILES(KIND, RES)                                                                                       \
-    for (; m0 + RT <= M; m0 += RT) group_tile(KIND, RT, RES, rg, stride, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc);    \
+    for (; m0 + RT <= M; m0 += RT) group_tile(KIND, RT, RES, rg, stride, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); \
     switch (M - m0) {                                                                                          \
-    case 3: group_tile(KIND, 3, RES, rg, stride, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                     \
-    case 2: group_tile(KIND, 2, RES, rg, stride, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                     \
-    case 1: group_tile(KIND, 1, RES, rg, stride, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                     \
+    case 3: group_tile(KIND, 3, RES, rg, stride, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;             \
+    case 2: group_tile(KIND, 2, RES, rg, stride, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;             \
+    case 1: group_tile(KIND, 1, RES, rg, stride, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;             \
     }
-#define GROUP_CASE(KIND)                                                                                       \
+/* One case of a kind switch: TILES_OF(KIND, RES) instantiated with and without the residual rows. */
+#define KIND_CASE(TILES_OF, KIND)                                                                              \
     case KIND:                                                                                                 \
         if (res) {                                                                                             \
-            TILES(KIND, 1)                                                                                     \
+            TILES_OF(KIND, 1)                                                                                  \
         } else {                                                                                               \
-            TILES(KIND, 0)                                                                                     \
+            TILES_OF(KIND, 0)                                                                                  \
         }                                                                                                      \
         break;
 
@@ -603,14 +604,6 @@ static inline void group_tile(const int kind, const int R, const int res, const 
     case 2: group_pair_tile(KIND, 2, RES, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                \
     case 1: group_pair_tile(KIND, 1, RES, rg, nb, q, d, s, xs, M, m0, y, ldy, cnt, acc); break;                \
     }
-#define PAIR_CASE(KIND)                                                                                        \
-    case KIND:                                                                                                 \
-        if (res) {                                                                                             \
-            PAIR_TILES(KIND, 1)                                                                                \
-        } else {                                                                                               \
-            PAIR_TILES(KIND, 0)                                                                                \
-        }                                                                                                      \
-        break;
 
 /* A pair of groups of one matrix (rg: their alternating blocks, group_block; the second's cnt rows) times every row
  * of x. */
@@ -618,11 +611,11 @@ static void pair_times_x(int kind, int res, const uint8_t *rg, int64_t nb, const
                          const float *s, const int32_t *xs, int64_t M, float *y, int64_t ldy, int cnt, int acc) {
     int64_t m0 = 0;
     switch (kind) {
-        PAIR_CASE(Q4_0)
-        PAIR_CASE(Q4_1)
-        PAIR_CASE(Q5_0)
-        PAIR_CASE(Q5_1)
-        PAIR_CASE(Q8_0)
+        KIND_CASE(PAIR_TILES, Q4_0)
+        KIND_CASE(PAIR_TILES, Q4_1)
+        KIND_CASE(PAIR_TILES, Q5_0)
+        KIND_CASE(PAIR_TILES, Q5_1)
+        KIND_CASE(PAIR_TILES, Q8_0)
     }
 }
 #endif
@@ -633,11 +626,11 @@ static void group_times_x(int kind, int res, const uint8_t *rg, int64_t stride, 
                           int cnt, int acc) {
     int64_t m0 = 0;
     switch (kind) {
-        GROUP_CASE(Q4_0)
-        GROUP_CASE(Q4_1)
-        GROUP_CASE(Q5_0)
-        GROUP_CASE(Q5_1)
-        GROUP_CASE(Q8_0)
+        KIND_CASE(TILES, Q4_0)
+        KIND_CASE(TILES, Q4_1)
+        KIND_CASE(TILES, Q5_0)
+        KIND_CASE(TILES, Q5_1)
+        KIND_CASE(TILES, Q8_0)
     }
 }
 
