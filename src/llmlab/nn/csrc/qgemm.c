@@ -222,7 +222,6 @@ static int zero_point(int kind) { return kind == Q4_0 ? 8 : kind == Q5_0 ? 16 : 
 static int has_min(int kind) { return kind == Q4_1 || kind == Q5_1; }
 static int is_q5(int kind) { return kind == Q5_0 || kind == Q5_1; }
 
-/* The bytes of the repacked copy of an (N, K) matrix: whole groups of 8 rows. */
 /* The index of group g's block b among a repacked matrix's group-blocks (G groups, nb blocks a row). Group-major
  * (g, b), except in the AVX-512 build, which multiplies two groups at a time (group_pair_tile): there groups 2p and
  * 2p + 1 alternate block by block (block b of 2p, block b of 2p + 1, block b + 1 of 2p, ...), so a pair is read as
@@ -251,6 +250,7 @@ int qrepack_paired(void) {
 #endif
 }
 
+/* The bytes of the repacked copy of an (N, K) matrix: whole groups of 8 rows. */
 int64_t qrepack_bytes(int kind, int64_t N, int64_t K) { return (N + NR - 1) / NR * NR * (K / QK) * block_bytes(kind); }
 
 /* w (N, K / 32 * block bytes) GGML blocks -> out (qrepack_bytes) in the interleaved layout above. */
