@@ -38,16 +38,18 @@ typedef struct {
 typedef struct { /* Q8 blocks of M rows of K values */
     int8_t *q;
     float *d, *s;
+    int32_t *xs;
 } QRows;
 
 static int qrows_alloc(QRows *r, int64_t M, int64_t K) {
     r->q = (int8_t *)malloc((size_t)(M * K));
     r->d = (float *)malloc(sizeof(float) * M * (K / QK));
     r->s = (float *)malloc(sizeof(float) * M * (K / QK));
-    return r->q && r->d && r->s;
+    r->xs = (int32_t *)malloc(sizeof(int32_t) * M * (K / QK));
+    return r->q && r->d && r->s && r->xs;
 }
 
-static void qrows_free(QRows *r) { free(r->q), free(r->d), free(r->s); }
+static void qrows_free(QRows *r) { free(r->q), free(r->d), free(r->s), free(r->xs); }
 
 /* (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) over the two halves of one head */
 static inline void rope(float *v, const float *cos, const float *sin, int64_t D) {
@@ -360,6 +362,50 @@ static void attention(const LlamaBlock *w, const float *qkv, float *out, int64_t
     pool_for_chunks(items, items, nthreads, attention_items, &a); /* one item a claim: later positions cost more */
 }
 
+/* The per-row steps between the products, each a parallel loop over rows like the quantization (they had been
+ * serial: at 2 threads the second thread waited through them, 5-8% of a batched step's samples in pool_worker). */
+typedef struct {
+    const LlamaBlock *w;
+    float *rows; /* qkv (M, (H + 2 Hkv) D) for rope_rows; gate | up (M, 2F) for swiglu_rows */
+    const float *cos, *sin;
+    void *k_cache, *v_cache;
+    int kv_half;
+    int64_t T, max_len, start;
+} RowsArgs;
+
+/* q, k = rope(q), rope(k) of rows [r0, r1); their k and v written to the cache at position start + row % T. */
+static void rope_rows(void *arg, int64_t r0, int64_t r1, int tid) {
+    const RowsArgs *a = (const RowsArgs *)arg;
+    const int64_t H = a->w->n_heads, Hkv = a->w->n_kv_heads, D = a->w->head_dim, width = (H + 2 * Hkv) * D;
+    (void)tid;
+    for (int64_t row = r0; row < r1; row++) {
+        const int64_t b = row / a->T, pos = a->start + row % a->T;
+        float *r = a->rows + row * width;
+        for (int64_t h = 0; h < H + Hkv; h++) rope(r + h * D, a->cos + row * D, a->sin + row * D, D);
+        for (int64_t h = 0; h < Hkv; h++) {
+            const int64_t at = ((b * Hkv + h) * a->max_len + pos) * D;
+            if (a->kv_half) {
+                float_to_half_rows(r + (H + h) * D, (uint16_t *)a->k_cache + at, D);
+                float_to_half_rows(r + (H + Hkv + h) * D, (uint16_t *)a->v_cache + at, D);
+            } else {
+                memcpy((float *)a->k_cache + at, r + (H + h) * D, sizeof(float) * D);
+                memcpy((float *)a->v_cache + at, r + (H + Hkv + h) * D, sizeof(float) * D);
+            }
+        }
+    }
+}
+
+/* h = silu(gate) * up of rows [r0, r1), written over the gate. */
+static void swiglu_rows(void *arg, int64_t r0, int64_t r1, int tid) {
+    const RowsArgs *a = (const RowsArgs *)arg;
+    const int64_t F = a->w->ffn_dim;
+    (void)tid;
+    for (int64_t row = r0; row < r1; row++) {
+        float *g = a->rows + row * 2 * F; /* gate in [0, F), up in [F, 2F) */
+        for (int64_t i = 0; i < F; i++) g[i] = g[i] / (1.0f + exp_poly(-g[i])) * g[F + i];
+    }
+}
+
 int llama_block(const LlamaBlock *w, float *x, int64_t B, int64_t T, const float *cos, const float *sin,
                 void *k_cache, void *v_cache, int kv_half, int64_t max_len, int64_t start, const uint8_t *key_mask,
                 int64_t mask_stride, int nthreads) {
@@ -377,40 +423,25 @@ int llama_block(const LlamaBlock *w, float *x, int64_t B, int64_t T, const float
     if (!qkv || !att || !gu || !qrows_alloc(&hx, L * M, dim) || !qrows_alloc(&ha, L * M, H * D) || !qrows_alloc(&hf, L * M, F))
         goto done;
 
-    quantize_rows(x, dim, w->attn_norm, w->eps, M, dim, resid, hx.q, hx.d, hx.s, nthreads);
-    rc = qgemm_multi(w->n_qkv, w->kinds_qkv, w->w_qkv, w->rows_qkv, hx.q, hx.d, hx.s, res, M, dim, qkv, width, 0,
-                      nthreads);
+    quantize_rows(x, dim, w->attn_norm, w->eps, M, dim, resid, hx.q, hx.d, hx.s, hx.xs, nthreads);
+    rc = qgemm_multi(w->n_qkv, w->kinds_qkv, w->w_qkv, w->rows_qkv, hx.q, hx.d, hx.s, hx.xs, res, M, dim, qkv, width,
+                     0, nthreads);
     if (rc) goto done;
-    for (int64_t row = 0; row < M; row++) {
-        const int64_t b = row / T, pos = start + row % T;
-        float *r = qkv + row * width;
-        for (int64_t h = 0; h < H + Hkv; h++) rope(r + h * D, cos + row * D, sin + row * D, D);
-        for (int64_t h = 0; h < Hkv; h++) {
-            const int64_t at = ((b * Hkv + h) * max_len + pos) * D;
-            if (kv_half) {
-                float_to_half_rows(r + (H + h) * D, (uint16_t *)k_cache + at, D);
-                float_to_half_rows(r + (H + Hkv + h) * D, (uint16_t *)v_cache + at, D);
-            } else {
-                memcpy((float *)k_cache + at, r + (H + h) * D, sizeof(float) * D);
-                memcpy((float *)v_cache + at, r + (H + Hkv + h) * D, sizeof(float) * D);
-            }
-        }
-    }
+    RowsArgs ra = {w, qkv, cos, sin, k_cache, v_cache, kv_half, T, max_len, start};
+    pool_for(M, M >= 8 ? nthreads : 1, rope_rows, &ra);
     attention(w, qkv, att, B, T, k_cache, v_cache, kv_half, max_len, start, key_mask, mask_stride, nthreads);
-    quantize_rows(att, H * D, NULL, 0.0f, M, H * D, resid, ha.q, ha.d, ha.s, nthreads);
-    rc = qgemm_multi(1, &w->kind_o, &w->w_o, &dim, ha.q, ha.d, ha.s, res, M, H * D, x, dim, 1, nthreads);
+    quantize_rows(att, H * D, NULL, 0.0f, M, H * D, resid, ha.q, ha.d, ha.s, ha.xs, nthreads);
+    rc = qgemm_multi(1, &w->kind_o, &w->w_o, &dim, ha.q, ha.d, ha.s, ha.xs, res, M, H * D, x, dim, 1, nthreads);
     if (rc) goto done;
 
-    quantize_rows(x, dim, w->ffn_norm, w->eps, M, dim, resid, hx.q, hx.d, hx.s, nthreads);
-    rc = qgemm_multi(w->n_up, w->kinds_up, w->w_up, w->rows_up, hx.q, hx.d, hx.s, res, M, dim, gu, 2 * F, 0,
-                      nthreads);
+    quantize_rows(x, dim, w->ffn_norm, w->eps, M, dim, resid, hx.q, hx.d, hx.s, hx.xs, nthreads);
+    rc = qgemm_multi(w->n_up, w->kinds_up, w->w_up, w->rows_up, hx.q, hx.d, hx.s, hx.xs, res, M, dim, gu, 2 * F,
+                     0, nthreads);
     if (rc) goto done;
-    for (int64_t row = 0; row < M; row++) {
-        float *g = gu + row * 2 * F; /* gate in [0, F), up in [F, 2F): h written over the gate */
-        for (int64_t i = 0; i < F; i++) g[i] = g[i] / (1.0f + exp_poly(-g[i])) * g[F + i];
-    }
-    quantize_rows(gu, 2 * F, NULL, 0.0f, M, F, resid, hf.q, hf.d, hf.s, nthreads); /* the F columns of h */
-    rc = qgemm_multi(1, &w->kind_down, &w->w_down, &dim, hf.q, hf.d, hf.s, res, M, F, x, dim, 1, nthreads);
+    ra.rows = gu;
+    pool_for(M, M >= 8 ? nthreads : 1, swiglu_rows, &ra);
+    quantize_rows(gu, 2 * F, NULL, 0.0f, M, F, resid, hf.q, hf.d, hf.s, hf.xs, nthreads); /* the F columns of h */
+    rc = qgemm_multi(1, &w->kind_down, &w->w_down, &dim, hf.q, hf.d, hf.s, hf.xs, res, M, F, x, dim, 1, nthreads);
 done:
     free(qkv), free(att), free(gu);
     qrows_free(&hx), qrows_free(&ha), qrows_free(&hf);
@@ -425,8 +456,8 @@ int norm_qlinear(int kind, const float *x, const float *norm, float eps, const u
     if (resid != resid) return -4;
     const int res = resid >= 0.0f;
     if (qrows_alloc(&h, (res ? 2 : 1) * M, K)) {
-        quantize_rows(x, K, norm, eps, M, K, resid, h.q, h.d, h.s, nthreads);
-        rc = qgemm_multi(1, &kind, &w, &N, h.q, h.d, h.s, res, M, K, y, N, 0, nthreads);
+        quantize_rows(x, K, norm, eps, M, K, resid, h.q, h.d, h.s, h.xs, nthreads);
+        rc = qgemm_multi(1, &kind, &w, &N, h.q, h.d, h.s, h.xs, res, M, K, y, N, 0, nthreads);
     }
     qrows_free(&h);
     return rc;

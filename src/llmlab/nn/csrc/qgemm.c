@@ -79,9 +79,9 @@ static inline float half_to_float(const uint8_t *p) {
 
 /* ---- activations: float rows -> Q8 blocks ---------------------------------------------------------- */
 
-/* One block of 32 floats -> 32 int8 (round half away from zero, as llama.cpp), scale d and s = d*sum(q).
- * Returns sum |q|. */
-static inline int quantize_block(const float *x, int8_t *q, float *d, float *s) {
+/* One block of 32 floats -> 32 int8 (round half away from zero, as llama.cpp), scale d, xs = sum(q) and
+ * s = d*sum(q). Returns sum |q|. */
+static inline int quantize_block(const float *x, int8_t *q, float *d, float *s, int32_t *xs) {
 #ifdef LLMLAB_X86
     /* max |x| with maxps (32 dependent scalar compares had been about 40% of the quantization's time); a maximum
      * does not depend on the order, and maxps(a, m) keeps m where a is NaN, as the portable loop skips a NaN */
@@ -110,6 +110,7 @@ static inline int quantize_block(const float *x, int8_t *q, float *d, float *s) 
     }
     *d = dd;
     *s = dd * (float)sum;
+    *xs = sum;
     return asum;
 }
 
@@ -120,6 +121,7 @@ typedef struct {
     float eps, resid;
     int8_t *q;
     float *d, *s;
+    int32_t *xs;
 } QuantizeRows;
 
 static void quantize_rows_range(void *arg, int64_t m0, int64_t m1, int tid) {
@@ -128,6 +130,7 @@ static void quantize_rows_range(void *arg, int64_t m0, int64_t m1, int tid) {
     const float *norm = a->norm, resid = a->resid;
     int8_t *q = a->q;
     float *d = a->d, *s = a->s;
+    int32_t *xs = a->xs;
     (void)tid;
     float *tmp = norm ? (float *)malloc(sizeof(float) * K) : NULL;
     for (int64_t m = m0; m < m1; m++) {
@@ -141,32 +144,39 @@ static void quantize_rows_range(void *arg, int64_t m0, int64_t m1, int tid) {
         }
         for (int64_t b = 0; b < nb; b++) {
             int8_t *q0 = q + m * K + b * QK;
-            const int asum = quantize_block(xm + b * QK, q0, d + b * M + m, s + b * M + m);
+            const int asum = quantize_block(xm + b * QK, q0, d + m * nb + b, s + m * nb + b, xs + m * nb + b);
             if (resid < 0.0f) continue;
             int8_t *q2 = q0 + M * K;
-            float *d2 = d + nb * M + b * M + m, *s2 = s + nb * M + b * M + m;
+            const int64_t i2 = nb * M + m * nb + b;
+            float *d2 = d + i2, *s2 = s + i2;
             if (resid * (float)asum < 127.0f * QK) {
                 float e[QK];
-                const float d0 = d[b * M + m];
+                const float d0 = d[m * nb + b];
                 for (int i = 0; i < QK; i++) e[i] = xm[b * QK + i] - d0 * (float)q0[i];
-                quantize_block(e, q2, d2, s2);
+                quantize_block(e, q2, d2, s2, xs + i2);
             } else {
                 memset(q2, 0, QK);
                 *d2 = *s2 = 0.0f;
+                xs[i2] = 0;
             }
         }
     }
     free(tmp);
 }
 
-/* x (M, K), rows ldx apart -> Q8 blocks: q (M, K) int8, d and s (K/32, M), block-major so a tile's rows have their
- * scales side by side. With ``norm`` (K floats), each row is first RMS-normalised (Zhang & Sennrich 2019) and
- * multiplied by norm: the layer's RMSNorm fused into the quantization.
+/* x (M, K), rows ldx apart -> Q8 blocks: q (M, K) int8, and per block its scale d, s = d * sum(q) and xs = sum(q)
+ * (for the zero points and the Q8_0 u8 shift; written here, in the parallel loop, where it had been a serial pass
+ * over q before every product), each (M, K/32), a row's scales side by side. (They had been block-major, (K/32, M):
+ * then threads quantizing neighbouring rows wrote into the same cache lines, and at 32 rows and 2 threads the
+ * quantization took a fifth of the product's time; the tiles read the scales one at a time, in either layout.)
+ * With ``norm`` (K floats),
+ * each row is first RMS-normalised (Zhang & Sennrich 2019) and multiplied by norm: the layer's RMSNorm fused into
+ * the quantization.
  *
  * One Q8 row per row is llama.cpp's Q8_1: 8 bits in blocks of 32, so one large value in a block (an outlier
  * feature, Dettmers et al. 2022, "LLM.int8()", arXiv:2208.07339) leaves the small ones a few steps of its scale.
- * With ``resid`` >= 0 a second, residual Q8 row follows: q (M, K) at q + M K, d and s (K/32, M) at d + M K/32 and
- * s + M K/32. Its block b is the block of the rounding error e = x - d q, quantized the same way, so that
+ * With ``resid`` >= 0 a second, residual Q8 row follows: q (M, K) at q + M K, d, s and xs (M, K/32) at
+ * d + M K/32, s + M K/32 and xs + M K/32. Its block b is the block of the rounding error e = x - d q, quantized the same way, so that
  * x = d q + d2 q2 up to e's own rounding (about 2^-14 of the block's largest value), but only where the block has
  * an outlier:
  *
@@ -176,8 +186,8 @@ static void quantize_rows_range(void *arg, int64_t m0, int64_t m1, int tid) {
  * flags every block (int8x2); resid < 0 writes no residual rows (int8). The kernels' extra work is the flagged
  * share of the integer dots, on the weights already unpacked for the first row (group_tile). */
 void quantize_rows(const float *x, int64_t ldx, const float *norm, float eps, int64_t M, int64_t K, float resid,
-                   int8_t *q, float *d, float *s, int nthreads) {
-    QuantizeRows a = {x, norm, ldx, M, K, eps, resid, q, d, s};
+                   int8_t *q, float *d, float *s, int32_t *xs, int nthreads) {
+    QuantizeRows a = {x, norm, ldx, M, K, eps, resid, q, d, s, xs};
     pool_for(M, M >= 8 ? nthreads : 1, quantize_rows_range, &a);
 }
 
@@ -284,16 +294,6 @@ int qrepack(int kind, const uint8_t *w, int64_t N, int64_t K, uint8_t *out) {
             }
         }
     return 0;
-}
-
-/* xs[b * M + m] = sum of row m's int8 activations in block b (for the zero points and the Q8_0 u8 shift). */
-static void block_sums(const int8_t *q, int64_t M, int64_t nb, int32_t *xs) {
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t b = 0; b < nb; b++) {
-            int32_t t = 0;
-            for (int i = 0; i < QK; i++) t += q[(m * nb + b) * QK + i];
-            xs[b * M + m] = t;
-        }
 }
 
 /* Output rows [n0, n0 + cnt) (cnt <= 8) of the group's 8 lanes, row m: y = v or y += v. */
@@ -412,13 +412,13 @@ INLINE void group_tile(const int kind, const int R, const int res, const uint8_t
                                         : _mm256_setzero_ps();
         for (int r = 0; r < R; r++) {
             const int64_t m = m0 + r;
-            const __m256i init = f ? _mm256_set1_epi32(f * xs[b * M + m]) : _mm256_setzero_si256();
+            const __m256i init = f ? _mm256_set1_epi32(f * xs[m * nb + b]) : _mm256_setzero_si256();
             const __m256i isum = group_isum(kind, w, q + (m * nb + b) * QK, init);
-            const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(d[b * M + m]));
+            const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(d[m * nb + b]));
             acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), scale));
-            if (has_min(kind)) acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(mw, _mm256_set1_ps(s[b * M + m])));
+            if (has_min(kind)) acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(mw, _mm256_set1_ps(s[m * nb + b])));
             if (res) {
-                const int64_t i2 = nb * M + b * M + m; /* the residual block's scales and sum */
+                const int64_t i2 = nb * M + m * nb + b; /* the residual block's scales and sum */
                 const float d2 = d[i2];
                 if (d2 != 0.0f) {
                     const __m256i init2 = f ? _mm256_set1_epi32(f * xs[i2]) : _mm256_setzero_si256();
@@ -483,13 +483,13 @@ INLINE void group_pair_tile(const int kind, const int R, const int res, const ui
         const __m512 mw = has_min(kind) ? pair_halves(ga + 16, gb + 16) : _mm512_setzero_ps();
         for (int r = 0; r < R; r++) {
             const int64_t m = m0 + r;
-            const __m512i init = f ? _mm512_set1_epi32(f * xs[b * M + m]) : _mm512_setzero_si512();
+            const __m512i init = f ? _mm512_set1_epi32(f * xs[m * nb + b]) : _mm512_setzero_si512();
             const __m512i isum = pair_isum(w, q + (m * nb + b) * QK, init);
-            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(d[b * M + m]));
+            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(d[m * nb + b]));
             acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), scale));
-            if (has_min(kind)) acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(mw, _mm512_set1_ps(s[b * M + m])));
+            if (has_min(kind)) acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(mw, _mm512_set1_ps(s[m * nb + b])));
             if (res) {
-                const int64_t i2 = nb * M + b * M + m;
+                const int64_t i2 = nb * M + m * nb + b;
                 const float d2 = d[i2];
                 if (d2 != 0.0f) {
                     const __m512i init2 = f ? _mm512_set1_epi32(f * xs[i2]) : _mm512_setzero_si512();
@@ -547,16 +547,16 @@ static inline void group_tile(const int kind, const int R, const int res, const 
         for (int r = 0; r < R; r++) {
             const int64_t m = m0 + r;
             const int8_t *x = q + (m * nb + b) * QK;
-            const float dx = d[b * M + m], sx = s[b * M + m];
+            const float dx = d[m * nb + b], sx = s[m * nb + b];
             for (int n = 0; n < NR; n++) {
-                int32_t isum = -z * xs[b * M + m];
+                int32_t isum = -z * xs[m * nb + b];
                 for (int k = 0; k < QK; k++) isum += w[n][k] * x[k];
                 const float scale = dw[n] * dx;
                 acc[r][n] = acc[r][n] + (float)isum * scale;
                 if (hm) acc[r][n] = acc[r][n] + mw[n] * sx;
             }
             if (!res) continue;
-            const int64_t i2 = nb * M + b * M + m; /* the residual block's scales and sum */
+            const int64_t i2 = nb * M + m * nb + b; /* the residual block's scales and sum */
             const float d2 = d[i2], s2 = s[i2];
             if (d2 == 0.0f) continue;
             const int8_t *x2 = q + ((M + m) * nb + b) * QK;
@@ -648,10 +648,21 @@ typedef struct {
     float *y;
     int64_t ldy;
     int accumulate;
+    int64_t groups;
 } QgemmGroups;
 
-static void qgemm_groups(void *arg, int64_t g0, int64_t g1, int tid) {
+/* The parallel loop's items: spans of SPAN groups, so that a thread's share never splits a pair (with chunks of an
+ * odd number of groups, every other boundary did, and a split pair runs as two lone groups at about half the
+ * speed: 8% of a batched step's GEMM time had been in lone groups). */
+#ifdef PAIRS
+#define SPAN 2
+#else
+#define SPAN 1
+#endif
+
+static void qgemm_groups(void *arg, int64_t u0, int64_t u1, int tid) {
     const QgemmGroups *a = (const QgemmGroups *)arg;
+    const int64_t g0 = u0 * SPAN, g1 = u1 * SPAN < a->groups ? u1 * SPAN : a->groups;
     (void)tid;
     for (int64_t g = g0; g < g1; g++) {
         int j = 0;
@@ -678,8 +689,8 @@ static void qgemm_groups(void *arg, int64_t g0, int64_t g1, int tid) {
  * hold M residual rows after the M rows (quantize_rows with resid >= 0). Groups of 8 output rows are split across
  * threads (one parallel loop per call, pool.h). Returns 0, or < 0 for a bad kind or K. */
 int qgemm_multi(int nmat, const int *kinds, const uint8_t *const *w, const int64_t *N, const int8_t *q,
-                const float *d, const float *s, int res, int64_t M, int64_t K, float *y, int64_t ldy,
-                int accumulate, int nthreads) {
+                const float *d, const float *s, const int32_t *xs, int res, int64_t M, int64_t K, float *y,
+                int64_t ldy, int accumulate, int nthreads) {
     if (K % QK || nmat < 1 || nmat > 8) return -1;
     int64_t groups = 0, first[9], col[9];
     for (int j = 0, c = 0; j < nmat; j++) {
@@ -690,13 +701,8 @@ int qgemm_multi(int nmat, const int *kinds, const uint8_t *const *w, const int64
     }
     first[nmat] = groups;
     const int64_t nb = K / QK;
-    int32_t *xs = (int32_t *)malloc(sizeof(int32_t) * (res ? 2 : 1) * M * nb);
-    if (!xs) return -3;
-    block_sums(q, M, nb, xs);
-    if (res) block_sums(q + M * K, M, nb, xs + M * nb);
-    QgemmGroups a = {nmat, kinds, w, N, first, col, q, d, s, xs, res, M, nb, y, ldy, accumulate};
-    pool_for(groups, nthreads, qgemm_groups, &a);
-    free(xs);
+    QgemmGroups a = {nmat, kinds, w, N, first, col, q, d, s, xs, res, M, nb, y, ldy, accumulate, groups};
+    pool_for((groups + SPAN - 1) / SPAN, nthreads, qgemm_groups, &a);
     return 0;
 }
 
@@ -710,12 +716,13 @@ int qlinear_repacked(int kind, const float *x, const uint8_t *w, float *y, int64
     const int64_t R = (res ? 2 : 1) * M;
     int8_t *q = (int8_t *)malloc((size_t)(R * K));
     float *d = (float *)malloc(sizeof(float) * R * (K / QK)), *s = (float *)malloc(sizeof(float) * R * (K / QK));
+    int32_t *xs = (int32_t *)malloc(sizeof(int32_t) * R * (K / QK));
     int rc = -3;
-    if (q && d && s) {
-        quantize_rows(x, K, NULL, 0.0f, M, K, resid, q, d, s, nthreads);
-        rc = qgemm_multi(1, &kind, &w, &N, q, d, s, res, M, K, y, N, 0, nthreads);
+    if (q && d && s && xs) {
+        quantize_rows(x, K, NULL, 0.0f, M, K, resid, q, d, s, xs, nthreads);
+        rc = qgemm_multi(1, &kind, &w, &N, q, d, s, xs, res, M, K, y, N, 0, nthreads);
     }
-    free(q), free(d), free(s);
+    free(q), free(d), free(s), free(xs);
     return rc;
 }
 
