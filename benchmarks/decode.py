@@ -199,13 +199,13 @@ def once(fn) -> float:
 def paired_goals(model, hf, lc, prompts: dict, N: int, rounds: int) -> None:
     """Issue 11's four speed goals measured in pairs: in each round, each goal's llmlab figure is timed right before
     and right after its peer's, and the ratio is taken within the round (llmlab's mean over the peer). This
-    machine's speed drifts by 20-30% over seconds to minutes (other virtual machines on the host), and the main
+    machine's speed drifts by 20-30% over seconds to minutes (with nothing else running in it), and the main
     table times llmlab and the peers minutes apart, so its ratios carry that drift; a round shares it. Decode-only
     rates are timed inside one call (``decode_only``). Prints each round's figures, then per goal the median ratio,
     its range and how many rounds met the goal."""
     p128, p512, p8, p32 = prompts["p128"], prompts["p512"], prompts["p8"], prompts["p32"]
 
-    goals = [  # (name, goal, llmlab tok/s, peer tok/s); a goal whose peer is missing is left out
+    goals = [  # (name, goal, the peer, llmlab's tok/s, the peer's tok/s); a goal whose peer is missing is left out
         ("batch 1 decode only / llama.cpp decode", 1.0, lc,
          lambda: decode_only(model, [p128], N), lambda: lc_decode_only(lc, p128, N)),
         ("prefill 512 / llama.cpp prefill 512", 1.0, lc,
