@@ -428,7 +428,7 @@ int llama_block(const LlamaBlock *w, float *x, int64_t B, int64_t T, const float
                      0, nthreads);
     if (rc) goto done;
     RowsArgs ra = {w, qkv, cos, sin, k_cache, v_cache, kv_half, T, max_len, start};
-    pool_for(M, M >= 8 ? nthreads : 1, rope_rows, &ra);
+    pool_for(M, row_threads(M, nthreads), rope_rows, &ra);
     attention(w, qkv, att, B, T, k_cache, v_cache, kv_half, max_len, start, key_mask, mask_stride, nthreads);
     quantize_rows(att, H * D, NULL, 0.0f, M, H * D, resid, ha.q, ha.d, ha.s, ha.xs, nthreads);
     rc = qgemm_multi(1, &w->kind_o, &w->w_o, &dim, ha.q, ha.d, ha.s, ha.xs, res, M, H * D, x, dim, 1, nthreads);
@@ -439,7 +439,7 @@ int llama_block(const LlamaBlock *w, float *x, int64_t B, int64_t T, const float
                      0, nthreads);
     if (rc) goto done;
     ra.rows = gu;
-    pool_for(M, M >= 8 ? nthreads : 1, swiglu_rows, &ra);
+    pool_for(M, row_threads(M, nthreads), swiglu_rows, &ra);
     quantize_rows(gu, 2 * F, NULL, 0.0f, M, F, resid, hf.q, hf.d, hf.s, hf.xs, nthreads); /* the F columns of h */
     rc = qgemm_multi(1, &w->kind_down, &w->w_down, &dim, hf.q, hf.d, hf.s, hf.xs, res, M, F, x, dim, 1, nthreads);
 done:

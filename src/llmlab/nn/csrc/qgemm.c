@@ -114,6 +114,10 @@ static inline int quantize_block(const float *x, int8_t *q, float *d, float *s, 
     return asum;
 }
 
+/* Threads for a loop over M rows of per-row work (the quantization; RoPE and SwiGLU in llama_block.c): one below 8
+ * rows, where a row is a few microseconds and waking a worker costs more than it saves. */
+static inline int row_threads(int64_t M, int nthreads) { return M >= 8 ? nthreads : 1; }
+
 /* quantize_rows' arguments, and the rows [m0, m1) of it that one thread does */
 typedef struct {
     const float *x, *norm;
@@ -188,7 +192,7 @@ static void quantize_rows_range(void *arg, int64_t m0, int64_t m1, int tid) {
 void quantize_rows(const float *x, int64_t ldx, const float *norm, float eps, int64_t M, int64_t K, float resid,
                    int8_t *q, float *d, float *s, int32_t *xs, int nthreads) {
     QuantizeRows a = {x, norm, ldx, M, K, eps, resid, q, d, s, xs};
-    pool_for(M, M >= 8 ? nthreads : 1, quantize_rows_range, &a);
+    pool_for(M, row_threads(M, nthreads), quantize_rows_range, &a);
 }
 
 /* ---- repacked weights: 8 output rows interleaved ------------------------------------------------------ */
