@@ -27,6 +27,10 @@ first run did not see:
 
     python benchmarks/distill_hallucination.py --student runs/hallucination/kd/model --losses minillm --whiten \
         --steps 120 --seed 2 --out runs/hallucination-whitened
+
+On a GPU, ``--device cuda`` (TF32 matrix products) trains and measures there; ``--max-minutes`` caps each
+student's training, and ``--train-only`` trains without measuring, so one process per loss can share the GPU and
+a last run with the same ``--out`` measures them all (the README's "At a budget where the students write code").
 """
 
 from __future__ import annotations
@@ -68,6 +72,17 @@ class Options:
         "help": "minillm: whiten its long-term rewards over the batch, as the authors' code does (llmlab distill "
                 "--whiten)"})
     threads: int = field(default=1, metadata={"help": "torch threads"})
+    device: str = field(default="cpu", metadata={
+        "help": "cpu, cuda or auto: where the students train and the measurement runs (on CUDA, float32 matrix "
+                "products use TF32)"})
+    max_minutes: float = field(default=0.0, metadata={
+        "help": "stop each student's training after this many minutes (its summary says so); 0 = no limit"})
+    train_only: bool = field(default=False, metadata={
+        "help": "train the students and stop; a later run with the same --out measures them (so several "
+                "--losses can train in parallel processes, e.g. on one GPU)"})
+    examples: int = field(default=4, metadata={
+        "help": "continuations kept as text in the JSON per model and decoding mode (the first prompts, first "
+                "seed)"})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,7 +105,8 @@ def train_students(args, losses: list[str]) -> dict[str, dict]:
         cfg = DistillConfig(teacher=args.teacher, student=args.student, loss=loss, data=args.data, out=str(run),
                             gen_tokens=args.gen_tokens, whiten=args.whiten and loss == "minillm")
         tcfg = DistillTrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                                  seed=args.seed, progress=False, device="cpu")
+                                  seed=args.seed, progress=False, device=args.device,
+                                  max_minutes=args.max_minutes)
         summaries[loss] = run_distill(cfg, tcfg)
     return summaries
 
@@ -131,6 +147,16 @@ def run(args: argparse.Namespace) -> None:
     if args.whiten and "minillm" not in losses:
         raise LlmlabError(f"--whiten acts on minillm only, and --losses {args.losses!r} lacks it: add minillm or "
                           "drop --whiten")
+    if args.max_minutes < 0 or args.examples < 0:
+        raise LlmlabError(f"--max-minutes and --examples must be >= 0, got {args.max_minutes} and {args.examples}")
+    if args.device not in ("cpu", "cuda", "auto"):
+        raise LlmlabError(f"--device {args.device!r}: give cpu, cuda or auto")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LlmlabError("--device cuda: PyTorch sees no CUDA device here; use --device cpu")
+        torch.backends.cuda.matmul.allow_tf32 = True
     if args.seed < 0:
         raise LlmlabError(f"--seed must be >= 0, got {args.seed}")
     if args.student not in PRESETS and not Path(args.student).exists():
@@ -139,25 +165,38 @@ def run(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     summaries = train_students(args, losses)
     train_s = time.perf_counter() - t0
+    if args.train_only:
+        print(f"trained {', '.join(losses)} in {train_s / 60:.1f} min under {args.out}; measure them with the same "
+              "--out and without --train-only")
+        return
     teacher = load_model(args.teacher)
-    teacher.model.eval()
+    teacher.model.to(device).eval()
     shards = TokenShards(args.data)
     n = args.prompt_tokens + args.gen_tokens
     if n > teacher.config.max_seq_len:
         raise LlmlabError(f"--prompt-tokens + --gen-tokens = {n} exceeds the teacher's {teacher.config.max_seq_len}")
     x, _ = shards.batch(0, args.prompts, n, seed=4242, split="val")  # (B, P + G), never a training window
     prompts, refs = x[:, :args.prompt_tokens], x[:, args.prompt_tokens:]
-    models = {loss: (load_model(str(Path(args.out) / loss / "model")).model.eval(), summaries[loss]) for loss in losses}
+    models = {loss: (load_model(str(Path(args.out) / loss / "model")).model.to(device).eval(), summaries[loss])
+              for loss in losses}
     models["teacher (itself)"] = (teacher.model, None)
     rows, t1 = [], time.perf_counter()
     for name, (model, summary) in models.items():
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        for m in measure(model, teacher.model, teacher.tokenizer, prompts, refs, seeds, args.epsilon):
+        for m in measure(model, teacher.model, teacher.tokenizer, prompts, refs, seeds, args.epsilon,
+                         examples=args.examples):
             rows.append({"model": name, "mode": m.mode, "unsupported": m.unsupported, "surprisal": m.surprisal,
                          "ungrounded": m.ungrounded, "per_seed": m.per_seed, "tokens": m.tokens, "names": m.names,
-                         "val_ppl": summary["val_ppl"] if summary else None})
-    print(f"{cpu_description()}; load average {os.getloadavg()[0]:.1f}; {args.threads} thread(s); training "
+                         "val_ppl": summary["val_ppl"] if summary else None,
+                         "steps": summary["steps"] if summary else None,
+                         "stopped": summary["stopped"] if summary else None, "examples": m.examples})
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
+    print(f"{where}; load average {os.getloadavg()[0]:.1f}; {args.threads} thread(s); training "
           f"{train_s / 60:.1f} min, measuring {(time.perf_counter() - t1) / 60:.1f} min")
+    stopped = {r["model"]: f"{r['steps']} ({r['stopped']})" for r in rows
+               if r["stopped"] not in (None, "done") and r["mode"] == "greedy"}
+    if stopped:
+        print("stopped early (steps): " + ", ".join(f"{k} {v}" for k, v in stopped.items()))
     print(f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens per student from {args.student}, seed "
           f"{args.seed}; {args.prompts} prompts x "
           f"{args.prompt_tokens} tokens, {args.gen_tokens} generated; sampled: T 1, seeds {args.seeds} (median); "

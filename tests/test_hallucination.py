@@ -211,6 +211,24 @@ def test_readme_continued_command_starts_every_student_from_the_given_one(tiny_c
     assert (tiny_chat / "model.safetensors").read_bytes() == before
 
 
+def test_train_only_then_measure_with_the_same_out(tiny_chat, small_shards, tmp_path, capsys):
+    """--train-only trains (one process per loss, as on a GPU) and measures nothing; a later run with the same
+    --out reuses every trained student untouched and measures it, keeping --examples continuations as text."""
+    bench, out = _script(), tmp_path / "runs"
+    base = [*_tiny_budget(tiny_chat, small_shards), "--student", str(tiny_chat), "--steps", "1", "--out", str(out)]
+    for loss in ("kd", "reverse-kl"):
+        assert bench.main([*base, "--losses", loss, "--train-only", "--max-minutes", "5"]) == 0
+    assert "measure them with the same --out" in capsys.readouterr().out
+    assert not (out / "hallucination.json").exists()
+    saved = {loss: (out / loss / "model" / "model.safetensors").read_bytes() for loss in ("kd", "reverse-kl")}
+    assert bench.main([*base, "--losses", "kd,reverse-kl", "--examples", "1"]) == 0
+    rows = json.loads((out / "hallucination.json").read_text())["rows"]
+    assert [x["model"] for x in rows] == [m for m in ("kd", "reverse-kl", "teacher (itself)") for _ in range(2)]
+    assert all(len(x["examples"]) == 1 and isinstance(x["examples"][0], str) for x in rows)
+    assert [x["steps"] for x in rows[:4]] == [1] * 4 and rows[0]["stopped"] == "done"
+    assert all((out / loss / "model" / "model.safetensors").read_bytes() == b for loss, b in saved.items())
+
+
 WHITENED = ("python benchmarks/distill_hallucination.py --student runs/hallucination/kd/model --losses minillm "
             "--whiten --steps 120 --seed 2 --out runs/hallucination-whitened")
 
@@ -236,9 +254,49 @@ def test_readme_whitened_command_trains_minillm_with_whitened_rewards(tiny_chat,
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
     (["--losses", "kd", "--whiten"], "--whiten acts on minillm only, and --losses 'kd' lacks it"),
     (["--student", "runs/nowhere/kd/model"], "--student runs/nowhere/kd/model: no such folder or preset"),
+    (["--device", "tpu"], "--device 'tpu': give cpu, cuda or auto"),
+    (["--max-minutes", "-1"], "--max-minutes and --examples must be >= 0, got -1.0 and 4"),
+    (["--examples", "-2"], "--max-minutes and --examples must be >= 0, got 0.0 and -2"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert _script().main([*args, "--out", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()
+
+
+GPU_LINES = [line for line in (ROOT / "README.md").read_text().splitlines()
+             if line.startswith("python benchmarks/distill_hallucination.py --device cuda")]
+
+
+def test_readme_gpu_lines_run_with_a_tiny_budget_on_the_cpu(tiny_chat, small_shards, tmp_path, capsys):
+    """The README's GPU lines in their order (the backgrounded ones one after another), with --device cpu, the
+    tiny budget and 1 step: the first stage trains without measuring, the continuations each train one loss
+    from it, the last two lines measure the start and the three continued students."""
+    assert len(GPU_LINES) == 6, GPU_LINES
+    bench = _script()
+    for line in GPU_LINES:
+        args = line.rstrip(" &").split()[2:]
+        args[args.index("cuda")] = "cpu"
+        args[args.index("--steps") + 1] = "1"
+        for folder in ("runs/hallucination-gpu/kd/model", "runs/hallucination-gpu-continued", "runs/hallucination-gpu"):
+            if folder in args:
+                args[args.index(folder)] = str(tmp_path / folder)
+        assert bench.main([*args, *_tiny_budget(tiny_chat, small_shards)]) == 0, line  # the later flags win
+    capsys.readouterr()
+    start = json.loads((tmp_path / "runs/hallucination-gpu/hallucination.json").read_text())["rows"]
+    assert [x["model"] for x in start] == ["kd", "kd", "teacher (itself)", "teacher (itself)"]
+    rows = json.loads((tmp_path / "runs/hallucination-gpu-continued/hallucination.json").read_text())["rows"]
+    assert [x["model"] for x in rows] == [m for m in ("kd", "reverse-kl", "minillm", "teacher (itself)")
+                                          for _ in range(2)]
+    for loss in ("kd", "reverse-kl", "minillm"):
+        summary = json.loads((tmp_path / "runs/hallucination-gpu-continued" / loss / "summary.json").read_text())
+        assert summary["student"] == str(tmp_path / "runs/hallucination-gpu/kd/model") and summary["steps"] == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path, capsys):
+    assert _script().main(["--device", "cuda", "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: PyTorch sees no CUDA device here; use --device cpu" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()

@@ -34,7 +34,7 @@ import keyword
 import math
 import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -101,12 +101,14 @@ class Measured:
     per_seed: list[tuple[float, float, float]]
     tokens: int  # continuation tokens per seed
     names: int  # names written, summed over the seeds
+    examples: list[str] = field(default_factory=list)  # the first rows' continuations (first seed), as text
 
 
 def measure(student, teacher, tokenizer, prompts: torch.Tensor, references: torch.Tensor, seeds: list[int],
-            epsilon: float = EPSILON, batch: int = 8) -> list[Measured]:
+            epsilon: float = EPSILON, batch: int = 8, examples: int = 0) -> list[Measured]:
     """The student continues every prompt (B, P) for G = references.shape[1] tokens, sampled at temperature 1
-    with each seed and greedily; both measures on each. ``tokenizer`` decodes for (b)."""
+    with each seed and greedily; both measures on each. ``tokenizer`` decodes for (b). ``examples``: keep the
+    first that many rows' continuations of each mode's first run as text."""
     if prompts.ndim != 2 or references.ndim != 2 or prompts.shape[0] != references.shape[0] or not len(prompts):
         raise LlmlabError("prompts (B, P) and references (B, G) need the same B >= 1 rows")
     if not seeds:
@@ -117,7 +119,7 @@ def measure(student, teacher, tokenizer, prompts: torch.Tensor, references: torc
     results = []
     for mode, runs in (("sampled", [SamplingParams(temperature=1.0, seed=s) for s in seeds]),
                        ("greedy", [SamplingParams(temperature=0.0)])):
-        per_seed, n_names = [], 0
+        per_seed, n_names, texts = [], 0, []
         for params in runs:
             done = generate(student, prompts.tolist(), G, params)  # no stop ids: every row writes G tokens
             cont = torch.tensor([c.ids for c in done], dtype=torch.long)  # (B, G)
@@ -125,8 +127,10 @@ def measure(student, teacher, tokenizer, prompts: torch.Tensor, references: torc
             counts = [ungrounded(p, tokenizer.decode(c), r) for p, c, r in zip(p_text, cont.tolist(), r_text)]
             bad, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
             n_names += total
+            if not texts:
+                texts = [tokenizer.decode(c) for c in cont[:examples].tolist()]
             per_seed.append((unsupported_share(lp.reshape(-1), epsilon), float(-lp.mean()),
                              bad / total if total else 0.0))
         results.append(Measured(mode, *(statistics.median(v[i] for v in per_seed) for i in range(3)), per_seed,
-                                int(prompts.shape[0] * G), n_names))
+                                int(prompts.shape[0] * G), n_names, texts))
     return results
