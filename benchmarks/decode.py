@@ -250,8 +250,11 @@ def main() -> int:
     ap.add_argument("--goals-only", action="store_true",
                     help="only the paired goals (--pairs, 5 rounds when not given), not the full table (default: off)")
     args = ap.parse_args()
-    if args.runs < 1 or args.new_tokens < 2 or args.pairs < 0 or args.threads < 0:
-        ap.error("--runs and --threads need >= 1 (threads 0: physical cores), --new-tokens >= 2, --pairs >= 0")
+    for flag, value, least in (("--runs", args.runs, 1), ("--new-tokens", args.new_tokens, 2),
+                               ("--pairs", args.pairs, 0), ("--threads", args.threads, 0)):
+        if value < least:
+            ap.error(f"{flag} must be >= {least}, got {value}" + (" (0: the physical cores)" if flag == "--threads"
+                                                                 else ""))
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
     print(f"threads {threads}; CPU flags: {speed_flags()}; "

@@ -22,7 +22,7 @@ def test_readme_avx2_goals_line_runs_with_a_tiny_budget(smollm_path):
     median line; with neither peer, the rounds say they were skipped."""
     readme = (ROOT / "README.md").read_text()
     assert AVX2_LINE in readme
-    *assignments, python, script, flag = AVX2_LINE.split()
+    *assignments, _python, script, flag = AVX2_LINE.split()
     env = dict(os.environ, **dict(a.split("=", 1) for a in assignments))
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(ROOT / "src")])  # /tmp/lcpp_avx2 may not exist
     r = subprocess.run([sys.executable, script, flag, "--pairs", "1", "--new-tokens", "2", "--threads", "1"],
@@ -38,12 +38,14 @@ def test_readme_avx2_goals_line_runs_with_a_tiny_budget(smollm_path):
     medians = re.findall(r"median (\d+\.\d+)x \(range .*\), goal >= [145]x met in [01] of 1 rounds", out)
     assert len(medians) == 3 * lc + hf and all(float(m) > 0 for m in medians), out
 
+
 @pytest.mark.parametrize("args,message", [
-    (["--runs", "0"], "--runs and --threads need >= 1"),
-    (["--new-tokens", "1"], "--new-tokens >= 2"),
-    (["--pairs", "-1"], "--pairs >= 0"),
+    (["--runs", "0"], "--runs must be >= 1, got 0"),
+    (["--new-tokens", "1"], "--new-tokens must be >= 2, got 1"),
+    (["--pairs", "-1"], "--pairs must be >= 0, got -1"),
+    (["--threads", "-2"], "--threads must be >= 0, got -2 (0: the physical cores)"),
 ])
 def test_bad_flags_are_usage_errors(args, message):
     r = subprocess.run([sys.executable, "benchmarks/decode.py", *args], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), timeout=120)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

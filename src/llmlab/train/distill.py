@@ -287,13 +287,11 @@ class DistillTask:
         on_policy = self.on_policy(step)
         first = 0  # the first scored position
         data = x  # the window itself (minillm's --ce-weight term)
-        if self.teacher is not None:
-            self.teacher.to(device)  # before sampling: minillm's samples mix in the teacher's distribution
+        teacher = self.teacher.to(device)  # before sampling: minillm's samples mix in the teacher's distribution
         if on_policy:
             x = self.sample_continuations(x, step, first_row)
             first = self.seq_len - cfg.gen_tokens - 1  # the logits that predicted the first sampled token
         logits, projected = model(x)  # (B, T, V), [(B, T, D_T)]
-        teacher = self.teacher.to(device)
         hooks = HiddenStates(teacher) if cfg.loss == "hidden" else None
         try:
             with torch.no_grad():
