@@ -38,14 +38,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from finetune import measure_and_report, run_worker
+from finetune import measure_and_report, run_worker, save_source, saved_source
+from llmlab.common import LlmlabError
 from llmlab.nn.cpu_kernels import cpu_description
+from table_harness import add_model_flag
 
 BETA = 0.1
 LR = {"lora": 5e-4, "full": 5e-5}
@@ -54,13 +55,14 @@ R, ALPHA = 16, 32.0
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def prepare(workdir: Path, n_pairs: int, seq: int) -> None:
+def prepare(workdir: Path, n_pairs: int, seq: int, model: str | None = None) -> None:
     """The HF folder of llmlab's weights (with the tokenizer) and the tokenized pairs, written once."""
     from llmlab.data.preferences import task_pairs, tokenize_pair
     from llmlab.formats.hf import write_folder
     from llmlab.formats.load import chat_template_of, load_model
 
-    loaded = load_model()
+    save_source(workdir, model)
+    loaded = load_model(model)
     tok = loaded.tokenizer
     template = chat_template_of(loaded)
     raw = task_pairs("addition", "train", n_pairs, 0)
@@ -127,7 +129,7 @@ def setup_trl(workdir: Path, data: dict, method: str):
     return step, None
 
 
-def setup_llmlab(data: dict, method: str, in_backward: bool):
+def setup_llmlab(workdir: Path, data: dict, method: str, in_backward: bool):
     import time
 
     from llmlab.formats.load import load_model
@@ -135,7 +137,7 @@ def setup_llmlab(data: dict, method: str, in_backward: bool):
     from llmlab.train.optim import build_adamw
     from llmlab.train.sft import apply_method
 
-    loaded = load_model()
+    loaded = load_model(saved_source(workdir))
     cfg = DPOConfig(method=method, beta=BETA)
     model = apply_method(loaded.model, cfg.sft_config(), loaded.tokenizer)
     pairs = _pairs(data)
@@ -167,7 +169,7 @@ def worker(args) -> None:
     data = torch.load(workdir / "pairs.pt")
     v = json.loads(args.worker)
     step, per_pair = (setup_trl(workdir, data, v["method"]) if v["side"] == "trl"
-                      else setup_llmlab(data, v["method"], v.get("in_backward", False)))
+                      else setup_llmlab(workdir, data, v["method"], v.get("in_backward", False)))
     measure_and_report(step, args, ref_s_per_pair=per_pair)
 
 
@@ -191,6 +193,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence at most (default: 128)")
     p.add_argument("--variants", default="lora,full", help="comma-separated: lora, full, full-inbwd (llmlab's "
                    "optimizer step fused into backward, against TRL's full run) (default: lora,full)")
+    add_model_flag(p)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -198,7 +201,7 @@ def main() -> None:
         return worker(args)
     methods = [m.strip() for m in args.variants.split(",") if m.strip()]
     if not methods or set(methods) - set(VARIANTS):
-        sys.exit(f"--variants {args.variants}: use a comma-separated list of {', '.join(VARIANTS)}")
+        p.error(f"--variants {args.variants}: use a comma-separated list of {', '.join(VARIANTS)}")
     args.warmup = max(1, args.warmup)
     print(f"CPU: {cpu_description()}")
     print(f"load average before: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}; torch "
@@ -224,7 +227,10 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        prepare(workdir, args.pairs, args.seq)
+        try:
+            prepare(workdir, args.pairs, args.seq, args.model)
+        except LlmlabError as e:  # e.g. --seq too short for any example: a usage error, one line
+            p.error(str(e))
         print(f"{'variant':<18} {'step':>9} {'peak RSS':>10} {'train pk':>9}")
         for name, variant in variants.items():
             r = run_variant(name, variant, args, workdir)

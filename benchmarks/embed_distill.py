@@ -11,18 +11,28 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", default="all-minilm-l6-v2")
-    ap.add_argument("--student", default="runs/embed-distill/model")
-    ap.add_argument("--texts", type=int, default=512)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="all-minilm-l6-v2",
+                    help="the teacher encoder: an embedded model name or a folder (default: all-minilm-l6-v2)")
+    ap.add_argument("--student", default="runs/embed-distill/model",
+                    help="the distilled student's folder, written by `llmlab embed distill` "
+                         "(default: runs/embed-distill/model)")
+    ap.add_argument("--texts", type=int, default=512, help="texts embedded per run (default: 512)")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs; the median is printed (default: 5)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     args = ap.parse_args()
+    for flag, value in (("--texts", args.texts), ("--runs", args.runs), ("--threads", args.threads)):
+        if value < 1:
+            ap.error(f"{flag} must be >= 1, got {value}")
+    if "/" in args.student and not Path(args.student).exists():
+        ap.error(f"--student {args.student}: no such folder; make it with `llmlab embed distill --out "
+                 f"{Path(args.student).parent}` first")
     torch.set_num_threads(args.threads)
     from llmlab.formats.load import load_model
     from llmlab.infer.embed import embed_texts

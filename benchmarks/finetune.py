@@ -39,7 +39,9 @@ from pathlib import Path
 
 import torch
 
+from llmlab.common import LlmlabError
 from llmlab.nn.cpu_kernels import cpu_description
+from table_harness import add_model_flag
 
 LR, BETAS, WD = 1e-4, (0.9, 0.95), 0.01
 R, ALPHA = 16, 32.0
@@ -49,14 +51,24 @@ HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # ---- setup (parent process) ---------------------------------------------------------------------------
 
 
-def prepare(workdir: Path, rows: int, seq: int) -> None:
+def save_source(workdir: Path, model: str | None) -> None:
+    """Tell the workers which model to load (``--model``; None: the embedded SmolLM2-135M-Instruct)."""
+    (workdir / "model.json").write_text(json.dumps(model))
+
+
+def saved_source(workdir: Path) -> str | None:
+    return json.loads((workdir / "model.json").read_text())
+
+
+def prepare(workdir: Path, rows: int, seq: int, model: str | None = None) -> None:
     """The HF folder of llmlab's weights and the token rows, written once for every variant."""
     from llmlab.data.sft import SFTDataConfig, build_sft_data
     from llmlab.formats.hf import write_folder
     from llmlab.formats.load import load_model
     from llmlab.tokenizer.chat import ChatTemplate
 
-    loaded = load_model()
+    save_source(workdir, model)
+    loaded = load_model(model)
     tok = loaded.tokenizer
     specials = {"bos_token": tok.id_to_token[tok.bos_id], "eos_token": tok.id_to_token[tok.eos_id]}
     data = build_sft_data(SFTDataConfig(task="addition", seq_len=seq, task_examples=400), tok,
@@ -125,14 +137,14 @@ def setup_peft(workdir: Path, batch: dict, causal: bool):
     return step
 
 
-def setup_llmlab(batch: dict, causal: bool, base: str, eight_bit: bool):
+def setup_llmlab(workdir: Path, batch: dict, causal: bool, base: str, eight_bit: bool):
     from llmlab.data.sft import SFTBatch
     from llmlab.formats.load import load_model
     from llmlab.nn.lora import LINEAR_TYPES, LoRAConfig, LoRALinear, apply_lora_, mark_only_lora_trainable_
     from llmlab.train.optim import build_adamw
     from llmlab.train.sft import sft_loss
 
-    model = load_model(packed=base == "packed").model
+    model = load_model(saved_source(workdir), packed=base == "packed").model
     if base != "fp32":
         try:  # the QLoRA base as the trainer builds it
             from llmlab.nn.qlora import prepare_qlora_
@@ -178,7 +190,7 @@ def worker(args) -> None:
     if v["side"] == "peft":
         step = setup_peft(workdir, batch, v["causal"])
     else:
-        step = setup_llmlab(batch, v["causal"], v["base"], v["eight_bit"])
+        step = setup_llmlab(workdir, batch, v["causal"], v["base"], v["eight_bit"])
     measure_and_report(step, args)
 
 
@@ -236,6 +248,7 @@ def main() -> None:
                    "run), nf4 (QLoRA), packed (LoRA over the GGUF's Q4_1 blocks) (default: fp32,nf4)")
     p.add_argument("--no-8bit", action="store_true", help="skip the 8-bit AdamW variant (default: run it)")
     p.add_argument("--skip-peer", action="store_true", help="do not run transformers + peft (default: off)")
+    add_model_flag(p)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -244,7 +257,7 @@ def main() -> None:
     bases = [b.strip() for b in args.bases.split(",") if b.strip()]
     bad = sorted(set(bases) - {"fp32", "nf4", "packed"})
     if bad:
-        sys.exit(f"--bases {','.join(bad)}: use fp32, nf4 or packed")
+        p.error(f"--bases {','.join(bad)}: use fp32, nf4 or packed")
     args.warmup = max(1, args.warmup)
     print(f"CPU: {cpu_description()}")
     print(f"load average before: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}; torch "
@@ -271,7 +284,10 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        prepare(workdir, args.rows, args.seq)
+        try:
+            prepare(workdir, args.rows, args.seq, args.model)
+        except LlmlabError as e:  # e.g. --seq too short for any example: a usage error, one line
+            p.error(str(e))
         print(f"{'variant':<28} {'step':>9} {'tok/s':>13} {'peak RSS':>10} {'train pk':>9}")
         for name, variant in variants.items():
             r = run_variant(name, variant, args, workdir)

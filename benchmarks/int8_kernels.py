@@ -4,7 +4,7 @@ SmolLM2-135M's layer shapes with random Q4_1 / Q8_0 weights, for 1 / 8 / 64 / 51
 of a SmolLM2-135M-shaped model (random weights, Q4_1 blocks, head Q8_0) through the native C step per variant.
 Also checks that every variant gives bit-identical outputs. Medians of --runs.
 
-    python benchmarks/int8_kernels.py [--runs 20] [--threads 0]
+    python benchmarks/int8_kernels.py [--runs 20] [--threads 0] [--rows 1,8,64,512]
 """
 
 from __future__ import annotations
@@ -68,7 +68,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=20, help="timed runs per measurement (default: 20)")
     ap.add_argument("--threads", type=int, default=0, help="threads; 0 = physical cores (default: 0)")
+    ap.add_argument("--rows", default="1,8,64,512", help="activation rows per call, comma-separated "
+                                                          "(default: 1,8,64,512)")
     args = ap.parse_args()
+    try:
+        row_counts = [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        row_counts = []
+    if not row_counts or min(row_counts) < 1 or args.runs < 1 or args.threads < 0:
+        ap.error(f"--rows must be positive integers (got {args.rows!r}), --runs >= 1, --threads >= 0")
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
     variants = runnable_variants()
@@ -81,7 +89,7 @@ def main() -> int:
     identical = True
     for name, (kind, n_out, n_in) in shapes.items():
         lin = layer(kind, n_out, n_in)
-        for rows in (1, 8, 64, 512):
+        for rows in row_counts:
             x = torch.randn(rows, n_in)
             runs = max(3, args.runs * 8 // (rows + 7)) if kind == "Q8_0" else args.runs
             cells, outs = [], []

@@ -21,6 +21,7 @@ import torch
 from llmlab.api import load
 from llmlab.nn import packed_linear
 from llmlab.nn.cpu_kernels import best_variant, speed_flags
+from table_harness import add_model_flag, model_name
 
 
 def cpu_time(fn) -> float:
@@ -35,16 +36,17 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=15, help="timed runs per measurement (default: 15)")
     ap.add_argument("--threads", type=int, default=1, help="torch and C kernel threads (default: 1)")
     ap.add_argument("--thresholds", default="3,4,6,8", help="int8r thresholds T, comma-separated (default: 3,4,6,8)")
+    add_model_flag(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     paths: dict[str, torch.nn.Module] = {}
     for t in [float(v) for v in args.thresholds.split(",")]:
         packed_linear.ACT_RESIDUAL["int8r"] = t  # read when the native step is built
-        paths[f"int8r T={t:g}"] = load(packed=True, packed_kernel="int8r").model
+        paths[f"int8r T={t:g}"] = load(args.model, packed=True, packed_kernel="int8r").model
     packed_linear.ACT_RESIDUAL["int8r"] = packed_linear.RESIDUAL_T
-    paths = {"int8": load(packed=True, packed_kernel="int8").model, **paths,
-             "int8x2": load(packed=True, packed_kernel="int8x2").model}
-    llm = load(packed=True)
+    paths = {"int8": load(args.model, packed=True, packed_kernel="int8").model, **paths,
+             "int8x2": load(args.model, packed=True, packed_kernel="int8x2").model}
+    llm = load(args.model, packed=True)
     ids = llm.tokenizer.encode(inspect.getsource(json))
     work = {}
     for name, model in paths.items():
@@ -72,7 +74,7 @@ def main() -> int:
     for _ in range(args.runs):
         for key, fn in work.items():
             times[key].append(cpu_time(fn))
-    print(f"SmolLM2-135M-Instruct Q4_1, native C step ({best_variant()}), {args.threads} thread(s), CPU ms "
+    print(f"{model_name(args.model)}, native C step ({best_variant()}), {args.threads} thread(s), CPU ms "
           f"(median of {args.runs}); CPU flags: {speed_flags()}")
     cols = ["decode b1", "decode b8", "decode b32", "prefill 512"]
     print(f"{'path':<14}" + "".join(f"{c:>13}" for c in cols))

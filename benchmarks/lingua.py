@@ -80,25 +80,32 @@ def main() -> None:
                     help="llmlab compressor's arithmetic; auto: int8 where the kernel builds (default: auto)")
     args = ap.parse_args()
     compute = fast_compute() if args.compute == "auto" else args.compute
-    import llmlingua
+    try:
+        import llmlingua
+    except ImportError:
+        llmlingua = None
+        print("llmlingua package: skipped (not installed: pip install llmlingua); llmlab alone")
 
     torch.set_num_threads(args.threads)
 
     print(f"# {cpu_description()}; torch {torch.__version__}, {args.threads} thread(s); llmlingua "
-          f"{getattr(llmlingua, '__version__', '?')}; {args.items} prompts x {args.docs} documents, "
-          f"ratio {args.ratio}; llmlab compressor {compute}")
+          f"{getattr(llmlingua, '__version__', '?') if llmlingua else 'missing'}; {args.items} prompts x "
+          f"{args.docs} documents, ratio {args.ratio}; llmlab compressor {compute}")
     llm = load("smollm2-135m-instruct")  # fp32: answers every compressed prompt, and the fp32 compressor
     fast = llm if compute == "fp32" else load("smollm2-135m-instruct", **load_options(compute))
     items = needle_set(args.items + 1, docs=args.docs, chars=args.chars)  # the first is the warm-up
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "smollm2-hf"
-        convert("smollm2-135m-instruct", folder)
-        peer = package_compressor(folder)
+        peer = None
+        if llmlingua is not None:
+            folder = Path(tmp) / "smollm2-hf"
+            convert("smollm2-135m-instruct", folder)
+            peer = package_compressor(folder)
         speedups = {}
         for method in args.methods.split(","):
-            who_all = ("llmlingua", "llmlab") + (() if fast is llm else ("llmlab-fp32",))
-            times = {"llmlab": [], "llmlingua": []}
-            cpu = {"llmlab": [], "llmlingua": []}  # CPU seconds of this process: less moved by other jobs
+            timed = ("llmlingua", "llmlab") if peer else ("llmlab",)
+            who_all = timed + (() if fast is llm else ("llmlab-fp32",))
+            times = {who: [] for who in timed}
+            cpu = {who: [] for who in timed}  # CPU seconds of this process: less moved by other jobs
             right = dict.fromkeys(who_all, 0)
             reached = {w: [] for w in who_all}
             agree, same = [], []
@@ -107,26 +114,29 @@ def main() -> None:
                 ours = compress(fast.model, fast.tokenizer, item.documents, args.ratio, question=item.question,
                                 instruction=INSTRUCTION, method=method)
                 t_ours, c_ours = time.perf_counter() - t, time.process_time() - c
-                t, c = time.perf_counter(), time.process_time()
-                theirs = peer.compress_prompt(item.documents, instruction=INSTRUCTION, question=item.question,
-                                              rate=args.ratio, **PACKAGE_ARGS[method])
-                t_theirs, c_theirs = time.perf_counter() - t, time.process_time() - c
+                if peer is not None:
+                    t, c = time.perf_counter(), time.process_time()
+                    theirs = peer.compress_prompt(item.documents, instruction=INSTRUCTION, question=item.question,
+                                                  rate=args.ratio, **PACKAGE_ARGS[method])
+                    t_theirs, c_theirs = time.perf_counter() - t, time.process_time() - c
                 if n == 0:
                     continue
                 times["llmlab"].append(t_ours)
-                times["llmlingua"].append(t_theirs)
                 cpu["llmlab"].append(c_ours)
-                cpu["llmlingua"].append(c_theirs)
-                texts = {"llmlab": ours.text, "llmlingua": theirs["compressed_prompt"]}
+                texts = {"llmlab": ours.text}
                 reached["llmlab"].append(ours.ratio)
-                reached["llmlingua"].append(theirs["compressed_tokens"] / max(1, theirs["origin_tokens"]))
+                if peer is not None:
+                    times["llmlingua"].append(t_theirs)
+                    cpu["llmlingua"].append(c_theirs)
+                    texts["llmlingua"] = theirs["compressed_prompt"]
+                    reached["llmlingua"].append(theirs["compressed_tokens"] / max(1, theirs["origin_tokens"]))
+                    agree.append(overlap(llm.tokenizer, ours.text, theirs["compressed_prompt"]))
                 if fast is not llm:
                     ref = compress(llm.model, llm.tokenizer, item.documents, args.ratio, question=item.question,
                                    instruction=INSTRUCTION, method=method)
                     texts["llmlab-fp32"] = ref.text
                     reached["llmlab-fp32"].append(ref.ratio)
                     same.append(overlap(llm.tokenizer, ours.text, ref.text))
-                agree.append(overlap(llm.tokenizer, ours.text, theirs["compressed_prompt"]))
                 for who, text in texts.items():
                     reply = llm.chat([{"role": "user", "content": text}], max_new_tokens=32)
                     right[who] += item.answer in reply
@@ -135,11 +145,13 @@ def main() -> None:
                           f"CPU s)" if who in times else " " * 39)
                 print(f"{method:14s} {who:11s} {timing}  ratio reached {statistics.mean(reached[who]):.2f}  "
                       f"accuracy {right[who]}/{len(items) - 1}")
-            print(f"{method:14s} token overlap of the two compressed prompts: {statistics.mean(agree):.2f}")
+            if agree:
+                print(f"{method:14s} token overlap of the two compressed prompts: {statistics.mean(agree):.2f}")
             if same:
                 print(f"{method:14s} token overlap of llmlab {compute} and llmlab fp32: {statistics.mean(same):.2f}")
-            speedups[method] = (statistics.median(times["llmlingua"]) / statistics.median(times["llmlab"]),
-                                statistics.median(cpu["llmlingua"]) / statistics.median(cpu["llmlab"]))
+            if peer is not None:
+                speedups[method] = (statistics.median(times["llmlingua"]) / statistics.median(times["llmlab"]),
+                                    statistics.median(cpu["llmlingua"]) / statistics.median(cpu["llmlab"]))
     for method, (s, c) in speedups.items():
         print(f"speedup {method}: {s:.2f}x (llmlingua package fp32 / llmlab {compute}, median seconds per prompt; "
               f"CPU seconds: {c:.2f}x)")

@@ -40,11 +40,16 @@ def time_process(code: str) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5, help="llmlab runs (default: 5)")
-    ap.add_argument("--peer-runs", type=int, default=3, help="transformers runs (default: 3)")
+    ap.add_argument("--peer-runs", type=int, default=3, help="transformers runs; 0 = skip the peer (default: 3)")
     args = ap.parse_args()
+    if args.runs < 1 or args.peer_runs < 0:
+        ap.error(f"--runs must be >= 1 and --peer-runs >= 0, got {args.runs} and {args.peer_runs}")
     time_process("import torch")  # warm the page cache for both
     ours = [time_process(OURS) for _ in range(args.runs)]
     print(f"llmlab        : median {statistics.median(ours):6.2f} s  runs {[round(t, 2) for t in ours]}")
+    if not args.peer_runs:
+        print("transformers  : skipped (--peer-runs 0)")
+        return 0
     try:
         import gguf  # noqa: F401
         import transformers  # noqa: F401

@@ -29,6 +29,7 @@ from llmlab.infer.generate import generate
 from llmlab.infer.sample import SamplingParams
 from llmlab.nn.cpu_kernels import speed_flags
 from llmlab.nn.packed_linear import PackedLinear
+from table_harness import add_model_flag, model_name
 
 # GGML type -> (how llmlab quantize makes it, make_spec keyword arguments)
 LAYOUTS = {
@@ -46,6 +47,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default: 128)")
     ap.add_argument("--threads", type=int, default=2, help="threads for both (default: 2, the target machine)")
     ap.add_argument("--only", default="", help="comma-separated GGML types to run (default: all five)")
+    add_model_flag(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -54,9 +56,9 @@ def main() -> int:
         llama_cpp = None
         print("llama-cpp-python: skipped (not installed; it compiles llama.cpp: pip install llama-cpp-python)")
     flags = speed_flags()
-    print(f"SmolLM2-135M-Instruct; prompt 128 tokens, {args.new_tokens} new; {args.threads} threads; Python "
+    print(f"{model_name(args.model)}; prompt 128 tokens, {args.new_tokens} new; {args.threads} threads; Python "
           f"{platform.python_version()}; torch {torch.__version__}; CPU flags: {flags}")
-    base = load_model(None)
+    base = load_model(args.model)
     prompt = prompt_ids(base.tokenizer, 128)
     N, R = args.new_tokens, args.runs
     table = []
@@ -64,7 +66,7 @@ def main() -> int:
         for gtype, (label, kw) in LAYOUTS.items():
             if args.only and gtype not in args.only.split(","):
                 continue
-            loaded = load_model(None)
+            loaded = load_model(args.model)
             spec = make_spec(**kw)
             quantize_model_(loaded.model, spec, progress=False)
             folder, gguf = Path(tmp) / gtype, Path(tmp) / f"{gtype}.gguf"

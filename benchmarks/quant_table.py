@@ -38,7 +38,7 @@ from llmlab.nn.ggml_quants import TYPE_IDS
 from llmlab.nn.nf4 import NF4Linear
 from llmlab.nn.packed_linear import PackedLinear
 from llmlab.nn.quant_linear import QuantLinear
-from table_harness import table_harness
+from table_harness import add_model_flag, model_name, table_harness
 
 # (label, method, make_spec keyword arguments)
 ROWS = [
@@ -121,13 +121,14 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: 32)")
     p.add_argument("--calib-len", type=int, default=512, help="calibration window length (default: 512)")
     p.add_argument("--only", default="", help="comma-separated row labels to run (default: all)")
+    add_model_flag(p)
     p.add_argument("--out", default="docs/quantization", help="where the JSON, Markdown and PNG go "
                                                                "(default: docs/quantization)")
     args = p.parse_args()
     if args.quick:
         args.ppl_tokens, args.questions, args.calib_samples, args.calib_len = 1024, 8, 8, 256
     rows = [r for r in ROWS if (not args.quick or r[0] in QUICK) and (not args.only or r[0] in args.only.split(","))]
-    h = table_harness(args.ppl_tokens, args.window, args.calib_samples, args.calib_len)
+    h = table_harness(args.ppl_tokens, args.window, args.calib_samples, args.calib_len, args.model)
     base, ids, n_bytes, windows = h.base, h.ids, h.n_bytes, h.windows
     results = []
 
@@ -159,7 +160,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results))
-    plot(results, out / "perplexity_vs_bits.png")
+    plot(results, out / "perplexity_vs_bits.png", model_name(args.model))
     print(markdown(results))
     print(f"wrote {out}/results.json, results.md, perplexity_vs_bits.png", file=sys.stderr)
 
@@ -176,7 +177,7 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, title: str = "SmolLM2-135M-Instruct") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,7 +197,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (quantized layers: codes + scales + zero-points)")
     ax.set_ylabel("held-out perplexity (log scale)")
-    ax.set_title("SmolLM2-135M-Instruct: weight-only quantization")
+    ax.set_title(f"{title}: weight-only quantization")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

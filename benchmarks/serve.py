@@ -515,7 +515,7 @@ def main() -> int:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     bad = sorted(set(systems) - set(SYSTEMS))
     if bad or not args.concurrency or min(args.concurrency) < 1 or args.runs < 1:
-        sys.exit(f"bad arguments: systems {bad or 'ok'}, concurrency {args.concurrency}, runs {args.runs}")
+        ap.error(f"bad arguments: systems {bad or 'ok'}, concurrency {args.concurrency}, runs {args.runs}")
 
     from llmlab.api import load
     from llmlab.formats.load import embedded_path
@@ -540,6 +540,10 @@ def main() -> int:
     results: list[LevelResult] = []
     prefix: dict[str, dict] = {}
     pairs = work.prefix_pairs(args.prefix_trials, args.system_tokens, 4) if args.prefix_trials else []
+    longest = max((len(r.prompt_ids) + r.max_tokens for pair in pairs for r in pair), default=0)
+    if longest > llm.config.max_seq_len:
+        ap.error(f"--system-tokens {args.system_tokens}: the prefix test's requests need {longest} tokens, more than "
+                 f"the model's context of {llm.config.max_seq_len}; lower --system-tokens")
     if pairs:
         print(f"prefix test: system prompt + question = {len(pairs[0][0].prompt_ids)} prompt tokens, "
               f"{args.prefix_trials} trials")
@@ -569,10 +573,10 @@ def main() -> int:
             results += bench_transformers(args, llm, work)
     if "llamacpp" in systems:
         try:
-            import llama_cpp  # noqa: F401
-            import llama_cpp.server  # noqa: F401
-        except ImportError:
-            print("llama.cpp: skipped (pip install 'llama-cpp-python[server]' — compiles llama.cpp, ~10 min)")
+            import llama_cpp.server.app  # noqa: F401  (the server's own dependencies: fastapi, sse-starlette, ...)
+        except ImportError as e:
+            print(f"llama.cpp: skipped ({e.name} not installed: pip install 'llama-cpp-python[server]' — compiles "
+                  "llama.cpp, ~10 min)")
         else:
             server = start_llamacpp(args)
             try:

@@ -41,7 +41,7 @@ def main() -> None:
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in VARIANTS]
     if unknown:
-        sys.exit(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+        p.error(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
     rows = []
     for name in names:
         out = Path(args.out) / name

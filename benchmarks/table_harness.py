@@ -1,11 +1,14 @@
 """The setup the results tables share (quant_table.py, prune_table.py, lowrank_table.py): SmolLM2-135M-Instruct,
 the fixed held-out text as token ids with its byte count (for bits per byte), the calibration windows, and one
-header line saying where the table was measured."""
+header line saying where the table was measured; and the ``--model`` flag of the benchmarks that run on any model
+(quant_table.py, quant_decode.py, quantize.py, int8r_cost.py, finetune.py, dpo.py: SmolLM2-135M-Instruct by default)."""
 
 from __future__ import annotations
 
+import argparse
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -23,15 +26,28 @@ class Harness:
     flags: str  # the CPU flags a speed figure depends on
 
 
-def table_harness(ppl_tokens: int, window: int, calib_samples: int, calib_len: int) -> Harness:
-    """Load the model, cut the held-out and calibration text, and print the header line."""
-    base = load_model(None)
+def add_model_flag(parser: argparse.ArgumentParser) -> None:
+    """``--model``: the model a benchmark runs on, for the scripts that take any (model_name, table_harness)."""
+    parser.add_argument("--model", default=None,
+                        help="a GGUF file or model folder (default: the embedded SmolLM2-135M-Instruct)")
+
+
+def model_name(source: str | None) -> str:
+    """The model a table was measured on, for its header: the embedded SmolLM2 (``source`` None) or the path's name."""
+    return "SmolLM2-135M-Instruct" if source is None else Path(source).name
+
+
+def table_harness(ppl_tokens: int, window: int, calib_samples: int, calib_len: int,
+                  model: str | None = None) -> Harness:
+    """Load the model (``model``: a GGUF file or folder; None: the embedded SmolLM2-135M-Instruct), cut the held-out
+    and calibration text, and print the header line."""
+    base = load_model(model)
     tok = base.tokenizer
     ids = torch.tensor(tok.encode(heldout_text())[:ppl_tokens])
     n_bytes = len(tok.decode(ids[: len(ids) // window * window].tolist()).encode())
     windows = token_windows(tok, calibration_text("builtin"), calib_samples, calib_len, seed=0)
     flags = speed_flags()
-    print(f"SmolLM2-135M-Instruct; {len(ids)} held-out tokens in windows of {window}; calibration "
+    print(f"{model_name(model)}; {len(ids)} held-out tokens in windows of {window}; calibration "
           f"{calib_samples} x {calib_len}; Python {platform.python_version()}; torch {torch.__version__}; "
           f"{torch.get_num_threads()} threads; CPU flags: {flags}", flush=True)
     return Harness(base, ids, n_bytes, windows, flags)
