@@ -35,7 +35,7 @@ LINES = [
     ("python benchmarks/embed_distill.py --student runs/embed-distill-embed/model --texts 256 --runs 5 --threads 1",
      "--student {tiny_encoder} --texts 8 --runs 1", r"ratio student / teacher: \d+\.\d+x"),
     ("python benchmarks/finetune.py --steps 5 --warmup 2 --bases fp32,nf4,packed",
-     "--steps 1 --warmup 1 --rows 1 --seq 64 --bases fp32,nf4 --no-8bit --model {tiny_chat}",
+     "--steps 1 --warmup 1 --rows 1 --seq 64 --bases fp32 --no-8bit --model {tiny_chat}",
      r"llmlab packed +\d+\.\d+ s .* loss \d"),
     ("python benchmarks/index.py", "--sizes 1000 --queries 10", r"1,000 vectors: store flat / bare flat p50 = \d"),
     ("python benchmarks/int8_kernels.py --threads 2", "--runs 1 --rows 1,8",
