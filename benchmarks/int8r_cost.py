@@ -21,7 +21,7 @@ import torch
 from llmlab.api import load
 from llmlab.nn import packed_linear
 from llmlab.nn.cpu_kernels import best_variant, speed_flags
-from table_harness import add_model_flag, model_name
+from table_harness import add_model_flag, load_checked, model_name
 
 
 def cpu_time(fn) -> float:
@@ -39,6 +39,7 @@ def main() -> int:
     add_model_flag(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    llm = load_checked(ap, args.model, loader=load, packed=True)
     paths: dict[str, torch.nn.Module] = {}
     for t in [float(v) for v in args.thresholds.split(",")]:
         packed_linear.ACT_RESIDUAL["int8r"] = t  # read when the native step is built
@@ -46,7 +47,6 @@ def main() -> int:
     packed_linear.ACT_RESIDUAL["int8r"] = packed_linear.RESIDUAL_T
     paths = {"int8": load(args.model, packed=True, packed_kernel="int8").model, **paths,
              "int8x2": load(args.model, packed=True, packed_kernel="int8x2").model}
-    llm = load(args.model, packed=True)
     ids = llm.tokenizer.encode(inspect.getsource(json))
     work = {}
     for name, model in paths.items():
@@ -74,7 +74,8 @@ def main() -> int:
     for _ in range(args.runs):
         for key, fn in work.items():
             times[key].append(cpu_time(fn))
-    print(f"{model_name(args.model)}, native C step ({best_variant()}), {args.threads} thread(s), CPU ms "
+    blocks = "/".join(t for t in llm.loaded.tensor_types if t.startswith("Q")) or "Q8_0 (packed at load)"
+    print(f"{model_name(args.model)} {blocks}, native C step ({best_variant()}), {args.threads} thread(s), CPU ms "
           f"(median of {args.runs}); CPU flags: {speed_flags()}")
     cols = ["decode b1", "decode b8", "decode b32", "prefill 512"]
     print(f"{'path':<14}" + "".join(f"{c:>13}" for c in cols))

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from llmlab.api import parameter_count
+from llmlab.common import write_text_atomic
 from llmlab.compress.lowrank import CALIBRATED, LowRankConfig, lowrank_model_, parameter_totals, quantize_model_factors_
 from llmlab.eval.perplexity import perplexity
 from llmlab.formats.convert import write_loaded
@@ -114,8 +115,8 @@ def main() -> None:
     meta = {"calibration": f"{args.calib_samples} x {args.calib_len}", "ppl_tokens": len(ids),
             "window": args.window, "recover_lr": args.recover_lr, "recover_batch": args.recover_batch,
             "python": platform.python_version(), "torch": torch.__version__, "cpu_flags": flags}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    write_text_atomic(out / "results.json", json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
+    write_text_atomic(out / "results.md", markdown(results))
     print(markdown(results))
     print(f"wrote {out}/results.json, results.md", file=sys.stderr)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from llmlab.common import write_text_atomic
 from llmlab.compress.prune import CALIBRATED, PruneConfig, prune_model_, sparsity_totals
 from llmlab.eval.perplexity import perplexity
 from table_harness import table_harness
@@ -77,8 +78,8 @@ def main() -> None:
     meta = {"calibration": f"{args.calib_samples} x {args.calib_len}", "ppl_tokens": len(ids),
             "window": args.window, "python": platform.python_version(), "torch": torch.__version__,
             "cpu_flags": flags}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    write_text_atomic(out / "results.json", json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
+    write_text_atomic(out / "results.md", markdown(results))
     print(markdown(results))
     print(f"wrote {out}/results.json, results.md", file=sys.stderr)
 

@@ -29,7 +29,7 @@ from llmlab.infer.generate import generate
 from llmlab.infer.sample import SamplingParams
 from llmlab.nn.cpu_kernels import speed_flags
 from llmlab.nn.packed_linear import PackedLinear
-from table_harness import add_model_flag, model_name
+from table_harness import add_model_flag, load_checked, model_name
 
 # GGML type -> (how llmlab quantize makes it, make_spec keyword arguments)
 LAYOUTS = {
@@ -58,7 +58,7 @@ def main() -> int:
     flags = speed_flags()
     print(f"{model_name(args.model)}; prompt 128 tokens, {args.new_tokens} new; {args.threads} threads; Python "
           f"{platform.python_version()}; torch {torch.__version__}; CPU flags: {flags}")
-    base = load_model(args.model)
+    base = load_checked(ap, args.model)
     prompt = prompt_ids(base.tokenizer, 128)
     N, R = args.new_tokens, args.runs
     table = []

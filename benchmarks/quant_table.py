@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from llmlab.common import save_png, write_text_atomic
 from llmlab.compress.quantize import CALIBRATED, make_spec, quantize_model_
 from llmlab.data.tasks import get_task
 from llmlab.eval.perplexity import perplexity
@@ -128,7 +129,7 @@ def main() -> None:
     if args.quick:
         args.ppl_tokens, args.questions, args.calib_samples, args.calib_len = 1024, 8, 8, 256
     rows = [r for r in ROWS if (not args.quick or r[0] in QUICK) and (not args.only or r[0] in args.only.split(","))]
-    h = table_harness(args.ppl_tokens, args.window, args.calib_samples, args.calib_len, args.model)
+    h = table_harness(args.ppl_tokens, args.window, args.calib_samples, args.calib_len, args.model, p)
     base, ids, n_bytes, windows = h.base, h.ids, h.n_bytes, h.windows
     results = []
 
@@ -158,8 +159,8 @@ def main() -> None:
             del loaded, fast
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "results.md", markdown(results))
     plot(results, out / "perplexity_vs_bits.png", model_name(args.model))
     print(markdown(results))
     print(f"wrote {out}/results.json, results.md, perplexity_vs_bits.png", file=sys.stderr)
@@ -200,8 +201,7 @@ def plot(results: list[dict], path: Path, title: str = "SmolLM2-135M-Instruct") 
     ax.set_title(f"{title}: weight-only quantization")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

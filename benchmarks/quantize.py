@@ -34,7 +34,7 @@ from llmlab.compress.gptq import quantize_gptq_, single_thread
 from llmlab.compress.sequential import BlockInputs
 from llmlab.compress.spec import QuantSpec
 from llmlab.nn.cpu_kernels import speed_flags
-from table_harness import add_model_flag, model_name
+from table_harness import add_model_flag, load_checked, model_name
 
 # the reference llama.py's true-sequential order, for the peer (llmlab finds the same stages from the forward)
 LLAMA_STAGES = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
@@ -162,12 +162,10 @@ def main() -> int:
     add_model_flag(ap)
     args = ap.parse_args()
 
-    from llmlab.formats.load import load_model
-
     sys.stdout.reconfigure(line_buffering=True)  # each table as it is done, also into a log file
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, CPU flags: {speed_flags()}")
-    loaded = load_model(args.model, packed=False)  # SmolLM2-135M-Instruct by default, dequantized to float32
+    loaded = load_checked(ap, args.model, packed=False)  # SmolLM2-135M-Instruct by default, dequantized to float32
     windows = token_windows(loaded.tokenizer, calibration_text(args.calib), args.samples, args.seq_len)
     print(f"{model_name(args.model)}, {args.samples} x {args.seq_len} tokens of {args.calib} text, {args.bits}-bit, "
           f"group {args.group_size}, {'symmetric' if args.symmetric else 'asymmetric'}"

@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from llmlab.common import write_text_atomic
 from llmlab.nn.cpu_kernels import cpu_description
 
 SYSTEMS = ("llmlab-http", "llmlab-offline", "transformers", "llamacpp")
@@ -594,7 +595,7 @@ def main() -> int:
         out = {"cpu": cpu_description(), "threads": args.threads, "model": str(args.model), "packed": args.packed,
                "args": {k: v for k, v in vars(args).items() if k not in ("json", "model")},
                "results": [vars(r) for r in results], "prefix_cache": prefix, "ratios": ratios}
-        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+        write_text_atomic(args.json, json.dumps(out, indent=2, default=str))
         print(f"wrote {args.json}")
     return 0
 

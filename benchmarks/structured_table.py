@@ -26,6 +26,7 @@ import torch
 
 from decode import prompt_ids, rates
 from llmlab.api import parameter_count
+from llmlab.common import write_text_atomic
 from llmlab.compress.structured import StructuredConfig, llm_pruner_keep, shrink
 from llmlab.eval.perplexity import perplexity
 from llmlab.formats.convert import write_loaded
@@ -119,8 +120,8 @@ def main() -> None:
             "lora": {"steps": args.steps, "rank": 8, "lr": args.lr, "batch": args.batch},
             "decode": f"batch 1, 128-token prompt, {args.new_tokens} new tokens, float32, median of {args.runs}",
             "python": platform.python_version(), "torch": torch.__version__, "cpu_flags": h.flags}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    write_text_atomic(out / "results.json", json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
+    write_text_atomic(out / "results.md", markdown(results))
     print(markdown(results))
     print(f"wrote {out}/results.json, results.md", file=sys.stderr)
 

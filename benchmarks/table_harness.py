@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
+from llmlab.common import LlmlabError
 from llmlab.compress.calibrate import calibration_text, heldout_text, token_windows
-from llmlab.formats.load import Loaded, load_model
+from llmlab.formats.load import DEFAULT_CHAT, DEFAULT_EMBED, Loaded, load_model
+from llmlab.models.registry import PRESETS
 from llmlab.nn.cpu_kernels import speed_flags
 
 
@@ -28,8 +30,26 @@ class Harness:
 
 def add_model_flag(parser: argparse.ArgumentParser) -> None:
     """``--model``: the model a benchmark runs on, for the scripts that take any (model_name, table_harness)."""
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", default=None, type=model_source,
                         help="a GGUF file or model folder (default: the embedded SmolLM2-135M-Instruct)")
+
+
+def model_source(value: str) -> str:
+    """The ``--model`` type: an existing path or a name ``load_model`` knows; anything else is a usage error (exit 2)
+    before a minute of work starts."""
+    if value in (DEFAULT_CHAT, DEFAULT_EMBED) or value in PRESETS or Path(value).expanduser().exists():
+        return value
+    raise argparse.ArgumentTypeError(f"{value}: no such file or folder (give a GGUF file or a model folder, or leave "
+                                     "--model out for the embedded SmolLM2-135M-Instruct)")
+
+
+def load_checked(parser: argparse.ArgumentParser, source: str | None, loader=load_model, **kw) -> Loaded:
+    """The first load of ``--model``: a file that exists but is no model (truncated, not a GGUF, a folder without
+    weights) becomes a one-line usage error (exit 2), not a traceback."""
+    try:
+        return loader(source, **kw)
+    except LlmlabError as e:
+        parser.error(f"--model: {e}")
 
 
 def model_name(source: str | None) -> str:
@@ -38,10 +58,10 @@ def model_name(source: str | None) -> str:
 
 
 def table_harness(ppl_tokens: int, window: int, calib_samples: int, calib_len: int,
-                  model: str | None = None) -> Harness:
+                  model: str | None = None, parser: argparse.ArgumentParser | None = None) -> Harness:
     """Load the model (``model``: a GGUF file or folder; None: the embedded SmolLM2-135M-Instruct), cut the held-out
-    and calibration text, and print the header line."""
-    base = load_model(model)
+    and calibration text, and print the header line. With ``parser``, a broken model file is a usage error."""
+    base = load_model(model) if parser is None else load_checked(parser, model)
     tok = base.tokenizer
     ids = torch.tensor(tok.encode(heldout_text())[:ppl_tokens])
     n_bytes = len(tok.decode(ids[: len(ids) // window * window].tolist()).encode())

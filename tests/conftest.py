@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`make test` runs two workers on the 2-core machine) each worker gets one thread, so the two
+# never fight over the cores; a plain `pytest` run gets both. Tests that need a thread count set it themselves.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 def need(module: str):
@@ -19,6 +22,12 @@ def need(module: str):
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"peer {module!r} is not installed (pip install -e '.[test]')")
     return importlib.import_module(module)
+
+
+def script_env() -> dict[str, str]:
+    """The environment for a subprocess that runs a script from the checkout (``python benchmarks/X.py``): this
+    interpreter's import path, so the script sees the same llmlab and the benchmarks folder's siblings."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
 
 def llama_twins(transformers):

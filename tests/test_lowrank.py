@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import script_env
 from llmlab.common import LlmlabError
 from llmlab.compress.calibrate import calibration_text, token_windows
 from llmlab.compress.hessian import HessianAccumulator, dampened_cholesky
@@ -358,13 +359,12 @@ def test_readme_lowrank_commands(tmp_path, smollm_path):
 def test_readme_lowrank_table_command(tmp_path, smollm_path):
     """The README's results-table command with the smoke budget appended (--quick) and one row (plain SVD of the
     MLP layers at rank 256: no calibration): the JSON and Markdown it writes."""
-    import os
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "lowrank_table.py"
     r = subprocess.run([sys.executable, str(script), "--calib-samples", "16", "--calib-len", "512", "--quick",
                         "--only", "svd rank 256 (mlp)", "--out", str(tmp_path)], capture_output=True, text=True,
-                       timeout=1200, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                       timeout=1200, env=script_env())
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [x["label"] for x in rows] == ["dense (GGUF dequantized)", "svd rank 256 (mlp)"]

@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import script_env
 from llmlab.common import LlmlabError
 from llmlab.compress.hessian import HessianAccumulator
 from llmlab.compress.prune import PruneConfig, prune, prune_model_, sparsity_totals
@@ -498,13 +499,12 @@ def test_readme_prune_commands(tmp_path, smollm_path):
 def test_readme_prune_table_command(tmp_path, smollm_path):
     """The README's results-table command with the smoke budget appended (--quick: 1,024 held-out tokens) and
     one row (magnitude 2:4: no calibration): the JSON and Markdown it writes."""
-    import os
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "prune_table.py"
     r = subprocess.run([sys.executable, str(script), "--calib-samples", "16", "--calib-len", "512", "--quick",
                         "--only", "magnitude 2:4", "--out", str(tmp_path)], capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                       timeout=600, env=script_env())
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [(x["method"], x["pattern"]) for x in rows] == [("dense", ""), ("magnitude", "2:4")]

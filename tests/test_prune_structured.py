@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import script_env
 from llmlab.api import parameter_count
 from llmlab.compress.loraprune import lora_weight_gradient, loraprune_scores, moving_average, scheduled_sparsity
 from llmlab.compress.structured import (
@@ -243,14 +244,13 @@ def test_readme_structured_commands(tmp_path, smollm_path):
 def test_readme_structured_table_command(tmp_path, smollm_path):
     """The README's results-table command with the smoke budget appended (--quick) and one row: the JSON and
     Markdown it writes."""
-    import os
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "structured_table.py"
     r = subprocess.run([sys.executable, str(script), "--calib-samples", "8", "--calib-len", "256", "--steps", "10",
                         "--ppl-tokens", "2048", "--new-tokens", "16", "--runs", "1", "--quick", "--only",
                         "llm-pruner 20% + LoRA", "--out", str(tmp_path)], capture_output=True, text=True, timeout=1800,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                       env=script_env())
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [x["label"] for x in rows] == ["dense (GGUF dequantized)", "llm-pruner 20% + LoRA"]

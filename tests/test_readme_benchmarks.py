@@ -10,7 +10,6 @@ script no test names turns it red.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
@@ -18,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import script_env
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -102,7 +103,7 @@ def test_readme_benchmark_line_runs_with_a_small_budget(line, small, expect, tmp
             paths[name] = str(request.getfixturevalue(name))
     before = repo_status()
     r = subprocess.run(command(line, small, paths), cwd=ROOT, capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                       env=script_env())
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
@@ -132,6 +133,10 @@ def test_every_readme_benchmark_script_is_run_by_a_test():
     (["serve.py", "--quick", "--system-tokens", "2000", "--model", "{tiny_gguf}"],
      "more than the model's context of 1024; lower --system-tokens"),
     (["sft_methods.py", "--methods", "lora,nope"], "unknown method(s) nope"),
+    *[([script, "--model", "runs/no-such-model.gguf"], "no-such-model.gguf: no such file or folder")
+      for script in ("quant_decode.py", "quant_table.py", "quantize.py", "int8r_cost.py", "finetune.py", "dpo.py")],
+    *[([script, "--model", "pyproject.toml"], "--model: pyproject.toml: not a GGUF file")
+      for script in ("quant_decode.py", "quant_table.py", "quantize.py", "int8r_cost.py")],
 ])
 def test_bad_benchmark_input_is_one_line_and_exit_2(argv, message, request):
     """Usage errors of the scripts above (flags, and a --seq no example fits): exit 2, one line, no traceback."""
@@ -139,5 +144,5 @@ def test_bad_benchmark_input_is_one_line_and_exit_2(argv, message, request):
              if any("{" + name + "}" in a for a in argv)}
     script, *args = [a.format(**paths) for a in argv]
     r = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                       timeout=600, env=script_env())
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stdout[-1000:] + r.stderr
