@@ -35,10 +35,13 @@ lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/lint-imports
 
+# Two pytest workers (JOBS=0: one process). Each worker's PyTorch gets one thread (tests/conftest.py), and idle
+# OpenMP threads sleep instead of spinning, so the workers and the scripts the tests start share the cores.
+JOBS ?= 2
 test: $(TEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal
 
 bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/load_time.py
