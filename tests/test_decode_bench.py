@@ -39,6 +39,30 @@ def test_readme_avx2_goals_line_runs_with_a_tiny_budget(smollm_path):
     assert len(medians) == 3 * lc + hf and all(float(m) > 0 for m in medians), out
 
 
+@pytest.mark.slow
+def test_readme_full_table_line_runs_with_a_tiny_budget(smollm_path):
+    """The README's full decode table (`python benchmarks/decode.py --runs 3`) plus --runs 1 --new-tokens 2
+    --threads 1: every row of ours and of the installed peers, the step's breakdown, the native step equal to the
+    eager blocks, speculation with the same output as plain greedy, and the ratios it ends with."""
+    line = "python benchmarks/decode.py --runs 3"
+    assert f"`{line}`" in (ROOT / "README.md").read_text()
+    r = subprocess.run([sys.executable, *line.split()[1:], "--runs", "1", "--new-tokens", "2", "--threads", "1"],
+                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    out = r.stdout
+    rows = dict(re.findall(r"^(llmlab [\w. -]+?|transformers[\w ]*?|llama\.cpp[\w ]*?) +(\d+\.\d)$", out, re.M))
+    for name in ("llmlab packed b1", "llmlab packed b8 distinct", "llmlab packed b32 decode",
+                 "llmlab packed prefill512", "llmlab packed kv16 b32 decode", "llmlab packed int8 b32 decode",
+                 "llmlab packed int8x2 prefill512", "llmlab fp32 b8"):
+        assert float(rows.get(name, 0)) > 0, (name, out[-3000:])
+    if "transformers: skipped" not in out:
+        assert float(rows.get("transformers b8", 0)) > 0 and "llmlab packed b8 distinct / transformers b8:" in out
+    assert "native step greedy (32 tokens) identical to the eager int8 blocks: True" in out
+    assert re.search(r"acceptance \d+%, identical output: True", out), out[-2000:]
+    assert re.search(r"speculative / plain greedy \(packed path\): \d+\.\d\dx$", out.rstrip()), out[-2000:]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--runs", "0"], "--runs must be >= 1, got 0"),
     (["--new-tokens", "1"], "--new-tokens must be >= 2, got 1"),
