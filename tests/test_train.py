@@ -474,3 +474,29 @@ def _compiled_runs(shards, tmp_path, arch):
     assert run("resumed", True)[1].resumed_from == 3
     assert losses(tmp_path / "resumed") == compiled
     assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "compiled"))
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_pretrain_lines_run_with_a_small_budget(shards, tmp_path):
+    """Each `llmlab pretrain` line of the README's quick start (gpt2 + bf16 + activation checkpointing, MoE, 8-bit
+    AdamW, MLM) as written, with a small model and 2 steps appended (the last value of a flag wins): it exits 0
+    and its checkpoint holds the architecture the line asks for."""
+    lines = [line.split(" #")[0].strip() for line in README.read_text().splitlines()
+             if line.startswith("llmlab pretrain") and "[" not in line]
+    assert len(lines) >= 5, lines
+    want = {"--arch gpt2": "gpt2", "--n-experts 8": "mixtral", "--objective mlm": "bert"}
+    for i, line in enumerate(lines):
+        out = tmp_path / f"run{i}"
+        budget = flags(shards, out, steps=2, **{"save-every": 2, "batch-size": 2})
+        cut = budget.index("--arch")  # the line's own architecture (or the default, a Llama) stays
+        r = run_cli([*line.split()[2:], *budget[:cut], *budget[cut + 2:]], timeout=300)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (line, r.stderr[-2000:])
+        config = json.loads((out / "checkpoints" / "step-00000002" / "config.json").read_text())
+        arch = next((a for flag, a in want.items() if flag in line), "llama")
+        assert config["model_type"] == arch, (line, config)
+        if "--n-experts" in line:
+            assert (config["num_local_experts"], config["num_experts_per_tok"]) == (8, 2), config
+        if "--activation-checkpointing" in line:
+            assert setups(out)[0]["checkpointed_blocks"] == 2, setups(out)  # both blocks of the small model
