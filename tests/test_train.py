@@ -5,6 +5,7 @@ import json
 import math
 import os
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -500,3 +501,18 @@ def test_readme_pretrain_lines_run_with_a_small_budget(shards, tmp_path):
             assert (config["num_local_experts"], config["num_experts_per_tok"]) == (8, 2), config
         if "--activation-checkpointing" in line:
             assert setups(out)[0]["checkpointed_blocks"] == 2, setups(out)  # both blocks of the small model
+
+
+def test_readme_generate_from_a_pretrain_checkpoint(shards, tmp_path):
+    """The README's `llmlab generate --model runs/pretrain/checkpoints/step-00000400 --raw "def "` as written (8 new
+    tokens) in a folder where a small `llmlab pretrain` ran its 400 steps to the default runs/pretrain: a
+    checkpoint folder loads as a model."""
+    line = next(line.split(" #")[0].strip() for line in README.read_text().splitlines()
+                if line.startswith("llmlab generate --model runs/pretrain/checkpoints/"))
+    budget = flags(shards, "runs/pretrain", steps=400, **{"save-every": 400, "batch-size": 2, "seq-len": 16})
+    r = run_cli(budget, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "llmlab", *shlex.split(line)[1:], "--max-new-tokens", "8"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stdout.strip(), "no continuation printed"  # --raw: the continuation of "def " alone
