@@ -191,7 +191,7 @@ def test_cli_no_assistant_turn_and_empty_data(tiny_folder, tmp_path):
 
 def test_sft_command_on_smollm2_small_budget(smollm_path, tmp_path):
     """`llmlab sft` as the README shows it, on the real SmolLM2-135M-Instruct, with a small budget; then
-    `llmlab generate --model RUN` uses the result."""
+    `llmlab generate --model RUN` and `llmlab chat --model RUN` use the result."""
     run = tmp_path / "sft"
     r = _cli("--steps", "2", "--batch-size", "2", "--seq-len", "128", "--task-examples", "16", "--eval-examples",
              "4", "--eval-tokens", "8", "--out", str(run), "--no-progress")
@@ -204,6 +204,12 @@ def test_sft_command_on_smollm2_small_budget(smollm_path, tmp_path):
                         "What is 12 + 30? Reply with the number only."], capture_output=True, text=True, timeout=300)
     assert g.returncode == 0, g.stderr[-2000:]
     assert g.stdout.strip()
+    # the README's `llmlab chat --model runs/sft`: the run's base + adapter, prompts piped in
+    c = subprocess.run([sys.executable, "-m", "llmlab", "chat", "--model", str(run), "--max-new-tokens", "4"],
+                       input="What is 12 + 30? Reply with the number only.\n", capture_output=True, text=True,
+                       timeout=300)
+    assert c.returncode == 0 and "Traceback" not in c.stderr, c.stderr[-2000:]
+    assert c.stdout.strip()
 
 
 @pytest.mark.parametrize("args", [
