@@ -14,8 +14,7 @@ import torch
 
 from llmlab.common import LlmlabError
 from llmlab.compress.calibrate import calibration_text, heldout_text, token_windows
-from llmlab.formats.load import DEFAULT_CHAT, DEFAULT_EMBED, Loaded, load_model
-from llmlab.models.registry import PRESETS
+from llmlab.formats.load import Loaded, is_model_name, load_model
 from llmlab.nn.cpu_kernels import speed_flags
 
 
@@ -37,7 +36,7 @@ def add_model_flag(parser: argparse.ArgumentParser) -> None:
 def model_source(value: str) -> str:
     """The ``--model`` type: an existing path or a name ``load_model`` knows; anything else is a usage error (exit 2)
     before a minute of work starts."""
-    if value in (DEFAULT_CHAT, DEFAULT_EMBED) or value in PRESETS or Path(value).expanduser().exists():
+    if is_model_name(value) or Path(value).expanduser().exists():
         return value
     raise argparse.ArgumentTypeError(f"{value}: no such file or folder (give a GGUF file or a model folder, or leave "
                                      "--model out for the embedded SmolLM2-135M-Instruct)")

@@ -125,6 +125,11 @@ def model_from_state(cfg: ModelConfig, sd: dict[str, torch.Tensor], attn_impl: s
     return model.eval()
 
 
+def is_model_name(name: str) -> bool:
+    """True for a name ``load_model`` knows without a path: an embedded model or a preset."""
+    return name in (DEFAULT_CHAT, DEFAULT_EMBED) or name in PRESETS
+
+
 def load_model(source: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", attn_impl: str = "sdpa", use_tokenizers_lib: bool = True,
                packed: bool = False, quantize: str | None = None) -> Loaded:
@@ -272,7 +277,7 @@ def _resolve_base(name: object, named_in: Path, search: list[Path]) -> str:
     if not isinstance(name, str) or not name:
         raise LlmlabError(f"{named_in}: names no base model (base_model_name_or_path / model): add the base's "
                           "path or name to it")
-    if name in (DEFAULT_CHAT, DEFAULT_EMBED) or name in PRESETS:
+    if is_model_name(name):
         return name
     path = Path(name).expanduser()
     candidates = [path] if path.is_absolute() else [path, *(folder / path for folder in search)]
